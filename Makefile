@@ -1,0 +1,37 @@
+# Each target sets up .venv itself, so a fresh clone needs nothing but `make test` or `make demo`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MNIST_MIRROR ?=
+export MNIST_MIRROR
+
+.PHONY: venv test lint demo down bench clean
+
+# torch first, from the CPU build pip finds by exact version: with it installed, nothing resolves a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+demo: venv
+	$(BIN)/mnist-pipeline demo
+
+bench: venv
+	mkdir -p bench/results
+	$(BIN)/python bench/bench_training.py --out bench/results/training.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts

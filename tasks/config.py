@@ -1,0 +1,74 @@
+"""Deployment configuration: which backend, where data and models live, which AWS connection and role.
+
+Read at run time, never from the DAG file, so one DAG serves a laptop and an AWS account alike. Each key comes
+from the environment (`MNIST_PIPELINE_<KEY>`), else from the Airflow Variable `mnist_pipeline` (a JSON object,
+editable in the UI under Admin → Variables), else from the default below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+BACKENDS = ("local", "sagemaker")
+VARIABLE_NAME = "mnist_pipeline"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    backend: str = "local"
+    bucket: str = "mnist-pipeline"
+    prefix: str = "mnist-sweep"
+    region: str = "us-east-1"
+    role_arn: str = "arn:aws:iam::000000000000:role/mnist-pipeline-sagemaker"
+    aws_conn_id: str = "aws_default"
+    # Local backend: where jobs run, endpoints are tracked and run artifacts (reports, Data Docs) are kept.
+    state_dir: str = str(Path.home() / ".local" / "state" / "mnist-pipeline")
+    # Schedule of the sweep DAG: a cron string, a preset such as "@weekly", or "none".
+    schedule: str = "none"
+    # Cores the local backend may use for training jobs at once (0: all of this machine's).
+    local_cpus: int = 0
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"mnist_pipeline backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not self.bucket:
+            raise ValueError("mnist_pipeline bucket must not be empty")
+
+    @property
+    def s3_root(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix.strip('/')}"
+
+    @property
+    def cpus(self) -> int:
+        return self.local_cpus or len(os.sched_getaffinity(0))
+
+
+def _airflow_variable() -> dict:
+    try:
+        from airflow.sdk import Variable
+
+        return Variable.get(VARIABLE_NAME, default={}, deserialize_json=True) or {}
+    except Exception:  # outside a task (CLI, tests) there may be no Airflow to ask
+        return {}
+
+
+def load_config(**overrides) -> PipelineConfig:
+    """The configuration in force now: environment, then the Airflow Variable, then defaults."""
+    fields = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    values = {}
+    variable = None
+    for name, field in fields.items():
+        raw = os.environ.get(f"MNIST_PIPELINE_{name.upper()}")
+        if raw is None:
+            if variable is None:
+                variable = _airflow_variable()
+            if isinstance(variable, str):
+                variable = json.loads(variable)
+            raw = variable.get(name)
+        if raw is not None:
+            values[name] = int(raw) if field.type == "int" else str(raw)
+    values.update(overrides)
+    return PipelineConfig(**values)

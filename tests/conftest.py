@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated Airflow home, the local AWS (moto server on loopback) and small MNIST files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = (ROOT.parent / "shared" / "mnist").resolve()
+
+# Isolate every run from the user's Airflow, AWS and pipeline state before anything imports airflow or boto3.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="mnist-pipeline-tests-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_SESSION_HOME / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "MNIST_PIPELINE_STATE_DIR": str(_SESSION_HOME / "state"),
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_aws():
+    """moto in server mode on 127.0.0.1; the `aws_default` connection points at it. Yields the endpoint URL."""
+    from tasks.local_aws import connection_uri, start_moto_server
+
+    process, endpoint_url = start_moto_server()
+    os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url)
+    yield endpoint_url
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory) -> Path:
+    """A directory with the four MNIST files: 600 training and 100 test images of learnable synthetic digits."""
+    from tests.synthetic_mnist import make_mnist
+
+    directory = tmp_path_factory.mktemp("small-mnist")
+    make_mnist(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    if not all((REAL_MNIST / name).is_file() for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip(f"the official MNIST files are not in {REAL_MNIST}")
+    return REAL_MNIST

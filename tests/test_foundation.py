@@ -1,0 +1,67 @@
+"""The shared pieces every layer stands on: IDX files, the configuration and the local AWS."""
+
+import gzip
+
+import boto3
+import numpy as np
+import pytest
+
+from tasks.config import load_config
+from training.mnist_idx import MNIST_FILES, IdxFormatError, load_mnist, read_idx, write_idx
+
+
+def test_small_mnist_round_trips(small_mnist):
+    arrays = load_mnist(small_mnist)
+    assert arrays["train_images"].shape == (600, 28, 28)
+    assert arrays["test_labels"].shape == (100,)
+    assert set(np.unique(arrays["train_labels"])) == set(range(10))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (bytes([0, 0, 8, 3]) + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(10), "body has 10 bytes"),
+        (bytes([1, 2, 8, 3]) + bytes(100), "bad magic number"),
+        (bytes([0, 0, 8]), "too short"),
+    ],
+)
+def test_malformed_idx_names_the_file(tmp_path, payload, message):
+    path = tmp_path / "broken-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(payload))
+    with pytest.raises(IdxFormatError, match=message) as caught:
+        read_idx(path)
+    assert str(path) in str(caught.value)
+
+
+def test_truncated_gzip_and_missing_file(tmp_path, small_mnist):
+    data = (small_mnist / MNIST_FILES["train_images"]).read_bytes()
+    (tmp_path / MNIST_FILES["train_images"]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(IdxFormatError, match="not a complete gzip stream"):
+        read_idx(tmp_path / MNIST_FILES["train_images"])
+    with pytest.raises(IdxFormatError, match="file not found"):
+        load_mnist(tmp_path / "empty")
+
+
+def test_labels_that_disagree_with_images(tmp_path, small_mnist):
+    arrays = load_mnist(small_mnist)
+    for role, name in MNIST_FILES.items():
+        write_idx(tmp_path / name, arrays[role][:-1] if role == "test_labels" else arrays[role])
+    with pytest.raises(IdxFormatError, match=r"100 images but .* has 99 labels"):
+        load_mnist(tmp_path)
+
+
+def test_config_from_environment(monkeypatch):
+    monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "sagemaker")
+    monkeypatch.setenv("MNIST_PIPELINE_LOCAL_CPUS", "3")
+    config = load_config(bucket="b")
+    assert (config.backend, config.cpus, config.s3_root) == ("sagemaker", 3, "s3://b/mnist-sweep")
+    monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "azure")
+    with pytest.raises(ValueError, match="'azure' is not one of local, sagemaker"):
+        load_config()
+
+
+def test_local_aws_is_a_real_s3(local_aws):
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket="foundation")
+    s3.put_object(Bucket="foundation", Key="k", Body=b"v")
+    assert s3.get_object(Bucket="foundation", Key="k")["Body"].read() == b"v"
