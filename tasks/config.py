@@ -28,6 +28,10 @@ class PipelineConfig:
     state_dir: str = str(Path.home() / ".local" / "state" / "mnist-pipeline")
     # Schedule of the sweep DAG: a cron string, a preset such as "@weekly", or "none".
     schedule: str = "none"
+    # A dataset other than the official MNIST (a private mirror, the tests' small files): an md5sum-format file
+    # with its four sums, and its "train,test" image counts. Empty / the official counts by default.
+    mnist_md5sums: str = ""
+    mnist_expected_counts: str = "60000,10000"
     # Cores the local backend may use for training jobs at once (0: all of this machine's).
     local_cpus: int = 0
 
@@ -40,6 +44,11 @@ class PipelineConfig:
     @property
     def s3_root(self) -> str:
         return f"s3://{self.bucket}/{self.prefix.strip('/')}"
+
+    @property
+    def expected_counts(self) -> tuple[int, int]:
+        train, test = (int(n) for n in self.mnist_expected_counts.split(","))
+        return train, test
 
     @property
     def cpus(self) -> int:
