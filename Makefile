@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MNIST_MIRROR ?=
 export MNIST_MIRROR
 
-.PHONY: venv test lint demo down bench clean
+.PHONY: venv tools test lint demo down bench clean
 
 # torch first, from the CPU build pip finds by exact version: with it installed, nothing resolves a CUDA build.
 $(STAMP): pyproject.toml
@@ -23,7 +23,13 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The compose test validates with Debian's docker-compose; the browser test drives Debian's chromium.
+tools:
+	@command -v docker-compose >/dev/null && command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-compose chromium; }
+
+test: lint tools
 	$(BIN)/pytest
 
 demo: venv

@@ -27,14 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         data_commands, "download", "tasks.mnist_data:download_command", "download MNIST and verify its checksums"
     )
     download.add_argument("--mirror", action="append", help="mirror URL or directory (repeat for fallbacks)")
-    download.add_argument("--dest", default=None, help="cache directory (default: $MNIST_CACHE or ~/.cache/mnist)")
+    download.add_argument("--dest", default=None, help="cache directory (default: $MNIST_CACHE or <state_dir>/mnist)")
     validate = _command(
         data_commands, "validate", "data_checks.mnist_suite:validate_command", "validate MNIST files in a directory"
     )
     validate.add_argument("directory", help="directory holding the four MNIST .gz files")
     validate.add_argument("--report", default=None, help="write the result JSON and Data Docs HTML here")
-    validate.add_argument("--expect-train", type=int, default=60000, help="expected number of training images")
-    validate.add_argument("--expect-test", type=int, default=10000, help="expected number of test images")
+    validate.add_argument("--expect-train", type=int, help="expected training images (default: configured, 60000)")
+    validate.add_argument("--expect-test", type=int, help="expected test images (default: configured, 10000)")
 
     serve = _command(commands, "serve", "inference.serve:serve_command", "serve a model the SageMaker way")
     serve.add_argument("--model-dir", required=True, help="model directory, model.tar.gz, or s3:// URI of one")
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--endpoint-name", default="local-endpoint", help="EndpointName dimension of the metrics")
     serve.add_argument("--workers", type=int, default=None, help="server processes (default: from the CPUs)")
+    serve.add_argument("--metrics-interval", type=float, default=10.0, help="seconds between CloudWatch puts")
+    serve.add_argument("--no-metrics", action="store_true", help="publish no metrics to CloudWatch")
 
     sweep = _command(
         commands, "sweep", "tasks.local_sweep:sweep_command", "train the hidden_channels sweep here and print the table"
@@ -53,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="artifacts/sweep", help="where models and metrics go")
 
     _command(commands, "demo", "tasks.local_sweep:demo_command", "the README demo: the seed sweep on this machine")
+
+    up = _command(commands, "up", "tasks.stack:up_command", "start the local stack: local AWS and Airflow on 127.0.0.1")
+    up.add_argument("--port", type=int, default=8080, help="Airflow UI port (another free one when taken; 0: any)")
+    _command(commands, "down", "tasks.stack:down_command", "stop everything `up` started, and the local endpoints")
+    _command(commands, "status", "tasks.stack:status_command", "say what of the local stack is running")
+    run = _command(commands, "run", "tasks.stack:run_command", "trigger the sweep on the local stack and follow it")
+    run.add_argument("--conf", default=None, help="params as a JSON object, e.g. '{\"hidden_channels\": [4, 8]}'")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one param (JSON value)")
+    predict = _command(
+        commands, "predict", "tasks.predict:predict_command", "ask the endpoint which digits images show"
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG pictures of single digits")
+    predict.add_argument("--endpoint", default="mnist-classifier", help="endpoint name (default: mnist-classifier)")
+    predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     return parser
 
 

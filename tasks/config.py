@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 BACKENDS = ("local", "sagemaker")
@@ -56,6 +57,10 @@ class PipelineConfig:
 
 
 def _airflow_variable() -> dict:
+    # Only a process that already runs Airflow (a task, the DAG tests) has Variables to ask; importing Airflow
+    # just to look would cost the CLI seconds and reconfigure its logging.
+    if "airflow" not in sys.modules:
+        return {}
     try:
         from airflow.sdk import Variable
 

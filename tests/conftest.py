@@ -18,6 +18,7 @@ os.environ.update(
     {
         "AIRFLOW_HOME": str(_SESSION_HOME / "airflow"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
         "MNIST_PIPELINE_STATE_DIR": str(_SESSION_HOME / "state"),
         "AWS_ACCESS_KEY_ID": "local",
@@ -43,6 +44,17 @@ def local_aws():
     yield endpoint_url
     process.kill()
     process.wait()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """The isolated AIRFLOW_HOME's metadata database, migrated once per session (for `dag.test()`)."""
+    import subprocess
+    import sys
+
+    airflow = Path(sys.executable).with_name("airflow")
+    migrate = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, check=False)
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def make_mnist(directory: str | Path, n_train: int = 600, n_test: int = 100, see
     rng = np.random.default_rng(seed)
     md5 = {}
     for split, count in (("train", n_train), ("test", n_test)):
-        labels = np.arange(count, dtype=np.uint8) % 10
+        labels = (np.arange(count) % 10).astype(np.uint8)
         rng.shuffle(labels)
         images = np.stack([render_digit(int(label), rng) for label in labels])
         for role, array in ((f"{split}_images", images), (f"{split}_labels", labels)):

@@ -1,0 +1,183 @@
+"""Load-test the local endpoint server against a naive reference server, in the same run, and write JSON.
+
+Single-image JSON requests at 8 and 64 concurrent connections, driven by wrk (its own latency histogram,
+through bench/post.lua), for `python -m inference.serve` (metrics published to a local CloudWatch, as in local
+mode) and for bench/reference_server.py; then the time of one request of 1,000 images.
+Targets on a 2-core machine: >= 3,500 req/s with p99 <= 10 ms at 8 connections, <= 50 ms for 1,000 images.
+
+    python bench/bench_endpoint.py --out bench/results/endpoint.json [--model-dir DIR] [--duration 10]
+
+Without --model-dir it serves an untrained seed_cnn (hidden_channels 10): serving speed does not depend on the
+weights. The load generator shares the machine with the servers, as it would with any client here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from inference.artifact import add_code  # noqa: E402
+from tasks.local_aws import connection_uri, free_port, start_moto_server, wait_for_http  # noqa: E402
+
+TARGETS = {"c8_rps": 3500, "c8_p99_ms": 10.0, "batch1000_ms": 50.0}
+CONNECTIONS = (8, 64)
+
+
+def require_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("bench_endpoint: the load generator wrk is not installed; install it with `apt-get install -y wrk`")
+    return wrk
+
+
+def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
+    import torch
+
+    from training.models import build_model
+
+    kwargs = {"hidden_channels": hidden_channels, "kernel_size": 5, "dropout": 0.2}
+    torch.save(build_model("seed_cnn", **kwargs).state_dict(), directory / "model.pth")
+    config = {"architecture": "seed_cnn", "kwargs": kwargs, "normalization": {"mean": 0.1307, "std": 0.3081},
+              "input_shape": [1, 28, 28], "num_classes": 10}  # fmt: skip
+    (directory / "model_config.json").write_text(json.dumps(config))
+    add_code(directory)
+    return directory
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, env: dict, log_path: Path):
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=180, process=process)
+        except (RuntimeError, TimeoutError) as exc:
+            sys.exit(f"bench_endpoint: {exc}; its log ends:\n{log_path.read_text()[-3000:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wrk_run(wrk: str, url: str, body_path: Path, connections: int, seconds: int) -> dict:
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(ROOT / "bench" / "post.lua"),
+               f"{url}/invocations", "--", str(body_path), "application/json"]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    errors = sum(result["errors"].values())
+    return {
+        "rps": round(result["requests"] / result["duration_us"] * 1e6, 1),
+        "p50_ms": round(result["p50_us"] / 1000, 3),
+        "p99_ms": round(result["p99_us"] / 1000, 3),
+        "max_ms": round(result["max_us"] / 1000, 3),
+        "requests": result["requests"],
+        "errors": errors,
+    }
+
+
+def batch_ms(url: str, body: bytes, repeats: int = 7) -> dict:
+    """Round-trip time of one request of many images on a kept-alive connection (an upper bound of the
+    server's time: it includes sending the 3 MB body over loopback)."""
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for attempt in range(repeats + 2):
+            started = time.perf_counter()
+            reply = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+            elapsed = (time.perf_counter() - started) * 1000
+            reply.raise_for_status()
+            if attempt >= 2:  # the first requests warm the server up
+                times.append(elapsed)
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2)}
+
+
+def measure(wrk: str, url: str, body_path: Path, seconds: int) -> dict:
+    wrk_run(wrk, url, body_path, 8, 2)  # warm-up
+    return {f"c{n}": wrk_run(wrk, url, body_path, n, seconds) for n in CONNECTIONS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", help="a model artifact directory (default: an untrained seed_cnn)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
+    parser.add_argument("--workers", type=int, default=None, help="the project server's processes")
+    args = parser.parse_args()
+    wrk = require_wrk()
+
+    with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as scratch:
+        scratch = Path(scratch)
+        model_dir = Path(args.model_dir) if args.model_dir else untrained_artifact(scratch)
+        images = np.random.default_rng(0).integers(0, 256, (1000, 28, 28))
+        single = scratch / "single.json"
+        single.write_text(json.dumps({"instances": images[:1].tolist()}))
+        batch = json.dumps({"instances": images.tolist()}).encode()
+
+        moto, moto_url = start_moto_server(log_path=scratch / "moto.log")
+        env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": connection_uri(moto_url)}
+        load_before = os.getloadavg()
+        try:
+            port = free_port()
+            project = [sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--port", str(port),
+                       "--endpoint-name", "bench"]  # fmt: skip
+            if args.workers:
+                project += ["--workers", str(args.workers)]
+            with running(project, port, env, scratch / "project.log") as url:
+                results = {"project": measure(wrk, url, single, args.duration)}
+                results["project"]["batch1000"] = batch_ms(url, batch)
+            port = free_port()
+            reference = [sys.executable, str(ROOT / "bench" / "reference_server.py"), "--model-dir", str(model_dir),
+                         "--port", str(port)]  # fmt: skip
+            with running(reference, port, env, scratch / "reference.log") as url:
+                results["reference"] = measure(wrk, url, single, args.duration)
+                results["reference"]["batch1000"] = batch_ms(url, batch)
+        finally:
+            moto.kill()
+            moto.wait()
+
+    project, reference = results["project"], results["reference"]
+    project["batch1000_ms"] = project["batch1000"]["median_ms"]
+    reference["batch1000_ms"] = reference["batch1000"]["median_ms"]
+    cpus = len(os.sched_getaffinity(0))
+    report = {
+        **results,
+        "ratio_vs_reference": {
+            f"c{n}_rps": round(project[f"c{n}"]["rps"] / reference[f"c{n}"]["rps"], 2) for n in CONNECTIONS
+        },
+        "targets": TARGETS,
+        "meets_targets": {
+            "c8_rps": project["c8"]["rps"] >= TARGETS["c8_rps"],
+            "c8_p99_ms": project["c8"]["p99_ms"] <= TARGETS["c8_p99_ms"],
+            "batch1000_ms": project["batch1000_ms"] <= TARGETS["batch1000_ms"],
+        },
+        # Other work on the machine shows here: the figures are only as quiet as the machine was.
+        "machine": {"cpus": cpus, "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "settings": {
+            "duration_s": args.duration,
+            "workers": args.workers or cpus,
+            "model": args.model_dir or "untrained seed_cnn, hidden_channels 10",
+            "load_generator": "wrk -t1, bench/post.lua",
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Model artifacts as SageMaker hands them to its inference container: a model directory, possibly packed as
+model.tar.gz (locally or in S3), with the handler in `code/inference.py` beside the files it imports."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+HANDLER = "inference.py"
+HANDLER_FUNCTIONS = ("model_fn", "input_fn", "predict_fn", "output_fn")
+
+
+class ArtifactError(ValueError):
+    """A model artifact that cannot be served; the message names it and what is wrong."""
+
+
+def add_code(model_dir: str | Path) -> None:
+    """Put the handler and the model definitions into ``model_dir``/code, as training does at its end."""
+    repository = Path(__file__).resolve().parents[1]
+    code = Path(model_dir) / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    shutil.copy(repository / "inference" / HANDLER, code / HANDLER)
+    shutil.copy(repository / "training" / "models.py", code / "models.py")
+
+
+def prepare_model_dir(source: str, workdir: str | Path, aws_conn_id: str | None = None) -> Path:
+    """The model directory for ``source``: a directory as is, a model.tar.gz (local or s3://) unpacked into a
+    new folder under ``workdir``."""
+    if source.startswith("s3://"):
+        archive = _download(source, Path(workdir), aws_conn_id)
+    else:
+        archive = Path(source)
+        if archive.is_dir():
+            return archive.resolve()
+        if not archive.is_file():
+            raise ArtifactError(f"{source}: no such model directory or model.tar.gz")
+    target = Path(tempfile.mkdtemp(prefix="model-", dir=workdir))
+    try:
+        safe_extract(archive, target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target
+
+
+def safe_extract(archive: str | Path, target: str | Path) -> None:
+    """Unpack a tar archive, refusing any member that would land outside ``target``: absolute paths, `..`,
+    links pointing out of it, devices. Nothing is extracted from an archive with such a member."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                # The "data" filter raises for members that would escape; check them all before writing one.
+                tarfile.data_filter(member, str(target))
+            tar.extractall(target, members=members, filter="data")
+    except tarfile.FilterError as exc:
+        raise ArtifactError(f"{archive}: unsafe member refused: {exc}") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ArtifactError(f"{archive}: not a readable tar archive: {exc}") from None
+
+
+def _download(uri: str, workdir: Path, aws_conn_id: str | None) -> Path:
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from tasks.config import load_config
+
+    hook = S3Hook(aws_conn_id=aws_conn_id or load_config().aws_conn_id)
+    bucket, key = hook.parse_s3_url(uri)
+    local = Path(tempfile.mkdtemp(prefix="download-", dir=workdir)) / "model.tar.gz"
+    try:
+        hook.get_conn().download_file(bucket, key, str(local))
+    except Exception as exc:
+        raise ArtifactError(f"{uri}: cannot download the model artifact: {exc}") from exc
+    return local
+
+
+def load_handler(model_dir: str | Path) -> ModuleType:
+    """Import ``code/inference.py`` of a model directory with ``code/`` on sys.path, as the SageMaker container
+    does, so that the handler imports the model definitions packed beside it."""
+    code_dir = Path(model_dir) / "code"
+    path = code_dir / HANDLER
+    if not path.is_file():
+        raise ArtifactError(f"{model_dir}: the artifact has no code/{HANDLER}")
+    sys.path.insert(0, str(code_dir))
+    # A handler's siblings (models.py) must come from its own artifact, not from one imported before.
+    for sibling in code_dir.glob("*.py"):
+        if sibling.name != HANDLER:
+            sys.modules.pop(sibling.stem, None)
+    spec = importlib.util.spec_from_file_location("sagemaker_model_handler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [name for name in HANDLER_FUNCTIONS if not callable(getattr(module, name, None))]
+    if missing:
+        raise ArtifactError(f"{path}: missing handler function(s) {', '.join(missing)}")
+    return module

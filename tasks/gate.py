@@ -1,0 +1,135 @@
+"""The champion gate: deploy a new model only when it is good enough and no worse than the one serving now.
+
+The champion is the model that serves the endpoint now, recorded with it when it passed the monitoring check:
+`<s3_root>/endpoints/<endpoint>/champion.json` (test accuracy, model, endpoint config). The record is S3 for both
+backends, so a laptop and an AWS account keep it the same way. Accuracies are fractions (0.9714).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_TEST_ACCURACY = 0.9
+# Retraining the same network moves test accuracy by a few tenths of a point by chance alone; refusing a model for
+# that would freeze the endpoint on one lucky model.
+DEFAULT_TOLERANCE = 0.005
+
+
+def champion_uri(config: PipelineConfig, endpoint_name: str) -> str:
+    return f"{config.s3_root}/endpoints/{endpoint_name}/champion.json"
+
+
+def _s3(config: PipelineConfig):
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+
+
+def read_champion(config: PipelineConfig, endpoint_name: str) -> dict | None:
+    """The champion record of ``endpoint_name``, or None when none was recorded."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    bucket, key = S3Hook.parse_s3_url(champion_uri(config, endpoint_name))
+    s3 = _s3(config)
+    if not s3.check_for_key(key, bucket):
+        return None
+    return json.loads(s3.read_key(key, bucket))
+
+
+def record_champion(config: PipelineConfig, endpoint_name: str, champion: dict) -> str:
+    """Record ``champion`` (at least test_accuracy, model_data_url, endpoint_config_name) as what serves now."""
+    missing = {"test_accuracy", "model_data_url", "endpoint_config_name"} - champion.keys()
+    if missing:
+        raise ValueError(f"champion record for {endpoint_name} lacks {', '.join(sorted(missing))}")
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    uri = champion_uri(config, endpoint_name)
+    bucket, key = S3Hook.parse_s3_url(uri)
+    record = {
+        **champion,
+        "endpoint_name": endpoint_name,
+        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    _s3(config).load_string(json.dumps(record, indent=2), key, bucket, replace=True)
+    log.info("Champion of endpoint %s is now %s (test accuracy %.4f)", endpoint_name, uri, champion["test_accuracy"])
+    return uri
+
+
+def serving_endpoint_config(config: PipelineConfig, endpoint_name: str) -> str | None:
+    """The endpoint config the endpoint serves now (the one to roll back to), or None when there is no endpoint."""
+    if config.backend == "local":
+        from tasks.local_endpoints import EndpointNotFound, describe_endpoint
+
+        try:
+            return describe_endpoint(endpoint_name, config)["EndpointConfigName"]
+        except EndpointNotFound:
+            return None
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+    from botocore.exceptions import ClientError
+
+    try:
+        return SageMakerHook(aws_conn_id=config.aws_conn_id).describe_endpoint(endpoint_name)["EndpointConfigName"]
+    except ClientError as error:
+        # SageMaker answers a missing endpoint with a ValidationException "Could not find endpoint ...".
+        if "Could not find endpoint" in str(error):
+            return None
+        raise
+
+
+def decide(
+    best_accuracy: float, champion_accuracy: float | None, min_test_accuracy: float, tolerance: float
+) -> tuple[bool, str]:
+    """Whether to deploy, and why, in one line for the log and the report."""
+    if not 0 <= best_accuracy <= 1:
+        raise ValueError(f"best test accuracy {best_accuracy!r} is not a fraction between 0 and 1")
+    if best_accuracy < min_test_accuracy:
+        return False, f"best test accuracy {best_accuracy:.4f} is below min_test_accuracy {min_test_accuracy:.4f}"
+    if champion_accuracy is None:
+        return True, f"best test accuracy {best_accuracy:.4f} >= min_test_accuracy {min_test_accuracy:.4f}; no champion"
+    floor = champion_accuracy - tolerance
+    if best_accuracy < floor:
+        return False, (
+            f"best test accuracy {best_accuracy:.4f} is below the champion's {champion_accuracy:.4f} "
+            f"minus tolerance {tolerance:.4f}"
+        )
+    return True, (
+        f"best test accuracy {best_accuracy:.4f} >= min_test_accuracy {min_test_accuracy:.4f} and >= the "
+        f"champion's {champion_accuracy:.4f} minus tolerance {tolerance:.4f}"
+    )
+
+
+def gate(
+    config: PipelineConfig,
+    endpoint_name: str,
+    best_accuracy: float,
+    *,
+    min_test_accuracy: float = DEFAULT_MIN_TEST_ACCURACY,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict:
+    """Decide whether the sweep's best model replaces the champion. Refusal is a normal outcome, not an error.
+
+    The champion counts only while its endpoint exists. Returns what the deploy, rollback and report need:
+    ``{"deploy", "reason", "best_accuracy", "champion_accuracy", "champion_model_data_url", "min_test_accuracy",
+    "tolerance", "serving_endpoint_config_name"}``.
+    """
+    serving = serving_endpoint_config(config, endpoint_name)
+    champion = read_champion(config, endpoint_name) if serving else None
+    champion_accuracy = champion["test_accuracy"] if champion else None
+    deploy, reason = decide(best_accuracy, champion_accuracy, min_test_accuracy, tolerance)
+    log.info("Gate for endpoint %s: %s — %s", endpoint_name, "deploy" if deploy else "skip deployment", reason)
+    return {
+        "deploy": deploy,
+        "reason": reason,
+        "best_accuracy": best_accuracy,
+        "champion_accuracy": champion_accuracy,
+        "champion_model_data_url": champion and champion["model_data_url"],
+        "min_test_accuracy": min_test_accuracy,
+        "tolerance": tolerance,
+        "serving_endpoint_config_name": serving,
+    }

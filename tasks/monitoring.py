@@ -1,0 +1,428 @@
+"""The monitoring check after a deployment: smoke load, CloudWatch metrics, then champion and alarms, or rollback.
+
+1. Once the endpoint is InService, send held-out MNIST test images through the real client (boto3
+   `sagemaker-runtime` `invoke_endpoint`; in local mode the same client with the local runtime as `endpoint_url`)
+   and measure live accuracy, errors and latency percentiles from the load itself.
+2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
+   invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
+   local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
+3. Pass: record the new champion and create or update the endpoint's alarms (5XX errors, p99 model latency).
+   Fail: roll back (the previous endpoint config, or delete the endpoint this deployment created) and fail the
+   task, without retries, naming every failed threshold with its observed value.
+
+`deployment` is what the deploy step returns (tasks.local_endpoints' `_deployment` keys, both backends):
+endpoint_name, endpoint_config_name, model_data_url, previous_endpoint_config_name, created, runtime_url.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+VARIANT_NAME = "AllTraffic"
+ENDPOINT_NAMESPACE = "AWS/SageMaker"
+INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instances behind an endpoint
+# What the check reads from CloudWatch: result key -> (namespace, metric, statistic). Latencies are microseconds.
+CLOUDWATCH_METRICS = {
+    "invocations": (ENDPOINT_NAMESPACE, "Invocations", "Sum"),
+    "invocation_4xx_errors": (ENDPOINT_NAMESPACE, "Invocation4XXErrors", "Sum"),
+    "invocation_5xx_errors": (ENDPOINT_NAMESPACE, "Invocation5XXErrors", "Sum"),
+    "model_latency_average_us": (ENDPOINT_NAMESPACE, "ModelLatency", "Average"),
+    "model_latency_maximum_us": (ENDPOINT_NAMESPACE, "ModelLatency", "Maximum"),
+    "cpu_utilization": (INSTANCE_NAMESPACE, "CPUUtilization", "Maximum"),
+    "memory_utilization": (INSTANCE_NAMESPACE, "MemoryUtilization", "Maximum"),
+}
+
+
+class MonitoringCheckFailed(AirflowFailException):
+    """The new deployment failed its check and was rolled back. No retry: a retry would check the old model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """What a deployment must meet; the DAG exposes each as a param. None leaves a figure reported but unchecked."""
+
+    min_live_accuracy: float = 0.9
+    # Live accuracy on held-out images may fall this far below the model's test accuracy, no further.
+    max_accuracy_drop: float = 0.05
+    max_error_rate: float = 0.0  # failed smoke requests / sent
+    max_p99_latency_ms: float = 1000.0  # client side, round trip included
+    max_model_latency_ms: float = 200.0  # CloudWatch ModelLatency Average over the window
+    max_5xx_errors: int = 0
+    max_4xx_errors: int = 0  # the smoke load sends only valid requests
+    # Under a smoke load the CPU is busy by design, and SageMaker counts 100% per core: not checked by default.
+    max_cpu_utilization: float | None = None
+    max_memory_utilization: float | None = 90.0
+    # The alarm created on a pass: p99 ModelLatency over 5 minutes above this (CloudWatch evaluates percentiles).
+    alarm_p99_model_latency_ms: float = 250.0
+
+    @classmethod
+    def from_params(cls, params: dict) -> Thresholds:
+        """The thresholds among ``params`` (a DAG run's params, say); defaults for the rest."""
+        return cls(**{field.name: params[field.name] for field in dataclasses.fields(cls) if field.name in params})
+
+
+# --- the smoke load -----------------------------------------------------------------------------------------------
+
+
+def load_test_images(config: PipelineConfig, source: str, count: int, seed: int = 0):
+    """``count`` random held-out test images and their labels, from a directory or an S3 prefix (the channel)."""
+    import numpy as np
+
+    from training.mnist_idx import IMAGES_MAGIC, LABELS_MAGIC, MNIST_FILES, read_idx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(source)
+        if source.startswith("s3://"):
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+            bucket, prefix = S3Hook.parse_s3_url(source)
+            directory = Path(scratch)
+            for role in ("test_images", "test_labels"):
+                key = f"{prefix.rstrip('/')}/{MNIST_FILES[role]}"
+                s3.download_file(
+                    key, bucket, local_path=scratch, preserve_file_name=True, use_autogenerated_subdir=False
+                )
+        images = read_idx(directory / MNIST_FILES["test_images"], IMAGES_MAGIC)
+        labels = read_idx(directory / MNIST_FILES["test_labels"], LABELS_MAGIC)
+    pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
+    return images[pick], labels[pick]
+
+
+def runtime_client(config: PipelineConfig, endpoint_url: str | None = None, max_connections: int = 10):
+    """boto3 `sagemaker-runtime` client with the AWS connection's credentials, sent to ``endpoint_url`` (the local
+    runtime) or wherever the connection points. No retries: the check must see every failure."""
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from botocore.config import Config
+
+    hook = AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="sagemaker-runtime", region_name=config.region)
+    extra = Config(retries={"total_max_attempts": 1}, max_pool_connections=max_connections)
+    return hook.get_session(region_name=config.region).client(
+        "sagemaker-runtime",
+        endpoint_url=endpoint_url or hook.conn_config.get_service_endpoint_url("sagemaker-runtime"),
+        config=hook.config.merge(extra),
+        verify=hook.verify,
+    )
+
+
+def smoke_load(client, endpoint_name: str, images, labels, concurrency: int = 4) -> dict:
+    """Send each image as one JSON request through ``client``; live accuracy, errors and latency of the load."""
+    import numpy as np
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    def invoke(index: int) -> tuple[float, int | None, str | None]:
+        body = json.dumps({"instances": [images[index].tolist()]})
+        started = time.perf_counter()
+        try:
+            reply = client.invoke_endpoint(
+                EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept="application/json"
+            )
+            label = json.loads(reply["Body"].read())["predictions"][0]["label"]
+            return time.perf_counter() - started, label, None
+        except (ClientError, BotoCoreError, ValueError, KeyError, IndexError) as error:
+            return time.perf_counter() - started, None, f"{type(error).__name__}: {error}"
+
+    started_at = datetime.datetime.now(datetime.UTC)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(invoke, range(len(images))))
+    finished_at = datetime.datetime.now(datetime.UTC)
+    latencies = [seconds * 1000 for seconds, _, error in results if error is None]
+    p50, p99 = np.percentile(latencies, [50, 99]).tolist() if latencies else (None, None)
+    errors = [error for _, _, error in results if error is not None]
+    correct = sum(label == int(truth) for (_, label, _), truth in zip(results, labels, strict=True))
+    return {
+        "requests": len(results),
+        "errors": len(errors),
+        "error_rate": len(errors) / len(results),
+        "error_samples": sorted(set(errors))[:3],
+        "live_accuracy": correct / len(results),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+    }
+
+
+# --- CloudWatch ----------------------------------------------------------------------------------------------------
+
+
+def _cloudwatch(config: PipelineConfig):
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    return AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="cloudwatch", region_name=config.region).conn
+
+
+def _dimensions(endpoint_name: str) -> list[dict]:
+    return [{"Name": "EndpointName", "Value": endpoint_name}, {"Name": "VariantName", "Value": VARIANT_NAME}]
+
+
+def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.datetime, end: datetime.datetime) -> dict:
+    """The endpoint's CloudWatch figures over [start, end], one number per metric (None when no data arrived)."""
+    # Whole minutes, one period over the window: each query answers a single value for the whole load.
+    start = start.replace(second=0, microsecond=0)
+    end = end.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    period = int((end - start).total_seconds())
+    queries = [
+        {
+            "Id": key,
+            "MetricStat": {
+                "Metric": {"Namespace": namespace, "MetricName": metric, "Dimensions": _dimensions(endpoint_name)},
+                "Period": period,
+                "Stat": stat,
+            },
+        }
+        for key, (namespace, metric, stat) in CLOUDWATCH_METRICS.items()
+    ]
+    paginator = _cloudwatch(config).get_paginator("get_metric_data")
+    values: dict[str, list[float]] = {key: [] for key in CLOUDWATCH_METRICS}
+    for page in paginator.paginate(MetricDataQueries=queries, StartTime=start, EndTime=end):
+        for result in page["MetricDataResults"]:
+            values[result["Id"]].extend(result["Values"])
+    figures = {}
+    for key, (_, _, stat) in CLOUDWATCH_METRICS.items():
+        series = values[key]
+        if not series:
+            figures[key] = None
+        elif stat == "Sum":
+            figures[key] = sum(series)
+        elif stat == "Maximum":
+            figures[key] = max(series)
+        else:
+            figures[key] = sum(series) / len(series)
+    return figures
+
+
+def wait_for_metrics(
+    config: PipelineConfig, endpoint_name: str, load: dict, timeout: float = 300.0, poll_interval: float = 10.0
+) -> dict:
+    """Poll CloudWatch until the load's invocations have all arrived there, or ``timeout`` passes."""
+    start = datetime.datetime.fromisoformat(load["started_at"])
+    end = datetime.datetime.fromisoformat(load["finished_at"])
+    deadline = time.monotonic() + timeout
+    while True:
+        figures = read_metrics(config, endpoint_name, start, end)
+        if (figures["invocations"] or 0) >= load["requests"] or time.monotonic() > deadline:
+            figures["waited_s"] = round(timeout - max(0.0, deadline - time.monotonic()), 1)
+            return figures
+        time.sleep(poll_interval)
+
+
+# --- the verdict ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(load: dict, metrics: dict, thresholds: Thresholds, test_accuracy: float | None = None) -> list[str]:
+    """Every failed threshold, each naming the observed value and the limit; empty when the deployment passes."""
+    failures = []
+
+    def below(name: str, observed: float | None, limit: float | None, fmt: str = ".4f") -> None:
+        if limit is not None and observed is not None and observed < limit:
+            failures.append(f"{name} {observed:{fmt}} < {limit:{fmt}}")
+
+    def above(name: str, observed: float | None, limit: float | None, fmt: str = ".4g") -> None:
+        if limit is not None and observed is not None and observed > limit:
+            failures.append(f"{name} {observed:{fmt}} > {limit:{fmt}}")
+
+    below("live accuracy", load["live_accuracy"], thresholds.min_live_accuracy)
+    if test_accuracy is not None:
+        below("live accuracy vs test accuracy", load["live_accuracy"], test_accuracy - thresholds.max_accuracy_drop)
+    above("smoke error rate", load["error_rate"], thresholds.max_error_rate)
+    above("smoke p99 latency ms", load["p99_ms"], thresholds.max_p99_latency_ms)
+    if (metrics["invocations"] or 0) < load["requests"]:
+        failures.append(
+            f"CloudWatch Invocations {metrics['invocations'] or 0:g} < {load['requests']} requests sent "
+            f"(after waiting {metrics['waited_s']} s)"
+        )
+    above("CloudWatch Invocation5XXErrors", metrics["invocation_5xx_errors"], thresholds.max_5xx_errors)
+    above("CloudWatch Invocation4XXErrors", metrics["invocation_4xx_errors"], thresholds.max_4xx_errors)
+    latency = metrics["model_latency_average_us"]
+    above("CloudWatch ModelLatency average ms", latency and latency / 1000, thresholds.max_model_latency_ms)
+    above("CloudWatch CPUUtilization", metrics["cpu_utilization"], thresholds.max_cpu_utilization)
+    above("CloudWatch MemoryUtilization", metrics["memory_utilization"], thresholds.max_memory_utilization)
+    return failures
+
+
+# --- pass: alarms; fail: rollback -----------------------------------------------------------------------------------
+
+
+def put_alarms(
+    config: PipelineConfig,
+    endpoint_name: str,
+    *,
+    max_5xx_errors: int = 0,
+    max_p99_latency_ms: float = 200.0,
+    alarm_actions: list[str] | None = None,
+) -> list[str]:
+    """Create or update the endpoint's alarms (5XX errors per minute, p99 model latency over 5 minutes)."""
+    cloudwatch = _cloudwatch(config)
+    common = {
+        "Namespace": ENDPOINT_NAMESPACE,
+        "Dimensions": _dimensions(endpoint_name),
+        "EvaluationPeriods": 1,
+        "ComparisonOperator": "GreaterThanThreshold",
+        "TreatMissingData": "notBreaching",  # an idle endpoint is a healthy one
+        "AlarmActions": alarm_actions or [],
+    }
+    alarms = {
+        f"{endpoint_name}-invocation-5xx-errors": {
+            "MetricName": "Invocation5XXErrors",
+            "Statistic": "Sum",
+            "Period": 60,
+            "Threshold": float(max_5xx_errors),
+            "AlarmDescription": f"Endpoint {endpoint_name} answered more than {max_5xx_errors} 5XX errors in a minute",
+        },
+        f"{endpoint_name}-model-latency-p99": {
+            "MetricName": "ModelLatency",
+            "ExtendedStatistic": "p99",
+            "Period": 300,
+            "Threshold": max_p99_latency_ms * 1000,  # ModelLatency is in microseconds
+            "AlarmDescription": f"Endpoint {endpoint_name}: p99 model latency above {max_p99_latency_ms:g} ms",
+        },
+    }
+    for name, alarm in alarms.items():
+        cloudwatch.put_metric_alarm(AlarmName=name, **common, **alarm)
+    log.info("Alarms for endpoint %s: %s", endpoint_name, ", ".join(alarms))
+    return list(alarms)
+
+
+def rollback(config: PipelineConfig, deployment: dict) -> dict:
+    """Undo ``deployment``: back to its previous endpoint config, or delete the endpoint it created.
+
+    Returns ``{"action": "restored" | "deleted" | "none", "endpoint_name", "endpoint_config_name"}``.
+    """
+    name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
+    if config.backend == "local":
+        from tasks.local_endpoints import rollback_endpoint
+
+        return rollback_endpoint(name, failed, config)
+
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    from tasks.gate import serving_endpoint_config
+
+    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    serving = serving_endpoint_config(config, name)
+    previous = deployment.get("previous_endpoint_config_name")
+    if serving != failed:
+        log.info("Endpoint %s does not serve %s (it serves %s): nothing to roll back", name, failed, serving)
+        return {"action": "none", "endpoint_name": name, "endpoint_config_name": serving}
+    if previous:
+        # UpdateEndpoint is blue/green on SageMaker too: the failed config serves until the previous one is up.
+        try:
+            hook.update_endpoint({"EndpointName": name, "EndpointConfigName": previous}, check_interval=15)
+        except Exception as error:
+            raise RuntimeError(
+                f"UpdateEndpoint of {name} back to endpoint config {previous} failed: {error}"
+            ) from error
+        log.info("Endpoint %s rolled back from %s to %s", name, failed, previous)
+        return {"action": "restored", "endpoint_name": name, "endpoint_config_name": previous}
+    hook.conn.delete_endpoint(EndpointName=name)
+    log.info("Endpoint %s deleted: the failed deployment %s created it", name, failed)
+    return {"action": "deleted", "endpoint_name": name, "endpoint_config_name": None}
+
+
+# --- the check -----------------------------------------------------------------------------------------------------
+
+
+def wait_in_service(config: PipelineConfig, endpoint_name: str, timeout: float = 1800.0) -> str:
+    """Wait until the endpoint is InService; returns its status (Failed and such end the wait at once)."""
+    if config.backend == "local":
+        from tasks.local_endpoints import describe_endpoint
+
+        return describe_endpoint(endpoint_name, config)["EndpointStatus"]  # a local endpoint is up once created
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+    from botocore.exceptions import WaiterError
+
+    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    delay = 15
+    with contextlib.suppress(WaiterError):  # the status below says why
+        hook.conn.get_waiter("endpoint_in_service").wait(
+            EndpointName=endpoint_name, WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout // delay))}
+        )
+    return hook.describe_endpoint(endpoint_name)["EndpointStatus"]
+
+
+def _rollback_outcome(undone: dict) -> str:
+    return {
+        "restored": f"rolled back to endpoint config {undone['endpoint_config_name']}, which serves again",
+        "deleted": "the endpoint, which this deployment created, was deleted",
+        "none": f"nothing to roll back: the endpoint serves {undone['endpoint_config_name']}",
+    }[undone["action"]]
+
+
+def check_endpoint(
+    config: PipelineConfig,
+    deployment: dict,
+    test_data: str,
+    test_accuracy: float,
+    *,
+    thresholds: Thresholds | None = None,
+    samples: int = 200,
+    concurrency: int = 4,
+    metrics_timeout: float = 300.0,
+    poll_interval: float = 10.0,
+    alarm_actions: list[str] | None = None,
+) -> dict:
+    """The monitoring check of a fresh deployment (module docstring). ``test_data``: a directory or S3 prefix with
+    the MNIST test files; ``test_accuracy``: the deployed model's, recorded with it when it becomes the champion.
+
+    Returns the check's figures (small, for the report); raises MonitoringCheckFailed after rolling back.
+    """
+    from tasks.gate import record_champion
+
+    thresholds = thresholds or Thresholds()
+    name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
+    result = {"endpoint_name": name, "endpoint_config_name": config_name, "thresholds": dataclasses.asdict(thresholds)}
+    status = wait_in_service(config, name)
+    if status != "InService":
+        failures, load, metrics = [f"endpoint status {status} (not InService)"], None, None
+    else:
+        endpoint_url = deployment.get("runtime_url")
+        if config.backend == "local" and not endpoint_url:
+            from tasks.local_endpoints import runtime_url
+
+            endpoint_url = runtime_url(config)
+        images, labels = load_test_images(config, test_data, samples)
+        client = runtime_client(config, endpoint_url, max_connections=concurrency)
+        load = smoke_load(client, name, images, labels, concurrency)
+        log.info("Smoke load of endpoint %s: %s", name, load)
+        metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
+        log.info("CloudWatch figures of endpoint %s: %s", name, metrics)
+        failures = evaluate(load, metrics, thresholds, test_accuracy)
+    result.update(load=load, cloudwatch=metrics, failures=failures, passed=not failures)
+
+    if failures:
+        verdict = f"Monitoring check of endpoint {name} (config {config_name}) failed: {'; '.join(failures)}"
+        try:
+            undone = rollback(config, deployment)
+        except Exception as error:
+            raise MonitoringCheckFailed(
+                f"{verdict}. Rollback FAILED, {config_name} may still serve: {error}"
+            ) from error
+        raise MonitoringCheckFailed(f"{verdict}. {_rollback_outcome(undone).capitalize()}.")
+
+    champion = {"test_accuracy": test_accuracy, "live_accuracy": load["live_accuracy"],
+                "model_data_url": deployment["model_data_url"], "endpoint_config_name": config_name}  # fmt: skip
+    result["champion_uri"] = record_champion(config, name, champion)
+    result["alarms"] = put_alarms(
+        config,
+        name,
+        max_5xx_errors=thresholds.max_5xx_errors,
+        max_p99_latency_ms=thresholds.alarm_p99_model_latency_ms,
+        alarm_actions=alarm_actions,
+    )
+    log.info("Endpoint %s passed its monitoring check: %s", name, config_name)
+    return result

@@ -1,0 +1,398 @@
+"""The sweep report of one DAG run, in Markdown and HTML: what was trained, what won, and whether it now serves.
+
+Sections: the verdict; the trial table (hidden_channels, min / max / avg / last test accuracy over the epochs,
+final losses, seconds, parameters); per-epoch loss and accuracy curves; the best model's confusion matrix and a
+grid of the test digits it got wrong; the data validation summary with a link to its Data Docs; the gate and the
+monitoring check. Figures come from each job's `metrics.json` and `misclassified.npz`, read from the job's
+`output.tar.gz` beside its `model.tar.gz` (SageMaker uploads SM_OUTPUT_DATA_DIR there; so does the local backend).
+
+Written to `<state_dir>/runs/<run>/report/` and uploaded to `<s3_root>/runs/<run>/report/`, beside the run's
+Data Docs (`../validation/`), so the same relative links work on disk and in S3.
+
+Imported by the DAG at parse time: matplotlib, numpy and airflow are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from tasks.config import PipelineConfig, load_config
+
+log = logging.getLogger(__name__)
+
+MISCLASSIFIED_SHOWN = 40
+CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".html": "text/html; charset=utf-8", ".png": "image/png",
+                 ".json": "application/json", ".css": "text/css", ".js": "text/javascript"}  # fmt: skip
+
+
+def run_name(run_id: str) -> str:
+    """The run's directory name: the one its validation task writes the Data Docs under."""
+    from tasks.training_jobs import sagemaker_name
+
+    return sagemaker_name(run_id, unique_by=run_id)
+
+
+# --- inputs ------------------------------------------------------------------------------------------------------
+
+
+def job_outputs(model_data_url: str, config: PipelineConfig) -> dict:
+    """metrics.json (a dict) and misclassified.npz (arrays) from the job's output.tar.gz; None for what is missing."""
+    import numpy as np
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    bucket, key = S3Hook.parse_s3_url(f"{model_data_url.rsplit('/', 1)[0]}/output.tar.gz")
+    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    found = {"metrics": None, "misclassified": None}
+    if not s3.check_for_key(key, bucket):
+        return found
+    body = s3.conn.get_object(Bucket=bucket, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        names = {Path(name).name: name for name in archive.getnames()}
+        if "metrics.json" in names:
+            found["metrics"] = json.load(archive.extractfile(names["metrics.json"]))
+        if "misclassified.npz" in names:
+            with np.load(io.BytesIO(archive.extractfile(names["misclassified.npz"]).read())) as arrays:
+                found["misclassified"] = {name: arrays[name] for name in arrays.files}
+    return found
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(histories: Mapping[int, list[dict]], path: Path) -> bool:
+    """Train and test loss, and test accuracy, per epoch for every trial; False when no trial has a history."""
+    if not any(histories.values()):
+        return False
+    plt = _pyplot()
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for hidden_channels, history in sorted(histories.items()):
+        epochs = [epoch["epoch"] for epoch in history]
+        (line,) = loss_axes.plot(epochs, [e["train_loss"] for e in history], marker="o", label=f"{hidden_channels}")
+        loss_axes.plot(epochs, [e["test_loss"] for e in history], marker="x", linestyle="--", color=line.get_color())
+        accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], marker="o", label=f"{hidden_channels}")
+    loss_axes.set(title="Loss (solid: train, dashed: test)", xlabel="epoch", ylabel="loss")
+    accuracy_axes.set(title="Test accuracy", xlabel="epoch", ylabel="%")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    accuracy_axes.legend(title="hidden_channels", fontsize="small")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def plot_confusion_matrix(matrix: list[list[int]], path: Path) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix)
+    figure, axes = plt.subplots(figsize=(6, 5.4), constrained_layout=True)
+    image = axes.imshow(counts, cmap="Blues")
+    threshold = counts.max() / 2
+    for (true, predicted), count in np.ndenumerate(counts):
+        axes.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                  color="white" if count > threshold else "black")  # fmt: skip
+    axes.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_misclassified(misclassified: Mapping, path: Path, limit: int = MISCLASSIFIED_SHOWN) -> int:
+    """A grid of up to ``limit`` misclassified digits titled "true→predicted"; returns how many it shows."""
+    images = misclassified["images"][:limit]
+    if len(images) == 0:
+        return 0
+    plt = _pyplot()
+    columns = min(10, len(images))
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index < len(images):
+            ax.imshow(images[index], cmap="gray_r")
+            label, prediction = misclassified["labels"][index], misclassified["predictions"][index]
+            ax.set_title(f"{label}→{prediction}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return len(images)
+
+
+# --- text --------------------------------------------------------------------------------------------------------
+
+
+def _percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def _number(value, spec: str = "") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _verdict(best: Mapping, gate: Mapping | None, deployment: Mapping | None, monitoring: Mapping | None) -> str:
+    winner = f"**hidden_channels {best['hidden_channels']}** won with {_percent(best['test_accuracy'])} test accuracy"
+    if gate is not None and not gate["deploy"]:
+        return f"{winner}; not deployed: the gate refused it ({gate['reason']})."
+    if deployment is None:
+        return f"{winner}; not deployed (deployment was off for this run)."
+    where = f"endpoint `{deployment['endpoint_name']}` (config `{deployment['endpoint_config_name']}`)"
+    if monitoring is None:
+        return f"{winner}; deployed to {where}; no monitoring check ran."
+    if monitoring.get("passed"):
+        return f"{winner}; deployed to {where} and passed its monitoring check: it serves now."
+    rollback = (monitoring.get("rollback") or {}).get("action", "none")
+    return f"{winner}; deployed to {where}, **failed its monitoring check** and was rolled back ({rollback})."
+
+
+def _validation_lines(validation: Mapping | None, data_docs_link: str | None) -> list[str]:
+    if validation is None:
+        return ["No validation summary was passed to the report."]
+    counts, expected = validation["counts"], validation["expected_counts"]
+    lines = [
+        f"**{'Passed' if validation['success'] else 'Failed'}**: {validation['expectations']} expectations on "
+        f"{counts['train']} training and {counts['test']} test images (expected {expected['train']} and "
+        f"{expected['test']}), in {validation['seconds']:.2f} s."
+    ]
+    lines += [f"- {failure}" for failure in validation.get("failures", [])]
+    if data_docs_link:
+        lines.append(f"\nFull results: [the Data Docs]({data_docs_link}).")
+    return lines
+
+
+def _gate_lines(gate: Mapping | None) -> list[str]:
+    if gate is None:
+        return ["No gate ran for this run."]
+    lines = [f"**{'Deploy' if gate['deploy'] else 'Skip deployment'}**: {gate['reason']}.", ""]
+    rows = [["min_test_accuracy", _percent(gate.get("min_test_accuracy"))],
+            ["champion's test accuracy", _percent(gate.get("champion_accuracy"))],
+            ["tolerance", _percent(gate.get("tolerance"))],
+            ["champion model", f"`{gate['champion_model_data_url']}`" if gate.get("champion_model_data_url") else "—"]]  # fmt: skip
+    return lines + _table(["", "value"], rows)
+
+
+def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
+    if monitoring is None:
+        return ["No monitoring check ran for this run."]
+    lines = [f"**{'Passed' if monitoring.get('passed') else 'Failed'}** (endpoint `{monitoring['endpoint_name']}`)."]
+    lines += [f"- failed: {failure}" for failure in monitoring.get("failures", [])]
+    if monitoring.get("rollback"):
+        rollback = monitoring["rollback"]
+        lines.append(f"- rollback: {rollback['action']}, serving now: `{rollback.get('endpoint_config_name')}`")
+    load, cloudwatch = monitoring.get("load") or {}, monitoring.get("cloudwatch") or {}
+    figures = [
+        ["smoke requests", _number(load.get("requests"))],
+        ["errors", _number(load.get("errors"))],
+        ["live accuracy", _percent(load.get("live_accuracy"))],
+        ["latency p50 / p99 (ms, client)", f"{_number(load.get('p50_ms'), '.1f')} / {_number(load.get('p99_ms'), '.1f')}"],
+        *([name.replace("_", " "), _number(value, ".4g")] for name, value in cloudwatch.items()
+          if isinstance(value, int | float)),
+    ]  # fmt: skip
+    lines += ["", *_table(["figure", "observed"], figures)]
+    if monitoring.get("alarms"):
+        lines.append(f"\nAlarms: {', '.join(f'`{alarm}`' for alarm in monitoring['alarms'])}")
+    return lines
+
+
+def _trial_table(trials: list[Mapping], best_job: str) -> list[str]:
+    """The selection's trial rows (tasks.trials.summarize_trial, plus the job), the best one in bold."""
+    header = ["hidden_channels", "min acc", "max acc", "avg acc", "last acc", "train loss", "test loss", "seconds",
+              "parameters"]  # fmt: skip
+    cells = []
+    for trial in trials:
+        channels = str(trial["hidden_channels"])
+        accuracies = [_percent(trial.get(key)) for key in ("accuracy_min", "accuracy_max", "accuracy_avg")]
+        cells.append([
+            f"**{channels}**" if trial["training_job_name"] == best_job else channels,
+            *accuracies, _percent(trial["test_accuracy"]),
+            _number(trial.get("train_loss"), ".4f"), _number(trial.get("test_loss"), ".4f"),
+            _number(trial.get("seconds"), ".1f"), _number(trial.get("parameters"), ","),
+        ])  # fmt: skip
+    return _table(header, cells)
+
+
+def render_markdown(context: Mapping) -> str:
+    best = context["best"]
+    lines = [
+        f"# Sweep report: {context['dag_id']} / {context['run_id']}",
+        "",
+        f"Backend `{context['backend']}` · {len(best['trials'])} training jobs · best job `{best['training_job_name']}`",
+        "",
+        _verdict(best, context["gate"], context["deployment"], context["monitoring"]),
+        "",
+        "## Trials",
+        "",
+        *_trial_table(best["trials"], best["training_job_name"]),
+        "",
+        f"Best model: `{best['model_data_url']}`",
+    ]
+    if context["curves"]:
+        lines += ["", "## Learning curves", "", "![loss and accuracy per epoch](curves.png)"]
+    if context["best_metrics"]:
+        per_class = context["best_metrics"].get("per_class_accuracy") or []
+        lines += ["", f"## The best model (hidden_channels {best['hidden_channels']})", ""]
+        if per_class:
+            lines += _table([str(digit) for digit in range(10)], [[_percent(a) for a in per_class]])
+            lines.append("")
+        lines.append("![confusion matrix](confusion_matrix.png)")
+        if context["misclassified_shown"]:
+            total = context["misclassified_total"]
+            lines += ["", f"{context['misclassified_shown']} of its {total} misclassified test digits "
+                      "(true→predicted):", "", "![misclassified digits](misclassified.png)"]  # fmt: skip
+    lines += ["", "## Data validation", "", *_validation_lines(context["validation"], context["data_docs_link"])]
+    lines += ["", "## Gate", "", *_gate_lines(context["gate"])]
+    lines += ["", "## Monitoring check", "", *_monitoring_lines(context["monitoring"])]
+    return "\n".join(lines) + "\n"
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+code {{ background: #f3f3f3; padding: 0 0.2rem; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def render_html(markdown_text: str, title: str) -> str:
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+    return HTML_PAGE.format(title=html.escape(title), body=body)
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+
+def write_report(directory: Path, context: Mapping, best_outputs: Mapping, histories: Mapping) -> None:
+    """Render every file of the report into ``directory`` (which must exist and be empty)."""
+    context = dict(context)
+    context["curves"] = plot_curves(histories, directory / "curves.png")
+    metrics = best_outputs["metrics"]
+    context["best_metrics"] = metrics
+    if metrics and metrics.get("confusion_matrix"):
+        plot_confusion_matrix(metrics["confusion_matrix"], directory / "confusion_matrix.png")
+    misclassified = best_outputs["misclassified"]
+    context["misclassified_total"] = len(misclassified["labels"]) if misclassified else 0
+    context["misclassified_shown"] = (
+        plot_misclassified(misclassified, directory / "misclassified.png") if misclassified else 0
+    )
+    markdown_text = render_markdown(context)
+    (directory / "report.md").write_text(markdown_text)
+    (directory / "report.html").write_text(render_html(markdown_text, f"Sweep report {context['run_id']}"))
+    (directory / "summary.json").write_text(
+        json.dumps({key: context[key] for key in ("dag_id", "run_id", "backend", "best")}, indent=2, default=str)
+    )
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Put ``source`` at ``target`` whole: a reader sees the old report or the new one, never half of one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def upload_directory(directory: Path, s3_uri: str, config: PipelineConfig, last: str | None = None) -> list[str]:
+    """Upload every file under ``directory`` to ``s3_uri`` with its content type; ``last`` goes up last."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    bucket, prefix = S3Hook.parse_s3_url(s3_uri)
+    files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.name == last)
+    uploaded = []
+    for path in files:
+        key = f"{prefix.rstrip('/')}/{path.relative_to(directory).as_posix()}"
+        content_type = CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        s3.conn.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), ContentType=content_type)
+        uploaded.append(f"s3://{bucket}/{key}")
+    return uploaded
+
+
+def build_report(
+    run_id: str,
+    best: Mapping,
+    *,
+    validation: Mapping | None = None,
+    gate: Mapping | None = None,
+    deployment: Mapping | None = None,
+    monitoring: Mapping | None = None,
+    config: PipelineConfig | None = None,
+    dag_id: str = "mnist_sweep",
+) -> dict:
+    """Write the run's report locally and to S3; return where: ``{"markdown", "html", "directory", "s3_uri",
+    "html_s3_uri"}``.
+
+    ``best`` is the selection's answer (tasks.selection.select_best: the best job and ``trials``); ``validation``
+    the data check's summary; ``gate``, ``deployment`` and ``monitoring`` what those steps returned, or None when
+    they did not run. Idempotent: a retry replaces the run's report.
+    """
+    config = config or load_config()
+    name = run_name(run_id)
+    run_dir = Path(config.state_dir) / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {trial["training_job_name"]: job_outputs(trial["model_data_url"], config) for trial in best["trials"]}
+    histories = {
+        trial["hidden_channels"]: (outputs[trial["training_job_name"]]["metrics"] or {}).get("history") or []
+        for trial in best["trials"]
+    }
+    validation_dir = run_dir / "validation"
+    data_docs = validation_dir / "index.html"
+    context = {
+        "dag_id": dag_id, "run_id": run_id, "backend": config.backend, "best": best,
+        "validation": validation, "gate": gate, "deployment": deployment, "monitoring": monitoring,
+        "data_docs_link": "../validation/index.html" if data_docs.is_file() else None,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as scratch:
+        draft = Path(scratch) / "report"
+        draft.mkdir()
+        write_report(draft, context, outputs[best["training_job_name"]], histories)
+        _replace_directory(draft, run_dir / "report")
+
+    s3_root = f"{config.s3_root}/runs/{name}"
+    if data_docs.is_file():
+        upload_directory(validation_dir, f"{s3_root}/validation", config)
+    upload_directory(run_dir / "report", f"{s3_root}/report", config, last="report.html")
+    locations = {
+        "directory": str(run_dir / "report"),
+        "markdown": str(run_dir / "report" / "report.md"),
+        "html": str(run_dir / "report" / "report.html"),
+        "s3_uri": f"{s3_root}/report/",
+        "html_s3_uri": f"{s3_root}/report/report.html",
+    }
+    log.info("Sweep report: %s (local) and %s", locations["html"], locations["html_s3_uri"])
+    return locations

@@ -1,0 +1,112 @@
+"""Model selection: the most accurate training job of a sweep, whichever backend ran it.
+
+Each job's test accuracy is the last `test:accuracy` in its FinalMetricDataList (the seed's metric definition, in
+percent), as SageMaker reports it for both backends. The per-epoch history, parameter count and timings come from
+the `metrics.json` the training script leaves in the job's `output.tar.gz` (SageMaker uploads the output data
+dir there; so does the local backend). The highest accuracy wins; a tie goes to the model with fewer parameters.
+Accuracies returned are fractions (0.9714), as in metrics.json.
+
+Imported by the DAG at parse time: airflow hooks are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+from collections.abc import Iterable, Mapping
+
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+ACCURACY_METRIC = "test:accuracy"
+
+
+class SelectionError(RuntimeError):
+    """No job, or a job without a test accuracy to judge it by; the message names the job."""
+
+
+def output_metrics(description: Mapping, config: PipelineConfig) -> dict | None:
+    """metrics.json from the job's output.tar.gz (next to model.tar.gz), or None when the job left none."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    model_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, key = S3Hook.parse_s3_url(f"{model_uri.rsplit('/', 1)[0]}/output.tar.gz")
+    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    if not s3.check_for_key(key, bucket):
+        return None
+    body = s3.conn.get_object(Bucket=bucket, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        # At the archive's root, whether packed as "metrics.json" or "./metrics.json".
+        member = next((m for m in archive.getmembers() if m.isfile() and m.name.lstrip("./") == "metrics.json"), None)
+        return json.load(archive.extractfile(member)) if member else None
+
+
+def trial(description: Mapping, metrics: Mapping | None) -> dict:
+    """One row of the sweep: a job's name, artifact, accuracy and what its metrics.json tells of it."""
+    from tasks.trials import summarize_trial
+
+    name = description["TrainingJobName"]
+    final = {item["MetricName"]: float(item["Value"]) for item in description.get("FinalMetricDataList", [])}
+    if ACCURACY_METRIC in final:
+        accuracy = final[ACCURACY_METRIC] / 100
+    elif metrics and "test_accuracy" in metrics:
+        # SageMaker leaves a metric out when its regex never matched a log line it kept; metrics.json still knows.
+        accuracy = float(metrics["test_accuracy"])
+    else:
+        raise SelectionError(
+            f"training job {name} reported no {ACCURACY_METRIC} (its FinalMetricDataList has "
+            f"{', '.join(sorted(final)) or 'nothing'}) and left no metrics.json in its output.tar.gz"
+        )
+    return {
+        **(summarize_trial(metrics, name) if metrics else {}),
+        "training_job_name": name,
+        "hidden_channels": int(description["HyperParameters"]["hidden_channels"]),
+        "test_accuracy": accuracy,
+        "model_data_url": description["ModelArtifacts"]["S3ModelArtifacts"],
+        "parameters": metrics.get("parameters") if metrics else None,
+        "training_seconds": description.get("TrainingTimeInSeconds"),
+    }
+
+
+def best_of(trials: Iterable[Mapping]) -> Mapping:
+    """Highest test accuracy; among equals the fewest parameters (unknown counts last), then fewest channels."""
+    trials = list(trials)
+    if not trials:
+        raise SelectionError("no training job to select from")
+    return min(
+        trials,
+        key=lambda t: (-t["test_accuracy"], t["parameters"] if t["parameters"] is not None else math.inf,
+                       t["hidden_channels"]),
+    )  # fmt: skip
+
+
+def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig) -> dict:
+    """Judge the training operators' results (``{"Training": DescribeTrainingJob}`` each); return the best job.
+
+    The answer (small, for XCom): the best job's name, hidden_channels, test accuracy (a fraction), parameter
+    count and model artifact URI, and ``trials``, every job's row of the trial table.
+    """
+    trials = []
+    for training in trainings:
+        description = training["Training"]
+        trials.append(trial(description, output_metrics(description, config)))
+    best = best_of(trials)
+    trials.sort(key=lambda t: t["hidden_channels"])
+    log_report({**best, "trials": trials})
+    return {**best, "trials": trials}
+
+
+def log_report(best: Mapping) -> None:
+    """The trial table, as the seed's notebook showed it, and the verdict."""
+    from tasks.trials import format_trial_table
+
+    log.info("Sweep of %d training jobs:\n%s", len(best["trials"]), format_trial_table(best["trials"]))
+    log.info(
+        "Best: %s (hidden_channels %d): test accuracy %.2f%%, %s parameters, model %s",
+        best["training_job_name"], best["hidden_channels"], 100 * best["test_accuracy"],
+        best["parameters"] if best["parameters"] is not None else "unknown", best["model_data_url"],
+    )  # fmt: skip

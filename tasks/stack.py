@@ -1,0 +1,658 @@
+"""The local stack: `mnist-pipeline up | down | status | run`.
+
+`up` starts, on 127.0.0.1, the local AWS (moto server) and Airflow 3 as separate processes — API server (with the
+UI), scheduler, DAG processor, triggerer — each in its own session, so `down` can stop each whole process group
+(`airflow standalone` would leave its children running on SIGTERM). Airflow runs on SQLite with its home, logs and
+login under the pipeline's state directory and the DAGs folder of this checkout; the AWS connection comes by
+environment. `run` triggers `mnist_sweep` through the REST API and follows it to the end.
+
+State: `<state_dir>/stack/stack.json` (URLs, and pid + start time of every process), `stack/logs/*.log`,
+`stack/passwords.json` (the UI login), `stack/secrets.json`, and `<state_dir>/airflow` (AIRFLOW_HOME).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tasks.config import PipelineConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "mnist_sweep"
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+USERNAME = "admin"
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+STOP_GRACE_SECONDS = 20.0
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class StackPaths:
+    state_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.state_dir / "stack"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def passwords(self) -> Path:
+        return self.root / "passwords.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets.json"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.state_dir / "airflow"
+
+
+def stack_paths(config: PipelineConfig | None = None) -> StackPaths:
+    return StackPaths(Path((config or load_config()).state_dir))
+
+
+def read_state(paths: StackPaths) -> dict | None:
+    try:
+        return json.loads(paths.state.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _write_private(path: Path, data: dict) -> None:
+    """Write JSON readable by this user only (passwords, secrets), atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
+    """The UI password and the signing secrets: generated once, kept across `up`s so the login stays the same."""
+    if not paths.passwords.exists():
+        _write_private(paths.passwords, {USERNAME: secrets.token_urlsafe(12)})
+    if not paths.secrets.exists():
+        _write_private(
+            paths.secrets, {"jwt_secret": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32)}
+        )
+    return json.loads(paths.passwords.read_text())[USERNAME], json.loads(paths.secrets.read_text())
+
+
+def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, aws_endpoint: str, keys: dict) -> dict:
+    from tasks.local_aws import LOCAL_CREDENTIALS, connection_uri
+
+    port = api_url.rsplit(":", 1)[1]
+    env = {key: value for key, value in os.environ.items() if key != "AIRFLOW__CORE__UNIT_TEST_MODE"}
+    env.update(LOCAL_CREDENTIALS)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(paths.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(paths.passwords),
+            "AIRFLOW__API__HOST": HOST,
+            "AIRFLOW__API__PORT": port,
+            "AIRFLOW__API__BASE_URL": api_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api_url}/execution/",
+            # LocalExecutor starts this many workers up front (~130 MB each); training waits in its pool anyway.
+            "AIRFLOW__CORE__PARALLELISM": str(max(8, 2 * config.cpus)),
+            # Every component signs or checks the same tokens.
+            "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+            "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
+            f"AIRFLOW_CONN_{config.aws_conn_id.upper()}": connection_uri(aws_endpoint, config.region),
+            "MNIST_PIPELINE_STATE_DIR": str(paths.state_dir),
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+    )
+    return env
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+
+def _identity(pid: int, log_path: Path) -> dict:
+    import psutil
+
+    # The start time tells this process apart from a later one that reuses its pid.
+    return {"pid": pid, "started": psutil.Process(pid).create_time(), "log": str(log_path)}
+
+
+def _spawn(name: str, command: list[str], env: dict, paths: StackPaths) -> dict:
+    log_path = paths.logs / f"{name}.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    return _identity(process.pid, log_path)
+
+
+def live_process(record: dict):
+    """The process a record names, or None once it has exited (or its pid now belongs to another process)."""
+    import psutil
+
+    try:
+        process = psutil.Process(record["pid"])
+        if process.create_time() != record["started"] or process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except psutil.NoSuchProcess:
+        return None
+
+
+def stop_processes(records: list[dict], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM each process's group (the group of the session it leads), and every descendant that left it; then
+    SIGKILL whatever is still alive after ``grace`` seconds. One SIGTERM each: a second one makes Airflow skip its
+    clean shutdown.
+    """
+    import psutil
+
+    leaders = [process for process in map(live_process, records) if process is not None]
+    groups = {leader.pid for leader in leaders}
+    processes = {p.pid: p for leader in leaders for p in (leader, *_descendants(leader))}
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGTERM)
+    for process in processes.values():
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(process.pid) not in groups:
+                process.terminate()
+    _, alive = psutil.wait_procs(list(processes.values()), timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _descendants(process) -> list:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _log_tail(path: str, lines: int = 25) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+# --- the REST API ----------------------------------------------------------------------------------------------
+
+
+class AirflowAPI:
+    """A small client of Airflow's public REST API, authenticated with a JWT from the SimpleAuthManager."""
+
+    def __init__(self, url: str, password: str, username: str = USERNAME):
+        import httpx
+
+        self.url = url
+        token = httpx.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        if token.status_code >= 400:
+            raise StackError(f"Airflow at {url} refused the login of {username!r}: {token.text}")
+        self.client = httpx.Client(
+            base_url=f"{url}/api/v2", headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=30
+        )
+
+    def request(self, method: str, path: str, **kwargs) -> dict:
+        response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise StackError(f"Airflow API {method} {path} answered {response.status_code}: {response.text}")
+        return response.json() if response.content else {}
+
+    def get(self, path: str, **params) -> dict:
+        return self.request("GET", path, params=params)
+
+
+def api_for(state: dict, paths: StackPaths) -> AirflowAPI:
+    password = json.loads(paths.passwords.read_text())[USERNAME]
+    return AirflowAPI(state["airflow_url"], password)
+
+
+def _wait_healthy(state: dict, paths: StackPaths, timeout: float) -> None:
+    """Wait until the API server answers and reports every component healthy; fail early when one exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    health: dict = {}
+    while time.monotonic() < deadline:
+        for name, record in state["processes"].items():
+            if live_process(record) is None:
+                raise StackError(f"{name} exited during start-up; its log ends:\n{_log_tail(record['log'])}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            health = httpx.get(f"{state['airflow_url']}/api/v2/monitor/health", timeout=5).json()
+            if all(part.get("status") == "healthy" for part in health.values()):
+                return
+        time.sleep(1)
+    raise StackError(f"Airflow did not become healthy within {timeout:.0f} s: {health or 'no answer'}")
+
+
+def _wait_for_dag(api: AirflowAPI, timeout: float) -> None:
+    """Wait until the DAG processor has parsed mnist_sweep; fail with the import error when the file is broken."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        errors = [e for e in api.get("/importErrors")["import_errors"] if e["filename"].endswith(f"{DAG_ID}.py")]
+        if errors:
+            raise StackError(f"dags/{DAG_ID}.py does not import:\n{errors[0]['stack_trace']}")
+        with contextlib.suppress(StackError):
+            api.get(f"/dags/{DAG_ID}")
+            return
+        time.sleep(1)
+    raise StackError(f"the DAG {DAG_ID} did not appear within {timeout:.0f} s (is dags/{DAG_ID}.py there?)")
+
+
+def _ensure_pool(api: AirflowAPI, slots: int) -> None:
+    """The pool the local backend's training tasks run in: one slot per core, so parallel jobs never oversubscribe."""
+    from tasks.local_backend import TRAINING_POOL
+
+    pool = {"name": TRAINING_POOL, "slots": slots, "description": "Local training jobs: one slot per core"}
+    action = {"action": "create", "entities": [pool], "action_on_existence": "overwrite"}
+    result = api.request("PATCH", "/pools", json={"actions": [action]})["create"]
+    if result.get("errors"):
+        raise StackError(f"could not create the pool {TRAINING_POOL}: {result['errors']}")
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+def running(paths: StackPaths) -> dict[str, bool]:
+    state = read_state(paths)
+    if not state:
+        return {}
+    return {name: live_process(record) is not None for name, record in state["processes"].items()}
+
+
+def _free_or_other_port(port: int) -> int:
+    import socket
+
+    from tasks.local_aws import free_port
+
+    if port:
+        with contextlib.suppress(OSError), socket.create_server((HOST, port)):
+            return port
+    return free_port(HOST)
+
+
+def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: float = 180.0) -> dict:
+    """Start the stack (or find it running); returns its state: URLs, login and processes."""
+    from tasks.local_aws import start_moto_server
+
+    config = config or load_config()
+    paths = stack_paths(config)
+    alive = running(paths)
+    if alive and all(alive.values()):
+        return read_state(paths)
+    if alive:  # a stack half-dead from a crash: clear it out before starting a fresh one
+        down(config)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.airflow_home.mkdir(parents=True, exist_ok=True)
+    password, keys = _login_and_secrets(paths)
+
+    moto, aws_endpoint = start_moto_server(HOST, log_path=paths.logs / "local-aws.log")
+    api_url = f"http://{HOST}:{_free_or_other_port(port)}"
+    state = {
+        "airflow_url": api_url,
+        "aws_endpoint": aws_endpoint,
+        "username": USERNAME,
+        "processes": {"local-aws": _identity(moto.pid, paths.logs / "local-aws.log")},
+    }
+    paths.state.write_text(json.dumps(state, indent=2))
+    try:
+        env = airflow_env(paths, config, api_url, aws_endpoint, keys)
+        airflow = [sys.executable, "-m", "airflow"]
+        migrate = subprocess.run([*airflow, "db", "migrate"], env=env, capture_output=True, text=True)
+        if migrate.returncode:
+            raise StackError(f"`airflow db migrate` failed:\n{migrate.stdout[-3000:]}{migrate.stderr[-3000:]}")
+        for name in COMPONENTS:
+            # One machine, one AIRFLOW_HOME: the API server reads task logs from disk, no log server needed
+            # (it would listen on a fixed port on every interface).
+            skip_serve_logs = ["--skip-serve-logs"] if name in ("scheduler", "triggerer") else []
+            state["processes"][name] = _spawn(name, [*airflow, name, *skip_serve_logs], env, paths)
+            paths.state.write_text(json.dumps(state, indent=2))
+        _wait_healthy(state, paths, timeout)
+        api = AirflowAPI(api_url, password)
+        _ensure_pool(api, config.cpus)
+        if (ROOT / "dags" / f"{DAG_ID}.py").exists():
+            _wait_for_dag(api, timeout)
+            api.request("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    except BaseException:
+        down(config)
+        raise
+    return state
+
+
+def down(config: PipelineConfig | None = None) -> list[str]:
+    """Stop the local endpoints, then Airflow, then the local AWS; returns what was stopped."""
+    config = config or load_config()
+    paths = stack_paths(config)
+    state = read_state(paths) or {"processes": {}}
+    stopped = []
+    with contextlib.suppress(ImportError):  # the endpoint servers outlive the tasks that started them
+        from tasks.local_endpoints import stop_all
+
+        stopped += [f"endpoint {name}" for name in stop_all(config)]
+    airflow = {name: record for name, record in state["processes"].items() if name != "local-aws"}
+    stop_processes(list(airflow.values()))
+    stop_processes([record for name, record in state["processes"].items() if name == "local-aws"])
+    stopped += list(state["processes"])
+    paths.state.unlink(missing_ok=True)
+    return stopped
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def start_and_tell(console, config: PipelineConfig, port: int = DEFAULT_PORT) -> dict:
+    """`up`, telling the user where the UI is and how to log in."""
+    with console.status("Starting the local AWS and Airflow (API server, scheduler, DAG processor, triggerer)…"):
+        state = up(config, port=port)
+    password = json.loads(stack_paths(config).passwords.read_text())[USERNAME]
+    console.print(
+        f"[green]Stack running.[/] Airflow UI: [bold]{state['airflow_url']}[/]  login: {USERNAME} / {password}"
+    )
+    console.print(f"Local AWS: {state['aws_endpoint']}   logs: {stack_paths(config).logs}   stop: mnist-pipeline down")
+    return state
+
+
+def up_command(args) -> int:
+    start_and_tell(_console(), load_config(), args.port)
+    return 0
+
+
+def down_command(args) -> int:
+    console = _console()
+    with console.status("Stopping the local stack…"):
+        stopped = down()
+    console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
+    return 0
+
+
+def status_command(args) -> int:
+    from rich.table import Table
+
+    config = load_config()
+    paths = stack_paths(config)
+    state = read_state(paths)
+    console = _console()
+    if not state:
+        console.print("The local stack is not running (start it with: mnist-pipeline up).")
+        return 3
+    table = Table("component", "state", "pid", "log")
+    for name, record in state["processes"].items():
+        alive = live_process(record) is not None
+        table.add_row(name, "[green]running[/]" if alive else "[red]exited[/]", str(record["pid"]), record["log"])
+    with contextlib.suppress(ImportError):
+        from tasks.local_endpoints import describe_endpoint, list_endpoints
+
+        for name in list_endpoints(config):
+            endpoint = describe_endpoint(name, config)
+            state_text = "[green]InService[/]" if endpoint["EndpointStatus"] == "InService" else "[red]Failed[/]"
+            table.add_row(f"endpoint {name}", state_text, str(endpoint["Pid"]), endpoint["ModelDataUrl"])
+    console.print(table)
+    console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})")
+    return 0 if all(running(paths).values()) else 1
+
+
+# --- run: trigger the sweep and follow it ----------------------------------------------------------------------
+
+FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
+TRAINING_TASKS = ("train_local", "train_sagemaker")
+EPOCH_LINE = "Test Accuracy:"  # one per epoch in a training job's log (the seed's metric line)
+
+
+def run_conf(conf_json: str | None, params: list[str]) -> dict:
+    """The run's conf: ``--conf`` JSON, then each ``--param key=value`` (the value read as JSON when it is JSON)."""
+    conf = {}
+    if conf_json:
+        try:
+            conf = json.loads(conf_json)
+        except ValueError as error:
+            raise StackError(f"--conf is not valid JSON: {error}") from None
+        if not isinstance(conf, dict):
+            raise StackError(f"--conf must be a JSON object, not {type(conf).__name__}")
+    for item in params:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise StackError(f"--param {item!r} is not key=value")
+        try:
+            conf[key] = json.loads(value)
+        except ValueError:
+            conf[key] = value
+    mirror = os.environ.get("MNIST_MIRROR")
+    if mirror and "mnist_mirror" not in conf:  # the Makefile's MNIST_MIRROR, made absolute for the workers
+        conf["mnist_mirror"] = str(Path(mirror).resolve()) if Path(mirror).is_dir() else mirror
+    return conf
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def _run_path(run_id: str) -> str:
+    return f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}"
+
+
+def task_label(ti: dict) -> str:
+    return ti["task_id"] if ti["map_index"] < 0 else f"{ti['task_id']}[{ti['map_index']}]"
+
+
+def task_log(api: AirflowAPI, run_id: str, ti: dict) -> list[str]:
+    """The lines of a task instance's latest try (the API's structured log, one event per line)."""
+    path = f"{_run_path(run_id)}/taskInstances/{ti['task_id']}/logs/{max(ti['try_number'], 1)}"
+    response = api.client.get(path, params={"map_index": ti["map_index"]}, headers={"Accept": "application/json"})
+    if response.status_code >= 400:
+        return []
+    content = response.json().get("content") or []
+    return [entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content]
+
+
+def xcom(api: AirflowAPI, run_id: str, task_id: str, map_index: int = -1):
+    """A task's return value, or None when it has none (skipped, failed, or not run)."""
+    path = f"{_run_path(run_id)}/taskInstances/{task_id}/xcomEntries/return_value"
+    response = api.client.get(path, params={"map_index": map_index})
+    if response.status_code == 404:
+        return None
+    if response.status_code >= 400:
+        raise StackError(f"Airflow API GET {path} answered {response.status_code}: {response.text}")
+    value = response.json()["value"]
+    return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+
+
+def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0) -> dict:
+    """Follow the run to its end: a line per finished task, a progress bar, epochs of running training jobs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    reported: set[str] = set()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("queued", total=None)
+        while True:
+            run = api.get(_run_path(run_id))
+            tis = api.get(f"{_run_path(run_id)}/taskInstances", limit=1000)["task_instances"]
+            for ti in sorted(tis, key=lambda ti: ti["end_date"] or ""):
+                label = task_label(ti)
+                if ti["state"] in FINISHED and label not in reported:
+                    reported.add(label)
+                    mark = {"success": "[green]✓[/]", "skipped": "[dim]·[/]"}.get(ti["state"], "[red]✗[/]")
+                    duration = f" ({ti['duration']:.1f} s)" if ti.get("duration") else ""
+                    progress.console.print(f"{mark} {label} {ti['state']}{duration}")
+            running = [ti for ti in tis if ti["state"] == "running"]
+            described = []
+            for ti in running:
+                if ti["task_id"] in TRAINING_TASKS:
+                    epochs = sum(EPOCH_LINE in line for line in task_log(api, run_id, ti))
+                    described.append(f"{task_label(ti)} epoch {epochs + 1}")
+                else:
+                    described.append(task_label(ti))
+            progress.update(bar, total=len(tis), completed=len(reported),
+                            description=", ".join(described) or run["state"])  # fmt: skip
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(poll)
+
+
+def print_sweep(console, best: dict) -> None:
+    """The trial table, as the selection task logged it, and the winner."""
+    from tasks.trials import format_trial_table
+
+    console.print(format_trial_table(best["trials"], title="Sweep"), markup=False, highlight=False)
+    console.print(
+        f"Best: hidden_channels {best['hidden_channels']}, test accuracy {100 * best['test_accuracy']:.2f}% "
+        f"({best['training_job_name']})"
+    )
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    import datetime
+
+    if not (start and end):
+        return None
+    return (datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)).total_seconds()
+
+
+def run_sweep(conf: dict, console, config: PipelineConfig | None = None) -> dict:
+    """Trigger mnist_sweep with ``conf``, follow it, and return its outcome: run id, state, seconds, best, deployment
+    and report (the last three None when the run did not get that far)."""
+    paths = stack_paths(config)
+    state = read_state(paths)
+    if not state or not all(running(paths).values()):
+        raise StackError("the local stack is not running: start it with `mnist-pipeline up`")
+    api = api_for(state, paths)
+    run = api.request("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+    run_id = run["dag_run_id"]
+    console.print(
+        f"Triggered {DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DAG_ID}/runs/{_quote(run_id)}"
+    )
+    run = follow(api, run_id, console)
+    outcome = {
+        "run_id": run_id,
+        "state": run["state"],
+        "seconds": _seconds_between(run.get("start_date"), run.get("end_date")),
+        "best": xcom(api, run_id, "select_best"),
+        "deployment": xcom(api, run_id, "deploy_local"),
+        "report": xcom(api, run_id, "report"),
+        "data_dir": xcom(api, run_id, "download"),
+    }
+    if run["state"] != "success":
+        tis = api.get(f"{_run_path(run_id)}/taskInstances", limit=1000)["task_instances"]
+        for ti in tis:
+            if ti["state"] == "failed":
+                tail = "\n".join(task_log(api, run_id, ti)[-20:])
+                console.print(f"[red]{task_label(ti)} failed[/]; its log ends:\n{tail}")
+    return outcome
+
+
+def run_command(args) -> int:
+    console = _console()
+    try:
+        outcome = run_sweep(run_conf(args.conf, args.param), console)
+    except StackError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    if outcome["best"]:
+        print_sweep(console, outcome["best"])
+    if isinstance(outcome["report"], dict) and outcome["report"].get("html"):
+        console.print(f"Report: {outcome['report']['html']}")
+    seconds = f" in {outcome['seconds']:.0f} s" if outcome["seconds"] is not None else ""
+    color = "green" if outcome["state"] == "success" else "red"
+    console.print(f"Run {outcome['run_id']} [{color}]{outcome['state']}[/]{seconds}")
+    return 0 if outcome["state"] == "success" else 1
+
+
+# --- demo: up, a sweep, a prediction ------------------------------------------------------------------------------
+
+
+def sample_digit(data_dir: str, directory: Path, index: int = 0) -> tuple[Path, int]:
+    """Write test image ``index`` of the MNIST files in ``data_dir`` as a PNG (white ink on black, as MNIST is);
+    return its path and true label."""
+    from PIL import Image
+
+    from training.mnist_idx import IMAGES_MAGIC, LABELS_MAGIC, MNIST_FILES, read_idx
+
+    image = read_idx(Path(data_dir) / MNIST_FILES["test_images"], IMAGES_MAGIC)[index]
+    label = int(read_idx(Path(data_dir) / MNIST_FILES["test_labels"], LABELS_MAGIC)[index])
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"test-digit-{index}-label-{label}.png"
+    Image.fromarray(image).save(path)
+    return path, label
+
+
+def demo_summary(outcome: dict) -> dict:
+    """The demo's last line: the winner, where it serves, how long the sweep took, where the report is."""
+    best, deployment, report = outcome["best"], outcome["deployment"], outcome["report"]
+    endpoint = None
+    if deployment:
+        name = deployment["endpoint_name"]
+        endpoint = {"name": name, "url": f"{deployment['runtime_url']}/endpoints/{name}/invocations"}
+    return {
+        "best": {"hidden_channels": best["hidden_channels"], "test_accuracy": best["test_accuracy"]},
+        "endpoint": endpoint,
+        "sweep_seconds": outcome["seconds"],
+        "report": report.get("html") if isinstance(report, dict) else report,
+    }
+
+
+def demo_command(args) -> int:
+    """`make demo`: start the stack, run the seed sweep, ask the new endpoint about a test digit; leave it running."""
+    from tasks.predict import predict
+
+    console = _console()
+    config = load_config()
+    state = start_and_tell(console, config)
+    try:
+        outcome = run_sweep(run_conf(None, []), console, config)
+    except StackError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    if outcome["state"] != "success":
+        console.print(
+            f"[red]The sweep {outcome['run_id']} {outcome['state']}[/]; the stack stays up: mnist-pipeline down"
+        )
+        return 1
+    print_sweep(console, outcome["best"])
+    summary = demo_summary(outcome)
+    if summary["endpoint"]:
+        image, label = sample_digit(outcome["data_dir"], stack_paths(config).root / "demo")
+        (result,) = predict([image], summary["endpoint"]["name"], config)
+        console.print(
+            f"Endpoint {summary['endpoint']['name']}: {image.name} (a {label}) → {result['digit']} "
+            f"with {100 * result['confidence']:.1f}% confidence. Try: mnist-pipeline predict {image}"
+        )
+    console.print(f"The stack stays up for you to explore: {state['airflow_url']}  (stop it: make down)")
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,244 @@
+"""The CreateTrainingJob requests of a sweep: one per hidden_channels value, the contract both backends run.
+
+`build_training_job_request` builds the exact request SageMaker takes (the provider's SageMakerTrainingOperator
+sends it as is); the local backend (tasks.local_backend) runs the very same dict on this machine. The training
+code travels as SageMaker script mode expects it: a `sourcedir.tar.gz` (the files of training/ at its root, plus
+the inference handler) named by the `sagemaker_submit_directory` hyperparameter. The archive is byte-for-byte
+reproducible, so its S3 key is its SHA-256 and an unchanged tree is never uploaded twice.
+
+Imported by the DAG at parse time: sagemaker, boto3 and airflow hooks are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import logging
+import re
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+# The seed's metric definitions (its training log format, unchanged); SageMaker keeps the last match of each.
+METRIC_DEFINITIONS = (
+    {"Name": "train:loss", "Regex": r"Train Loss: (.*?);"},
+    {"Name": "test:loss", "Regex": r"Test Average loss: (.*?),"},
+    {"Name": "test:accuracy", "Regex": r"Test Accuracy: (.*?)%;"},
+)
+TRAINING_CHANNEL = "training"
+ENTRY_POINT = "train.py"
+# The newest PyTorch with both a training and an inference image in the SDK's registry: train and serve alike.
+FRAMEWORK_VERSION = "2.6"
+PY_VERSION = "py312"
+MAX_RUNTIME_SECONDS = 2 * 3600
+VOLUME_SIZE_GB = 10
+# SageMaker's rule for job, model, endpoint and experiment names (`[a-zA-Z0-9](-*[a-zA-Z0-9])*`, bounded length).
+MAX_NAME_LENGTH = 63
+# Sweep params that become hyperparameters when set; unset (None) leaves the preset's (or the script's) default.
+SWEEP_HYPERPARAMETERS = ("epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size")
+
+
+def sagemaker_name(*parts: object, max_length: int = MAX_NAME_LENGTH, unique_by: str = "") -> str:
+    """A valid SageMaker name from ``parts``: lower-case letters, digits and single hyphens, at most ``max_length``.
+
+    With ``unique_by`` (a run id) the name ends in 8 hex digits of its SHA-1, so names shortened to fit, or runs
+    whose ids differ only in characters SageMaker refuses, still never collide.
+    """
+    suffix = hashlib.sha1(unique_by.encode()).hexdigest()[:8] if unique_by else ""
+    words = [re.sub(r"[^a-z0-9]+", "-", str(part).lower()).strip("-") for part in parts]
+    words = [word for word in words if word]
+    # Shorten the first part (a run id's slug) rather than what tells the names of one sweep apart.
+    room = max_length - len("-".join([*words[1:], suffix])) - (1 if len(words) > 1 or suffix else 0)
+    if room < 1:
+        raise ValueError(f"cannot fit {parts!r} into a SageMaker name of {max_length} characters")
+    words[0] = words[0][:room].strip("-") or "x"
+    return "-".join([*words, suffix] if suffix else words)
+
+
+def training_job_name(run_id: str, hidden_channels: int) -> str:
+    """Deterministic per (run, hidden_channels): a retried task asks for the same name; the run id stays legible."""
+    return sagemaker_name(run_id, f"hc{hidden_channels}", unique_by=run_id)
+
+
+def training_image_uri(region: str, instance_type: str) -> str:
+    """The SageMaker PyTorch training image (CPU or GPU by instance type), from the SDK's registry, offline."""
+    from sagemaker.core import image_uris
+
+    return image_uris.retrieve(
+        framework="pytorch",
+        region=region,
+        version=FRAMEWORK_VERSION,
+        py_version=PY_VERSION,
+        instance_type=instance_type,
+        image_scope="training",
+    )
+
+
+def build_training_job_request(
+    *,
+    job_name: str,
+    hyperparameters: Mapping[str, object],
+    training_data_uri: str,
+    sourcedir_uri: str,
+    output_uri: str,
+    role_arn: str,
+    region: str,
+    instance_type: str,
+    instance_count: int,
+    experiment_name: str,
+    trial_name: str,
+    tags: Mapping[str, str],
+    max_runtime_seconds: int = MAX_RUNTIME_SECONDS,
+) -> dict:
+    """The CreateTrainingJob request for one job (SageMaker script mode, PyTorch framework image).
+
+    Hyperparameter values become strings (the API takes nothing else); the container passes them to
+    `sagemaker_program` as `--key value`, and downloads and unpacks `sagemaker_submit_directory` first.
+    """
+    return {
+        "TrainingJobName": job_name,
+        "AlgorithmSpecification": {
+            "TrainingImage": training_image_uri(region, instance_type),
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [dict(definition) for definition in METRIC_DEFINITIONS],
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "HyperParameters": {
+            **{key: str(value) for key, value in hyperparameters.items()},
+            "sagemaker_program": ENTRY_POINT,
+            "sagemaker_submit_directory": sourcedir_uri,
+            "sagemaker_region": region,
+        },
+        "InputDataConfig": [
+            {
+                "ChannelName": TRAINING_CHANNEL,
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": training_data_uri,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
+        ],
+        "OutputDataConfig": {"S3OutputPath": output_uri},
+        "ResourceConfig": {
+            "InstanceType": instance_type,
+            "InstanceCount": instance_count,
+            "VolumeSizeInGB": VOLUME_SIZE_GB,
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_seconds},
+        "RoleArn": role_arn,
+        "ExperimentConfig": {"ExperimentName": experiment_name, "TrialName": trial_name},
+        "Tags": [{"Key": key, "Value": str(value)} for key, value in tags.items()],
+    }
+
+
+def sweep_requests(
+    params: Mapping[str, object], *, config: PipelineConfig, dag_id: str, run_id: str, dataset_uri: str
+) -> list[dict]:
+    """The requests of a sweep run: one per ``params["hidden_channels"]`` value, in that order.
+
+    Uploads the training code first; for the sagemaker backend also makes sure the experiment and trial exist
+    (SageMaker only associates a job with existing ones).
+    """
+    sourcedir_uri = upload_sourcedir(config)
+    experiment_name = sagemaker_name(dag_id, max_length=120)
+    trial_name = sagemaker_name(run_id, max_length=120, unique_by=run_id)
+    if config.backend == "sagemaker":
+        ensure_experiment(config, experiment_name, trial_name)
+    common = {key: params[key] for key in SWEEP_HYPERPARAMETERS if params.get(key) is not None}
+    return [
+        build_training_job_request(
+            job_name=training_job_name(run_id, hidden_channels),
+            hyperparameters={"hidden_channels": hidden_channels, **common},
+            training_data_uri=dataset_uri,
+            sourcedir_uri=sourcedir_uri,
+            output_uri=f"{config.s3_root}/training-jobs",
+            role_arn=config.role_arn,
+            region=config.region,
+            instance_type=str(params["instance_type"]),
+            instance_count=int(params["instance_count"]),
+            experiment_name=experiment_name,
+            trial_name=trial_name,
+            tags={"project": "mnist-pipeline", "dag_id": dag_id, "run_id": run_id, "hidden_channels": hidden_channels},
+        )
+        for hidden_channels in params["hidden_channels"]
+    ]
+
+
+def ensure_experiment(config: PipelineConfig, experiment_name: str, trial_name: str) -> None:
+    """Create the experiment (the DAG) and the trial (the run) unless they exist: the seed's trial tracking."""
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+    from botocore.exceptions import ClientError
+
+    client = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region).conn
+    for create, kwargs in (
+        (client.create_experiment, {"ExperimentName": experiment_name}),
+        (client.create_trial, {"TrialName": trial_name, "ExperimentName": experiment_name}),
+    ):
+        try:
+            create(**kwargs)
+        except ClientError as error:
+            # A retry, or the same DAG's earlier runs: SageMaker refuses a second one with ResourceInUse.
+            if error.response["Error"]["Code"] != "ResourceInUse":
+                raise
+
+
+# -- the training code as SageMaker script mode takes it ------------------------------------------------------
+
+
+def sourcedir_files() -> dict[str, Path]:
+    """Archive name → file: every file of training/ at the root, and the inference handler as inference.py."""
+    import inference
+    import training
+
+    root = Path(training.__file__).parent
+    files = {
+        path.relative_to(root).as_posix(): path
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    files["inference.py"] = Path(inference.__file__).parent / "inference.py"
+    return files
+
+
+def build_sourcedir(files: Mapping[str, Path] | None = None) -> bytes:
+    """sourcedir.tar.gz as bytes, reproducible: sorted entries, fixed owner, mode and times, gzip without mtime."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, path in sorted((files or sourcedir_files()).items()):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            archive.addfile(info, io.BytesIO(data))
+    return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def upload_sourcedir(config: PipelineConfig) -> str:
+    """Upload sourcedir.tar.gz to ``<s3_root>/code/<sha256>/`` unless it is there; return its S3 URI."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    body = build_sourcedir()
+    digest = hashlib.sha256(body).hexdigest()
+    key = f"{config.prefix.strip('/')}/code/{digest}/sourcedir.tar.gz"
+    uri = f"s3://{config.bucket}/{key}"
+    hook = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    if hook.check_for_key(key, config.bucket):
+        log.info("Training code unchanged: %s is already in S3", uri)
+        return uri
+    # S3 checks the body against its SHA-256 on the way in: a damaged transfer is refused, never stored.
+    hook.conn.put_object(
+        Bucket=config.bucket,
+        Key=key,
+        Body=body,
+        ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+    )
+    log.info("Uploaded the training code (%d bytes) to %s", len(body), uri)
+    return uri

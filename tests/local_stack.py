@@ -1,0 +1,104 @@
+"""One real local stack (`mnist-pipeline up`) shared by the stack and browser tests: starting Airflow costs ~30 s.
+
+Started on first use with its own state directory and configured for the small generated MNIST files; stopped
+with `mnist-pipeline down` at the end of the session, unless a test stopped it before (test_stack's last test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT
+
+# Variables of the test session that must not leak into the stack: it has its own home, connection and config.
+_NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE")
+
+
+@dataclasses.dataclass
+class Stack:
+    state_dir: Path
+    env: dict
+    up_output: str
+    stopped: bool = False
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "tasks.cli", *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "stack" / "stack.json").read_text())
+
+    @property
+    def url(self) -> str:
+        return self.state["airflow_url"]
+
+    @property
+    def password(self) -> str:
+        return json.loads((self.state_dir / "stack" / "passwords.json").read_text())["admin"]
+
+    def api(self) -> httpx.Client:
+        token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password})
+        token.raise_for_status()
+        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        return httpx.Client(base_url=f"{self.url}/api/v2", headers=headers, timeout=30)
+
+    def down(self) -> subprocess.CompletedProcess:
+        result = self.cli("down", timeout=120)
+        self.stopped = True
+        return result
+
+
+_shared: Stack | None = None
+
+
+def shared_stack(request, mnist_dir: Path) -> Stack:
+    """The session's stack, started now if needed, set up for the MNIST files in ``mnist_dir``."""
+    global _shared
+    if _shared is not None and not _shared.stopped:
+        return _shared
+    state_dir = Path(tempfile.mkdtemp(prefix="mnist-stack-"))
+    md5sums = state_dir / "mnist.md5"
+    md5sums.write_text("".join(f"{_md5(path)}  {path.name}\n" for path in sorted(mnist_dir.glob("*-ubyte.gz"))))
+    counts = {name: _count(mnist_dir / name) for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    env = {key: value for key, value in os.environ.items() if key not in _NOT_INHERITED}
+    env.update(
+        {
+            "MNIST_PIPELINE_STATE_DIR": str(state_dir),
+            "MNIST_PIPELINE_MNIST_MD5SUMS": str(md5sums),
+            "MNIST_PIPELINE_MNIST_EXPECTED_COUNTS": ",".join(str(n) for n in counts.values()),
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "up", "--port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    stack = Stack(state_dir, env, result.stdout + result.stderr)
+    if result.returncode != 0:
+        stack.down()
+        raise AssertionError(f"`mnist-pipeline up` failed ({result.returncode}):\n{stack.up_output}")
+    request.config.add_cleanup(lambda: stack.stopped or stack.down())
+    _shared = stack
+    return stack
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _count(labels: Path) -> int:
+    from training.mnist_idx import read_idx
+
+    return len(read_idx(labels))

@@ -1,0 +1,114 @@
+"""A real browser against the Airflow UI of a local stack: log in, trigger mnist_sweep through its trigger form with
+a non-default hidden_channels list, and see the run complete with one mapped training task per value.
+
+Headless Chromium is Debian's `chromium` (`make test` installs it when missing), driven by Playwright for Python;
+never `playwright install`. Screenshots of each step go to artifacts/test-screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.local_stack import shared_stack
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+SCREENSHOTS = ROOT / "artifacts" / "test-screenshots"
+HIDDEN_CHANNELS = [3, 6]  # not the default list
+
+
+@pytest.fixture
+def stack(request, small_mnist):
+    return shared_stack(request, small_mnist)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def wait_for_run(api, run_id: str, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()
+        if run["state"] in ("success", "failed"):
+            return run
+        time.sleep(3)
+    raise AssertionError(f"run {run_id} did not finish within {timeout} s")
+
+
+def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
+    with stack.api() as api:
+        known = {run["dag_run_id"] for run in api.get("/dags/mnist_sweep/dagRuns").json()["dag_runs"]}
+
+    page.goto(stack.url)
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(stack.password)
+    page.screenshot(path=SCREENSHOTS / "1-login.png")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/" not in url)
+    page.wait_for_load_state("networkidle")
+    page.goto(f"{stack.url}/dags/mnist_sweep")
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+
+    # Sweep section: hidden_channels is a JSON editor. Replace its text; the editor closes the opening bracket
+    # itself, so the typed closing one is deleted, as a user would.
+    dialog.get_by_text("Sweep", exact=True).click()
+    editor = dialog.locator(".monaco-editor").first
+    editor.click()
+    page.keyboard.press("ControlOrMeta+A")
+    page.keyboard.insert_text(json.dumps(HIDDEN_CHANNELS))
+    page.keyboard.press("Delete")
+    assert json.loads(editor.locator(".view-lines").inner_text().replace("\xa0", " ")) == HIDDEN_CHANNELS
+    dialog.locator("input[name=element_epochs]").fill("1")
+    page.screenshot(path=SCREENSHOTS / "2-trigger-form-sweep.png")
+    # Data section: the small generated files as the mirror (no network in tests).
+    dialog.get_by_text("Data and deployment", exact=True).click()
+    dialog.locator("input[name=element_mnist_mirror]").fill(str(small_mnist))
+    dialog.locator("label:has(input[name=element_deploy])").click()  # the Deploy switch: off, to keep it short
+    assert not dialog.locator("input[name=element_deploy]").is_checked()
+    page.screenshot(path=SCREENSHOTS / "3-trigger-form-data.png")
+    dialog.get_by_role("button", name="Trigger").click()
+
+    with stack.api() as api:
+        deadline = time.monotonic() + 60
+        new = []
+        while not new and time.monotonic() < deadline:
+            runs = api.get("/dags/mnist_sweep/dagRuns").json()["dag_runs"]
+            new = [run for run in runs if run["dag_run_id"] not in known]
+            time.sleep(1)
+        assert len(new) == 1, "the trigger form started no run"
+        run_id = new[0]["dag_run_id"]
+        assert new[0]["conf"]["hidden_channels"] == HIDDEN_CHANNELS
+        assert new[0]["conf"]["mnist_mirror"] == str(small_mnist)
+
+        page.goto(f"{stack.url}/dags/mnist_sweep/runs/{run_id}")
+        page.screenshot(path=SCREENSHOTS / "4-run-started.png")
+        run = wait_for_run(api, run_id)
+        page.reload()
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=SCREENSHOTS / "5-run-finished.png", full_page=True)
+        tis = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances", params={"limit": 1000}).json()
+        training = sorted(ti["map_index"] for ti in tis["task_instances"] if ti["task_id"] == "train_local")
+        failed = [(ti["task_id"], ti["map_index"]) for ti in tis["task_instances"] if ti["state"] == "failed"]
+    assert run["state"] == "success", f"run {run_id} {run['state']}; failed tasks: {failed}"
+    assert training == list(range(len(HIDDEN_CHANNELS)))

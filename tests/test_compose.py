@@ -1,0 +1,117 @@
+"""docker-compose.yaml, checked by `docker-compose config` (it resolves and validates offline; no engine here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"}
+# Only what compose needs: the shell environment wins over the env file, and the tests set AWS variables.
+CLEAN_ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+
+
+def compose_config(env_file: str) -> subprocess.CompletedProcess:
+    if not shutil.which("docker-compose"):
+        pytest.fail("docker-compose is not installed: `make test` installs it (apt-get install docker-compose)")
+    return subprocess.run(
+        ["docker-compose", "--env-file", env_file, "-f", str(ROOT / "docker-compose.yaml"), "config"],
+        cwd=ROOT,
+        env=CLEAN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    result = compose_config(str(ROOT / ".env.example"))
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> host path, from the short ("host:container:mode") or long volume syntax."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume.get("source"), volume["target"]
+        found[target] = source
+    return found
+
+
+def ports(service: dict) -> list[tuple[str, int]]:
+    """(host address:published port, container port) pairs, from the short or long port syntax."""
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, str):
+            *published, target = port.split("/")[0].split(":")
+            found.append((":".join(published), int(target)))
+        else:
+            found.append((f"{port.get('host_ip', '')}:{port['published']}", int(port["target"])))
+    return found
+
+
+def test_services_and_health_checks(services):
+    assert set(services) == AIRFLOW_SERVICES | {"airflow-init", "postgres", "local-aws"}
+    for name in AIRFLOW_SERVICES | {"postgres", "local-aws"}:
+        assert services[name]["healthcheck"]["test"], name
+    assert "healthcheck" not in services["airflow-init"]  # a one-shot job, waited on by completion
+    for name in AIRFLOW_SERVICES:
+        depends = services[name]["depends_on"]
+        assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
+        assert depends["postgres"]["condition"] == depends["local-aws"]["condition"] == "service_healthy", name
+    assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "db migrate" in " ".join(services["airflow-init"]["command"])
+
+
+def test_airflow_wiring(services):
+    from airflow.models.connection import Connection
+
+    environments = [services[name]["environment"] for name in AIRFLOW_SERVICES | {"airflow-init"}]
+    env = environments[0]
+    # One metadata database and one JWT secret, or the components cannot talk to each other.
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY"):
+        assert len({e[key] for e in environments}) == 1, key
+    assert urlsplit(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).hostname == "postgres"
+    assert urlsplit(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]).hostname == "airflow-apiserver"
+    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "false"
+
+    # The AWS connection points at the local AWS service's container port.
+    connection = Connection(conn_id="aws_default", uri=env["AIRFLOW_CONN_AWS_DEFAULT"])
+    endpoint = urlsplit(connection.extra_dejson["endpoint_url"])
+    assert connection.conn_type == "aws"
+    assert endpoint.hostname == "local-aws"
+    assert endpoint.port in {target for _, target in ports(services["local-aws"])}
+
+    # The project is mounted and the DAGs folder is the mounted checkout's dags/.
+    for name in AIRFLOW_SERVICES:
+        project = mounts(services[name])["/opt/airflow/project"]
+        assert os.path.samefile(project, ROOT), name
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/airflow/project/dags"
+    assert (ROOT / "dags").is_dir()
+
+
+def test_api_server_login_comes_from_the_environment(services):
+    api = services["airflow-apiserver"]
+    assert api["environment"]["AIRFLOW_ADMIN_PASSWORD"] == "admin-local-only"  # from .env.example
+    assert api["environment"]["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] in " ".join(api["command"])
+    assert ports(api) == [("127.0.0.1:8080", 8080)]  # published on the host's loopback only
+
+
+def test_missing_secrets_are_named(tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = compose_config(str(empty))
+    assert result.returncode != 0
+    assert re.search(r"set (POSTGRES_PASSWORD|AIRFLOW_\w+) in \.env", result.stderr), result.stderr

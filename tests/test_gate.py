@@ -1,0 +1,105 @@
+"""The champion gate: the decision rule, and the champion record with its endpoint in the local AWS (moto)."""
+
+from __future__ import annotations
+
+import uuid
+
+import boto3
+import pytest
+
+from tasks.config import load_config
+from tasks.gate import champion_uri, decide, gate, read_champion, record_champion, serving_endpoint_config
+from tests.endpoint_helpers import moto_endpoint
+
+
+@pytest.mark.parametrize(
+    ("best", "champion", "deploy", "why"),
+    [
+        (0.95, None, True, "no champion"),
+        (0.85, None, False, "below min_test_accuracy 0.9000"),
+        (0.97, 0.96, True, "champion's 0.9600"),
+        (0.958, 0.96, True, "minus tolerance 0.0050"),  # worse, but within the tolerance
+        (0.95, 0.96, False, "below the champion's 0.9600 minus tolerance 0.0050"),
+        (0.89, 0.80, False, "below min_test_accuracy"),  # a poor champion does not lower the bar
+    ],
+)
+def test_decide(best, champion, deploy, why):
+    decision, reason = decide(best, champion, min_test_accuracy=0.9, tolerance=0.005)
+    assert decision is deploy
+    assert why in reason
+    assert f"{best:.4f}" in reason
+
+
+def test_decide_refuses_a_percentage():
+    with pytest.raises(ValueError, match=r"97.1 is not a fraction"):
+        decide(97.1, None, 0.9, 0.005)
+
+
+@pytest.fixture
+def sagemaker_config(local_aws):
+    """The sagemaker backend against moto, with a bucket of its own."""
+    config = load_config(backend="sagemaker", bucket=f"gate-{uuid.uuid4().hex[:12]}")
+    boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
+    return config
+
+
+def test_champion_record_round_trip(sagemaker_config, local_aws):
+    assert read_champion(sagemaker_config, "digits") is None
+    uri = record_champion(
+        sagemaker_config,
+        "digits",
+        {"test_accuracy": 0.9714, "model_data_url": "s3://m/model.tar.gz", "endpoint_config_name": "digits-c1"},
+    )
+    assert (
+        uri == champion_uri(sagemaker_config, "digits") == f"{sagemaker_config.s3_root}/endpoints/digits/champion.json"
+    )
+    champion = read_champion(sagemaker_config, "digits")
+    assert champion["test_accuracy"] == 0.9714
+    assert champion["endpoint_config_name"] == "digits-c1"
+    assert champion["endpoint_name"] == "digits"
+
+
+def test_champion_record_needs_its_fields(sagemaker_config):
+    with pytest.raises(ValueError, match="lacks endpoint_config_name, model_data_url"):
+        record_champion(sagemaker_config, "digits", {"test_accuracy": 0.97})
+    assert read_champion(sagemaker_config, "digits") is None  # nothing half-written
+
+
+def test_gate_against_the_champion_on_sagemaker(sagemaker_config, local_aws):
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    # No endpoint yet: only the floor applies.
+    first = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
+    assert first["deploy"] is True
+    assert first["champion_accuracy"] is None and first["serving_endpoint_config_name"] is None
+
+    config_name = moto_endpoint(local_aws, name)
+    assert serving_endpoint_config(sagemaker_config, name) == config_name
+    record_champion(
+        sagemaker_config,
+        name,
+        {"test_accuracy": 0.97, "model_data_url": "s3://m/a.tar.gz", "endpoint_config_name": config_name},
+    )
+
+    refused = gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
+    assert refused["deploy"] is False
+    assert "below the champion's 0.9700 minus tolerance 0.0050" in refused["reason"]
+    assert refused["champion_accuracy"] == 0.97
+    assert refused["serving_endpoint_config_name"] == config_name
+
+    passed = gate(sagemaker_config, name, 0.968, min_test_accuracy=0.9, tolerance=0.005)
+    assert passed["deploy"] is True
+    assert passed["champion_model_data_url"] == "s3://m/a.tar.gz"
+
+
+def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, local_aws):
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    config_name = moto_endpoint(local_aws, name)
+    record_champion(
+        sagemaker_config,
+        name,
+        {"test_accuracy": 0.99, "model_data_url": "s3://m/a.tar.gz", "endpoint_config_name": config_name},
+    )
+    boto3.client("sagemaker", endpoint_url=local_aws).delete_endpoint(EndpointName=name)
+    result = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
+    assert result["deploy"] is True
+    assert result["champion_accuracy"] is None

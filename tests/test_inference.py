@@ -1,0 +1,271 @@
+"""The SageMaker handlers (inference/inference.py), imported from a trained artifact's code/ as the container does."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.artifact import load_handler
+from training.mnist_idx import load_mnist
+
+pytest_plugins = ["tests.model_artifact"]
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir):
+    return load_handler(model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(handler, model_dir):
+    return handler.model_fn(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def test_set(small_mnist):
+    data = load_mnist(small_mnist)
+    return data["test_images"], data["test_labels"]
+
+
+def predict(handler, model, body, content_type="application/json", accept="application/json") -> list[dict]:
+    data = handler.input_fn(body, content_type)
+    payload, content_type = handler.output_fn(handler.predict_fn(data, model), accept)
+    assert content_type == "application/json"
+    return json.loads(payload)["predictions"]
+
+
+def labels_of(predictions: list[dict]) -> list[int]:
+    return [p["label"] for p in predictions]
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=array.dtype.hasobject)
+    return buffer.getvalue()
+
+
+def test_model_fn_rebuilds_the_trained_network_and_classifies_the_test_set(handler, model, test_set):
+    images, labels = test_set
+    predictions = predict(handler, model, json.dumps({"instances": images.tolist()}))
+    assert len(predictions) == len(images)
+    assert np.mean(np.array(labels_of(predictions)) == labels) >= 0.95
+    for prediction in predictions:
+        probabilities = prediction["probabilities"]
+        assert len(probabilities) == 10 and abs(sum(probabilities) - 1) < 1e-4
+        assert prediction["label"] == int(np.argmax(probabilities))
+
+
+def test_every_content_type_and_layout_gives_the_same_answer(handler, model, test_set):
+    images = test_set[0][:5]
+    expected = predict(handler, model, json.dumps({"instances": images.tolist()}))
+    csv = "\n".join(",".join(map(str, image.ravel())) for image in images)
+    bodies = {
+        "json, 784 values each": ("application/json", json.dumps({"instances": images.reshape(5, 784).tolist()})),
+        "json, 1x28x28 floats": ("application/json", json.dumps({"instances": images[:, None].astype(float).tolist()})),
+        "json bytes with charset": ("application/json; charset=utf-8", json.dumps({"instances": images.tolist()}).encode()),
+        "npy uint8 batch": ("application/x-npy", npy(images)),
+        "npy float32 flat batch": ("application/x-npy", npy(images.reshape(5, 784).astype(np.float32))),
+        "csv": ("text/csv", csv),
+        "csv bytes": ("text/csv", csv.encode() + b"\n"),
+    }  # fmt: skip
+    for name, (content_type, body) in bodies.items():
+        answer = predict(handler, model, body, content_type)
+        assert labels_of(answer) == labels_of(expected), name
+        np.testing.assert_allclose([p["probabilities"] for p in answer], [p["probabilities"] for p in expected],
+                                   atol=1e-5, err_msg=name)  # fmt: skip
+    single = predict(handler, model, npy(images[0]), "application/x-npy")
+    assert labels_of(single) == labels_of(expected)[:1]
+
+
+def test_traced_variants_agree_with_the_eager_model(model, test_set):
+    import torch
+
+    pixels = torch.from_numpy(test_set[0][:64].astype(np.float32)).unsqueeze(1)
+    with torch.inference_mode():
+        expected = model.classifier(pixels)
+        for size in (1, 3, 8, 64):  # both sides of LARGE_BATCH
+            torch.testing.assert_close(model(pixels[:size]), expected[:size], atol=1e-5, rtol=1e-4)
+    # Tracing succeeded for seed_cnn: the speed of the endpoint depends on it.
+    assert isinstance(model.small, torch.jit.ScriptModule) and isinstance(model.large, torch.jit.ScriptModule)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs"), [("seed_cnn", {}), ("bn_cnn", {"hidden_channels": 4}), ("mlp", {})]
+)
+def test_every_architecture_is_traced_and_agrees(handler, architecture, kwargs):
+    import torch
+
+    torch.manual_seed(0)
+    network = handler.build_model(architecture, **kwargs)
+    network.train()(torch.rand(64, 1, 28, 28))  # BatchNorm statistics that are not the identity
+    predictor = handler.Predictor(handler.MnistClassifier(network.eval(), 0.1307, 0.3081), torch.device("cpu"))
+    assert isinstance(predictor.small, torch.jit.ScriptModule) and isinstance(predictor.large, torch.jit.ScriptModule)
+    pixels = torch.rand(16, 1, 28, 28) * 255
+    with torch.inference_mode():
+        for size in (1, 16):
+            torch.testing.assert_close(predictor(pixels[:size]), predictor.classifier(pixels[:size]))
+
+
+def drawn_digit(label: int, seed: int, size: tuple[int, int], mode: str) -> Image.Image:
+    """A synthetic digit drawn with dark ink on light paper, much larger than 28x28, away from the centre."""
+    from tests.synthetic_mnist import render_digit
+
+    glyph = Image.fromarray(render_digit(label, np.random.default_rng(seed)))
+    bbox = glyph.getbbox()
+    ink = glyph.crop(bbox).resize(((bbox[2] - bbox[0]) * 9, (bbox[3] - bbox[1]) * 9), Image.Resampling.BILINEAR)
+    if mode == "RGBA":  # a drawing app's export: ink on a transparent background
+        paper = Image.new("RGBA", size, (0, 0, 0, 0))
+        paper.paste((20, 20, 60, 255), (40, 30), mask=ink)
+    else:
+        paper = Image.new("RGB", size, (236, 230, 214))  # cream paper, blue-black ink
+        paper.paste((30, 30, 80), (size[0] - ink.width - 60, 50), mask=ink)
+    return paper
+
+
+def encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **({"quality": 85} if image_format == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("image_format", "mode"), [("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "RGB")])
+def test_pictures_of_digits_are_converted_the_mnist_way_and_classified(handler, model, image_format, mode):
+    content_type = f"image/{image_format.lower()}"
+    for label in range(10):
+        body = encoded(drawn_digit(label, seed=100 + label, size=(400, 330), mode=mode), image_format)
+        [prediction] = predict(handler, model, body, content_type)
+        assert prediction["label"] == label, f"{image_format} {mode} of a {label}"
+
+
+def test_mnist_normalize_crops_scales_and_centres_by_mass(handler):
+    grey = np.full((300, 500), 250.0, dtype=np.float32)
+    grey[40:240, 350:400] = 10  # a dark bar, 200 x 50, far from the centre
+    pixels = handler.mnist_normalize(grey)
+    assert pixels.shape == (28, 28) and pixels.dtype == np.float32
+    assert pixels.min() == 0 and pixels.max() == pytest.approx(255)
+    rows, cols = np.nonzero(pixels)
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 == 5  # aspect ratio kept
+    total = pixels.sum()
+    centre = (pixels.sum(1) @ np.arange(28) / total + 0.5, pixels.sum(0) @ np.arange(28) / total + 0.5)
+    assert centre == pytest.approx((14, 14), abs=0.5)
+    inverted = handler.mnist_normalize(255 - grey)  # light ink on dark: used as it is
+    np.testing.assert_allclose(inverted, pixels, atol=1e-3)
+
+
+class Trap:
+    """Unpickling it creates a file: proof that something was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_an_object_npy_is_refused_without_being_unpickled(handler, tmp_path):
+    marker = tmp_path / "unpickled"
+    body = npy(np.array([Trap(marker)], dtype=object))  # np.load(..., allow_pickle=True) would create the marker
+    with pytest.raises(handler.InvalidRequest, match="allow_pickle") as error:
+        handler.input_fn(body, "application/x-npy")
+    assert error.value.status_code == 400
+    assert not marker.exists()
+
+
+def test_model_fn_loads_weights_without_unpickling_objects(handler, model_dir, tmp_path):
+    import torch
+
+    marker = tmp_path / "unpickled"
+    evil = tmp_path / "evil"
+    shutil.copytree(model_dir, evil)
+    torch.save({"conv1.weight": Trap(marker)}, evil / "model.pth")  # torch.load(...) unrestricted would run it
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        handler.model_fn(str(evil))
+    assert not marker.exists()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """The first bytes of a PNG that declares a huge size (decoding it would need gigabytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    )
+
+
+def blank_png() -> bytes:
+    return encoded(Image.new("RGB", (64, 64), "white"), "PNG")
+
+
+def truncated_png() -> bytes:
+    body = encoded(drawn_digit(3, seed=1, size=(200, 200), mode="RGB"), "PNG")
+    return body[: len(body) // 2]
+
+
+ZEROS = [0] * 784
+BAD_REQUESTS = {
+    "malformed JSON": ("application/json", b'{"instances": [[1, 2,', "malformed JSON"),
+    "JSON not an object": ("application/json", b"[[1, 2]]", '{"instances"'),
+    "JSON without instances": ("application/json", b'{"images": []}', '{"instances"'),
+    "instances not a list": ("application/json", b'{"instances": 5}', "must be a list of images"),
+    "empty instances": ("application/json", b'{"instances": []}', "no images"),
+    "wrong image size": ("application/json", json.dumps({"instances": [[1, 2, 3]]}), "28x28 or 784"),
+    "one image not in a list": ("application/json", json.dumps({"instances": ZEROS}), "28x28 or 784"),
+    "images of two sizes": ("application/json", json.dumps({"instances": [ZEROS, ZEROS[:-1]]}), "one shape"),
+    "strings": ("application/json", json.dumps({"instances": [["0"] * 784]}), "strings"),
+    "booleans": ("application/json", json.dumps({"instances": [[True] * 784]}), "true/false"),
+    "null": ("application/json", json.dumps({"instances": [[None, *ZEROS[1:]]]}), "null"),
+    "NaN": ("application/json", '{"instances": [[NaN' + ", 0" * 783 + "]]}", "NaN or infinity"),
+    "Infinity": ("application/json", '{"instances": [[-Infinity' + ", 0" * 783 + "]]}", "NaN or infinity"),
+    "overflowing float": ("application/json", '{"instances": [[1e999' + ", 0" * 783 + "]]}", "NaN or infinity"),
+    "negative pixel": ("application/json", json.dumps({"instances": [[-1, *ZEROS[1:]]]}), "within 0-255"),
+    "pixel above 255": ("application/json", json.dumps({"instances": [[256, *ZEROS[1:]]]}), "within 0-255"),
+    "empty body": ("application/json", b"", "empty request body"),
+    "not an npy": ("application/x-npy", b"\x93NUMPY garbage", "not a numeric .npy"),
+    "truncated npy": ("application/x-npy", npy(np.zeros((2, 28, 28), np.uint8))[:-10], "not a numeric .npy"),
+    "npy of the wrong shape": ("application/x-npy", npy(np.zeros((3, 5))), "28x28 or 784"),
+    "complex npy": ("application/x-npy", npy(np.zeros((1, 784), complex)), "complex"),
+    "npy with NaN": ("application/x-npy", npy(np.full((1, 784), np.nan)), "NaN or infinity"),
+    "CSV of the wrong width": ("text/csv", "1,2,3\n", "28x28 or 784"),
+    "CSV with ragged rows": ("text/csv", ",".join(["0"] * 784) + "\n1,2\n", "CSV must hold"),
+    "CSV not numbers": ("text/csv", "a,b,c\n", "CSV must hold"),
+    "CSV without rows": ("text/csv", "\n\n", "no images"),
+    "CSV not UTF-8": ("text/csv", b"\xff\xfe1,2", "CSV must hold"),
+    "not an image": ("image/png", b"this is not a picture", "not a PNG or JPEG"),
+    "truncated image": ("image/png", truncated_png(), "could not decode"),
+    "blank image": ("image/png", blank_png(), "no digit found"),
+    "image too large": ("image/png", png_header_claiming(8_000, 8_000), "too large"),
+    "decompression bomb": ("image/png", png_header_claiming(60_000, 60_000), "too large"),
+    "unsupported content type": ("text/plain", b"7", "unsupported content type"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_is_a_client_error_naming_the_problem(handler, case):
+    content_type, body, expected = BAD_REQUESTS[case]
+    with pytest.raises(handler.InvalidRequest) as error:
+        handler.input_fn(body, content_type)
+    assert expected in error.value.message
+    assert error.value.status_code == (415 if case == "unsupported content type" else 400)
+    # The shape of the SageMaker toolkit's BaseInferenceToolkitError, which its container answers with.
+    assert error.value.phrase and str(error.value) == error.value.message
+
+
+def test_an_answer_in_another_format_than_json_is_refused(handler, model):
+    prediction = handler.predict_fn(handler.input_fn(npy(np.zeros((1, 784), np.uint8)), "application/x-npy"), model)
+    assert handler.output_fn(prediction, "*/*")[1] == "application/json"
+    with pytest.raises(handler.InvalidRequest) as error:
+        handler.output_fn(prediction, "text/csv")
+    assert error.value.status_code == 406

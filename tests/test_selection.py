@@ -1,0 +1,79 @@
+"""Selection judges each job by its FinalMetricDataList (metrics.json when SageMaker left the metric out)."""
+
+import io
+import json
+import tarfile
+
+import boto3
+import pytest
+
+from tasks.config import load_config
+from tasks.selection import SelectionError, best_of, output_metrics, select_best, trial
+
+
+def description(name: str, hidden_channels: int, accuracy: float | None, bucket: str = "b") -> dict:
+    final = [{"MetricName": "train:loss", "Value": 0.3}]
+    if accuracy is not None:
+        final.append({"MetricName": "test:accuracy", "Value": accuracy})
+    return {
+        "TrainingJobName": name,
+        "HyperParameters": {"hidden_channels": str(hidden_channels), "epochs": "2"},
+        "ModelArtifacts": {"S3ModelArtifacts": f"s3://{bucket}/jobs/{name}/output/model.tar.gz"},
+        "FinalMetricDataList": final,
+        "TrainingTimeInSeconds": 30,
+    }
+
+
+def put_output(s3, bucket: str, name: str, metrics: dict, member: str = "metrics.json") -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        body = json.dumps(metrics).encode()
+        info = tarfile.TarInfo(member)
+        info.size = len(body)
+        archive.addfile(info, io.BytesIO(body))
+    s3.put_object(Bucket=bucket, Key=f"jobs/{name}/output/output.tar.gz", Body=buffer.getvalue())
+
+
+def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
+    rows = [
+        {"hidden_channels": 32, "test_accuracy": 0.97, "parameters": 30000},
+        {"hidden_channels": 10, "test_accuracy": 0.97, "parameters": 21000},
+        {"hidden_channels": 5, "test_accuracy": 0.96, "parameters": 18000},
+    ]
+    assert best_of(rows)["hidden_channels"] == 10
+    rows[0]["test_accuracy"] = 0.9701
+    assert best_of(rows)["hidden_channels"] == 32
+    unknown = [{"hidden_channels": 8, "test_accuracy": 0.9, "parameters": None},
+               {"hidden_channels": 4, "test_accuracy": 0.9, "parameters": None}]  # fmt: skip
+    assert best_of(unknown)["hidden_channels"] == 4
+    with pytest.raises(SelectionError, match="no training job"):
+        best_of([])
+
+
+def test_final_metric_is_percent_and_metrics_json_fills_in():
+    metrics = {"test_accuracy": 0.9, "parameters": 99, "history": [{"test_accuracy": 0.8}, {"test_accuracy": 0.9}]}
+    row = trial(description("j", 4, 97.14), metrics)
+    assert (row["test_accuracy"], row["parameters"], row["accuracy_min"]) == (0.9714, 99, 0.8)
+    assert trial(description("j", 4, None), metrics)["test_accuracy"] == 0.9
+    with pytest.raises(SelectionError, match=r"training job j reported no test:accuracy .* has train:loss\)"):
+        trial(description("j", 4, None), None)
+
+
+def test_select_best_reads_each_jobs_output_from_s3(local_aws, tmp_path, capfd):
+    config = load_config(bucket="selection", state_dir=str(tmp_path))
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket="selection")
+    put_output(s3, "selection", "a", {"test_accuracy": 0.95, "parameters": 500}, member="./metrics.json")
+    put_output(s3, "selection", "b", {"test_accuracy": 0.97, "parameters": 900})
+    trainings = [{"Training": description(name, hc, acc, "selection")} for name, hc, acc in
+                 (("b", 8, 97.0), ("a", 4, 95.0), ("c", 2, 97.0))]  # fmt: skip
+    assert output_metrics(trainings[2]["Training"], config) is None  # c left no output.tar.gz
+    best = select_best(trainings, config=config)
+    # b and c tie at 97%: b's parameter count is known (900), c's is not.
+    assert (best["training_job_name"], best["hidden_channels"], best["test_accuracy"]) == ("b", 8, 0.97)
+    assert best["model_data_url"] == "s3://selection/jobs/b/output/model.tar.gz"
+    assert [row["hidden_channels"] for row in best["trials"]] == [2, 4, 8]
+    json.dumps(best)  # fit for XCom
+    logged = capfd.readouterr().out  # the trial table, in the task log
+    assert "Sweep of 3 training jobs" in logged and "Best: b (hidden_channels 8)" in logged
+    assert "test acc avg" in logged

@@ -1,0 +1,196 @@
+"""The CreateTrainingJob requests: exact shape, valid for SageMaker's API model, deterministic names and code."""
+
+import gzip
+import hashlib
+import io
+import re
+import tarfile
+
+import boto3
+import botocore.session
+import pytest
+from botocore.validate import validate_parameters
+
+from tasks.config import load_config
+from tasks.training_jobs import (
+    METRIC_DEFINITIONS,
+    build_sourcedir,
+    build_training_job_request,
+    sagemaker_name,
+    sourcedir_files,
+    sweep_requests,
+    training_job_name,
+    upload_sourcedir,
+)
+
+SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
+NAME_PATTERN = re.compile(SAGEMAKER.shape_for("TrainingJobName").metadata["pattern"])
+RUN_ID = "manual__2026-11-23T18:07:10.934072+00:00"
+PARAMS = {
+    "hidden_channels": [2, 32],
+    "preset": "seed",
+    "epochs": 2,
+    "optimizer": "sgd",
+    "lr": None,
+    "batch_size": None,
+    "dropout": 0.2,
+    "kernel_size": 5,
+    "instance_type": "ml.m5.xlarge",
+    "instance_count": 1,
+}
+
+
+def request(**overrides) -> dict:
+    arguments = {
+        "job_name": training_job_name(RUN_ID, 10),
+        "hyperparameters": {"hidden_channels": 10, "epochs": 2, "dropout": 0.2},
+        "training_data_uri": "s3://bucket/mnist-sweep/datasets/mnist/abc/",
+        "sourcedir_uri": "s3://bucket/mnist-sweep/code/def/sourcedir.tar.gz",
+        "output_uri": "s3://bucket/mnist-sweep/training-jobs",
+        "role_arn": "arn:aws:iam::123456789012:role/sagemaker",
+        "region": "eu-west-1",
+        "instance_type": "ml.g5.xlarge",
+        "instance_count": 2,
+        "experiment_name": "mnist-sweep",
+        "trial_name": "manual-2026",
+        "tags": {"run_id": RUN_ID},
+    }
+    return build_training_job_request(**(arguments | overrides))
+
+
+def test_request_has_the_exact_shape():
+    built = request()
+    assert built == {
+        "TrainingJobName": "manual-2026-11-23t18-07-10-934072-00-00-hc10-" + built["TrainingJobName"][-8:],
+        "AlgorithmSpecification": {
+            "TrainingImage": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6-gpu-py312",
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [
+                {"Name": "train:loss", "Regex": "Train Loss: (.*?);"},
+                {"Name": "test:loss", "Regex": "Test Average loss: (.*?),"},
+                {"Name": "test:accuracy", "Regex": "Test Accuracy: (.*?)%;"},
+            ],
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "HyperParameters": {
+            "hidden_channels": "10",
+            "epochs": "2",
+            "dropout": "0.2",
+            "sagemaker_program": "train.py",
+            "sagemaker_submit_directory": "s3://bucket/mnist-sweep/code/def/sourcedir.tar.gz",
+            "sagemaker_region": "eu-west-1",
+        },
+        "InputDataConfig": [
+            {
+                "ChannelName": "training",
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": "s3://bucket/mnist-sweep/datasets/mnist/abc/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
+        ],
+        "OutputDataConfig": {"S3OutputPath": "s3://bucket/mnist-sweep/training-jobs"},
+        "ResourceConfig": {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 10},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 7200},
+        "RoleArn": "arn:aws:iam::123456789012:role/sagemaker",
+        "ExperimentConfig": {"ExperimentName": "mnist-sweep", "TrialName": "manual-2026"},
+        "Tags": [{"Key": "run_id", "Value": RUN_ID}],
+    }
+    assert request(instance_type="ml.m5.xlarge")["AlgorithmSpecification"]["TrainingImage"].endswith("2.6-cpu-py312")
+
+
+def test_request_passes_the_sagemaker_api_model():
+    validate_parameters(request(), SAGEMAKER.operation_model("CreateTrainingJob").input_shape)
+    with pytest.raises(botocore.exceptions.ParamValidationError, match="InstanceCount"):
+        validate_parameters(request(instance_count="2"), SAGEMAKER.operation_model("CreateTrainingJob").input_shape)
+
+
+def test_a_stubbed_client_accepts_the_request():
+    """botocore's own client-side validation, as the provider's hook calls create_training_job(**request)."""
+    from botocore.stub import Stubber
+
+    client = boto3.client("sagemaker", region_name="eu-west-1")
+    with Stubber(client) as stub:
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:::training-job/x"}, request())
+        client.create_training_job(**request())
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [RUN_ID, "scheduled__2026-01-01T00:00:00+00:00", "x" * 250, "__--..", "manual__ü/ñ:é"],
+)
+@pytest.mark.parametrize("hidden_channels", [1, 32, 256])
+def test_job_names_are_valid_deterministic_and_distinct(run_id, hidden_channels):
+    name = training_job_name(run_id, hidden_channels)
+    assert NAME_PATTERN.fullmatch(name) and len(name) <= 63
+    assert name == training_job_name(run_id, hidden_channels)
+    assert name.endswith(f"hc{hidden_channels}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}")
+    assert name != training_job_name(run_id + "1", hidden_channels)
+    assert name != training_job_name(run_id, hidden_channels + 1)
+
+
+def test_runs_differing_only_in_refused_characters_get_distinct_names():
+    assert training_job_name("run:1+2", 5) != training_job_name("run-1-2", 5)
+    assert sagemaker_name("Mnist_Sweep", max_length=120) == "mnist-sweep"
+    with pytest.raises(ValueError, match="cannot fit"):
+        sagemaker_name("a", "b" * 70)
+
+
+def test_sweep_requests_carry_only_the_params_that_are_set(local_aws, tmp_path):
+    config = load_config(bucket="sweep-requests", state_dir=str(tmp_path))
+    boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
+    requests = sweep_requests(PARAMS, config=config, dag_id="mnist_sweep", run_id=RUN_ID, dataset_uri="s3://b/d/")
+    assert [r["HyperParameters"]["hidden_channels"] for r in requests] == ["2", "32"]
+    hyperparameters = requests[0]["HyperParameters"]
+    assert {key for key in hyperparameters if not key.startswith("sagemaker_")} == {
+        "hidden_channels", "preset", "epochs", "optimizer", "dropout", "kernel_size",
+    }  # fmt: skip
+    assert hyperparameters["sagemaker_submit_directory"] == upload_sourcedir(config)
+    assert requests[0]["ExperimentConfig"] == requests[1]["ExperimentConfig"]
+    assert requests[0]["ExperimentConfig"]["ExperimentName"] == "mnist-sweep"
+    assert requests[0]["OutputDataConfig"]["S3OutputPath"] == f"{config.s3_root}/training-jobs"
+    assert {tag["Key"]: tag["Value"] for tag in requests[1]["Tags"]}["hidden_channels"] == "32"
+    for built in requests:
+        validate_parameters(built, SAGEMAKER.operation_model("CreateTrainingJob").input_shape)
+
+
+def test_sourcedir_holds_training_and_the_handler_and_is_reproducible():
+    first, second = build_sourcedir(), build_sourcedir()
+    assert first == second
+    assert gzip.decompress(first)  # a plain gzip stream, as SageMaker's container unpacks it
+    with tarfile.open(fileobj=io.BytesIO(first)) as archive:
+        members = archive.getmembers()
+        names = [member.name for member in members]
+        assert {"mnist_idx.py", "inference.py"} <= set(names)
+        assert names == sorted(names)
+        assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 and m.isfile() for m in members)
+        assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
+        files = sourcedir_files()
+        assert archive.extractfile("inference.py").read() == files["inference.py"].read_bytes()
+
+
+def test_sourcedir_upload_is_content_addressed_and_skipped_when_present(local_aws, tmp_path, caplog):
+    config = load_config(bucket="code-upload", state_dir=str(tmp_path))
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=config.bucket)
+    body = build_sourcedir()
+    uri = upload_sourcedir(config)
+    assert uri == f"s3://code-upload/mnist-sweep/code/{hashlib.sha256(body).hexdigest()}/sourcedir.tar.gz"
+    stored = s3.get_object(Bucket=config.bucket, Key=uri.split("/", 3)[3])
+    assert stored["Body"].read() == body
+    with caplog.at_level("INFO", logger="tasks.training_jobs"):
+        assert upload_sourcedir(config) == uri
+    assert "already in S3" in caplog.text
+
+
+def test_metric_definitions_parse_the_seed_log_lines():
+    lines = {
+        "train:loss": "Train Epoch: 1 [6400/60000 (11%)], Train Loss: 1.617049;",
+        "test:loss": "Test Average loss: 0.0912, Test Accuracy: 97.14%;",
+        "test:accuracy": "Test Average loss: 0.0912, Test Accuracy: 97.14%;",
+    }
+    values = {d["Name"]: re.search(d["Regex"], lines[d["Name"]]).group(1) for d in METRIC_DEFINITIONS}
+    assert values == {"train:loss": "1.617049", "test:loss": "0.0912", "test:accuracy": "97.14"}
