@@ -32,12 +32,19 @@ tools:
 test: lint tools
 	$(BIN)/pytest
 
+# Starts the local stack (Airflow UI, local AWS), runs the seed sweep, asks the endpoint; leaves it all running.
 demo: venv
 	$(BIN)/mnist-pipeline demo
+
+down: venv
+	$(BIN)/mnist-pipeline down
 
 bench: venv
 	mkdir -p bench/results
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
+	$(BIN)/python bench/bench_validation.py --out bench/results/validation.json
+	$(BIN)/python bench/bench_endpoint.py --out bench/results/endpoint.json
+	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts

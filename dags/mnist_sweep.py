@@ -6,8 +6,17 @@ serves it on an endpoint: the seed project's sweep, scheduled and repeatable.
 
 **Chain:** download MNIST (checksums verified) → validate it (great-expectations, fail closed) → upload it to
 S3 (content-addressed) → build one CreateTrainingJob request per `hidden_channels` value → train (mapped) → select
-the best by test accuracy (ties: fewer parameters) → deploy (create or update the endpoint) → report (the trial
-table).
+the best by test accuracy (ties: fewer parameters) → **gate** → deploy → **monitoring check** → report.
+
+**Safe deployment.** The gate lets the best model through only when its test accuracy reaches
+`min_test_accuracy` and the accuracy of the model serving now (the champion) minus `accuracy_tolerance`;
+otherwise deployment is skipped, the run succeeds and the report says why. The deployment creates the endpoint or
+updates it blue/green, with a model and an endpoint config named after the run. The monitoring check then sends a
+smoke load of held-out test images through `sagemaker-runtime` and reads the endpoint's CloudWatch metrics
+against the thresholds below. Pass: the model becomes the champion and the endpoint's alarms (5XX errors, p99
+latency) are created or updated. Fail: the endpoint goes back to the previous model (or is deleted when this run
+created it) and the run fails, naming each failed threshold and its observed value. The report is written
+whatever happened (a teardown task: the run's state comes from the work before it).
 
 **Backends.** Where jobs run comes from the deployment configuration, read when a run starts — environment
 `MNIST_PIPELINE_BACKEND` or the Airflow Variable `mnist_pipeline` (`{"backend": "sagemaker", "bucket": ...,
@@ -25,20 +34,21 @@ the API fails at its first task, naming the param. Empty optional fields keep th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
-from airflow.providers.amazon.aws.operators.sagemaker import (
-    SageMakerEndpointConfigOperator,
-    SageMakerEndpointOperator,
-    SageMakerModelOperator,
-    SageMakerTrainingOperator,
-)
-from airflow.sdk import Param, TaskGroup, chain, dag, task
+from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
+from airflow.sdk import Param, chain, dag, task
 from airflow.sdk.configuration import conf
 
+from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.local_backend import TRAINING_POOL
+from tasks.monitoring import Thresholds
 
 SECTION_SWEEP, SECTION_RESOURCES, SECTION_DATA = "Sweep", "Resources (SageMaker)", "Data and deployment"
+SECTION_GATE, SECTION_CHECK = "Gate", "Monitoring check"
+# Seconds between status polls of SageMaker jobs and endpoints (moto, in the tests, answers at once).
+SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
 
 
 def _optional(kind: str, title: str, description: str, **schema) -> Param:
@@ -109,7 +119,66 @@ PARAMS = {
         description="SageMaker endpoint to create or update: letters, digits and hyphens, at most 63.",
         section=SECTION_DATA,
     ),
+    "min_test_accuracy": Param(
+        DEFAULT_MIN_TEST_ACCURACY,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Minimum test accuracy",
+        description="Deploy only a model with at least this test accuracy (a fraction, 0-1; the seed reaches ~0.96).",
+        section=SECTION_GATE,
+    ),
+    "accuracy_tolerance": Param(
+        DEFAULT_TOLERANCE,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Tolerance against the champion",
+        description="Deploy only a model no worse than the serving model's test accuracy minus this (0-1).",
+        section=SECTION_GATE,
+    ),
 }
+
+# The monitoring check: name → (type, title, description, minimum, maximum). Threshold names are the fields of
+# tasks.monitoring.Thresholds, whose defaults they take.
+# fmt: off
+CHECK_PARAMS = {
+    "smoke_requests": ("integer", "Smoke requests", "Held-out test images sent, one request each.", 1, 10_000),
+    "metrics_timeout": ("integer", "CloudWatch wait (s)", "How long to wait for the load's metrics to arrive.",
+                        0, 3600),
+    "min_live_accuracy": ("number", "Minimum live accuracy", "Accuracy of the answers to the smoke load.", 0, 1),
+    "max_accuracy_drop": ("number", "Maximum accuracy drop",
+                          "How far live accuracy may fall below the model's test accuracy.", 0, 1),
+    "max_error_rate": ("number", "Maximum error rate", "Failed smoke requests / requests sent.", 0, 1),
+    "max_p99_latency_ms": ("number", "Maximum p99 latency (ms)", "Client-side p99 of the smoke load, round trip "
+                           "included.", 1, 60_000),
+    "max_model_latency_ms": ("number", "Maximum model latency (ms)", "CloudWatch ModelLatency, average over the "
+                             "load.", 1, 60_000),
+    "max_5xx_errors": ("integer", "Maximum 5XX errors", "CloudWatch Invocation5XXErrors over the load.", 0, 100_000),
+    "max_4xx_errors": ("integer", "Maximum 4XX errors", "CloudWatch Invocation4XXErrors over the load.", 0, 100_000),
+    "max_cpu_utilization": (["null", "number"], "Maximum CPU utilization (%)", "CloudWatch CPUUtilization, 100 per "
+                            "core; empty: not checked (a smoke load keeps the CPU busy by design).", 0, 10_000),
+    "max_memory_utilization": (["null", "number"], "Maximum memory utilization (%)", "CloudWatch "
+                               "MemoryUtilization; empty: not checked.", 0, 100),
+    "alarm_p99_model_latency_ms": ("number", "Alarm: p99 model latency (ms)", "The alarm created on a pass fires "
+                                   "when p99 ModelLatency over 5 minutes exceeds this.", 1, 60_000),
+}
+# fmt: on
+CHECK_DEFAULTS = {"smoke_requests": 200, "metrics_timeout": 300, **dataclasses.asdict(Thresholds())}
+PARAMS.update(
+    {
+        name: Param(
+            CHECK_DEFAULTS[name],
+            type=kind,
+            title=title,
+            description=f"{description} ({low}-{high})",
+            minimum=low,
+            maximum=high,
+            section=SECTION_CHECK,
+        )
+        for name, (kind, title, description, low, high) in CHECK_PARAMS.items()
+    }
+)
 
 
 def _schedule() -> str | None:
@@ -147,10 +216,11 @@ def validate(settings: dict, data_dir: str, run_id: str) -> dict:
     from pathlib import Path
 
     from data_checks.mnist_suite import validate_mnist
-    from tasks.training_jobs import sagemaker_name
+    from tasks.report import run_name
 
     config = _config(settings)
-    report_dir = Path(config.state_dir) / "runs" / sagemaker_name(run_id, unique_by=run_id) / "validation"
+    # The run's artifacts directory, where its report links to these Data Docs.
+    report_dir = Path(config.state_dir) / "runs" / run_name(run_id) / "validation"
     return validate_mnist(data_dir, report_dir, config.expected_counts)
 
 
@@ -192,34 +262,77 @@ def select_best(settings: dict, trained_local, trained_sagemaker) -> dict:
     return select_best(list(trained), config=_config(settings))
 
 
-@task.branch
-def choose_deploy(settings: dict, params: dict) -> str | None:
-    if not params["deploy"]:
-        return None
-    return "deploy_local" if settings["backend"] == "local" else "deploy_sagemaker.deploy_requests"
-
-
 @task
-def deploy_local(settings: dict, best: dict, params: dict, run_id: str) -> dict:
-    from tasks.deployment import deploy_local
+def gate(settings: dict, best: dict, params: dict) -> dict:
+    from tasks.gate import gate
 
-    return deploy_local(best, endpoint_name=params["endpoint_name"], run_id=run_id, config=_config(settings))
-
-
-@task(multiple_outputs=True)
-def deploy_requests(settings: dict, best: dict, params: dict, run_id: str) -> dict:
-    from tasks.deployment import sagemaker_deploy_requests
-
-    return sagemaker_deploy_requests(
-        best, endpoint_name=params["endpoint_name"], run_id=run_id, config=_config(settings)
+    return gate(
+        _config(settings),
+        params["endpoint_name"],
+        best["test_accuracy"],
+        min_test_accuracy=params["min_test_accuracy"],
+        tolerance=params["accuracy_tolerance"],
     )
 
 
-@task(trigger_rule="none_failed_min_one_success")
-def report(best: dict) -> None:
-    from tasks.selection import log_report
+@task.branch
+def choose_deploy(decision: dict, params: dict) -> str | None:
+    from tasks.deployment import wanted
 
-    log_report(best)
+    return "deploy" if wanted(decision, params["deploy"]) else None
+
+
+@task
+def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str) -> dict:
+    from tasks.deployment import deploy
+
+    return deploy(
+        best,
+        decision,
+        endpoint_name=params["endpoint_name"],
+        run_id=run_id,
+        config=_config(settings),
+        check_interval=SAGEMAKER_CHECK_INTERVAL,
+    )
+
+
+@task
+def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, params: dict, ti) -> dict:
+    from tasks.monitoring import MonitoringCheckFailed, Thresholds, check_endpoint
+
+    try:
+        return check_endpoint(
+            _config(settings),
+            deployment,
+            dataset_uri,  # its test files: held out from training
+            best["test_accuracy"],
+            thresholds=Thresholds.from_params(params),
+            samples=params["smoke_requests"],
+            metrics_timeout=params["metrics_timeout"],
+        )
+    except MonitoringCheckFailed as failed:
+        ti.xcom_push("return_value", failed.result)  # what the check saw, for the report; the task still fails
+        raise
+
+
+@task
+def report(settings: dict, best: dict | None, validation, decision, deployment, monitoring, run_id: str) -> dict | None:
+    """The sweep report, whatever happened after the selection (tasks the run did not get to are None)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from tasks.report import build_report
+
+    if best is None:
+        raise AirflowSkipException("No model was selected (an earlier task failed): nothing to report")
+    return build_report(
+        run_id,
+        best,
+        validation=validation,
+        gate=decision,
+        deployment=deployment,
+        monitoring=monitoring,
+        config=_config(settings),
+    )
 
 
 @dag(
@@ -246,30 +359,21 @@ def mnist_sweep():
         task_id="train_sagemaker",
         **aws,
         print_log=True,
-        check_interval=conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30),
+        check_interval=SAGEMAKER_CHECK_INTERVAL,
         # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
         action_if_job_exists="timestamp",
     ).expand(config=requests)
     best = select_best(settings, trained_local, train_sagemaker.output)
 
-    deploy_to = choose_deploy(settings)
-    served_local = deploy_local(settings, best)
-    with TaskGroup("deploy_sagemaker"):
-        sagemaker = deploy_requests(settings, best)
-        create_model = SageMakerModelOperator(task_id="create_model", config=sagemaker["model"], **aws)
-        create_endpoint_config = SageMakerEndpointConfigOperator(
-            task_id="create_endpoint_config", config=sagemaker["endpoint_config"], **aws
-        )
-        # "create" updates the endpoint instead when it exists (the provider falls back to UpdateEndpoint).
-        create_or_update_endpoint = SageMakerEndpointOperator(
-            task_id="create_or_update_endpoint", config=sagemaker["endpoint"], operation="create", **aws
-        )
+    decision = gate(settings, best)
+    deployment = deploy(settings, best, decision)
+    checked = monitor(settings, deployment, best, dataset_uri)
+    # A teardown: it runs whatever happened, and a failed check still fails the run.
+    report(settings, best, validation, decision, deployment, checked).as_teardown()
 
     chain(validation, dataset_uri)
     chain(requests, choose_backend(settings), [trained_local, train_sagemaker])
-    chain(best, deploy_to, [served_local, sagemaker])
-    chain(sagemaker, create_model, create_endpoint_config, create_or_update_endpoint)
-    chain([served_local, create_or_update_endpoint], report(best))
+    chain(decision, choose_deploy(decision), deployment)
 
 
 mnist_sweep()

@@ -49,8 +49,9 @@ def prepare_model_dir(source: str, workdir: str | Path, aws_conn_id: str | None 
 
 
 def safe_extract(archive: str | Path, target: str | Path) -> None:
-    """Unpack a tar archive, refusing any member that would land outside ``target``: absolute paths, `..`,
-    links pointing out of it, devices. Nothing is extracted from an archive with such a member."""
+    """Unpack a tar archive with tarfile's "data" filter: a member that would land outside ``target`` (`..`, a
+    link pointing out of it) or is a device refuses the whole archive before anything is written; absolute
+    names are taken as relative to ``target``."""
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()

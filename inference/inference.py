@@ -144,7 +144,11 @@ def model_fn(model_dir: str) -> Predictor:
         config = json.load(f)
     network = build_model(config["architecture"], **config.get("kwargs", {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    state = torch.load(os.path.join(model_dir, "model.pth"), map_location=device, weights_only=True)
+    weights = os.path.join(model_dir, "model.pth")
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as exc:  # torch's message (chained below) opens with a note on its change of default
+        raise ValueError(f"{weights}: not a state_dict of tensors that torch.load(weights_only=True) accepts") from exc
     network.load_state_dict(state)
     normalization = config.get("normalization", {"mean": 0.1307, "std": 0.3081})
     return Predictor(MnistClassifier(network, normalization["mean"], normalization["std"]).to(device), device)

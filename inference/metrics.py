@@ -161,8 +161,8 @@ class MetricsPublisher(threading.Thread):
         except TimeoutError:
             return None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Publish what the processes sent until now, then end the thread."""
+    def stop(self, timeout: float = 6.0) -> None:
+        """Publish what the processes sent until now, then end the thread (or give up on a dead CloudWatch)."""
         self._stopping.set()
         self.socket.sendto(b"", ("127.0.0.1", self.port))  # datagrams before this one are merged first
         self.join(timeout)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--parallel", type=int, default=None, help="jobs at once (default: one per 2 cores)")
     sweep.add_argument("--out", default="artifacts/sweep", help="where models and metrics go")
 
-    _command(commands, "demo", "tasks.local_sweep:demo_command", "the README demo: the seed sweep on this machine")
+    _command(commands, "demo", "tasks.stack:demo_command", "the README demo: up, the seed sweep, a prediction")
 
     up = _command(commands, "up", "tasks.stack:up_command", "start the local stack: local AWS and Airflow on 127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="Airflow UI port (another free one when taken; 0: any)")

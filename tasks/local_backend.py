@@ -14,10 +14,12 @@ Imported by the DAG at parse time: airflow hooks are imported inside the functio
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -53,7 +55,7 @@ class TrainingJobError(RuntimeError):
 
 @dataclasses.dataclass
 class ScriptResult:
-    returncode: int  # the first non-zero exit status among the processes, else 0
+    returncode: int  # the exit status of the (first) failed host, else 0
     timed_out: bool
     metrics: dict[str, float]  # metric name → last value the log showed
     log_tail: list[str]
@@ -255,6 +257,7 @@ def run_script(
                 break
             if any(process.poll() not in (None, 0) for process in processes):
                 break  # a failed host: its peers would wait for it forever
+        own_codes = [process.poll() for process in processes]  # before anything was stopped
     finally:
         _stop(processes)  # whatever still runs: peers of a failed host, a job past its time, an interrupted task
     for reader in readers:  # what the processes wrote before they ended (the failing host's last words)
@@ -266,7 +269,8 @@ def run_script(
     codes = [process.wait() for process in processes]
     failure_file = ml_dir / "output" / "failure"
     return ScriptResult(
-        returncode=next((code for code in codes if code != 0), 0),
+        # The host that failed on its own, rather than a peer stopped after it.
+        returncode=next((code for code in own_codes if code), None) or next((code for code in codes if code), 0),
         timed_out=timed_out,
         metrics=metrics,
         log_tail=list(tail),
@@ -310,9 +314,6 @@ def _fetch_channel(s3, channel: Mapping, target: Path) -> Path:
 
 def _upload_tree(s3, directory: Path, uri: str) -> str:
     """Pack ``directory`` (entries relative to it, as SageMaker packs /opt/ml/model) and upload it to ``uri``."""
-    import base64
-    import hashlib
-
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for path in sorted(directory.rglob("*")):
@@ -361,18 +362,22 @@ def run_training_job(request: Mapping, *, config: PipelineConfig | None = None, 
     log.info("Training job %s: %d instance(s), %d thread(s), job directory %s", name, resources["InstanceCount"],
              threads, ml_dir)  # fmt: skip
     started = datetime.datetime.now(datetime.UTC)
-    result = run_script(
-        hyperparameters["sagemaker_program"],
-        ml_dir / "code",
-        hyperparameters,
-        ml_dir=ml_dir,
-        channels=channels,
-        job_name=name,
-        instance_count=int(resources["InstanceCount"]),
-        cpus=threads,
-        max_runtime_seconds=max_runtime,
-        metric_definitions=request["AlgorithmSpecification"].get("MetricDefinitions", []),
-    )
+    try:
+        result = run_script(
+            hyperparameters["sagemaker_program"],
+            ml_dir / "code",
+            hyperparameters,
+            ml_dir=ml_dir,
+            channels=channels,
+            job_name=name,
+            instance_count=int(resources["InstanceCount"]),
+            cpus=threads,
+            max_runtime_seconds=max_runtime,
+            metric_definitions=request["AlgorithmSpecification"].get("MetricDefinitions", []),
+        )
+    finally:
+        # The channel copies are the bulk of a job directory and S3 keeps the originals; the rest stays to look at.
+        shutil.rmtree(ml_dir / "input" / "data", ignore_errors=True)
     ended = datetime.datetime.now(datetime.UTC)
     if not result.ok:
         reason = (

@@ -48,7 +48,14 @@ CLOUDWATCH_METRICS = {
 
 
 class MonitoringCheckFailed(AirflowFailException):
-    """The new deployment failed its check and was rolled back. No retry: a retry would check the old model."""
+    """The new deployment failed its check and was rolled back. No retry: a retry would check the old model.
+
+    ``result``: what the check returns on a pass, with ``rollback`` (what the rollback did), for the report.
+    """
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,10 +416,12 @@ def check_endpoint(
         try:
             undone = rollback(config, deployment)
         except Exception as error:
+            result["rollback"] = {"action": "failed", "error": str(error)}
             raise MonitoringCheckFailed(
-                f"{verdict}. Rollback FAILED, {config_name} may still serve: {error}"
+                f"{verdict}. Rollback FAILED, {config_name} may still serve: {error}", result
             ) from error
-        raise MonitoringCheckFailed(f"{verdict}. {_rollback_outcome(undone).capitalize()}.")
+        result["rollback"] = undone
+        raise MonitoringCheckFailed(f"{verdict}. {_rollback_outcome(undone).capitalize()}.", result)
 
     champion = {"test_accuracy": test_accuracy, "live_accuracy": load["live_accuracy"],
                 "model_data_url": deployment["model_data_url"], "endpoint_config_name": config_name}  # fmt: skip

@@ -187,11 +187,14 @@ def _gate_lines(gate: Mapping | None) -> list[str]:
     if gate is None:
         return ["No gate ran for this run."]
     lines = [f"**{'Deploy' if gate['deploy'] else 'Skip deployment'}**: {gate['reason']}.", ""]
-    rows = [["min_test_accuracy", _percent(gate.get("min_test_accuracy"))],
-            ["champion's test accuracy", _percent(gate.get("champion_accuracy"))],
-            ["tolerance", _percent(gate.get("tolerance"))],
-            ["champion model", f"`{gate['champion_model_data_url']}`" if gate.get("champion_model_data_url") else "—"]]  # fmt: skip
-    return lines + _table(["", "value"], rows)
+    champion = gate.get("champion_model_data_url")
+    rows = [
+        ["min_test_accuracy", _percent(gate.get("min_test_accuracy"))],
+        ["champion's test accuracy", _percent(gate.get("champion_accuracy"))],
+        ["tolerance", _percent(gate.get("tolerance"))],
+        ["champion model", f"`{champion}`" if champion else "—"],
+    ]
+    return lines + _table(["gate input", "value"], rows)
 
 
 def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
@@ -203,14 +206,15 @@ def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
         rollback = monitoring["rollback"]
         lines.append(f"- rollback: {rollback['action']}, serving now: `{rollback.get('endpoint_config_name')}`")
     load, cloudwatch = monitoring.get("load") or {}, monitoring.get("cloudwatch") or {}
+    latency = f"{_number(load.get('p50_ms'), '.1f')} / {_number(load.get('p99_ms'), '.1f')}"
     figures = [
         ["smoke requests", _number(load.get("requests"))],
         ["errors", _number(load.get("errors"))],
         ["live accuracy", _percent(load.get("live_accuracy"))],
-        ["latency p50 / p99 (ms, client)", f"{_number(load.get('p50_ms'), '.1f')} / {_number(load.get('p99_ms'), '.1f')}"],
-        *([name.replace("_", " "), _number(value, ".4g")] for name, value in cloudwatch.items()
-          if isinstance(value, int | float)),
-    ]  # fmt: skip
+        ["latency p50 / p99 (ms, client)", latency],
+    ]
+    figures += [[name.replace("_", " "), _number(value, ".4g")] for name, value in cloudwatch.items()
+                if isinstance(value, int | float)]  # fmt: skip
     lines += ["", *_table(["figure", "observed"], figures)]
     if monitoring.get("alarms"):
         lines.append(f"\nAlarms: {', '.join(f'`{alarm}`' for alarm in monitoring['alarms'])}")

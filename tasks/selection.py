@@ -52,7 +52,7 @@ def trial(description: Mapping, metrics: Mapping | None) -> dict:
     name = description["TrainingJobName"]
     final = {item["MetricName"]: float(item["Value"]) for item in description.get("FinalMetricDataList", [])}
     if ACCURACY_METRIC in final:
-        accuracy = final[ACCURACY_METRIC] / 100
+        accuracy = round(final[ACCURACY_METRIC] / 100, 6)  # a fraction, as in metrics.json
     elif metrics and "test_accuracy" in metrics:
         # SageMaker leaves a metric out when its regex never matched a log line it kept; metrics.json still knows.
         accuracy = float(metrics["test_accuracy"])

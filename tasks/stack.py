@@ -81,8 +81,8 @@ def read_state(paths: StackPaths) -> dict | None:
 def _write_private(path: Path, data: dict) -> None:
     """Write JSON readable by this user only (passwords, secrets), atomically."""
     tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(data, indent=2))
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        json.dump(data, file, indent=2)
     os.replace(tmp, path)
 
 
@@ -348,19 +348,20 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
 
 
 def down(config: PipelineConfig | None = None) -> list[str]:
-    """Stop the local endpoints, then Airflow, then the local AWS; returns what was stopped."""
+    """Stop Airflow (so no task starts anything more), then the local endpoints, then the local AWS; returns what
+    was stopped."""
+    from tasks.local_endpoints import stop_all
+
     config = config or load_config()
     paths = stack_paths(config)
-    state = read_state(paths) or {"processes": {}}
-    stopped = []
-    with contextlib.suppress(ImportError):  # the endpoint servers outlive the tasks that started them
-        from tasks.local_endpoints import stop_all
-
-        stopped += [f"endpoint {name}" for name in stop_all(config)]
-    airflow = {name: record for name, record in state["processes"].items() if name != "local-aws"}
-    stop_processes(list(airflow.values()))
-    stop_processes([record for name, record in state["processes"].items() if name == "local-aws"])
-    stopped += list(state["processes"])
+    processes = (read_state(paths) or {"processes": {}})["processes"]
+    stop_processes([record for name, record in processes.items() if name != "local-aws"])
+    stopped = [name for name in processes if name != "local-aws"]
+    # The endpoint servers run detached: they outlive the tasks that started them.
+    stopped += [f"endpoint {name}" for name in stop_all(config)]
+    if "local-aws" in processes:
+        stop_processes([processes["local-aws"]])
+        stopped.append("local-aws")
     paths.state.unlink(missing_ok=True)
     return stopped
 
@@ -387,7 +388,12 @@ def start_and_tell(console, config: PipelineConfig, port: int = DEFAULT_PORT) ->
 
 
 def up_command(args) -> int:
-    start_and_tell(_console(), load_config(), args.port)
+    console = _console()
+    try:
+        start_and_tell(console, load_config(), args.port)
+    except StackError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 1
     return 0
 
 
@@ -402,6 +408,8 @@ def down_command(args) -> int:
 def status_command(args) -> int:
     from rich.table import Table
 
+    from tasks.local_endpoints import describe_endpoint, list_endpoints
+
     config = load_config()
     paths = stack_paths(config)
     state = read_state(paths)
@@ -409,19 +417,19 @@ def status_command(args) -> int:
     if not state:
         console.print("The local stack is not running (start it with: mnist-pipeline up).")
         return 3
-    table = Table("component", "state", "pid", "log")
+    table = Table("component", "state", "pid")
     for name, record in state["processes"].items():
         alive = live_process(record) is not None
-        table.add_row(name, "[green]running[/]" if alive else "[red]exited[/]", str(record["pid"]), record["log"])
-    with contextlib.suppress(ImportError):
-        from tasks.local_endpoints import describe_endpoint, list_endpoints
-
-        for name in list_endpoints(config):
-            endpoint = describe_endpoint(name, config)
-            state_text = "[green]InService[/]" if endpoint["EndpointStatus"] == "InService" else "[red]Failed[/]"
-            table.add_row(f"endpoint {name}", state_text, str(endpoint["Pid"]), endpoint["ModelDataUrl"])
+        table.add_row(name, "[green]running[/]" if alive else "[red]exited[/]", str(record["pid"]))
+    endpoints = [describe_endpoint(name, config) for name in list_endpoints(config)]
+    for endpoint in endpoints:
+        in_service = endpoint["EndpointStatus"] == "InService"
+        state_text = "[green]InService[/]" if in_service else "[red]Failed[/]"
+        table.add_row(f"endpoint {endpoint['EndpointName']}", state_text, str(endpoint["Pid"]))
     console.print(table)
-    console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})")
+    for endpoint in endpoints:
+        console.print(f"endpoint {endpoint['EndpointName']} serves {endpoint['ModelDataUrl']}")
+    console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})  logs: {paths.logs}")
     return 0 if all(running(paths).values()) else 1
 
 
@@ -564,7 +572,7 @@ def run_sweep(conf: dict, console, config: PipelineConfig | None = None) -> dict
         "state": run["state"],
         "seconds": _seconds_between(run.get("start_date"), run.get("end_date")),
         "best": xcom(api, run_id, "select_best"),
-        "deployment": xcom(api, run_id, "deploy_local"),
+        "deployment": xcom(api, run_id, "deploy"),
         "report": xcom(api, run_id, "report"),
         "data_dir": xcom(api, run_id, "download"),
     }
@@ -612,16 +620,27 @@ def sample_digit(data_dir: str, directory: Path, index: int = 0) -> tuple[Path, 
     return path, label
 
 
-def demo_summary(outcome: dict) -> dict:
-    """The demo's last line: the winner, where it serves, how long the sweep took, where the report is."""
+def serving_endpoint(name: str, config: PipelineConfig) -> dict | None:
+    """``{"name", "url"}`` of the local endpoint ``name`` when it is in service (whether this run deployed to it or
+    the gate kept the champion there), else None."""
+    from tasks.local_endpoints import EndpointNotFound, describe_endpoint, runtime_url
+
+    try:
+        if describe_endpoint(name, config)["EndpointStatus"] != "InService":
+            return None
+    except EndpointNotFound:
+        return None
+    return {"name": name, "url": f"{runtime_url(config)}/endpoints/{name}/invocations"}
+
+
+def demo_summary(outcome: dict, config: PipelineConfig) -> dict:
+    """The demo's last line: the winner, the endpoint serving, how long the sweep took, where the report is."""
+    from tasks.predict import DEFAULT_ENDPOINT
+
     best, deployment, report = outcome["best"], outcome["deployment"], outcome["report"]
-    endpoint = None
-    if deployment:
-        name = deployment["endpoint_name"]
-        endpoint = {"name": name, "url": f"{deployment['runtime_url']}/endpoints/{name}/invocations"}
     return {
         "best": {"hidden_channels": best["hidden_channels"], "test_accuracy": best["test_accuracy"]},
-        "endpoint": endpoint,
+        "endpoint": serving_endpoint(deployment["endpoint_name"] if deployment else DEFAULT_ENDPOINT, config),
         "sweep_seconds": outcome["seconds"],
         "report": report.get("html") if isinstance(report, dict) else report,
     }
@@ -633,8 +652,8 @@ def demo_command(args) -> int:
 
     console = _console()
     config = load_config()
-    state = start_and_tell(console, config)
     try:
+        state = start_and_tell(console, config)
         outcome = run_sweep(run_conf(None, []), console, config)
     except StackError as error:
         console.print(f"[red]error:[/] {error}")
@@ -645,7 +664,7 @@ def demo_command(args) -> int:
         )
         return 1
     print_sweep(console, outcome["best"])
-    summary = demo_summary(outcome)
+    summary = demo_summary(outcome, config)
     if summary["endpoint"]:
         image, label = sample_digit(outcome["data_dir"], stack_paths(config).root / "demo")
         (result,) = predict([image], summary["endpoint"]["name"], config)

@@ -69,4 +69,4 @@ def format_trial_table(trials: Iterable[Mapping], title: str | None = None) -> s
         table.add_row(*(_cell(row, key, template) for _, key, template in columns))
     buffer = io.StringIO()
     Console(file=buffer, width=200, color_system=None).print(table)
-    return buffer.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,8 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
     if result.returncode != 0:
         stack.down()
         raise AssertionError(f"`mnist-pipeline up` failed ({result.returncode}):\n{stack.up_output}")
-    request.config.add_cleanup(lambda: stack.stopped or stack.down())
+    request.config.add_cleanup(lambda: shutil.rmtree(state_dir, ignore_errors=True))
+    request.config.add_cleanup(lambda: stack.stopped or stack.down())  # cleanups run last in, first out
     _shared = stack
     return stack
 

@@ -1,4 +1,4 @@
-"""A trained model artifact for the inference and serving tests (a pytest plugin: `pytest_plugins = [...]`).
+"""A trained model artifact and the test digits for the inference and serving tests (a pytest plugin).
 
 seed_cnn from training/models.py, trained for a few seconds on the synthetic digits, laid out as training lays
 out SM_MODEL_DIR: model.pth, model_config.json, code/inference.py and code/models.py. Built once per session.
@@ -10,9 +10,11 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inference.artifact import add_code
+from training.mnist_idx import load_mnist
 
 NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 KWARGS = {"hidden_channels": 10, "kernel_size": 5, "dropout": 0.2}
@@ -30,12 +32,10 @@ def pack_tarball(model_dir: Path, archive: Path) -> Path:
 
 def train(model_dir: Path, data_dir: Path, epochs: int = 5) -> float:
     """Train seed_cnn for a few seconds; return its test accuracy."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
     from inference.artifact import load_handler
-    from training.mnist_idx import load_mnist
 
     torch.manual_seed(0)
     handler = load_handler(model_dir)  # the network comes from the artifact's own code/models.py
@@ -88,6 +88,12 @@ def model_dir(tmp_path_factory, small_mnist) -> Path:
     accuracy = train(directory, small_mnist)
     assert accuracy >= 0.95, f"the test model learned too little to check predictions with ({accuracy:.2%})"
     return directory
+
+
+@pytest.fixture(scope="session")
+def test_set(small_mnist) -> tuple[np.ndarray, np.ndarray]:
+    data = load_mnist(small_mnist)
+    return data["test_images"], data["test_labels"]
 
 
 @pytest.fixture(scope="session")

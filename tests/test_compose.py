@@ -72,7 +72,10 @@ def test_services_and_health_checks(services):
         assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
         assert depends["postgres"]["condition"] == depends["local-aws"]["condition"] == "service_healthy", name
     assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert "db migrate" in " ".join(services["airflow-init"]["command"])
+    init = " ".join(services["airflow-init"]["command"])
+    from tasks.local_backend import TRAINING_POOL
+
+    assert "airflow db migrate" in init and f"airflow pools set {TRAINING_POOL} " in init
 
 
 def test_airflow_wiring(services):

@@ -34,7 +34,10 @@ SCRIPT = textwrap.dedent(
         time.sleep(60)
     if host == "algo-1":
         keys = [k for k in os.environ if k.startswith(("SM_", "MASTER_", "OMP_"))]
-        seen = {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ[k] for k in keys}}
+        channel = os.environ["SM_CHANNEL_TRAINING"]
+        data = {os.path.relpath(os.path.join(d, f), channel): open(os.path.join(d, f)).read()
+                for d, _, files in os.walk(channel) for f in files}
+        seen = {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ[k] for k in keys}, "data": data}
         with open(os.path.join(os.environ["SM_MODEL_DIR"], "seen.json"), "w") as out:
             json.dump(seen, out)
         os.makedirs(os.path.join(os.environ["SM_MODEL_DIR"], "code"))
@@ -176,11 +179,12 @@ def test_training_job_runs_the_request_and_uploads_like_sagemaker(job):
         fileobj=io.BytesIO(s3.get_object(Bucket="local-backend", Key=model_uri.split("/", 3)[3])["Body"].read())
     ) as model:
         assert {"seen.json", "code/inference.py"} <= set(model.getnames())
-        env = json.load(model.extractfile("seen.json"))["env"]
-    data_dir = Path(env["SM_CHANNEL_TRAINING"])
-    assert (data_dir / "train-images-idx3-ubyte.gz").read_bytes() == b"train-images-idx3-ubyte.gz"
-    assert (data_dir / "sub" / "t10k-labels-idx1-ubyte.gz").is_file()  # the prefix's layout kept
+        seen = json.load(model.extractfile("seen.json"))
+    # The channel's objects, with the prefix's layout, in the job directory while the job ran (then removed).
+    assert seen["data"] == {name: name for name in ("train-images-idx3-ubyte.gz", "sub/t10k-labels-idx1-ubyte.gz")}
+    data_dir = Path(seen["env"]["SM_CHANNEL_TRAINING"])
     assert data_dir == Path(config.state_dir) / "training-jobs" / "job-ok" / "input" / "data" / "training"
+    assert not data_dir.exists()
     output = s3.get_object(Bucket="local-backend", Key="training-jobs/job-ok/output/output.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(output)) as archive:
         assert json.load(archive.extractfile("metrics.json"))["parameters"] == 1234
@@ -207,3 +211,18 @@ def test_a_channel_without_data_is_named(job):
     config, _, make = job
     with pytest.raises(TrainingJobError, match="channel training: no objects under s3://local-backend/nothing/"):
         run_training_job(make("ok", training_data_uri="s3://local-backend/nothing/"), config=config)
+
+
+def test_the_real_entry_point_trains_on_two_hosts(small_mnist, tmp_path):
+    """train.py joins the two local "hosts" into one DDP job (gloo over loopback) and only algo-1 saves."""
+    lines = []
+    result = run_script(
+        "train.py", Path(__file__).resolve().parents[1] / "training", {"hidden_channels": "4", "epochs": "1"},
+        ml_dir=tmp_path / "ml", channels={"training": small_mnist}, job_name="ddp", instance_count=2, cpus=2,
+        on_line=lines.append, max_runtime_seconds=240,
+    )  # fmt: skip
+    assert result.ok, "\n".join(result.log_tail)
+    assert any(line.startswith("[algo-1]") and "world size 2" in line for line in lines)
+    assert "test:accuracy" in result.metrics
+    assert {"model.pth", "model_config.json"} <= {path.name for path in (tmp_path / "ml" / "model").iterdir()}
+    assert (tmp_path / "ml" / "output" / "data" / "metrics.json").is_file()

@@ -26,25 +26,22 @@ import pytest
 from botocore.exceptions import ClientError
 
 from inference.artifact import ArtifactError, prepare_model_dir, safe_extract
+from inference.serve import Endpoint, server_command
 from tasks.local_aws import connection_uri, free_port, wait_for_http
 from tests.conftest import ROOT
-from training.mnist_idx import load_mnist
 
-pytest_plugins = ["tests.model_artifact"]
+pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 ENDPOINT = "serve-test"
 DIMENSIONS = [{"Name": "EndpointName", "Value": ENDPOINT}, {"Name": "VariantName", "Value": "AllTraffic"}]
 
 
 @contextlib.contextmanager
-def running_server(command: list[str], log_path: Path, env: dict | None = None):
-    """Start a server process on a free port; yield (url, process) once /ping answers; stop it (SIGTERM)."""
-    port = free_port()
+def running_server(command: list[str], port: int, log_path: Path, env: dict | None = None):
+    """Start a server process; yield (url, process) once /ping answers; stop it with SIGTERM."""
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/ping", timeout=180, process=process)
@@ -70,17 +67,11 @@ def s3_model(local_aws, model_tarball) -> str:
 def server(s3_model, tmp_path_factory):
     """Two server processes serving the model.tar.gz from S3, publishing metrics every half second."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "inference.serve", "--model-dir", s3_model, "--endpoint-name", ENDPOINT,
-               "--workers", "2", "--metrics-interval", "0.5"]  # fmt: skip
-    with running_server(command, log_path) as (url, process):
+    port = free_port()
+    command = server_command(s3_model, port, endpoint_name=ENDPOINT, workers=2, metrics_interval=0.5)
+    with running_server(command, port, log_path) as (url, process):
         yield url, process
     assert process.returncode == 0, log_path.read_text()
-
-
-@pytest.fixture(scope="module")
-def test_set(small_mnist):
-    data = load_mnist(small_mnist)
-    return data["test_images"], data["test_labels"]
 
 
 def json_body(images: np.ndarray) -> bytes:
@@ -120,6 +111,9 @@ def test_boto3_invoke_endpoint_through_endpoint_url(server, test_set):
     assert error.value.response["Error"]["Code"] == "ModelError"
     assert error.value.response["OriginalStatusCode"] == 400
     assert "no images" in error.value.response["OriginalMessage"]
+    with pytest.raises(ClientError) as error:  # refused before the server reads it, and boto3 still gets the answer
+        client.invoke_endpoint(EndpointName=ENDPOINT, ContentType="application/x-npy", Body=bytes(7 * 1024 * 1024))
+    assert error.value.response["OriginalStatusCode"] == 413
     with pytest.raises(ClientError) as error:
         client.invoke_endpoint(EndpointName="no-such-endpoint", ContentType="application/json", Body=b"{}")
     assert error.value.response["Error"]["Code"] == "ValidationError"
@@ -130,19 +124,13 @@ def predictions_over_http(url: str, images: np.ndarray) -> list[dict]:
     return reply.raise_for_status().json()["predictions"]
 
 
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=array.dtype.hasobject)
-    return buffer.getvalue()
-
-
 BAD_REQUESTS = [
     ("application/json", b'{"instances": [[1, 2,', 400, "malformed JSON"),
     ("application/json", b'{"instances": [[1, 2, 3]]}', 400, "28x28 or 784"),
     ("application/json", b'{"instances": [[NaN' + b", 0" * 783 + b"]]}", 400, "NaN or infinity"),
     ("application/json", json.dumps({"instances": [[300] * 784]}).encode(), 400, "within 0-255"),
     ("application/json", b"", 400, "empty request body"),
-    ("application/x-npy", npy(np.array([{"a": 1}], dtype=object)), 400, "allow_pickle"),
+    ("application/x-npy", b"\x93NUMPY\x01\x00 not an array", 400, "not a numeric .npy"),
     ("text/csv", b"a,b\n", 400, "CSV must hold"),
     ("image/jpeg", b"GIF89a not a jpeg", 400, "not a PNG or JPEG"),
     ("application/xml", b"<digit/>", 415, "unsupported content type"),
@@ -233,9 +221,11 @@ def test_a_dead_cloudwatch_neither_fails_nor_slows_requests(model_dir, test_set,
     """CloudWatch accepts connections and never answers: the console script's server answers as usual."""
     black_hole = socket.create_server(("127.0.0.1", 0))
     env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": connection_uri(f"http://127.0.0.1:{black_hole.getsockname()[1]}")}
+    port = free_port()
     command = [str(Path(sys.executable).with_name("mnist-pipeline")), "serve", "--model-dir", str(model_dir),
-               "--endpoint-name", "dead-cloudwatch", "--workers", "1", "--metrics-interval", "0.2"]  # fmt: skip
-    with black_hole, running_server(command, tmp_path / "server.log", env) as (url, _):
+               "--endpoint-name", "dead-cloudwatch", "--workers", "1", "--metrics-interval", "0.2",
+               "--port", str(port)]  # fmt: skip
+    with black_hole, running_server(command, port, tmp_path / "server.log", env) as (url, _):
         started, publishing_since, slowest = time.monotonic(), None, 0.0
         # Requests while the publisher waits for an answer (5 s) from the CloudWatch that never gives one.
         while publishing_since is None or time.monotonic() - publishing_since < 2:
@@ -245,12 +235,10 @@ def test_a_dead_cloudwatch_neither_fails_nor_slows_requests(model_dir, test_set,
             slowest = max(slowest, time.monotonic() - sent)
             if publishing_since is None and select.select([black_hole], [], [], 0)[0]:
                 publishing_since = time.monotonic()
-    assert slowest < 1.0
+    assert slowest < 2.5  # a request held up by the publisher would wait out its 5 s read timeout
 
 
 def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path):
-    from inference.serve import Endpoint
-
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
     with open(broken / "code" / "inference.py", "a") as handler:
@@ -270,8 +258,8 @@ def test_a_model_that_cannot_load_stops_the_server_instead_of_restarting_it(mode
     command = [sys.executable, "-m", "inference.serve", "--model-dir", str(broken), "--workers", "2", "--no-metrics",
                "--port", str(free_port())]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 1
-    assert "model.pth" in result.stderr or "UnpicklingError" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0
+    assert "cannot load the model" in result.stderr and "model.pth: not a state_dict" in result.stderr, result.stderr
 
 
 def test_model_tarball_unpacks_to_a_model_directory(model_tarball, model_dir, tmp_path):
@@ -294,6 +282,7 @@ def evil_tarball(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path
 
 
 def link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    """A tar member of another kind than a file (symbolic or hard link, device)."""
     member = tarfile.TarInfo(name)
     member.type, member.linkname = kind, target
     return member
@@ -307,8 +296,9 @@ def link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
         link("code/models.py", "/etc/passwd", tarfile.SYMTYPE),
         link("code/models.py", "../../../etc/passwd", tarfile.SYMTYPE),
         link("model.pth", "/etc/passwd", tarfile.LNKTYPE),
+        link("code/tty", "", tarfile.CHRTYPE),
     ],
-    ids=["dot-dot", "nested-dot-dot", "absolute-symlink", "relative-symlink-out", "hardlink-out"],
+    ids=["dot-dot", "nested-dot-dot", "absolute-symlink", "relative-symlink-out", "hardlink-out", "device"],
 )
 def test_unsafe_tar_members_are_refused_and_nothing_is_extracted(member, tmp_path):
     archive = evil_tarball(tmp_path / "model.tar.gz", member, b"pwned" if member.isfile() else b"")

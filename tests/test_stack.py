@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import psutil
 import pytest
 
@@ -16,9 +20,12 @@ def stack(request, small_mnist):
 
 
 def stack_processes(stack) -> list[psutil.Process]:
-    """Every process of the stack now: the ones `up` started and all their descendants."""
+    """Every process of the stack now: the ones `up` started, the endpoint servers and all their descendants."""
+    records = list(stack.state["processes"].values())
+    endpoints = [*(stack.state_dir / "endpoints").glob("*.json"), stack.state_dir / "local-runtime.json"]
+    records += [json.loads(path.read_text()) for path in endpoints if path.exists()]
     found = []
-    for record in stack.state["processes"].values():
+    for record in records:
         leader = psutil.Process(record["pid"])
         found += [leader, *leader.children(recursive=True)]
     return found
@@ -67,6 +74,54 @@ def test_status_and_a_second_up(stack):
     assert again.returncode == 0, again.stderr
     assert stack.url in again.stdout
     assert {name: record["pid"] for name, record in stack.state["processes"].items()} == before
+
+
+def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_path):
+    from PIL import Image
+
+    from training.mnist_idx import MNIST_FILES, read_idx
+
+    # Settings that learn the small digits in two short epochs, so the gate and the monitoring check pass.
+    conf = {"mnist_mirror": str(small_mnist), "epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32}
+    result = stack.cli("run", "--conf", json.dumps(conf), "--param", "hidden_channels=[4]", "--param",
+                       "smoke_requests=50", timeout=480)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for task in ("train_local[0]", "gate", "deploy", "monitor", "report"):
+        assert f"✓ {task} success" in output, task
+    assert "Best: hidden_channels 4, test accuracy" in output
+    assert "success in" in output.splitlines()[-1]
+    run_id = re.search(r"Triggered mnist_sweep run (\S+):", output).group(1)
+    with stack.api() as api:
+        run = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()
+    assert run["state"] == "success"
+    assert run["conf"] == {**conf, "hidden_channels": [4], "smoke_requests": 50}
+    report = re.search(r"Report: (\S+)", output).group(1)
+    assert "passed its monitoring check: it serves now" in Path(report).with_suffix(".md").read_text()
+
+    # The endpoint the run deployed answers `predict` (and mostly right), and `status` lists it.
+    images, labels = (
+        read_idx(small_mnist / MNIST_FILES["test_images"])[:5],
+        read_idx(small_mnist / MNIST_FILES["test_labels"])[:5],
+    )
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(tmp_path / f"digit-{index}.png"))
+        Image.fromarray(image).save(paths[-1])
+    predicted = stack.cli("predict", *paths, "--json")
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    answers = json.loads(predicted.stdout)
+    assert [answer["image"] for answer in answers] == paths
+    assert all(0 < answer["confidence"] <= 1 for answer in answers)
+    assert sum(answer["digit"] == label for answer, label in zip(answers, labels, strict=True)) >= 4
+    assert "endpoint mnist-classifier" in stack.cli("status").stdout
+
+
+def test_run_refuses_bad_conf_and_bad_params(stack):
+    bad_json = stack.cli("run", "--conf", "{not json")
+    assert bad_json.returncode == 2 and "--conf is not valid JSON" in bad_json.stdout
+    refused = stack.cli("run", "--param", "hidden_channels=[0]")
+    assert refused.returncode == 2 and "hidden_channels" in refused.stdout
 
 
 def test_down_leaves_no_process_behind(stack):

@@ -91,7 +91,7 @@ def train_epoch(
         total_loss += loss
         interval_loss += loss
         if step % log_interval == 0:
-            seen = step * batch_size * shard.world_size
+            seen = min(step * batch_size, len(order)) * shard.world_size
             log.info(
                 "Train Epoch: %d [%d/%d (%.0f%%)], Train Loss: %.6f;",
                 epoch, seen, shard.size, 100 * step / len(batches), interval_loss.item() / log_interval,

@@ -1,0 +1,81 @@
+"""Running the sweep DAG in tests: parse it, configure a run on the small generated MNIST, run it with
+`dag.test()`, and read back what each task did (states, XComs, the report)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+DAG_FILE = ROOT / "dags" / "mnist_sweep.py"
+
+
+def parse_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as patch:
+        # moto completes jobs and endpoints at once: poll every second, not every 30 (read when the file is parsed).
+        patch.setenv("AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL", "1")
+        bag = DagBag(str(DAG_FILE.parent))
+    assert bag.import_errors == {}
+    return bag.dags["mnist_sweep"]
+
+
+def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, backend: str, bucket: str) -> dict:
+    """Environment for runs on the small generated MNIST, with their own bucket and state directory; returns the
+    run conf that points the download at those files."""
+    from tests.synthetic_mnist import make_mnist
+
+    sums = make_mnist(directory / "unused", seed=0)  # the same files as small_mnist: same seed, same sums
+    md5sums = directory / "md5sums"
+    md5sums.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    patch.setenv("MNIST_PIPELINE_MNIST_MD5SUMS", str(md5sums))
+    patch.setenv("MNIST_PIPELINE_MNIST_EXPECTED_COUNTS", "600,100")
+    patch.setenv("MNIST_PIPELINE_STATE_DIR", str(directory / "state"))
+    patch.setenv("MNIST_CACHE", str(directory / "cache"))
+    patch.setenv("MNIST_PIPELINE_BACKEND", backend)
+    patch.setenv("MNIST_PIPELINE_BUCKET", bucket)
+    return {"mnist_mirror": str(small_mnist)}
+
+
+def run_sweep(dag, conf: dict, moment: datetime.datetime | None = None):
+    moment = moment or datetime.datetime.now(datetime.UTC)
+    return dag.test(run_conf=conf, logical_date=moment, run_after=moment)
+
+
+def xcoms(run_id: str, task_id: str) -> list:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(run_id=run_id, task_ids=task_id, key="return_value")).all()
+        return [XComModel.deserialize_value(row) for row in sorted(rows, key=lambda row: row.map_index)]
+
+
+def states(run) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for ti in sorted(run.get_task_instances(), key=lambda ti: ti.map_index):
+        found.setdefault(ti.task_id, []).append(str(ti.state))
+    return found
+
+
+def report_text(run_id: str) -> str:
+    [where] = xcoms(run_id, "report")
+    return Path(where["markdown"]).read_text()
+
+
+def output_archive(metrics: dict) -> bytes:
+    """A training job's output.tar.gz holding ``metrics.json``: what a SageMaker training container leaves."""
+    output = io.BytesIO()
+    with tarfile.open(fileobj=output, mode="w:gz") as archive:
+        body = json.dumps(metrics).encode()
+        info = tarfile.TarInfo("metrics.json")
+        info.size = len(body)
+        archive.addfile(info, io.BytesIO(body))
+    return output.getvalue()
