@@ -25,8 +25,8 @@ whatever happened (a teardown task: the run's state comes from the work before i
 - `local` (default): the same requests run on this machine — the training script in subprocesses with the
   SageMaker `SM_*` environment (pool `local_training`, one slot per core), the endpoint as a local server
   speaking the SageMaker container contract, S3 through the AWS connection (`aws_default`).
-- `sagemaker`: the Amazon provider's SageMaker operators against your AWS account. Training waits in the
-  triggerer when `[operators] default_deferrable` is on.
+- `sagemaker`: the Amazon provider's SageMaker training operator and hooks against your AWS account. Training
+  waits in the triggerer when `[operators] default_deferrable` is on.
 
 **Trigger form:** every field has bounds; an invalid value is refused there, and a run started with one through
 the API fails at its first task, naming the param. Empty optional fields keep the preset's value.
@@ -109,7 +109,11 @@ PARAMS = {
         section=SECTION_DATA,
     ),
     "deploy": Param(
-        True, type="boolean", title="Deploy", description="Serve the best model on the endpoint.", section=SECTION_DATA
+        True,
+        type="boolean",
+        title="Deploy",
+        description="Serve the best model on the endpoint, when the gate lets it through.",
+        section=SECTION_DATA,
     ),
     "endpoint_name": Param(
         "mnist-classifier",
@@ -191,8 +195,6 @@ def _schedule() -> str | None:
 @task(multiple_outputs=True)
 def configuration() -> dict:
     """Resolve the deployment configuration once: every task of the run then uses the same backend and bucket."""
-    import dataclasses
-
     from tasks.config import load_config
 
     return dataclasses.asdict(load_config())
@@ -298,7 +300,7 @@ def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str
 
 @task
 def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, params: dict, ti) -> dict:
-    from tasks.monitoring import MonitoringCheckFailed, Thresholds, check_endpoint
+    from tasks.monitoring import MonitoringCheckFailed, check_endpoint
 
     try:
         return check_endpoint(

@@ -218,10 +218,11 @@ def wait_for_metrics(
 ) -> dict:
     """Poll CloudWatch until the load's invocations have all arrived there, or ``timeout`` passes."""
     start = datetime.datetime.fromisoformat(load["started_at"])
-    end = datetime.datetime.fromisoformat(load["finished_at"])
     deadline = time.monotonic() + timeout
     while True:
-        figures = read_metrics(config, endpoint_name, start, end)
+        # From the load's start up to now, not to the load's end: the local server stamps its datapoints when it
+        # publishes them, up to two publishing intervals after the requests they count (a minute boundary between).
+        figures = read_metrics(config, endpoint_name, start, datetime.datetime.now(datetime.UTC))
         if (figures["invocations"] or 0) >= load["requests"] or time.monotonic() > deadline:
             figures["waited_s"] = round(timeout - max(0.0, deadline - time.monotonic()), 1)
             return figures

@@ -148,6 +148,11 @@ def _number(value, spec: str = "") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _figure(value: float) -> str:
+    """A measured figure, readable whatever its size: 23,912 rather than 2.391e+04."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -213,7 +218,7 @@ def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
         ["live accuracy", _percent(load.get("live_accuracy"))],
         ["latency p50 / p99 (ms, client)", latency],
     ]
-    figures += [[name.replace("_", " "), _number(value, ".4g")] for name, value in cloudwatch.items()
+    figures += [[name.replace("_", " "), _figure(value)] for name, value in cloudwatch.items()
                 if isinstance(value, int | float)]  # fmt: skip
     lines += ["", *_table(["figure", "observed"], figures)]
     if monitoring.get("alarms"):
