@@ -44,9 +44,11 @@ def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, bac
     return {"mnist_mirror": str(small_mnist)}
 
 
-def run_sweep(dag, conf: dict, moment: datetime.datetime | None = None):
+def run_sweep(conf: dict, moment: datetime.datetime | None = None):
+    """One run of a freshly parsed DAG: in one process, `dag.test()` leaves a run's conf in its tasks' Param objects,
+    where the next run of the same DAG object would find them as its defaults."""
     moment = moment or datetime.datetime.now(datetime.UTC)
-    return dag.test(run_conf=conf, logical_date=moment, run_after=moment)
+    return parse_dag().test(run_conf=conf, logical_date=moment, run_after=moment)
 
 
 def xcoms(run_id: str, task_id: str) -> list:

@@ -120,12 +120,12 @@ def test_invalid_params_are_refused_naming_the_param(dag, airflow_db, conf, para
     not (os.environ.get("AIRFLOW_CONN_AWS_DEFAULT") and os.environ.get("MNIST_PIPELINE_ROLE_ARN")),
     reason="needs AIRFLOW_CONN_AWS_DEFAULT with AWS credentials, MNIST_PIPELINE_ROLE_ARN and MNIST_PIPELINE_BUCKET",
 )
-def test_sagemaker_sweep_on_aws(dag, airflow_db, real_mnist, monkeypatch):
+def test_sagemaker_sweep_on_aws(airflow_db, real_mnist, monkeypatch):
     """Opt in with `-m aws`: AIRFLOW_CONN_AWS_DEFAULT (real credentials), MNIST_PIPELINE_ROLE_ARN and
     MNIST_PIPELINE_BUCKET (existing) set. One real 1-epoch job on SageMaker, no deployment: ~10 minutes, cents."""
     monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "sagemaker")
     conf = {"hidden_channels": [4], "epochs": 1, "deploy": False, "mnist_mirror": str(real_mnist)}
-    run = run_sweep(dag, conf)
+    run = run_sweep(conf)
     assert str(run.state) == "success", states(run)
     [best] = xcoms(run.run_id, "select_best")
     assert best["hidden_channels"] == 4 and best["test_accuracy"] > 0.9

@@ -16,8 +16,9 @@ class Augmentation:
     max_rotation: float = 8.0  # degrees, either way
     max_scale: float = 0.1  # zoom in or out by up to 10%
     max_shift: float = 2.0  # pixels, along each axis
+    # A small hole: an 8x8 one (a sixth of a digit's box) cost the accurate recipe ~0.2% of test accuracy.
     cutout_size: int = 4  # side of the square hole, in pixels
-    cutout_probability: float = 0.0
+    cutout_probability: float = 0.5
 
     def __call__(self, images: torch.Tensor, fill: float) -> torch.Tensor:
         """Augment a batch (N, 1, H, W); ``fill`` is the background value that moves in at the borders."""
