@@ -256,7 +256,7 @@ def _progress_bar():
 
 def download_command(args) -> int:
     """`mnist-pipeline data download [--mirror M]... [--dest DIR]`: prints the directory of verified files."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     try:
         print(download_mnist(args.dest, mirrors=args.mirror))
     except (DownloadError, ValueError) as exc:
