@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "mnist"), help="the four MNIST files")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="for every loop")
-    parser.add_argument("--seed-epochs", type=int, default=3, help="epochs of the reference and seed_cnn runs")
+    parser.add_argument("--seed-epochs", type=int, default=5, help="epochs of the reference and seed_cnn runs")
     parser.add_argument("--accurate-epochs", type=int, default=3, help="epochs of the accurate preset run")
     args = parser.parse_args(argv)
     data = Path(args.data)
