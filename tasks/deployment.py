@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
-from tasks.training_jobs import FRAMEWORK_VERSION, PY_VERSION, sagemaker_name
+from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,7 @@ def endpoint_config_name(endpoint_name: str, run_id: str) -> str:
 
 def inference_image_uri(region: str, instance_type: str = ENDPOINT_INSTANCE_TYPE) -> str:
     """The SageMaker PyTorch inference image matching the training image's framework version, offline."""
-    from sagemaker.core import image_uris
-
-    return image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=FRAMEWORK_VERSION,
-        py_version=PY_VERSION,
-        instance_type=instance_type,
-        image_scope="inference",
-    )
+    return pytorch_image_uri(region, instance_type, scope="inference")
 
 
 def sagemaker_deploy_requests(

@@ -66,8 +66,8 @@ def training_job_name(run_id: str, hidden_channels: int) -> str:
     return sagemaker_name(run_id, f"hc{hidden_channels}", unique_by=run_id)
 
 
-def training_image_uri(region: str, instance_type: str) -> str:
-    """The SageMaker PyTorch training image (CPU or GPU by instance type), from the SDK's registry, offline."""
+def pytorch_image_uri(region: str, instance_type: str, scope: str = "training") -> str:
+    """A SageMaker PyTorch image (CPU or GPU by instance type; training or inference), from the SDK, offline."""
     from sagemaker.core import image_uris
 
     return image_uris.retrieve(
@@ -76,8 +76,12 @@ def training_image_uri(region: str, instance_type: str) -> str:
         version=FRAMEWORK_VERSION,
         py_version=PY_VERSION,
         instance_type=instance_type,
-        image_scope="training",
+        image_scope=scope,
     )
+
+
+def training_image_uri(region: str, instance_type: str) -> str:
+    return pytorch_image_uri(region, instance_type, scope="training")
 
 
 def build_training_job_request(
