@@ -1,4 +1,4 @@
-"""`mnist-pipeline sweep` and `mnist-pipeline demo`: the seed's hidden_channels sweep, trained on this machine.
+"""`mnist-pipeline sweep`: the seed's hidden_channels sweep, trained on this machine without Airflow or S3.
 
 Each value is one run of the script-mode entry point (training/train.py) with the SageMaker SM_* environment,
 through the local backend's `run_script`; jobs run in parallel with the cores split between them. Then the
@@ -19,7 +19,6 @@ from tasks.trials import format_trial_table, summarize_trial
 log = logging.getLogger(__name__)
 
 TRAINING_DIR = Path(__file__).resolve().parents[1] / "training"
-SEED_SWEEP = (2, 5, 10, 20, 32)
 
 
 class SweepError(RuntimeError):
@@ -95,12 +94,3 @@ def sweep_command(args) -> int:
         return 1
     print(format_trial_table(trials, title=f"hidden_channels sweep, {args.epochs} epochs"))
     return 0
-
-
-def demo_command(args) -> int:
-    """The README demo: the seed's sweep (hidden_channels 2, 5, 10, 20, 32; 2 epochs) and its trial table."""
-    from argparse import Namespace
-
-    return sweep_command(
-        Namespace(data=None, hidden_channels=list(SEED_SWEEP), epochs=2, parallel=None, out="artifacts/demo")
-    )

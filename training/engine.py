@@ -46,6 +46,14 @@ class Shard:
         return order[self.rank : usable : self.world_size].to(device)
 
 
+def training_loss(log_probabilities: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The seed's nll_loss; with label smoothing, cross_entropy (its own log_softmax leaves log-probabilities as
+    they are)."""
+    if label_smoothing:
+        return F.cross_entropy(log_probabilities, labels, label_smoothing=label_smoothing)
+    return F.nll_loss(log_probabilities, labels)
+
+
 @dataclass
 class EpochResult:
     train_loss: float
@@ -72,33 +80,27 @@ def train_epoch(
     started = time.perf_counter()
     order = shard.indices(epoch, images.device)
     batches = order.split(batch_size)
-    total_loss = torch.zeros((), device=images.device)
-    interval_loss = torch.zeros((), device=images.device)
+    losses = []  # kept on the device: reading one back waits for the device, so only log lines do
     for step, batch in enumerate(batches, start=1):
         x, y = images[batch], labels[batch]
         if augment is not None:
             x = augment(x, BACKGROUND)
         output = model(x.contiguous(memory_format=memory_format))
-        # The models answer log-probabilities; cross_entropy's own log_softmax leaves them unchanged, and adds
-        # label smoothing. With smoothing 0 this is the seed's nll_loss.
-        loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
+        loss = training_loss(output, y, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        loss = loss.detach()
-        total_loss += loss
-        interval_loss += loss
+        losses.append(loss.detach())
         if step % log_interval == 0:
             seen = min(step * batch_size, len(order)) * shard.world_size
             log.info(
                 "Train Epoch: %d [%d/%d (%.0f%%)], Train Loss: %.6f;",
-                epoch, seen, shard.size, 100 * step / len(batches), interval_loss.item() / log_interval,
+                epoch, seen, shard.size, 100 * step / len(batches), torch.stack(losses[-log_interval:]).mean().item(),
             )  # fmt: skip
-            interval_loss.zero_()
     return EpochResult(
-        train_loss=total_loss.item() / len(batches),
+        train_loss=torch.stack(losses).mean().item(),
         images=len(order) * shard.world_size,
         seconds=time.perf_counter() - started,
     )
