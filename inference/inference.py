@@ -22,6 +22,7 @@ import http
 import io
 import json
 import logging
+import math
 import os
 import warnings
 
@@ -34,6 +35,11 @@ try:  # orjson parses a pixel list several times faster; the SageMaker image may
     import orjson
 except ImportError:
     orjson = None
+
+try:  # simdjson reads a whole array of pixels without a Python object per number; optional as orjson
+    import simdjson
+except ImportError:
+    simdjson = None
 
 try:  # inside the SageMaker inference container: its toolkit maps these to the HTTP status they carry
     from sagemaker_inference.errors import BaseInferenceToolkitError
@@ -197,6 +203,8 @@ def output_fn(prediction: torch.Tensor, accept: str | None) -> tuple[bytes, str]
 
 def _json_pixels(body: bytes | str) -> np.ndarray:
     body = body.encode() if isinstance(body, str) else body  # the SageMaker toolkit hands JSON over as text
+    if simdjson is not None and (pixels := _integer_pixels(body)) is not None:
+        return pixels
     try:
         document = orjson.loads(body) if orjson else json.loads(body)
     except ValueError as exc:
@@ -220,6 +228,38 @@ def _json_pixels(body: bytes | str) -> np.ndarray:
         return np.array(instances)
     except (ValueError, OverflowError) as exc:
         raise InvalidRequest(f"instances must be images of one shape (28x28 or 784 numbers each): {exc}") from None
+
+
+def _integer_pixels(body: bytes) -> np.ndarray | None:
+    """The instances as a uint8 array when the body is `{"instances": [...]}` alone and they are a regular nested
+    array of integers 0-255 (what clients send), read by simdjson without a Python object per number: 1,000
+    images in ~20 ms instead of ~55. None for anything else (malformed, other keys, other numbers, ragged):
+    the general parser then reads it, or says what is wrong with it."""
+    try:
+        document = simdjson.Parser().parse(body)  # a parser per call: a reused one fails while its arrays live
+        if not isinstance(document, simdjson.Object) or list(document.keys()) != ["instances"]:
+            return None
+        level = [document["instances"]]  # the arrays at one depth; every one of them as long as the first
+        shape, arrays = [], 1
+        while isinstance(level[0], simdjson.Array):
+            size = len(level[0])
+            if size == 0 or not all(isinstance(array, simdjson.Array) and len(array) == size for array in level):
+                return None
+            shape.append(size)
+            if not isinstance(level[0][0], simdjson.Array):
+                break
+            level = [item for array in level for item in array]
+            arrays += len(level)
+        # as_buffer flattens whatever is nested: an array where a number should be would go unseen but for
+        # one "[" too many.
+        if not shape or body.count(b"[") != arrays:
+            return None
+        values = np.frombuffer(document["instances"].as_buffer(of_type="i"), dtype=np.int64)
+    except (ValueError, TypeError, RuntimeError):  # not JSON, or not all integers
+        return None
+    if values.size != math.prod(shape) or (values >> 8).any():  # a number outside 0-255 has bits beyond the 8th
+        return None
+    return values.astype(np.uint8).reshape(shape)
 
 
 def _npy_pixels(body: bytes | str) -> np.ndarray:

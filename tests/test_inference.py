@@ -264,3 +264,55 @@ def test_an_answer_in_another_format_than_json_is_refused(handler, model):
     with pytest.raises(handler.InvalidRequest) as error:
         handler.output_fn(prediction, "text/csv")
     assert error.value.status_code == 406
+
+
+def _random_json_bodies(count: int, seed: int = 1):
+    """JSON bodies near the fast path's edge: nested arrays of integers, other numbers and values, ragged and
+    empty lists, other keys, whitespace, and broken syntax."""
+    rng = np.random.default_rng(seed)
+    leaves = ["0", "7", "255", "256", "01", "-1", "1.5", "1e2", '"a"', '"["', "null", "true", "1000", "[3]", "{}"]
+
+    def array(depth: int) -> str:
+        if depth == 0:
+            return str(rng.choice(leaves)) if rng.random() < 0.3 else str(rng.integers(0, 256))
+        items = [array(depth - 1 if rng.random() < 0.95 else int(rng.integers(0, depth + 1)))
+                 for _ in range(int(rng.choice([0, 1, 2, 3])))]  # fmt: skip
+        space = str(rng.choice(["", " ", "\n"]))
+        return "[" + space + ("," + space).join(items) + space + "]"
+
+    breakages = [lambda s: s, lambda s: s.replace(",", ",,", 1), lambda s: s.replace(",", "", 1),
+                 lambda s: s + "]", lambda s: s[:-1], lambda s: s.replace("7", "7 7", 1), lambda s: s.replace("]", ",]", 1)]  # fmt: skip
+    wrappers = ['{"instances": %s}', ' {\n"instances" :%s}\n', '{"instances": %s, "x": 1}', '{"x": 1, "instances": %s}',
+                "[%s]", '{"instances": %s}{}']  # fmt: skip
+    for _ in range(count):
+        inner = array(int(rng.integers(1, 6)))
+        inner = breakages[int(rng.integers(len(breakages)))](inner) if rng.random() < 0.5 else inner
+        yield (wrappers[int(rng.integers(len(wrappers)))] % inner).encode()
+
+
+def test_the_fast_json_path_reads_exactly_what_json_reads_or_leaves_it_to_the_general_path(handler):
+    if handler.simdjson is None:
+        pytest.skip("simdjson is not installed")
+    images = np.random.default_rng(0).integers(0, 256, (50, 28, 28))
+    for instances in (images, images.reshape(50, 784), images[:, np.newaxis], images[:1]):
+        for separators in ((", ", ": "), (",", ":")):
+            body = json.dumps({"instances": instances.tolist()}, separators=separators).encode()
+            fast = handler._integer_pixels(body)
+            assert fast is not None and fast.dtype == np.uint8 and fast.shape == instances.shape
+            assert (fast == instances).all()
+    taken = 0
+    for body in _random_json_bodies(20_000):
+        fast = handler._integer_pixels(body)
+        try:
+            document = json.loads(body)
+            values = np.array(document["instances"])
+            readable = (list(document) == ["instances"] and values.dtype.kind == "i" and values.size > 0
+                        and values.min() >= 0 and values.max() <= 255)  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            readable = False
+        if fast is not None:  # taken: it must be exactly what the JSON says
+            taken += 1
+            assert readable and fast.shape == values.shape and (fast == values).all(), body
+        elif readable:  # left to the general path: only integers mixed with true/false may be
+            assert b"true" in body, body
+    assert taken > 100

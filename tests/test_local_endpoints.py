@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import psutil
 import pytest
 from botocore.config import Config
@@ -95,11 +96,11 @@ def test_blue_green_switch_under_load_fails_no_request_then_rollback_and_stop(co
     assert failures == []
     assert updated["runtime_url"] == runtime  # clients keep one address across the switch
     assert updated["previous_endpoint_config_name"] == "digits-a" and updated["created"] is False
-    assert answers[0] == answer_a
-    answer_b = answers[-1]
-    assert answer_b != answer_a
-    switch = answers.index(answer_b)
-    assert switch > 0 and all(answer == answer_a for answer in answers[:switch])
+    # Which model answered: requests batched together differ from a lone one's answer in the last float bits.
+    served_by_a = [np.allclose(answer, answer_a, atol=1e-5) for answer in answers]
+    assert served_by_a[0] and not served_by_a[-1]
+    switch = served_by_a.index(False)
+    assert not any(served_by_a[switch:])  # once B answers, A never does again
     assert len(answers) > 20
     assert not psutil.pid_exists(first["Pid"])  # the old server was stopped once drained
 

@@ -3,6 +3,7 @@ fetched from the local S3 (moto server), boto3's sagemaker-runtime client, and m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -88,6 +89,8 @@ def test_ping_and_invocations(server, test_set):
     images, labels = test_set
     reply = httpx.post(f"{url}/invocations", content=json_body(images), headers={"Content-Type": "application/json"})
     assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    timing = dict(part.split(";dur=") for part in reply.headers["server-timing"].split(", "))
+    assert set(timing) == {"read", "handler"} and all(float(ms) > 0 for ms in timing.values())
     predicted = [p["label"] for p in reply.json()["predictions"]]
     assert np.mean(np.array(predicted) == labels) >= 0.95
 
@@ -151,6 +154,9 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(server, test_set):
                               headers={"Content-Type": "application/x-npy"})  # fmt: skip
         assert chunked.status_code == 413  # no Content-Length to go by: counted while reading
         assert client.get("/invocations").status_code == 405
+        assert client.post("/ping").status_code == 405
+        missing = client.post("/predict", content=b"{}")
+        assert missing.status_code == 404 and "POST /invocations" in missing.json()["error"]
         assert client.get("/ping").status_code == 200
     assert predictions_over_http(url, test_set[0][:2])
     assert {child.pid for child in psutil.Process(process.pid).children(recursive=True)} == workers  # none crashed
@@ -245,10 +251,38 @@ def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path):
         handler.write("\n\ndef predict_fn(data, model):\n    raise RuntimeError('the model is broken')\n")
     endpoint = Endpoint(str(broken))
     body = json.dumps({"instances": [[0] * 784]}).encode()
-    status, payload, content_type = endpoint.invoke(body, "application/json", None)
-    assert (status, content_type) == (500, "application/json")
-    assert "RuntimeError: the model is broken" in json.loads(payload)["error"]
-    assert endpoint.invoke(b"{}", "application/json", None)[0] == 400  # input_fn still judges the input first
+
+    async def requests_together():  # the batch's failure reaches each request that shared it
+        return await asyncio.gather(*(endpoint.invoke(body, "application/json", None) for _ in range(3)))
+
+    for status, payload, content_type in asyncio.run(requests_together()):
+        assert (status, content_type) == (500, "application/json")
+        assert "RuntimeError: the model is broken" in json.loads(payload)["error"]
+    # input_fn still judges the input first
+    assert asyncio.run(endpoint.invoke(b"{}", "application/json", None))[0] == 400
+
+
+def test_requests_that_arrive_together_share_one_forward_pass(model_dir, test_set):
+    endpoint = Endpoint(model_dir)
+    calls = []
+    predict_fn = endpoint.handler.predict_fn
+    endpoint.handler.predict_fn = lambda data, model: calls.append(len(data)) or predict_fn(data, model)
+    images = test_set[0]
+    requests = [images[i : i + size] for i, size in ((0, 1), (1, 3), (4, 2), (6, 1))]
+
+    async def together():
+        return await asyncio.gather(*(endpoint.invoke(json_body(r), "application/json", None) for r in requests))
+
+    shared = asyncio.run(together())
+    assert calls == [7]
+    calls.clear()
+    alone = [asyncio.run(endpoint.invoke(json_body(r), "application/json", None)) for r in requests]
+    assert calls == [1, 3, 2, 1]
+    for (status, payload, _), (_, payload_alone, _) in zip(shared, alone, strict=True):
+        assert status == 200
+        together_probabilities = [p["probabilities"] for p in json.loads(payload)["predictions"]]
+        alone_probabilities = [p["probabilities"] for p in json.loads(payload_alone)["predictions"]]
+        np.testing.assert_allclose(together_probabilities, alone_probabilities, atol=1e-5)
 
 
 def test_a_model_that_cannot_load_stops_the_server_instead_of_restarting_it(model_dir, tmp_path):
