@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -196,11 +197,16 @@ def create_app(settings: Settings):
     import torch
 
     from inference.metrics import StatsSender
+    from training.memory import keep_freed_memory
 
     # One thread per process: on a machine shared with other work, a second OpenMP thread that gets preempted
     # stalls every operator at its barrier (measured here: 117 instead of ~1,000 requests/s under load).
     torch.set_num_threads(1)
     endpoint = Endpoint(settings.model_dir, cpus=len(os.sched_getaffinity(0)))
+    # Keep the model and the libraries out of every garbage collection: the many short-lived objects of a large
+    # request otherwise set off full collections that walk them all (1,000 images: 70 ms, at times 200).
+    gc.freeze()
+    keep_freed_memory()
     metrics = StatsSender(settings.metrics_port, settings.metrics_interval)
     too_large = _error(413, f"request body larger than {MAX_BODY_BYTES} bytes (6 MB)")
     healthy = json.dumps({"status": "Healthy"}).encode()

@@ -16,7 +16,6 @@ SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS make it one rank of DistributedDataPar
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from augment import Augmentation
 from cluster import Cluster, ClusterError, init_process_group
 from engine import MEAN, STD, Shard, evaluate, to_tensors, train_epoch
+from memory import keep_freed_memory
 from mnist_idx import IdxFormatError, load_mnist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -166,19 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         report_failure(f"bad training data: {exc}")
         return 1
     return 0
-
-
-def keep_freed_memory() -> None:
-    """Make glibc keep freed memory in the process. By default it hands every freed block over 128 KiB back to the
-    kernel, so each training step page-faults its activations in again: ~400 page faults a step for seed_cnn,
-    which then trains 1.2-1.3x slower (measured here). Elsewhere (not glibc) there is nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # larger blocks (the dataset, big eval batches) stay mmapped
-    libc.mallopt(m_trim_threshold, 256 << 20)
 
 
 def run(local_rank: int, args: argparse.Namespace, cluster: Cluster) -> None:
