@@ -311,6 +311,7 @@ def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, para
             thresholds=Thresholds.from_params(params),
             samples=params["smoke_requests"],
             metrics_timeout=params["metrics_timeout"],
+            poll_interval=_config(settings).metrics_interval,
         )
     except MonitoringCheckFailed as failed:
         ti.xcom_push("return_value", failed.result)  # what the check saw, for the report; the task still fails

@@ -35,6 +35,8 @@ class PipelineConfig:
     mnist_expected_counts: str = "60000,10000"
     # Cores the local backend may use for training jobs at once (0: all of this machine's).
     local_cpus: int = 0
+    # Seconds between a local endpoint server's CloudWatch puts, and between the monitoring check's reads.
+    metrics_interval: int = 10
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

@@ -119,8 +119,9 @@ def deploy_local(best: Mapping, *, endpoint_name: str, run_id: str, config: Pipe
     from tasks.local_endpoints import create_or_update_endpoint
 
     deployment = create_or_update_endpoint(
-        endpoint_name, best["model_data_url"], endpoint_config_name(endpoint_name, run_id), config
-    )
+        endpoint_name, best["model_data_url"], endpoint_config_name(endpoint_name, run_id), config,
+        metrics_interval=config.metrics_interval,
+    )  # fmt: skip
     log.info(
         "Endpoint %s serves %s (hidden_channels %s); call it with boto3's sagemaker-runtime at endpoint_url %s",
         endpoint_name, best["training_job_name"], best["hidden_channels"], deployment["runtime_url"],

@@ -41,6 +41,7 @@ def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, bac
     patch.setenv("MNIST_CACHE", str(directory / "cache"))
     patch.setenv("MNIST_PIPELINE_BACKEND", backend)
     patch.setenv("MNIST_PIPELINE_BUCKET", bucket)
+    patch.setenv("MNIST_PIPELINE_METRICS_INTERVAL", "1")  # the monitoring check waits for metrics a second apart
     return {"mnist_mirror": str(small_mnist)}
 
 

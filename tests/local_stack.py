@@ -78,6 +78,7 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
             "MNIST_PIPELINE_STATE_DIR": str(state_dir),
             "MNIST_PIPELINE_MNIST_MD5SUMS": str(md5sums),
             "MNIST_PIPELINE_MNIST_EXPECTED_COUNTS": ",".join(str(n) for n in counts.values()),
+            "MNIST_PIPELINE_METRICS_INTERVAL": "1",  # the monitoring check waits for metrics a second apart
         }
     )
     result = subprocess.run(
