@@ -262,6 +262,19 @@ def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path):
     assert asyncio.run(endpoint.invoke(b"{}", "application/json", None))[0] == 400
 
 
+def test_a_large_batch_is_split_between_the_cores_and_answers_as_one(model_dir, test_set):
+    endpoint = Endpoint(model_dir, cpus=2)
+    calls = []
+    predict_fn = endpoint.handler.predict_fn
+    endpoint.handler.predict_fn = lambda data, model: calls.append(len(data)) or predict_fn(data, model)
+    images = np.concatenate([test_set[0]] * (300 // len(test_set[0]) + 1))[:300]
+    status, payload, _ = asyncio.run(endpoint.invoke(json_body(images), "application/json", None))
+    assert status == 200 and calls == [150, 150]
+    whole = predict_fn(endpoint.handler.input_fn(json_body(images), "application/json"), endpoint.model)
+    probabilities = [p["probabilities"] for p in json.loads(payload)["predictions"]]
+    np.testing.assert_allclose(probabilities, whole.numpy(), atol=1e-5)
+
+
 def test_requests_that_arrive_together_share_one_forward_pass(model_dir, test_set):
     endpoint = Endpoint(model_dir)
     calls = []
