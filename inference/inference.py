@@ -232,8 +232,9 @@ def _json_pixels(body: bytes | str) -> np.ndarray:
 
 def _integer_pixels(body: bytes) -> np.ndarray | None:
     """The instances as a uint8 array when the body is `{"instances": [...]}` alone and they are a regular nested
-    array of integers 0-255 (what clients send), read by simdjson without a Python object per number: 1,000
-    images in ~20 ms instead of ~55. None for anything else (malformed, other keys, other numbers, ragged):
+    array of integers 0-255 (what clients send), read by simdjson without a Python object per number (measured
+    here, 1,000 images: 20 ms as 784 numbers each, 35-50 ms as 28x28, against 55-110 ms through orjson and
+    numpy). None for anything else (malformed, other keys, other numbers, ragged):
     the general parser then reads it, or says what is wrong with it."""
     try:
         document = simdjson.Parser().parse(body)  # a parser per call: a reused one fails while its arrays live
