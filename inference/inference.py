@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import http
 import io
+import itertools
 import json
 import logging
-import math
 import os
+import re
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -35,11 +38,6 @@ try:  # orjson parses a pixel list several times faster; the SageMaker image may
     import orjson
 except ImportError:
     orjson = None
-
-try:  # simdjson reads a whole array of pixels without a Python object per number; optional as orjson
-    import simdjson
-except ImportError:
-    simdjson = None
 
 try:  # inside the SageMaker inference container: its toolkit maps these to the HTTP status they carry
     from sagemaker_inference.errors import BaseInferenceToolkitError
@@ -67,8 +65,12 @@ PIXELS = 28 * 28
 IMAGE_SHAPES = ((PIXELS,), (28, 28), (1, 28, 28))
 # A 6 MB PNG can decode to gigabytes; refuse pictures larger than a 40-megapixel camera's before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
-# From this many images on, a batch runs faster through oneDNN (measured on a 2-core Xeon).
-LARGE_BATCH = 8
+# Batch sizes timed when the model loads, to find from which size on oneDNN is faster; beyond, it always is.
+CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+# JSON bodies from this size on (3 images and more) are read by numpy rather than as Python objects, and from
+# the next on in one part per core.
+NUMPY_JSON_BYTES = 8 * 1024
+PARALLEL_JSON_BYTES = 1024 * 1024
 # A picture whose darkest and lightest parts differ by less than this holds no digit.
 MIN_CONTRAST = 32
 
@@ -98,23 +100,48 @@ class MnistClassifier(torch.nn.Module):
 class Predictor:
     """Runs a batch through the variant of the classifier that is fastest for its size.
 
-    On the CPU, oneDNN's kernels win on large batches but cost ~100 us of setup per convolution, more than a
-    single image's whole forward pass; and TorchScript saves the Python overhead of every layer. So small
-    batches run a frozen trace with oneDNN off, large ones a trace converted to oneDNN layouts.
-    """
+    On the CPU, TorchScript saves the Python overhead of every layer, and two variants split the batch sizes:
+    oneDNN's kernels win on large batches but cost ~200 us of setup per call, more than a single image's whole
+    forward pass; small batches run a frozen trace with oneDNN off, its 2x2 max-pooling done as elementwise maxima
+    (torch's NCHW pooling kernel is slow). Where one overtakes the other depends on the network, so it is timed
+    when the model loads (here, in 50-200 ms: seed_cnn's small variant stays faster up to 16 images, bn_cnn's
+    large one is faster from 2-4 images on)."""
 
     def __init__(self, classifier: MnistClassifier, device: torch.device):
         self.classifier, self.device = classifier.eval(), device
         self.small = self.large = classifier
+        self.large_from = 1
         if device.type == "cpu":
             self.small, self.large = _traced(classifier)
+            self.large_from = self._crossover()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cpu":
             return self.classifier(pixels.to(self.device)).cpu()
-        large = len(pixels) >= LARGE_BATCH
+        large = len(pixels) >= self.large_from
         torch.backends.mkldnn.enabled = large
         return (self.large if large else self.small)(pixels)
+
+    def _crossover(self) -> int:
+        """The smallest calibration size from which on the large variant was faster at every size timed."""
+        large_faster = {}
+        with torch.inference_mode():
+            for size in CALIBRATION_SIZES:
+                pixels = torch.rand(size, 1, 28, 28) * 255
+                large_faster[size] = _best_time(self.large, pixels, True) < _best_time(self.small, pixels, False)
+        sizes = reversed(CALIBRATION_SIZES)
+        return min(itertools.takewhile(large_faster.get, sizes), default=CALIBRATION_SIZES[-1] + 1)
+
+
+def _best_time(variant, pixels: torch.Tensor, mkldnn: bool, calls: int = 5) -> float:
+    torch.backends.mkldnn.enabled = mkldnn
+    variant(pixels)  # warm
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        variant(pixels)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _traced(classifier: MnistClassifier) -> tuple:
@@ -126,8 +153,8 @@ def _traced(classifier: MnistClassifier) -> tuple:
         warnings.simplefilter("ignore")  # the deprecation notices
         expected = classifier(check)
         try:
-            traced = torch.jit.trace(classifier, example)
-            variants = (torch.jit.freeze(traced), torch.jit.optimize_for_inference(traced))
+            small = torch.jit.freeze(torch.jit.trace(_with_fast_pooling(classifier), example))
+            variants = (small, torch.jit.optimize_for_inference(torch.jit.trace(classifier, example)))
         except Exception as exc:  # a model TorchScript cannot handle still serves, only slower
             log.warning("serving the eager model: tracing failed (%s)", exc)
             return classifier, classifier
@@ -142,6 +169,47 @@ def _traced(classifier: MnistClassifier) -> tuple:
                 )
             checked.append(variant if agrees else classifier)
     return tuple(checked)
+
+
+def _with_fast_pooling(classifier: torch.nn.Module) -> torch.nn.Module:
+    """The classifier with every plain 2x2 max-pooling computed by `_max_pool_2x2` (a torch.fx rewrite); as it
+    is where torch.fx cannot trace it."""
+    try:
+        graph = torch.fx.symbolic_trace(classifier)
+    except Exception:  # control flow that depends on the input: keep torch's pooling
+        return classifier
+    for node in graph.graph.nodes:
+        if _is_plain_2x2_max_pool(node, graph):
+            node.op, node.target, node.args, node.kwargs = "call_function", _max_pool_2x2, node.args[:1], {}
+    graph.recompile()
+    return graph
+
+
+_MAX_POOL_PARAMETERS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _is_plain_2x2_max_pool(node: torch.fx.Node, graph: torch.fx.GraphModule) -> bool:
+    if node.op == "call_function" and node.target is torch.nn.functional.max_pool2d:
+        given = dict(zip(_MAX_POOL_PARAMETERS, node.args, strict=False)) | node.kwargs
+        kernel = given["kernel_size"]
+        sizes = [kernel, given.get("stride") or kernel, given.get("padding", 0), given.get("dilation", 1)]
+        flags = [given.get("ceil_mode", False), given.get("return_indices", False)]
+    elif node.op == "call_module" and type(module := graph.get_submodule(node.target)) is torch.nn.MaxPool2d:
+        sizes = [module.kernel_size, module.stride or module.kernel_size, module.padding, module.dilation]
+        flags = [module.ceil_mode, module.return_indices]
+    else:
+        return False
+    pairs = [tuple(size) if isinstance(size, tuple | list) else (size, size) for size in sizes]
+    return pairs == [(2, 2), (2, 2), (0, 0), (1, 1)] and not any(flags)
+
+
+def _max_pool_2x2(maps: torch.Tensor) -> torch.Tensor:
+    """max_pool2d(maps, 2) as two elementwise maxima of strided views: the same values, and on a few images
+    several times faster than torch's NCHW pooling kernel (measured here, 4 maps of 10x24x24: 31 us, not 134)."""
+    rows, columns = maps.shape[-2] // 2 * 2, maps.shape[-1] // 2 * 2  # as max_pool2d: an odd last one is dropped
+    maps = maps[..., :rows, :columns]
+    maps = torch.maximum(maps[..., 0::2], maps[..., 1::2])
+    return torch.maximum(maps[..., 0::2, :], maps[..., 1::2, :])
 
 
 def model_fn(model_dir: str) -> Predictor:
@@ -203,7 +271,7 @@ def output_fn(prediction: torch.Tensor, accept: str | None) -> tuple[bytes, str]
 
 def _json_pixels(body: bytes | str) -> np.ndarray:
     body = body.encode() if isinstance(body, str) else body  # the SageMaker toolkit hands JSON over as text
-    if simdjson is not None and (pixels := _integer_pixels(body)) is not None:
+    if len(body) >= NUMPY_JSON_BYTES and (pixels := _integer_pixels(body)) is not None:
         return pixels
     try:
         document = orjson.loads(body) if orjson else json.loads(body)
@@ -230,37 +298,137 @@ def _json_pixels(body: bytes | str) -> np.ndarray:
         raise InvalidRequest(f"instances must be images of one shape (28x28 or 784 numbers each): {exc}") from None
 
 
-def _integer_pixels(body: bytes) -> np.ndarray | None:
+_INSTANCES_OPENING = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"instances"[ \t\n\r]*:[ \t\n\r]*\[')
+_JSON_SPACE = b" \t\n\r"
+_json_threads: ThreadPoolExecutor | None = None
+
+
+def _integer_pixels(body: bytes, parts: int | None = None) -> np.ndarray | None:
     """The instances as a uint8 array when the body is `{"instances": [...]}` alone and they are a regular nested
-    array of integers 0-255 (what clients send), read by simdjson without a Python object per number (measured
-    here, 1,000 images: 20 ms as 784 numbers each, 35-50 ms as 28x28, against 55-110 ms through orjson and
-    numpy). None for anything else (malformed, other keys, other numbers, ragged):
-    the general parser then reads it, or says what is wrong with it."""
-    try:
-        document = simdjson.Parser().parse(body)  # a parser per call: a reused one fails while its arrays live
-        if not isinstance(document, simdjson.Object) or list(document.keys()) != ["instances"]:
-            return None
-        level = [document["instances"]]  # the arrays at one depth; every one of them as long as the first
-        shape, arrays = [], 1
-        while isinstance(level[0], simdjson.Array):
-            size = len(level[0])
-            if size == 0 or not all(isinstance(array, simdjson.Array) and len(array) == size for array in level):
-                return None
-            shape.append(size)
-            if not isinstance(level[0][0], simdjson.Array):
-                break
-            level = [item for array in level for item in array]
-            arrays += len(level)
-        # as_buffer flattens whatever is nested: an array where a number should be would go unseen but for
-        # one "[" too many.
-        if not shape or body.count(b"[") != arrays:
-            return None
-        values = np.frombuffer(document["instances"].as_buffer(of_type="i"), dtype=np.int64)
-    except (ValueError, TypeError, RuntimeError):  # not JSON, or not all integers
+    array of integers 0-255 (what clients send); None for anything else (malformed, other keys, other numbers,
+    ragged): the general parser then reads it, or says what is wrong with it.
+
+    Read by numpy, without a Python object per number, and from PARALLEL_JSON_BYTES on in one part per core
+    (numpy lets go of the GIL): 1,000 images of 28x28 in 13-15 ms on two cores, 20-24 ms on one, against ~50 ms
+    through orjson (measured here). The parts are split at commas between the instances.
+    """
+    opening, closing = _INSTANCES_OPENING.match(body), body.rfind(b"]")
+    if opening is None or closing < opening.end() or body[closing + 1 :].strip(_JSON_SPACE) != b"}":
         return None
-    if values.size != math.prod(shape) or (values >> 8).any():  # a number outside 0-255 has bits beyond the 8th
+    start = opening.end()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    spans = _parts(body, start, closing, parts or min(cpus, 1 + (closing - start) // PARALLEL_JSON_BYTES))
+    if len(spans) == 1:
+        arrays = [_regular_integers(body, *spans[0])]
+    else:
+        global _json_threads
+        if _json_threads is None:
+            _json_threads = ThreadPoolExecutor(cpus, thread_name_prefix="json")
+        others = [_json_threads.submit(_regular_integers, body, *span) for span in spans[1:]]
+        arrays = [_regular_integers(body, *spans[0]), *(other.result() for other in others)]
+    if any(array is None for array in arrays) or len({array.shape[1:] for array in arrays}) != 1:
         return None
-    return values.astype(np.uint8).reshape(shape)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _parts(body: bytes, start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """body[start:end], the inside of an array, as up to ``parts`` spans of its elements: split at a comma that
+    follows as many "]" as the first element opens with "[" (in a regular array, a comma between elements). A
+    split anywhere else makes a part that is not an array of elements, which _regular_integers turns down."""
+    head = body[start : start + 64].translate(None, _JSON_SPACE)
+    depth = len(head) - len(head.lstrip(b"["))
+    bounds = [start]
+    for part in range(1, parts if depth else 1):
+        comma = body.find(b"]" * depth + b",", start + (end - start) * part // parts, end)
+        if comma > bounds[-1]:
+            bounds.append(comma + depth + 1)
+    return list(zip(bounds, [bound - 1 for bound in bounds[1:]] + [end], strict=True))
+
+
+def _regular_integers(body: bytes, start: int, end: int) -> np.ndarray | None:
+    """The elements of the array whose inside is body[start:end], as uint8, if they are regular nested arrays of
+    integers 0-255 in JSON; None otherwise. Vectorized: the array's skeleton (its brackets and commas, a "0" for
+    each number) must be exactly that of its shape, and each number is read from its last digit and the two
+    characters before it."""
+    if end <= start:
+        return None
+    # With the two characters before it (the body has them): a number's first digits are read from there.
+    before = np.frombuffer(body, np.uint8, end - start + 2, start - 2)
+    text = before[2:]
+    digit = (text - np.uint8(ord("0"))) < 10
+    # Below "," JSON allows only white space here; '"', "+" and control characters are not for this path.
+    space = text < ord(",")
+    spaces = np.count_nonzero(space)
+    if spaces not in (0, np.count_nonzero(text == ord(" "))) and spaces != sum(
+        np.count_nonzero(text == character) for character in _JSON_SPACE
+    ):
+        return None
+    keep = np.empty_like(digit)  # what is not space, and of a number only its last digit
+    np.logical_and(digit[:-1], digit[1:], out=keep[:-1])
+    keep[-1] = False
+    np.logical_or(keep, space, out=keep)
+    np.logical_not(keep, out=keep)
+    tokens = keep.nonzero()[0]
+    skeleton = bytearray(b"[" + text[tokens].tobytes() + b"]")
+    shape, strides = _lattice(skeleton)
+    if shape is None:
+        return None
+    # The numbers' places in the skeleton: each must hold a digit; with "0" there, the rest must be the shape's.
+    depth = len(shape)
+    numbers = np.lib.stride_tricks.as_strided(np.frombuffer(skeleton, np.uint8)[depth:], shape, strides)
+    if ((numbers - np.uint8(ord("0"))) >= 10).any():
+        return None
+    numbers[...] = ord("0")
+    if skeleton != _skeleton(shape):
+        return None
+    # Where each number's last digit is in the text; in `before`, at last + 2.
+    last = np.lib.stride_tricks.as_strided(tokens[depth - 1 :], shape, [s * tokens.itemsize for s in strides]).ravel()
+    first, second = before.take(last) ^ np.uint8(ord("0")), before.take(last + 1) ^ np.uint8(ord("0"))
+    leading = _LEADING_DIGITS.take((first.astype(np.uint16) << 8) | second)
+    value = leading + (text.take(last) ^ np.uint8(ord("0")))
+    # Every digit is one of these numbers': one of 4 digits or more, or with a leading zero (not JSON), shows
+    # as digits left uncounted.
+    counted = value.size + np.count_nonzero(leading >= 10) + np.count_nonzero(leading >= 100)
+    if value.max() > 255 or counted != np.count_nonzero(digit):
+        return None
+    return value.astype(np.uint8).reshape(shape)
+
+
+def _leading_digits() -> np.ndarray:
+    """The value of the digits before a number's last one, by the two characters before it (XOR "0", so that a
+    digit is 0-9): key = first << 8 | second."""
+    first, second = np.divmod(np.arange(1 << 16), 256)
+    tens, hundreds = second < 10, (second < 10) & (first < 10)
+    return (np.where(tens, 10 * second, 0) + np.where(hundreds, 100 * first, 0)).astype(np.uint16)
+
+
+_LEADING_DIGITS = _leading_digits()
+
+
+def _lattice(skeleton: bytes | bytearray) -> tuple[tuple[int, ...], tuple[int, ...]] | tuple[None, None]:
+    """Shape of the regular nested array whose skeleton this may be, judged by its first element at each depth,
+    and the strides of its numbers in the skeleton (the first sits after the opening brackets)."""
+    depth = len(skeleton) - len(skeleton.lstrip(b"["))
+    if not skeleton[depth : depth + 1].isdigit():
+        return None, None
+    shape, strides, inner = [], [], 1  # inner: the skeleton length of one element a level down
+    for level in range(depth, 0, -1):
+        closing = skeleton.find(b"]" * (depth - level + 1))  # where the first array at this level ends
+        size, rest = divmod(closing + depth - 2 * level + 1, inner + 1)
+        if closing < 0 or rest or size < 1:
+            return None, None
+        shape.insert(0, size)
+        strides.insert(0, inner + 1)
+        inner = size * (inner + 1) + 1
+    # The numbers' places so found end where the first "]" * depth does, within the skeleton.
+    return tuple(shape), tuple(strides)
+
+
+def _skeleton(shape: tuple[int, ...]) -> bytes:
+    element = b"0"
+    for size in reversed(shape):
+        element = b"[" + b",".join([element] * size) + b"]"
+    return element
 
 
 def _npy_pixels(body: bytes | str) -> np.ndarray:
