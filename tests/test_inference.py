@@ -84,11 +84,12 @@ def test_traced_variants_agree_with_the_eager_model(handler, model, test_set):
     import torch
 
     pixels = torch.from_numpy(test_set[0][:64].astype(np.float32)).unsqueeze(1)
+    pixels = pixels.repeat(handler.CPU_PART // 64 + 1, 1, 1, 1)  # more than one part
     with torch.inference_mode():
         expected = model.classifier(pixels)
         # Both sides of the size from which the large variant runs, measured when the model loaded.
         assert 1 <= model.large_from <= handler.CALIBRATION_SIZES[-1] + 1
-        for size in (1, model.large_from - 1, model.large_from, 64):
+        for size in (1, model.large_from - 1, model.large_from, 64, len(pixels)):
             if size:
                 torch.testing.assert_close(model(pixels[:size]), expected[:size], atol=1e-5, rtol=1e-4)
     # Tracing succeeded for seed_cnn: the speed of the endpoint depends on it.
