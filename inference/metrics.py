@@ -13,6 +13,7 @@ this module stands in for that on the local backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -135,6 +136,11 @@ class MetricsPublisher(threading.Thread):
         self._failures = 0
 
     def run(self) -> None:
+        # Build the client now, while the server processes load the model: importing Airflow's hook takes a core
+        # for a second or more, which at the first publish would come out of the requests' time. Failing here is
+        # no matter: each publish tries again, and says why.
+        with contextlib.suppress(Exception):
+            self._cloudwatch()
         stats = InvocationStats()
         deadline = time.monotonic() + self.interval
         while True:
