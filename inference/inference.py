@@ -306,6 +306,7 @@ def _json_pixels(body: bytes | str) -> np.ndarray:
 
 _INSTANCES_OPENING = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"instances"[ \t\n\r]*:[ \t\n\r]*\[')
 _JSON_SPACE = b" \t\n\r"
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _json_threads: ThreadPoolExecutor | None = None
 
 
@@ -322,14 +323,13 @@ def _integer_pixels(body: bytes, parts: int | None = None) -> np.ndarray | None:
     if opening is None or closing < opening.end() or body[closing + 1 :].strip(_JSON_SPACE) != b"}":
         return None
     start = opening.end()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    spans = _parts(body, start, closing, parts or min(cpus, 1 + (closing - start) // PARALLEL_JSON_BYTES))
+    spans = _parts(body, start, closing, parts or min(_CPUS, 1 + (closing - start) // PARALLEL_JSON_BYTES))
     if len(spans) == 1:
         arrays = [_regular_integers(body, *spans[0])]
     else:
         global _json_threads
         if _json_threads is None:
-            _json_threads = ThreadPoolExecutor(cpus, thread_name_prefix="json")
+            _json_threads = ThreadPoolExecutor(_CPUS, thread_name_prefix="json")
         others = [_json_threads.submit(_regular_integers, body, *span) for span in spans[1:]]
         arrays = [_regular_integers(body, *spans[0]), *(other.result() for other in others)]
     if any(array is None for array in arrays) or len({array.shape[1:] for array in arrays}) != 1:
