@@ -38,8 +38,8 @@ SETTINGS_ENV = "MNIST_SERVE_SETTINGS"
 JSON = "application/json"
 RUNTIME_PATH = re.compile(r"/endpoints/([^/]+)/invocations")  # the sagemaker-runtime InvokeEndpoint API
 # Requests of up to this many images share forward passes; larger ones run alone, on every core from
-# ALL_CORES_BATCH images, split between threads (1,000 images here: 50-70 ms on one core; on two, 25-38 ms with
-# torch's own threads, 13-17 ms as two halves in two threads of one torch thread each).
+# ALL_CORES_BATCH images, split between threads (1,000 images here: 16-18 ms on one core; on two, 11-12 ms as
+# two halves in two threads of one torch thread each, where torch's own two threads took 25-38 ms).
 SHARED_BATCH_MAX = 16
 ALL_CORES_BATCH = 256
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start (the app failed to load)
