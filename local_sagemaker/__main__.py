@@ -1,0 +1,3 @@
+from local_sagemaker.server import main
+
+main()

@@ -1,0 +1,445 @@
+"""Endpoints: CreateEndpoint, DescribeEndpoint, UpdateEndpoint, DeleteEndpoint, ListEndpoints.
+
+Each production variant of an endpoint config is served by a model server, ``python -m inference.serve`` over the
+variant's model artifact (model.tar.gz from S3, unpacked once), running the artifact's own ``code/inference.py`` as
+the SageMaker PyTorch container does. The servers of one config are its *fleet*. An endpoint goes Creating, then
+InService once every server answers ``/ping`` (or Failed, with the server's last words as FailureReason).
+
+UpdateEndpoint is blue/green: the new fleet comes up beside the old one and takes traffic only once it answers.
+``DeploymentConfig.BlueGreenUpdatePolicy`` says how traffic moves: ALL_AT_ONCE, CANARY (a share, then the rest
+after ``WaitIntervalInSeconds``) or LINEAR (equal steps, each held ``WaitIntervalInSeconds``); the old fleet is
+kept ``TerminationWaitInSeconds`` after the last step, and the whole update may take at most
+``MaximumExecutionTimeoutInSeconds``. While the new fleet takes traffic, the alarms of
+``AutoRollbackConfiguration`` are evaluated (local_sagemaker.alarms); one that fires, a timeout, or a new fleet
+that cannot come up sends all traffic back to the old fleet: the endpoint stays InService on its old config, with
+the FailureReason, as on SageMaker. The old fleet stops only after its last request in flight has been answered.
+
+Records keep each fleet's processes. When the service starts, it adopts the servers still running (pid, start
+time and ``/ping``), starts again the ones that are not, and stops the servers of an update that a stop
+interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from local_sagemaker import alarms, aws, processes
+from local_sagemaker.listing import filtered, page
+from local_sagemaker.models import Models
+from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.runtime import Router, Target
+from local_sagemaker.store import Store, now
+
+log = logging.getLogger(__name__)
+
+KIND = "endpoints"
+HOST = "127.0.0.1"
+SERVER_START_TIMEOUT = 120.0
+# Longer than the runtime's forwarding timeout: a request still in flight after this has failed already.
+DRAIN_TIMEOUT = 65.0
+BAKE_POLL_SECONDS = 0.5
+DEFAULT_EXECUTION_TIMEOUT = 3600
+BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
+
+
+class LaunchFailed(Exception):
+    """A fleet could not come up; the message is the FailureReason."""
+
+
+def _ping(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def safe_extract(body: bytes, target: Path, what: str) -> None:
+    """Unpack a model.tar.gz: regular files and directories only, every one inside ``target``."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as archive:
+            for member in archive.getmembers():
+                if not (member.isfile() or member.isdir()):
+                    raise LaunchFailed(f"{what} holds {member.name!r}, which is not a regular file: refused")
+            archive.extractall(target, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise LaunchFailed(f"{what} is not a readable tar.gz archive: {error}") from None
+
+
+class Endpoints:
+    def __init__(self, store: Store, models: Models, router: Router, state_dir: Path, *, workers: int,
+                 metrics_interval: float, region: str, account: str):  # fmt: skip
+        self.store, self.models, self.router = store, models, router
+        self.fleets_dir = Path(state_dir) / "endpoint-fleets"
+        self.logs_dir = Path(state_dir) / "logs" / "endpoints"
+        self.workers, self.metrics_interval = workers, metrics_interval
+        self.region, self.account = region, account
+        self.ready = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    def arn(self, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name.lower()}"
+
+    def _background(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"endpoint-{target.__name__}", daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+
+    # -- the API ---------------------------------------------------------------------------------------------------
+
+    def create_endpoint(self, request: dict) -> dict:
+        name, config_name = request["EndpointName"], request["EndpointConfigName"]
+        self.models.endpoint_config(config_name)
+        with self.store.lock:
+            if self.store.get(KIND, name) is not None:
+                raise ValidationException(f'Cannot create already existing endpoint "{self.arn(name)}".')
+            created = now()
+            self.store.put(KIND, name, {
+                "EndpointName": name, "EndpointArn": self.arn(name), "EndpointConfigName": config_name,
+                "EndpointStatus": "Creating", "CreationTime": created, "LastModifiedTime": created,
+                "Tags": request.get("Tags", []), "Local": {"fleet": None, "pending": None},
+            })  # fmt: skip
+        self._background(self._create, name)
+        return {"EndpointArn": self.arn(name)}
+
+    def _record(self, name: str) -> dict:
+        record = self.store.get(KIND, name)
+        if record is None:
+            raise not_found("endpoint", name, self.arn(name))
+        return record
+
+    def describe_endpoint(self, name: str) -> dict:
+        record = self._record(name)
+        local = record.pop("Local")
+        record.pop("Tags", None)
+        fleet = local["fleet"]
+        if fleet:
+            record["ProductionVariants"] = [self._variant_summary(server) for server in fleet["servers"]]
+        if local["pending"]:
+            record["PendingDeploymentSummary"] = {
+                "EndpointConfigName": local["pending"]["config"],
+                "ProductionVariants": [self._variant_summary(server) for server in local["pending"]["servers"]],
+                "StartTime": local["pending"]["started_at"],
+            }
+        return record
+
+    def _variant_summary(self, server: dict) -> dict:
+        alive = processes.live(server) is not None
+        return {
+            "VariantName": server["variant"],
+            "DeployedImages": [{"SpecifiedImage": server["image"], "ResolvedImage": server["image"]}],
+            "CurrentWeight": server["weight"],
+            "DesiredWeight": server["weight"],
+            "CurrentInstanceCount": server["instances"] if alive else 0,
+            "DesiredInstanceCount": server["instances"],
+        }
+
+    def list_endpoints(self, params: dict) -> dict:
+        records = filtered(self.store.items(KIND), params, "EndpointName", "EndpointStatus")
+        sort_by = {"Name": "EndpointName", "CreationTime": "CreationTime", "Status": "EndpointStatus"}
+        summaries, token = page(records, params, sort_by, default_sort="CreationTime", default_order="Descending")
+        keys = ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus")
+        return {"Endpoints": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
+
+    def update_endpoint(self, request: dict) -> dict:
+        name, config_name = request["EndpointName"], request["EndpointConfigName"]
+        deployment = request.get("DeploymentConfig") or {}
+        with self.store.lock:
+            record = self._record(name)
+            if record["EndpointStatus"] != "InService":
+                raise ValidationException(f'Cannot update in-progress endpoint "{self.arn(name)}".')
+            self.models.endpoint_config(config_name)
+            if record["EndpointConfigName"] == config_name:
+                raise ValidationException(f"Endpoint {name} already uses endpoint config {config_name}: "
+                                          "nothing to update")  # fmt: skip
+            names = [a["AlarmName"] for a in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
+            watched = alarms.describe(names)
+            self.store.update(KIND, name, EndpointStatus="Updating", LastModifiedTime=now(), FailureReason=None)
+        self._background(self._update, name, config_name, deployment, watched)
+        return {"EndpointArn": self.arn(name)}
+
+    def delete_endpoint(self, name: str) -> dict:
+        with self.store.lock:
+            record = self._record(name)
+            if record["EndpointStatus"] in ("Creating", "Updating", "RollingBack"):
+                raise ValidationException(f'Cannot delete in-progress endpoint "{self.arn(name)}".')
+            self.store.update(KIND, name, EndpointStatus="Deleting", LastModifiedTime=now())
+            self.router.remove(name)  # no new request reaches its servers from now on
+        self._background(self._delete, name)
+        return {}
+
+    # -- fleets ----------------------------------------------------------------------------------------------------
+
+    def _model_dir(self, endpoint: str, config: str, variant: str, model_data_url: str) -> Path:
+        directory = self.fleets_dir / endpoint / config / variant
+        if (directory / ".complete").is_file():
+            return directory
+        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            bucket, key = aws.split_s3_uri(model_data_url)
+            body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as error:
+            raise LaunchFailed(f"cannot read the model artifact {model_data_url}: {error}") from None
+        directory.mkdir(parents=True)
+        safe_extract(body, directory, model_data_url)
+        (directory / ".complete").touch()
+        return directory
+
+    def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
+                      image: str) -> dict:  # fmt: skip
+        port = processes.free_port(HOST)
+        command = [
+            sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--host", HOST,
+            "--port", str(port), "--endpoint-name", endpoint, "--variant-name", variant["VariantName"],
+            "--workers", str(self.workers), "--metrics-interval", str(self.metrics_interval),
+        ]  # fmt: skip
+        # The container's own environment and the service's AWS settings (where CloudWatch is), nothing else.
+        aws_env = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
+        env = processes.allowed_env({**environment, **aws_env, "PYTHONUNBUFFERED": "1"})
+        log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
+        process, record = processes.spawn(command, env=env, log_path=log_path)
+        server = {
+            **record, "url": f"http://{HOST}:{port}", "variant": variant["VariantName"], "config": config,
+            "model_dir": str(model_dir), "environment": environment, "image": image,
+            "weight": float(variant.get("InitialVariantWeight", 1.0)),
+            "instances": int(variant.get("InitialInstanceCount", 1)),
+        }  # fmt: skip
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _ping(server["url"]):
+            if process.poll() is not None or time.monotonic() > deadline or self._stopping.is_set():
+                what = (f"exited with status {process.returncode}" if process.poll() is not None
+                        else f"did not answer /ping within {SERVER_START_TIMEOUT:.0f} s")  # fmt: skip
+                processes.stop([record], grace=5)
+                raise LaunchFailed(f"The model server of variant {variant['VariantName']} {what}; its log ends:\n"
+                                   f"{processes.log_tail(log_path, 15)}")  # fmt: skip
+            time.sleep(0.1)
+        return server
+
+    def _launch(self, endpoint: str, config_name: str) -> dict:
+        """Start the fleet of ``config_name``; returns it once every server answers /ping."""
+        config = self.models.endpoint_config(config_name)
+        servers: list[dict] = []
+        try:
+            for variant in config["ProductionVariants"]:
+                model = self.models.model(variant["ModelName"])
+                container = model.get("PrimaryContainer") or model["Containers"][0]
+                model_dir = self._model_dir(endpoint, config_name, variant["VariantName"], container["ModelDataUrl"])
+                servers.append(
+                    self._start_server(
+                        endpoint,
+                        config_name,
+                        variant,
+                        model_dir,
+                        container.get("Environment", {}),
+                        container.get("Image", ""),
+                    )
+                )
+        except BaseException as error:
+            processes.stop(servers, grace=5)
+            if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
+                raise
+            raise LaunchFailed(f"{type(error).__name__}: {error}") from error
+        return {"config": config_name, "servers": servers, "started_at": now()}
+
+    @staticmethod
+    def _targets(fleet: dict, share: float = 1.0) -> list[Target]:
+        return [Target(s["url"], s["variant"], fleet["config"], s["weight"] * share) for s in fleet["servers"]]
+
+    def _retire(self, fleet: dict | None) -> None:
+        """Wait until nothing is in flight to ``fleet`` (routed away already), then stop its servers."""
+        if not fleet:
+            return
+        urls = {server["url"] for server in fleet["servers"]}
+        processes.wait_until(lambda: self.router.idle(urls), DRAIN_TIMEOUT, interval=0.02)
+        processes.stop(fleet["servers"], grace=10)
+
+    def _set_local(self, name: str, **local) -> None:
+        with self.store.lock:
+            record = self.store.get(KIND, name)
+            self.store.update(KIND, name, Local={**record["Local"], **local})
+
+    # -- the work behind the API, in threads -----------------------------------------------------------------------
+
+    def _create(self, name: str) -> None:
+        config_name = self._record(name)["EndpointConfigName"]
+        try:
+            fleet = self._launch(name, config_name)
+        except LaunchFailed as failed:
+            self.store.update(KIND, name, EndpointStatus="Failed", FailureReason=str(failed)[:1024],
+                              LastModifiedTime=now())  # fmt: skip
+            log.warning("Endpoint %s failed: %s", name, failed)
+            return
+        self._set_local(name, fleet=fleet)
+        self.router.set(name, self._targets(fleet))
+        self.store.update(KIND, name, EndpointStatus="InService", LastModifiedTime=now())
+        log.info("Endpoint %s is InService with config %s", name, config_name)
+
+    def _update(self, name: str, config_name: str, deployment: dict, watched: list[dict]) -> None:
+        old = self._record(name)["Local"]["fleet"]
+        try:
+            new = self._launch(name, config_name)
+        except LaunchFailed as failed:
+            reason = f"Failed to update endpoint {name} to config {config_name}: {failed}"
+            self.store.update(KIND, name, EndpointStatus="InService", FailureReason=reason[:1024],
+                              LastModifiedTime=now())  # fmt: skip
+            log.warning("%s", reason)
+            return
+        self._set_local(name, pending=new)
+        try:
+            reason = self._shift(name, old, new, deployment, watched)
+        except Exception as error:  # CloudWatch unreachable, say: the update cannot be watched, so it is undone
+            log.exception("Endpoint %s: traffic shift failed", name)
+            reason = f"the traffic shift failed: {type(error).__name__}: {error}"
+        if reason is None:
+            with self.store.lock:
+                self._set_local(name, fleet=new, pending=None)
+                self.store.update(KIND, name, EndpointConfigName=config_name, EndpointStatus="InService",
+                                  LastDeploymentConfig=deployment or None, LastModifiedTime=now())  # fmt: skip
+            self.router.set(name, self._targets(new))
+            self._retire(old)
+            log.info("Endpoint %s updated to config %s", name, config_name)
+            return
+        log.warning("Endpoint %s: rolling back the update to %s: %s", name, config_name, reason)
+        self.store.update(KIND, name, EndpointStatus="RollingBack", LastModifiedTime=now())
+        self.router.set(name, self._targets(old))
+        self._retire(new)
+        self._set_local(name, pending=None)
+        self.store.update(
+            KIND,
+            name,
+            EndpointStatus="InService",
+            LastModifiedTime=now(),
+            FailureReason=f"Update to endpoint config {config_name} rolled back: {reason}"[:1024],
+        )
+
+    def _shift(self, name: str, old: dict, new: dict, deployment: dict, watched: list[dict]) -> str | None:
+        """Move traffic from ``old`` to ``new`` as the deployment config says; the reason to roll back, if any."""
+        policy = deployment.get("BlueGreenUpdatePolicy", {})
+        routing = policy.get("TrafficRoutingConfiguration", {"Type": "ALL_AT_ONCE"})
+        wait = routing.get("WaitIntervalInSeconds", 0)
+        steps = [1.0]
+        if routing["Type"] == "CANARY":
+            steps = [self._share(routing["CanarySize"], new), 1.0]
+        elif routing["Type"] == "LINEAR":
+            step = self._share(routing["LinearStepSize"], new)
+            steps = [min(1.0, step * (i + 1)) for i in range(int(1 / step + 0.999999))]
+        deadline = time.monotonic() + policy.get("MaximumExecutionTimeoutInSeconds", DEFAULT_EXECUTION_TIMEOUT)
+        urls = {server["url"] for server in new["servers"]}
+        for index, share in enumerate(steps):
+            self.router.set(name, self._targets(old, 1 - share) + self._targets(new, share))
+            last = index == len(steps) - 1
+            hold = policy.get("TerminationWaitInSeconds", 0) if last else wait
+            log.info("Endpoint %s: %.0f%% of traffic on config %s for %s s", name, 100 * share, new["config"], hold)
+            if reason := self._bake(name, urls, watched, hold, deadline):
+                return reason
+        return None
+
+    @staticmethod
+    def _share(size: dict, fleet: dict) -> float:
+        instances = sum(server["instances"] for server in fleet["servers"])
+        share = size["Value"] / 100 if size["Type"] == "CAPACITY_PERCENT" else size["Value"] / instances
+        return min(1.0, max(share, 0.01))
+
+    def _bake(self, name: str, urls: set[str], watched: list[dict], hold: float, deadline: float) -> str | None:
+        since = time.time()
+        end = time.monotonic() + hold
+        while True:
+            for alarm in watched:
+                if reason := alarms.evaluate(alarm, name, lambda start: self.router.samples_since(urls, start), since):
+                    return reason
+            if time.monotonic() > deadline:
+                return "MaximumExecutionTimeoutInSeconds exceeded"
+            if self._stopping.is_set():
+                return "the local SageMaker service is stopping"
+            if time.monotonic() >= end:
+                return None
+            time.sleep(min(BAKE_POLL_SECONDS, max(0.0, end - time.monotonic())))
+
+    def _delete(self, name: str) -> None:
+        local = self._record(name)["Local"]
+        self._retire(local["fleet"])
+        self._retire(local["pending"])
+        shutil.rmtree(self.fleets_dir / name, ignore_errors=True)
+        self.store.delete(KIND, name)
+        log.info("Endpoint %s deleted", name)
+
+    # -- start and stop of the service -----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Bring back what the records say serves (in a thread; ``ready`` is set when done)."""
+        self._background(self._recover)
+
+    def _recover(self) -> None:
+        try:
+            for record in self.store.items(KIND):
+                self._recover_one(record)
+        finally:
+            self.ready.set()
+
+    def _recover_one(self, record: dict) -> None:
+        name, local = record["EndpointName"], record["Local"]
+        if local["pending"]:  # an update a stop interrupted: its fleet never took over
+            processes.stop(local["pending"]["servers"], grace=5)
+            self._set_local(name, pending=None)
+        status = record["EndpointStatus"]
+        if status == "Deleting":
+            self._delete(name)
+            return
+        if status == "Creating" or (status == "Failed" and not local["fleet"]):
+            if status == "Creating":
+                self._create(name)
+            return
+        fleet = local["fleet"]
+        servers = []
+        try:
+            for server in fleet["servers"]:
+                if processes.live(server) is not None and _ping(server["url"]):
+                    servers.append(server)  # adopted: it outlived the service that started it
+                    continue
+                processes.stop([server], grace=5)
+                variant = {"VariantName": server["variant"], "InitialVariantWeight": server["weight"],
+                           "InitialInstanceCount": server["instances"]}  # fmt: skip
+                servers.append(self._start_server(name, fleet["config"], variant, Path(server["model_dir"]),
+                                                  server["environment"], server["image"]))  # fmt: skip
+        except LaunchFailed as failed:
+            processes.stop(servers, grace=5)
+            self.store.update(
+                KIND,
+                name,
+                EndpointStatus="Failed",
+                LastModifiedTime=now(),
+                FailureReason=f"could not be brought back at the service's start: {failed}"[:1024],
+            )
+            return
+        fleet = {**fleet, "servers": servers}
+        self._set_local(name, fleet=fleet)
+        self.router.set(name, self._targets(fleet))
+        fields = {"EndpointStatus": "InService"}
+        if status in ("Updating", "RollingBack"):
+            fields["FailureReason"] = "The update was interrupted by a stop of the local SageMaker service"
+        self.store.update(KIND, name, **fields)
+        log.info("Endpoint %s serves config %s again", name, fleet["config"])
+
+    def shutdown(self) -> None:
+        """Stop every model server; the records stay, so the next start brings the endpoints back."""
+        self._stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+        servers = []
+        for record in self.store.items(KIND):
+            for fleet in (record["Local"]["fleet"], record["Local"]["pending"]):
+                if fleet:
+                    servers += fleet["servers"]
+        with contextlib.suppress(Exception):
+            processes.stop(servers, grace=10)

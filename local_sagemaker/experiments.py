@@ -1,0 +1,124 @@
+"""SageMaker Experiments as the pipeline uses them: CreateExperiment, DescribeExperiment, CreateTrial,
+DescribeTrial, ListTrialComponents, DescribeTrialComponent.
+
+A training job whose ExperimentConfig names a trial gets a trial component, ``<job>-aws-training-job``, as on
+SageMaker: its hyperparameters as Parameters, its status, and at the end its final metrics, so a sweep's trials can
+be compared with ListTrialComponents / DescribeTrialComponent.
+"""
+
+from __future__ import annotations
+
+from local_sagemaker.listing import page
+from local_sagemaker.protocol import ResourceNotFound, ValidationException
+from local_sagemaker.store import Store, now
+
+EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
+
+
+class Experiments:
+    def __init__(self, store: Store, region: str, account: str):
+        self.store, self.region, self.account = store, region, account
+
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+
+    def _get(self, kind: str, name: str, what: str) -> dict:
+        record = self.store.get(kind, name)
+        if record is None:
+            raise ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
+        return record
+
+    def create_experiment(self, request: dict) -> dict:
+        name = request["ExperimentName"]
+        with self.store.lock:
+            if self.store.get(EXPERIMENTS, name):
+                raise ValidationException(f"Experiment {name} already exists.")
+            moment = now()
+            record = {**request, "ExperimentArn": self._arn("experiment", name), "CreationTime": moment,
+                      "LastModifiedTime": moment}  # fmt: skip
+            self.store.put(EXPERIMENTS, name, record)
+        return {"ExperimentArn": record["ExperimentArn"]}
+
+    def describe_experiment(self, name: str) -> dict:
+        record = self._get(EXPERIMENTS, name, "Experiment")
+        record.pop("Tags", None)
+        return record
+
+    def create_trial(self, request: dict) -> dict:
+        name = request["TrialName"]
+        self._get(EXPERIMENTS, request["ExperimentName"], "Experiment")
+        with self.store.lock:
+            if self.store.get(TRIALS, name):
+                raise ValidationException(f"Trial {name} already exists.")
+            moment = now()
+            record = {**request, "TrialArn": self._arn("experiment-trial", name), "CreationTime": moment,
+                      "LastModifiedTime": moment}  # fmt: skip
+            self.store.put(TRIALS, name, record)
+        return {"TrialArn": record["TrialArn"]}
+
+    def describe_trial(self, name: str) -> dict:
+        record = self._get(TRIALS, name, "Trial")
+        record.pop("Tags", None)
+        return record
+
+    def describe_trial_component(self, name: str) -> dict:
+        record = self._get(COMPONENTS, name, "Trial Component")
+        record.pop("Trials", None)
+        return record
+
+    def list_trial_components(self, params: dict) -> dict:
+        records = self.store.items(COMPONENTS)
+        if trial := params.get("TrialName"):
+            records = [r for r in records if trial in r["Trials"]]
+        if experiment := params.get("ExperimentName"):
+            trials = {r["TrialName"] for r in self.store.items(TRIALS) if r["ExperimentName"] == experiment}
+            records = [r for r in records if trials & set(r["Trials"])]
+        if source := params.get("SourceArn"):
+            records = [r for r in records if r.get("Source", {}).get("SourceArn") == source]
+        summaries, token = page(records, params, {"Name": "TrialComponentName", "CreationTime": "CreationTime"},
+                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        keys = ("TrialComponentName", "TrialComponentArn", "DisplayName", "TrialComponentSource", "Status",
+                "StartTime", "EndTime", "CreationTime", "LastModifiedTime")  # fmt: skip
+        rows = [{k: r[k] for k in keys if k in r} | {"TrialComponentSource": r["Source"]} for r in summaries]
+        return {"TrialComponentSummaries": rows} | ({"NextToken": token} if token else {})
+
+    def record_training_job(self, job: dict) -> None:
+        """Create or update the trial component of a training job that names a trial in its ExperimentConfig."""
+        trial = (job.get("ExperimentConfig") or {}).get("TrialName")
+        if not trial or self.store.get(TRIALS, trial) is None:
+            return
+        name = f"{job['TrainingJobName']}-aws-training-job"
+        status = {"InProgress": "InProgress", "Stopping": "Stopping", "Completed": "Completed",
+                  "Failed": "Failed", "Stopped": "Stopped"}[job["TrainingJobStatus"]]  # fmt: skip
+        parameters = {}
+        for key, value in job.get("HyperParameters", {}).items():
+            try:
+                parameters[key] = {"NumberValue": float(value)}
+            except ValueError:
+                parameters[key] = {"StringValue": value}
+        with self.store.lock:
+            record = self.store.get(COMPONENTS, name) or {
+                "TrialComponentName": name, "TrialComponentArn": self._arn("experiment-trial-component", name),
+                "DisplayName": (job.get("ExperimentConfig") or {}).get("TrialComponentDisplayName") or name,
+                "Source": {"SourceArn": job["TrainingJobArn"], "SourceType": "SageMakerTrainingJob"},
+                "CreationTime": job["CreationTime"], "Trials": [trial],
+            }  # fmt: skip
+            record.update(
+                Status={"PrimaryStatus": status, **({"Message": job["FailureReason"]} if "FailureReason" in job else {})},
+                Parameters=parameters, LastModifiedTime=job["LastModifiedTime"],
+                InputArtifacts={c["ChannelName"]: {"Value": c["DataSource"]["S3DataSource"]["S3Uri"]}
+                                for c in job.get("InputDataConfig", []) if "S3DataSource" in c["DataSource"]},
+            )  # fmt: skip
+            if "TrainingStartTime" in job:
+                record["StartTime"] = job["TrainingStartTime"]
+            if "TrainingEndTime" in job:
+                record["EndTime"] = job["TrainingEndTime"]
+            if job["TrainingJobStatus"] == "Completed" and (artifacts := job.get("ModelArtifacts")):
+                record["OutputArtifacts"] = {"SageMaker.ModelArtifact": {"Value": artifacts["S3ModelArtifacts"]}}
+            if final := job.get("FinalMetricDataList"):
+                record["Metrics"] = [
+                    {"MetricName": m["MetricName"], "SourceArn": job["TrainingJobArn"], "TimeStamp": m["Timestamp"],
+                     "Last": m["Value"], "Max": m["Value"], "Min": m["Value"], "Avg": m["Value"], "Count": 1}
+                    for m in final
+                ]  # fmt: skip
+            self.store.put(COMPONENTS, name, record)

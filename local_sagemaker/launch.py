@@ -1,0 +1,85 @@
+"""Start and stop the local SageMaker service as a process of its own (for the local stack and the tests).
+
+The service reaches S3, CloudWatch and CloudWatch Logs wherever ``aws_endpoint_url`` points (the local AWS),
+with the local credentials; its record is what ``local_sagemaker.processes.stop`` takes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from local_sagemaker import processes
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 120.0  # it answers /ping once the endpoints its records name serve again
+
+
+def service_env(aws_endpoint_url: str, region: str, credentials: dict[str, str]) -> dict[str, str]:
+    return processes.allowed_env(
+        {
+            **credentials,
+            "AWS_ENDPOINT_URL": aws_endpoint_url,
+            "AWS_DEFAULT_REGION": region,
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+
+
+def start(
+    state_dir: Path,
+    aws_endpoint_url: str,
+    *,
+    credentials: dict[str, str],
+    region: str = "us-east-1",
+    port: int | None = None,
+    cpus: int = 0,
+    metrics_interval: float = 10.0,
+    log_path: Path | None = None,
+    timeout: float = START_TIMEOUT,
+) -> tuple[dict, str]:
+    """Start the service; returns its process record and URL once it answers /ping with 200."""
+    port = port or processes.free_port(HOST)
+    command = [
+        sys.executable, "-m", "local_sagemaker", "--state-dir", str(state_dir), "--host", HOST, "--port", str(port),
+        "--cpus", str(cpus), "--metrics-interval", str(metrics_interval), "--region", region,
+    ]  # fmt: skip
+    log_path = log_path or Path(state_dir) / "logs" / "local-sagemaker.log"
+    process, record = processes.spawn(command, env=service_env(aws_endpoint_url, region, credentials),
+                                      log_path=log_path)  # fmt: skip
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return record, url
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            processes.stop([record], grace=5)
+            what = f"exited with {process.returncode}" if process.poll() is not None else "did not become ready"
+            raise RuntimeError(f"the local SageMaker service {what}; its log ends:\n{processes.log_tail(log_path)}")
+        time.sleep(0.1)
+
+
+def stop(record: dict) -> None:
+    """Stop the service; it stops its jobs and model servers first (the records stay)."""
+    processes.stop([record], grace=60)
+
+
+def stop_strays(state_dir: Path) -> int:
+    """Stop the model servers that the records under ``state_dir`` name and that still run: after a service that
+    was killed (a clean stop stops them itself). Returns how many there were."""
+    from local_sagemaker.store import Store
+
+    servers = []
+    for record in Store(state_dir).items("endpoints"):
+        for fleet in (record["Local"]["fleet"], record["Local"]["pending"]):
+            servers += [server for server in (fleet or {}).get("servers", []) if processes.live(server)]
+    processes.stop(servers, grace=10)
+    return len(servers)

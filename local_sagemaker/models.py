@@ -1,0 +1,102 @@
+"""Models and endpoint configs: CreateModel, DescribeModel, DeleteModel, ListModels; CreateEndpointConfig,
+DescribeEndpointConfig, DeleteEndpointConfig, ListEndpointConfigs. Records only: what they name runs when an
+endpoint serves them (local_sagemaker.endpoints)."""
+
+from __future__ import annotations
+
+from local_sagemaker.listing import filtered, page
+from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.store import Store, now
+
+MODELS, CONFIGS = "models", "endpoint-configs"
+
+
+class Models:
+    def __init__(self, store: Store, region: str, account: str):
+        self.store, self.region, self.account = store, region, account
+
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+
+    # -- models ----------------------------------------------------------------------------------------------------
+
+    def create_model(self, request: dict) -> dict:
+        name = request["ModelName"]
+        container = request.get("PrimaryContainer") or (request.get("Containers") or [None])[0]
+        if container is None:
+            raise ValidationException("Either PrimaryContainer or Containers must be given")
+        if not container.get("ModelDataUrl"):
+            raise ValidationException(
+                f"Model {name}: its container has no ModelDataUrl (this local service serves model.tar.gz artifacts)"
+            )
+        with self.store.lock:
+            if self.store.get(MODELS, name) is not None:
+                raise ValidationException(f'Cannot create already existing model "{self._arn("model", name)}".')
+            record = {**request, "ModelArn": self._arn("model", name), "CreationTime": now()}
+            self.store.put(MODELS, name, record)
+        return {"ModelArn": record["ModelArn"]}
+
+    def model(self, name: str) -> dict:
+        record = self.store.get(MODELS, name)
+        if record is None:
+            raise not_found("model", name, self._arn("model", name))
+        return record
+
+    def describe_model(self, name: str) -> dict:
+        record = self.model(name)
+        record.pop("Tags", None)
+        return record
+
+    def delete_model(self, name: str) -> dict:
+        self.model(name)
+        self.store.delete(MODELS, name)
+        return {}
+
+    def list_models(self, params: dict) -> dict:
+        records = filtered(self.store.items(MODELS), params, "ModelName")
+        summaries, token = page(records, params, {"Name": "ModelName", "CreationTime": "CreationTime"},
+                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        keys = ("ModelName", "ModelArn", "CreationTime")
+        return {"Models": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
+
+    # -- endpoint configs --------------------------------------------------------------------------------------------
+
+    def create_endpoint_config(self, request: dict) -> dict:
+        name = request["EndpointConfigName"]
+        for variant in request["ProductionVariants"]:
+            if variant.get("ModelName"):
+                self.model(variant["ModelName"])
+        variants = [variant["VariantName"] for variant in request["ProductionVariants"]]
+        if len(set(variants)) != len(variants):
+            raise ValidationException(f"Endpoint config {name}: variant names must be unique, got {variants}")
+        with self.store.lock:
+            if self.store.get(CONFIGS, name) is not None:
+                arn = self._arn("endpoint-config", name)
+                raise ValidationException(f'Cannot create already existing endpoint configuration "{arn}".')
+            record = {**request, "EndpointConfigArn": self._arn("endpoint-config", name), "CreationTime": now()}
+            self.store.put(CONFIGS, name, record)
+        return {"EndpointConfigArn": record["EndpointConfigArn"]}
+
+    def endpoint_config(self, name: str) -> dict:
+        record = self.store.get(CONFIGS, name)
+        if record is None:
+            raise not_found("endpoint configuration", name, self._arn("endpoint-config", name))
+        return record
+
+    def describe_endpoint_config(self, name: str) -> dict:
+        record = self.endpoint_config(name)
+        record.pop("Tags", None)
+        return record
+
+    def delete_endpoint_config(self, name: str) -> dict:
+        self.endpoint_config(name)
+        self.store.delete(CONFIGS, name)
+        return {}
+
+    def list_endpoint_configs(self, params: dict) -> dict:
+        records = filtered(self.store.items(CONFIGS), params, "EndpointConfigName")
+        summaries, token = page(records, params, {"Name": "EndpointConfigName", "CreationTime": "CreationTime"},
+                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        keys = ("EndpointConfigName", "EndpointConfigArn", "CreationTime")
+        answer = {"EndpointConfigs": [{k: r[k] for k in keys} for r in summaries]}
+        return answer | ({"NextToken": token} if token else {})

@@ -1,0 +1,139 @@
+"""Starting, watching and stopping processes: the one place that does it, for the service and the local stack.
+
+A process is known by a record, ``{"pid", "started", "log"}``: the start time tells it apart from a later process
+that reuses its pid, so a record read back after a restart never names a stranger. Every process runs in a session
+of its own (its own process group), so stopping it stops whatever it started, and it outlives the process that
+started it until it is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import psutil
+
+# SIGTERM, then this long before SIGKILL: time for a server to drain and for Airflow to shut down cleanly.
+STOP_GRACE_SECONDS = 20.0
+# The environment every child may see from ours: what runs Python and its math libraries, never credentials,
+# Airflow's secrets or connections. Each caller adds what its child needs on top.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+INHERITED_PREFIXES = ("OPENBLAS_", "MKL_", "KMP_", "CUDA_", "NVIDIA_")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (the OS picks it), for a server about to be started."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def allowed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An allow-listed environment: ``INHERITED_ENV`` and the math libraries' settings, then ``extra``."""
+    env = {
+        key: value for key, value in os.environ.items() if key in INHERITED_ENV or key.startswith(INHERITED_PREFIXES)
+    }
+    env.update(extra or {})
+    return env
+
+
+def spawn(
+    command: list[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+    stdout=None,
+) -> tuple[subprocess.Popen, dict]:
+    """Start ``command`` in a session of its own; returns the process and its record.
+
+    Output goes to ``log_path`` (appended) or to ``stdout`` (e.g. ``subprocess.PIPE``), else nowhere.
+    """
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        output = open(log_path, "ab")  # noqa: SIM115 - the child holds it; ours closes below
+    else:
+        output = stdout if stdout is not None else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True, text=stdout is not None, errors="replace" if stdout is not None else None,
+        )  # fmt: skip
+    finally:
+        if log_path is not None:
+            output.close()
+    return process, record_of(process.pid, log_path)
+
+
+def record_of(pid: int, log_path: Path | None = None) -> dict:
+    return {"pid": pid, "started": psutil.Process(pid).create_time(), "log": str(log_path) if log_path else None}
+
+
+def live(record: Mapping | None) -> psutil.Process | None:
+    """The process a record names, or None once it has exited (or its pid now belongs to another process)."""
+    if not record:
+        return None
+    try:
+        process = psutil.Process(record["pid"])
+        if process.create_time() != record["started"] or process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _descendants(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop(records: Iterable[Mapping], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM each process's group and every descendant that left it; SIGKILL what is alive after ``grace``.
+
+    One SIGTERM each: a second one makes Airflow (and uvicorn) skip their clean shutdown.
+    """
+    leaders = [process for process in map(live, records) if process is not None]
+    groups = {leader.pid for leader in leaders}
+    processes = {p.pid: p for leader in leaders for p in (leader, *_descendants(leader))}
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGTERM)
+    for process in processes.values():
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(process.pid) not in groups:
+                process.terminate()
+    _, alive = psutil.wait_procs(list(processes.values()), timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    for leader in leaders:  # reap the ones this process started, so none stays a zombie
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(leader.pid, os.WNOHANG)
+
+
+def log_tail(path: str | Path | None, lines: int = 30) -> str:
+    if not path:
+        return ""
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (returns True) or ``timeout`` seconds pass (returns False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)

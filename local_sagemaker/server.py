@@ -1,0 +1,146 @@
+"""The HTTP front of the local SageMaker service: the control plane and the runtime on one port.
+
+- ``POST /`` with ``X-Amz-Target: SageMaker.<Operation>``: the SageMaker API as botocore speaks it (JSON 1.1).
+  Each request is validated against botocore's own service model and each answer shaped by it
+  (local_sagemaker.protocol); errors come back as SageMaker's (ValidationException, ResourceInUse, ...).
+- ``POST /endpoints/{EndpointName}/invocations``: InvokeEndpoint (local_sagemaker.runtime).
+- ``GET /ping``: 200 once the endpoints the records name serve again after a start, 503 until then.
+
+The handlers run in a thread pool: they read and write records and start threads for the long work (jobs,
+fleets), and the event loop stays free for the runtime's requests.
+
+    python -m local_sagemaker --state-dir DIR [--host 127.0.0.1] [--port 8090] [--cpus N] [--metrics-interval S]
+
+S3, CloudWatch and CloudWatch Logs are reached through boto3's standard environment (``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from local_sagemaker import protocol
+from local_sagemaker.endpoints import Endpoints
+from local_sagemaker.experiments import Experiments
+from local_sagemaker.models import Models
+from local_sagemaker.runtime import Router, add_routes
+from local_sagemaker.store import Store
+from local_sagemaker.training import TrainingJobs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8090
+DEFAULT_REGION = "us-east-1"
+ACCOUNT = "000000000000"  # the account id of every local ARN
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # far above any control-plane request; InvokeEndpoint checks its own 6 MB
+
+
+class Service:
+    """The service's state and its operations: SageMaker operation name → handler(params) → result."""
+
+    def __init__(self, state_dir: Path, *, cpus: int, metrics_interval: float, region: str = DEFAULT_REGION,
+                 workers: int | None = None):  # fmt: skip
+        self.store = Store(state_dir)
+        self.router = Router()
+        self.models = Models(self.store, region, ACCOUNT)
+        self.experiments = Experiments(self.store, region, ACCOUNT)
+        self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT,
+                                     on_change=self.experiments.record_training_job)  # fmt: skip
+        self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
+                                   metrics_interval=metrics_interval, region=region, account=ACCOUNT)  # fmt: skip
+        self.operations = {
+            "CreateTrainingJob": self.training.create,
+            "DescribeTrainingJob": lambda p: self.training.describe(p["TrainingJobName"]),
+            "ListTrainingJobs": self.training.list,
+            "StopTrainingJob": lambda p: self.training.stop(p["TrainingJobName"]),
+            "CreateModel": self.models.create_model,
+            "DescribeModel": lambda p: self.models.describe_model(p["ModelName"]),
+            "DeleteModel": lambda p: self.models.delete_model(p["ModelName"]),
+            "ListModels": self.models.list_models,
+            "CreateEndpointConfig": self.models.create_endpoint_config,
+            "DescribeEndpointConfig": lambda p: self.models.describe_endpoint_config(p["EndpointConfigName"]),
+            "DeleteEndpointConfig": lambda p: self.models.delete_endpoint_config(p["EndpointConfigName"]),
+            "ListEndpointConfigs": self.models.list_endpoint_configs,
+            "CreateEndpoint": self.endpoints.create_endpoint,
+            "DescribeEndpoint": lambda p: self.endpoints.describe_endpoint(p["EndpointName"]),
+            "UpdateEndpoint": self.endpoints.update_endpoint,
+            "DeleteEndpoint": lambda p: self.endpoints.delete_endpoint(p["EndpointName"]),
+            "ListEndpoints": self.endpoints.list_endpoints,
+            "CreateExperiment": self.experiments.create_experiment,
+            "DescribeExperiment": lambda p: self.experiments.describe_experiment(p["ExperimentName"]),
+            "CreateTrial": self.experiments.create_trial,
+            "DescribeTrial": lambda p: self.experiments.describe_trial(p["TrialName"]),
+            "DescribeTrialComponent": lambda p: self.experiments.describe_trial_component(p["TrialComponentName"]),
+            "ListTrialComponents": self.experiments.list_trial_components,
+        }
+
+    def start(self) -> None:
+        self.endpoints.recover()
+
+    def stop(self) -> None:
+        self.training.shutdown()
+        self.endpoints.shutdown()
+
+
+def create_app(service: Service) -> web.Application:
+    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sagemaker-api")
+    implemented = frozenset(service.operations)
+
+    async def control_plane(request: web.Request) -> web.Response:
+        try:
+            operation, params = protocol.parse_request(
+                request.headers.get("X-Amz-Target"), await request.read(), implemented
+            )
+            handler = service.operations[operation]
+            result = await asyncio.get_running_loop().run_in_executor(executor, handler, params)
+            return web.Response(body=protocol.serialize_response(operation, result),
+                                headers=protocol.response_headers())  # fmt: skip
+        except protocol.SageMakerError as error:
+            status, headers, body = protocol.error_response(error)
+        except Exception as error:  # a bug: SageMaker's answer for it, and the traceback in the service's log
+            log.exception("%s failed", request.headers.get("X-Amz-Target"))
+            status, headers, body = protocol.error_response(
+                protocol.InternalFailure(f"the local SageMaker service failed: {type(error).__name__}")
+            )
+        return web.Response(status=status, headers=headers, body=body)
+
+    async def ping(request: web.Request) -> web.Response:
+        ready = service.endpoints.ready.is_set()
+        return web.json_response({"status": "Healthy" if ready else "Recovering"}, status=200 if ready else 503)
+
+    async def lifecycle(app: web.Application):
+        service.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.stop)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app.router.add_post("/", control_plane)
+    app.router.add_get("/ping", ping)
+    add_routes(app, service.router, ACCOUNT, DEFAULT_REGION)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m local_sagemaker", description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, required=True, help="where the records, jobs and logs are kept")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--cpus", type=int, default=0, help="cores for training jobs and servers (0: all)")
+    parser.add_argument("--metrics-interval", type=float, default=10.0,
+                        help="seconds between an endpoint server's CloudWatch puts")  # fmt: skip
+    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = Service(args.state_dir, cpus=args.cpus or len(os.sched_getaffinity(0)),
+                      metrics_interval=args.metrics_interval, region=args.region)  # fmt: skip
+    log.info("Local SageMaker service on http://%s:%d, state in %s", args.host, args.port, args.state_dir)
+    web.run_app(create_app(service), host=args.host, port=args.port, access_log=None, print=None,
+                shutdown_timeout=5)  # fmt: skip

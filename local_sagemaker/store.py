@@ -1,0 +1,107 @@
+"""The service's records on disk: one JSON file per resource, written atomically, read back at start.
+
+`<state_dir>/<kind>/<name>.json` for each kind (training-jobs, models, endpoint-configs, endpoints, experiments,
+trials, trial-components). Every change goes through `Store.put`, which writes a temporary file, fsyncs it and
+renames it over the record, so a crash leaves the old record or the new one, never half of one. Records are held
+in memory too (the service is their only writer), behind one lock: handlers run in threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+KINDS = ("training-jobs", "models", "endpoint-configs", "endpoints", "experiments", "trials", "trial-components")
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` in one step: a reader (or a crash) sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _encode(value):
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat()}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _decode(value: dict):
+    if value.keys() == {"$datetime"}:
+        return datetime.datetime.fromisoformat(value["$datetime"])
+    return value
+
+
+class Store:
+    """Records by kind and name. ``get`` and ``items`` return copies: a handler's edits count only once put."""
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir)
+        self.lock = threading.RLock()
+        self._records: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
+        for kind in KINDS:
+            directory = self.root / kind
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(directory.glob("*.json")):
+                self._records[kind][path.stem] = json.loads(path.read_text(), object_hook=_decode)
+
+    def _path(self, kind: str, name: str) -> Path:
+        # Names reach here only after the API's own name pattern ([a-zA-Z0-9-]); refuse anything else outright.
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"unsafe record name {name!r}")
+        return self.root / kind / f"{name}.json"
+
+    def get(self, kind: str, name: str) -> dict | None:
+        with self.lock:
+            record = self._records[kind].get(name)
+            return copy.deepcopy(record) if record is not None else None
+
+    def put(self, kind: str, name: str, record: dict) -> dict:
+        with self.lock:
+            write_atomically(self._path(kind, name), json.dumps(record, default=_encode, indent=1).encode())
+            self._records[kind][name] = copy.deepcopy(record)
+            return record
+
+    def update(self, kind: str, name: str, **fields) -> dict:
+        """Set ``fields`` on a record (None deletes the key); returns the record as stored."""
+        with self.lock:
+            record = self._records[kind][name]
+            changed = {**record, **fields}
+            for key, value in fields.items():
+                if value is None:
+                    changed.pop(key, None)
+            return self.put(kind, name, changed)
+
+    def delete(self, kind: str, name: str) -> None:
+        with self.lock:
+            self._records[kind].pop(name, None)
+            self._path(kind, name).unlink(missing_ok=True)
+
+    def items(self, kind: str) -> list[dict]:
+        with self.lock:
+            return [copy.deepcopy(record) for record in self._records[kind].values()]
+
+    def names(self, kind: str) -> list[str]:
+        with self.lock:
+            return list(self._records[kind])

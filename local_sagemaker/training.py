@@ -1,0 +1,577 @@
+"""Training jobs, run as SageMaker runs them: CreateTrainingJob, DescribeTrainingJob, ListTrainingJobs,
+StopTrainingJob.
+
+A job goes Starting (waiting for free cores) → Downloading (``sagemaker_submit_directory`` unpacked into the job's
+code directory, each S3 channel into ``input/data/<channel>``) → Training (``sagemaker_program`` with the
+SageMaker ``SM_*`` environment and the hyperparameters as ``--key value``; one process per instance, loopback DDP
+when there are several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output
+data directory under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped
+(StopTrainingJob, or MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs, group
+``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``, as the Amazon provider's ``print_log`` reads
+it; FinalMetricDataList is the last match of each MetricDefinitions regex in the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import queue
+import re
+import shutil
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from local_sagemaker import aws, processes
+from local_sagemaker.listing import filtered, page
+from local_sagemaker.protocol import ResourceInUse, ValidationException, not_found
+from local_sagemaker.store import Store, now
+
+log = logging.getLogger(__name__)
+
+KIND = "training-jobs"
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+LOG_TAIL_LINES = 40
+# Mapped Airflow tasks start their jobs within a second or so of each other: a job that finds the machine idle
+# waits this long in Starting, so that the sweep's jobs share the cores instead of the first taking them all.
+STARTING_SECONDS = 1.0
+LOG_FLUSH_SECONDS = 1.0
+STOP_GRACE_SECONDS = 10.0  # SIGTERM, then this long before SIGKILL (SageMaker gives 120 s)
+TERMINAL = ("Completed", "Failed", "Stopped")
+# What DescribeTrainingJob answers of the request as it was made.
+REQUEST_KEYS = (
+    "TrainingJobName", "HyperParameters", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
+    "OutputDataConfig", "ResourceConfig", "StoppingCondition", "ExperimentConfig", "Environment",
+    "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption", "EnableManagedSpotTraining",
+    "CheckpointConfig", "VpcConfig", "DebugHookConfig", "TensorBoardOutputConfig", "RetryStrategy",
+)  # fmt: skip
+
+
+class JobStopped(Exception):
+    def __init__(self, secondary: str = "Stopped", reason: str | None = None):
+        super().__init__(reason or secondary)
+        self.secondary, self.reason = secondary, reason
+
+
+class JobFailed(Exception):
+    """The job failed; the message is its FailureReason."""
+
+
+class Cores:
+    """The machine's cores, handed to jobs first come, first served. A job takes its share of what is free among
+    the jobs waiting with it, and at least one core per instance (capped at the machine)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self.waiting: list[str] = []
+        self.condition = threading.Condition()
+
+    def acquire(self, name: str, minimum: int, stopped: threading.Event) -> int:
+        minimum = min(max(1, minimum), self.total)
+        with self.condition:
+            self.waiting.append(name)
+            try:
+                while not (self.waiting[0] == name and self.free >= minimum):
+                    if stopped.is_set():
+                        raise JobStopped()
+                    self.condition.wait(0.2)
+                share = max(minimum, self.free // len(self.waiting))
+                self.free -= share
+                return share
+            finally:
+                self.waiting.remove(name)
+                self.condition.notify_all()
+
+    def release(self, count: int) -> None:
+        with self.condition:
+            self.free += count
+            self.condition.notify_all()
+
+
+def user_args(hyperparameters: Mapping[str, str]) -> list[str]:
+    """``--key value`` for each hyperparameter SageMaker passes to the script (not the sagemaker_* ones), sorted."""
+    args = []
+    for key, value in sorted(hyperparameters.items()):
+        if not key.startswith("sagemaker_"):
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def _decoded(value: str):
+    """Hyperparameters as SM_HPS shows them: JSON values decoded, anything else kept as the string."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _gpu_count() -> int:
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
+
+
+def host_environments(
+    *, job_name: str, ml_dir: Path, code_dir: Path, program: str, hyperparameters: Mapping[str, str],
+    channels: Mapping[str, Path], instance_count: int, cpus: int, region: str,
+) -> list[dict[str, str]]:  # fmt: skip
+    """The environment of each host's process: what the SageMaker training toolkit sets, plus loopback DDP, over an
+    allow-listed base (never the service's own credentials or anything of Airflow's)."""
+    hosts = [f"algo-{i + 1}" for i in range(instance_count)]
+    hps = {key: _decoded(value) for key, value in hyperparameters.items() if not key.startswith("sagemaker_")}
+    gpus_per_host = _gpu_count() // instance_count
+    threads = max(1, cpus // instance_count)
+    base = processes.allowed_env(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(code_dir),
+            "OMP_NUM_THREADS": str(threads),
+            "AWS_REGION": region,
+            "SM_HOSTS": json.dumps(hosts),
+            "SM_NUM_CPUS": str(threads),
+            "SM_NUM_GPUS": str(gpus_per_host),
+            "SM_MODEL_DIR": str(ml_dir / "model"),
+            "SM_OUTPUT_DIR": str(ml_dir / "output"),
+            "SM_OUTPUT_DATA_DIR": str(ml_dir / "output" / "data"),
+            "SM_INPUT_DIR": str(ml_dir / "input"),
+            "SM_INPUT_CONFIG_DIR": str(ml_dir / "input" / "config"),
+            "SM_CHANNELS": json.dumps(sorted(channels)),
+            "SM_HPS": json.dumps(hps),
+            "SM_USER_ENTRY_POINT": program,
+            "SM_MODULE_DIR": hyperparameters.get("sagemaker_submit_directory", str(code_dir)),
+            "SM_USER_ARGS": json.dumps(user_args(hyperparameters)),
+            "SM_NETWORK_INTERFACE_NAME": "lo",
+            # The hosts' names resolve only inside SageMaker's network: here every host is a process on loopback,
+            # and the rendezvous listens on loopback alone.
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(processes.free_port()),
+            **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
+            **{f"SM_HP_{key.upper()}": str(value) for key, value in hyperparameters.items()},
+        }
+    )
+    environments = []
+    for index, host in enumerate(hosts):
+        env = {**base, "SM_CURRENT_HOST": host}
+        if gpus_per_host:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * gpus_per_host + g) for g in range(gpus_per_host))
+        env["SM_TRAINING_ENV"] = json.dumps(
+            {
+                "job_name": job_name, "current_host": host, "hosts": hosts, "hyperparameters": hps,
+                "channel_input_dirs": {name: str(path) for name, path in channels.items()},
+                "model_dir": env["SM_MODEL_DIR"], "output_data_dir": env["SM_OUTPUT_DATA_DIR"],
+                "output_dir": env["SM_OUTPUT_DIR"], "input_dir": env["SM_INPUT_DIR"],
+                "module_dir": env["SM_MODULE_DIR"], "user_entry_point": program, "num_cpus": threads,
+                "num_gpus": gpus_per_host, "network_interface_name": "lo",
+            }
+        )  # fmt: skip
+        environments.append(env)
+    return environments
+
+
+def extract_code(body: bytes, code_dir: Path, what: str) -> None:
+    """Unpack sourcedir.tar.gz: regular files and directories only, every one inside ``code_dir``."""
+    code_dir.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+            for member in archive.getmembers():
+                if not (member.isfile() or member.isdir()):
+                    raise JobFailed(f"ClientError: {what} holds {member.name!r}, which is not a regular file")
+            archive.extractall(code_dir, filter="data")  # refuses absolute paths and `..`
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise JobFailed(f"ClientError: {what} is not a readable tar.gz archive: {error}") from None
+
+
+def pack(directory: Path) -> bytes:
+    """A tar.gz of ``directory``, entries relative to it, as SageMaker packs /opt/ml/model."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(directory.rglob("*")):
+            archive.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
+    return buffer.getvalue()
+
+
+class LogStreams:
+    """A job's log lines to CloudWatch Logs, one stream per host, in batches: a job's log never waits on Logs."""
+
+    def __init__(self, job_name: str, hosts: list[str]):
+        epoch = int(time.time())
+        self.streams = {host: f"{job_name}/{host}-{epoch}" for host in hosts}
+        self.pending: dict[str, list[dict]] = {host: [] for host in hosts}
+        self.last_flush = time.monotonic()
+        self.broken = False
+        self._create()
+
+    def _create(self) -> None:
+        try:
+            logs = aws.client("logs")
+            with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+                logs.create_log_group(logGroupName=LOG_GROUP)
+            for stream in self.streams.values():
+                with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+                    logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=stream)
+        except Exception as error:  # CloudWatch Logs down: the job runs on, with its log on disk
+            self._broke(error)
+
+    def _broke(self, error: Exception) -> None:
+        if not self.broken:
+            log.warning("CloudWatch Logs unreachable, job logs stay on disk only: %s", error)
+        self.broken = True
+
+    def add(self, host: str, line: str) -> None:
+        self.pending[host].append({"timestamp": int(time.time() * 1000), "message": line})
+
+    def flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_flush < LOG_FLUSH_SECONDS:
+            return
+        self.last_flush = time.monotonic()
+        for host, events in self.pending.items():
+            if not events or self.broken:
+                events.clear()
+                continue
+            batch, self.pending[host] = events, []
+            try:
+                for start in range(0, len(batch), 5000):
+                    aws.client("logs").put_log_events(
+                        logGroupName=LOG_GROUP, logStreamName=self.streams[host], logEvents=batch[start : start + 5000]
+                    )
+            except Exception as error:
+                self._broke(error)
+
+
+@dataclasses.dataclass
+class _Running:
+    """What the service holds of a job while its thread runs it."""
+
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    processes: list = dataclasses.field(default_factory=list)
+    records: list = dataclasses.field(default_factory=list)
+    thread: threading.Thread | None = None
+
+
+class TrainingJobs:
+    def __init__(self, store: Store, state_dir: Path, cpus: int, region: str, account: str,
+                 on_change: Callable[[dict], None] | None = None):  # fmt: skip
+        self.store = store
+        self.jobs_dir = Path(state_dir) / "job-dirs"
+        self.cores = Cores(cpus)
+        self.region, self.account = region, account
+        self.on_change = on_change or (lambda record: None)
+        self.running: dict[str, _Running] = {}
+        self._recover()
+
+    def arn(self, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:training-job/{name.lower()}"
+
+    def _recover(self) -> None:
+        """A job that was running when the service stopped cannot go on: its processes went with the service."""
+        for record in self.store.items(KIND):
+            if record["TrainingJobStatus"] in ("InProgress", "Stopping"):
+                self._finish(record["TrainingJobName"], "Failed", "Failed",
+                             "InternalServerError: the local SageMaker service stopped while the job ran")  # fmt: skip
+
+    # -- the API ---------------------------------------------------------------------------------------------------
+
+    def create(self, request: dict) -> dict:
+        name = request["TrainingJobName"]
+        hyperparameters = request.get("HyperParameters", {})
+        for key in ("sagemaker_program", "sagemaker_submit_directory"):
+            if key not in hyperparameters:
+                raise ValidationException(
+                    f"HyperParameters lack {key}: this local service runs script-mode jobs (the SageMaker "
+                    "framework containers' contract: sagemaker_program and sagemaker_submit_directory)"
+                )
+        with self.store.lock:
+            if self.store.get(KIND, name) is not None:
+                raise ResourceInUse(f"Training job names must be unique within an AWS account and region, and a "
+                                    f"training job with this name already exists ({self.arn(name)})")  # fmt: skip
+            created = now()
+            record = {
+                **{key: request[key] for key in REQUEST_KEYS if key in request},
+                "TrainingJobArn": self.arn(name),
+                "TrainingJobStatus": "InProgress",
+                "SecondaryStatus": "Starting",
+                # Where the model will be: DescribeTrainingJob always answers it (the model requires the member).
+                "ModelArtifacts": {
+                    "S3ModelArtifacts": f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/"
+                    f"{name}/output/model.tar.gz"
+                },
+                "CreationTime": created,
+                "LastModifiedTime": created,
+                "SecondaryStatusTransitions": [
+                    {
+                        "Status": "Starting",
+                        "StartTime": created,
+                        "StatusMessage": "Preparing the instances for training",
+                    }
+                ],
+                "Tags": request.get("Tags", []),
+            }
+            self.store.put(KIND, name, record)
+        running = self.running[name] = _Running()
+        running.thread = threading.Thread(target=self._run, args=(name,), name=f"training-job-{name}", daemon=True)
+        running.thread.start()
+        self.on_change(record)
+        return {"TrainingJobArn": record["TrainingJobArn"]}
+
+    def describe(self, name: str) -> dict:
+        record = self.store.get(KIND, name)
+        if record is None:
+            raise not_found("training job", name)
+        record.pop("Tags", None)
+        return record
+
+    def list(self, params: dict) -> dict:
+        records = filtered(self.store.items(KIND), params, "TrainingJobName", "TrainingJobStatus")
+        sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus"}
+        summaries, token = page(records, params, sort_by, default_sort="CreationTime")
+        keys = ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingEndTime", "LastModifiedTime",
+                "TrainingJobStatus", "SecondaryStatus")  # fmt: skip
+        answer = {"TrainingJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
+        return answer | ({"NextToken": token} if token else {})
+
+    def stop(self, name: str) -> dict:
+        record = self.describe(name)
+        if record["TrainingJobStatus"] != "InProgress":
+            raise ValidationException(
+                f"The request was rejected because the training job is in status {record['TrainingJobStatus']}."
+            )
+        self._transition(name, "Stopping", status="Stopping")
+        if running := self.running.get(name):
+            running.stop.set()
+        return {}
+
+    def shutdown(self) -> None:
+        """Stop every running job (the service is going away, and its jobs with it)."""
+        for running in list(self.running.values()):
+            running.stop.set()
+        for running in list(self.running.values()):
+            if running.thread:
+                running.thread.join(timeout=STOP_GRACE_SECONDS + 5)
+
+    # -- running a job ---------------------------------------------------------------------------------------------
+
+    def _transition(self, name: str, secondary: str, message: str = "", status: str | None = None, **fields) -> dict:
+        with self.store.lock:
+            record = self.store.get(KIND, name)
+            moment = now()
+            transitions = record["SecondaryStatusTransitions"]
+            if transitions and "EndTime" not in transitions[-1]:
+                transitions[-1]["EndTime"] = moment
+            if secondary not in TERMINAL or not transitions or transitions[-1]["Status"] != secondary:
+                entry = {"Status": secondary, "StartTime": moment, "StatusMessage": message or secondary}
+                if secondary in TERMINAL:
+                    entry["EndTime"] = moment
+                transitions.append(entry)
+            record.update(SecondaryStatus=secondary, LastModifiedTime=moment, **fields)
+            if status:
+                record["TrainingJobStatus"] = status
+            self.store.put(KIND, name, record)
+        self.on_change(record)
+        return record
+
+    def _finish(self, name: str, status: str, secondary: str, reason: str | None = None, **fields) -> None:
+        record = self.store.get(KIND, name)
+        ended = now()
+        if started := record.get("TrainingStartTime"):
+            seconds = max(1, round((ended - started).total_seconds()))
+            count = int(record["ResourceConfig"]["InstanceCount"])
+            fields.update(TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds * count)
+        if reason:
+            fields["FailureReason"] = reason[:1024]
+        message = {"Completed": "Training job completed", "Failed": reason or "Training job failed"}
+        self._transition(name, secondary, message.get(status, reason or "Training job stopped"), status=status,
+                         TrainingEndTime=ended, **fields)  # fmt: skip
+        log.info("Training job %s: %s%s", name, status, f" ({reason})" if reason else "")
+
+    def _run(self, name: str) -> None:
+        running = self.running[name]
+        record = self.store.get(KIND, name)
+        ml_dir = self.jobs_dir / name
+        cores = 0
+        try:
+            shutil.rmtree(ml_dir, ignore_errors=True)
+            running.stop.wait(STARTING_SECONDS)
+            count = int(record["ResourceConfig"]["InstanceCount"])
+            cores = self.cores.acquire(name, count, running.stop)
+            self._transition(name, "Downloading", "Downloading input data")
+            hyperparameters = record["HyperParameters"]
+            uri = hyperparameters["sagemaker_submit_directory"]
+            extract_code(self._get(uri, "sagemaker_submit_directory"), ml_dir / "code", uri)
+            channels = {
+                channel["ChannelName"]: self._download_channel(channel, ml_dir / "input" / "data" / channel["ChannelName"])
+                for channel in record.get("InputDataConfig", [])
+            }  # fmt: skip
+            self._check_stop(running)
+            self._transition(name, "Training", "Training image download completed. Training in progress.",
+                             TrainingStartTime=now())  # fmt: skip
+            metrics = self._train(record, ml_dir, channels, count, cores, running)
+            self._transition(name, "Uploading", "Uploading generated training model")
+            output = f"{record['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{name}/output"
+            aws.put_verified(*aws.split_s3_uri(f"{output}/model.tar.gz"), pack(ml_dir / "model"))
+            aws.put_verified(*aws.split_s3_uri(f"{output}/output.tar.gz"), pack(ml_dir / "output" / "data"))
+            moment = now()
+            self._finish(
+                name, "Completed", "Completed",
+                FinalMetricDataList=[{"MetricName": k, "Value": v, "Timestamp": moment} for k, v in metrics.items()],
+            )  # fmt: skip
+        except JobStopped as stopped:
+            self._finish(name, "Stopped", stopped.secondary, stopped.reason)
+        except JobFailed as failed:
+            self._finish(name, "Failed", "Failed", str(failed))
+        except Exception as error:  # a bug or an unreachable S3: the job fails, saying what happened
+            log.exception("Training job %s failed", name)
+            self._finish(name, "Failed", "Failed", f"InternalServerError: {type(error).__name__}: {error}")
+        finally:
+            if cores:
+                self.cores.release(cores)
+            # The channel copies are the bulk of a job directory and S3 keeps the originals; the rest stays.
+            shutil.rmtree(ml_dir / "input" / "data", ignore_errors=True)
+            self.running.pop(name, None)
+
+    @staticmethod
+    def _check_stop(running: _Running) -> None:
+        if running.stop.is_set():
+            raise JobStopped()
+
+    @staticmethod
+    def _get(uri: str, what: str) -> bytes:
+        try:
+            bucket, key = aws.split_s3_uri(uri)
+            return aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as error:
+            raise JobFailed(f"ClientError: cannot read {what} {uri}: {error}") from None
+
+    @staticmethod
+    def _download_channel(channel: Mapping, target: Path) -> Path:
+        """Every object under an S3Prefix channel's prefix, into ``target``, keeping relative paths."""
+        source = channel["DataSource"].get("S3DataSource")
+        if source is None:
+            raise JobFailed(f"ClientError: channel {channel['ChannelName']}: only S3DataSource channels run here")
+        bucket, prefix = aws.split_s3_uri(source["S3Uri"])
+        s3 = aws.client("s3")
+        keys = [
+            item["Key"]
+            for part in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in part.get("Contents", [])
+        ]
+        if source.get("S3DataType", "S3Prefix") == "S3Prefix" and not keys:
+            raise JobFailed(f"ClientError: channel {channel['ChannelName']}: no objects under {source['S3Uri']}")
+        target.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            try:
+                destination = target / aws.safe_relative(key, prefix)
+            except ValueError as error:
+                raise JobFailed(f"ClientError: channel {channel['ChannelName']}: {error}") from None
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(destination))
+        log.info("Channel %s: %d files from %s", channel["ChannelName"], len(keys), source["S3Uri"])
+        return target
+
+    def _train(self, record: dict, ml_dir: Path, channels: dict, count: int, cores: int, running: _Running) -> dict:
+        """Run the entry point on ``count`` hosts; the final metrics, or JobFailed / JobStopped."""
+        name = record["TrainingJobName"]
+        hyperparameters = record["HyperParameters"]
+        for directory in ("model", "output/data", "input/config", "logs"):
+            (ml_dir / directory).mkdir(parents=True, exist_ok=True)
+        (ml_dir / "input/config/hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+        (ml_dir / "input/config/inputdataconfig.json").write_text(
+            json.dumps({channel: {"TrainingInputMode": "File"} for channel in channels})
+        )
+        definitions = record["AlgorithmSpecification"].get("MetricDefinitions", [])
+        patterns = {definition["Name"]: re.compile(definition["Regex"]) for definition in definitions}
+        program = hyperparameters["sagemaker_program"]
+        environments = host_environments(
+            job_name=name, ml_dir=ml_dir, code_dir=ml_dir / "code", program=program, hyperparameters=hyperparameters,
+            channels=channels, instance_count=count, cpus=cores, region=self.region,
+        )  # fmt: skip
+        hosts = [env["SM_CURRENT_HOST"] for env in environments]
+        streams = LogStreams(name, hosts)
+        command = [sys.executable, program, *user_args(hyperparameters)]
+        metrics: dict[str, float] = {}
+        tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        disk_log = open(ml_dir / "logs" / "job.log", "a")  # noqa: SIM115 - closed in finally
+
+        def show(host: str, line: str) -> None:
+            shown = f"[{host}] {line}" if count > 1 else line
+            tail.append(shown)
+            disk_log.write(shown + "\n")
+            streams.add(host, line)
+            for metric, pattern in patterns.items():
+                if match := pattern.search(line):
+                    with contextlib.suppress(ValueError, IndexError):
+                        metrics[metric] = float(match.group(1))
+
+        show(hosts[0], f"Invoking script with the following command: {' '.join(command[1:])}")
+        max_runtime = record.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
+        deadline = time.monotonic() + max_runtime if max_runtime else None
+        lines: queue.Queue = queue.Queue()
+        outcome: JobStopped | JobFailed | None = None
+        try:
+            for env in environments:
+                if not (ml_dir / "code" / program).is_file():
+                    raise JobFailed(f"ClientError: the entry point {program} is not in sagemaker_submit_directory")
+                process, started = processes.spawn(command, env=env, cwd=ml_dir / "code", stdout=-1)
+                running.processes.append(process)
+                running.records.append(started)
+                reader = threading.Thread(target=_stream, args=(process, env["SM_CURRENT_HOST"], lines), daemon=True)
+                reader.start()
+            open_logs = len(running.processes)
+            # Until every host has closed its log and exited (a log can end a moment before its process does).
+            while open_logs or any(p.poll() is None for p in running.processes):
+                with contextlib.suppress(queue.Empty):
+                    host, line = lines.get(timeout=0.2)
+                    if line is None:
+                        open_logs -= 1
+                    else:
+                        show(host, line)
+                streams.flush()
+                if running.stop.is_set():
+                    outcome = JobStopped()
+                    break
+                if deadline and time.monotonic() > deadline:
+                    show(hosts[0], f"MaxRuntimeInSeconds ({max_runtime} s) exceeded: stopping the job")
+                    outcome = JobStopped("MaxRuntimeExceeded", f"MaxRuntimeExceeded: the job ran past "
+                                         f"MaxRuntimeInSeconds={max_runtime}")  # fmt: skip
+                    break
+                if any(p.poll() not in (None, 0) for p in running.processes):
+                    break  # a failed host: its peers would wait for it forever
+            own_codes = [p.poll() for p in running.processes]  # before anything was stopped
+        finally:
+            processes.stop(running.records, grace=STOP_GRACE_SECONDS)
+            for process in running.processes:
+                process.wait()
+            deadline_drain = time.monotonic() + 5
+            while time.monotonic() < deadline_drain:  # what the processes wrote before they ended
+                try:
+                    host, line = lines.get(timeout=0.1)
+                except queue.Empty:
+                    break
+                if line is not None:
+                    show(host, line)
+            streams.flush(force=True)
+            disk_log.close()
+        if outcome:
+            raise outcome
+        code = next((c for c in own_codes if c), 0)
+        if code:
+            failure_file = ml_dir / "output" / "failure"
+            failure = failure_file.read_text().strip() if failure_file.is_file() else f"exit code {code}"
+            raise JobFailed(f"AlgorithmError: {failure}\nLast {len(tail)} lines of the log:\n" + "\n".join(tail))
+        return metrics
+
+
+def _stream(process, host: str, lines: queue.Queue) -> None:
+    for line in process.stdout:
+        lines.put((host, line.rstrip("\n")))
+    lines.put((host, None))  # this host's log ended

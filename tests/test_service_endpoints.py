@@ -1,0 +1,269 @@
+"""Endpoints on the local SageMaker service, through boto3: real model servers, blue/green under load, traffic
+shifting guarded by alarms, failures that leave the old config serving, and a restart that keeps them all."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import boto3
+import numpy as np
+import psutil
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tests.endpoint_helpers import model_artifacts, pack
+from training.mnist_idx import load_mnist
+
+BUCKET = "service-endpoints"
+ROLE = "arn:aws:iam::000000000000:role/test"
+
+
+@pytest.fixture(scope="module")
+def sagemaker(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
+    """Models in the service for a trained artifact, a wrong one, one whose handler raises, and one that is no
+    archive; an endpoint config of each."""
+    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=BUCKET)
+    client = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    packed = tmp_path_factory.mktemp("service-endpoint-artifacts")
+    for kind in ("good", "shuffled", "raising"):
+        s3.upload_file(str(pack(built[kind], packed / f"{kind}.tar.gz")), BUCKET, f"{kind}/model.tar.gz")
+    s3.put_object(Bucket=BUCKET, Key="broken/model.tar.gz", Body=b"not a tar archive")
+    for kind in ("good", "shuffled", "raising", "broken"):
+        client.create_model(
+            ModelName=f"model-{kind}", ExecutionRoleArn=ROLE,
+            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{kind}/model.tar.gz"},
+        )  # fmt: skip
+        client.create_endpoint_config(
+            EndpointConfigName=f"config-{kind}",
+            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": f"model-{kind}",
+                                 "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}],
+        )  # fmt: skip
+    return client
+
+
+@pytest.fixture(scope="module")
+def body(small_mnist) -> bytes:
+    return json.dumps({"instances": [load_mnist(small_mnist)["test_images"][0].tolist()]}).encode()
+
+
+def runtime(url: str):
+    # No retries: a request that fails must count as failed, not be sent again.
+    return boto3.client("sagemaker-runtime", endpoint_url=url, config=Config(retries={"total_max_attempts": 1}))
+
+
+def probabilities(client, name: str, body: bytes) -> list[float]:
+    reply = client.invoke_endpoint(EndpointName=name, Body=body, ContentType="application/json")
+    assert reply["InvokedProductionVariant"] == "AllTraffic"
+    return json.loads(reply["Body"].read())["predictions"][0]["probabilities"]
+
+
+def settled(sagemaker, name: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        described = sagemaker.describe_endpoint(EndpointName=name)
+        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "Deleting"):
+            return described
+        assert time.monotonic() < deadline, described
+        time.sleep(0.2)
+
+
+class Load:
+    """Clients invoking an endpoint until stopped; every answer and every failure kept."""
+
+    def __init__(self, url: str, name: str, body: bytes, clients: int = 3):
+        self.answers, self.failures, self.stop = [], [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(url, name, body)) for _ in range(clients)]
+
+    def _run(self, url, name, body):
+        client = runtime(url)
+        while not self.stop.is_set():
+            try:
+                self.answers.append(probabilities(client, name, body))
+            except Exception as error:
+                self.failures.append(repr(error))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def server_pids(sagemaker_url: str, endpoint: str) -> set[int]:
+    """The model servers of ``endpoint`` that the service at ``sagemaker_url`` started itself."""
+    port = sagemaker_url.rsplit(":", 1)[1]
+    service = next(
+        p for p in psutil.process_iter(["cmdline"])
+        if "local_sagemaker" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or [])
+    )  # fmt: skip
+    return {
+        child.pid for child in service.children()
+        if "inference.serve" in child.cmdline() and endpoint in child.cmdline()
+    }  # fmt: skip
+
+
+def test_create_serves_then_blue_green_under_load_loses_no_request(sagemaker, local_sagemaker, body):
+    sagemaker.create_endpoint(EndpointName="digits", EndpointConfigName="config-good")
+    assert sagemaker.describe_endpoint(EndpointName="digits")["EndpointStatus"] == "Creating"
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="digits", WaiterConfig={"Delay": 1})
+    described = sagemaker.describe_endpoint(EndpointName="digits")
+    assert described["EndpointConfigName"] == "config-good"
+    assert described["ProductionVariants"][0]["CurrentInstanceCount"] == 1
+    assert "digits" in {e["EndpointName"] for e in sagemaker.list_endpoints(StatusEquals="InService")["Endpoints"]}
+    answer_good = probabilities(runtime(local_sagemaker), "digits", body)
+    old_servers = server_pids(local_sagemaker, "digits")
+
+    with Load(local_sagemaker, "digits", body) as load:
+        time.sleep(0.5)
+        sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-shuffled")
+        assert sagemaker.describe_endpoint(EndpointName="digits")["EndpointStatus"] == "Updating"
+        described = settled(sagemaker, "digits")
+        time.sleep(0.5)
+    assert load.failures == []
+    assert described["EndpointStatus"] == "InService" and described["EndpointConfigName"] == "config-shuffled"
+    # Which model answered: requests batched together differ from a lone one's answer in the last float bits.
+    by_good = [np.allclose(answer, answer_good, atol=1e-5) for answer in load.answers]
+    assert by_good[0] and not by_good[-1] and len(load.answers) > 20
+    assert not any(by_good[by_good.index(False) :])  # once the new model answers, the old never does again
+    assert not any(psutil.pid_exists(pid) for pid in old_servers)  # the old fleet stopped once drained
+
+
+def test_an_update_that_cannot_come_up_leaves_the_old_config_serving(sagemaker, local_sagemaker, body):
+    before = settled(sagemaker, "digits")
+    answer = probabilities(runtime(local_sagemaker), "digits", body)
+    sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-broken")
+    after = settled(sagemaker, "digits")
+    assert after["EndpointStatus"] == "InService" and after["EndpointConfigName"] == before["EndpointConfigName"]
+    assert "config-broken" in after["FailureReason"] and "not a readable tar.gz archive" in after["FailureReason"]
+    assert probabilities(runtime(local_sagemaker), "digits", body) == answer
+
+
+def test_a_canary_whose_alarm_fires_rolls_back_by_itself(sagemaker, local_sagemaker, local_aws, body):
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
+    cloudwatch.put_metric_alarm(
+        AlarmName="digits-5xx", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors", Statistic="Sum",
+        Dimensions=[{"Name": "EndpointName", "Value": "digits"}, {"Name": "VariantName", "Value": "AllTraffic"}],
+        Period=60, EvaluationPeriods=1, Threshold=0, ComparisonOperator="GreaterThanThreshold",
+    )  # fmt: skip
+    serving = settled(sagemaker, "digits")["EndpointConfigName"]
+    canary = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+                                            "WaitIntervalInSeconds": 30},
+            "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 600,
+        },
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-5xx"}]},
+    }  # fmt: skip
+    with Load(local_sagemaker, "digits", body) as load:
+        sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-raising", DeploymentConfig=canary)
+        described = settled(sagemaker, "digits")
+    assert described["EndpointConfigName"] == serving
+    assert "Alarm digits-5xx fired" in described["FailureReason"]
+    assert load.failures and all("ModelError" in failure for failure in load.failures)  # the canary's share only
+    assert len(load.answers) > len(load.failures)
+    [alarm] = cloudwatch.describe_alarms(AlarmNames=["digits-5xx"])["MetricAlarms"]
+    assert alarm["StateValue"] == "ALARM"
+    # Back on the old fleet alone: every request succeeds again.
+    assert probabilities(runtime(local_sagemaker), "digits", body)
+
+
+def test_a_linear_shift_whose_alarm_stays_quiet_completes(sagemaker, local_sagemaker, local_aws, body):
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
+    cloudwatch.put_metric_alarm(
+        AlarmName="digits-latency", Namespace="AWS/SageMaker", MetricName="ModelLatency", ExtendedStatistic="p99",
+        Dimensions=[{"Name": "EndpointName", "Value": "digits"}, {"Name": "VariantName", "Value": "AllTraffic"}],
+        Period=60, EvaluationPeriods=1, Threshold=60_000_000, ComparisonOperator="GreaterThanThreshold",
+    )  # fmt: skip
+    linear = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {"Type": "LINEAR", "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+                                            "WaitIntervalInSeconds": 1},
+            "TerminationWaitInSeconds": 1,
+        },
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-latency"}]},
+    }  # fmt: skip
+    with Load(local_sagemaker, "digits", body, clients=2) as load:
+        sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-good", DeploymentConfig=linear)
+        described = settled(sagemaker, "digits")
+    assert load.failures == []
+    assert described["EndpointConfigName"] == "config-good" and "FailureReason" not in described
+    assert described["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "LINEAR"
+
+
+def test_errors_are_sagemakers(sagemaker, local_sagemaker, body):
+    for call, kwargs, message in (
+        (sagemaker.describe_endpoint, {"EndpointName": "absent"}, 'Could not find endpoint "arn:aws:sagemaker:'),
+        (sagemaker.describe_model, {"ModelName": "absent"}, 'Could not find model "arn:aws:sagemaker:'),
+        (sagemaker.create_endpoint, {"EndpointName": "digits", "EndpointConfigName": "config-good"},
+         "Cannot create already existing endpoint"),
+        (sagemaker.create_endpoint, {"EndpointName": "other", "EndpointConfigName": "absent"},
+         "Could not find endpoint configuration"),
+    ):  # fmt: skip
+        with pytest.raises(ClientError) as caught:
+            call(**kwargs)
+        assert caught.value.response["Error"]["Code"] == "ValidationException"
+        assert message in caught.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as caught:
+        runtime(local_sagemaker).invoke_endpoint(EndpointName="absent", Body=body, ContentType="application/json")
+    assert caught.value.response["Error"]["Code"] == "ValidationError"
+
+
+def test_delete_stops_the_servers(sagemaker, local_sagemaker, body):
+    sagemaker.create_endpoint(EndpointName="short-lived", EndpointConfigName="config-good")
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="short-lived", WaiterConfig={"Delay": 1})
+    before = server_pids(local_sagemaker, "short-lived")
+    sagemaker.delete_endpoint(EndpointName="short-lived")
+    sagemaker.get_waiter("endpoint_deleted").wait(EndpointName="short-lived", WaiterConfig={"Delay": 1})
+    assert len(before) == 1 and not any(psutil.pid_exists(pid) for pid in before)
+    assert server_pids(local_sagemaker, "short-lived") == set()
+    with pytest.raises(ClientError, match="Endpoint short-lived of account"):
+        runtime(local_sagemaker).invoke_endpoint(EndpointName="short-lived", Body=body, ContentType="application/json")
+
+
+def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagemaker, body, tmp_path):
+    """A service of its own on a state directory of its own: stopped cleanly, then killed, then started again."""
+    from cli.local_aws import LOCAL_CREDENTIALS
+    from local_sagemaker import launch, processes
+
+    def start():
+        return launch.start(tmp_path / "state", local_aws, credentials=LOCAL_CREDENTIALS, cpus=1, metrics_interval=1)
+
+    record, url = start()
+    client = boto3.client("sagemaker", endpoint_url=url)
+    try:
+        client.create_model(ModelName="kept", ExecutionRoleArn=ROLE, PrimaryContainer={
+            "Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"})  # fmt: skip
+        client.create_endpoint_config(EndpointConfigName="kept", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "kept", "InitialInstanceCount": 1}])  # fmt: skip
+        client.create_endpoint(EndpointName="kept", EndpointConfigName="kept")
+        client.get_waiter("endpoint_in_service").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
+        answer = probabilities(runtime(url), "kept", body)
+
+        launch.stop(record)  # a clean stop stops the model servers; the next start starts them again
+        record, url = start()
+        client = boto3.client("sagemaker", endpoint_url=url)
+        assert client.describe_endpoint(EndpointName="kept")["EndpointStatus"] == "InService"
+        assert probabilities(runtime(url), "kept", body) == answer
+        assert client.describe_model(ModelName="kept")["PrimaryContainer"]["ModelDataUrl"].endswith("good/model.tar.gz")
+
+        servers = server_pids(url, "kept")
+        processes.live(record).kill()  # a crash leaves the servers running: the next start adopts them
+        psutil.wait_procs([psutil.Process(record["pid"])], timeout=10)
+        record, url = start()
+        assert server_pids(url, "kept") == set() and all(psutil.pid_exists(pid) for pid in servers)
+        assert probabilities(runtime(url), "kept", body) == answer
+        client = boto3.client("sagemaker", endpoint_url=url)
+        client.delete_endpoint(EndpointName="kept")
+        client.get_waiter("endpoint_deleted").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
+        assert not any(psutil.pid_exists(pid) for pid in servers)
+    finally:
+        launch.stop(record)

@@ -1,0 +1,245 @@
+"""Training jobs on the local SageMaker service, through boto3 as the provider calls it: real processes, real S3.
+
+The scripts here are small stand-ins for train.py that show what the service gives them (environment, arguments,
+directories) and misbehave on purpose; the real train.py runs on two hosts below and in the DAG tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from tasks.training_jobs import build_sourcedir, build_training_job_request
+
+BUCKET = "service-training"
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    host = os.environ["SM_CURRENT_HOST"]
+    mode = dict(zip(sys.argv[1::2], sys.argv[2::2])).get("--mode", "ok")
+    for epoch, (loss, accuracy) in enumerate([(0.9, "90.00"), (0.3, "97.14")], 1):
+        print(f"Train Epoch: {epoch} [64/600 (10%)], Train Loss: {loss:.6f};", flush=True)
+        print(f"Test Average loss: {loss / 3:.4f}, Test Accuracy: {accuracy}%;", flush=True)
+    if mode == "fail":
+        with open(os.path.join(os.environ["SM_OUTPUT_DIR"], "failure"), "w") as failure:
+            failure.write("ValueError: hidden_channels must be positive")
+        print("Traceback: the last words of the script", flush=True)
+        sys.exit(3)
+    if mode == "hang":
+        print("hanging", flush=True)
+        time.sleep(120)
+    if host == "algo-1":
+        keys = [k for k in os.environ if k.startswith(("SM_", "MASTER_", "OMP_"))]
+        channel = os.environ["SM_CHANNEL_TRAINING"]
+        data = {os.path.relpath(os.path.join(d, f), channel): open(os.path.join(d, f)).read()
+                for d, _, files in os.walk(channel) for f in files}
+        seen = {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ[k] for k in keys}, "data": data,
+                "all_env": sorted(os.environ)}
+        with open(os.path.join(os.environ["SM_MODEL_DIR"], "seen.json"), "w") as out:
+            json.dump(seen, out)
+        with open(os.path.join(os.environ["SM_OUTPUT_DATA_DIR"], "metrics.json"), "w") as out:
+            json.dump({"test_accuracy": 0.9714, "parameters": 1234}, out)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def clients(local_sagemaker, local_aws):
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=BUCKET)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        body = SCRIPT.encode()
+        info = tarfile.TarInfo("train.py")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    s3.put_object(Bucket=BUCKET, Key="code/sourcedir.tar.gz", Body=archive.getvalue())
+    for name in ("train-images-idx3-ubyte.gz", "sub/t10k-labels-idx1-ubyte.gz"):
+        s3.put_object(Bucket=BUCKET, Key=f"data/{name}", Body=name.encode())
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    logs = boto3.client("logs", endpoint_url=local_aws)
+    return sagemaker, s3, logs
+
+
+def request(name: str, mode: str = "ok", **overrides) -> dict:
+    arguments = {
+        "job_name": name,
+        "hyperparameters": {"mode": mode, "epochs": 2},
+        "training_data_uri": f"s3://{BUCKET}/data/",
+        "sourcedir_uri": f"s3://{BUCKET}/code/sourcedir.tar.gz",
+        "output_uri": f"s3://{BUCKET}/training-jobs",
+        "role_arn": "arn:aws:iam::000000000000:role/test",
+        "region": "us-east-1",
+        "instance_type": "ml.m5.xlarge",
+        "instance_count": 1,
+        "experiment_name": "e",
+        "trial_name": "t",
+        "tags": {"test": "yes"},
+    }
+    built = build_training_job_request(**(arguments | overrides))
+    built.pop("ExperimentConfig")
+    return built
+
+
+def wait(sagemaker, name: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        described = sagemaker.describe_training_job(TrainingJobName=name)
+        if described["TrainingJobStatus"] not in ("InProgress", "Stopping") or time.monotonic() > deadline:
+            return described
+        time.sleep(0.2)
+
+
+def test_a_job_runs_as_sagemaker_runs_it(clients, tmp_path):
+    sagemaker, s3, logs = clients
+    sent = request("svc-ok")
+    assert sagemaker.create_training_job(**sent)["TrainingJobArn"].endswith(":training-job/svc-ok")
+    described = wait(sagemaker, "svc-ok")
+    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
+    assert [t["Status"] for t in described["SecondaryStatusTransitions"]] == [
+        "Starting", "Downloading", "Training", "Uploading", "Completed",
+    ]  # fmt: skip
+    model_uri = f"s3://{BUCKET}/training-jobs/svc-ok/output/model.tar.gz"
+    assert described["ModelArtifacts"] == {"S3ModelArtifacts": model_uri}
+    assert {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]} == {
+        "train:loss": 0.3, "test:loss": 0.1, "test:accuracy": 97.14,
+    }  # fmt: skip
+    assert described["HyperParameters"] == sent["HyperParameters"]
+    assert described["TrainingTimeInSeconds"] >= 1 and described["BillableTimeInSeconds"] >= 1
+
+    model = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-ok/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(model)) as archive:
+        seen = json.load(archive.extractfile("seen.json"))
+    # `--key value` for each hyperparameter, sorted, none of the sagemaker_* ones.
+    assert seen["argv"] == ["--epochs", "2", "--mode", "ok"]
+    assert seen["data"] == {name: name for name in ("train-images-idx3-ubyte.gz", "sub/t10k-labels-idx1-ubyte.gz")}
+    assert json.loads(seen["env"]["SM_HOSTS"]) == ["algo-1"] and seen["env"]["SM_CURRENT_HOST"] == "algo-1"
+    assert seen["env"]["MASTER_ADDR"] == "127.0.0.1"
+    # An allow-listed environment: no credentials, no Airflow settings or connections.
+    assert not [key for key in seen["all_env"] if key.startswith(("AWS_SECRET", "AIRFLOW", "AWS_ACCESS"))]
+    assert not Path(seen["env"]["SM_CHANNEL_TRAINING"]).exists()  # the channel copies go once the job ends
+    output = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-ok/output/output.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(output)) as archive:
+        assert json.load(archive.extractfile("metrics.json"))["parameters"] == 1234
+
+    # The log, in CloudWatch Logs where the provider's print_log reads it.
+    [stream] = logs.describe_log_streams(logGroupName="/aws/sagemaker/TrainingJobs", logStreamNamePrefix="svc-ok/")[
+        "logStreams"
+    ]
+    assert stream["logStreamName"].startswith("svc-ok/algo-1-")
+    events = logs.get_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream["logStreamName"])
+    assert any("Test Accuracy: 97.14%;" in event["message"] for event in events["events"])
+
+
+def test_names_are_unique_and_missing_jobs_are_named(clients):
+    sagemaker, _, _ = clients
+    sagemaker.create_training_job(**request("svc-twice"))
+    with pytest.raises(ClientError) as caught:
+        sagemaker.create_training_job(**request("svc-twice"))
+    assert caught.value.response["Error"]["Code"] == "ResourceInUse"
+    with pytest.raises(ClientError) as caught:
+        sagemaker.describe_training_job(TrainingJobName="svc-never")
+    assert caught.value.response["Error"] == {"Code": "ValidationException", "Message": "Requested resource not found."}
+    wait(sagemaker, "svc-twice")
+
+
+def test_a_failing_script_fails_the_job_with_its_log(clients):
+    sagemaker, s3, _ = clients
+    sagemaker.create_training_job(**request("svc-fail", "fail"))
+    described = wait(sagemaker, "svc-fail")
+    assert described["TrainingJobStatus"] == "Failed"
+    reason = described["FailureReason"]
+    assert reason.startswith("AlgorithmError: ValueError: hidden_channels must be positive")
+    assert reason.endswith("Traceback: the last words of the script")
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="training-jobs/svc-fail/").get("KeyCount") == 0
+
+
+def test_stop_and_max_runtime_end_the_processes(clients):
+    sagemaker, _, _ = clients
+    sagemaker.create_training_job(**request("svc-stop", "hang"))
+    sagemaker.create_training_job(**request("svc-late", "hang", max_runtime_seconds=3))
+    deadline = time.monotonic() + 60
+    while sagemaker.describe_training_job(TrainingJobName="svc-stop")["SecondaryStatus"] != "Training":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    sagemaker.stop_training_job(TrainingJobName="svc-stop")
+    stopped = wait(sagemaker, "svc-stop", timeout=30)
+    assert (stopped["TrainingJobStatus"], stopped["SecondaryStatus"]) == ("Stopped", "Stopped")
+    late = wait(sagemaker, "svc-late", timeout=60)
+    assert (late["TrainingJobStatus"], late["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
+    assert "MaxRuntimeInSeconds=3" in late["FailureReason"]
+    with pytest.raises(ClientError, match="in status Stopped"):
+        sagemaker.stop_training_job(TrainingJobName="svc-stop")
+
+
+def test_list_filters_sorts_and_pages(clients):
+    sagemaker, _, _ = clients
+    for name in ("svc-list-b", "svc-list-a", "svc-list-c"):
+        sagemaker.create_training_job(**request(name))
+    for name in ("svc-list-b", "svc-list-a", "svc-list-c"):
+        wait(sagemaker, name)
+    names = [
+        job["TrainingJobName"]
+        for page in sagemaker.get_paginator("list_training_jobs").paginate(
+            NameContains="svc-list", SortBy="Name", SortOrder="Descending", PaginationConfig={"PageSize": 2}
+        )
+        for job in page["TrainingJobSummaries"]
+    ]
+    assert names == ["svc-list-c", "svc-list-b", "svc-list-a"]
+    completed = sagemaker.list_training_jobs(StatusEquals="Completed", NameContains="svc-list")
+    assert len(completed["TrainingJobSummaries"]) == 3
+    assert sagemaker.list_training_jobs(StatusEquals="Failed", NameContains="svc-list")["TrainingJobSummaries"] == []
+
+
+def test_a_malformed_request_gets_sagemakers_error(clients, local_sagemaker):
+    from botocore.config import Config
+
+    unchecked = boto3.client("sagemaker", endpoint_url=local_sagemaker, config=Config(parameter_validation=False))
+    bad = request("bad name!")
+    with pytest.raises(ClientError) as caught:
+        unchecked.create_training_job(**bad)
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert "at 'trainingJobName' failed to satisfy constraint" in caught.value.response["Error"]["Message"]
+
+
+def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnist):
+    """train.py joins the two local "hosts" into one DDP job (gloo over loopback); the experiment records it."""
+    sagemaker, s3, logs = clients
+    s3.put_object(Bucket=BUCKET, Key="code/real/sourcedir.tar.gz", Body=build_sourcedir())
+    for path in small_mnist.iterdir():
+        s3.put_object(Bucket=BUCKET, Key=f"mnist/{path.name}", Body=path.read_bytes())
+    sagemaker.create_experiment(ExperimentName="svc-experiment")
+    sagemaker.create_trial(TrialName="svc-trial", ExperimentName="svc-experiment")
+    sent = request(
+        "svc-ddp",
+        hyperparameters={"hidden_channels": 4, "epochs": 1},
+        instance_count=2,
+        training_data_uri=f"s3://{BUCKET}/mnist/",
+        sourcedir_uri=f"s3://{BUCKET}/code/real/sourcedir.tar.gz",
+    )
+    sent["ExperimentConfig"] = {"ExperimentName": "svc-experiment", "TrialName": "svc-trial"}
+    sagemaker.create_training_job(**sent)
+    described = wait(sagemaker, "svc-ddp", timeout=300)
+    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
+    assert "test:accuracy" in {m["MetricName"] for m in described["FinalMetricDataList"]}
+    streams = logs.describe_log_streams(logGroupName="/aws/sagemaker/TrainingJobs", logStreamNamePrefix="svc-ddp/")
+    assert sorted(s["logStreamName"].split("/")[1].rsplit("-", 1)[0] for s in streams["logStreams"]) == [
+        "algo-1", "algo-2",
+    ]  # fmt: skip
+    model = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-ddp/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(model)) as archive:
+        assert {"model.pth", "model_config.json"} <= set(archive.getnames())
+    [component] = sagemaker.list_trial_components(TrialName="svc-trial")["TrialComponentSummaries"]
+    assert component["TrialComponentName"] == "svc-ddp-aws-training-job"
+    recorded = sagemaker.describe_trial_component(TrialComponentName="svc-ddp-aws-training-job")
+    assert recorded["Status"]["PrimaryStatus"] == "Completed"
+    assert recorded["Parameters"]["hidden_channels"] == {"NumberValue": 4.0}
+    assert "test:accuracy" in {metric["MetricName"] for metric in recorded["Metrics"]}
