@@ -28,11 +28,13 @@ def add_code(model_dir: str | Path) -> None:
     shutil.copy(repository / "training" / "models.py", code / "models.py")
 
 
-def prepare_model_dir(source: str, workdir: str | Path, aws_conn_id: str | None = None) -> Path:
+def prepare_model_dir(source: str, workdir: str | Path) -> Path:
     """The model directory for ``source``: a directory as is, a model.tar.gz (local or s3://) unpacked into a
-    new folder under ``workdir``."""
+    new folder under ``workdir``. S3 is reached as any boto3 client reaches it, through the standard
+    environment (AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for a local S3, the AWS_* credentials and region), as
+    the SageMaker container has its own role and nothing of the pipeline's configuration."""
     if source.startswith("s3://"):
-        archive = _download(source, Path(workdir), aws_conn_id)
+        archive = _download(source, Path(workdir))
     else:
         archive = Path(source)
         if archive.is_dir():
@@ -65,17 +67,16 @@ def safe_extract(archive: str | Path, target: str | Path) -> None:
         raise ArtifactError(f"{archive}: not a readable tar archive: {exc}") from None
 
 
-def _download(uri: str, workdir: Path, aws_conn_id: str | None) -> Path:
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+def _download(uri: str, workdir: Path) -> Path:
+    import boto3
 
-    from tasks.config import load_config
-
-    hook = S3Hook(aws_conn_id=aws_conn_id or load_config().aws_conn_id)
-    bucket, key = hook.parse_s3_url(uri)
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise ArtifactError(f"{uri}: not an s3://bucket/key URI")
     local = Path(tempfile.mkdtemp(prefix="download-", dir=workdir)) / "model.tar.gz"
     try:
-        hook.get_conn().download_file(bucket, key, str(local))
-    except Exception as exc:
+        boto3.client("s3").download_file(bucket, key, str(local))
+    except Exception as exc:  # no credentials, no such key, S3 unreachable: boto3 and botocore raise them all
         raise ArtifactError(f"{uri}: cannot download the model artifact: {exc}") from exc
     return local
 

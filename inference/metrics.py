@@ -1,10 +1,14 @@
 """SageMaker endpoint metrics for the local server, published to CloudWatch the way SageMaker names them.
 
 Each server process counts its invocations in memory (a few additions per request, in the event loop) and
-sends its totals every interval as one UDP datagram to a collector thread in the main process. The collector
-merges them, samples CPU and memory of the server's processes, and publishes one aggregate per interval with
-`put_metric_data` through the Airflow AWS connection (the local CloudWatch, moto server, in local mode).
-Requests never wait for CloudWatch: a slow or dead CloudWatch only costs the collector thread its datapoints.
+sends its totals as one UDP datagram to a collector thread in the main process: as soon as its requests pause
+(IDLE_FLUSH_S without one), and every interval under sustained load. The collector merges them and publishes
+them with `put_metric_data` as soon as a burst of traffic is over, at the latest at the end of each interval,
+when it also samples CPU and memory of the server's processes. So a check that reads CloudWatch after its
+load finds the load's datapoints there within three idle periods, whatever the interval. CloudWatch is reached through a
+plain boto3 client and the standard environment (AWS_ENDPOINT_URL for the local CloudWatch, moto server, in
+local mode). Requests never wait for CloudWatch: a slow or dead CloudWatch only costs the collector thread its
+datapoints.
 
 Real SageMaker endpoints publish these metrics themselves (and CloudWatch reserves the `AWS/` namespaces);
 this module stands in for that on the local backend.
@@ -34,10 +38,17 @@ UNITS = {
     "OverheadLatency": "Microseconds",
 }
 _STATISTICS = ("SampleCount", "Sum", "Minimum", "Maximum")
+# A server process sends its counts once it has seen no request for this long, and the collector publishes a
+# finished burst this long after the first process said so, so that the others' last counts (sent within the
+# same idle period) go in the same put. Long enough that requests a few milliseconds apart count as one burst
+# and CloudWatch gets at most a few puts a second under a trickle of requests; short enough that a check
+# reading CloudWatch right after its load does not wait for it.
+IDLE_FLUSH_S = 0.25
 
 
 class InvocationStats:
-    """One interval's samples, summed up per metric as CloudWatch StatisticValues (count, sum, min, max).
+    """Samples (a process's since its last datagram, the collector's since its last put), summed up per metric
+    as CloudWatch StatisticValues (count, sum, min, max).
 
     Each invocation adds a 1 to Invocations, a 0 or a 1 to each error metric (so their Average is the error
     rate, as on SageMaker), its latencies in microseconds, and no ModelLatency when it never reached the model.
@@ -48,6 +59,11 @@ class InvocationStats:
 
     def __bool__(self) -> bool:
         return bool(self.summaries)
+
+    @property
+    def invocations(self) -> float:
+        summary = self.summaries.get("Invocations")
+        return summary[0] if summary else 0
 
     def add(self, name: str, count: float, total: float, low: float, high: float) -> None:
         summary = self.summaries.get(name)
@@ -80,7 +96,11 @@ class InvocationStats:
 
 
 class StatsSender:
-    """In a server process: counts invocations, and sends the totals to the collector every interval."""
+    """In a server process: counts invocations, and sends the totals to the collector once the requests pause
+    (IDLE_FLUSH_S without one) or, under sustained load, every interval.
+
+    The request path only adds to the counts: a single task looks at them every idle period, and counts that
+    have not grown since its last look mean that the burst is over (no timer per request)."""
 
     def __init__(self, collector_port: int | None, interval: float):
         self.stats = InvocationStats()
@@ -96,36 +116,52 @@ class StatsSender:
         if self._address:
             self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._socket.setblocking(False)
-            self._task = asyncio.get_running_loop().create_task(self._send_every_interval())
+            self._task = asyncio.get_running_loop().create_task(self._send_when_idle())
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            self.flush()
+            self.flush(burst_over=True)  # the server is going: whatever it counted is final
             self._socket.close()
 
-    def flush(self) -> None:
+    def flush(self, burst_over: bool) -> None:
+        """Send the counts so far; ``burst_over`` asks the collector to publish them without waiting for the
+        interval's end."""
         stats, self.stats = self.stats, InvocationStats()
         if stats and self._socket:
+            message = {"stats": stats.summaries, "burst_over": burst_over}
             try:
-                self._socket.sendto(json.dumps(stats.summaries).encode(), self._address)
+                self._socket.sendto(json.dumps(message).encode(), self._address)
             except OSError as exc:  # the collector is gone (server shutting down): nothing to report to
                 log.debug("metrics datagram not sent: %s", exc)
 
-    async def _send_every_interval(self) -> None:
+    async def _send_when_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = min(IDLE_FLUSH_S, self._interval)  # an interval shorter than the idle period still holds
+        sent_at, seen = loop.time(), 0
         while True:
-            await asyncio.sleep(self._interval)
-            self.flush()
+            await asyncio.sleep(period)
+            count = self.stats.invocations
+            if not count:
+                sent_at = loop.time()  # nothing to send: the next interval starts with the next request
+                continue
+            if count == seen:  # no request since the last look
+                self.flush(burst_over=True)
+            elif loop.time() - sent_at >= self._interval:
+                self.flush(burst_over=False)
+            else:
+                seen = count
+                continue
+            sent_at, seen = loop.time(), 0
 
 
 class MetricsPublisher(threading.Thread):
     """In the main server process: collects the processes' totals and publishes them to CloudWatch."""
 
-    def __init__(self, endpoint_name: str, variant_name: str, aws_conn_id: str | None, interval: float):
+    def __init__(self, endpoint_name: str, variant_name: str, interval: float):
         super().__init__(name="cloudwatch-metrics", daemon=True)
         self.dimensions = [{"Name": "EndpointName", "Value": endpoint_name},
                            {"Name": "VariantName", "Value": variant_name}]  # fmt: skip
-        self.aws_conn_id = aws_conn_id
         self.interval = interval
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(("127.0.0.1", 0))
@@ -136,25 +172,34 @@ class MetricsPublisher(threading.Thread):
         self._failures = 0
 
     def run(self) -> None:
-        # Build the client now, while the server processes load the model: importing Airflow's hook takes a core
-        # for a second or more, which at the first publish would come out of the requests' time. Failing here is
-        # no matter: each publish tries again, and says why.
+        # Build the client now, while the server processes load the model: loading botocore's service model takes
+        # a core for a fraction of a second, which at the first publish would come out of the requests' time.
+        # Failing here is no matter: each publish tries again, and says why.
         with contextlib.suppress(Exception):
             self._cloudwatch()
         stats = InvocationStats()
-        deadline = time.monotonic() + self.interval
+        interval_end = time.monotonic() + self.interval
+        burst_end = None  # when to publish the counts of a burst that is over, before the interval ends
         while True:
-            datagram = self._receive(until=deadline)
+            datagram = self._receive(until=interval_end if burst_end is None else min(burst_end, interval_end))
             if datagram:
                 try:
-                    stats.merge(InvocationStats(json.loads(datagram)))
-                except (ValueError, TypeError) as exc:
+                    message = json.loads(datagram)
+                    stats.merge(InvocationStats(message["stats"]))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     log.warning("ignoring a malformed metrics datagram: %s", exc)
+                    continue
+                if message.get("burst_over") and burst_end is None:
+                    burst_end = time.monotonic() + IDLE_FLUSH_S
                 continue
-            self._publish(stats)  # the interval is over, or stop() woke us up with an empty datagram
+            # A burst is over, the interval is over, or stop() woke us up with an empty datagram.
+            interval_over = self._stopping.is_set() or time.monotonic() >= interval_end
+            self._publish(stats, utilization=interval_over)
             if self._stopping.is_set():
                 return
-            stats, deadline = InvocationStats(), time.monotonic() + self.interval
+            stats, burst_end = InvocationStats(), None
+            if interval_over:
+                interval_end = time.monotonic() + self.interval
 
     def _receive(self, until: float) -> bytes | None:
         """The next datagram, or None once ``until`` (monotonic time) has passed."""
@@ -167,20 +212,24 @@ class MetricsPublisher(threading.Thread):
         except TimeoutError:
             return None
 
-    def stop(self, timeout: float = 6.0) -> None:
-        """Publish what the processes sent until now, then end the thread (or give up on a dead CloudWatch)."""
+    def stop(self, timeout: float = 1.0) -> None:
+        """Publish what the processes sent until now, then end the thread; give up after ``timeout`` seconds (a
+        slow or dead CloudWatch) so that a server told to stop does stop."""
         self._stopping.set()
         self.socket.sendto(b"", ("127.0.0.1", self.port))  # datagrams before this one are merged first
         self.join(timeout)
 
-    def _publish(self, stats: InvocationStats) -> None:
+    def _publish(self, stats: InvocationStats, utilization: bool) -> None:
+        """Put the invocation counts (if any), and with ``utilization`` a sample of CPU and memory (once per
+        interval: a sample of a fraction of a second would say little)."""
         timestamp = datetime.now(UTC)
         try:
             client = self._cloudwatch()
             invocations = stats.metric_data(self.dimensions, timestamp)
             if invocations:
                 client.put_metric_data(Namespace=NAMESPACE, MetricData=invocations)
-            client.put_metric_data(Namespace=INSTANCE_NAMESPACE, MetricData=self._utilization(timestamp))
+            if utilization:
+                client.put_metric_data(Namespace=INSTANCE_NAMESPACE, MetricData=self._utilization(timestamp))
             self._failures = 0
         except Exception as exc:  # CloudWatch down or misconfigured: keep serving, say so once per outage
             self._failures += 1
@@ -189,16 +238,12 @@ class MetricsPublisher(threading.Thread):
 
     def _cloudwatch(self):
         if self._client is None:
-            from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+            import boto3
             from botocore.config import Config
-
-            from tasks.config import load_config
 
             # Short timeouts and no retries: a dead CloudWatch must not stall the next interval's datapoints.
             config = Config(connect_timeout=2, read_timeout=5, retries={"total_max_attempts": 1})
-            aws_conn_id = self.aws_conn_id or load_config().aws_conn_id
-            hook = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="cloudwatch", config=config)
-            self._client = hook.get_conn()
+            self._client = boto3.client("cloudwatch", config=config)
         return self._client
 
     def _utilization(self, timestamp: datetime) -> list[dict]:

@@ -4,12 +4,17 @@ runtime API (`POST /endpoints/{EndpointName}/invocations`, so boto3's `sagemaker
 `endpoint_url`).
 
     python -m inference.serve --model-dir DIR|model.tar.gz|s3://.../model.tar.gz [--host 127.0.0.1] [--port 8080]
-        [--endpoint-name NAME] [--workers N] [--metrics-interval SECONDS | --no-metrics]
+        [--endpoint-name NAME] [--variant-name NAME] [--workers N] [--metrics-interval SECONDS | --no-metrics]
 
 Several server processes (uvicorn workers, one per CPU by default) share the port, one torch thread each; the
 handler runs in the event loop, so a request costs no thread hand-off, and the requests that arrive together
 share one forward pass (see Endpoint). Each response carries a Server-Timing header (milliseconds reading the
 request and in the handler). Invocation metrics go to CloudWatch (see inference.metrics).
+
+Like the SageMaker container, the server knows nothing of the pipeline (no tasks/, no Airflow): S3 and CloudWatch
+are reached through plain boto3 clients and the standard AWS environment (AWS_ENDPOINT_URL, or
+AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL_CLOUDWATCH, for the local AWS; AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION).
 """
 
 from __future__ import annotations
@@ -63,10 +68,11 @@ def server_command(
     endpoint_name: str = "local-endpoint",
     workers: int | None = None,
     metrics_interval: float | None = 10.0,
+    variant_name: str = DEFAULT_VARIANT,
 ) -> list[str]:
     """The command line that serves ``model`` (for starting the server as a detached process)."""
     command = [sys.executable, "-m", "inference.serve", "--model-dir", str(model), "--host", host,
-               "--port", str(port), "--endpoint-name", endpoint_name]  # fmt: skip
+               "--port", str(port), "--endpoint-name", endpoint_name, "--variant-name", variant_name]  # fmt: skip
     if workers:
         command += ["--workers", str(workers)]
     command += ["--no-metrics"] if metrics_interval is None else ["--metrics-interval", str(metrics_interval)]
@@ -305,10 +311,12 @@ def serve(
     endpoint_name: str = "local-endpoint",
     workers: int | None = None,
     metrics_interval: float | None = 10.0,
-    aws_conn_id: str | None = None,
+    variant_name: str = DEFAULT_VARIANT,
 ) -> int:
-    """Serve ``model`` until SIGTERM or SIGINT; return the exit status. ``aws_conn_id`` (default: the pipeline's)
-    reaches S3 for an s3:// model and CloudWatch for the metrics; ``metrics_interval`` None publishes none."""
+    """Serve ``model`` (a model directory, a model.tar.gz or an s3:// URI of one) until SIGTERM or SIGINT;
+    return the exit status. ``metrics_interval``: the longest that invocation metrics wait before they are
+    published to CloudWatch, and the period of the CPU and memory samples; None publishes none. On SIGTERM the
+    counts not yet published are published first, if CloudWatch answers within a second."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -317,17 +325,18 @@ def serve(
     workers = workers or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="mnist-serve-") as workdir:
         try:
-            model_dir = prepare_model_dir(model, workdir, aws_conn_id)
+            model_dir = prepare_model_dir(model, workdir)
         except ArtifactError as exc:
             log.error("cannot serve %s: %s", model, exc)
             return 2
         publisher = None
         if metrics_interval is not None:
-            publisher = MetricsPublisher(endpoint_name, DEFAULT_VARIANT, aws_conn_id, metrics_interval)
+            publisher = MetricsPublisher(endpoint_name, variant_name, metrics_interval)
             publisher.start()
         settings = Settings(
             model_dir=str(model_dir),
             endpoint_name=endpoint_name,
+            variant_name=variant_name,
             metrics_port=publisher.port if publisher else None,
             metrics_interval=metrics_interval or 10.0,
         )
@@ -360,8 +369,27 @@ def serve(
     return 0 if started else 1
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options, for `python -m inference.serve` and `mnist-pipeline serve` alike."""
+    parser.add_argument("--model-dir", required=True, help="model directory, model.tar.gz, or s3:// URI of one")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--endpoint-name", default="local-endpoint", help="EndpointName dimension of the metrics")
+    parser.add_argument(
+        "--variant-name", default=DEFAULT_VARIANT, help="the production variant it serves (metrics, response header)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="server processes (default: from the CPUs)")
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=10.0,
+        help="seconds between CloudWatch puts under sustained load (the end of a burst is published at once)",
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="publish no metrics to CloudWatch")
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    """`mnist-pipeline serve` (arguments in tasks/cli.py), also `python -m inference.serve`."""
+    """`python -m inference.serve` and `mnist-pipeline serve` (arguments from add_arguments)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(
         args.model_dir,
@@ -370,10 +398,15 @@ def serve_command(args: argparse.Namespace) -> int:
         endpoint_name=args.endpoint_name,
         workers=args.workers,
         metrics_interval=None if args.no_metrics else args.metrics_interval,
+        variant_name=args.variant_name,
     )
 
 
-if __name__ == "__main__":
-    from tasks.cli import main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.serve", description="serve a model the SageMaker way")
+    add_arguments(parser)
+    return serve_command(parser.parse_args(argv))
 
-    sys.exit(main(["serve", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main())

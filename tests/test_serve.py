@@ -1,5 +1,6 @@
 """The local endpoint server (python -m inference.serve): real server processes on 127.0.0.1, a model artifact
-fetched from the local S3 (moto server), boto3's sagemaker-runtime client, and metrics in the local CloudWatch."""
+fetched from the local S3 (moto server), boto3's sagemaker-runtime client, and metrics in the local CloudWatch.
+The servers get the local AWS as SageMaker's containers get AWS: through the standard environment, no Airflow."""
 
 from __future__ import annotations
 
@@ -26,15 +27,16 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 
+from cli.local_aws import wait_for_http
 from inference.artifact import ArtifactError, prepare_model_dir, safe_extract
 from inference.serve import Endpoint, server_command
-from tasks.local_aws import connection_uri, free_port, wait_for_http
+from local_sagemaker.processes import free_port
 from tests.conftest import ROOT
+from tests.endpoint_helpers import server_env
 
 pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 ENDPOINT = "serve-test"
-DIMENSIONS = [{"Name": "EndpointName", "Value": ENDPOINT}, {"Name": "VariantName", "Value": "AllTraffic"}]
 
 
 @contextlib.contextmanager
@@ -65,12 +67,12 @@ def s3_model(local_aws, model_tarball) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(s3_model, tmp_path_factory):
+def server(s3_model, local_aws, tmp_path_factory):
     """Two server processes serving the model.tar.gz from S3, publishing metrics every half second."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     port = free_port()
     command = server_command(s3_model, port, endpoint_name=ENDPOINT, workers=2, metrics_interval=0.5)
-    with running_server(command, port, log_path) as (url, process):
+    with running_server(command, port, log_path, server_env(local_aws)) as (url, process):
         yield url, process
     assert process.returncode == 0, log_path.read_text()
 
@@ -162,11 +164,14 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(server, test_set):
     assert {child.pid for child in psutil.Process(process.pid).children(recursive=True)} == workers  # none crashed
 
 
-def metric_sums(cloudwatch, namespace: str, names: list[str], since: datetime) -> dict[str, dict]:
+def metric_sums(
+    cloudwatch, namespace: str, names: list[str], since: datetime, endpoint: str = ENDPOINT, variant: str = "AllTraffic"
+) -> dict[str, dict]:
+    dimensions = [{"Name": "EndpointName", "Value": endpoint}, {"Name": "VariantName", "Value": variant}]
     totals = {}
     for name in names:
         points = cloudwatch.get_metric_statistics(
-            Namespace=namespace, MetricName=name, Dimensions=DIMENSIONS, StartTime=since,
+            Namespace=namespace, MetricName=name, Dimensions=dimensions, StartTime=since,
             EndTime=datetime.now(UTC) + timedelta(minutes=1), Period=60,
             Statistics=["Sum", "SampleCount", "Minimum", "Maximum"],
         )["Datapoints"]  # fmt: skip
@@ -223,10 +228,57 @@ def test_metrics_reach_the_local_cloudwatch(server, local_aws, test_set):
     assert 0 < instance["MemoryUtilization"]["Maximum"] < 100
 
 
+def test_a_burst_is_published_at_once_and_what_is_left_at_sigterm(model_dir, local_aws, test_set, tmp_path):
+    """With a 30 s interval, the Invocations of a few requests are in CloudWatch within seconds of the last one
+    (each process sends its counts when its requests pause, and the collector publishes them); those of the
+    requests just before a SIGTERM are there once the server has exited."""
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws, region_name="us-east-1")
+    since = datetime.now(UTC) - timedelta(hours=1)
+
+    def invocations() -> float:
+        totals = metric_sums(cloudwatch, "AWS/SageMaker", ["Invocations"], since, "flush-test", "blue")
+        return totals["Invocations"]["Sum"]
+
+    port = free_port()
+    command = server_command(str(model_dir), port, endpoint_name="flush-test", workers=2, metrics_interval=30,
+                             variant_name="blue")  # fmt: skip
+    with running_server(command, port, tmp_path / "server.log", server_env(local_aws)) as (url, process):
+        for _ in range(6):
+            predictions_over_http(url, test_set[0][:1])
+        answered = time.monotonic()
+        while (published := invocations()) < 6:
+            assert time.monotonic() - answered < 3, f"{published} of 6 invocations in CloudWatch after 3 s"
+            time.sleep(0.1)
+        assert published == 6
+        for _ in range(4):
+            predictions_over_http(url, test_set[0][:1])
+        process.terminate()
+        assert process.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
+    assert invocations() == 10
+
+
+def test_the_server_needs_neither_the_pipeline_nor_airflow(s3_model, local_aws, tmp_path):
+    """The server imports nothing of tasks/ or Airflow, as the SageMaker container has neither: not even when it
+    fetches a model from S3 and builds its CloudWatch client, which import what they need when they run."""
+    script = f"""
+import argparse, sys
+from inference import artifact, metrics, serve
+artifact.prepare_model_dir({s3_model!r}, {str(tmp_path)!r})
+metrics.MetricsPublisher("import-test", "AllTraffic", 1.0)._cloudwatch()
+serve.add_arguments(argparse.ArgumentParser())
+imported = sorted({{name.split(".")[0] for name in sys.modules}} & {{"airflow", "tasks"}})
+assert not imported, imported
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=server_env(local_aws), capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (next(tmp_path.glob("model-*")) / "code" / "inference.py").is_file()
+
+
 def test_a_dead_cloudwatch_neither_fails_nor_slows_requests(model_dir, test_set, tmp_path):
     """CloudWatch accepts connections and never answers: the console script's server answers as usual."""
     black_hole = socket.create_server(("127.0.0.1", 0))
-    env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": connection_uri(f"http://127.0.0.1:{black_hole.getsockname()[1]}")}
+    env = server_env(f"http://127.0.0.1:{black_hole.getsockname()[1]}")
     port = free_port()
     command = [str(Path(sys.executable).with_name("mnist-pipeline")), "serve", "--model-dir", str(model_dir),
                "--endpoint-name", "dead-cloudwatch", "--workers", "1", "--metrics-interval", "0.2",
