@@ -1,0 +1,239 @@
+"""The local AWS keeps its state in a file across restarts, and answers no cross-origin browser request.
+
+Real moto server processes on 127.0.0.1, killed (SIGKILL, as a crash would) and started again on the same file.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import boto3
+import pytest
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+
+from cli.local_aws import start_moto_server
+
+MiB = 1024 * 1024
+BUCKET = "local-aws-state"
+
+
+class Server:
+    """moto servers started one after another on one state file, as `mnist-pipeline up` after a crash would."""
+
+    def __init__(self, state_file):
+        self.state_file = state_file
+        self.process = None
+
+    def start(self) -> str:
+        self.process, endpoint_url = start_moto_server(state_file=self.state_file)
+        return endpoint_url
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self) -> str:
+        self.kill()
+        return self.start()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path / "state" / "local-aws.jsonl")
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()
+
+
+def s3(endpoint_url: str):
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+def put_verified(client, key: str, body: bytes) -> None:
+    """As the dataset upload sends objects: with the MD5 and SHA-256 that S3 checks the body against."""
+    client.put_object(
+        Bucket=BUCKET,
+        Key=key,
+        Body=body,
+        ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
+        ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+    )
+
+
+def stored(client) -> dict[str, bytes]:
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
+
+
+def tarball(payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        member = tarfile.TarInfo("model.pth")
+        member.size = len(payload)
+        archive.addfile(member, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def test_objects_metrics_alarms_logs_and_topics_survive_a_crash(server):
+    endpoint_url = server.start()
+    client = s3(endpoint_url)
+    client.create_bucket(Bucket=BUCKET)
+    objects = {
+        "datasets/train-images-idx3-ubyte.gz": gzip.compress(os.urandom(2 * MiB)),
+        "models/a b+c%d/output.tar.gz": tarball(os.urandom(MiB)),
+    }
+    for key, body in objects.items():
+        put_verified(client, key, body)
+    # A multipart upload: the replayed server gives it a new upload ID, which the recorded parts must follow.
+    objects["models/large.bin"] = os.urandom(6 * MiB)
+    client.upload_fileobj(
+        io.BytesIO(objects["models/large.bin"]),
+        BUCKET,
+        "models/large.bin",
+        Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB),
+    )
+    with pytest.raises(ClientError, match="NoSuchBucket"):  # recorded too, and fails again on replay
+        client.put_object(Bucket="no-such-bucket", Key="x", Body=b"x")
+    heads = {key: client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED") for key in objects}
+
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=endpoint_url)
+    sent_at = datetime.now(UTC).replace(microsecond=0)
+    cloudwatch.put_metric_data(
+        Namespace="mnist", MetricData=[{"MetricName": "Latency", "Value": 42.0, "Timestamp": sent_at}]
+    )
+    cloudwatch.put_metric_alarm(
+        AlarmName="mnist-latency",
+        Namespace="mnist",
+        MetricName="Latency",
+        Statistic="Average",
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=100.0,
+        ComparisonOperator="GreaterThanThreshold",
+    )
+    logs = boto3.client("logs", endpoint_url=endpoint_url)
+    logs.create_log_group(logGroupName="/mnist/endpoint")
+    logs.create_log_stream(logGroupName="/mnist/endpoint", logStreamName="variant-a")
+    logs.put_log_events(
+        logGroupName="/mnist/endpoint",
+        logStreamName="variant-a",
+        logEvents=[{"timestamp": int(time.time() * 1000), "message": "served 100 predictions"}],
+    )
+    topic_arn = boto3.client("sns", endpoint_url=endpoint_url).create_topic(Name="mnist-alarms")["TopicArn"]
+
+    endpoint_url = server.restart()
+
+    client = s3(endpoint_url)
+    assert stored(client) == objects
+    for key, head in heads.items():
+        after = client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+        assert (after["ETag"], after.get("ChecksumSHA256")) == (head["ETag"], head.get("ChecksumSHA256")), key
+    assert "ChecksumSHA256" in heads["datasets/train-images-idx3-ubyte.gz"]
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=endpoint_url)
+    datapoints = cloudwatch.get_metric_statistics(
+        Namespace="mnist",
+        MetricName="Latency",
+        StartTime=sent_at - timedelta(minutes=5),
+        EndTime=sent_at + timedelta(minutes=5),
+        Period=60,
+        Statistics=["Maximum"],
+    )["Datapoints"]
+    assert [point["Maximum"] for point in datapoints] == [42.0]
+    assert [alarm["AlarmName"] for alarm in cloudwatch.describe_alarms()["MetricAlarms"]] == ["mnist-latency"]
+    events = boto3.client("logs", endpoint_url=endpoint_url).get_log_events(
+        logGroupName="/mnist/endpoint", logStreamName="variant-a"
+    )["events"]
+    assert [event["message"] for event in events] == ["served 100 predictions"]
+    topics = boto3.client("sns", endpoint_url=endpoint_url).list_topics()["Topics"]
+    assert [topic["TopicArn"] for topic in topics] == [topic_arn]
+
+
+def test_restarts_record_new_requests_but_not_the_replayed_ones(server):
+    client = s3(server.start())
+    client.create_bucket(Bucket=BUCKET)
+    put_verified(client, "first", b"1" * 10_000)
+    assert stored(client) == {"first": b"1" * 10_000}  # reads: nothing to replay, dropped from the file
+
+    client = s3(server.restart())
+    recorded = server.state_file.read_bytes()
+    assert [json.loads(line)["method"] for line in recorded.splitlines()] == ["PUT", "PUT"]
+    server.restart()
+    server.restart()
+    assert server.state_file.read_bytes() == recorded
+
+    client = s3(server.restart())
+    put_verified(client, "second", b"2" * 10_000)
+    client = s3(server.restart())
+    assert stored(client) == {"first": b"1" * 10_000, "second": b"2" * 10_000}
+
+
+def test_a_request_cut_short_by_a_crash_is_skipped(server, caplog):
+    client = s3(server.start())
+    client.create_bucket(Bucket=BUCKET)
+    put_verified(client, "kept", b"kept")
+    put_verified(client, "torn", os.urandom(MiB))
+    server.kill()
+    with server.state_file.open("r+b") as recording:  # cut the last line in half, as a crash mid-write would
+        recording.truncate(server.state_file.stat().st_size - MiB // 2)
+
+    client = s3(server.start())
+    assert stored(client) == {"kept": b"kept"}
+    assert "local-aws.jsonl:3: skipping a recorded request that cannot be read" in caplog.text
+    put_verified(client, "after", b"after")  # not glued to the torn line: it was dropped before recording went on
+    caplog.clear()
+    client = s3(server.restart())
+    assert stored(client) == {"after": b"after", "kept": b"kept"}
+    assert "skipping" not in caplog.text
+
+
+def test_concurrent_uploads_are_recorded_whole(server, caplog):
+    client = s3(server.start())
+    client.create_bucket(Bucket=BUCKET)
+    # Over 8 KiB each: moto writes such a request in two writes, which other requests' would otherwise split.
+    bodies = {f"part-{number}": os.urandom(256 * 1024) for number in range(32)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=bodies[key]), bodies))
+
+    client = s3(server.restart())
+    assert "skipping" not in caplog.text
+    assert stored(client) == bodies
+
+
+@pytest.fixture(scope="module")
+def local_aws_without_state():
+    process, endpoint_url = start_moto_server()
+    yield endpoint_url
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GET", "/", {}),  # S3 ListBuckets
+        ("GET", "/moto-api/", {}),
+        ("OPTIONS", "/", {"Access-Control-Request-Method": "PUT"}),
+        ("OPTIONS", f"/{BUCKET}/key", {"Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "x"}),
+    ],
+)
+def test_cross_origin_requests_get_no_cors_headers(local_aws_without_state, method, path, headers):
+    endpoint = urlsplit(local_aws_without_state)
+    connection = http.client.HTTPConnection(endpoint.hostname, endpoint.port, timeout=10)
+    connection.request(method, path, headers={"Origin": "https://evil.example", **headers})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert not [name for name, _ in response.getheaders() if name.lower().startswith("access-control-")]
