@@ -23,11 +23,12 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The compose test validates with Debian's docker-compose; the browser test drives Debian's chromium.
+# The compose test validates with Debian's docker-compose; the browser test drives Debian's chromium; the endpoint
+# bench loads the servers with Debian's wrk.
 tools:
-	@command -v docker-compose >/dev/null && command -v chromium >/dev/null || { \
+	@command -v docker-compose >/dev/null && command -v chromium >/dev/null && command -v wrk >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-compose chromium; }
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-compose chromium wrk; }
 
 test: lint tools
 	$(BIN)/pytest
@@ -39,7 +40,7 @@ demo: venv
 down: venv
 	$(BIN)/mnist-pipeline down
 
-bench: venv
+bench: venv tools
 	mkdir -p bench/results
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_validation.py --out bench/results/validation.json

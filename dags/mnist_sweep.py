@@ -18,15 +18,10 @@ latency) are created or updated. Fail: the endpoint goes back to the previous mo
 created it) and the run fails, naming each failed threshold and its observed value. The report is written
 whatever happened (a teardown task: the run's state comes from the work before it).
 
-**Backends.** Where jobs run comes from the deployment configuration, read when a run starts — environment
-`MNIST_PIPELINE_BACKEND` or the Airflow Variable `mnist_pipeline` (`{"backend": "sagemaker", "bucket": ...,
-"role_arn": ...}`), never from this file:
-
-- `local` (default): the same requests run on this machine — the training script in subprocesses with the
-  SageMaker `SM_*` environment (pool `local_training`, one slot per core), the endpoint as a local server
-  speaking the SageMaker container contract, S3 through the AWS connection (`aws_default`).
-- `sagemaker`: the Amazon provider's SageMaker training operator and hooks against your AWS account. Training
-  waits in the triggerer when `[operators] default_deferrable` is on.
+**Where it runs** is the AWS connection's business (`aws_conn_id` in the `mnist_pipeline` configuration), never
+this file's: every step talks SageMaker, S3 and CloudWatch through the Amazon provider. Against AWS the connection
+points at AWS; on a laptop (`mnist-pipeline up`) it points SageMaker at the local SageMaker service, which really
+runs the training jobs and the endpoints, and S3 and CloudWatch at the local AWS.
 
 **Trigger form:** every field has bounds; an invalid value is refused there, and a run started with one through
 the API fails at its first task, naming the param. Empty optional fields keep the preset's value.
@@ -42,12 +37,12 @@ from airflow.sdk import Param, chain, dag, task
 from airflow.sdk.configuration import conf
 
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
-from tasks.local_backend import TRAINING_POOL
 from tasks.monitoring import Thresholds
+from tasks.names import DEFAULT_ENDPOINT
 
 SECTION_SWEEP, SECTION_RESOURCES, SECTION_DATA = "Sweep", "Resources (SageMaker)", "Data and deployment"
 SECTION_GATE, SECTION_CHECK = "Gate", "Monitoring check"
-# Seconds between status polls of SageMaker jobs and endpoints (moto, in the tests, answers at once).
+# Seconds between status polls of SageMaker jobs and endpoints (the local stack polls every 2).
 SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
 
 
@@ -116,11 +111,47 @@ PARAMS = {
         section=SECTION_DATA,
     ),
     "endpoint_name": Param(
-        "mnist-classifier",
+        DEFAULT_ENDPOINT,
         type="string",
         pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
         title="Endpoint name",
         description="SageMaker endpoint to create or update: letters, digits and hyphens, at most 63.",
+        section=SECTION_DATA,
+    ),
+    "traffic_shift": Param(
+        "all_at_once",
+        type="string",
+        enum=["all_at_once", "canary", "linear"],
+        title="Traffic shift",
+        description="How an update moves traffic to the new model (blue/green): all at once, a canary share first, "
+        "or in linear steps. The endpoint's alarms roll it back by themselves when one fires meanwhile.",
+        section=SECTION_DATA,
+    ),
+    "traffic_percent": Param(
+        20,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="Canary size / linear step (%)",
+        description="Share of capacity the canary takes first, or each linear step adds (1-100).",
+        section=SECTION_DATA,
+    ),
+    "traffic_wait_seconds": Param(
+        10,
+        type="integer",
+        minimum=0,
+        maximum=3600,
+        title="Wait between shifts (s)",
+        description="How long the canary or each linear step takes traffic before the next (0-3600).",
+        section=SECTION_DATA,
+    ),
+    "bake_seconds": Param(
+        0,
+        type="integer",
+        minimum=0,
+        maximum=3600,
+        title="Bake time (s)",
+        description="How long the old model is kept, under the alarms, once all traffic has moved (0-3600).",
         section=SECTION_DATA,
     ),
     "min_test_accuracy": Param(
@@ -194,7 +225,7 @@ def _schedule() -> str | None:
 
 @task(multiple_outputs=True)
 def configuration() -> dict:
-    """Resolve the deployment configuration once: every task of the run then uses the same backend and bucket."""
+    """Resolve the deployment configuration once: every task of the run then uses the same connection and bucket."""
     from tasks.config import load_config
 
     return dataclasses.asdict(load_config())
@@ -241,26 +272,10 @@ def training_requests(settings: dict, dataset_uri: str, params: dict, dag_run) -
     return sweep_requests(params, config=config, dag_id=dag_run.dag_id, run_id=dag_run.run_id, dataset_uri=dataset_uri)
 
 
-@task.branch
-def choose_backend(settings: dict) -> str:
-    return f"train_{settings['backend']}"
-
-
-@task(pool=TRAINING_POOL)
-def train_local(settings: dict, request: dict, params: dict) -> dict:
-    """One training job here: the request SageMaker would run, run by tasks.local_backend."""
-    from tasks.local_backend import run_training_job
-
-    jobs = len(params["hidden_channels"])  # the sweep's jobs share this machine's cores
-    return run_training_job(request, config=_config(settings), concurrent_jobs=jobs)
-
-
-@task(trigger_rule="none_failed_min_one_success")
-def select_best(settings: dict, trained_local, trained_sagemaker) -> dict:
+@task
+def select_best(settings: dict, trained) -> dict:
     from tasks.selection import select_best
 
-    # Only the backend that ran has results; the other's training task was skipped by the branch.
-    trained = trained_local if settings["backend"] == "local" else trained_sagemaker
     return select_best(list(trained), config=_config(settings))
 
 
@@ -286,16 +301,18 @@ def choose_deploy(decision: dict, params: dict) -> str | None:
 
 @task
 def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str) -> dict:
-    from tasks.deployment import deploy
+    from airflow.sdk.exceptions import AirflowFailException
 
-    return deploy(
-        best,
-        decision,
-        endpoint_name=params["endpoint_name"],
-        run_id=run_id,
-        config=_config(settings),
-        check_interval=SAGEMAKER_CHECK_INTERVAL,
-    )
+    from tasks.deployment import RolledBack, deploy
+
+    traffic = {"traffic_shift": params["traffic_shift"], "percent": params["traffic_percent"],
+               "wait_seconds": params["traffic_wait_seconds"], "bake_seconds": params["bake_seconds"]}  # fmt: skip
+    alarms = {"max_5xx_errors": params["max_5xx_errors"], "max_p99_latency_ms": params["alarm_p99_model_latency_ms"]}
+    try:
+        return deploy(best, decision, endpoint_name=params["endpoint_name"], run_id=run_id, config=_config(settings),
+                      check_interval=SAGEMAKER_CHECK_INTERVAL, traffic=traffic, alarm_thresholds=alarms)  # fmt: skip
+    except RolledBack as error:  # the previous model serves: a retry would only roll out the same model again
+        raise AirflowFailException(str(error)) from error
 
 
 @task
@@ -311,7 +328,6 @@ def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, para
             thresholds=Thresholds.from_params(params),
             samples=params["smoke_requests"],
             metrics_timeout=params["metrics_timeout"],
-            poll_interval=_config(settings).metrics_interval,
         )
     except MonitoringCheckFailed as failed:
         ti.xcom_push("return_value", failed.result)  # what the check saw, for the report; the task still fails
@@ -357,16 +373,15 @@ def mnist_sweep():
     requests = training_requests(settings, dataset_uri)
     aws = {"aws_conn_id": settings["aws_conn_id"], "region_name": settings["region"]}
 
-    trained_local = train_local.partial(settings=settings).expand(request=requests)
-    train_sagemaker = SageMakerTrainingOperator.partial(
-        task_id="train_sagemaker",
+    train = SageMakerTrainingOperator.partial(
+        task_id="train",
         **aws,
         print_log=True,
         check_interval=SAGEMAKER_CHECK_INTERVAL,
         # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
         action_if_job_exists="timestamp",
     ).expand(config=requests)
-    best = select_best(settings, trained_local, train_sagemaker.output)
+    best = select_best(settings, train.output)
 
     decision = gate(settings, best)
     deployment = deploy(settings, best, decision)
@@ -375,7 +390,6 @@ def mnist_sweep():
     report(settings, best, validation, decision, deployment, checked).as_teardown()
 
     chain(validation, dataset_uri)
-    chain(requests, choose_backend(settings), [trained_local, train_sagemaker])
     chain(decision, choose_deploy(decision), deployment)
 
 

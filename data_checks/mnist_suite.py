@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
+from data_checks import OFFICIAL_COUNTS
 from data_checks.image_table import image_table
 from training.mnist_idx import IdxFormatError, load_mnist
 
@@ -133,15 +133,12 @@ def validate_mnist(
 ) -> dict:
     """Validate the four MNIST files in ``directory``; return a summary, raise DataValidationError on any failure.
 
-    ``expected_counts`` (train, test) defaults to the configured counts (60000, 10000 for the official set). With
-    ``report_dir``, writes validation_result.json and the Data Docs (index.html) there, pass or fail.
+    ``expected_counts`` (train, test) defaults to the official set's. With ``report_dir``, writes
+    validation_result.json and the Data Docs (index.html) there, pass or fail.
     """
     import great_expectations as gx
 
-    if expected_counts is None:
-        from tasks.config import load_config
-
-        expected_counts = load_config().expected_counts
+    expected_counts = expected_counts or OFFICIAL_COUNTS
     started = time.perf_counter()
     directory = Path(directory)
     try:
@@ -210,24 +207,3 @@ def _failure_line(result) -> str:
         )
         seen = f"{observed.get('unexpected_count')} of {observed.get('element_count')} images fail (e.g. {rows})"
     return f"{result.expectation_config.description}: {seen}"
-
-
-def validate_command(args) -> int:
-    """`mnist-pipeline data validate DIR [--report DIR] [--expect-train N] [--expect-test N]`: 1 on any failure."""
-    counts = (args.expect_train, args.expect_test)
-    if None in counts:
-        from tasks.config import load_config
-
-        configured = load_config().expected_counts
-        counts = tuple(given or default for given, default in zip(counts, configured, strict=True))
-    try:
-        summary = validate_mnist(args.directory, report_dir=args.report, expected_counts=counts)
-    except DataValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"MNIST in {args.directory} passed {summary['expectations']} expectations "
-        f"({summary['counts']['train']} train / {summary['counts']['test']} test images) "
-        f"in {summary['seconds']:.2f} s" + (f"; report: {summary['report']}" if args.report else "")
-    )
-    return 0

@@ -1,6 +1,8 @@
-"""Deployment configuration: which backend, where data and models live, which AWS connection and role.
+"""Deployment configuration: where data and models live, which AWS connection and role.
 
-Read at run time, never from the DAG file, so one DAG serves a laptop and an AWS account alike. Each key comes
+Read at run time, never from the DAG file. Where the pipeline runs is the AWS connection's business alone: on
+AWS it points at AWS; on a laptop the local stack's connection points SageMaker at the local SageMaker service and
+everything else at the local AWS. Each key comes
 from the environment (`MNIST_PIPELINE_<KEY>`), else from the Airflow Variable `mnist_pipeline` (a JSON object,
 editable in the UI under Admin → Variables), else from the default below.
 """
@@ -13,34 +15,32 @@ import os
 import sys
 from pathlib import Path
 
-BACKENDS = ("local", "sagemaker")
+from data_checks import OFFICIAL_COUNTS
+
 VARIABLE_NAME = "mnist_pipeline"
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    backend: str = "local"
     bucket: str = "mnist-pipeline"
     prefix: str = "mnist-sweep"
     region: str = "us-east-1"
     role_arn: str = "arn:aws:iam::000000000000:role/mnist-pipeline-sagemaker"
     aws_conn_id: str = "aws_default"
-    # Local backend: where jobs run, endpoints are tracked and run artifacts (reports, Data Docs) are kept.
+    # Where run artifacts (reports, Data Docs), the MNIST cache and the local stack are kept on this machine.
     state_dir: str = str(Path.home() / ".local" / "state" / "mnist-pipeline")
     # Schedule of the sweep DAG: a cron string, a preset such as "@weekly", or "none".
     schedule: str = "none"
     # A dataset other than the official MNIST (a private mirror, the tests' small files): an md5sum-format file
     # with its four sums, and its "train,test" image counts. Empty / the official counts by default.
     mnist_md5sums: str = ""
-    mnist_expected_counts: str = "60000,10000"
-    # Cores the local backend may use for training jobs at once (0: all of this machine's).
+    mnist_expected_counts: str = ",".join(map(str, OFFICIAL_COUNTS))
+    # The local stack's SageMaker service: cores its training jobs and model servers may use (0: all of this
+    # machine's), and seconds between its endpoint servers' CloudWatch puts (a burst's end flushes them at once).
     local_cpus: int = 0
-    # Seconds between a local endpoint server's CloudWatch puts, and between the monitoring check's reads.
     metrics_interval: int = 10
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"mnist_pipeline backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if not self.bucket:
             raise ValueError("mnist_pipeline bucket must not be empty")
 

@@ -1,9 +1,8 @@
-"""Serving the selected model: create the endpoint, or update it blue/green, on either backend.
+"""Serving the selected model: create the endpoint, or update it blue/green.
 
 One request builder (`sagemaker_deploy_requests`: CreateModel / CreateEndpointConfig / CreateEndpoint) and one
-entry point, `deploy`: the sagemaker backend sends those requests through the provider's SageMakerHook, the local
-backend serves the same artifact with tasks.local_endpoints (a local server speaking the SageMaker container
-contract). Model and endpoint config names derive from the run id: unique per run, the same on a retry, so a
+entry point, `deploy`, which sends them through the provider's SageMakerHook to wherever the AWS connection points
+(AWS, or the local SageMaker service). Model and endpoint config names derive from the run id: unique per run, the same on a retry, so a
 retried or re-run deploy finds what its first try made instead of making it twice. Endpoint configs are never
 deleted: the monitoring check rolls back to the previous one.
 
@@ -16,11 +15,11 @@ import logging
 from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
+from tasks.names import VARIANT_NAME
 from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 
 log = logging.getLogger(__name__)
 
-VARIANT_NAME = "AllTraffic"
 ENDPOINT_INSTANCE_TYPE = "ml.m5.large"
 
 
@@ -75,6 +74,48 @@ def sagemaker_deploy_requests(
     }
 
 
+TRAFFIC_SHIFTS = ("all_at_once", "canary", "linear")
+# UpdateEndpoint's bound on a whole blue/green update: SageMaker's smallest allowed value, ample for one model.
+MAX_UPDATE_SECONDS = 600
+MAX_EXECUTION_SECONDS = 28_800  # the API's upper bound
+
+
+def deployment_config(
+    traffic_shift: str = "all_at_once",
+    *,
+    percent: int = 20,
+    wait_seconds: int = 0,
+    bake_seconds: int = 0,
+    alarms: list[str] = (),
+) -> dict:
+    """UpdateEndpoint's DeploymentConfig: blue/green with ``traffic_shift`` (a canary of ``percent`` first, or
+    linear steps of ``percent``, each held ``wait_seconds``), the old fleet kept ``bake_seconds`` after the shift,
+    and ``alarms`` rolling the update back when one fires meanwhile."""
+    if traffic_shift not in TRAFFIC_SHIFTS:
+        raise ValueError(f"traffic_shift {traffic_shift!r} is not one of {', '.join(TRAFFIC_SHIFTS)}")
+    routing: dict = {"Type": traffic_shift.upper(), "WaitIntervalInSeconds": wait_seconds}
+    if traffic_shift == "canary":
+        routing["CanarySize"] = {"Type": "CAPACITY_PERCENT", "Value": percent}
+    elif traffic_shift == "linear":
+        routing["LinearStepSize"] = {"Type": "CAPACITY_PERCENT", "Value": percent}
+    config: dict = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": routing,
+            "TerminationWaitInSeconds": bake_seconds,
+            "MaximumExecutionTimeoutInSeconds": min(
+                MAX_EXECUTION_SECONDS, MAX_UPDATE_SECONDS + wait_seconds * 100 // max(percent, 1) + bake_seconds
+            ),
+        }
+    }
+    if alarms:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": name} for name in alarms]}
+    return config
+
+
+class RolledBack(RuntimeError):
+    """The update did not take: SageMaker kept (or went back to) the endpoint's previous config."""
+
+
 def wanted(decision: Mapping, enabled: bool) -> bool:
     """Whether this run deploys: the `deploy` param is on and the gate let the model through. Logs why not."""
     if not enabled:
@@ -82,51 +123,6 @@ def wanted(decision: Mapping, enabled: bool) -> bool:
     elif not decision["deploy"]:
         log.info("Deployment skipped: the gate refused the model: %s", decision["reason"])
     return enabled and decision["deploy"]
-
-
-def deploy(
-    best: Mapping,
-    decision: Mapping,
-    *,
-    endpoint_name: str,
-    run_id: str,
-    config: PipelineConfig,
-    check_interval: int = 30,
-) -> dict:
-    """Serve ``best`` (selection's answer) on ``endpoint_name``, which the gate's ``decision`` let through.
-
-    Returns the deployment, what the monitoring check and its rollback need, with the same keys for both backends:
-    endpoint_name, endpoint_config_name, model_data_url, previous_endpoint_config_name, created, runtime_url (the
-    local runtime's address; None on SageMaker, where the AWS connection says where the runtime is).
-    """
-    if config.backend == "local":
-        return deploy_local(best, endpoint_name=endpoint_name, run_id=run_id, config=config)
-    return deploy_sagemaker(
-        best,
-        endpoint_name=endpoint_name,
-        run_id=run_id,
-        config=config,
-        previous_endpoint_config_name=decision["serving_endpoint_config_name"],
-        check_interval=check_interval,
-    )
-
-
-def deploy_local(best: Mapping, *, endpoint_name: str, run_id: str, config: PipelineConfig) -> dict:
-    """Create the local endpoint, or switch it (blue/green) to ``best``'s model; returns where it answers.
-
-    A retry finds the endpoint serving this run's config already and leaves it so.
-    """
-    from tasks.local_endpoints import create_or_update_endpoint
-
-    deployment = create_or_update_endpoint(
-        endpoint_name, best["model_data_url"], endpoint_config_name(endpoint_name, run_id), config,
-        metrics_interval=config.metrics_interval,
-    )  # fmt: skip
-    log.info(
-        "Endpoint %s serves %s (hidden_channels %s); call it with boto3's sagemaker-runtime at endpoint_url %s",
-        endpoint_name, best["training_job_name"], best["hidden_channels"], deployment["runtime_url"],
-    )  # fmt: skip
-    return deployment
 
 
 def _exists(describe, name: str) -> bool:
@@ -142,23 +138,31 @@ def _exists(describe, name: str) -> bool:
     return True
 
 
-def deploy_sagemaker(
+def deploy(
     best: Mapping,
+    decision: Mapping,
     *,
     endpoint_name: str,
     run_id: str,
     config: PipelineConfig,
-    previous_endpoint_config_name: str | None,
     check_interval: int = 30,
+    traffic: Mapping | None = None,
+    alarm_thresholds: Mapping | None = None,
 ) -> dict:
-    """CreateModel and CreateEndpointConfig unless this run made them already, then CreateEndpoint, or
-    UpdateEndpoint (blue/green on SageMaker: the old config serves until the new one is InService) unless the
-    endpoint serves this run's config already. Returns once the endpoint serves it; fails naming what serves instead.
+    """Serve ``best`` (selection's answer) on ``endpoint_name``, which the gate's ``decision`` let through.
 
-    ``previous_endpoint_config_name``: what served before this run (the gate saw it), for the rollback.
+    An update moves traffic as ``traffic`` says (``deployment_config``'s arguments; default all at once), guarded
+    by the endpoint's alarms, made or updated first with ``alarm_thresholds`` (``put_alarms``' arguments).
+
+    CreateModel and CreateEndpointConfig unless this run made them already, then CreateEndpoint, or UpdateEndpoint
+    (blue/green: the old config serves until the new one is InService) unless the endpoint serves this run's config
+    already. Returns once the endpoint serves it; fails naming what serves instead. Returns what the monitoring
+    check and its rollback need: endpoint_name, endpoint_config_name, model_data_url,
+    previous_endpoint_config_name (what served before this run, as the gate saw it) and created.
     """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
+    from tasks.alarms import put_alarms
     from tasks.gate import serving_endpoint_config
 
     hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
@@ -175,13 +179,17 @@ def deploy_sagemaker(
         hook.create_endpoint_config(requests["endpoint_config"])
 
     serving = serving_endpoint_config(config, endpoint_name)
+    update = None
     if serving is None:
         log.info("Creating endpoint %s with config %s", endpoint_name, config_name)
         hook.create_endpoint(requests["endpoint"], wait_for_completion=False)
     elif serving != config_name:
-        log.info("Updating endpoint %s from config %s to %s", endpoint_name, serving, config_name)
+        alarms = put_alarms(config, endpoint_name, **(alarm_thresholds or {}))
+        update = deployment_config(**(traffic or {}), alarms=alarms)
+        log.info("Updating endpoint %s from config %s to %s: %s", endpoint_name, serving, config_name, update)
         hook.update_endpoint(
-            {"EndpointName": endpoint_name, "EndpointConfigName": config_name}, wait_for_completion=False
+            {"EndpointName": endpoint_name, "EndpointConfigName": config_name, "DeploymentConfig": update},
+            wait_for_completion=False,
         )
     else:
         log.info("Endpoint %s serves config %s already", endpoint_name, config_name)
@@ -189,17 +197,18 @@ def deploy_sagemaker(
     described = hook.check_status(endpoint_name, "EndpointStatus", hook.describe_endpoint, check_interval,
                                   non_terminal_states=hook.endpoint_non_terminal_states)  # fmt: skip
     if described["EndpointConfigName"] != config_name:  # a failed update: SageMaker went back to the old config
-        raise RuntimeError(
+        raise RolledBack(
             f"endpoint {endpoint_name} serves config {described['EndpointConfigName']}, not {config_name}: "
             f"{described.get('FailureReason') or 'the update did not take'}"
         )
     log.info("Endpoint %s serves %s (hidden_channels %s) with config %s",
              endpoint_name, model_name, best["hidden_channels"], config_name)  # fmt: skip
+    previous_endpoint_config_name = decision["serving_endpoint_config_name"]
     return {
         "endpoint_name": endpoint_name,
         "endpoint_config_name": config_name,
         "model_data_url": best["model_data_url"],
         "previous_endpoint_config_name": previous_endpoint_config_name,
         "created": previous_endpoint_config_name is None,
-        "runtime_url": None,
+        "deployment_config": update,
     }

@@ -1,8 +1,8 @@
 """The champion gate: deploy a new model only when it is good enough and no worse than the one serving now.
 
 The champion is the model that serves the endpoint now, recorded with it when it passed the monitoring check:
-`<s3_root>/endpoints/<endpoint>/champion.json` (test accuracy, model, endpoint config). The record is S3 for both
-backends, so a laptop and an AWS account keep it the same way. Accuracies are fractions (0.9714).
+`<s3_root>/endpoints/<endpoint>/champion.json` (test accuracy, model, endpoint config), in S3 wherever the AWS
+connection points. Accuracies are fractions (0.9714).
 """
 
 from __future__ import annotations
@@ -63,18 +63,12 @@ def record_champion(config: PipelineConfig, endpoint_name: str, champion: dict) 
 
 def serving_endpoint_config(config: PipelineConfig, endpoint_name: str) -> str | None:
     """The endpoint config the endpoint serves now (the one to roll back to), or None when there is no endpoint."""
-    if config.backend == "local":
-        from tasks.local_endpoints import EndpointNotFound, describe_endpoint
-
-        try:
-            return describe_endpoint(endpoint_name, config)["EndpointConfigName"]
-        except EndpointNotFound:
-            return None
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
     from botocore.exceptions import ClientError
 
     try:
-        return SageMakerHook(aws_conn_id=config.aws_conn_id).describe_endpoint(endpoint_name)["EndpointConfigName"]
+        hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+        return hook.describe_endpoint(endpoint_name)["EndpointConfigName"]
     except ClientError as error:
         # SageMaker answers a missing endpoint with a ValidationException "Could not find endpoint ...".
         if "Could not find endpoint" in str(error):

@@ -328,15 +328,12 @@ def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None =
 
 
 def _ensure_bucket(hook, config: PipelineConfig) -> None:
-    if hook.check_for_bucket(config.bucket):
-        return
-    if config.backend != "local":
+    # The bucket is the deployment's (on a laptop, `mnist-pipeline up` makes it): a run never creates one.
+    if not hook.check_for_bucket(config.bucket):
         raise UploadError(
             f"S3 bucket {config.bucket!r} does not exist or connection {config.aws_conn_id!r} may not use it: "
             "create it, or set `bucket` in the mnist_pipeline configuration"
         )
-    log.info("creating bucket %s on the local S3", config.bucket)
-    hook.create_bucket(bucket_name=config.bucket, region_name=config.region)
 
 
 def _stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:

@@ -1,8 +1,8 @@
 """The monitoring check after a deployment: smoke load, CloudWatch metrics, then champion and alarms, or rollback.
 
 1. Once the endpoint is InService, send held-out MNIST test images through the real client (boto3
-   `sagemaker-runtime` `invoke_endpoint`; in local mode the same client with the local runtime as `endpoint_url`)
-   and measure live accuracy, errors and latency percentiles from the load itself.
+   `sagemaker-runtime` `invoke_endpoint`, wherever the AWS connection points) and measure live accuracy, errors
+   and latency percentiles from the load itself.
 2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
    invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
    local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
@@ -10,8 +10,8 @@
    Fail: roll back (the previous endpoint config, or delete the endpoint this deployment created) and fail the
    task, without retries, naming every failed threshold with its observed value.
 
-`deployment` is what the deploy step returns (tasks.local_endpoints' `_deployment` keys, both backends):
-endpoint_name, endpoint_config_name, model_data_url, previous_endpoint_config_name, created, runtime_url.
+`deployment` is what the deploy step returns (tasks.deployment.deploy): endpoint_name, endpoint_config_name,
+model_data_url, previous_endpoint_config_name, created.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from pathlib import Path
 
 from airflow.sdk.exceptions import AirflowFailException
 
+from tasks.alarms import put_alarms
 from tasks.config import PipelineConfig
+from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
 
 log = logging.getLogger(__name__)
 
-VARIANT_NAME = "AllTraffic"
-ENDPOINT_NAMESPACE = "AWS/SageMaker"
-INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instances behind an endpoint
 # What the check reads from CloudWatch: result key -> (namespace, metric, statistic). Latencies are microseconds.
 CLOUDWATCH_METRICS = {
     "invocations": (ENDPOINT_NAMESPACE, "Invocations", "Sum"),
@@ -45,6 +44,10 @@ CLOUDWATCH_METRICS = {
     "cpu_utilization": (INSTANCE_NAMESPACE, "CPUUtilization", "Maximum"),
     "memory_utilization": (INSTANCE_NAMESPACE, "MemoryUtilization", "Maximum"),
 }
+
+
+# Between CloudWatch reads while the load's datapoints arrive: endpoint servers flush theirs once a burst ends.
+METRICS_POLL_SECONDS = 1.0
 
 
 class MonitoringCheckFailed(AirflowFailException):
@@ -110,9 +113,9 @@ def load_test_images(config: PipelineConfig, source: str, count: int, seed: int 
     return images[pick], labels[pick]
 
 
-def runtime_client(config: PipelineConfig, endpoint_url: str | None = None, max_connections: int = 10):
-    """boto3 `sagemaker-runtime` client with the AWS connection's credentials, sent to ``endpoint_url`` (the local
-    runtime) or wherever the connection points. No retries: the check must see every failure."""
+def runtime_client(config: PipelineConfig, max_connections: int = 10):
+    """boto3 `sagemaker-runtime` client of the AWS connection (its credentials, and its endpoint for the service).
+    No retries: the check must see every failure."""
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.config import Config
 
@@ -120,7 +123,7 @@ def runtime_client(config: PipelineConfig, endpoint_url: str | None = None, max_
     extra = Config(retries={"total_max_attempts": 1}, max_pool_connections=max_connections)
     return hook.get_session(region_name=config.region).client(
         "sagemaker-runtime",
-        endpoint_url=endpoint_url or hook.conn_config.get_service_endpoint_url("sagemaker-runtime"),
+        endpoint_url=hook.conn_config.get_service_endpoint_url("sagemaker-runtime"),
         config=hook.config.merge(extra),
         verify=hook.verify,
     )
@@ -173,10 +176,6 @@ def _cloudwatch(config: PipelineConfig):
     return AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="cloudwatch", region_name=config.region).conn
 
 
-def _dimensions(endpoint_name: str) -> list[dict]:
-    return [{"Name": "EndpointName", "Value": endpoint_name}, {"Name": "VariantName", "Value": VARIANT_NAME}]
-
-
 def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.datetime, end: datetime.datetime) -> dict:
     """The endpoint's CloudWatch figures over [start, end], one number per metric (None when no data arrived)."""
     # Whole minutes, one period over the window: each query answers a single value for the whole load.
@@ -187,7 +186,11 @@ def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.dat
         {
             "Id": key,
             "MetricStat": {
-                "Metric": {"Namespace": namespace, "MetricName": metric, "Dimensions": _dimensions(endpoint_name)},
+                "Metric": {
+                    "Namespace": namespace,
+                    "MetricName": metric,
+                    "Dimensions": endpoint_dimensions(endpoint_name),
+                },
                 "Period": period,
                 "Stat": stat,
             },
@@ -214,8 +217,9 @@ def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.dat
 
 
 def wait_for_metrics(
-    config: PipelineConfig, endpoint_name: str, load: dict, timeout: float = 300.0, poll_interval: float = 10.0
-) -> dict:
+    config: PipelineConfig, endpoint_name: str, load: dict, timeout: float = 300.0,
+    poll_interval: float = METRICS_POLL_SECONDS,
+) -> dict:  # fmt: skip
     """Poll CloudWatch until the load's invocations have all arrived there, or ``timeout`` passes."""
     start = datetime.datetime.fromisoformat(load["started_at"])
     deadline = time.monotonic() + timeout
@@ -266,57 +270,12 @@ def evaluate(load: dict, metrics: dict, thresholds: Thresholds, test_accuracy: f
 # --- pass: alarms; fail: rollback -----------------------------------------------------------------------------------
 
 
-def put_alarms(
-    config: PipelineConfig,
-    endpoint_name: str,
-    *,
-    max_5xx_errors: int = 0,
-    max_p99_latency_ms: float = 200.0,
-    alarm_actions: list[str] | None = None,
-) -> list[str]:
-    """Create or update the endpoint's alarms (5XX errors per minute, p99 model latency over 5 minutes)."""
-    cloudwatch = _cloudwatch(config)
-    common = {
-        "Namespace": ENDPOINT_NAMESPACE,
-        "Dimensions": _dimensions(endpoint_name),
-        "EvaluationPeriods": 1,
-        "ComparisonOperator": "GreaterThanThreshold",
-        "TreatMissingData": "notBreaching",  # an idle endpoint is a healthy one
-        "AlarmActions": alarm_actions or [],
-    }
-    alarms = {
-        f"{endpoint_name}-invocation-5xx-errors": {
-            "MetricName": "Invocation5XXErrors",
-            "Statistic": "Sum",
-            "Period": 60,
-            "Threshold": float(max_5xx_errors),
-            "AlarmDescription": f"Endpoint {endpoint_name} answered more than {max_5xx_errors} 5XX errors in a minute",
-        },
-        f"{endpoint_name}-model-latency-p99": {
-            "MetricName": "ModelLatency",
-            "ExtendedStatistic": "p99",
-            "Period": 300,
-            "Threshold": max_p99_latency_ms * 1000,  # ModelLatency is in microseconds
-            "AlarmDescription": f"Endpoint {endpoint_name}: p99 model latency above {max_p99_latency_ms:g} ms",
-        },
-    }
-    for name, alarm in alarms.items():
-        cloudwatch.put_metric_alarm(AlarmName=name, **common, **alarm)
-    log.info("Alarms for endpoint %s: %s", endpoint_name, ", ".join(alarms))
-    return list(alarms)
-
-
-def rollback(config: PipelineConfig, deployment: dict) -> dict:
+def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15) -> dict:
     """Undo ``deployment``: back to its previous endpoint config, or delete the endpoint it created.
 
     Returns ``{"action": "restored" | "deleted" | "none", "endpoint_name", "endpoint_config_name"}``.
     """
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
-    if config.backend == "local":
-        from tasks.local_endpoints import rollback_endpoint
-
-        return rollback_endpoint(name, failed, config)
-
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     from tasks.gate import serving_endpoint_config
@@ -328,9 +287,9 @@ def rollback(config: PipelineConfig, deployment: dict) -> dict:
         log.info("Endpoint %s does not serve %s (it serves %s): nothing to roll back", name, failed, serving)
         return {"action": "none", "endpoint_name": name, "endpoint_config_name": serving}
     if previous:
-        # UpdateEndpoint is blue/green on SageMaker too: the failed config serves until the previous one is up.
+        # UpdateEndpoint is blue/green: the failed config serves until the previous one is up.
         try:
-            hook.update_endpoint({"EndpointName": name, "EndpointConfigName": previous}, check_interval=15)
+            hook.update_endpoint({"EndpointName": name, "EndpointConfigName": previous}, check_interval=check_interval)
         except Exception as error:
             raise RuntimeError(
                 f"UpdateEndpoint of {name} back to endpoint config {previous} failed: {error}"
@@ -345,17 +304,12 @@ def rollback(config: PipelineConfig, deployment: dict) -> dict:
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
-def wait_in_service(config: PipelineConfig, endpoint_name: str, timeout: float = 1800.0) -> str:
+def wait_in_service(config: PipelineConfig, endpoint_name: str, timeout: float = 1800.0, delay: int = 15) -> str:
     """Wait until the endpoint is InService; returns its status (Failed and such end the wait at once)."""
-    if config.backend == "local":
-        from tasks.local_endpoints import describe_endpoint
-
-        return describe_endpoint(endpoint_name, config)["EndpointStatus"]  # a local endpoint is up once created
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
     from botocore.exceptions import WaiterError
 
     hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
-    delay = 15
     with contextlib.suppress(WaiterError):  # the status below says why
         hook.conn.get_waiter("endpoint_in_service").wait(
             EndpointName=endpoint_name, WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout // delay))}
@@ -381,7 +335,8 @@ def check_endpoint(
     samples: int = 200,
     concurrency: int = 4,
     metrics_timeout: float = 300.0,
-    poll_interval: float = 10.0,
+    poll_interval: float = METRICS_POLL_SECONDS,
+    check_interval: int = 15,
     alarm_actions: list[str] | None = None,
 ) -> dict:
     """The monitoring check of a fresh deployment (module docstring). ``test_data``: a directory or S3 prefix with
@@ -394,17 +349,12 @@ def check_endpoint(
     thresholds = thresholds or Thresholds()
     name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
     result = {"endpoint_name": name, "endpoint_config_name": config_name, "thresholds": dataclasses.asdict(thresholds)}
-    status = wait_in_service(config, name)
+    status = wait_in_service(config, name, delay=check_interval)
     if status != "InService":
         failures, load, metrics = [f"endpoint status {status} (not InService)"], None, None
     else:
-        endpoint_url = deployment.get("runtime_url")
-        if config.backend == "local" and not endpoint_url:
-            from tasks.local_endpoints import runtime_url
-
-            endpoint_url = runtime_url(config)
         images, labels = load_test_images(config, test_data, samples)
-        client = runtime_client(config, endpoint_url, max_connections=concurrency)
+        client = runtime_client(config, max_connections=concurrency)
         load = smoke_load(client, name, images, labels, concurrency)
         log.info("Smoke load of endpoint %s: %s", name, load)
         metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
@@ -415,7 +365,7 @@ def check_endpoint(
     if failures:
         verdict = f"Monitoring check of endpoint {name} (config {config_name}) failed: {'; '.join(failures)}"
         try:
-            undone = rollback(config, deployment)
+            undone = rollback(config, deployment, check_interval)
         except Exception as error:
             result["rollback"] = {"action": "failed", "error": str(error)}
             raise MonitoringCheckFailed(

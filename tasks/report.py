@@ -4,7 +4,7 @@ Sections: the verdict; the trial table (hidden_channels, min / max / avg / last 
 final losses, seconds, parameters); per-epoch loss and accuracy curves; the best model's confusion matrix and a
 grid of the test digits it got wrong; the data validation summary with a link to its Data Docs; the gate and the
 monitoring check. Figures come from each job's `metrics.json` and `misclassified.npz`, read from the job's
-`output.tar.gz` beside its `model.tar.gz` (SageMaker uploads SM_OUTPUT_DATA_DIR there; so does the local backend).
+`output.tar.gz` beside its `model.tar.gz` (SageMaker uploads SM_OUTPUT_DATA_DIR there).
 
 Written to `<state_dir>/runs/<run>/report/` and uploaded to `<s3_root>/runs/<run>/report/`, beside the run's
 Data Docs (`../validation/`), so the same relative links work on disk and in S3.
@@ -165,6 +165,10 @@ def _verdict(best: Mapping, gate: Mapping | None, deployment: Mapping | None, mo
     if deployment is None:
         return f"{winner}; not deployed (deployment was off for this run)."
     where = f"endpoint `{deployment['endpoint_name']}` (config `{deployment['endpoint_config_name']}`)"
+    if update := deployment.get("deployment_config"):
+        policy = update["BlueGreenUpdatePolicy"]
+        shift = policy["TrafficRoutingConfiguration"]["Type"].lower().replace("_", " ")
+        where += f" blue/green, {shift}, baked {policy['TerminationWaitInSeconds']} s under its alarms"
     if monitoring is None:
         return f"{winner}; deployed to {where}; no monitoring check ran."
     if monitoring.get("passed"):
@@ -248,7 +252,7 @@ def render_markdown(context: Mapping) -> str:
     lines = [
         f"# Sweep report: {context['dag_id']} / {context['run_id']}",
         "",
-        f"Backend `{context['backend']}` · {len(best['trials'])} training jobs · best job `{best['training_job_name']}`",
+        f"{len(best['trials'])} training jobs · best job `{best['training_job_name']}`",
         "",
         _verdict(best, context["gate"], context["deployment"], context["monitoring"]),
         "",
@@ -320,7 +324,7 @@ def write_report(directory: Path, context: Mapping, best_outputs: Mapping, histo
     (directory / "report.md").write_text(markdown_text)
     (directory / "report.html").write_text(render_html(markdown_text, f"Sweep report {context['run_id']}"))
     (directory / "summary.json").write_text(
-        json.dumps({key: context[key] for key in ("dag_id", "run_id", "backend", "best")}, indent=2, default=str)
+        json.dumps({key: context[key] for key in ("dag_id", "run_id", "best")}, indent=2, default=str)
     )
 
 
@@ -382,7 +386,7 @@ def build_report(
     validation_dir = run_dir / "validation"
     data_docs = validation_dir / "index.html"
     context = {
-        "dag_id": dag_id, "run_id": run_id, "backend": config.backend, "best": best,
+        "dag_id": dag_id, "run_id": run_id, "best": best,
         "validation": validation, "gate": gate, "deployment": deployment, "monitoring": monitoring,
         "data_docs_link": "../validation/index.html" if data_docs.is_file() else None,
     }  # fmt: skip

@@ -1,9 +1,9 @@
-"""Model selection: the most accurate training job of a sweep, whichever backend ran it.
+"""Model selection: the most accurate training job of a sweep.
 
 Each job's test accuracy is the last `test:accuracy` in its FinalMetricDataList (the seed's metric definition, in
-percent), as SageMaker reports it for both backends. The per-epoch history, parameter count and timings come from
+percent), as SageMaker reports it. The per-epoch history, parameter count and timings come from
 the `metrics.json` the training script leaves in the job's `output.tar.gz` (SageMaker uploads the output data
-dir there; so does the local backend). The highest accuracy wins; a tie goes to the model with fewer parameters.
+dir there). The highest accuracy wins; a tie goes to the model with fewer parameters.
 Accuracies returned are fractions (0.9714), as in metrics.json.
 
 Imported by the DAG at parse time: airflow hooks are imported inside the functions.

@@ -1,7 +1,7 @@
-"""The CreateTrainingJob requests of a sweep: one per hidden_channels value, the contract both backends run.
+"""The CreateTrainingJob requests of a sweep: one per hidden_channels value.
 
-`build_training_job_request` builds the exact request SageMaker takes (the provider's SageMakerTrainingOperator
-sends it as is); the local backend (tasks.local_backend) runs the very same dict on this machine. The training
+`build_training_job_request` builds the exact request SageMaker takes; the provider's SageMakerTrainingOperator
+sends it as is, to AWS or to the local SageMaker service, whichever the AWS connection points at. The training
 code travels as SageMaker script mode expects it: a `sourcedir.tar.gz` (the files of training/ at its root, plus
 the inference handler) named by the `sagemaker_submit_directory` hyperparameter. The archive is byte-for-byte
 reproducible, so its S3 key is its SHA-256 and an unchanged tree is never uploaded twice.
@@ -149,14 +149,13 @@ def sweep_requests(
 ) -> list[dict]:
     """The requests of a sweep run: one per ``params["hidden_channels"]`` value, in that order.
 
-    Uploads the training code first; for the sagemaker backend also makes sure the experiment and trial exist
-    (SageMaker only associates a job with existing ones).
+    Uploads the training code first, and makes sure the experiment and trial exist (SageMaker only associates a
+    job with existing ones).
     """
     sourcedir_uri = upload_sourcedir(config)
     experiment_name = sagemaker_name(dag_id, max_length=120)
     trial_name = sagemaker_name(run_id, max_length=120, unique_by=run_id)
-    if config.backend == "sagemaker":
-        ensure_experiment(config, experiment_name, trial_name)
+    ensure_experiment(config, experiment_name, trial_name)
     common = {key: params[key] for key in SWEEP_HYPERPARAMETERS if params.get(key) is not None}
     return [
         build_training_job_request(
@@ -183,16 +182,18 @@ def ensure_experiment(config: PipelineConfig, experiment_name: str, trial_name: 
     from botocore.exceptions import ClientError
 
     client = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region).conn
-    for create, kwargs in (
-        (client.create_experiment, {"ExperimentName": experiment_name}),
-        (client.create_trial, {"TrialName": trial_name, "ExperimentName": experiment_name}),
+    for describe, create, kwargs in (
+        (client.describe_experiment, client.create_experiment, {"ExperimentName": experiment_name}),
+        (client.describe_trial, client.create_trial, {"TrialName": trial_name, "ExperimentName": experiment_name}),
     ):
+        name_key = next(iter(kwargs))
         try:
-            create(**kwargs)
+            describe(**{name_key: kwargs[name_key]})
+            continue  # a retry, or the same DAG's earlier runs
         except ClientError as error:
-            # A retry, or the same DAG's earlier runs: SageMaker refuses a second one with ResourceInUse.
-            if error.response["Error"]["Code"] != "ResourceInUse":
+            if error.response["Error"]["Code"] != "ResourceNotFound":
                 raise
+        create(**kwargs)
 
 
 # -- the training code as SageMaker script mode takes it ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated Airflow home, the local AWS (moto server on loopback) and small MNIST files."""
+"""Shared fixtures: an isolated Airflow home, the local AWS (moto server on loopback), the local SageMaker service
+and small MNIST files."""
 
 from __future__ import annotations
 
@@ -37,13 +38,30 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def local_aws():
     """moto in server mode on 127.0.0.1; the `aws_default` connection points at it. Yields the endpoint URL."""
-    from tasks.local_aws import connection_uri, start_moto_server
+    from cli.local_aws import connection_uri, start_moto_server
 
     process, endpoint_url = start_moto_server()
     os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url)
     yield endpoint_url
     process.kill()
     process.wait()
+
+
+@pytest.fixture(scope="session")
+def local_sagemaker(local_aws):
+    """The local SageMaker service on 127.0.0.1, backed by the session's local AWS; from here on the `aws_default`
+    connection sends `sagemaker` and `sagemaker-runtime` to it, as the local stack's does. Yields its URL."""
+    from cli.local_aws import LOCAL_CREDENTIALS, connection_uri
+    from local_sagemaker import launch
+
+    record, url = launch.start(
+        _SESSION_HOME / "sagemaker", local_aws, credentials=LOCAL_CREDENTIALS, cpus=2, metrics_interval=1
+    )
+    os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=url)
+    # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
+    os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"
+    yield url
+    launch.stop(record)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import datetime
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,16 +17,19 @@ def parse_dag():
     from airflow.dag_processing.dagbag import DagBag
 
     with pytest.MonkeyPatch.context() as patch:
-        # moto completes jobs and endpoints at once: poll every second, not every 30 (read when the file is parsed).
+        # Local jobs and endpoints take seconds: poll every second, not every 30 (read when the file is parsed).
         patch.setenv("AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL", "1")
         bag = DagBag(str(DAG_FILE.parent))
     assert bag.import_errors == {}
     return bag.dags["mnist_sweep"]
 
 
-def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, backend: str, bucket: str) -> dict:
-    """Environment for runs on the small generated MNIST, with their own bucket and state directory; returns the
-    run conf that points the download at those files."""
+def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, bucket: str, aws_endpoint: str) -> dict:
+    """Environment for runs on the small generated MNIST, with their own bucket (created in the local S3, as a
+    deployment's bucket exists before its runs) and state directory; returns the run conf that points the download
+    at those files."""
+    import boto3
+
     from tests.synthetic_mnist import make_mnist
 
     sums = make_mnist(directory / "unused", seed=0)  # the same files as small_mnist: same seed, same sums
@@ -39,8 +39,8 @@ def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, bac
     patch.setenv("MNIST_PIPELINE_MNIST_EXPECTED_COUNTS", "600,100")
     patch.setenv("MNIST_PIPELINE_STATE_DIR", str(directory / "state"))
     patch.setenv("MNIST_CACHE", str(directory / "cache"))
-    patch.setenv("MNIST_PIPELINE_BACKEND", backend)
     patch.setenv("MNIST_PIPELINE_BUCKET", bucket)
+    boto3.client("s3", endpoint_url=aws_endpoint).create_bucket(Bucket=bucket)
     patch.setenv("MNIST_PIPELINE_METRICS_INTERVAL", "1")  # the monitoring check waits for metrics a second apart
     return {"mnist_mirror": str(small_mnist)}
 
@@ -71,14 +71,3 @@ def states(run) -> dict[str, list[str]]:
 def report_text(run_id: str) -> str:
     [where] = xcoms(run_id, "report")
     return Path(where["markdown"]).read_text()
-
-
-def output_archive(metrics: dict) -> bytes:
-    """A training job's output.tar.gz holding ``metrics.json``: what a SageMaker training container leaves."""
-    output = io.BytesIO()
-    with tarfile.open(fileobj=output, mode="w:gz") as archive:
-        body = json.dumps(metrics).encode()
-        info = tarfile.TarInfo("metrics.json")
-        info.size = len(body)
-        archive.addfile(info, io.BytesIO(body))
-    return output.getvalue()

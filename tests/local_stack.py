@@ -32,7 +32,7 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "tasks.cli", *args],
+            [sys.executable, "-m", "cli.main", *args],
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
@@ -82,7 +82,7 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
         }
     )
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "up", "--port", "0"],
+        [sys.executable, "-m", "cli.main", "up", "--port", "0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     stack = Stack(state_dir, env, result.stdout + result.stderr)

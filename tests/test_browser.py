@@ -108,7 +108,7 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
         page.wait_for_load_state("networkidle")
         page.screenshot(path=SCREENSHOTS / "5-run-finished.png", full_page=True)
         tis = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances", params={"limit": 1000}).json()
-        training = sorted(ti["map_index"] for ti in tis["task_instances"] if ti["task_id"] == "train_local")
+        training = sorted(ti["map_index"] for ti in tis["task_instances"] if ti["task_id"] == "train")
         failed = [(ti["task_id"], ti["map_index"]) for ti in tis["task_instances"] if ti["state"] == "failed"]
     assert run["state"] == "success", f"run {run_id} {run['state']}; failed tasks: {failed}"
     assert training == list(range(len(HIDDEN_CHANNELS)))

@@ -63,19 +63,25 @@ def ports(service: dict) -> list[tuple[str, int]]:
 
 
 def test_services_and_health_checks(services):
-    assert set(services) == AIRFLOW_SERVICES | {"airflow-init", "postgres", "local-aws"}
-    for name in AIRFLOW_SERVICES | {"postgres", "local-aws"}:
+    assert set(services) == AIRFLOW_SERVICES | {"airflow-init", "postgres", "local-aws", "local-sagemaker"}
+    for name in AIRFLOW_SERVICES | {"postgres", "local-aws", "local-sagemaker"}:
         assert services[name]["healthcheck"]["test"], name
     assert "healthcheck" not in services["airflow-init"]  # a one-shot job, waited on by completion
     for name in AIRFLOW_SERVICES:
         depends = services[name]["depends_on"]
         assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
-        assert depends["postgres"]["condition"] == depends["local-aws"]["condition"] == "service_healthy", name
+        assert {depends[backing]["condition"] for backing in ("postgres", "local-aws", "local-sagemaker")} == {
+            "service_healthy"
+        }, name
     assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     init = " ".join(services["airflow-init"]["command"])
-    from tasks.local_backend import TRAINING_POOL
-
-    assert "airflow db migrate" in init and f"airflow pools set {TRAINING_POOL} " in init
+    assert "airflow db migrate" in init and "create_bucket(Bucket=os.environ['MNIST_PIPELINE_BUCKET'])" in init
+    # The local SageMaker service sees the local AWS and nothing of Airflow's; the local AWS refuses browsers.
+    sagemaker = services["local-sagemaker"]
+    assert sagemaker["environment"]["AWS_ENDPOINT_URL"] == "http://local-aws:5000"
+    assert not [key for key in sagemaker["environment"] if key.startswith("AIRFLOW")]
+    assert sagemaker["entrypoint"] == ["python", "-m", "local_sagemaker"]
+    assert services["local-aws"]["environment"]["MOTO_DISABLE_GLOBAL_CORS"] == "true"
 
 
 def test_airflow_wiring(services):
@@ -90,12 +96,16 @@ def test_airflow_wiring(services):
     assert urlsplit(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]).hostname == "airflow-apiserver"
     assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "false"
 
-    # The AWS connection points at the local AWS service's container port.
+    # The AWS connection points at the local AWS service's container port, and SageMaker at the local service.
     connection = Connection(conn_id="aws_default", uri=env["AIRFLOW_CONN_AWS_DEFAULT"])
     endpoint = urlsplit(connection.extra_dejson["endpoint_url"])
     assert connection.conn_type == "aws"
     assert endpoint.hostname == "local-aws"
     assert endpoint.port in {target for _, target in ports(services["local-aws"])}
+    for service in ("sagemaker", "sagemaker-runtime"):
+        sagemaker = urlsplit(connection.extra_dejson["service_config"][service]["endpoint_url"])
+        assert (sagemaker.hostname, sagemaker.port) == ("local-sagemaker", 8090)
+    assert "MNIST_PIPELINE_BACKEND" not in env
 
     # The project is mounted and the DAGs folder is the mounted checkout's dags/.
     for name in AIRFLOW_SERVICES:

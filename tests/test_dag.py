@@ -15,7 +15,8 @@ from tests.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
 
 HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
 PARAMS = ("hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
-          "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "min_test_accuracy",
+          "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "traffic_shift", "traffic_percent",
+          "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
           "accuracy_tolerance", "smoke_requests", "metrics_timeout", "min_live_accuracy", "max_accuracy_drop",
           "max_error_rate", "max_p99_latency_ms", "max_model_latency_ms", "max_5xx_errors", "max_4xx_errors",
           "max_cpu_utilization", "max_memory_utilization", "alarm_p99_model_latency_ms")  # fmt: skip
@@ -33,7 +34,10 @@ def test_dag_parses_with_its_settings(dag):
     assert dag.doc_md.lstrip().startswith("# MNIST hidden_channels sweep")
     for task in dag.tasks:
         assert task.retries >= 2 and task.retry_delay >= datetime.timedelta(seconds=30), task.task_id
-    assert dag.get_task("train_local").pool == "local_training"
+    # Training is the provider's operator, mapped over the requests: the same on AWS and on a laptop.
+    train = dag.get_task("train")
+    assert type(train).__name__ == "MappedOperator" and train.operator_class.__name__ == "SageMakerTrainingOperator"
+    assert train.partial_kwargs["print_log"] is True
     params = dag.params
     assert params["hidden_channels"] == [2, 5, 10, 20, 32]
     assert set(params.keys()) == set(PARAMS)
@@ -52,6 +56,8 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     def upstream(task_id: str) -> set[str]:
         return dag.get_task(task_id).upstream_task_ids - {"configuration"}
 
+    assert upstream("select_best") == {"train"}
+    assert upstream("train") == {"training_requests"}
     assert upstream("gate") == {"select_best"}
     assert upstream("choose_deploy") == {"gate"}
     assert upstream("deploy") == {"choose_deploy", "gate", "select_best"}
@@ -123,10 +129,18 @@ def test_invalid_params_are_refused_naming_the_param(dag, airflow_db, conf, para
 def test_sagemaker_sweep_on_aws(airflow_db, real_mnist, monkeypatch):
     """Opt in with `-m aws`: AIRFLOW_CONN_AWS_DEFAULT (real credentials), MNIST_PIPELINE_ROLE_ARN and
     MNIST_PIPELINE_BUCKET (existing) set. One real 1-epoch job on SageMaker, no deployment: ~10 minutes, cents."""
-    monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "sagemaker")
     conf = {"hidden_channels": [4], "epochs": 1, "deploy": False, "mnist_mirror": str(real_mnist)}
     run = run_sweep(conf)
     assert str(run.state) == "success", states(run)
     [best] = xcoms(run.run_id, "select_best")
     assert best["hidden_channels"] == 4 and best["test_accuracy"] > 0.9
     assert best["model_data_url"].endswith("/output/model.tar.gz")
+
+
+def test_nothing_branches_on_where_it_runs():
+    """One code path: no backend setting, no local-only module is left for the DAG or the pipeline code to reach."""
+    result = subprocess.run(
+        ["grep", "-rnE", r"backend[]\"']{0,2} *(==|!=)|train_\{", "dags", "tasks"], capture_output=True, text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.stdout == ""

@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
+from cli.main import main
 from data_checks.mnist_suite import DataValidationError, validate_mnist
-from tasks.cli import main
 from training.mnist_idx import MNIST_FILES, load_mnist, write_idx
 
 SMALL = (600, 100)

@@ -1,9 +1,9 @@
 """Deployment: the requests (valid for SageMaker's API model, names unique per run, the handler named), when a run
-deploys, and the sagemaker backend's create-or-update against moto, where a retry finds its first try's work.
+deploys, and create-or-update through the provider's hook against the local SageMaker service, where a retry finds
+its first try's work and a later run updates the endpoint blue/green.
 
-The local backend's create-or-update, blue/green under load and retries are tests/test_local_endpoints.py's."""
+Blue/green under load and traffic shifting are tests/test_service_endpoints.py's."""
 
-import json
 import logging
 import re
 import uuid
@@ -11,12 +11,18 @@ import uuid
 import boto3
 import botocore.session
 import pytest
-from botocore.exceptions import ClientError
 from botocore.validate import validate_parameters
 
 from tasks.config import load_config
-from tasks.deployment import deploy, endpoint_config_name, sagemaker_deploy_requests, wanted
-from tasks.local_aws import connection_uri
+from tasks.deployment import (
+    RolledBack,
+    deploy,
+    deployment_config,
+    endpoint_config_name,
+    sagemaker_deploy_requests,
+    wanted,
+)
+from tests.endpoint_helpers import model_artifacts, pack
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
 BEST = {
@@ -64,41 +70,43 @@ def test_deployment_is_wanted_when_the_param_and_the_gate_say_so(enabled, allowe
     assert (logged in caplog.text) if logged else caplog.text == ""
 
 
-@pytest.fixture
-def sagemaker_config(local_aws, monkeypatch):
-    """The sagemaker backend against moto, through a connection without retries (moto answers UpdateEndpoint 500)."""
-    connection = json.loads(connection_uri(local_aws))
-    connection["extra"]["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO_ONCE", json.dumps(connection))
-    return load_config(backend="sagemaker", aws_conn_id="aws_moto_once")
+@pytest.fixture(scope="module")
+def artifacts(local_sagemaker, local_aws, small_mnist, tmp_path_factory) -> dict:
+    """Two real model artifacts in the local S3, as training jobs leave them."""
+    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket="deployment")
+    packed = tmp_path_factory.mktemp("deployment-artifacts")
+    for kind in ("good", "shuffled"):
+        s3.upload_file(str(pack(built[kind], packed / f"{kind}.tar.gz")), "deployment", f"{kind}/model.tar.gz")
+    return {kind: f"s3://deployment/{kind}/model.tar.gz" for kind in ("good", "shuffled")}
 
 
-def _best(run: str) -> dict:
-    return {**BEST, "training_job_name": f"{run}-hc10-1a2b3c4d", "model_data_url": f"s3://bucket/{run}/model.tar.gz"}
+def _best(run: str, model_data_url: str) -> dict:
+    return {**BEST, "training_job_name": f"{run}-hc10-1a2b3c4d", "model_data_url": model_data_url}
 
 
-def test_sagemaker_deploy_creates_once_per_run_and_a_retry_changes_nothing(sagemaker_config, local_aws):
+def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, local_sagemaker):
     endpoint, run = f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
     first_try = {"deploy": True, "serving_endpoint_config_name": None}
-    deployed = deploy(_best(run), first_try, endpoint_name=endpoint, run_id=run, config=sagemaker_config,
-                      check_interval=0)  # fmt: skip
+    config = load_config()
+    deployed = deploy(_best(run, artifacts["good"]), first_try, endpoint_name=endpoint, run_id=run, config=config,
+                      check_interval=1)  # fmt: skip
     assert deployed == {
         "endpoint_name": endpoint,
         "endpoint_config_name": endpoint_config_name(endpoint, run),
-        "model_data_url": f"s3://bucket/{run}/model.tar.gz",
+        "model_data_url": artifacts["good"],
         "previous_endpoint_config_name": None,
         "created": True,
-        "runtime_url": None,
+        "deployment_config": None,  # a new endpoint has no traffic to shift
     }
-    # A retry: moto, like SageMaker, refuses to create a model or an endpoint config twice.
-    again = deploy(_best(run), first_try, endpoint_name=endpoint, run_id=run, config=sagemaker_config,
-                   check_interval=0)  # fmt: skip
+    # A retry: SageMaker refuses to create a model or an endpoint config twice, and the deploy finds them.
+    again = deploy(_best(run, artifacts["good"]), first_try, endpoint_name=endpoint, run_id=run, config=config,
+                   check_interval=1)  # fmt: skip
     assert again == deployed
 
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_aws)
-    # Counted by name here: moto's ListModels ignores NameContains, and other tests share this moto server.
-    models = [m["ModelName"] for page in sagemaker.get_paginator("list_models").paginate() for m in page["Models"]]
-    assert sum(run in name for name in models) == 1
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    assert [m["ModelName"] for m in sagemaker.list_models(NameContains=run)["Models"]] == [f"{run}-hc10-1a2b3c4d"]
     configs = sagemaker.list_endpoint_configs(NameContains=endpoint)["EndpointConfigs"]
     assert [c["EndpointConfigName"] for c in configs] == [endpoint_config_name(endpoint, run)]
     described = sagemaker.describe_endpoint(EndpointName=endpoint)
@@ -106,22 +114,67 @@ def test_sagemaker_deploy_creates_once_per_run_and_a_retry_changes_nothing(sagem
         "InService",
         deployed["endpoint_config_name"],
     )
+    sagemaker.delete_endpoint(EndpointName=endpoint)
 
 
-def test_sagemaker_deploy_of_a_later_run_updates_the_endpoint(sagemaker_config, local_aws):
+def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
     endpoint, first, second = (
         f"dep-{uuid.uuid4().hex[:8]}",
         f"run-{uuid.uuid4().hex[:8]}",
         f"run-{uuid.uuid4().hex[:8]}",
     )
-    served = deploy(_best(first), {"serving_endpoint_config_name": None}, endpoint_name=endpoint, run_id=first,
-                    config=sagemaker_config, check_interval=0)  # fmt: skip
-    # moto 5.2.5 has no UpdateEndpoint (it answers 500): the request leaves validated by botocore and reaches the
-    # server; on AWS the endpoint switches blue/green. The run's model and endpoint config are made first.
-    with pytest.raises(ClientError, match=r"calling the UpdateEndpoint operation"):
-        deploy(_best(second), {"serving_endpoint_config_name": served["endpoint_config_name"]}, endpoint_name=endpoint,
-               run_id=second, config=sagemaker_config, check_interval=0)  # fmt: skip
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_aws)
-    config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint_config_name(endpoint, second))
-    assert config["ProductionVariants"][0]["ModelName"] == _best(second)["training_job_name"]
+    config = load_config()
+    served = deploy(_best(first, artifacts["good"]), {"serving_endpoint_config_name": None}, endpoint_name=endpoint,
+                    run_id=first, config=config, check_interval=1)  # fmt: skip
+    traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 1}
+    thresholds = {"max_5xx_errors": 0, "max_p99_latency_ms": 5000}
+    updated = deploy(_best(second, artifacts["shuffled"]), {"serving_endpoint_config_name": served["endpoint_config_name"]},
+                     endpoint_name=endpoint, run_id=second, config=config, check_interval=1, traffic=traffic,
+                     alarm_thresholds=thresholds)  # fmt: skip
+    assert updated["created"] is False and updated["previous_endpoint_config_name"] == served["endpoint_config_name"]
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    described = sagemaker.describe_endpoint(EndpointName=endpoint)
+    assert (described["EndpointStatus"], described["EndpointConfigName"]) == (
+        "InService",
+        updated["endpoint_config_name"],
+    )
+    # Linear steps of half the capacity, guarded by the endpoint's own alarms, made before the update.
+    sent = described["LastDeploymentConfig"]
+    assert sent == updated["deployment_config"]
+    assert sent["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "LINEAR", "WaitIntervalInSeconds": 1, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+    }  # fmt: skip
+    assert [a["AlarmName"] for a in sent["AutoRollbackConfiguration"]["Alarms"]] == [
+        f"{endpoint}-invocation-5xx-errors", f"{endpoint}-model-latency-p99",
+    ]  # fmt: skip
+    sagemaker.delete_endpoint(EndpointName=endpoint)
+
+
+@pytest.mark.parametrize("shift", ["all_at_once", "canary", "linear"])
+def test_deployment_configs_pass_the_api_model(shift):
+    built = deployment_config(shift, percent=25, wait_seconds=30, bake_seconds=60, alarms=["a-5xx", "a-p99"])
+    validate_parameters(
+        {"EndpointName": "e", "EndpointConfigName": "c", "DeploymentConfig": built},
+        SAGEMAKER.operation_model("UpdateEndpoint").input_shape,
+    )
+    with pytest.raises(ValueError, match="traffic_shift 'sideways' is not one of all_at_once, canary, linear"):
+        deployment_config("sideways")
+
+
+def test_a_deploy_whose_update_cannot_come_up_fails_naming_why(artifacts, local_sagemaker, local_aws):
+    boto3.client("s3", endpoint_url=local_aws).put_object(Bucket="deployment", Key="broken/model.tar.gz", Body=b"x")
+    endpoint, first, second = (
+        f"dep-{uuid.uuid4().hex[:8]}",
+        f"run-{uuid.uuid4().hex[:8]}",
+        f"run-{uuid.uuid4().hex[:8]}",
+    )
+    config = load_config()
+    served = deploy(_best(first, artifacts["good"]), {"serving_endpoint_config_name": None}, endpoint_name=endpoint,
+                    run_id=first, config=config, check_interval=1)  # fmt: skip
+    with pytest.raises(RolledBack, match=r"serves config .*, not .*: Failed to update endpoint"):
+        deploy(_best(second, "s3://deployment/broken/model.tar.gz"),
+               {"serving_endpoint_config_name": served["endpoint_config_name"]}, endpoint_name=endpoint, run_id=second,
+               config=config, check_interval=1)  # fmt: skip
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     assert sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == served["endpoint_config_name"]
+    sagemaker.delete_endpoint(EndpointName=endpoint)

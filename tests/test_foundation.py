@@ -51,13 +51,12 @@ def test_labels_that_disagree_with_images(tmp_path, small_mnist):
 
 
 def test_config_from_environment(monkeypatch):
-    monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "sagemaker")
     monkeypatch.setenv("MNIST_PIPELINE_LOCAL_CPUS", "3")
+    monkeypatch.setenv("MNIST_PIPELINE_AWS_CONN_ID", "aws_prod")
     config = load_config(bucket="b")
-    assert (config.backend, config.cpus, config.s3_root) == ("sagemaker", 3, "s3://b/mnist-sweep")
-    monkeypatch.setenv("MNIST_PIPELINE_BACKEND", "azure")
-    with pytest.raises(ValueError, match="'azure' is not one of local, sagemaker"):
-        load_config()
+    assert (config.aws_conn_id, config.cpus, config.s3_root) == ("aws_prod", 3, "s3://b/mnist-sweep")
+    with pytest.raises(ValueError, match="bucket must not be empty"):
+        load_config(bucket="")
 
 
 def test_local_aws_is_a_real_s3(local_aws):

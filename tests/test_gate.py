@@ -1,4 +1,4 @@
-"""The champion gate: the decision rule, and the champion record with its endpoint in the local AWS (moto)."""
+"""The champion gate: the decision rule, and the champion record with its endpoint on the local SageMaker service."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from tasks.config import load_config
 from tasks.gate import champion_uri, decide, gate, read_champion, record_champion, serving_endpoint_config
-from tests.endpoint_helpers import moto_endpoint
+from tests.endpoint_helpers import model_artifacts, pack
 
 
 @pytest.mark.parametrize(
@@ -36,11 +36,36 @@ def test_decide_refuses_a_percentage():
 
 
 @pytest.fixture
-def sagemaker_config(local_aws):
-    """The sagemaker backend against moto, with a bucket of its own."""
-    config = load_config(backend="sagemaker", bucket=f"gate-{uuid.uuid4().hex[:12]}")
+def sagemaker_config(local_sagemaker, local_aws):
+    """The local SageMaker service and a bucket of its own."""
+    config = load_config(bucket=f"gate-{uuid.uuid4().hex[:12]}")
     boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
     return config
+
+
+@pytest.fixture(scope="module")
+def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
+    """Makes an endpoint serve a real model; returns its endpoint config's name."""
+    from tasks.deployment import deploy
+
+    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket="gate-models")
+    s3.upload_file(
+        str(pack(built["good"], tmp_path_factory.mktemp("gate") / "model.tar.gz")), "gate-models", "m.tar.gz"
+    )
+
+    def endpoint(name: str) -> str:
+        best = {
+            "training_job_name": f"{name}-hc10",
+            "hidden_channels": 10,
+            "model_data_url": "s3://gate-models/m.tar.gz",
+        }
+        deployed = deploy(best, {"serving_endpoint_config_name": None}, endpoint_name=name, run_id=name,
+                          config=load_config(), check_interval=1)  # fmt: skip
+        return deployed["endpoint_config_name"]
+
+    return endpoint
 
 
 def test_champion_record_round_trip(sagemaker_config, local_aws):
@@ -65,14 +90,14 @@ def test_champion_record_needs_its_fields(sagemaker_config):
     assert read_champion(sagemaker_config, "digits") is None  # nothing half-written
 
 
-def test_gate_against_the_champion_on_sagemaker(sagemaker_config, local_aws):
+def test_gate_against_the_champion_serving_now(sagemaker_config, serve):
     name = f"gate-{uuid.uuid4().hex[:8]}"
     # No endpoint yet: only the floor applies.
     first = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
     assert first["deploy"] is True
     assert first["champion_accuracy"] is None and first["serving_endpoint_config_name"] is None
 
-    config_name = moto_endpoint(local_aws, name)
+    config_name = serve(name)
     assert serving_endpoint_config(sagemaker_config, name) == config_name
     record_champion(
         sagemaker_config,
@@ -91,15 +116,17 @@ def test_gate_against_the_champion_on_sagemaker(sagemaker_config, local_aws):
     assert passed["champion_model_data_url"] == "s3://m/a.tar.gz"
 
 
-def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, local_aws):
+def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, serve, local_sagemaker):
     name = f"gone-{uuid.uuid4().hex[:8]}"
-    config_name = moto_endpoint(local_aws, name)
+    config_name = serve(name)
     record_champion(
         sagemaker_config,
         name,
         {"test_accuracy": 0.99, "model_data_url": "s3://m/a.tar.gz", "endpoint_config_name": config_name},
     )
-    boto3.client("sagemaker", endpoint_url=local_aws).delete_endpoint(EndpointName=name)
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    sagemaker.delete_endpoint(EndpointName=name)
+    sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
     result = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
     assert result["deploy"] is True
     assert result["champion_accuracy"] is None

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import pytest
 
-from tasks.cli import main
+from cli.main import main
 from tasks.mnist_data import OFFICIAL_MD5, DownloadError, download_mnist, resolve_mirrors
 from training.mnist_idx import MNIST_FILES
 
@@ -209,7 +209,7 @@ def test_cli_download(mirror, small_mnist, tmp_path, capsys):
 
 def test_progress_bar_on_a_terminal(small_mnist, tmp_path):
     controller, terminal = pty.openpty()
-    command = [sys.executable, "-m", "tasks.cli", "data", "download", "--mirror", str(small_mnist)]
+    command = [sys.executable, "-m", "cli.main", "data", "download", "--mirror", str(small_mnist)]
     process = subprocess.Popen([*command, "--dest", str(tmp_path)], cwd=ROOT, stderr=terminal)
     os.close(terminal)
     shown = b""

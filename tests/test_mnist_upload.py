@@ -21,8 +21,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from cli.local_aws import connection_uri
 from tasks.config import load_config
-from tasks.local_aws import connection_uri
 from tasks.mnist_data import MANIFEST, UploadError, dataset_sha256, upload_dataset
 from training.mnist_idx import MNIST_FILES, load_mnist, write_idx
 
@@ -96,7 +96,10 @@ def proxy(local_aws, monkeypatch):
 
 @pytest.fixture
 def config(local_aws):
-    return load_config(bucket=f"mnist-{uuid.uuid4().hex[:12]}", backend="local", prefix="mnist-sweep")
+    """A bucket of its own, made beforehand as a deployment's bucket is (the pipeline never creates one)."""
+    config = load_config(bucket=f"mnist-{uuid.uuid4().hex[:12]}", prefix="mnist-sweep")
+    boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
+    return config
 
 
 @pytest.fixture
@@ -188,11 +191,11 @@ def test_a_corrupted_transfer_is_detected_and_removed(small_mnist, config, s3, p
     assert stored(s3, config.bucket) == {}, "the bad object and the rest of the attempt are gone"
 
 
-def test_a_missing_bucket_on_aws_is_an_error_naming_it(small_mnist, config, s3):
-    aws = dataclasses.replace(config, backend="sagemaker")
-    with pytest.raises(UploadError, match=rf"S3 bucket '{config.bucket}' does not exist"):
-        upload_dataset(small_mnist, aws)
-    assert config.bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+def test_a_missing_bucket_is_an_error_naming_it(small_mnist, config, s3):
+    missing = dataclasses.replace(config, bucket=f"{config.bucket}-missing")
+    with pytest.raises(UploadError, match=rf"S3 bucket '{missing.bucket}' does not exist"):
+        upload_dataset(small_mnist, missing)
+    assert missing.bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
 @pytest.mark.real_data

@@ -15,10 +15,10 @@ def test_only_pictures_are_sent(tmp_path):
         predict([tmp_path / "missing.png"], "mnist-classifier", load_config())
 
 
-def test_an_unknown_endpoint_is_named(tmp_path):
+def test_an_unknown_endpoint_is_named(local_sagemaker, tmp_path):
     from PIL import Image
 
     picture = tmp_path / "seven.png"
     Image.new("L", (28, 28)).save(picture)
-    with pytest.raises(PredictError, match="no local endpoint 'nowhere'; local endpoints: none"):
+    with pytest.raises(PredictError, match="no endpoint 'nowhere'; endpoints: "):
         predict([picture], "nowhere", load_config())

@@ -1,5 +1,5 @@
-"""The sweep report, from a real sweep: train.py run by the local backend on small generated MNIST, its outputs in
-the local S3, selected by tasks.selection and validated by the real data checks."""
+"""The sweep report, from a real sweep: train.py run by the local SageMaker service on small generated MNIST, its
+outputs in the local S3, selected by tasks.selection and validated by the real data checks."""
 
 from __future__ import annotations
 
@@ -21,20 +21,30 @@ RUN_ID = "manual__2026-01-02T03:04:05+00:00"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def trained(request: dict, config) -> dict:
+    """A training job run as the provider's operator runs it; its answer as the operator returns it."""
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+    from airflow.providers.amazon.aws.operators.sagemaker import serialize
+
+    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    hook.create_training_job(request, wait_for_completion=True, print_log=False, check_interval=1)
+    return {"Training": serialize(hook.describe_training_job(request["TrainingJobName"]))}
+
+
 @pytest.fixture(scope="module")
-def sweep(local_aws, small_mnist):
+def sweep(local_sagemaker, local_aws, small_mnist):
     from data_checks.mnist_suite import validate_mnist
-    from tasks.local_backend import run_training_job
     from tasks.mnist_data import upload_dataset
     from tasks.selection import select_best
     from tasks.training_jobs import sweep_requests
 
     config = load_config()
+    boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
     params = {"hidden_channels": [2, 6], "epochs": 2, "lr": 0.05, "instance_type": "ml.m5.xlarge", "instance_count": 1}
     requests = sweep_requests(
         params, config=config, dag_id="mnist_sweep", run_id=RUN_ID, dataset_uri=upload_dataset(small_mnist, config)
     )
-    best = select_best([run_training_job(request, config=config) for request in requests], config=config)
+    best = select_best([trained(request, config) for request in requests], config=config)
     validation_dir = Path(config.state_dir) / "runs" / run_name(RUN_ID) / "validation"
     validation = validate_mnist(small_mnist, validation_dir, (600, 100))
     return config, best, validation
@@ -126,7 +136,7 @@ def test_jobs_without_outputs_still_get_a_report(sweep):
 
 
 def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
-    config, best, validation = sweep
+    _, best, validation = sweep
     failures = ["live accuracy 0.1000 < min_live_accuracy 0.9000", "5XX errors 12 > max_5xx_errors 0"]
     monitoring = {
         "endpoint_name": "mnist-classifier",
@@ -138,7 +148,7 @@ def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
     }
     deployment = {"endpoint_name": "mnist-classifier", "endpoint_config_name": "cfg-new"}
     context = {
-        "dag_id": "mnist_sweep", "run_id": RUN_ID, "backend": config.backend, "best": best, "validation": validation,
+        "dag_id": "mnist_sweep", "run_id": RUN_ID, "best": best, "validation": validation,
         "gate": None, "deployment": deployment, "monitoring": monitoring, "data_docs_link": None, "curves": False,
         "best_metrics": None, "misclassified_shown": 0, "misclassified_total": 0,
     }  # fmt: skip

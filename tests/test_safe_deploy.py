@@ -1,22 +1,17 @@
-"""The whole DAG with `dag.test()`: train, select, gate, deploy, monitoring check, rollback, report, on both backends.
+"""The whole DAG with `dag.test()`: train, select, gate, deploy, monitoring check, rollback, report.
 
-Local backend, one sequence of runs on one endpoint (real training jobs on small generated digits, real model
-servers, moto server as S3 and CloudWatch):
+Through the Amazon provider's operators and hooks, against the local SageMaker service (real training jobs on
+small generated digits, real model servers) and moto server as S3 and CloudWatch: the code path that runs on AWS.
+One sequence of runs on one endpoint:
 1. a good model: trained, selected, deployed (created), passes the check: it becomes the champion, alarms exist;
 2. a worse model: the gate refuses it against the champion: nothing deployed, the run succeeds, the report says why;
 3. the same bad model let through the gate by its params: deployed blue/green, caught by the monitoring check
    (it answers wrongly), rolled back to run 1's model, which still answers; the run fails naming the threshold.
-
-SageMaker backend against moto, which validates and records every request but runs nothing: the test leaves each
-job's output.tar.gz where the training container would, and moto's endpoint answers a fixed non-prediction body:
-1. the gate passes, the deploy requests are sent, the check catches the nonsense and deletes the endpoint it
-   created, the run fails;
-2. against a champion recorded with a live endpoint, the gate refuses a worse model and the run succeeds.
 """
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import io
 import json
 import re
@@ -26,7 +21,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.dag_runs import configure, output_archive, report_text, run_sweep, states, xcoms
+from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
 ENDPOINT = "safe-local"
 # Learns the small digits in three short epochs: hidden_channels 16 reaches > 0.9, 2 stays below it.
@@ -37,9 +32,9 @@ BAD = {"epochs": 1, "hidden_channels": [2]}
 RELAXED_LATENCY = {"max_p99_latency_ms": 20_000, "max_model_latency_ms": 10_000}
 
 
-def served_accuracy(deployment: dict, images, labels) -> float:
-    """The accuracy of what the local endpoint serves now, through boto3's sagemaker-runtime."""
-    runtime = boto3.client("sagemaker-runtime", endpoint_url=deployment["runtime_url"])
+def served_accuracy(url: str, deployment: dict, images, labels) -> float:
+    """The accuracy of what the endpoint serves now, through boto3's sagemaker-runtime."""
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=url)
     answer = runtime.invoke_endpoint(
         EndpointName=deployment["endpoint_name"],
         ContentType="application/json",
@@ -49,17 +44,16 @@ def served_accuracy(deployment: dict, images, labels) -> float:
     return sum(map(int.__eq__, predicted, labels.tolist())) / len(predicted)
 
 
-# -- local backend -------------------------------------------------------------------------------------------------
+def serving_config(url: str) -> str:
+    return boto3.client("sagemaker", endpoint_url=url).describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"]
 
 
 @pytest.fixture(scope="module")
-def local_runs(local_aws, small_mnist, airflow_db, tmp_path_factory):
+def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_factory):
     from tasks.config import load_config
-    from tasks.local_endpoints import stop_all
 
     with pytest.MonkeyPatch.context() as patch:
-        data = configure(patch, tmp_path_factory.mktemp("safe-local"), small_mnist, "local", "safe-local")
-        patch.setenv("MNIST_PIPELINE_LOCAL_CPUS", "2")
+        data = configure(patch, tmp_path_factory.mktemp("safe-local"), small_mnist, "safe-local", local_aws)
         common = {**data, **RELAXED_LATENCY, "endpoint_name": ENDPOINT, "metrics_timeout": 120}
         try:
             deployed = run_sweep({**common, **GOOD})
@@ -69,10 +63,14 @@ def local_runs(local_aws, small_mnist, airflow_db, tmp_path_factory):
             rolled_back = run_sweep(let_through)
             yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back}
         finally:
-            stop_all(load_config())
+            sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+            with contextlib.suppress(ClientError):
+                sagemaker.delete_endpoint(EndpointName=ENDPOINT)
 
 
-def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(local_runs, local_aws, small_mnist):
+def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(
+    local_runs, local_aws, local_sagemaker, small_mnist
+):
     from tasks.deployment import endpoint_config_name
     from tasks.gate import read_champion
     from training.mnist_idx import load_mnist
@@ -80,7 +78,7 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(local_ru
     run = local_runs["deployed"]
     found = states(run)
     assert str(run.state) == "success", found
-    assert found["train_local"] == ["success"] * 2 and found["train_sagemaker"] == ["skipped"]
+    assert found["train"] == ["success"] * 2
     assert {task: found[task] for task in ("gate", "choose_deploy", "deploy", "monitor", "report")} == {
         task: ["success"] for task in ("gate", "choose_deploy", "deploy", "monitor", "report")
     }
@@ -88,7 +86,13 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(local_ru
     # One model.tar.gz per job in S3; the selection picked the most accurate.
     s3 = boto3.client("s3", endpoint_url=local_aws)
     accuracies = {}
-    for result in xcoms(run.run_id, "train_local"):
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    [requests] = xcoms(run.run_id, "training_requests")
+    for request, result in zip(requests, xcoms(run.run_id, "train"), strict=True):
+        # What SageMaker recorded of each job is the request as the DAG built it.
+        recorded = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
+        for key in ("HyperParameters", "InputDataConfig", "ResourceConfig", "RoleArn", "ExperimentConfig"):
+            assert recorded[key] == request[key], key
         job = result["Training"]
         assert job["TrainingJobStatus"] == "Completed" and job["HyperParameters"]["optimizer"] == "adam"
         bucket, key = job["ModelArtifacts"]["S3ModelArtifacts"][5:].split("/", 1)
@@ -110,8 +114,18 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(local_ru
     assert deployment["created"] is True and deployment["model_data_url"] == best["model_data_url"]
     assert deployment["endpoint_config_name"] == endpoint_config_name(ENDPOINT, run.run_id)
     test = load_mnist(small_mnist)
-    served = served_accuracy(deployment, test["test_images"], test["test_labels"])
+    served = served_accuracy(local_sagemaker, deployment, test["test_images"], test["test_labels"])
     assert served == pytest.approx(best["test_accuracy"], abs=0.011)
+    model = sagemaker.describe_model(ModelName=best["training_job_name"])
+    assert model["PrimaryContainer"]["ModelDataUrl"] == best["model_data_url"]
+    assert model["PrimaryContainer"]["Image"].endswith("/pytorch-inference:2.6-cpu-py312")
+    assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    # The experiment of the DAG and the trial of the run record every job, as the seed tracked its sweep.
+    trial = requests[0]["ExperimentConfig"]["TrialName"]
+    components = sagemaker.list_trial_components(TrialName=trial)["TrialComponentSummaries"]
+    assert sorted(c["TrialComponentName"] for c in components) == sorted(
+        f"{request['TrainingJobName']}-aws-training-job" for request in requests
+    )
 
     # Passed: the smoke load and CloudWatch figures, the new champion, the alarms.
     [check] = xcoms(run.run_id, "monitor")
@@ -136,9 +150,7 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(local_ru
     assert f"**hidden_channels {best['hidden_channels']}** won" in report
 
 
-def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(local_runs):
-    from tasks.local_endpoints import describe_endpoint
-
+def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(local_runs, local_sagemaker):
     run, first = local_runs["refused"], local_runs["deployed"]
     found = states(run)
     assert str(run.state) == "success", found
@@ -152,14 +164,14 @@ def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(l
     assert f"is below the champion's {champion['test_accuracy']:.4f} minus tolerance 0.0050" in decision["reason"]
     assert f"not deployed: the gate refused it ({decision['reason']})" in report_text(run.run_id)
     [deployed] = xcoms(first.run_id, "deploy")
-    serving = describe_endpoint(ENDPOINT, local_runs["config"])
-    assert serving["EndpointConfigName"] == deployed["endpoint_config_name"]
+    assert serving_config(local_sagemaker) == deployed["endpoint_config_name"]
 
 
-def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_answers(local_runs, small_mnist):
+def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_answers(
+    local_runs, small_mnist, local_sagemaker
+):
     from tasks.deployment import endpoint_config_name
     from tasks.gate import read_champion
-    from tasks.local_endpoints import describe_endpoint
     from training.mnist_idx import load_mnist
 
     run, first = local_runs["rolled_back"], local_runs["deployed"]
@@ -183,137 +195,9 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     assert f"- failed: {check['failures'][0]}" in report
 
     # Nothing lost: run 1's model serves and answers as before, and it is still the champion.
-    assert describe_endpoint(ENDPOINT, local_runs["config"])["EndpointConfigName"] == good["endpoint_config_name"]
+    assert serving_config(local_sagemaker) == good["endpoint_config_name"]
     test = load_mnist(small_mnist)
     [best] = xcoms(first.run_id, "select_best")
-    served = served_accuracy(good, test["test_images"], test["test_labels"])
+    served = served_accuracy(local_sagemaker, good, test["test_images"], test["test_labels"])
     assert served == pytest.approx(best["test_accuracy"], abs=0.011)
     assert read_champion(local_runs["config"], ENDPOINT)["endpoint_config_name"] == good["endpoint_config_name"]
-
-
-# -- sagemaker backend against moto --------------------------------------------------------------------------------
-
-SM_ENDPOINT = "safe-sm"
-SM_BUCKET = "safe-sagemaker"
-# What each training container would report (hidden_channels 8 wins).
-SM_ACCURACIES = {4: 0.9612, 8: 0.9733}
-
-
-def sagemaker_run(conf: dict, s3):
-    """A run whose training jobs find their outputs where SageMaker would leave them."""
-    from tasks.training_jobs import training_job_name
-
-    moment = datetime.datetime.now(datetime.UTC)
-    run_id = f"manual__{moment.isoformat()}"
-    for hidden_channels, accuracy in SM_ACCURACIES.items():
-        key = f"mnist-sweep/training-jobs/{training_job_name(run_id, hidden_channels)}/output/output.tar.gz"
-        metrics = {"test_accuracy": accuracy, "parameters": 1000 * hidden_channels}
-        s3.put_object(Bucket=SM_BUCKET, Key=key, Body=output_archive(metrics))
-    run = run_sweep(conf, moment)
-    assert run.run_id == run_id
-    return run
-
-
-@pytest.fixture(scope="module")
-def sagemaker_runs(local_aws, small_mnist, airflow_db, tmp_path_factory):
-    from tasks.config import load_config
-    from tasks.gate import read_champion, record_champion
-    from tests.endpoint_helpers import moto_endpoint
-
-    with pytest.MonkeyPatch.context() as patch:
-        data = configure(patch, tmp_path_factory.mktemp("safe-sm"), small_mnist, "sagemaker", SM_BUCKET)
-        s3 = boto3.client("s3", endpoint_url=local_aws)
-        s3.create_bucket(Bucket=SM_BUCKET)  # on AWS the bucket must exist beforehand
-        sagemaker = boto3.client("sagemaker", endpoint_url=local_aws)
-        # moto publishes no endpoint metrics: no use waiting for them.
-        conf = {**data, "hidden_channels": sorted(SM_ACCURACIES), "instance_type": "ml.c5.xlarge",
-                "endpoint_name": SM_ENDPOINT, "smoke_requests": 20, "metrics_timeout": 0}  # fmt: skip
-        checked = sagemaker_run(conf, s3)
-        try:
-            sagemaker.describe_endpoint(EndpointName=SM_ENDPOINT)
-            left_behind = True
-        except ClientError:
-            left_behind = False
-        champion_after_check = read_champion(load_config(), SM_ENDPOINT)
-        # A champion better than what the sweep makes, serving on a live endpoint.
-        champion_config = moto_endpoint(local_aws, SM_ENDPOINT)
-        record_champion(load_config(), SM_ENDPOINT, {"test_accuracy": 0.99, "endpoint_config_name": champion_config,
-                                                     "model_data_url": "s3://models/champion/model.tar.gz"})  # fmt: skip
-        refused = sagemaker_run(conf, s3)
-        yield {
-            "checked": checked,
-            "left_behind": left_behind,
-            "champion_after_check": champion_after_check,
-            "refused": refused,
-            "champion_config": champion_config,
-        }
-
-
-def test_sagemaker_run_sends_the_training_and_deploy_requests(sagemaker_runs, local_aws):
-    """What the DAG asks of SageMaker, as moto recorded it."""
-    from tasks.deployment import endpoint_config_name
-
-    run = sagemaker_runs["checked"]
-    found = states(run)
-    assert found["train_sagemaker"] == ["success"] * 2 and found["train_local"] == ["skipped"]
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_aws)
-    [requests] = xcoms(run.run_id, "training_requests")
-    assert [request["HyperParameters"]["hidden_channels"] for request in requests] == ["4", "8"]
-    for request, result in zip(requests, xcoms(run.run_id, "train_sagemaker"), strict=True):
-        recorded = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
-        assert recorded["HyperParameters"] == request["HyperParameters"]
-        assert recorded["InputDataConfig"] == request["InputDataConfig"]
-        assert recorded["ResourceConfig"] == {"InstanceType": "ml.c5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10}
-        assert recorded["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.6-cpu-py312")
-        assert recorded["ExperimentConfig"] == {
-            "ExperimentName": "mnist-sweep",
-            "TrialName": requests[0]["ExperimentConfig"]["TrialName"],
-        }
-        assert recorded["RoleArn"] == request["RoleArn"]
-        assert set(result) == {"Training"} and result["Training"]["TrainingJobName"] == request["TrainingJobName"]
-        assert result["Training"]["TrainingJobStatus"] == "Completed"
-
-    [best] = xcoms(run.run_id, "select_best")
-    assert (best["hidden_channels"], best["test_accuracy"]) == (8, 0.9733)
-    [decision] = xcoms(run.run_id, "gate")
-    assert decision["deploy"] is True and decision["serving_endpoint_config_name"] is None
-    [deployment] = xcoms(run.run_id, "deploy")
-    assert deployment["endpoint_config_name"] == endpoint_config_name(SM_ENDPOINT, run.run_id)
-    assert deployment["created"] is True
-    config = sagemaker.describe_endpoint_config(EndpointConfigName=deployment["endpoint_config_name"])
-    assert config["ProductionVariants"][0]["ModelName"] == best["training_job_name"]
-    model = sagemaker.describe_model(ModelName=best["training_job_name"])
-    assert model["PrimaryContainer"]["ModelDataUrl"] == best["model_data_url"]
-    assert model["PrimaryContainer"]["Image"].endswith("/pytorch-inference:2.6-cpu-py312")
-    assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
-
-
-def test_sagemaker_check_catches_an_endpoint_answering_nonsense_and_deletes_it(sagemaker_runs, local_aws):
-    run = sagemaker_runs["checked"]
-    found = states(run)
-    assert str(run.state) == "failed", found
-    assert found["deploy"] == ["success"] and found["monitor"] == ["failed"] and found["report"] == ["success"]
-    [check] = xcoms(run.run_id, "monitor")
-    assert "smoke error rate 1 > 0" in check["failures"]
-    assert "CloudWatch Invocations 0 < 20 requests sent (after waiting 0.0 s)" in check["failures"]
-    assert check["rollback"]["action"] == "deleted"
-    assert "**failed its monitoring check** and was rolled back (deleted)" in report_text(run.run_id)
-    # The endpoint the run created is gone; its config stays (nothing is lost), and no champion was recorded.
-    assert sagemaker_runs["left_behind"] is False
-    [deployment] = xcoms(run.run_id, "deploy")
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_aws)
-    sagemaker.describe_endpoint_config(EndpointConfigName=deployment["endpoint_config_name"])
-    assert sagemaker_runs["champion_after_check"] is None
-
-
-def test_sagemaker_gate_refuses_a_model_worse_than_the_champion(sagemaker_runs, local_aws):
-    run = sagemaker_runs["refused"]
-    found = states(run)
-    assert str(run.state) == "success", found
-    assert found["deploy"] == ["skipped"] and found["monitor"] == ["skipped"] and found["report"] == ["success"]
-    [decision] = xcoms(run.run_id, "gate")
-    assert decision["deploy"] is False
-    assert decision["reason"] == "best test accuracy 0.9733 is below the champion's 0.9900 minus tolerance 0.0050"
-    assert f"not deployed: the gate refused it ({decision['reason']})" in report_text(run.run_id)
-    endpoint = boto3.client("sagemaker", endpoint_url=local_aws).describe_endpoint(EndpointName=SM_ENDPOINT)
-    assert endpoint["EndpointConfigName"] == sagemaker_runs["champion_config"]  # untouched

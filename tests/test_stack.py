@@ -1,4 +1,5 @@
-"""The local stack for real: `mnist-pipeline up`, `status`, `down` (last: it stops the shared stack)."""
+"""The local stack for real: `mnist-pipeline up`, `status`, `run`, `down` and `up` again (last: it stops the shared
+stack)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,10 @@ def stack(request, small_mnist):
 
 
 def stack_processes(stack) -> list[psutil.Process]:
-    """Every process of the stack now: the ones `up` started, the endpoint servers and all their descendants."""
-    records = list(stack.state["processes"].values())
-    endpoints = [*(stack.state_dir / "endpoints").glob("*.json"), stack.state_dir / "local-runtime.json"]
-    records += [json.loads(path.read_text()) for path in endpoints if path.exists()]
+    """Every process of the stack now: the ones `up` started and all their descendants (the local SageMaker
+    service's model servers among them)."""
     found = []
-    for record in records:
+    for record in stack.state["processes"].values():
         leader = psutil.Process(record["pid"])
         found += [leader, *leader.children(recursive=True)]
     return found
@@ -45,10 +44,12 @@ def test_up_prints_the_ui_and_a_working_login(stack):
             "metadatabase": "healthy", "scheduler": "healthy", "triggerer": "healthy", "dag_processor": "healthy"
         }  # fmt: skip
         assert api.get("/dags/mnist_sweep").json()["is_paused"] is False
-        from tasks.local_backend import TRAINING_POOL
-
-        pool = api.get(f"/pools/{TRAINING_POOL}").json()
-        assert pool["slots"] == len(psutil.Process().cpu_affinity())
+    # The connection that makes it local: SageMaker at the local SageMaker service, the rest at the local AWS.
+    extra = json.loads(stack.state["connection"])["extra"]
+    assert extra["endpoint_url"] == stack.state["aws_endpoint"]
+    assert extra["service_config"] == {
+        service: {"endpoint_url": stack.state["sagemaker_endpoint"]} for service in ("sagemaker", "sagemaker-runtime")
+    }
 
 
 def test_everything_listens_on_loopback_only(stack):
@@ -58,14 +59,14 @@ def test_everything_listens_on_loopback_only(stack):
         for conn in process.net_connections(kind="inet")
         if conn.status == psutil.CONN_LISTEN
     ]
-    urls = {stack.url, stack.state["aws_endpoint"]}
+    urls = {stack.url, stack.state["aws_endpoint"], stack.state["sagemaker_endpoint"]}
     assert {f"http://{addr.ip}:{addr.port}" for addr in listening} >= urls
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
 
 def test_status_and_a_second_up(stack):
     before = {name: record["pid"] for name, record in stack.state["processes"].items()}
-    assert set(before) == {"local-aws", "api-server", "scheduler", "dag-processor", "triggerer"}
+    assert set(before) == {"local-aws", "local-sagemaker", "api-server", "scheduler", "dag-processor", "triggerer"}
     status = stack.cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
     for name, pid in before.items():
@@ -87,7 +88,7 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
                        "smoke_requests=50", timeout=480)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    for task in ("train_local[0]", "gate", "deploy", "monitor", "report"):
+    for task in ("train[0]", "gate", "deploy", "monitor", "report"):
         assert f"✓ {task} success" in output, task
     assert "Best: hidden_channels 4, test accuracy" in output
     assert "success in" in output.splitlines()[-1]
@@ -124,9 +125,11 @@ def test_run_refuses_bad_conf_and_bad_params(stack):
     assert refused.returncode == 2 and "hidden_channels" in refused.stdout
 
 
-def test_down_leaves_no_process_behind(stack):
+def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
+    from tasks.config import load_config
+
     processes = stack_processes(stack)
-    assert len(processes) > 5  # the scheduler's executor workers are among them
+    assert len(processes) > 5  # the scheduler's executor workers and the model servers are among them
     result = stack.down()
     assert result.returncode == 0, result.stderr
     _, alive = psutil.wait_procs(processes, timeout=1)
@@ -134,3 +137,25 @@ def test_down_leaves_no_process_behind(stack):
     status = stack.cli("status")
     assert status.returncode == 3
     assert "not running" in status.stdout
+
+    # Up again: the local AWS still holds the champion record and the run's objects, and the endpoint serves
+    # again, so the next run's gate measures against the first run's model.
+    again = stack.cli("up", "--port", "0")
+    assert again.returncode == 0, again.stdout + again.stderr
+    stack.stopped = False
+    try:
+        status = stack.cli("status")
+        assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=stack.state["aws_endpoint"])
+        config = load_config()
+        key = f"{config.prefix}/endpoints/mnist-classifier/champion.json"
+        champion = json.loads(s3.get_object(Bucket=config.bucket, Key=key)["Body"].read())
+        sagemaker = boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])
+        assert (
+            sagemaker.describe_endpoint(EndpointName="mnist-classifier")["EndpointConfigName"]
+            == champion["endpoint_config_name"]
+        )
+    finally:
+        assert stack.down().returncode == 0

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.cli import main as cli_main
-from tasks.local_aws import free_port
+from local_sagemaker.processes import free_port
 from tasks.trials import format_trial_table, summarize_trial
 from tests.conftest import ROOT
 from training.augment import Augmentation, cutout
@@ -419,27 +418,6 @@ def test_trial_summary_and_table():
     lines = {line.split("│")[1].strip(): line for line in table.splitlines() if line.count("│") > 2}
     assert "95.61%" in lines["job-5"] and "96.38%" in lines["job-5"] and "9,240" in lines["job-5"]
     assert "90.00%" in lines["job-7"] and "-" in lines["job-7"]  # a row without metrics.json still shows
-
-
-def test_sweep_trains_in_parallel_and_prints_the_table(tmp_path, small_mnist, capsys):
-    code = cli_main(["sweep", "--data", str(small_mnist), "--hidden-channels", "2", "4", "--epochs", "1",
-                     "--parallel", "2", "--out", str(tmp_path)])  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "2 jobs, 2 at a time" in out
-    for value in (2, 4):
-        metrics = json.loads((tmp_path / f"hidden-channels-{value}" / "output" / "data" / "metrics.json").read_text())
-        assert metrics["hidden_channels"] == value
-        row = next(line for line in out.splitlines() if f"hidden-channels-{value} " in line)
-        assert f"{100 * metrics['test_accuracy']:.2f}%" in row
-
-
-def test_sweep_without_data_names_the_problem(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MNIST_MIRROR", str(tmp_path / "no-such-mirror"))
-    monkeypatch.setenv("MNIST_CACHE", str(tmp_path / "cache"))
-    assert cli_main(["sweep", "--out", str(tmp_path / "out")]) == 1
-    assert "no-such-mirror" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 # -- the seed's result on the real data --------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_runs_differing_only_in_refused_characters_get_distinct_names():
         sagemaker_name("a", "b" * 70)
 
 
-def test_sweep_requests_carry_only_the_params_that_are_set(local_aws, tmp_path):
+def test_sweep_requests_carry_only_the_params_that_are_set(local_sagemaker, local_aws, tmp_path):
     config = load_config(bucket="sweep-requests", state_dir=str(tmp_path))
     boto3.client("s3", endpoint_url=local_aws).create_bucket(Bucket=config.bucket)
     requests = sweep_requests(PARAMS, config=config, dag_id="mnist_sweep", run_id=RUN_ID, dataset_uri="s3://b/d/")
@@ -155,6 +155,11 @@ def test_sweep_requests_carry_only_the_params_that_are_set(local_aws, tmp_path):
     assert {tag["Key"]: tag["Value"] for tag in requests[1]["Tags"]}["hidden_channels"] == "32"
     for built in requests:
         validate_parameters(built, SAGEMAKER.operation_model("CreateTrainingJob").input_shape)
+    # The experiment (the DAG) and the trial (the run) exist, once: a second call finds them.
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    trial = requests[0]["ExperimentConfig"]["TrialName"]
+    assert sagemaker.describe_trial(TrialName=trial)["ExperimentName"] == "mnist-sweep"
+    sweep_requests(PARAMS, config=config, dag_id="mnist_sweep", run_id=RUN_ID, dataset_uri="s3://b/d/")
 
 
 def test_sourcedir_holds_training_and_the_handler_and_is_reproducible():

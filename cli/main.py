@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from tasks.names import DEFAULT_ENDPOINT
+
 
 def _command(subparsers, name: str, target: str, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -28,46 +30,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.add_argument("--mirror", action="append", help="mirror URL or directory (repeat for fallbacks)")
     download.add_argument("--dest", default=None, help="cache directory (default: $MNIST_CACHE or <state_dir>/mnist)")
-    validate = _command(
-        data_commands, "validate", "data_checks.mnist_suite:validate_command", "validate MNIST files in a directory"
-    )
+    validate = _command(data_commands, "validate", "cli.data:validate_command", "validate MNIST files in a directory")
     validate.add_argument("directory", help="directory holding the four MNIST .gz files")
     validate.add_argument("--report", default=None, help="write the result JSON and Data Docs HTML here")
     validate.add_argument("--expect-train", type=int, help="expected training images (default: configured, 60000)")
     validate.add_argument("--expect-test", type=int, help="expected test images (default: configured, 10000)")
 
-    serve = _command(commands, "serve", "inference.serve:serve_command", "serve a model the SageMaker way")
-    serve.add_argument("--model-dir", required=True, help="model directory, model.tar.gz, or s3:// URI of one")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--endpoint-name", default="local-endpoint", help="EndpointName dimension of the metrics")
-    serve.add_argument("--workers", type=int, default=None, help="server processes (default: from the CPUs)")
-    serve.add_argument("--metrics-interval", type=float, default=10.0, help="seconds between CloudWatch puts")
-    serve.add_argument("--no-metrics", action="store_true", help="publish no metrics to CloudWatch")
+    from inference.serve import add_arguments as add_serve_arguments  # the standard library; torch loads when it serves
 
-    sweep = _command(
-        commands, "sweep", "tasks.local_sweep:sweep_command", "train the hidden_channels sweep here and print the table"
+    add_serve_arguments(_command(commands, "serve", "inference.serve:serve_command", "serve a model the SageMaker way"))
+
+    _command(commands, "demo", "cli.stack:demo_command", "the README demo: up, the seed sweep, a prediction")
+
+    up = _command(
+        commands,
+        "up",
+        "cli.stack:up_command",
+        "start the local stack on 127.0.0.1: local AWS, local SageMaker, Airflow",
     )
-    sweep.add_argument("--data", default=None, help="directory with the four MNIST files (default: download)")
-    sweep.add_argument("--hidden-channels", type=int, nargs="+", default=[2, 5, 10, 20, 32])
-    sweep.add_argument("--epochs", type=int, default=2)
-    sweep.add_argument("--parallel", type=int, default=None, help="jobs at once (default: one per 2 cores)")
-    sweep.add_argument("--out", default="artifacts/sweep", help="where models and metrics go")
-
-    _command(commands, "demo", "tasks.stack:demo_command", "the README demo: up, the seed sweep, a prediction")
-
-    up = _command(commands, "up", "tasks.stack:up_command", "start the local stack: local AWS and Airflow on 127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="Airflow UI port (another free one when taken; 0: any)")
-    _command(commands, "down", "tasks.stack:down_command", "stop everything `up` started, and the local endpoints")
-    _command(commands, "status", "tasks.stack:status_command", "say what of the local stack is running")
-    run = _command(commands, "run", "tasks.stack:run_command", "trigger the sweep on the local stack and follow it")
+    _command(commands, "down", "cli.stack:down_command", "stop everything `up` started, and the local endpoints")
+    _command(commands, "status", "cli.stack:status_command", "say what of the local stack is running")
+    run = _command(commands, "run", "cli.stack:run_command", "trigger the sweep on the local stack and follow it")
     run.add_argument("--conf", default=None, help="params as a JSON object, e.g. '{\"hidden_channels\": [4, 8]}'")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one param (JSON value)")
-    predict = _command(
-        commands, "predict", "tasks.predict:predict_command", "ask the endpoint which digits images show"
-    )
+    predict = _command(commands, "predict", "cli.stack:predict_command", "ask the endpoint which digits images show")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG pictures of single digits")
-    predict.add_argument("--endpoint", default="mnist-classifier", help="endpoint name (default: mnist-classifier)")
+    predict.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     return parser
 

@@ -1,13 +1,17 @@
 """The local stack: `mnist-pipeline up | down | status | run`.
 
-`up` starts, on 127.0.0.1, the local AWS (moto server) and Airflow 3 as separate processes — API server (with the
-UI), scheduler, DAG processor, triggerer — each in its own session, so `down` can stop each whole process group
-(`airflow standalone` would leave its children running on SIGTERM). Airflow runs on SQLite with its home, logs and
-login under the pipeline's state directory and the DAGs folder of this checkout; the AWS connection comes by
-environment. `run` triggers `mnist_sweep` through the REST API and follows it to the end.
+`up` starts, on 127.0.0.1, the local AWS (moto server: S3, CloudWatch, CloudWatch Logs), the local SageMaker
+service (local_sagemaker: training jobs and endpoints, for real) and Airflow 3 as separate processes — API server
+(with the UI), scheduler, DAG processor, triggerer — each in its own session, so `down` can stop each whole
+process group (`airflow standalone` would leave its children running on SIGTERM). Airflow runs on SQLite with its
+home, logs and login under the pipeline's state directory and the DAGs folder of this checkout. Its AWS connection
+(by environment) is what makes the run local: `sagemaker` and `sagemaker-runtime` go to the local SageMaker
+service, everything else to the local AWS. `run` triggers `mnist_sweep` through the REST API and follows it.
 
 State: `<state_dir>/stack/stack.json` (URLs, and pid + start time of every process), `stack/logs/*.log`,
-`stack/passwords.json` (the UI login), `stack/secrets.json`, and `<state_dir>/airflow` (AIRFLOW_HOME).
+`stack/passwords.json` (the UI login), `stack/secrets.json`, `stack/local-aws.jsonl` (what the local AWS keeps
+across restarts), `<state_dir>/sagemaker` (the local SageMaker service's records, jobs and model servers) and
+`<state_dir>/airflow` (AIRFLOW_HOME).
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import dataclasses
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from local_sagemaker import launch, processes
 from tasks.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +35,8 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 USERNAME = "admin"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-STOP_GRACE_SECONDS = 20.0
+# Seconds between the provider's status polls of local jobs and endpoints (30 on AWS, where they take minutes).
+LOCAL_CHECK_INTERVAL = 2
 
 
 class StackError(RuntimeError):
@@ -66,6 +71,14 @@ class StackPaths:
     def airflow_home(self) -> Path:
         return self.state_dir / "airflow"
 
+    @property
+    def sagemaker(self) -> Path:
+        return self.state_dir / "sagemaker"
+
+    @property
+    def local_aws_state(self) -> Path:
+        return self.root / "local-aws.jsonl"
+
 
 def stack_paths(config: PipelineConfig | None = None) -> StackPaths:
     return StackPaths(Path((config or load_config()).state_dir))
@@ -97,8 +110,8 @@ def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
     return json.loads(paths.passwords.read_text())[USERNAME], json.loads(paths.secrets.read_text())
 
 
-def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, aws_endpoint: str, keys: dict) -> dict:
-    from tasks.local_aws import LOCAL_CREDENTIALS, connection_uri
+def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, connection: str, keys: dict) -> dict:
+    from cli.local_aws import LOCAL_CREDENTIALS
 
     port = api_url.rsplit(":", 1)[1]
     env = {key: value for key, value in os.environ.items() if key != "AIRFLOW__CORE__UNIT_TEST_MODE"}
@@ -123,7 +136,8 @@ def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, aws_end
             # Every component signs or checks the same tokens.
             "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
             "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
-            f"AIRFLOW_CONN_{config.aws_conn_id.upper()}": connection_uri(aws_endpoint, config.region),
+            f"AIRFLOW_CONN_{config.aws_conn_id.upper()}": connection,
+            "AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL": str(LOCAL_CHECK_INTERVAL),
             "MNIST_PIPELINE_STATE_DIR": str(paths.state_dir),
             "NO_PROXY": "127.0.0.1,localhost",
         }
@@ -134,73 +148,9 @@ def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, aws_end
 # --- processes ---------------------------------------------------------------------------------------------------
 
 
-def _identity(pid: int, log_path: Path) -> dict:
-    import psutil
-
-    # The start time tells this process apart from a later one that reuses its pid.
-    return {"pid": pid, "started": psutil.Process(pid).create_time(), "log": str(log_path)}
-
-
 def _spawn(name: str, command: list[str], env: dict, paths: StackPaths) -> dict:
-    log_path = paths.logs / f"{name}.log"
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-    return _identity(process.pid, log_path)
-
-
-def live_process(record: dict):
-    """The process a record names, or None once it has exited (or its pid now belongs to another process)."""
-    import psutil
-
-    try:
-        process = psutil.Process(record["pid"])
-        if process.create_time() != record["started"] or process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return process
-    except psutil.NoSuchProcess:
-        return None
-
-
-def stop_processes(records: list[dict], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM each process's group (the group of the session it leads), and every descendant that left it; then
-    SIGKILL whatever is still alive after ``grace`` seconds. One SIGTERM each: a second one makes Airflow skip its
-    clean shutdown.
-    """
-    import psutil
-
-    leaders = [process for process in map(live_process, records) if process is not None]
-    groups = {leader.pid for leader in leaders}
-    processes = {p.pid: p for leader in leaders for p in (leader, *_descendants(leader))}
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGTERM)
-    for process in processes.values():
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            if os.getpgid(process.pid) not in groups:
-                process.terminate()
-    _, alive = psutil.wait_procs(list(processes.values()), timeout=grace)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-def _descendants(process) -> list:
-    import psutil
-
-    try:
-        return process.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _log_tail(path: str, lines: int = 25) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    return ""
+    _, record = processes.spawn(command, env=env, log_path=paths.logs / f"{name}.log")
+    return record
 
 
 # --- the REST API ----------------------------------------------------------------------------------------------
@@ -243,8 +193,10 @@ def _wait_healthy(state: dict, paths: StackPaths, timeout: float) -> None:
     health: dict = {}
     while time.monotonic() < deadline:
         for name, record in state["processes"].items():
-            if live_process(record) is None:
-                raise StackError(f"{name} exited during start-up; its log ends:\n{_log_tail(record['log'])}")
+            if processes.live(record) is None:
+                raise StackError(
+                    f"{name} exited during start-up; its log ends:\n{processes.log_tail(record['log'], 25)}"
+                )
         with contextlib.suppress(httpx.HTTPError, ValueError):
             health = httpx.get(f"{state['airflow_url']}/api/v2/monitor/health", timeout=5).json()
             if all(part.get("status") == "healthy" for part in health.values()):
@@ -267,17 +219,6 @@ def _wait_for_dag(api: AirflowAPI, timeout: float) -> None:
     raise StackError(f"the DAG {DAG_ID} did not appear within {timeout:.0f} s (is dags/{DAG_ID}.py there?)")
 
 
-def _ensure_pool(api: AirflowAPI, slots: int) -> None:
-    """The pool the local backend's training tasks run in: one slot per core, so parallel jobs never oversubscribe."""
-    from tasks.local_backend import TRAINING_POOL
-
-    pool = {"name": TRAINING_POOL, "slots": slots, "description": "Local training jobs: one slot per core"}
-    action = {"action": "create", "entities": [pool], "action_on_existence": "overwrite"}
-    result = api.request("PATCH", "/pools", json={"actions": [action]})["create"]
-    if result.get("errors"):
-        raise StackError(f"could not create the pool {TRAINING_POOL}: {result['errors']}")
-
-
 # --- commands ----------------------------------------------------------------------------------------------------
 
 
@@ -285,23 +226,47 @@ def running(paths: StackPaths) -> dict[str, bool]:
     state = read_state(paths)
     if not state:
         return {}
-    return {name: live_process(record) is not None for name, record in state["processes"].items()}
+    return {name: processes.live(record) is not None for name, record in state["processes"].items()}
 
 
 def _free_or_other_port(port: int) -> int:
     import socket
 
-    from tasks.local_aws import free_port
-
     if port:
         with contextlib.suppress(OSError), socket.create_server((HOST, port)):
             return port
-    return free_port(HOST)
+    return processes.free_port(HOST)
+
+
+def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, dict, str]:
+    """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses; returns their
+    process records and URLs."""
+    import boto3
+
+    from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server
+
+    moto, aws_endpoint = start_moto_server(HOST, log_path=paths.logs / "local-aws.log",
+                                           state_file=paths.local_aws_state)  # fmt: skip
+    moto_record = processes.record_of(moto.pid, paths.logs / "local-aws.log")
+    try:
+        s3 = boto3.client("s3", endpoint_url=aws_endpoint, region_name=config.region,
+                          aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
+            s3.create_bucket(Bucket=config.bucket)
+        sagemaker, sagemaker_endpoint = launch.start(
+            paths.sagemaker, aws_endpoint, credentials=LOCAL_CREDENTIALS, region=config.region, cpus=config.cpus,
+            metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
+        )  # fmt: skip
+    except BaseException:
+        processes.stop([moto_record])
+        raise
+    return moto_record, aws_endpoint, sagemaker, sagemaker_endpoint
 
 
 def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: float = 180.0) -> dict:
     """Start the stack (or find it running); returns its state: URLs, login and processes."""
-    from tasks.local_aws import start_moto_server
+    from cli.local_aws import connection_uri
 
     config = config or load_config()
     paths = stack_paths(config)
@@ -314,17 +279,20 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
     paths.airflow_home.mkdir(parents=True, exist_ok=True)
     password, keys = _login_and_secrets(paths)
 
-    moto, aws_endpoint = start_moto_server(HOST, log_path=paths.logs / "local-aws.log")
+    moto, aws_endpoint, sagemaker, sagemaker_endpoint = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
+    connection = connection_uri(aws_endpoint, config.region, sagemaker_endpoint)
     state = {
         "airflow_url": api_url,
         "aws_endpoint": aws_endpoint,
+        "sagemaker_endpoint": sagemaker_endpoint,
+        "connection": connection,
         "username": USERNAME,
-        "processes": {"local-aws": _identity(moto.pid, paths.logs / "local-aws.log")},
+        "processes": {"local-aws": moto, "local-sagemaker": sagemaker},
     }
     paths.state.write_text(json.dumps(state, indent=2))
     try:
-        env = airflow_env(paths, config, api_url, aws_endpoint, keys)
+        env = airflow_env(paths, config, api_url, connection, keys)
         airflow = [sys.executable, "-m", "airflow"]
         migrate = subprocess.run([*airflow, "db", "migrate"], env=env, capture_output=True, text=True)
         if migrate.returncode:
@@ -337,7 +305,6 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
             paths.state.write_text(json.dumps(state, indent=2))
         _wait_healthy(state, paths, timeout)
         api = AirflowAPI(api_url, password)
-        _ensure_pool(api, config.cpus)
         if (ROOT / "dags" / f"{DAG_ID}.py").exists():
             _wait_for_dag(api, timeout)
             api.request("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
@@ -347,23 +314,50 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
     return state
 
 
-def down(config: PipelineConfig | None = None) -> list[str]:
-    """Stop Airflow (so no task starts anything more), then the local endpoints, then the local AWS; returns what
-    was stopped."""
-    from tasks.local_endpoints import stop_all
+# The order `down` stops them in: Airflow first (no task starts anything more), then the local SageMaker service
+# (it stops its jobs and model servers), then the local AWS they all talk to.
+BACKING_SERVICES = ("local-sagemaker", "local-aws")
 
+
+def down(config: PipelineConfig | None = None) -> list[str]:
+    """Stop Airflow, then the local SageMaker service and its model servers, then the local AWS; returns what was
+    stopped. The records stay: the next `up` serves the same endpoints and keeps the same S3 objects."""
     config = config or load_config()
     paths = stack_paths(config)
-    processes = (read_state(paths) or {"processes": {}})["processes"]
-    stop_processes([record for name, record in processes.items() if name != "local-aws"])
-    stopped = [name for name in processes if name != "local-aws"]
-    # The endpoint servers run detached: they outlive the tasks that started them.
-    stopped += [f"endpoint {name}" for name in stop_all(config)]
-    if "local-aws" in processes:
-        stop_processes([processes["local-aws"]])
-        stopped.append("local-aws")
+    records = (read_state(paths) or {"processes": {}})["processes"]
+    airflow = [name for name in records if name not in BACKING_SERVICES]
+    processes.stop([records[name] for name in airflow])
+    stopped = airflow
+    for name in BACKING_SERVICES:
+        if name in records:
+            processes.stop([records[name]], grace=60)
+            stopped.append(name)
+    # Model servers that a killed service left behind (a running one stops its own).
+    if strays := launch.stop_strays(paths.sagemaker):
+        stopped.append(f"{strays} model server(s) left by a stopped local SageMaker service")
     paths.state.unlink(missing_ok=True)
     return stopped
+
+
+def use_stack_connection(config: PipelineConfig) -> None:
+    """Give this process the running stack's AWS connection, unless it has one of its own (for the CLI)."""
+    variable = f"AIRFLOW_CONN_{config.aws_conn_id.upper()}"
+    state = read_state(stack_paths(config))
+    if variable not in os.environ and state and all(running(stack_paths(config)).values()):
+        os.environ[variable] = state["connection"]
+
+
+def local_client(state: dict, service: str, config: PipelineConfig):
+    """A boto3 client of the running stack: SageMaker services at the local SageMaker service, others at the local
+    AWS."""
+    import boto3
+
+    from cli.local_aws import LOCAL_CREDENTIALS
+
+    url = state["sagemaker_endpoint"] if service.startswith("sagemaker") else state["aws_endpoint"]
+    return boto3.client(service, endpoint_url=url, region_name=config.region,
+                        aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
@@ -408,8 +402,6 @@ def down_command(args) -> int:
 def status_command(args) -> int:
     from rich.table import Table
 
-    from tasks.local_endpoints import describe_endpoint, list_endpoints
-
     config = load_config()
     paths = stack_paths(config)
     state = read_state(paths)
@@ -417,18 +409,18 @@ def status_command(args) -> int:
     if not state:
         console.print("The local stack is not running (start it with: mnist-pipeline up).")
         return 3
-    table = Table("component", "state", "pid")
+    table = Table("component", "state", "pid / config")
     for name, record in state["processes"].items():
-        alive = live_process(record) is not None
+        alive = processes.live(record) is not None
         table.add_row(name, "[green]running[/]" if alive else "[red]exited[/]", str(record["pid"]))
-    endpoints = [describe_endpoint(name, config) for name in list_endpoints(config)]
-    for endpoint in endpoints:
-        in_service = endpoint["EndpointStatus"] == "InService"
-        state_text = "[green]InService[/]" if in_service else "[red]Failed[/]"
-        table.add_row(f"endpoint {endpoint['EndpointName']}", state_text, str(endpoint["Pid"]))
+    if processes.live(state["processes"]["local-sagemaker"]):
+        sagemaker = local_client(state, "sagemaker", config)
+        for summary in sagemaker.list_endpoints(MaxResults=100)["Endpoints"]:
+            endpoint = sagemaker.describe_endpoint(EndpointName=summary["EndpointName"])
+            color = "green" if endpoint["EndpointStatus"] == "InService" else "red"
+            table.add_row(f"endpoint {endpoint['EndpointName']}", f"[{color}]{endpoint['EndpointStatus']}[/]",
+                          endpoint["EndpointConfigName"])  # fmt: skip
     console.print(table)
-    for endpoint in endpoints:
-        console.print(f"endpoint {endpoint['EndpointName']} serves {endpoint['ModelDataUrl']}")
     console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})  logs: {paths.logs}")
     return 0 if all(running(paths).values()) else 1
 
@@ -436,7 +428,7 @@ def status_command(args) -> int:
 # --- run: trigger the sweep and follow it ----------------------------------------------------------------------
 
 FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
-TRAINING_TASKS = ("train_local", "train_sagemaker")
+TRAINING_TASKS = ("train",)
 EPOCH_LINE = "Test Accuracy:"  # one per epoch in a training job's log (the seed's metric line)
 
 
@@ -623,19 +615,23 @@ def sample_digit(data_dir: str, directory: Path, index: int = 0) -> tuple[Path, 
 def serving_endpoint(name: str, config: PipelineConfig) -> dict | None:
     """``{"name", "url"}`` of the local endpoint ``name`` when it is in service (whether this run deployed to it or
     the gate kept the champion there), else None."""
-    from tasks.local_endpoints import EndpointNotFound, describe_endpoint, runtime_url
+    from botocore.exceptions import ClientError
 
+    state = read_state(stack_paths(config))
     try:
-        if describe_endpoint(name, config)["EndpointStatus"] != "InService":
+        if (
+            local_client(state, "sagemaker", config).describe_endpoint(EndpointName=name)["EndpointStatus"]
+            != "InService"
+        ):
             return None
-    except EndpointNotFound:
+    except ClientError:
         return None
-    return {"name": name, "url": f"{runtime_url(config)}/endpoints/{name}/invocations"}
+    return {"name": name, "url": f"{state['sagemaker_endpoint']}/endpoints/{name}/invocations"}
 
 
 def demo_summary(outcome: dict, config: PipelineConfig) -> dict:
     """The demo's last line: the winner, the endpoint serving, how long the sweep took, where the report is."""
-    from tasks.predict import DEFAULT_ENDPOINT
+    from tasks.names import DEFAULT_ENDPOINT
 
     best, deployment, report = outcome["best"], outcome["deployment"], outcome["report"]
     return {
@@ -666,6 +662,7 @@ def demo_command(args) -> int:
     print_sweep(console, outcome["best"])
     summary = demo_summary(outcome, config)
     if summary["endpoint"]:
+        use_stack_connection(config)
         image, label = sample_digit(outcome["data_dir"], stack_paths(config).root / "demo")
         (result,) = predict([image], summary["endpoint"]["name"], config)
         console.print(
@@ -674,4 +671,31 @@ def demo_command(args) -> int:
         )
     console.print(f"The stack stays up for you to explore: {state['airflow_url']}  (stop it: make down)")
     print(json.dumps(summary))
+    return 0
+
+
+def predict_command(args) -> int:
+    """`mnist-pipeline predict`: through the AWS connection, the running stack's when there is no other."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from rich.table import Table
+
+    from tasks.predict import PredictError, predict
+
+    console = _console()
+    config = load_config()
+    use_stack_connection(config)
+    try:
+        # Airflow's hooks log to stdout; stdout is the answer's (JSON with --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            results = predict([Path(image) for image in args.images], args.endpoint, config)
+    except (PredictError, ClientError, BotoCoreError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 1
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    table = Table("image", "digit", "confidence", title=f"endpoint {args.endpoint}")
+    for result in results:
+        table.add_row(result["image"], str(result["digit"]), f"{100 * result['confidence']:.1f}%")
+    console.print(table)
     return 0

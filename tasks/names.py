@@ -1,0 +1,11 @@
+"""Names the pipeline shares with SageMaker and CloudWatch, each defined once. Light: the DAG imports it."""
+
+DEFAULT_ENDPOINT = "mnist-classifier"
+VARIANT_NAME = "AllTraffic"  # the variant name SageMaker gives a single-variant endpoint config
+ENDPOINT_NAMESPACE = "AWS/SageMaker"  # the invocation metrics of endpoints
+INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instances behind an endpoint
+
+
+def endpoint_dimensions(endpoint_name: str) -> list[dict]:
+    """The CloudWatch dimensions of an endpoint's single variant."""
+    return [{"Name": "EndpointName", "Value": endpoint_name}, {"Name": "VariantName", "Value": VARIANT_NAME}]
