@@ -44,6 +44,9 @@ SECTION_SWEEP, SECTION_RESOURCES, SECTION_DATA = "Sweep", "Resources (SageMaker)
 SECTION_GATE, SECTION_CHECK = "Gate", "Monitoring check"
 # Seconds between status polls of SageMaker jobs and endpoints (the local stack polls every 2).
 SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
+# Stream each job's CloudWatch log into its task's log. The provider then asks for the job's status only every 30 s
+# whatever the interval above, which a job of seconds waits out: runs of seconds-long jobs may turn it off.
+PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fallback=True)
 
 
 def _optional(kind: str, title: str, description: str, **schema) -> Param:
@@ -376,7 +379,7 @@ def mnist_sweep():
     train = SageMakerTrainingOperator.partial(
         task_id="train",
         **aws,
-        print_log=True,
+        print_log=PRINT_TRAINING_LOG,
         check_interval=SAGEMAKER_CHECK_INTERVAL,
         # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
         action_if_job_exists="timestamp",

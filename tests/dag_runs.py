@@ -19,6 +19,8 @@ def parse_dag():
     with pytest.MonkeyPatch.context() as patch:
         # Local jobs and endpoints take seconds: poll every second, not every 30 (read when the file is parsed).
         patch.setenv("AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL", "1")
+        # The jobs here take seconds: the provider's log streaming would check their status only every 30 s.
+        patch.setenv("AIRFLOW__MNIST_PIPELINE__PRINT_TRAINING_LOG", "False")
         bag = DagBag(str(DAG_FILE.parent))
     assert bag.import_errors == {}
     return bag.dags["mnist_sweep"]

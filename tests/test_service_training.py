@@ -243,3 +243,27 @@ def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnis
     assert recorded["Status"]["PrimaryStatus"] == "Completed"
     assert recorded["Parameters"]["hidden_channels"] == {"NumberValue": 4.0}
     assert "test:accuracy" in {metric["MetricName"] for metric in recorded["Metrics"]}
+
+
+def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
+    """Deferrable mode: the trigger's aiobotocore client keeps the connection's per-service endpoints, so it polls
+    the local SageMaker service as the operator itself does."""
+    import asyncio
+
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    train = SageMakerTrainingOperator(
+        task_id="train", config=request("svc-deferred"), deferrable=True, check_interval=1, print_log=False,
+        aws_conn_id="aws_default", region_name="us-east-1",
+    )  # fmt: skip
+    with pytest.raises(TaskDeferred) as deferred:
+        train.execute({})
+
+    async def first_event():
+        async for event in deferred.value.trigger.run():
+            return event
+
+    event = asyncio.run(first_event())
+    assert event.payload == {"status": "success", "job_name": "svc-deferred"}
+    assert train.execute_complete({}, event.payload)["Training"]["TrainingJobStatus"] == "Completed"
