@@ -302,12 +302,13 @@ class Endpoints:
             log.exception("Endpoint %s: traffic shift failed", name)
             reason = f"the traffic shift failed: {type(error).__name__}: {error}"
         if reason is None:
+            # All traffic on the new fleet; the update is done once the old one has drained and stopped.
+            self.router.set(name, self._targets(new))
+            self._retire(old)
             with self.store.lock:
                 self._set_local(name, fleet=new, pending=None)
                 self.store.update(KIND, name, EndpointConfigName=config_name, EndpointStatus="InService",
                                   LastDeploymentConfig=deployment or None, LastModifiedTime=now())  # fmt: skip
-            self.router.set(name, self._targets(new))
-            self._retire(old)
             log.info("Endpoint %s updated to config %s", name, config_name)
             return
         log.warning("Endpoint %s: rolling back the update to %s: %s", name, config_name, reason)
