@@ -664,7 +664,8 @@ def demo_command(args) -> int:
     if summary["endpoint"]:
         use_stack_connection(config)
         image, label = sample_digit(outcome["data_dir"], stack_paths(config).root / "demo")
-        (result,) = predict([image], summary["endpoint"]["name"], config)
+        with contextlib.redirect_stdout(sys.stderr):  # Airflow's hooks log to stdout, whose last line is the JSON
+            (result,) = predict([image], summary["endpoint"]["name"], config)
         console.print(
             f"Endpoint {summary['endpoint']['name']}: {image.name} (a {label}) → {result['digit']} "
             f"with {100 * result['confidence']:.1f}% confidence. Try: mnist-pipeline predict {image}"
