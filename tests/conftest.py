@@ -41,10 +41,12 @@ def local_aws():
     from cli.local_aws import connection_uri, start_moto_server
 
     process, endpoint_url = start_moto_server()
-    os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url)
-    yield endpoint_url
-    process.kill()
-    process.wait()
+    try:
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url)
+        yield endpoint_url
+    finally:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +59,13 @@ def local_sagemaker(local_aws):
     record, url = launch.start(
         _SESSION_HOME / "sagemaker", local_aws, credentials=LOCAL_CREDENTIALS, cpus=2, metrics_interval=1
     )
-    os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=url)
-    # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
-    os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"
-    yield url
-    launch.stop(record)
+    try:
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=url)
+        # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
+        os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"
+        yield url
+    finally:  # it stops its model servers too
+        launch.stop(record)
 
 
 @pytest.fixture(scope="session")
