@@ -30,7 +30,6 @@ import sys
 import tarfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from local_sagemaker import alarms, aws, processes
@@ -54,14 +53,6 @@ BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
 
 class LaunchFailed(Exception):
     """A fleet could not come up; the message is the FailureReason."""
-
-
-def _ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 def safe_extract(body: bytes, target: Path, what: str) -> None:
@@ -216,7 +207,7 @@ class Endpoints:
             "instances": int(variant.get("InitialInstanceCount", 1)),
         }  # fmt: skip
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _ping(server["url"]):
+        while not processes.healthy(server["url"]):
             if process.poll() is not None or time.monotonic() > deadline or self._stopping.is_set():
                 what = (f"exited with status {process.returncode}" if process.poll() is not None
                         else f"did not answer /ping within {SERVER_START_TIMEOUT:.0f} s")  # fmt: skip
@@ -405,7 +396,7 @@ class Endpoints:
         servers = []
         try:
             for server in fleet["servers"]:
-                if processes.live(server) is not None and _ping(server["url"]):
+                if processes.live(server) is not None and processes.healthy(server["url"]):
                     servers.append(server)  # adopted: it outlived the service that started it
                     continue
                 processes.stop([server], grace=5)

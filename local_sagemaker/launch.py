@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from local_sagemaker import processes
@@ -54,12 +53,8 @@ def start(
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                if answer.status == 200:
-                    return record, url
-        except OSError:
-            pass
+        if processes.healthy(url):
+            return record, url
         if process.poll() is not None or time.monotonic() > deadline:
             processes.stop([record], grace=5)
             what = f"exited with {process.returncode}" if process.poll() is not None else "did not become ready"

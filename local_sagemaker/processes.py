@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def log_tail(path: str | Path | None, lines: int = 30) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     return ""
+
+
+def healthy(url: str) -> bool:
+    """Whether the server at ``url`` answers 200 on ``/ping`` (the SageMaker containers' health check, and ours)."""
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
