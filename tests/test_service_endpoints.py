@@ -77,13 +77,16 @@ class Load:
 
     def __init__(self, url: str, name: str, body: bytes, clients: int = 3):
         self.answers, self.failures, self.stop = [], [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(url, name, body)) for _ in range(clients)]
+        self.by_client: list[list] = [[] for _ in range(clients)]  # each client's answers, in its own order
+        self.threads = [threading.Thread(target=self._run, args=(url, name, body, i)) for i in range(clients)]
 
-    def _run(self, url, name, body):
+    def _run(self, url, name, body, index):
         client = runtime(url)
         while not self.stop.is_set():
             try:
-                self.answers.append(probabilities(client, name, body))
+                answer = probabilities(client, name, body)
+                self.answers.append(answer)
+                self.by_client[index].append(answer)
             except Exception as error:
                 self.failures.append(repr(error))
 
@@ -131,9 +134,11 @@ def test_create_serves_then_blue_green_under_load_loses_no_request(sagemaker, lo
     assert load.failures == []
     assert described["EndpointStatus"] == "InService" and described["EndpointConfigName"] == "config-shuffled"
     # Which model answered: requests batched together differ from a lone one's answer in the last float bits.
-    by_good = [np.allclose(answer, answer_good, atol=1e-5) for answer in load.answers]
-    assert by_good[0] and not by_good[-1] and len(load.answers) > 20
-    assert not any(by_good[by_good.index(False) :])  # once the new model answers, the old never does again
+    assert len(load.answers) > 20
+    for answers in load.by_client:  # one client's requests follow each other: its answers show the switch in order
+        by_good = [np.allclose(answer, answer_good, atol=1e-5) for answer in answers]
+        assert by_good[0] and not by_good[-1]
+        assert not any(by_good[by_good.index(False) :])  # once the new model answers it, the old never does again
     assert not any(psutil.pid_exists(pid) for pid in old_servers)  # the old fleet stopped once drained
 
 
