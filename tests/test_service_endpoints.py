@@ -272,3 +272,16 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
         assert not any(psutil.pid_exists(pid) for pid in servers)
     finally:
         launch.stop(record)
+
+
+def test_large_bodies_arrive_whole_and_too_large_ones_are_refused(sagemaker, local_sagemaker, small_mnist):
+    """A body of many TCP segments is forwarded whole; over InvokeEndpoint's 6 MB it is refused before the model."""
+    images = load_mnist(small_mnist)["test_images"]
+    batch = json.dumps({"instances": np.concatenate([images] * 10).tolist()}).encode()  # 1,000 images, ~2.5 MB
+    client = runtime(local_sagemaker)
+    reply = client.invoke_endpoint(EndpointName="digits", Body=batch, ContentType="application/json")
+    assert len(json.loads(reply["Body"].read())["predictions"]) == 10 * len(images)
+    with pytest.raises(ClientError) as caught:
+        client.invoke_endpoint(EndpointName="digits", Body=b" " * (6 * 1024 * 1024 + 1), ContentType="application/json")
+    assert caught.value.response["Error"]["Code"] == "ValidationError"
+    assert "exceeds the maximum of 6291456 bytes" in caught.value.response["Error"]["Message"]
