@@ -22,17 +22,16 @@ interrupted.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import shutil
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
 from local_sagemaker import alarms, aws, processes
+from local_sagemaker.archives import ArchiveError, unpack
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ValidationException, not_found
@@ -53,18 +52,6 @@ BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
 
 class LaunchFailed(Exception):
     """A fleet could not come up; the message is the FailureReason."""
-
-
-def safe_extract(body: bytes, target: Path, what: str) -> None:
-    """Unpack a model.tar.gz: regular files and directories only, every one inside ``target``."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as archive:
-            for member in archive.getmembers():
-                if not (member.isfile() or member.isdir()):
-                    raise LaunchFailed(f"{what} holds {member.name!r}, which is not a regular file: refused")
-            archive.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise LaunchFailed(f"{what} is not a readable tar.gz archive: {error}") from None
 
 
 class Endpoints:
@@ -182,8 +169,10 @@ class Endpoints:
             body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as error:
             raise LaunchFailed(f"cannot read the model artifact {model_data_url}: {error}") from None
-        directory.mkdir(parents=True)
-        safe_extract(body, directory, model_data_url)
+        try:
+            unpack(body, directory, model_data_url)
+        except ArchiveError as error:
+            raise LaunchFailed(str(error)) from None
         (directory / ".complete").touch()
         return directory
 

@@ -16,20 +16,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import queue
 import re
 import shutil
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from local_sagemaker import aws, processes
+from local_sagemaker.archives import ArchiveError, pack, unpack
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ResourceInUse, ValidationException, not_found
 from local_sagemaker.store import Store, now
@@ -177,28 +176,6 @@ def host_environments(
         )  # fmt: skip
         environments.append(env)
     return environments
-
-
-def extract_code(body: bytes, code_dir: Path, what: str) -> None:
-    """Unpack sourcedir.tar.gz: regular files and directories only, every one inside ``code_dir``."""
-    code_dir.mkdir(parents=True)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
-            for member in archive.getmembers():
-                if not (member.isfile() or member.isdir()):
-                    raise JobFailed(f"ClientError: {what} holds {member.name!r}, which is not a regular file")
-            archive.extractall(code_dir, filter="data")  # refuses absolute paths and `..`
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise JobFailed(f"ClientError: {what} is not a readable tar.gz archive: {error}") from None
-
-
-def pack(directory: Path) -> bytes:
-    """A tar.gz of ``directory``, entries relative to it, as SageMaker packs /opt/ml/model."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for path in sorted(directory.rglob("*")):
-            archive.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
-    return buffer.getvalue()
 
 
 class LogStreams:
@@ -407,7 +384,10 @@ class TrainingJobs:
             self._transition(name, "Downloading", "Downloading input data")
             hyperparameters = record["HyperParameters"]
             uri = hyperparameters["sagemaker_submit_directory"]
-            extract_code(self._get(uri, "sagemaker_submit_directory"), ml_dir / "code", uri)
+            try:
+                unpack(self._get(uri, "sagemaker_submit_directory"), ml_dir / "code", uri)
+            except ArchiveError as error:
+                raise JobFailed(f"ClientError: {error}") from None
             channels = {
                 channel["ChannelName"]: self._download_channel(channel, ml_dir / "input" / "data" / channel["ChannelName"])
                 for channel in record.get("InputDataConfig", [])
