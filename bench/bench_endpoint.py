@@ -143,10 +143,10 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
             if "__pycache__" not in path.parts:
                 tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
     s3.upload_file(str(archive), "bench", "model.tar.gz")
-    record, url = launch.start(scratch / "sagemaker", moto_url, credentials=LOCAL_CREDENTIALS,
-                               cpus=workers or 0, metrics_interval=10)  # fmt: skip
+    started = launch.start(scratch / "sagemaker", moto_url, credentials=LOCAL_CREDENTIALS,
+                           cpus=workers or 0, metrics_interval=10)  # fmt: skip
     try:
-        sagemaker = boto3.client("sagemaker", endpoint_url=url)
+        sagemaker = boto3.client("sagemaker", endpoint_url=started.url)
         sagemaker.create_model(
             ModelName="bench",
             ExecutionRoleArn="arn:aws:iam::000000000000:role/bench",
@@ -156,9 +156,9 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
             {"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}])  # fmt: skip
         sagemaker.create_endpoint(EndpointName="bench", EndpointConfigName="bench")
         sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="bench", WaiterConfig={"Delay": 1})
-        yield f"{url}/endpoints/bench/invocations"
+        yield f"{started.runtime_url}/endpoints/bench/invocations"
     finally:
-        launch.stop(record)
+        launch.stop(started.record)
 
 
 def main() -> None:

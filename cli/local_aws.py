@@ -1,17 +1,25 @@
 """The local AWS: moto in server mode on loopback, reached like AWS through the connection's `endpoint_url`.
 
 S3, CloudWatch and CloudWatch Logs are real HTTP services here; the code that talks to them is the code that
-talks to AWS. Used by the local stack (`mnist-pipeline up`) and by the tests.
+talks to AWS. Used by the local stack (`mnist-pipeline up`), by the tests, and in the foreground by the
+docker-compose service, with its state in a volume:
+
+    python -m cli.local_aws [--host 127.0.0.1] [--port 5000] [--state-file FILE] [--ready-file FILE]
+
+moto answers as soon as it listens, before the replay has brought its state back: the ready file (written once the
+replay is done, removed at the start) is what a health check waits for.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import http.client
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -182,14 +190,22 @@ def _replay(state_file: Path, host: str, port: int) -> None:
     log.info("replayed %d recorded requests from %s (%d answered with an error)", replayed, state_file, failed)
 
 
-def connection_uri(endpoint_url: str, region: str = "us-east-1", sagemaker_endpoint: str | None = None) -> str:
+def connection_uri(
+    endpoint_url: str,
+    region: str = "us-east-1",
+    sagemaker_endpoint: str | None = None,
+    runtime_endpoint: str | None = None,
+) -> str:
     """An Airflow AWS connection (JSON form, for AIRFLOW_CONN_<ID>): every service at the local AWS
-    (``endpoint_url``), and with ``sagemaker_endpoint`` SageMaker's two APIs at the local SageMaker service, by the
-    provider's per-service ``service_config``."""
+    (``endpoint_url``), and with ``sagemaker_endpoint`` and ``runtime_endpoint`` SageMaker's two APIs at the local
+    SageMaker service (its control plane and its runtime), by the provider's per-service ``service_config``."""
     extra: dict = {"endpoint_url": endpoint_url, "region_name": region}
-    if sagemaker_endpoint:
+    if sagemaker_endpoint or runtime_endpoint:
+        if not (sagemaker_endpoint and runtime_endpoint):
+            raise ValueError("the local SageMaker service takes both endpoints: the control plane's and the runtime's")
         extra["service_config"] = {
-            service: {"endpoint_url": sagemaker_endpoint} for service in ("sagemaker", "sagemaker-runtime")
+            "sagemaker": {"endpoint_url": sagemaker_endpoint},
+            "sagemaker-runtime": {"endpoint_url": runtime_endpoint},
         }
     return json.dumps(
         {
@@ -199,3 +215,33 @@ def connection_uri(endpoint_url: str, region: str = "us-east-1", sagemaker_endpo
             "extra": extra,
         }
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the local AWS in the foreground until SIGTERM or SIGINT, keeping its state in ``--state-file``."""
+    parser = argparse.ArgumentParser(prog="python -m cli.local_aws", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--state-file", type=Path, help="moto's recording, replayed at start (default: no state kept)")
+    parser.add_argument("--ready-file", type=Path, help="written once the state is back and requests are recorded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ready_file:
+        args.ready_file.unlink(missing_ok=True)
+    process, endpoint_url = start_moto_server(args.host, args.port, Path("/dev/stdout"), args.state_file)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: process.terminate())
+    if args.ready_file:
+        args.ready_file.write_text(endpoint_url)
+    log.info(
+        "the local AWS answers on %s%s", endpoint_url, f", its state in {args.state_file}" if args.state_file else ""
+    )
+    try:
+        sys.exit(process.wait())
+    finally:
+        if args.ready_file:
+            args.ready_file.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

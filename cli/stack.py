@@ -37,6 +37,7 @@ USERNAME = "admin"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # Seconds between the provider's status polls of local jobs and endpoints (30 on AWS, where they take minutes).
 LOCAL_CHECK_INTERVAL = 2
+LOCAL_BAKE_SECONDS = 20
 
 
 class StackError(RuntimeError):
@@ -138,6 +139,8 @@ def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, connect
             "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
             f"AIRFLOW_CONN_{config.aws_conn_id.upper()}": connection,
             "AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL": str(LOCAL_CHECK_INTERVAL),
+            # The monitoring check runs in the bake: here it takes seconds (CloudWatch's figures arrive in one).
+            "AIRFLOW__MNIST_PIPELINE__BAKE_SECONDS": str(LOCAL_BAKE_SECONDS),
             "MNIST_PIPELINE_STATE_DIR": str(paths.state_dir),
             "NO_PROXY": "127.0.0.1,localhost",
         }
@@ -238,7 +241,7 @@ def _free_or_other_port(port: int) -> int:
     return processes.free_port(HOST)
 
 
-def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, dict, str]:
+def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started]:
     """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses; returns their
     process records and URLs."""
     import boto3
@@ -254,14 +257,14 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
                           aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
         if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
             s3.create_bucket(Bucket=config.bucket)
-        sagemaker, sagemaker_endpoint = launch.start(
+        sagemaker = launch.start(
             paths.sagemaker, aws_endpoint, credentials=LOCAL_CREDENTIALS, region=config.region, cpus=config.cpus,
             metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
         )  # fmt: skip
     except BaseException:
         processes.stop([moto_record])
         raise
-    return moto_record, aws_endpoint, sagemaker, sagemaker_endpoint
+    return moto_record, aws_endpoint, sagemaker
 
 
 def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: float = 180.0) -> dict:
@@ -279,16 +282,17 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
     paths.airflow_home.mkdir(parents=True, exist_ok=True)
     password, keys = _login_and_secrets(paths)
 
-    moto, aws_endpoint, sagemaker, sagemaker_endpoint = start_local_aws(paths, config)
+    moto, aws_endpoint, sagemaker = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
-    connection = connection_uri(aws_endpoint, config.region, sagemaker_endpoint)
+    connection = connection_uri(aws_endpoint, config.region, sagemaker.url, sagemaker.runtime_url)
     state = {
         "airflow_url": api_url,
         "aws_endpoint": aws_endpoint,
-        "sagemaker_endpoint": sagemaker_endpoint,
+        "sagemaker_endpoint": sagemaker.url,
+        "sagemaker_runtime_endpoint": sagemaker.runtime_url,
         "connection": connection,
         "username": USERNAME,
-        "processes": {"local-aws": moto, "local-sagemaker": sagemaker},
+        "processes": {"local-aws": moto, "local-sagemaker": sagemaker.record},
     }
     paths.state.write_text(json.dumps(state, indent=2))
     try:
@@ -348,13 +352,15 @@ def use_stack_connection(config: PipelineConfig) -> None:
 
 
 def local_client(state: dict, service: str, config: PipelineConfig):
-    """A boto3 client of the running stack: SageMaker services at the local SageMaker service, others at the local
-    AWS."""
+    """A boto3 client of the running stack: SageMaker's two APIs at the local SageMaker service, the other services
+    at the local AWS."""
     import boto3
 
     from cli.local_aws import LOCAL_CREDENTIALS
 
-    url = state["sagemaker_endpoint"] if service.startswith("sagemaker") else state["aws_endpoint"]
+    url = {"sagemaker": state["sagemaker_endpoint"], "sagemaker-runtime": state["sagemaker_runtime_endpoint"]}.get(
+        service, state["aws_endpoint"]
+    )
     return boto3.client(service, endpoint_url=url, region_name=config.region,
                         aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
@@ -626,7 +632,7 @@ def serving_endpoint(name: str, config: PipelineConfig) -> dict | None:
             return None
     except ClientError:
         return None
-    return {"name": name, "url": f"{state['sagemaker_endpoint']}/endpoints/{name}/invocations"}
+    return {"name": name, "url": f"{state['sagemaker_runtime_endpoint']}/endpoints/{name}/invocations"}
 
 
 def demo_summary(outcome: dict, config: PipelineConfig) -> dict:

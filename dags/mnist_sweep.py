@@ -13,7 +13,8 @@ the best by test accuracy (ties: fewer parameters) → **gate** → deploy → *
 otherwise deployment is skipped, the run succeeds and the report says why. The deployment creates the endpoint or
 updates it blue/green, with a model and an endpoint config named after the run. The monitoring check then sends a
 smoke load of held-out test images through `sagemaker-runtime` and reads the endpoint's CloudWatch metrics
-against the thresholds below. Pass: the model becomes the champion and the endpoint's alarms (5XX errors, p99
+against the thresholds below; on an update it runs while the new model bakes (all traffic on it, the old one kept
+under the alarms), and the run waits for the bake to end before the model becomes champion. Pass: the model becomes the champion and the endpoint's alarms (5XX errors, p99
 latency) are created or updated. Fail: the endpoint goes back to the previous model (or is deleted when this run
 created it) and the run fails, naming each failed threshold and its observed value. The report is written
 whatever happened (a teardown task: the run's state comes from the work before it).
@@ -47,6 +48,9 @@ SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interv
 # Stream each job's CloudWatch log into its task's log. The provider then asks for the job's status only every 30 s
 # whatever the interval above, which a job of seconds waits out: runs of seconds-long jobs may turn it off.
 PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fallback=True)
+# The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
+# metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
+DEFAULT_BAKE_SECONDS = conf.getint("mnist_pipeline", "bake_seconds", fallback=600)
 
 
 def _optional(kind: str, title: str, description: str, **schema) -> Param:
@@ -149,12 +153,13 @@ PARAMS = {
         section=SECTION_DATA,
     ),
     "bake_seconds": Param(
-        0,
+        DEFAULT_BAKE_SECONDS,
         type="integer",
         minimum=0,
         maximum=3600,
         title="Bake time (s)",
-        description="How long the old model is kept, under the alarms, once all traffic has moved (0-3600).",
+        description="How long the old model is kept, under the alarms, once all traffic has moved: the monitoring "
+        "check runs meanwhile, and a failed check switches back to it at once (0-3600).",
         section=SECTION_DATA,
     ),
     "min_test_accuracy": Param(
@@ -331,6 +336,8 @@ def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, para
             thresholds=Thresholds.from_params(params),
             samples=params["smoke_requests"],
             metrics_timeout=params["metrics_timeout"],
+            check_interval=SAGEMAKER_CHECK_INTERVAL,
+            settle_timeout=params["bake_seconds"] + params["traffic_wait_seconds"] * 100 + 600,
         )
     except MonitoringCheckFailed as failed:
         ti.xcom_push("return_value", failed.result)  # what the check saw, for the report; the task still fails

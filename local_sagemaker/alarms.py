@@ -80,6 +80,16 @@ def describe(names: list[str]) -> list[dict]:
     return found
 
 
+def in_alarm(names: list[str], since: float) -> str | None:
+    """The reason, when one of the alarms ``names`` went into ALARM at ``since`` (epoch seconds) or later."""
+    if not names:
+        return None
+    for alarm in aws.client("cloudwatch").describe_alarms(AlarmNames=names, StateValue="ALARM")["MetricAlarms"]:
+        if alarm["StateUpdatedTimestamp"].timestamp() >= since - 1:  # CloudWatch keeps whole seconds here
+            return f"Alarm {alarm['AlarmName']} is in ALARM: {alarm.get('StateReason', '')}"
+    return None
+
+
 def _own_metric(alarm: dict, endpoint: str) -> bool:
     dimensions = {d["Name"]: d["Value"] for d in alarm.get("Dimensions", [])}
     return (

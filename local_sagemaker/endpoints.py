@@ -104,11 +104,15 @@ class Endpoints:
         fleet = local["fleet"]
         if fleet:
             record["ProductionVariants"] = [self._variant_summary(server) for server in fleet["servers"]]
-        if local["pending"]:
+        if pending := local["pending"]:
+            # The new fleet's stage, as SageMaker shows it: ActivatingTraffic while traffic moves, then Baking.
+            stage = {"Status": pending.get("stage", "ActivatingTraffic"), "StartTime": pending.get("stage_at", now())}
             record["PendingDeploymentSummary"] = {
-                "EndpointConfigName": local["pending"]["config"],
-                "ProductionVariants": [self._variant_summary(server) for server in local["pending"]["servers"]],
-                "StartTime": local["pending"]["started_at"],
+                "EndpointConfigName": pending["config"],
+                "ProductionVariants": [
+                    {**self._variant_summary(server), "VariantStatus": [stage]} for server in pending["servers"]
+                ],
+                "StartTime": pending["started_at"],
             }
         return record
 
@@ -317,12 +321,14 @@ class Endpoints:
             steps = [min(1.0, step * (i + 1)) for i in range(int(1 / step + 0.999999))]
         deadline = time.monotonic() + policy.get("MaximumExecutionTimeoutInSeconds", DEFAULT_EXECUTION_TIMEOUT)
         urls = {server["url"] for server in new["servers"]}
+        since = time.time()
         for index, share in enumerate(steps):
             self.router.set(name, self._targets(old, 1 - share) + self._targets(new, share))
             last = index == len(steps) - 1
             hold = policy.get("TerminationWaitInSeconds", 0) if last else wait
+            self._set_local(name, pending={**new, "stage": "Baking" if last else "ActivatingTraffic", "stage_at": now()})
             log.info("Endpoint %s: %.0f%% of traffic on config %s for %s s", name, 100 * share, new["config"], hold)
-            if reason := self._bake(name, urls, watched, hold, deadline):
+            if reason := self._bake(name, urls, watched, hold, deadline, since):
                 return reason
         return None
 
@@ -332,10 +338,16 @@ class Endpoints:
         share = size["Value"] / 100 if size["Type"] == "CAPACITY_PERCENT" else size["Value"] / instances
         return min(1.0, max(share, 0.01))
 
-    def _bake(self, name: str, urls: set[str], watched: list[dict], hold: float, deadline: float) -> str | None:
+    def _bake(self, name: str, urls: set[str], watched: list[dict], hold: float, deadline: float,
+              update_started: float) -> str | None:  # fmt: skip
+        """Hold this step for ``hold`` seconds under the alarms; the reason to roll back, if any."""
         since = time.time()
         end = time.monotonic() + hold
         while True:
+            # An alarm set to ALARM since the update began, by CloudWatch or by anyone (SetAlarmState: how an
+            # operator, or the pipeline's failed check, stops a blue/green update on SageMaker).
+            if reason := alarms.in_alarm([alarm["AlarmName"] for alarm in watched], update_started):
+                return reason
             for alarm in watched:
                 if reason := alarms.evaluate(alarm, name, lambda start: self.router.samples_since(urls, start), since):
                     return reason

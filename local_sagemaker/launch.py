@@ -6,6 +6,7 @@ with the local credentials; its record is what ``local_sagemaker.processes.stop`
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,15 @@ from local_sagemaker import processes
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 120.0  # it answers /ping once the endpoints its records name serve again
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """A running service: its process record (what ``stop`` takes), the control plane's URL and the runtime's."""
+
+    record: dict
+    url: str
+    runtime_url: str
 
 
 def service_env(aws_endpoint_url: str, region: str, credentials: dict[str, str]) -> dict[str, str]:
@@ -36,16 +46,18 @@ def start(
     credentials: dict[str, str],
     region: str = "us-east-1",
     port: int | None = None,
+    runtime_port: int | None = None,
     cpus: int = 0,
     metrics_interval: float = 10.0,
     log_path: Path | None = None,
     timeout: float = START_TIMEOUT,
-) -> tuple[dict, str]:
-    """Start the service; returns its process record and URL once it answers /ping with 200."""
+) -> Started:
+    """Start the service; returns once it answers /ping with 200."""
     port = port or processes.free_port(HOST)
+    runtime_port = runtime_port or processes.free_port(HOST)
     command = [
         sys.executable, "-m", "local_sagemaker", "--state-dir", str(state_dir), "--host", HOST, "--port", str(port),
-        "--cpus", str(cpus), "--metrics-interval", str(metrics_interval), "--region", region,
+        "--runtime-port", str(runtime_port), "--cpus", str(cpus), "--metrics-interval", str(metrics_interval), "--region", region,
     ]  # fmt: skip
     log_path = log_path or Path(state_dir) / "logs" / "local-sagemaker.log"
     process, record = processes.spawn(command, env=service_env(aws_endpoint_url, region, credentials),
@@ -54,7 +66,7 @@ def start(
     deadline = time.monotonic() + timeout
     while True:
         if processes.healthy(url):
-            return record, url
+            return Started(record, url, f"http://{HOST}:{runtime_port}")
         if process.poll() is not None or time.monotonic() > deadline:
             processes.stop([record], grace=5)
             what = f"exited with {process.returncode}" if process.poll() is not None else "did not become ready"

@@ -1,35 +1,59 @@
-"""InvokeEndpoint: the runtime API in front of every endpoint's model servers.
+"""InvokeEndpoint: the runtime API in front of every endpoint's model servers, on a port of its own.
 
-boto3's ``sagemaker-runtime`` client sends ``POST /endpoints/{EndpointName}/invocations`` here; the request goes
-on to one of the servers that serve the endpoint now, picked by weight (or by the ``X-Amzn-SageMaker-Target-Variant``
-header), over kept-alive connections. The routes live in this process, so a blue/green switch is one assignment:
-no request can pick the old fleet after it, and the per-server count of requests in flight tells the switch when the
-old fleet has drained. Every answer is also a sample (status, model and overhead latency) for the alarms that guard
-a deployment (local_sagemaker.alarms).
+As on AWS, where ``runtime.sagemaker`` and ``api.sagemaker`` are two hosts, the runtime listens apart from the
+control plane: boto3's ``sagemaker-runtime`` client sends ``POST /endpoints/{EndpointName}/invocations`` here (the
+AWS connection's ``service_config`` routes it), and the request goes on to one of the servers that serve the
+endpoint now, picked by weight (or by the ``X-Amzn-SageMaker-Target-Variant`` header), over kept-alive connections.
+
+The routes live in the service's process, so a blue/green switch is one assignment: no request can pick the old
+fleet after it, and the per-server count of requests in flight tells the switch when the old fleet has drained.
+Every answer is also a sample (status, model and overhead latency) for the alarms that guard a deployment
+(local_sagemaker.alarms).
+
+Both sides speak HTTP/1.1 through httptools' parser on plain asyncio protocols: this path carries every
+invocation, and a general-purpose framework costs here as much CPU per request as the model server itself (see
+bench/results/endpoint.json, `runtime` beside `project`). A body over InvokeEndpoint's 6 MB is refused from its
+declared length, before it is read, or as soon as a chunked one passes the limit; it is never kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
+import http
 import json
+import logging
 import random
 import re
 import time
+import urllib.parse
+import uuid
 
-import aiohttp
-from aiohttp import web
+import httptools
+
+log = logging.getLogger(__name__)
 
 # InvokeEndpoint accepts at most 6 MB of payload.
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+# What a refused body may still send before the connection is closed on it (its answer goes first).
+DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
 FORWARD_TIMEOUT = 60.0  # SageMaker's own limit for a real-time invocation
+CONNECT_TIMEOUT = 5.0
+IDLE_CLIENT_TIMEOUT = 75.0  # a client connection with no request for this long is closed
 # Request headers the SageMaker runtime passes to the container, and response headers it passes back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
 RETURNED_RESPONSE_HEADERS = ("Content-Type", "X-Amzn-SageMaker-Custom-Attributes", "Server-Timing")
 TARGET_VARIANT = "X-Amzn-SageMaker-Target-Variant"
 MODEL_ERROR = 424  # InvokeEndpoint's status when the container answered an error
 HANDLER_TIMING = re.compile(r"handler;dur=([0-9.]+)")
+INVOCATIONS_PATH = re.compile(r"/endpoints/([^/]+)/invocations")
+ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # botocore's EndpointName pattern and length
 SAMPLES_KEPT = 100_000  # per server: enough for any alarm period at local request rates
+
+_KEPT_REQUEST_HEADERS = {name.lower(): name for name in (*FORWARDED_REQUEST_HEADERS, TARGET_VARIANT)}
+_KEPT_RESPONSE_HEADERS = {name.lower(): name for name in (*RETURNED_RESPONSE_HEADERS, "x-amzn-ErrorType")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,69 +109,357 @@ class Router:
         return [sample for url in urls for sample in list(self.samples.get(url, ())) if sample.at >= since]
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    # botocore reads the error code from this header, and the message from the body, as from AWS.
-    return web.json_response({"message": message}, status=status, headers={"x-amzn-ErrorType": f"{code}:"})
+class InvokeError(Exception):
+    """An InvokeEndpoint error as the runtime answers it: status, error code (``x-amzn-ErrorType``), message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
-def add_routes(app: web.Application, router: Router, account: str, region: str) -> None:
-    """InvokeEndpoint on ``app``; the forwarding client session lives as long as the app."""
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
 
-    async def client_session(app: web.Application):
-        # No pool limit: a request never waits here for a connection while the model server could take it.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-        timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT, connect=5)
-        app["runtime_session"] = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
-        yield
-        await app["runtime_session"].close()
 
-    async def invoke(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if request.content_length is not None and request.content_length > MAX_PAYLOAD_BYTES:
-            return _error(413, "ValidationError", f"Request payload of {request.content_length} bytes exceeds "
-                          f"the maximum of {MAX_PAYLOAD_BYTES} bytes for InvokeEndpoint.")  # fmt: skip
-        target = router.pick(name, request.headers.get(TARGET_VARIANT))
-        if target is None:
-            if request.headers.get(TARGET_VARIANT) and router.routes.get(name):
-                return _error(400, "ValidationError", f"Variant {request.headers[TARGET_VARIANT]} not found for "
-                              f"endpoint {name}.")  # fmt: skip
-            return _error(400, "ValidationError", f"Endpoint {name} of account {account} not found.")
-        started = time.perf_counter()
-        router.in_flight[target.url] += 1
+class _Upstream(asyncio.Protocol):
+    """One kept-alive connection to a model server, one request at a time."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reply: asyncio.Future | None = None
+        self.answered = False  # whether any byte of an answer to the current request has arrived
+        self.closed = False
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
-            # The whole body (the declared length was checked above; a chunked one is bounded by the app's limit).
-            body = await request.read()
-            if len(body) > MAX_PAYLOAD_BYTES:
-                return _error(413, "ValidationError", f"Request payload exceeds the maximum of {MAX_PAYLOAD_BYTES} "
-                              "bytes for InvokeEndpoint.")  # fmt: skip
-            headers = {key: request.headers[key] for key in FORWARDED_REQUEST_HEADERS if key in request.headers}
-            async with request.app["runtime_session"].post(
-                f"{target.url}/endpoints/{name}/invocations", data=body, headers=headers
-            ) as reply:
-                content = await reply.read()
-                status = reply.status
-                returned = {key: reply.headers[key] for key in RETURNED_RESPONSE_HEADERS if key in reply.headers}
-                error_type = reply.headers.get("x-amzn-ErrorType")
-        except (aiohttp.ClientError, TimeoutError) as error:
-            status = 503
-            router.samples[target.url].append(Sample(time.time(), status, None, _us(started)))
-            return _error(503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: "
-                          f"{type(error).__name__}")  # fmt: skip
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(ConnectionError(f"the model server's answer is not HTTP: {error}"))
+
+    def on_message_begin(self) -> None:
+        self._headers, self._body = {}, []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        reply, self.reply = self.reply, None
+        if not self.parser.should_keep_alive():
+            self.closed = True
+            self.transport.close()
+        if reply is not None and not reply.done():
+            reply.set_result(Reply(self.parser.get_status_code(), self._headers, b"".join(self._body)))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._fail(ConnectionResetError("the model server closed the connection"))
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        reply, self.reply = self.reply, None
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+
+
+class Upstreams:
+    """Kept-alive connections to the model servers, by server URL; each carries one request at a time."""
+
+    def __init__(self):
+        self._idle: dict[str, list[_Upstream]] = collections.defaultdict(list)
+        self._addresses: dict[str, tuple[str, int, bytes]] = {}
+
+    async def send(self, url: str, head: bytes, body: bytes) -> Reply:
+        """``head``: the request line and headers up to (not including) Host and Content-Length."""
+        host, port, host_header = self._address(url)
+        data = b"".join((head, host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
+        for attempt in range(2):
+            upstream, reused = self._take(url), True
+            if upstream is None:
+                upstream, reused = await self._connect(host, port), False
+            loop = asyncio.get_running_loop()
+            upstream.reply, upstream.answered = loop.create_future(), False
+            upstream.transport.write(data)
+            timer = loop.call_later(
+                FORWARD_TIMEOUT, upstream._fail, TimeoutError(f"no answer in {FORWARD_TIMEOUT:g} s")
+            )
+            try:
+                reply = await upstream.reply
+            except ConnectionResetError:
+                # A kept-alive connection the server closed as this request went out (its idle timeout): the
+                # server never saw the request, so it goes once more, on a new connection.
+                if reused and attempt == 0 and not upstream.answered:
+                    continue
+                raise
+            finally:
+                timer.cancel()
+            if not upstream.closed:
+                self._idle[url].append(upstream)
+            return reply
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for connections in self._idle.values():
+            for upstream in connections:
+                upstream.transport.close()
+        self._idle.clear()
+
+    def _take(self, url: str) -> _Upstream | None:
+        connections = self._idle.get(url)
+        while connections:
+            upstream = connections.pop()
+            if not upstream.closed and not upstream.transport.is_closing():
+                return upstream
+        return None
+
+    async def _connect(self, host: str, port: int) -> _Upstream:
+        loop = asyncio.get_running_loop()
+        _, upstream = await asyncio.wait_for(loop.create_connection(_Upstream, host, port), timeout=CONNECT_TIMEOUT)
+        return upstream
+
+    def _address(self, url: str) -> tuple[str, int, bytes]:
+        address = self._addresses.get(url)
+        if address is None:
+            parts = urllib.parse.urlsplit(url)
+            address = (parts.hostname, parts.port or 80, f"Host: {parts.netloc}".encode())
+            self._addresses[url] = address
+        return address
+
+
+@dataclasses.dataclass
+class _Request:
+    method: bytes
+    url: bytes
+    headers: dict[str, str]  # the kept ones, by their canonical names
+    body: bytes
+    refused: InvokeError | None
+    keep_alive: bool
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: requests parsed as they arrive, answered one after another in their order."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: collections.deque[_Request] = collections.deque()
+        self.busy = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url, self._headers, self._body, self._size, self._header_bytes = b"", {}, [], 0, 0
+        self._refused: InvokeError | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.runtime.clients.add(self)
+        self._arm_idle_timer()
+
+    def connection_lost(self, exc) -> None:
+        self.runtime.clients.discard(self)
+        if self.idle_timer:
+            self.idle_timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._answer_and_close(InvokeError(400, "ValidationError", "Protocol upgrades are not supported."))
+        except httptools.HttpParserError as error:
+            # An exception in a callback comes back as HttpParserCallbackError, the callback's own as its context.
+            cause = error.__context__ if isinstance(error, httptools.HttpParserCallbackError) else error
+            if isinstance(cause, InvokeError):
+                self._answer_and_close(cause)
+            else:
+                self._answer_and_close(InvokeError(400, "ValidationError", f"Malformed HTTP request: {cause}"))
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reset()
+        if self.idle_timer:
+            self.idle_timer.cancel()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value))
+        kept = _KEPT_REQUEST_HEADERS.get(name.decode("latin-1").lower())
+        if kept:
+            self._headers[kept] = value.decode("latin-1")
+        elif name.lower() == b"content-length" and value.isdigit() and int(value) > MAX_PAYLOAD_BYTES:
+            self._refused = _too_large(f"Request payload of {int(value)} bytes exceeds")
+        elif name.lower() == b"expect" and value.lower() == b"100-continue":
+            self._headers["Expect"] = "100-continue"
+
+    def on_headers_complete(self) -> None:
+        if self._headers.pop("Expect", None) and self._refused is None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._refused is None and self._size > MAX_PAYLOAD_BYTES:
+            self._refused, self._body = _too_large("Request payload exceeds"), []
+        if self._refused is None:
+            self._body.append(body)
+        elif self._size > DISCARD_LIMIT_BYTES:
+            self._answer_and_close(self._refused)
+
+    def on_message_complete(self) -> None:
+        request = _Request(self.parser.get_method(), self._url, self._headers, b"".join(self._body), self._refused,
+                           self.parser.should_keep_alive())  # fmt: skip
+        self._reset()
+        self.pending.append(request)
+        if self.busy:
+            self.transport.pause_reading()  # a pipelining client waits for its answers
+        else:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._answer_pending())
+
+    # answering
+    async def _answer_pending(self) -> None:
+        while self.pending:
+            request = self.pending.popleft()
+            try:
+                status, headers, body = await self.runtime.invoke(request)
+            except InvokeError as error:
+                status, headers, body = _error(error)
+            except Exception as error:  # a bug: the runtime keeps serving, and the log has the traceback
+                log.exception("InvokeEndpoint failed")
+                status, headers, body = _error(
+                    InvokeError(500, "InternalFailure", f"the local runtime failed: {type(error).__name__}")
+                )
+            if self.transport.is_closing():
+                return
+            self.transport.write(_response(status, headers, body, close=not request.keep_alive))
+            if not request.keep_alive:
+                self.transport.close()
+                return
+        self.busy = False
+        self.transport.resume_reading()
+        self._arm_idle_timer()
+
+    def _answer_and_close(self, error: InvokeError) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_response(*_error(error), close=True))
+            self.transport.close()
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise InvokeError(431, "ValidationError", f"Request headers exceed {MAX_HEADER_BYTES} bytes.")
+
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        self.idle_timer = asyncio.get_running_loop().call_later(IDLE_CLIENT_TIMEOUT, self.transport.close)
+
+
+class Runtime:
+    """The runtime API's server: requests in, forwarded to the model server the router picks, answers out."""
+
+    def __init__(self, router: Router, account: str):
+        self.router, self.account = router, account
+        self.upstreams = Upstreams()
+        self.clients: set[_Client] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.get_running_loop().create_server(lambda: _Client(self), host, port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for client in list(self.clients):
+            client.transport.close()
+        self.upstreams.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def invoke(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        path = request.url.split(b"?", 1)[0]
+        match = INVOCATIONS_PATH.fullmatch(path.decode("latin-1"))
+        if match is None or request.method != b"POST":
+            raise InvokeError(404, "UnknownOperationException",
+                                "The runtime answers only POST /endpoints/{EndpointName}/invocations.")  # fmt: skip
+        name = urllib.parse.unquote(match.group(1))
+        if not ENDPOINT_NAME.fullmatch(name):
+            raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{name}' at "
+                                "'endpointName' failed to satisfy constraint: Member must satisfy regular "
+                                "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # fmt: skip
+        if request.refused is not None:
+            raise request.refused
+        variant = request.headers.get(TARGET_VARIANT)
+        target = self.router.pick(name, variant)
+        if target is None:
+            if variant and self.router.routes.get(name):
+                raise InvokeError(400, "ValidationError", f"Variant {variant} not found for endpoint {name}.")
+            raise InvokeError(400, "ValidationError", f"Endpoint {name} of account {self.account} not found.")
+        head = [b"POST /endpoints/", match.group(1).encode("latin-1"), b"/invocations HTTP/1.1\r\n"]
+        for header in FORWARDED_REQUEST_HEADERS:
+            if header in request.headers:
+                head.append(f"{header}: {request.headers[header]}\r\n".encode("latin-1"))
+        started = time.perf_counter()
+        samples = self.router.samples[target.url]
+        self.router.in_flight[target.url] += 1
+        try:
+            reply = await self.upstreams.send(target.url, b"".join(head), request.body)
+        except (OSError, TimeoutError) as error:
+            samples.append(Sample(time.time(), 503, None, _us(started)))
+            raise InvokeError(503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: "
+                                f"{type(error).__name__}") from None  # fmt: skip
         finally:
-            router.in_flight[target.url] -= 1
+            self.router.in_flight[target.url] -= 1
         total_us = _us(started)
-        timing = HANDLER_TIMING.search(returned.get("Server-Timing", ""))
+        timing = HANDLER_TIMING.search(reply.headers.get("server-timing", ""))
         model_us = float(timing.group(1)) * 1000 if timing else None
         # The metrics count what the container answered: a ModelError (424) carries the container's own status.
-        counted = _original_status(content) if status == MODEL_ERROR else status
-        router.samples[target.url].append(Sample(time.time(), counted, model_us, total_us - (model_us or 0)))
-        returned["x-Amzn-Invoked-Production-Variant"] = target.variant
-        if status >= 400 and error_type:
-            returned["x-amzn-ErrorType"] = error_type
-        return web.Response(body=content, status=status, headers=returned)
+        counted = _original_status(reply.body) if reply.status == MODEL_ERROR else reply.status
+        samples.append(Sample(time.time(), counted, model_us, total_us - (model_us or 0)))
+        headers = [(canonical, reply.headers[lower]) for lower, canonical in _KEPT_RESPONSE_HEADERS.items()
+                   if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)]  # fmt: skip
+        headers.append(("x-Amzn-Invoked-Production-Variant", target.variant))
+        return reply.status, headers, reply.body
 
-    app.cleanup_ctx.append(client_session)
-    app.router.add_post("/endpoints/{name}/invocations", invoke)
+
+def _too_large(what: str) -> InvokeError:
+    return InvokeError(413, "ValidationError", f"{what} the maximum of {MAX_PAYLOAD_BYTES} bytes for InvokeEndpoint.")
+
+
+def _error(error: InvokeError) -> tuple[int, list[tuple[str, str]], bytes]:
+    # botocore reads the error code from this header, and the message from the body, as from AWS.
+    headers = [("Content-Type", "application/json"), ("x-amzn-ErrorType", f"{error.code}:")]
+    return error.status, headers, json.dumps({"message": error.message}).encode()
+
+
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+def _response(status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", f"Content-Length: {len(body)}",
+             f"x-amzn-RequestId: {uuid.uuid4()}"]  # fmt: skip
+    lines += [f"{name}: {value}" for name, value in headers]
+    if close:
+        lines.append("Connection: close")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
 
 
 def _original_status(content: bytes) -> int:

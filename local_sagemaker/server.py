@@ -1,15 +1,17 @@
-"""The HTTP front of the local SageMaker service: the control plane and the runtime on one port.
+"""The HTTP fronts of the local SageMaker service: the control plane on one port, the runtime on another.
 
 - ``POST /`` with ``X-Amz-Target: SageMaker.<Operation>``: the SageMaker API as botocore speaks it (JSON 1.1).
   Each request is validated against botocore's own service model and each answer shaped by it
   (local_sagemaker.protocol); errors come back as SageMaker's (ValidationException, ResourceInUse, ...).
-- ``POST /endpoints/{EndpointName}/invocations``: InvokeEndpoint (local_sagemaker.runtime).
 - ``GET /ping``: 200 once the endpoints the records name serve again after a start, 503 until then.
+- On the runtime port, ``POST /endpoints/{EndpointName}/invocations``: InvokeEndpoint (local_sagemaker.runtime),
+  as AWS keeps it on a host of its own (``runtime.sagemaker``).
 
 The handlers run in a thread pool: they read and write records and start threads for the long work (jobs,
 fleets), and the event loop stays free for the runtime's requests.
 
-    python -m local_sagemaker --state-dir DIR [--host 127.0.0.1] [--port 8090] [--cpus N] [--metrics-interval S]
+    python -m local_sagemaker --state-dir DIR [--host 127.0.0.1] [--port 8090] [--runtime-port 8091] [--cpus N]
+        [--metrics-interval S]
 
 S3, CloudWatch and CloudWatch Logs are reached through boto3's standard environment (``AWS_ENDPOINT_URL``).
 """
@@ -23,19 +25,21 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from local_sagemaker import protocol
 from local_sagemaker.endpoints import Endpoints
 from local_sagemaker.experiments import Experiments
 from local_sagemaker.models import Models
-from local_sagemaker.runtime import Router, add_routes
+from local_sagemaker.runtime import Router, Runtime
 from local_sagemaker.store import Store
 from local_sagemaker.training import TrainingJobs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8090
+DEFAULT_RUNTIME_PORT = 8091
 DEFAULT_REGION = "us-east-1"
 ACCOUNT = "000000000000"  # the account id of every local ARN
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # far above any control-plane request; InvokeEndpoint checks its own 6 MB
@@ -88,7 +92,9 @@ class Service:
         self.endpoints.shutdown()
 
 
-def create_app(service: Service) -> web.Application:
+def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Application:
+    """The control plane's app; the runtime's server starts and stops with it, in the same event loop (the
+    routes it follows are the service's)."""
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sagemaker-api")
     implemented = frozenset(service.operations)
 
@@ -115,15 +121,17 @@ def create_app(service: Service) -> web.Application:
         return web.json_response({"status": "Healthy" if ready else "Recovering"}, status=200 if ready else 503)
 
     async def lifecycle(app: web.Application):
+        runtime = Runtime(service.router, ACCOUNT)
+        await runtime.start(runtime_host, runtime_port)
         service.start()
         yield
+        await runtime.close()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app.router.add_post("/", control_plane)
     app.router.add_get("/ping", ping)
-    add_routes(app, service.router, ACCOUNT, DEFAULT_REGION)
     app.cleanup_ctx.append(lifecycle)
     return app
 
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m local_sagemaker", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, required=True, help="where the records, jobs and logs are kept")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the control plane's port")
+    parser.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT, help="InvokeEndpoint's port")
     parser.add_argument("--cpus", type=int, default=0, help="cores for training jobs and servers (0: all)")
     parser.add_argument("--metrics-interval", type=float, default=10.0,
                         help="seconds between an endpoint server's CloudWatch puts")  # fmt: skip
@@ -141,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = Service(args.state_dir, cpus=args.cpus or len(os.sched_getaffinity(0)),
                       metrics_interval=args.metrics_interval, region=args.region)  # fmt: skip
-    log.info("Local SageMaker service on http://%s:%d, state in %s", args.host, args.port, args.state_dir)
-    web.run_app(create_app(service), host=args.host, port=args.port, access_log=None, print=None,
+    log.info("Local SageMaker service on http://%s:%d, its runtime on http://%s:%d, state in %s", args.host,
+             args.port, args.host, args.runtime_port, args.state_dir)  # fmt: skip
+    # uvloop: the runtime's raw protocols spend their time in the event loop and the transports, where uvloop
+    # halves the service's CPU per invocation (bench/results/endpoint.json).
+    web.run_app(create_app(service, args.host, args.runtime_port), loop=uvloop.new_event_loop(), host=args.host, port=args.port, access_log=None, print=None,
                 shutdown_timeout=5)  # fmt: skip

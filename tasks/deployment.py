@@ -194,9 +194,9 @@ def deploy(
     else:
         log.info("Endpoint %s serves config %s already", endpoint_name, config_name)
     # Also when an earlier try's request is still under way. Raises on Failed, with SageMaker's reason.
-    described = hook.check_status(endpoint_name, "EndpointStatus", hook.describe_endpoint, check_interval,
-                                  non_terminal_states=hook.endpoint_non_terminal_states)  # fmt: skip
-    if described["EndpointConfigName"] != config_name:  # a failed update: SageMaker went back to the old config
+    described = wait_deployed(hook, endpoint_name, config_name, check_interval, _deploy_timeout(update))
+    if described["EndpointConfigName"] != config_name and not baking(described, config_name):
+        # a failed update: SageMaker went back to the old config
         raise RolledBack(
             f"endpoint {endpoint_name} serves config {described['EndpointConfigName']}, not {config_name}: "
             f"{described.get('FailureReason') or 'the update did not take'}"
@@ -211,4 +211,45 @@ def deploy(
         "previous_endpoint_config_name": previous_endpoint_config_name,
         "created": previous_endpoint_config_name is None,
         "deployment_config": update,
+        # All traffic on the new model while the old fleet is kept under the alarms: the check runs now.
+        "baking": baking(described, config_name),
     }
+
+
+def baking(described: Mapping, config_name: str) -> bool:
+    """Whether DescribeEndpoint shows ``config_name`` taking all traffic in its bake (the old fleet still kept)."""
+    pending = described.get("PendingDeploymentSummary") or {}
+    statuses = [status["Status"] for variant in pending.get("ProductionVariants", [])
+                for status in variant.get("VariantStatus", [])]  # fmt: skip
+    return (
+        described["EndpointStatus"] == "Updating"
+        and pending.get("EndpointConfigName") == config_name
+        and bool(statuses)
+        and all(status == "Baking" for status in statuses)
+    )
+
+
+def _deploy_timeout(update: Mapping | None) -> float:
+    if update is None:  # CreateEndpoint
+        return MAX_UPDATE_SECONDS * 3
+    return update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"] + MAX_UPDATE_SECONDS
+
+
+def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: float, timeout: float) -> dict:
+    """Poll the endpoint until it settles (InService, on whichever config) or ``config_name`` bakes with all the
+    traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        described = hook.describe_endpoint(endpoint_name)
+        status = described["EndpointStatus"]
+        if status == "InService" or baking(described, config_name):
+            return described
+        if status in ("Failed", "OutOfService", "Deleting"):
+            raise RuntimeError(
+                f"endpoint {endpoint_name} is {status}: {described.get('FailureReason', 'no reason given')}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"endpoint {endpoint_name} still {status} after {timeout:.0f} s")
+        time.sleep(check_interval)

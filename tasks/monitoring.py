@@ -1,22 +1,25 @@
 """The monitoring check after a deployment: smoke load, CloudWatch metrics, then champion and alarms, or rollback.
 
-1. Once the endpoint is InService, send held-out MNIST test images through the real client (boto3
+1. While the new model bakes (an update: all traffic on it, the old fleet kept under the endpoint's alarms), or
+   once a new endpoint is InService, send held-out MNIST test images through the real client (boto3
    `sagemaker-runtime` `invoke_endpoint`, wherever the AWS connection points) and measure live accuracy, errors
    and latency percentiles from the load itself.
 2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
    invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
    local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
-3. Pass: record the new champion and create or update the endpoint's alarms (5XX errors, p99 model latency).
-   Fail: roll back (the previous endpoint config, or delete the endpoint this deployment created) and fail the
-   task, without retries, naming every failed threshold with its observed value.
+3. Pass: wait for the bake to end (an alarm may still roll the update back), then record the new champion and
+   create or update the endpoint's alarms (5XX errors, p99 model latency).
+   Fail: roll back and fail the task, without retries, naming every failed threshold with its observed value.
+   During the bake, setting the update's rollback alarm to ALARM makes SageMaker itself switch back to the old
+   fleet, still running (the way to stop a blue/green update); after it, UpdateEndpoint back to the previous
+   config, or DeleteEndpoint when this deployment created the endpoint.
 
 `deployment` is what the deploy step returns (tasks.deployment.deploy): endpoint_name, endpoint_config_name,
-model_data_url, previous_endpoint_config_name, created.
+model_data_url, previous_endpoint_config_name, created, deployment_config, baking.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -276,11 +279,9 @@ def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15)
     Returns ``{"action": "restored" | "deleted" | "none", "endpoint_name", "endpoint_config_name"}``.
     """
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
     from tasks.gate import serving_endpoint_config
 
-    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    hook = _sagemaker(config)
     serving = serving_endpoint_config(config, name)
     previous = deployment.get("previous_endpoint_config_name")
     if serving != failed:
@@ -304,22 +305,63 @@ def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15)
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
-def wait_in_service(config: PipelineConfig, endpoint_name: str, timeout: float = 1800.0, delay: int = 15) -> str:
-    """Wait until the endpoint is InService; returns its status (Failed and such end the wait at once)."""
+def _sagemaker(config: PipelineConfig):
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-    from botocore.exceptions import WaiterError
 
-    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
-    with contextlib.suppress(WaiterError):  # the status below says why
-        hook.conn.get_waiter("endpoint_in_service").wait(
-            EndpointName=endpoint_name, WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout // delay))}
-        )
-    return hook.describe_endpoint(endpoint_name)["EndpointStatus"]
+    return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+
+
+def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
+    """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
+    hook = _sagemaker(config)
+    deadline = time.monotonic() + timeout
+    while True:
+        described = hook.describe_endpoint(endpoint_name)
+        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "SystemUpdating"):
+            return described
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"endpoint {endpoint_name} still {described['EndpointStatus']} after {timeout:.0f} s")
+        time.sleep(delay)
+
+
+def ready_for_check(config: PipelineConfig, deployment: dict) -> str | None:
+    """Why the endpoint cannot be checked now (None: it serves the deployment's config, baking or InService)."""
+    from tasks.deployment import baking
+
+    described = _sagemaker(config).describe_endpoint(deployment["endpoint_name"])
+    if baking(described, deployment["endpoint_config_name"]):
+        return None
+    if described["EndpointStatus"] != "InService":
+        return f"endpoint status {described['EndpointStatus']} (not InService)"
+    if described["EndpointConfigName"] != deployment["endpoint_config_name"]:
+        return (f"the endpoint serves {described['EndpointConfigName']}, not {deployment['endpoint_config_name']}: "
+                f"{described.get('FailureReason') or 'the update was undone'}")  # fmt: skip
+    return None
+
+
+def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: float, delay: float) -> dict | None:
+    """Roll back an update still baking by setting its rollback alarm to ALARM, as an operator stops a blue/green
+    update on SageMaker; returns the rollback's outcome, or None when the update was no longer under way."""
+    from tasks.deployment import baking
+
+    name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
+    alarms = ((deployment.get("deployment_config") or {}).get("AutoRollbackConfiguration") or {}).get("Alarms")
+    if not alarms or not baking(_sagemaker(config).describe_endpoint(name), failed):
+        return None
+    _cloudwatch(config).set_alarm_state(AlarmName=alarms[0]["AlarmName"], StateValue="ALARM",
+                                        StateReason=reason[:1023])  # fmt: skip
+    log.info("Alarm %s set to ALARM: endpoint %s rolls back from %s", alarms[0]["AlarmName"], name, failed)
+    described = wait_settled(config, name, timeout, delay)
+    if described["EndpointConfigName"] == failed:  # the bake ended first: the update had completed
+        return None
+    return {"action": "restored", "endpoint_name": name, "endpoint_config_name": described["EndpointConfigName"],
+            "by": f"alarm {alarms[0]['AlarmName']}"}  # fmt: skip
 
 
 def _rollback_outcome(undone: dict) -> str:
     return {
-        "restored": f"rolled back to endpoint config {undone['endpoint_config_name']}, which serves again",
+        "restored": f"rolled back to endpoint config {undone['endpoint_config_name']}, which serves again"
+        + (f" (the update stopped by its {undone['by']})" if undone.get("by") else ""),
         "deleted": "the endpoint, which this deployment created, was deleted",
         "none": f"nothing to roll back: the endpoint serves {undone['endpoint_config_name']}",
     }[undone["action"]]
@@ -338,20 +380,21 @@ def check_endpoint(
     poll_interval: float = METRICS_POLL_SECONDS,
     check_interval: int = 15,
     alarm_actions: list[str] | None = None,
+    settle_timeout: float = 3600.0,
 ) -> dict:
     """The monitoring check of a fresh deployment (module docstring). ``test_data``: a directory or S3 prefix with
     the MNIST test files; ``test_accuracy``: the deployed model's, recorded with it when it becomes the champion.
 
     Returns the check's figures (small, for the report); raises MonitoringCheckFailed after rolling back.
+    ``settle_timeout`` bounds each wait for the endpoint to finish an update or a rollback.
     """
     from tasks.gate import record_champion
 
     thresholds = thresholds or Thresholds()
     name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
     result = {"endpoint_name": name, "endpoint_config_name": config_name, "thresholds": dataclasses.asdict(thresholds)}
-    status = wait_in_service(config, name, delay=check_interval)
-    if status != "InService":
-        failures, load, metrics = [f"endpoint status {status} (not InService)"], None, None
+    if not_ready := ready_for_check(config, deployment):
+        failures, load, metrics = [not_ready], None, None
     else:
         images, labels = load_test_images(config, test_data, samples)
         client = runtime_client(config, max_connections=concurrency)
@@ -360,12 +403,19 @@ def check_endpoint(
         metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
         log.info("CloudWatch figures of endpoint %s: %s", name, metrics)
         failures = evaluate(load, metrics, thresholds, test_accuracy)
+        if not failures and deployment.get("baking"):
+            log.info("Endpoint %s passed its check while baking: waiting for the bake to end", name)
+            described = wait_settled(config, name, settle_timeout, check_interval)
+            if described["EndpointConfigName"] != config_name:
+                failures = [f"the update rolled back during its bake: {described.get('FailureReason', '')}"]
     result.update(load=load, cloudwatch=metrics, failures=failures, passed=not failures)
 
     if failures:
         verdict = f"Monitoring check of endpoint {name} (config {config_name}) failed: {'; '.join(failures)}"
         try:
-            undone = rollback(config, deployment, check_interval)
+            undone = stop_update(config, deployment, verdict, settle_timeout, check_interval) or rollback(
+                config, deployment, check_interval
+            )
         except Exception as error:
             result["rollback"] = {"action": "failed", "error": str(error)}
             raise MonitoringCheckFailed(

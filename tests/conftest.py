@@ -50,22 +50,36 @@ def local_aws():
 
 
 @pytest.fixture(scope="session")
-def local_sagemaker(local_aws):
+def local_sagemaker_service(local_aws):
     """The local SageMaker service on 127.0.0.1, backed by the session's local AWS; from here on the `aws_default`
-    connection sends `sagemaker` and `sagemaker-runtime` to it, as the local stack's does. Yields its URL."""
+    connection sends `sagemaker` and `sagemaker-runtime` to it, as the local stack's does. Yields its
+    ``launch.Started`` (process record, control-plane URL, runtime URL)."""
     from cli.local_aws import LOCAL_CREDENTIALS, connection_uri
     from local_sagemaker import launch
 
-    record, url = launch.start(
+    started = launch.start(
         _SESSION_HOME / "sagemaker", local_aws, credentials=LOCAL_CREDENTIALS, cpus=2, metrics_interval=1
     )
     try:
-        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=url)
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=started.url,
+                                                                runtime_endpoint=started.runtime_url)  # fmt: skip
         # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
         os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"
-        yield url
+        yield started
     finally:  # it stops its model servers too
-        launch.stop(record)
+        launch.stop(started.record)
+
+
+@pytest.fixture(scope="session")
+def local_sagemaker(local_sagemaker_service) -> str:
+    """The local SageMaker service's control-plane URL (boto3's `sagemaker` client)."""
+    return local_sagemaker_service.url
+
+
+@pytest.fixture(scope="session")
+def local_sagemaker_runtime(local_sagemaker_service) -> str:
+    """The local SageMaker service's runtime URL (boto3's `sagemaker-runtime` client)."""
+    return local_sagemaker_service.runtime_url
 
 
 @pytest.fixture(scope="session")

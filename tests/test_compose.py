@@ -82,6 +82,12 @@ def test_services_and_health_checks(services):
     assert not [key for key in sagemaker["environment"] if key.startswith("AIRFLOW")]
     assert sagemaker["entrypoint"] == ["python", "-m", "local_sagemaker"]
     assert services["local-aws"]["environment"]["MOTO_DISABLE_GLOBAL_CORS"] == "true"
+    # The local AWS keeps its state in a volume of its own: moto's recording, replayed at start.
+    local_aws = services["local-aws"]
+    assert local_aws["entrypoint"] == ["python", "-m", "cli.local_aws"]
+    state_file = local_aws["command"][local_aws["command"].index("--state-file") + 1]
+    assert any(state_file.startswith(f"{target}/") for target, source in mounts(local_aws).items()
+               if not source.startswith("/")), mounts(local_aws)  # fmt: skip
 
 
 def test_airflow_wiring(services):
@@ -102,9 +108,11 @@ def test_airflow_wiring(services):
     assert connection.conn_type == "aws"
     assert endpoint.hostname == "local-aws"
     assert endpoint.port in {target for _, target in ports(services["local-aws"])}
-    for service in ("sagemaker", "sagemaker-runtime"):
+    command = services["local-sagemaker"]["command"]
+    ports_of = {"sagemaker": "--port", "sagemaker-runtime": "--runtime-port"}
+    for service, option in ports_of.items():
         sagemaker = urlsplit(connection.extra_dejson["service_config"][service]["endpoint_url"])
-        assert (sagemaker.hostname, sagemaker.port) == ("local-sagemaker", 8090)
+        assert (sagemaker.hostname, sagemaker.port) == ("local-sagemaker", int(command[command.index(option) + 1]))
     assert "MNIST_PIPELINE_BACKEND" not in env
 
     # The project is mounted and the DAGs folder is the mounted checkout's dags/.

@@ -22,6 +22,7 @@ from tasks.deployment import (
     sagemaker_deploy_requests,
     wanted,
 )
+from tasks.monitoring import wait_settled
 from tests.endpoint_helpers import model_artifacts, pack
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
@@ -99,6 +100,7 @@ def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, loca
         "previous_endpoint_config_name": None,
         "created": True,
         "deployment_config": None,  # a new endpoint has no traffic to shift
+        "baking": False,
     }
     # A retry: SageMaker refuses to create a model or an endpoint config twice, and the deploy finds them.
     again = deploy(_best(run, artifacts["good"]), first_try, endpoint_name=endpoint, run_id=run, config=config,
@@ -126,14 +128,21 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
     config = load_config()
     served = deploy(_best(first, artifacts["good"]), {"serving_endpoint_config_name": None}, endpoint_name=endpoint,
                     run_id=first, config=config, check_interval=1)  # fmt: skip
-    traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 1}
+    traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 3}
     thresholds = {"max_5xx_errors": 0, "max_p99_latency_ms": 5000}
     updated = deploy(_best(second, artifacts["shuffled"]), {"serving_endpoint_config_name": served["endpoint_config_name"]},
                      endpoint_name=endpoint, run_id=second, config=config, check_interval=1, traffic=traffic,
                      alarm_thresholds=thresholds)  # fmt: skip
     assert updated["created"] is False and updated["previous_endpoint_config_name"] == served["endpoint_config_name"]
+    # It returns once the new model takes all the traffic, in its bake (the monitoring check runs then).
+    assert updated["baking"] is True
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    described = sagemaker.describe_endpoint(EndpointName=endpoint)
+    baking = sagemaker.describe_endpoint(EndpointName=endpoint)
+    assert baking["EndpointStatus"] == "Updating"
+    pending = baking["PendingDeploymentSummary"]
+    assert pending["EndpointConfigName"] == updated["endpoint_config_name"]
+    assert [status["Status"] for status in pending["ProductionVariants"][0]["VariantStatus"]] == ["Baking"]
+    described = wait_settled(config, endpoint, timeout=60, delay=0.2)
     assert (described["EndpointStatus"], described["EndpointConfigName"]) == (
         "InService",
         updated["endpoint_config_name"],

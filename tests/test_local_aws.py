@@ -237,3 +237,39 @@ def test_cross_origin_requests_get_no_cors_headers(local_aws_without_state, meth
     response.read()
     connection.close()
     assert not [name for name, _ in response.getheaders() if name.lower().startswith("access-control-")]
+
+
+def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
+    """`python -m cli.local_aws`, as docker-compose runs it: in the foreground, stopped by SIGTERM, started again."""
+    import signal
+    import subprocess
+    import sys
+
+    from local_sagemaker.processes import free_port
+
+    port, state_file, ready = free_port(), tmp_path / "volume" / "local-aws.jsonl", tmp_path / "ready"
+    url = f"http://127.0.0.1:{port}"
+
+    def serve() -> subprocess.Popen:
+        """Started, and ready as the compose health check sees it: answering, with its state back."""
+        process = subprocess.Popen([sys.executable, "-m", "cli.local_aws", "--port", str(port), "--state-file",
+                                    str(state_file), "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the local AWS did not become ready"
+            time.sleep(0.1)
+        return process
+
+    process = serve()
+    try:
+        s3(url).create_bucket(Bucket=BUCKET)
+        put_verified(s3(url), "champion.json", b'{"accuracy": 0.99}')
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert not ready.exists()
+        process = serve()
+        assert stored(s3(url)) == {"champion.json": b'{"accuracy": 0.99}'}
+    finally:
+        process.kill()
+        process.wait()

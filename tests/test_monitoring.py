@@ -51,12 +51,13 @@ def sagemaker(local_sagemaker):
     return boto3.client("sagemaker", endpoint_url=local_sagemaker)
 
 
-def serve(config, endpoint: str, model_data_url: str, previous: str | None = None) -> dict:
-    """What the DAG's deploy task does: the model under a run of its own, created or updated on ``endpoint``."""
+def serve(config, endpoint: str, model_data_url: str, previous: str | None = None, bake_seconds: int = 0) -> dict:
+    """What the DAG's deploy task does: the model under a run of its own, created or updated on ``endpoint``
+    (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
     run = f"run-{uuid.uuid4().hex[:8]}"
     best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": model_data_url}
     return deploy(best, {"serving_endpoint_config_name": previous}, endpoint_name=endpoint, run_id=run, config=config,
-                  check_interval=1)  # fmt: skip
+                  check_interval=1, traffic={"bake_seconds": bake_seconds})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,18 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     refused = gate(local_config, name, accuracy - 0.02, min_test_accuracy=0.5, tolerance=0.005)
     assert refused["deploy"] is False and refused["serving_endpoint_config_name"] == good["endpoint_config_name"]
 
-    wrong = serve(local_config, name, uploaded["shuffled"], previous=good["endpoint_config_name"])
+    # An update checked while it bakes: the failed check stops it, and the old fleet, kept meanwhile, serves again.
+    wrong = serve(local_config, name, uploaded["shuffled"], previous=good["endpoint_config_name"], bake_seconds=600)
+    assert wrong["baking"] is True
     with pytest.raises(MonitoringCheckFailed) as failed:
         check_endpoint(local_config, wrong, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30})
     message = str(failed.value)
     assert re.search(r"failed: live accuracy 0\.\d{4} < 0\.9000; live accuracy vs test accuracy", message)
-    assert message.endswith(f"Rolled back to endpoint config {good['endpoint_config_name']}, which serves again.")
+    assert message.endswith(f"Rolled back to endpoint config {good['endpoint_config_name']}, which serves again "
+                            f"(the update stopped by its alarm {name}-invocation-5xx-errors).")  # fmt: skip
+    assert failed.value.result["rollback"]["by"] == f"alarm {name}-invocation-5xx-errors"
+    rolled_back = sagemaker.describe_endpoint(EndpointName=name)
+    assert "rolled back" in rolled_back["FailureReason"] and "is in ALARM" in rolled_back["FailureReason"]
 
     # Nothing lost: the previous model answers as before, and it is still the champion.
     assert sagemaker.describe_endpoint(EndpointName=name)["EndpointConfigName"] == good["endpoint_config_name"]
@@ -146,6 +153,18 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     assert rollback(local_config, wrong, check_interval=1) == {
         "action": "none", "endpoint_name": name, "endpoint_config_name": good["endpoint_config_name"],
     }  # fmt: skip
+
+    # A good update passes while it bakes, and becomes the champion once the bake is over.
+    better = serve(local_config, name, uploaded["good"], previous=good["endpoint_config_name"], bake_seconds=4)
+    assert better["baking"] is True
+    passed = check_endpoint(local_config, better, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30})
+    assert passed["passed"] is True
+    described = sagemaker.describe_endpoint(EndpointName=name)
+    assert (described["EndpointStatus"], described["EndpointConfigName"]) == (
+        "InService",
+        better["endpoint_config_name"],
+    )
+    assert read_champion(local_config, name)["endpoint_config_name"] == better["endpoint_config_name"]
     sagemaker.delete_endpoint(EndpointName=name)
 
 

@@ -59,7 +59,9 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
             deployed = run_sweep({**common, **GOOD})
             # min_test_accuracy 0: the champion, not the floor, is what refuses the model.
             refused = run_sweep({**common, **BAD, "min_test_accuracy": 0.0})
-            let_through = {**common, **BAD, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "smoke_requests": 50}
+            # A long bake: the check runs inside it, and its failure stops the update there.
+            let_through = {**common, **BAD, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "smoke_requests": 50,
+                           "bake_seconds": 600}  # fmt: skip
             rolled_back = run_sweep(let_through)
             yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back}
         finally:
@@ -69,7 +71,7 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
 
 
 def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(
-    local_runs, local_aws, local_sagemaker, small_mnist
+    local_runs, local_aws, local_sagemaker, small_mnist, local_sagemaker_runtime
 ):
     from tasks.deployment import endpoint_config_name
     from tasks.gate import read_champion
@@ -114,7 +116,7 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(
     assert deployment["created"] is True and deployment["model_data_url"] == best["model_data_url"]
     assert deployment["endpoint_config_name"] == endpoint_config_name(ENDPOINT, run.run_id)
     test = load_mnist(small_mnist)
-    served = served_accuracy(local_sagemaker, deployment, test["test_images"], test["test_labels"])
+    served = served_accuracy(local_sagemaker_runtime, deployment, test["test_images"], test["test_labels"])
     assert served == pytest.approx(best["test_accuracy"], abs=0.011)
     model = sagemaker.describe_model(ModelName=best["training_job_name"])
     assert model["PrimaryContainer"]["ModelDataUrl"] == best["model_data_url"]
@@ -168,7 +170,7 @@ def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(l
 
 
 def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_answers(
-    local_runs, small_mnist, local_sagemaker
+    local_runs, small_mnist, local_sagemaker, local_sagemaker_runtime
 ):
     from tasks.deployment import endpoint_config_name
     from tasks.gate import read_champion
@@ -188,8 +190,10 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     [check] = xcoms(run.run_id, "monitor")
     assert check["passed"] is False
     assert re.match(r"live accuracy 0\.\d{4} < 0\.9000$", check["failures"][0]), check["failures"]
+    # Stopped in its bake: its rollback alarm set to ALARM, the old fleet (kept meanwhile) took the traffic back.
     assert check["rollback"] == {"action": "restored", "endpoint_name": ENDPOINT,
-                                 "endpoint_config_name": good["endpoint_config_name"]}  # fmt: skip
+                                 "endpoint_config_name": good["endpoint_config_name"],
+                                 "by": f"alarm {ENDPOINT}-invocation-5xx-errors"}  # fmt: skip
     report = report_text(run.run_id)
     assert "**failed its monitoring check** and was rolled back (restored)" in report
     assert f"- failed: {check['failures'][0]}" in report
@@ -198,6 +202,6 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     assert serving_config(local_sagemaker) == good["endpoint_config_name"]
     test = load_mnist(small_mnist)
     [best] = xcoms(first.run_id, "select_best")
-    served = served_accuracy(local_sagemaker, good, test["test_images"], test["test_labels"])
+    served = served_accuracy(local_sagemaker_runtime, good, test["test_images"], test["test_labels"])
     assert served == pytest.approx(best["test_accuracy"], abs=0.011)
     assert read_champion(local_runs["config"], ENDPOINT)["endpoint_config_name"] == good["endpoint_config_name"]

@@ -4,6 +4,7 @@ shifting guarded by alarms, failures that leave the old config serving, and a re
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -114,7 +115,9 @@ def server_pids(sagemaker_url: str, endpoint: str) -> set[int]:
     }  # fmt: skip
 
 
-def test_create_serves_then_blue_green_under_load_loses_no_request(sagemaker, local_sagemaker, body):
+def test_create_serves_then_blue_green_under_load_loses_no_request(
+    sagemaker, local_sagemaker, body, local_sagemaker_runtime
+):
     sagemaker.create_endpoint(EndpointName="digits", EndpointConfigName="config-good")
     assert sagemaker.describe_endpoint(EndpointName="digits")["EndpointStatus"] == "Creating"
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="digits", WaiterConfig={"Delay": 1})
@@ -122,10 +125,10 @@ def test_create_serves_then_blue_green_under_load_loses_no_request(sagemaker, lo
     assert described["EndpointConfigName"] == "config-good"
     assert described["ProductionVariants"][0]["CurrentInstanceCount"] == 1
     assert "digits" in {e["EndpointName"] for e in sagemaker.list_endpoints(StatusEquals="InService")["Endpoints"]}
-    answer_good = probabilities(runtime(local_sagemaker), "digits", body)
+    answer_good = probabilities(runtime(local_sagemaker_runtime), "digits", body)
     old_servers = server_pids(local_sagemaker, "digits")
 
-    with Load(local_sagemaker, "digits", body) as load:
+    with Load(local_sagemaker_runtime, "digits", body) as load:
         time.sleep(0.5)
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-shuffled")
         assert sagemaker.describe_endpoint(EndpointName="digits")["EndpointStatus"] == "Updating"
@@ -142,17 +145,21 @@ def test_create_serves_then_blue_green_under_load_loses_no_request(sagemaker, lo
     assert not any(psutil.pid_exists(pid) for pid in old_servers)  # the old fleet stopped once drained
 
 
-def test_an_update_that_cannot_come_up_leaves_the_old_config_serving(sagemaker, local_sagemaker, body):
+def test_an_update_that_cannot_come_up_leaves_the_old_config_serving(
+    sagemaker, local_sagemaker, body, local_sagemaker_runtime
+):
     before = settled(sagemaker, "digits")
-    answer = probabilities(runtime(local_sagemaker), "digits", body)
+    answer = probabilities(runtime(local_sagemaker_runtime), "digits", body)
     sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-broken")
     after = settled(sagemaker, "digits")
     assert after["EndpointStatus"] == "InService" and after["EndpointConfigName"] == before["EndpointConfigName"]
     assert "config-broken" in after["FailureReason"] and "not a readable tar.gz archive" in after["FailureReason"]
-    assert probabilities(runtime(local_sagemaker), "digits", body) == answer
+    assert probabilities(runtime(local_sagemaker_runtime), "digits", body) == answer
 
 
-def test_a_canary_whose_alarm_fires_rolls_back_by_itself(sagemaker, local_sagemaker, local_aws, body):
+def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
+    sagemaker, local_sagemaker, local_aws, body, local_sagemaker_runtime
+):
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
     cloudwatch.put_metric_alarm(
         AlarmName="digits-5xx", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors", Statistic="Sum",
@@ -168,7 +175,7 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(sagemaker, local_sagema
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-5xx"}]},
     }  # fmt: skip
-    with Load(local_sagemaker, "digits", body) as load:
+    with Load(local_sagemaker_runtime, "digits", body) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-raising", DeploymentConfig=canary)
         described = settled(sagemaker, "digits")
     assert described["EndpointConfigName"] == serving
@@ -178,10 +185,12 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(sagemaker, local_sagema
     [alarm] = cloudwatch.describe_alarms(AlarmNames=["digits-5xx"])["MetricAlarms"]
     assert alarm["StateValue"] == "ALARM"
     # Back on the old fleet alone: every request succeeds again.
-    assert probabilities(runtime(local_sagemaker), "digits", body)
+    assert probabilities(runtime(local_sagemaker_runtime), "digits", body)
 
 
-def test_a_linear_shift_whose_alarm_stays_quiet_completes(sagemaker, local_sagemaker, local_aws, body):
+def test_a_linear_shift_whose_alarm_stays_quiet_completes(
+    sagemaker, local_sagemaker, local_aws, body, local_sagemaker_runtime
+):
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
     cloudwatch.put_metric_alarm(
         AlarmName="digits-latency", Namespace="AWS/SageMaker", MetricName="ModelLatency", ExtendedStatistic="p99",
@@ -196,7 +205,7 @@ def test_a_linear_shift_whose_alarm_stays_quiet_completes(sagemaker, local_sagem
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-latency"}]},
     }  # fmt: skip
-    with Load(local_sagemaker, "digits", body, clients=2) as load:
+    with Load(local_sagemaker_runtime, "digits", body, clients=2) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-good", DeploymentConfig=linear)
         described = settled(sagemaker, "digits")
     assert load.failures == []
@@ -204,7 +213,7 @@ def test_a_linear_shift_whose_alarm_stays_quiet_completes(sagemaker, local_sagem
     assert described["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "LINEAR"
 
 
-def test_errors_are_sagemakers(sagemaker, local_sagemaker, body):
+def test_errors_are_sagemakers(sagemaker, local_sagemaker, body, local_sagemaker_runtime):
     for call, kwargs, message in (
         (sagemaker.describe_endpoint, {"EndpointName": "absent"}, 'Could not find endpoint "arn:aws:sagemaker:'),
         (sagemaker.describe_model, {"ModelName": "absent"}, 'Could not find model "arn:aws:sagemaker:'),
@@ -218,11 +227,13 @@ def test_errors_are_sagemakers(sagemaker, local_sagemaker, body):
         assert caught.value.response["Error"]["Code"] == "ValidationException"
         assert message in caught.value.response["Error"]["Message"]
     with pytest.raises(ClientError) as caught:
-        runtime(local_sagemaker).invoke_endpoint(EndpointName="absent", Body=body, ContentType="application/json")
+        runtime(local_sagemaker_runtime).invoke_endpoint(
+            EndpointName="absent", Body=body, ContentType="application/json"
+        )
     assert caught.value.response["Error"]["Code"] == "ValidationError"
 
 
-def test_delete_stops_the_servers(sagemaker, local_sagemaker, body):
+def test_delete_stops_the_servers(sagemaker, local_sagemaker, body, local_sagemaker_runtime):
     sagemaker.create_endpoint(EndpointName="short-lived", EndpointConfigName="config-good")
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="short-lived", WaiterConfig={"Delay": 1})
     before = server_pids(local_sagemaker, "short-lived")
@@ -231,7 +242,9 @@ def test_delete_stops_the_servers(sagemaker, local_sagemaker, body):
     assert len(before) == 1 and not any(psutil.pid_exists(pid) for pid in before)
     assert server_pids(local_sagemaker, "short-lived") == set()
     with pytest.raises(ClientError, match="Endpoint short-lived of account"):
-        runtime(local_sagemaker).invoke_endpoint(EndpointName="short-lived", Body=body, ContentType="application/json")
+        runtime(local_sagemaker_runtime).invoke_endpoint(
+            EndpointName="short-lived", Body=body, ContentType="application/json"
+        )
 
 
 def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagemaker, body, tmp_path):
@@ -242,8 +255,8 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
     def start():
         return launch.start(tmp_path / "state", local_aws, credentials=LOCAL_CREDENTIALS, cpus=1, metrics_interval=1)
 
-    record, url = start()
-    client = boto3.client("sagemaker", endpoint_url=url)
+    started = start()
+    client = boto3.client("sagemaker", endpoint_url=started.url)
     try:
         client.create_model(ModelName="kept", ExecutionRoleArn=ROLE, PrimaryContainer={
             "Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"})  # fmt: skip
@@ -251,37 +264,128 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
             {"VariantName": "AllTraffic", "ModelName": "kept", "InitialInstanceCount": 1}])  # fmt: skip
         client.create_endpoint(EndpointName="kept", EndpointConfigName="kept")
         client.get_waiter("endpoint_in_service").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
-        answer = probabilities(runtime(url), "kept", body)
+        answer = probabilities(runtime(started.runtime_url), "kept", body)
 
-        launch.stop(record)  # a clean stop stops the model servers; the next start starts them again
-        record, url = start()
-        client = boto3.client("sagemaker", endpoint_url=url)
+        launch.stop(started.record)  # a clean stop stops the model servers; the next start starts them again
+        started = start()
+        client = boto3.client("sagemaker", endpoint_url=started.url)
         assert client.describe_endpoint(EndpointName="kept")["EndpointStatus"] == "InService"
-        assert probabilities(runtime(url), "kept", body) == answer
+        assert probabilities(runtime(started.runtime_url), "kept", body) == answer
         assert client.describe_model(ModelName="kept")["PrimaryContainer"]["ModelDataUrl"].endswith("good/model.tar.gz")
 
-        servers = server_pids(url, "kept")
-        processes.live(record).kill()  # a crash leaves the servers running: the next start adopts them
-        psutil.wait_procs([psutil.Process(record["pid"])], timeout=10)
-        record, url = start()
-        assert server_pids(url, "kept") == set() and all(psutil.pid_exists(pid) for pid in servers)
-        assert probabilities(runtime(url), "kept", body) == answer
-        client = boto3.client("sagemaker", endpoint_url=url)
+        servers = server_pids(started.url, "kept")
+        processes.live(started.record).kill()  # a crash leaves the servers running: the next start adopts them
+        psutil.wait_procs([psutil.Process(started.record["pid"])], timeout=10)
+        started = start()
+        assert server_pids(started.url, "kept") == set() and all(psutil.pid_exists(pid) for pid in servers)
+        assert probabilities(runtime(started.runtime_url), "kept", body) == answer
+        client = boto3.client("sagemaker", endpoint_url=started.url)
         client.delete_endpoint(EndpointName="kept")
         client.get_waiter("endpoint_deleted").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
         assert not any(psutil.pid_exists(pid) for pid in servers)
     finally:
-        launch.stop(record)
+        launch.stop(started.record)
 
 
-def test_large_bodies_arrive_whole_and_too_large_ones_are_refused(sagemaker, local_sagemaker, small_mnist):
+def test_large_bodies_arrive_whole_and_too_large_ones_are_refused(
+    sagemaker, local_sagemaker, small_mnist, local_sagemaker_runtime
+):
     """A body of many TCP segments is forwarded whole; over InvokeEndpoint's 6 MB it is refused before the model."""
     images = load_mnist(small_mnist)["test_images"]
     batch = json.dumps({"instances": np.concatenate([images] * 10).tolist()}).encode()  # 1,000 images, ~2.5 MB
-    client = runtime(local_sagemaker)
+    client = runtime(local_sagemaker_runtime)
     reply = client.invoke_endpoint(EndpointName="digits", Body=batch, ContentType="application/json")
     assert len(json.loads(reply["Body"].read())["predictions"]) == 10 * len(images)
     with pytest.raises(ClientError) as caught:
         client.invoke_endpoint(EndpointName="digits", Body=b" " * (6 * 1024 * 1024 + 1), ContentType="application/json")
     assert caught.value.response["Error"]["Code"] == "ValidationError"
     assert "exceeds the maximum of 6291456 bytes" in caught.value.response["Error"]["Message"]
+
+
+class Raw:
+    """A raw HTTP/1.1 connection to the runtime: what a client that is not boto3 may send."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        while len(self.buffer) < int(headers["content-length"]):
+            self._read()
+        size = int(headers["content-length"])
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return int(status_line.split()[1]), headers, body
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def _read(self) -> None:
+        data = self.sock.recv(65536)
+        assert data, "the runtime closed the connection without an answer"
+        self.buffer += data
+
+
+def invocation(name: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST /endpoints/{name}/invocations HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body  # fmt: skip
+
+
+def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker, local_sagemaker_runtime, body):
+    """Pipelined requests are answered in order; a bad request gets a 4xx naming what is wrong, a malformed one
+    closes its connection, and the runtime serves on."""
+    raw = Raw(local_sagemaker_runtime)
+    raw.send(invocation("digits", body) * 3)  # pipelined: three answers, in order, on one connection
+    for _ in range(3):
+        status, headers, answer = raw.reply()
+        assert status == 200 and headers["x-amzn-invoked-production-variant"] == "AllTraffic"
+        assert len(json.loads(answer)["predictions"]) == 1 and headers["x-amzn-requestid"]
+
+    # Over 6 MB by its declared length: refused, and the connection still serves the next request.
+    raw.send(invocation("digits", b" " * (6 * 1024 * 1024 + 1)))
+    status, headers, answer = raw.reply()
+    assert (status, headers["x-amzn-errortype"]) == (413, "ValidationError:")
+    assert "exceeds the maximum of 6291456 bytes" in json.loads(answer)["message"]
+    raw.send(invocation("digits", body))
+    assert raw.reply()[0] == 200
+
+    # Chunked past the limit: refused as soon as it passes it.
+    chunk = b" " * (1024 * 1024)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(7)) + b"0\r\n\r\n"
+    raw.send(b"POST /endpoints/digits/invocations HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    assert raw.reply()[0] == 413
+
+    for request, status, code, message in (
+        (invocation("no_such!name", body), 400, "ValidationError", "failed to satisfy constraint"),
+        (invocation("absent", body), 400, "ValidationError", "Endpoint absent of account"),
+        (b"GET /endpoints/digits/invocations HTTP/1.1\r\nHost: runtime\r\n\r\n", 404, "UnknownOperationException",
+         "POST /endpoints/{EndpointName}/invocations"),
+        (invocation("digits", body, "X-Amzn-SageMaker-Target-Variant: Absent\r\n"), 400, "ValidationError",
+         "Variant Absent not found for endpoint digits"),
+    ):  # fmt: skip
+        raw.send(request)
+        answered, headers, answer = raw.reply()
+        assert (answered, headers["x-amzn-errortype"]) == (status, f"{code}:"), answer
+        assert message in json.loads(answer)["message"]
+
+    raw.send(b"POST /endpoints/digits/invocations HTTP/1.1\r\nContent-Length: x\r\n\r\n")  # malformed
+    status, headers, answer = raw.reply()
+    assert status == 400 and "Malformed HTTP request" in json.loads(answer)["message"]
+    assert raw.closed()
+
+    closing = Raw(local_sagemaker_runtime)  # Connection: close is honoured
+    closing.send(invocation("digits", body, "Connection: close\r\n"))
+    assert closing.reply()[0] == 200 and closing.closed()
+    assert probabilities(runtime(local_sagemaker_runtime), "digits", body)  # and the runtime serves on

@@ -48,7 +48,8 @@ def test_up_prints_the_ui_and_a_working_login(stack):
     extra = json.loads(stack.state["connection"])["extra"]
     assert extra["endpoint_url"] == stack.state["aws_endpoint"]
     assert extra["service_config"] == {
-        service: {"endpoint_url": stack.state["sagemaker_endpoint"]} for service in ("sagemaker", "sagemaker-runtime")
+        "sagemaker": {"endpoint_url": stack.state["sagemaker_endpoint"]},
+        "sagemaker-runtime": {"endpoint_url": stack.state["sagemaker_runtime_endpoint"]},
     }
 
 
@@ -59,7 +60,8 @@ def test_everything_listens_on_loopback_only(stack):
         for conn in process.net_connections(kind="inet")
         if conn.status == psutil.CONN_LISTEN
     ]
-    urls = {stack.url, stack.state["aws_endpoint"], stack.state["sagemaker_endpoint"]}
+    urls = {stack.url, stack.state["aws_endpoint"], stack.state["sagemaker_endpoint"],
+            stack.state["sagemaker_runtime_endpoint"]}  # fmt: skip
     assert {f"http://{addr.ip}:{addr.port}" for addr in listening} >= urls
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
