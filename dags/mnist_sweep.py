@@ -33,20 +33,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 from airflow.sdk import Param, chain, dag, task
 from airflow.sdk.configuration import conf
 
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT
+from tasks.training_operator import TrainingOperator
 
 SECTION_SWEEP, SECTION_RESOURCES, SECTION_DATA = "Sweep", "Resources (SageMaker)", "Data and deployment"
 SECTION_GATE, SECTION_CHECK = "Gate", "Monitoring check"
 # Seconds between status polls of SageMaker jobs and endpoints (the local stack polls every 2).
 SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
-# Stream each job's CloudWatch log into its task's log. The provider then asks for the job's status only every 30 s
-# whatever the interval above, which a job of seconds waits out: runs of seconds-long jobs may turn it off.
+# Stream each job's CloudWatch log into its task's log (TrainingOperator: the provider's, reading the job's status
+# every interval above while it does, not every 30 s).
 PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fallback=True)
 # The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
 # metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
@@ -383,7 +383,7 @@ def mnist_sweep():
     requests = training_requests(settings, dataset_uri)
     aws = {"aws_conn_id": settings["aws_conn_id"], "region_name": settings["region"]}
 
-    train = SageMakerTrainingOperator.partial(
+    train = TrainingOperator.partial(
         task_id="train",
         **aws,
         print_log=PRINT_TRAINING_LOG,

@@ -64,8 +64,9 @@ class JobFailed(Exception):
 
 
 class Cores:
-    """The machine's cores, handed to jobs first come, first served. A job takes its share of what is free among
-    the jobs waiting with it, and at least one core per instance (capped at the machine)."""
+    """The machine's cores, handed to jobs first come, first served. A job joins the queue when it is created and
+    takes its share of what is free among the jobs queued with it (a burst of jobs created together gets one core
+    each, not all to the first), and at least one core per instance (capped at the machine)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -73,10 +74,21 @@ class Cores:
         self.waiting: list[str] = []
         self.condition = threading.Condition()
 
+    def join(self, name: str) -> None:
+        with self.condition:
+            if name not in self.waiting:
+                self.waiting.append(name)
+
+    def leave(self, name: str) -> None:
+        with self.condition:
+            if name in self.waiting:
+                self.waiting.remove(name)
+                self.condition.notify_all()
+
     def acquire(self, name: str, minimum: int, stopped: threading.Event) -> int:
         minimum = min(max(1, minimum), self.total)
+        self.join(name)
         with self.condition:
-            self.waiting.append(name)
             try:
                 while not (self.waiting[0] == name and self.free >= minimum):
                     if stopped.is_set():
@@ -376,6 +388,7 @@ class TrainingJobs:
         record = self.store.get(KIND, name)
         ml_dir = self.jobs_dir / name
         cores = 0
+        self.cores.join(name)  # queued from the start: the jobs created with it count for its share
         try:
             shutil.rmtree(ml_dir, ignore_errors=True)
             running.stop.wait(STARTING_SECONDS)
@@ -413,6 +426,7 @@ class TrainingJobs:
             log.exception("Training job %s failed", name)
             self._finish(name, "Failed", "Failed", f"InternalServerError: {type(error).__name__}: {error}")
         finally:
+            self.cores.leave(name)  # a job stopped or failed before it got its cores
             if cores:
                 self.cores.release(cores)
             # The channel copies are the bulk of a job directory and S3 keeps the originals; the rest stays.

@@ -19,8 +19,6 @@ def parse_dag():
     with pytest.MonkeyPatch.context() as patch:
         # Local jobs and endpoints take seconds: poll every second, not every 30 (read when the file is parsed).
         patch.setenv("AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL", "1")
-        # The jobs here take seconds: the provider's log streaming would check their status only every 30 s.
-        patch.setenv("AIRFLOW__MNIST_PIPELINE__PRINT_TRAINING_LOG", "False")
         # Long enough for the check of a small model to run inside it, short enough for the runs that pass.
         patch.setenv("AIRFLOW__MNIST_PIPELINE__BAKE_SECONDS", "10")
         bag = DagBag(str(DAG_FILE.parent))

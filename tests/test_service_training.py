@@ -6,6 +6,7 @@ directories) and misbehave on purpose; the real train.py runs on two hosts below
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import tarfile
@@ -267,3 +268,21 @@ def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
     event = asyncio.run(first_event())
     assert event.payload == {"status": "success", "job_name": "svc-deferred"}
     assert train.execute_complete({}, event.payload)["Training"]["TrainingJobStatus"] == "Completed"
+
+
+def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, capfd):
+    """print_log on: the job's own log lines reach the task's log, and the task sees the end of the job at the next
+    check_interval, not at the provider's fixed 30 s (tasks.training_operator)."""
+    from tasks.training_operator import TrainingOperator
+
+    train = TrainingOperator(
+        task_id="train", config=request("svc-logged"), check_interval=1, print_log=True,
+        aws_conn_id="aws_default", region_name="us-east-1",
+    )  # fmt: skip
+    result = train.execute({})
+    described = clients[0].describe_training_job(TrainingJobName="svc-logged")
+    assert result["Training"]["TrainingJobStatus"] == "Completed"
+    noticed = datetime.datetime.now(datetime.UTC) - described["TrainingEndTime"]
+    assert noticed < datetime.timedelta(seconds=10), noticed  # the provider alone: up to 30 s more
+    printed = "".join(capfd.readouterr())  # the task's log, as Airflow's logging writes it here
+    assert "Test Accuracy: 97.14%" in printed, printed[-2000:]  # the training script's own line
