@@ -73,8 +73,9 @@ def main() -> None:
                 interpolation=v2.InterpolationMode.BILINEAR,
                 fill=BACKGROUND,
             ),
-            v2.RandomErasing(p=settings.cutout_probability, scale=(cutout_area, cutout_area), ratio=(1, 1),
-                             value=BACKGROUND),  # fmt: skip
+            v2.RandomErasing(
+                p=settings.cutout_probability, scale=(cutout_area, cutout_area), ratio=(1, 1), value=BACKGROUND
+            ),
         ]
     )
     results["torchvision_per_image"] = images_per_second(
@@ -85,8 +86,13 @@ def main() -> None:
         "images_per_second": results,
         "project_vs_torchvision_per_image": round(results["project"] / results["torchvision_per_image"], 2),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-        "settings": {"batch": BATCH, "batches": args.batches, "repeats": args.repeats, "threads": 1,
-                     "statistic": "median images/s over the repeats"},  # fmt: skip
+        "settings": {
+            "batch": BATCH,
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "threads": 1,
+            "statistic": "median images/s over the repeats",
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

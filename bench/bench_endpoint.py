@@ -38,9 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server, wait_for_http  # noqa: E402
+from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server  # noqa: E402
 from inference.artifact import add_code  # noqa: E402
-from local_sagemaker.processes import free_port  # noqa: E402
+from local_sagemaker.processes import free_port, wait_for_http  # noqa: E402
 
 TARGETS = {"c8_rps": 3500, "c8_p99_ms": 10.0, "batch1000_ms": 50.0}
 RUNTIME_TARGETS = {"c8_rps": 5000, "c8_p99_ms": 10.0, "c8_share_of_project": 0.5}

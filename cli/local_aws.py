@@ -22,13 +22,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import defaultdict, deque
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from local_sagemaker import processes
 from local_sagemaker.processes import free_port
 
 log = logging.getLogger(__name__)
@@ -53,25 +53,6 @@ main()
 _UPLOAD_ID = re.compile(rb"<UploadId>([^<]+)</UploadId>")
 
 
-def wait_for_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers (any HTTP status), the process dies, or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(
-                    f"process {process.args!r} exited with {process.returncode} before {url} answered"
-                ) from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
-            time.sleep(0.1)
-
-
 def start_moto_server(
     host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None, state_file: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
@@ -90,17 +71,11 @@ def start_moto_server(
         # Recording stays off until the replay is done, or it would append the replayed requests to the file.
         env.pop("MOTO_ENABLE_RECORDING", None)
         env["MOTO_RECORDER_FILEPATH"] = str(state_file)
-    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        [sys.executable, "-c", _MOTO_SERVER, "-H", host, "-p", str(port)],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    process, _ = processes.spawn([sys.executable, "-c", _MOTO_SERVER, "-H", host, "-p", str(port)], env=env,
+                                 log_path=log_path)  # fmt: skip
     endpoint_url = f"http://{host}:{port}"
     try:
-        wait_for_http(f"{endpoint_url}/moto-api/", process=process)
+        processes.wait_for_http(f"{endpoint_url}/moto-api/", process=process)
         if state_file is not None:
             if state_file.exists():
                 _replay(state_file, host, port)

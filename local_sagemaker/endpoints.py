@@ -326,7 +326,9 @@ class Endpoints:
             self.router.set(name, self._targets(old, 1 - share) + self._targets(new, share))
             last = index == len(steps) - 1
             hold = policy.get("TerminationWaitInSeconds", 0) if last else wait
-            self._set_local(name, pending={**new, "stage": "Baking" if last else "ActivatingTraffic", "stage_at": now()})
+            self._set_local(
+                name, pending={**new, "stage": "Baking" if last else "ActivatingTraffic", "stage_at": now()}
+            )
             log.info("Endpoint %s: %.0f%% of traffic on config %s for %s s", name, 100 * share, new["config"], hold)
             if reason := self._bake(name, urls, watched, hold, deadline, since):
                 return reason

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -136,6 +137,25 @@ def healthy(url: str) -> bool:
             return answer.status == 200
     except OSError:
         return False
+
+
+def wait_for_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any HTTP status), the process dies, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"process {process.args!r} exited with {process.returncode} before {url} answered"
+                ) from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.1)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

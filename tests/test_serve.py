@@ -27,10 +27,9 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 
-from cli.local_aws import wait_for_http
 from inference.artifact import ArtifactError, prepare_model_dir, safe_extract
 from inference.serve import Endpoint, server_command
-from local_sagemaker.processes import free_port
+from local_sagemaker.processes import free_port, wait_for_http
 from tests.conftest import ROOT
 from tests.endpoint_helpers import server_env
 
