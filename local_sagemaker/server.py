@@ -32,6 +32,7 @@ from local_sagemaker import protocol
 from local_sagemaker.endpoints import Endpoints
 from local_sagemaker.experiments import Experiments
 from local_sagemaker.models import Models
+from local_sagemaker.registry import Registry
 from local_sagemaker.runtime import Router, Runtime
 from local_sagemaker.store import Store
 from local_sagemaker.training import TrainingJobs
@@ -54,6 +55,7 @@ class Service:
         self.router = Router()
         self.models = Models(self.store, region, ACCOUNT)
         self.experiments = Experiments(self.store, region, ACCOUNT)
+        self.registry = Registry(self.store, region, ACCOUNT)
         self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT,
                                      on_change=self.experiments.record_training_job)  # fmt: skip
         self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
@@ -82,6 +84,13 @@ class Service:
             "DescribeTrial": lambda p: self.experiments.describe_trial(p["TrialName"]),
             "DescribeTrialComponent": lambda p: self.experiments.describe_trial_component(p["TrialComponentName"]),
             "ListTrialComponents": self.experiments.list_trial_components,
+            "CreateModelPackageGroup": self.registry.create_group,
+            "DescribeModelPackageGroup": lambda p: self.registry.describe_group(p["ModelPackageGroupName"]),
+            "ListModelPackageGroups": self.registry.list_groups,
+            "CreateModelPackage": self.registry.create_package,
+            "DescribeModelPackage": lambda p: self.registry.describe_package(p["ModelPackageName"]),
+            "ListModelPackages": self.registry.list_packages,
+            "UpdateModelPackage": self.registry.update_package,
         }
 
     def start(self) -> None:

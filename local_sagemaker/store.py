@@ -17,7 +17,17 @@ import tempfile
 import threading
 from pathlib import Path
 
-KINDS = ("training-jobs", "models", "endpoint-configs", "endpoints", "experiments", "trials", "trial-components")
+KINDS = (
+    "training-jobs",
+    "models",
+    "endpoint-configs",
+    "endpoints",
+    "experiments",
+    "trials",
+    "trial-components",
+    "model-package-groups",
+    "model-packages",
+)
 
 
 def now() -> datetime.datetime:

@@ -1,30 +1,21 @@
 """`mnist-pipeline predict IMAGE... [--endpoint NAME]`: ask the endpoint which digit each picture shows.
 
-The pictures (PNG or JPEG, any size) go as they are, one request each, through boto3's `sagemaker-runtime`
-`invoke_endpoint`, wherever the AWS connection points: the endpoint's handler converts them the way MNIST was made.
+The pictures (PNG or JPEG, any size) go as they are, one request each, through the users' client module
+(`mnist_client`, boto3's `sagemaker-runtime`) with the AWS connection's runtime client, wherever it points: the
+endpoint's handler converts them the way MNIST was made.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mnist_client import Client, PredictionError, read_picture
 from tasks.config import PipelineConfig, load_config
 from tasks.names import DEFAULT_ENDPOINT
-
-# What the file starts with, not its name, decides the content type.
-MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
 
 class PredictError(RuntimeError):
     pass
-
-
-def content_type(path: Path, body: bytes) -> str:
-    for magic, media_type in MAGIC.items():
-        if body.startswith(magic):
-            return media_type
-    raise PredictError(f"{path} is not a PNG or JPEG image")
 
 
 def runtime_client(config: PipelineConfig, endpoint_name: str):
@@ -50,20 +41,15 @@ def runtime_client(config: PipelineConfig, endpoint_name: str):
 def predict(paths: list[Path], endpoint_name: str = DEFAULT_ENDPOINT, config: PipelineConfig | None = None) -> list:
     """``[{"image", "digit", "confidence"}]`` for each picture, in order. Every file is read and checked first."""
     config = config or load_config()
-    bodies = []
-    for path in paths:
-        try:
-            body = path.read_bytes()
-        except OSError as error:
-            raise PredictError(f"cannot read {path}: {error.strerror}") from None
-        bodies.append((path, body, content_type(path, body)))
-    client = runtime_client(config, endpoint_name)
-    results = []
-    for path, body, media_type in bodies:
-        reply = client.invoke_endpoint(
-            EndpointName=endpoint_name, Body=body, ContentType=media_type, Accept="application/json"
-        )
-        prediction = json.loads(reply["Body"].read())["predictions"][0]
-        digit = int(prediction["label"])
-        results.append({"image": str(path), "digit": digit, "confidence": float(prediction["probabilities"][digit])})
-    return results
+    try:
+        for path in paths:  # every file read and checked before anything is sent
+            read_picture(path)
+    except ValueError as error:
+        raise PredictError(str(error)) from None
+    client = Client(endpoint_name, runtime_client(config, endpoint_name))
+    try:
+        predictions = client.classify(list(paths))
+    except PredictionError as error:
+        raise PredictError(str(error)) from None
+    return [{"image": str(path), "digit": p.label, "confidence": p.confidence}
+            for path, p in zip(paths, predictions, strict=True)]  # fmt: skip

@@ -9,7 +9,7 @@ from tasks.predict import PredictError, predict
 def test_only_pictures_are_sent(tmp_path):
     text = tmp_path / "digit.png"
     text.write_text("not a picture")
-    with pytest.raises(PredictError, match=r"digit\.png is not a PNG or JPEG image"):
+    with pytest.raises(PredictError, match=r"digit\.png is not a PNG or JPEG picture"):
         predict([text], "mnist-classifier", load_config())
     with pytest.raises(PredictError, match=r"cannot read .*missing\.png"):
         predict([tmp_path / "missing.png"], "mnist-classifier", load_config())

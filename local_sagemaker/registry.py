@@ -1,0 +1,160 @@
+"""The model registry: model package groups and their versioned model packages, with approval.
+
+CreateModelPackageGroup, DescribeModelPackageGroup, ListModelPackageGroups; CreateModelPackage (a version in a
+group: InferenceSpecification, ModelMetrics, ModelApprovalStatus, CustomerMetadataProperties, MetadataProperties),
+DescribeModelPackage (by name or ARN), ListModelPackages (by group, approval status, time, name; sorted, paged),
+UpdateModelPackage (approval, its description, customer metadata). Records only, as on SageMaker: a version names
+its artifact and image; serving it is CreateModel's business.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from local_sagemaker.listing import filtered, page
+from local_sagemaker.protocol import ValidationException
+from local_sagemaker.store import Store, now
+
+GROUPS, PACKAGES = "model-package-groups", "model-packages"
+CREATED_BY = {"UserProfileName": "local", "DomainId": "local"}
+# What CreateModelPackage keeps as it was sent (and DescribeModelPackage answers).
+PACKAGE_FIELDS = ("ModelPackageDescription", "InferenceSpecification", "ModelMetrics", "MetadataProperties",
+                  "CustomerMetadataProperties", "Domain", "Task", "SamplePayloadUrl", "SourceUri")  # fmt: skip
+PACKAGE_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[^:]+:\d{12}:model-package/([^/]+)/(\d+)")
+
+
+class Registry:
+    def __init__(self, store: Store, region: str, account: str):
+        self.store, self.region, self.account = store, region, account
+        self._versions = threading.Lock()  # one version number per CreateModelPackage, in order
+
+    def _arn(self, kind: str, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+
+    # -- groups ----------------------------------------------------------------------------------------------------
+
+    def create_group(self, request: dict) -> dict:
+        name = request["ModelPackageGroupName"]
+        with self.store.lock:
+            if self.store.get(GROUPS, name) is not None:
+                raise ValidationException(
+                    f"Model Package Group already exists: {self._arn('model-package-group', name)}"
+                )
+            record = {
+                "ModelPackageGroupName": name,
+                "ModelPackageGroupArn": self._arn("model-package-group", name),
+                "ModelPackageGroupDescription": request.get("ModelPackageGroupDescription"),
+                "CreationTime": now(),
+                "CreatedBy": CREATED_BY,
+                "ModelPackageGroupStatus": "Completed",
+                "Tags": request.get("Tags", []),
+            }
+            self.store.put(GROUPS, name, {k: v for k, v in record.items() if v is not None})
+        return {"ModelPackageGroupArn": record["ModelPackageGroupArn"]}
+
+    def group(self, name: str) -> dict:
+        record = self.store.get(GROUPS, name)
+        if record is None:
+            raise ValidationException(f"ModelPackageGroup {name} does not exist.")
+        return record
+
+    def describe_group(self, name: str) -> dict:
+        record = self.group(name)
+        record.pop("Tags", None)
+        return record
+
+    def list_groups(self, params: dict) -> dict:
+        records = filtered(self.store.items(GROUPS), params, "ModelPackageGroupName")
+        summaries, token = page(records, params, {"Name": "ModelPackageGroupName", "CreationTime": "CreationTime"},
+                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        keys = ("ModelPackageGroupName", "ModelPackageGroupArn", "ModelPackageGroupDescription", "CreationTime",
+                "ModelPackageGroupStatus")  # fmt: skip
+        answer = {"ModelPackageGroupSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
+        return answer | ({"NextToken": token} if token else {})
+
+    # -- versions --------------------------------------------------------------------------------------------------
+
+    def create_package(self, request: dict) -> dict:
+        group_name = request.get("ModelPackageGroupName")
+        if not group_name:
+            raise ValidationException("This local registry keeps versioned model packages: give ModelPackageGroupName")
+        if not request.get("InferenceSpecification"):
+            raise ValidationException("InferenceSpecification is required for a model package version")
+        self.group(group_name)
+        status = request.get("ModelApprovalStatus", "PendingManualApproval")
+        with self._versions, self.store.lock:
+            version = 1 + max((r["ModelPackageVersion"] for r in self._packages(group_name)), default=0)
+            key = f"{group_name}.{version}"  # a group name has no dot
+            created = now()
+            optional = {k: request[k] for k in PACKAGE_FIELDS if k in request}
+            record = {
+                **optional,
+                "ModelPackageName": group_name,
+                "ModelPackageGroupName": group_name,
+                "ModelPackageVersion": version,
+                "ModelPackageArn": self._arn("model-package", f"{group_name}/{version}"),
+                "ModelPackageRegistrationType": "Logged",
+                "CreationTime": created,
+                "LastModifiedTime": created,
+                "ModelPackageStatus": "Completed",
+                "ModelPackageStatusDetails": {"ValidationStatuses": [], "ImageScanStatuses": []},
+                "ModelApprovalStatus": status,
+                "CertifyForMarketplace": False,
+                "CreatedBy": CREATED_BY,
+                "Tags": request.get("Tags", []),
+            }
+            self.store.put(PACKAGES, key, record)
+        return {"ModelPackageArn": record["ModelPackageArn"]}
+
+    def _packages(self, group_name: str | None = None) -> list[dict]:
+        records = self.store.items(PACKAGES)
+        return [r for r in records if group_name is None or r["ModelPackageGroupName"] == group_name]
+
+    def package(self, name_or_arn: str) -> dict:
+        """A version by its ARN (``.../model-package/<group>/<version>``); a bare name is an unversioned package,
+        which this registry does not keep."""
+        match = PACKAGE_ARN.fullmatch(name_or_arn)
+        record = None
+        if match:
+            group = next((r["ModelPackageGroupName"] for r in self.store.items(GROUPS)
+                          if r["ModelPackageGroupName"].lower() == match[1]), None)  # fmt: skip
+            record = self.store.get(PACKAGES, f"{group}.{int(match[2])}") if group else None
+        if record is None:
+            raise ValidationException(f"ModelPackage {name_or_arn} does not exist.")
+        return record
+
+    def describe_package(self, name_or_arn: str) -> dict:
+        record = self.package(name_or_arn)
+        record.pop("Tags", None)
+        return record
+
+    def update_package(self, request: dict) -> dict:
+        with self.store.lock:
+            record = self.package(request["ModelPackageArn"])
+            changes = {k: request[k] for k in ("ModelApprovalStatus", "ApprovalDescription") if k in request}
+            metadata = {**record.get("CustomerMetadataProperties", {}), **request.get("CustomerMetadataProperties", {})}
+            for key in request.get("CustomerMetadataPropertiesToRemove", []):
+                metadata.pop(key, None)
+            if metadata or "CustomerMetadataProperties" in record:
+                changes["CustomerMetadataProperties"] = metadata
+            if not changes:
+                raise ValidationException("UpdateModelPackage: nothing to update")
+            key = f"{record['ModelPackageGroupName']}.{record['ModelPackageVersion']}"
+            self.store.update(PACKAGES, key, **changes, LastModifiedTime=now(), LastModifiedBy=CREATED_BY)
+        return {"ModelPackageArn": record["ModelPackageArn"]}
+
+    def list_packages(self, params: dict) -> dict:
+        if params.get("ModelPackageType") == "Unversioned":
+            records = []
+        else:
+            records = filtered(self._packages(params.get("ModelPackageGroupName")), params, "ModelPackageName")
+        if status := params.get("ModelApprovalStatus"):
+            records = [r for r in records if r["ModelApprovalStatus"] == status]
+        summaries, token = page(records, params, {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
+                                default_sort="CreationTime", default_order="Ascending")  # fmt: skip
+        keys = ("ModelPackageName", "ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn",
+                "ModelPackageDescription", "CreationTime", "ModelPackageStatus", "ModelApprovalStatus",
+                "ModelPackageRegistrationType")  # fmt: skip
+        answer = {"ModelPackageSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
+        return answer | ({"NextToken": token} if token else {})

@@ -1,0 +1,120 @@
+"""The model registry on the local SageMaker service, through boto3: groups, versions, approval, listing."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+
+from local_sagemaker import protocol
+
+GROUP = "registry-digits"
+
+
+def validated(operation: str, answer: dict) -> dict:
+    """``answer`` as botocore parsed it, checked against the operation's output shape (required members, enums)."""
+    protocol.validate_response(operation, {k: v for k, v in answer.items() if k != "ResponseMetadata"})
+    return answer
+
+
+def inference(version: int) -> dict:
+    return {
+        "Containers": [{"Image": "pytorch-inference", "ModelDataUrl": f"s3://bucket/models/v{version}/model.tar.gz"}],
+        "SupportedContentTypes": ["application/json", "application/x-npy"],
+        "SupportedResponseMIMETypes": ["application/json"],
+        "SupportedRealtimeInferenceInstanceTypes": ["ml.m5.large"],
+    }
+
+
+@pytest.fixture(scope="module")
+def sagemaker(local_sagemaker):
+    import boto3
+
+    client = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    client.create_model_package_group(ModelPackageGroupName=GROUP, ModelPackageGroupDescription="MNIST models")
+    return client
+
+
+def test_groups(sagemaker):
+    described = validated(
+        "DescribeModelPackageGroup", sagemaker.describe_model_package_group(ModelPackageGroupName=GROUP)
+    )
+    assert described["ModelPackageGroupArn"].endswith(f":model-package-group/{GROUP}")
+    assert (described["ModelPackageGroupStatus"], described["ModelPackageGroupDescription"]) == (
+        "Completed",
+        "MNIST models",
+    )
+    with pytest.raises(ClientError, match="Model Package Group already exists"):
+        sagemaker.create_model_package_group(ModelPackageGroupName=GROUP)
+    with pytest.raises(ClientError, match="ModelPackageGroup absent does not exist"):
+        sagemaker.describe_model_package_group(ModelPackageGroupName="absent")
+    names = [g["ModelPackageGroupName"] for g in sagemaker.list_model_package_groups(NameContains="registry-")[
+        "ModelPackageGroupSummaryList"]]  # fmt: skip
+    assert names == [GROUP]
+
+
+def test_versions_are_numbered_described_listed_and_approved(sagemaker):
+    arns = []
+    for version, status in ((1, "Approved"), (2, "Rejected"), (3, "PendingManualApproval")):
+        arns.append(sagemaker.create_model_package(
+            ModelPackageGroupName=GROUP, ModelPackageDescription=f"hidden_channels {version * 10}",
+            InferenceSpecification=inference(version), ModelApprovalStatus=status,
+            ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": "application/json",
+                                                          "S3Uri": f"s3://bucket/reports/v{version}.json"}}},
+            CustomerMetadataProperties={"test_accuracy": f"0.9{version}", "run_id": f"run-{version}"},
+        )["ModelPackageArn"])  # fmt: skip
+    assert [arn.rsplit("/", 2)[1:] for arn in arns] == [[GROUP, "1"], [GROUP, "2"], [GROUP, "3"]]
+
+    described = validated("DescribeModelPackage", sagemaker.describe_model_package(ModelPackageName=arns[2]))
+    assert (described["ModelPackageGroupName"], described["ModelPackageVersion"]) == (GROUP, 3)
+    assert (
+        described["ModelApprovalStatus"] == "PendingManualApproval" and described["ModelPackageStatus"] == "Completed"
+    )
+    assert described["InferenceSpecification"]["Containers"][0]["ModelDataUrl"].endswith("v3/model.tar.gz")
+    assert described["CustomerMetadataProperties"] == {"test_accuracy": "0.93", "run_id": "run-3"}
+    assert described["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("v3.json")
+
+    listed = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, SortBy="CreationTime", SortOrder="Descending")
+    assert [p["ModelPackageVersion"] for p in listed["ModelPackageSummaryList"]] == [3, 2, 1]
+    approved = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved")
+    assert [p["ModelPackageArn"] for p in approved["ModelPackageSummaryList"]] == [arns[0]]
+    first = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, MaxResults=2)
+    rest = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, MaxResults=2, NextToken=first["NextToken"])
+    assert [p["ModelPackageVersion"] for p in first["ModelPackageSummaryList"] + rest["ModelPackageSummaryList"]] == [
+        1, 2, 3]  # fmt: skip
+    assert "NextToken" not in rest
+
+    # A person approves version 3 (as `mnist-pipeline approve` or the registry on AWS would).
+    before = described["LastModifiedTime"]
+    sagemaker.update_model_package(
+        ModelPackageArn=arns[2],
+        ModelApprovalStatus="Approved",
+        ApprovalDescription="checked by hand",
+        CustomerMetadataPropertiesToRemove=["run_id"],
+    )
+    updated = sagemaker.describe_model_package(ModelPackageName=arns[2])
+    assert (updated["ModelApprovalStatus"], updated["ApprovalDescription"]) == ("Approved", "checked by hand")
+    assert updated["CustomerMetadataProperties"] == {"test_accuracy": "0.93"} and updated["LastModifiedTime"] >= before
+    approved = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved",
+                                             SortBy="CreationTime", SortOrder="Descending")  # fmt: skip
+    assert [p["ModelPackageVersion"] for p in approved["ModelPackageSummaryList"]] == [3, 1]
+
+
+def test_what_is_wrong_is_named(sagemaker):
+    arn = f"arn:aws:sagemaker:us-east-1:000000000000:model-package/{GROUP}/99"
+    with pytest.raises(ClientError, match=f"ModelPackage {arn} does not exist"):
+        sagemaker.describe_model_package(ModelPackageName=arn)
+    with pytest.raises(ClientError, match="ModelPackageGroup absent does not exist"):
+        sagemaker.create_model_package(ModelPackageGroupName="absent", InferenceSpecification=inference(1))
+    with pytest.raises(ClientError, match="InferenceSpecification is required"):
+        sagemaker.create_model_package(ModelPackageGroupName=GROUP)
+    import boto3
+    from botocore.config import Config
+
+    unchecked = boto3.client("sagemaker", endpoint_url=sagemaker.meta.endpoint_url,
+                             config=Config(parameter_validation=False))  # fmt: skip
+    with pytest.raises(ClientError) as caught:  # the service checks botocore's model: the status is an enum
+        unchecked.update_model_package(ModelPackageArn=arn, ModelApprovalStatus="Maybe")
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert (
+        "failed to satisfy constraint: Member must satisfy enum value set" in caught.value.response["Error"]["Message"]
+    )
