@@ -385,6 +385,8 @@ def mnist_sweep():
 
     train = TrainingOperator.partial(
         task_id="train",
+        # Each sweep member by its value in the UI, from the moment it runs (not map index 0-4).
+        map_index_template="hidden_channels={{ task.config['HyperParameters']['hidden_channels'] }}",
         **aws,
         print_log=PRINT_TRAINING_LOG,
         check_interval=SAGEMAKER_CHECK_INTERVAL,

@@ -81,6 +81,9 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(
     found = states(run)
     assert str(run.state) == "success", found
     assert found["train"] == ["success"] * 2
+    # Each sweep member is named by its value in the UI (map_index_template), not by its map index.
+    names = sorted(ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "train")
+    assert names == ["hidden_channels=16", "hidden_channels=2"]
     assert {task: found[task] for task in ("gate", "choose_deploy", "deploy", "monitor", "report")} == {
         task: ["success"] for task in ("gate", "choose_deploy", "deploy", "monitor", "report")
     }
