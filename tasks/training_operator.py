@@ -1,4 +1,13 @@
-"""The provider's SageMakerTrainingOperator, reading the job's status every ``check_interval`` as it streams the log.
+"""The provider's SageMakerTrainingOperator, made safe to kill and to retry, and reading the job's status every
+``check_interval`` as it streams the log.
+
+- Killed (marked failed, timed out, cleared: Airflow sends the task SIGTERM and calls ``on_kill``), it stops its
+  training job (StopTrainingJob), where the provider's operator has no ``on_kill`` and leaves the job running.
+- A job that ended Stopped fails its task whether or not ``print_log`` is on (without it the provider's wait
+  passes a stopped job on as trained).
+- A retry that finds a job of an earlier try still InProgress, under the task's deterministic name or the
+  provider's timestamped variant of it, waits for that job instead of starting a second one (which would train, and
+  on AWS bill, twice).
 
 With ``print_log`` the provider's hook asks for the job's status at most every 30 s, whatever ``check_interval``
 says: a guard against DescribeTrainingJob throttling on AWS, where jobs take minutes and the interval is 30 s
@@ -9,11 +18,15 @@ provider would with the same interval; everything else is the provider's own cod
 
 from __future__ import annotations
 
+import re
+
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 
 # The provider's pause between DescribeTrainingJob calls while it tails the job's log (hooks/sagemaker.py).
 PROVIDER_DESCRIBE_SECONDS = 30
+# The provider's name for a job whose name is taken: the name, cut to fit, a dash and ten digits of epoch seconds.
+MAX_JOB_NAME, TIMESTAMP_DIGITS = 63, 10
 
 
 class TrainingLogHook(SageMakerHook):
@@ -40,6 +53,57 @@ class TrainingLogHook(SageMakerHook):
 
 
 class TrainingOperator(SageMakerTrainingOperator):
-    """SageMakerTrainingOperator with TrainingLogHook: the same requests, waits and log, without the 30 s lag."""
+    """SageMakerTrainingOperator with TrainingLogHook (no 30 s lag), ``on_kill`` and retries that adopt a running
+    job: the same requests, waits and log otherwise."""
 
     aws_hook_class = TrainingLogHook
+
+    def execute(self, context):
+        running = self.running_job(self.config["TrainingJobName"])
+        if running is None:
+            return self._ended_well(super().execute(context))
+        self.log.info("Training job %s of an earlier try is still InProgress: waiting for it, not starting another",
+                      running)  # fmt: skip
+        self.config["TrainingJobName"] = running  # what on_kill stops, should this try be killed too
+        if self.print_log:
+            self.hook.check_training_status_with_log(running, self.hook.non_terminal_states,
+                                                     self.hook.training_failed_states, True, self.check_interval,
+                                                     self.max_ingestion_time)  # fmt: skip
+        else:
+            self.hook.check_status(running, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
+                                   self.max_ingestion_time)  # fmt: skip
+        return self._ended_well(self.serialize_result(running))
+
+    def _ended_well(self, result: dict) -> dict:
+        # Without print_log the provider's wait counts only Failed as failure: a job Stopped (by StopTrainingJob or
+        # past MaxRuntimeInSeconds) would pass on as a trained model.
+        training = result["Training"]
+        if training["TrainingJobStatus"] in self.hook.training_failed_states:
+            reason = training.get("FailureReason") or training.get("SecondaryStatus", "")
+            raise RuntimeError(f"SageMaker training job {training['TrainingJobName']} ended "
+                               f"{training['TrainingJobStatus']}: {reason}")  # fmt: skip
+        return result
+
+    def running_job(self, name: str) -> str | None:
+        """The InProgress job named ``name``, or as the provider renames it on a collision, if there is one."""
+        renamed = re.compile(re.escape(name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]) + rf"-\d{{{TIMESTAMP_DIGITS}}}")
+        paginator = self.hook.conn.get_paginator("list_training_jobs")
+        for page in paginator.paginate(NameContains=name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1],
+                                       StatusEquals="InProgress"):  # fmt: skip
+            for job in page["TrainingJobSummaries"]:
+                if job["TrainingJobName"] == name or renamed.fullmatch(job["TrainingJobName"]):
+                    return job["TrainingJobName"]
+        return None
+
+    def on_kill(self) -> None:
+        """Stop this task's job: Airflow calls this on SIGTERM, then SIGKILLs the task 5 s later."""
+        from botocore.exceptions import ClientError
+
+        name = self.config.get("TrainingJobName")
+        if not name:
+            return
+        try:
+            self.hook.conn.stop_training_job(TrainingJobName=name)
+            self.log.info("Stopped training job %s: its task was killed", name)
+        except ClientError as error:  # it never started, or it has ended already
+            self.log.info("Training job %s not stopped: %s", name, error.response["Error"]["Message"])

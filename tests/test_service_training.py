@@ -286,3 +286,51 @@ def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, ca
     assert noticed < datetime.timedelta(seconds=10), noticed  # the provider alone: up to 30 s more
     printed = "".join(capfd.readouterr())  # the task's log, as Airflow's logging writes it here
     assert "Test Accuracy: 97.14%" in printed, printed[-2000:]  # the training script's own line
+
+
+def test_a_retry_waits_for_the_job_its_killed_try_left_running(clients):
+    """A try SIGKILLed before its on_kill could run leaves its job InProgress: the retry waits for that job."""
+    from tasks.training_operator import TrainingOperator
+
+    sagemaker = clients[0]
+    sagemaker.create_training_job(**request("svc-adopted"))  # what the killed try started
+    train = TrainingOperator(task_id="train", config=request("svc-adopted"), check_interval=1, print_log=False,
+                             action_if_job_exists="timestamp", aws_conn_id="aws_default", region_name="us-east-1")  # fmt: skip
+    result = train.execute({})
+    assert result["Training"]["TrainingJobName"] == "svc-adopted"
+    assert result["Training"]["TrainingJobStatus"] == "Completed"
+    jobs = sagemaker.list_training_jobs(NameContains="svc-adopted")["TrainingJobSummaries"]
+    assert [job["TrainingJobName"] for job in jobs] == ["svc-adopted"]  # no second job
+
+
+def test_a_killed_training_task_stops_its_job(clients):
+    """Airflow calls on_kill when it kills a task (marked failed, timed out): the job is stopped, not left running."""
+    import threading
+
+    from tasks.training_operator import TrainingOperator
+
+    sagemaker = clients[0]
+    train = TrainingOperator(task_id="train", config=request("svc-killed", mode="hang"), check_interval=1,
+                             print_log=False, aws_conn_id="aws_default", region_name="us-east-1")  # fmt: skip
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(train.execute({}))
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not [job for job in sagemaker.list_training_jobs(NameContains="svc-killed")["TrainingJobSummaries"]
+               if sagemaker.describe_training_job(TrainingJobName=job["TrainingJobName"])["SecondaryStatus"]
+               == "Training"]:  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    train.on_kill()
+    described = wait(sagemaker, "svc-killed", timeout=30)
+    thread.join(timeout=30)
+    assert described["TrainingJobStatus"] == "Stopped"
+    assert outcome and "ended Stopped" in str(outcome[0])  # the task fails: its job did not complete
+    train.on_kill()  # a second kill of an ended job is harmless
