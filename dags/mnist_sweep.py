@@ -88,7 +88,7 @@ PARAMS = {
     "instance_type": Param(
         "ml.m5.xlarge",
         type="string",
-        pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+        pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+(?!\n)$",  # (?!\n): Python's $ would also match before a final newline
         title="Training instance type",
         description="SageMaker instance type per job, e.g. ml.m5.xlarge or ml.g5.xlarge (GPU). Locally: this machine.",
         section=SECTION_RESOURCES,
@@ -120,7 +120,7 @@ PARAMS = {
     "endpoint_name": Param(
         DEFAULT_ENDPOINT,
         type="string",
-        pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
+        pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}(?!\n)$",  # matched whole, a trailing newline too
         title="Endpoint name",
         description="SageMaker endpoint to create or update: letters, digits and hyphens, at most 63.",
         section=SECTION_DATA,

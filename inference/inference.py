@@ -285,7 +285,7 @@ def _json_pixels(body: bytes | str) -> np.ndarray:
         # orjson refuses NaN and Infinity; the stdlib reads them, and _checked_batch names them.
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the stdlib parser goes
             raise InvalidRequest(f"malformed JSON: {exc}") from None
     if not isinstance(document, dict) or "instances" not in document:
         raise InvalidRequest('JSON body must be an object {"instances": [image, ...]}')

@@ -109,6 +109,8 @@ def test_schedule_comes_from_configuration(monkeypatch):
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"instance_type": "m5.xlarge"}, "instance_type"),
         ({"endpoint_name": "bad_name"}, "endpoint_name"),
+        ({"endpoint_name": "mnist-classifier\n"}, "endpoint_name"),  # the pattern is matched whole
+        ({"instance_type": "ml.m5.xlarge\n"}, "instance_type"),
         ({"min_test_accuracy": 97}, "min_test_accuracy"),  # a percentage, not a fraction
         ({"accuracy_tolerance": -0.01}, "accuracy_tolerance"),
         ({"smoke_requests": 0}, "smoke_requests"),

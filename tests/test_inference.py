@@ -239,6 +239,11 @@ def truncated_png() -> bytes:
 ZEROS = [0] * 784
 BAD_REQUESTS = {
     "malformed JSON": ("application/json", b'{"instances": [[1, 2,', "malformed JSON"),
+    "JSON nested 100,000 deep": (
+        "application/json",
+        b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "malformed JSON",
+    ),
     "JSON not an object": ("application/json", b"[[1, 2]]", '{"instances"'),
     "JSON without instances": ("application/json", b'{"images": []}', '{"instances"'),
     "instances not a list": ("application/json", b'{"instances": 5}', "must be a list of images"),

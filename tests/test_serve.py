@@ -130,6 +130,7 @@ def predictions_over_http(url: str, images: np.ndarray) -> list[dict]:
 
 BAD_REQUESTS = [
     ("application/json", b'{"instances": [[1, 2,', 400, "malformed JSON"),
+    ("application/json", b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "malformed JSON"),
     ("application/json", b'{"instances": [[1, 2, 3]]}', 400, "28x28 or 784"),
     ("application/json", b'{"instances": [[NaN' + b", 0" * 783 + b"]]}", 400, "NaN or infinity"),
     ("application/json", json.dumps({"instances": [[300] * 784]}).encode(), 400, "within 0-255"),
