@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,10 +33,54 @@ def compose_config(env_file: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def services() -> dict:
-    result = compose_config(str(ROOT / ".env.example"))
+def env_file(tmp_path_factory) -> str:
+    """.env.example with its secrets filled in, as a user makes .env (python -m cli.compose_secrets --new)."""
+    from cli.compose_secrets import fresh
+
+    values = fresh()
+    lines = [f"{line}{values[line[:-1]]}" if line.endswith("=") and line[:-1] in values else line
+             for line in (ROOT / ".env.example").read_text().splitlines()]  # fmt: skip
+    path = tmp_path_factory.mktemp("compose") / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def services(env_file) -> dict:
+    result = compose_config(env_file)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)["services"]
+
+
+def test_the_example_env_ships_no_secret_and_compose_refuses_it():
+    """.env.example as it is: every secret empty, and compose will not start on it, naming what to set."""
+    secrets = ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY",
+               "AIRFLOW_FERNET_KEY")  # fmt: skip
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))  # fmt: skip
+    assert {name: example[name] for name in secrets} == dict.fromkeys(secrets, "")
+    result = compose_config(str(ROOT / ".env.example"))
+    assert result.returncode != 0 and "in .env" in result.stderr
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_init_service_refuses_weak_secrets(services):
+    """airflow-init checks the secrets first (cli.compose_secrets), in the environment the containers get."""
+    from cli.compose_secrets import problems
+
+    init = services["airflow-init"]
+    assert init["command"][-1].startswith("python -m cli.compose_secrets &&")
+    assert problems(init["environment"]) == []  # the generated ones pass
+    weak = {**init["environment"], "AIRFLOW__API_AUTH__JWT_SECRET": "replace-me-with-a-random-jwt-secret",
+            "AIRFLOW__CORE__FERNET_KEY": "not-a-fernet-key-but-long-enough", "AIRFLOW_ADMIN_PASSWORD": "admin",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:@postgres/airflow"}  # fmt: skip
+    assert problems(weak) == [
+        "AIRFLOW_JWT_SECRET looks like a placeholder ('replace' in it)",
+        "AIRFLOW_ADMIN_PASSWORD is shorter than 16 characters",
+        "POSTGRES_PASSWORD is empty: set it in .env",
+        "AIRFLOW_FERNET_KEY is not a Fernet key (32 url-safe base64-encoded bytes)",
+    ]
 
 
 def mounts(service: dict) -> dict[str, str]:
@@ -123,9 +168,10 @@ def test_airflow_wiring(services):
     assert (ROOT / "dags").is_dir()
 
 
-def test_api_server_login_comes_from_the_environment(services):
+def test_api_server_login_comes_from_the_environment(services, env_file):
     api = services["airflow-apiserver"]
-    assert api["environment"]["AIRFLOW_ADMIN_PASSWORD"] == "admin-local-only"  # from .env.example
+    from_env_file = dict(line.split("=", 1) for line in Path(env_file).read_text().splitlines() if "=" in line)
+    assert api["environment"]["AIRFLOW_ADMIN_PASSWORD"] == from_env_file["AIRFLOW_ADMIN_PASSWORD"]
     assert api["environment"]["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] in " ".join(api["command"])
     assert ports(api) == [("127.0.0.1:8080", 8080)]  # published on the host's loopback only
 
