@@ -39,6 +39,7 @@ from airflow.sdk.configuration import conf
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT
+from tasks.training_jobs import MAX_RUNTIME_SECONDS
 from tasks.training_operator import TrainingOperator
 
 SECTION_SWEEP, SECTION_RESOURCES, SECTION_DATA = "Sweep", "Resources (SageMaker)", "Data and deployment"
@@ -224,6 +225,13 @@ PARAMS.update(
 )
 
 
+# A training job may run MaxRuntimeInSeconds after waiting for its instances; deploy and check wait out traffic
+# shifts and the bake (each at most an hour in the trigger form) with room to spare.
+TRAIN_TIMEOUT = datetime.timedelta(seconds=MAX_RUNTIME_SECONDS) + datetime.timedelta(hours=1)
+DEPLOY_TIMEOUT = CHECK_TIMEOUT = datetime.timedelta(hours=3)
+DAGRUN_TIMEOUT = datetime.timedelta(hours=12)
+
+
 def _schedule() -> str | None:
     from tasks.config import load_config
 
@@ -307,7 +315,7 @@ def choose_deploy(decision: dict, params: dict) -> str | None:
     return "deploy" if wanted(decision, params["deploy"]) else None
 
 
-@task
+@task(execution_timeout=DEPLOY_TIMEOUT)
 def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -323,7 +331,7 @@ def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str
         raise AirflowFailException(str(error)) from error
 
 
-@task
+@task(execution_timeout=CHECK_TIMEOUT)
 def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, params: dict, ti) -> dict:
     from tasks.monitoring import MonitoringCheckFailed, check_endpoint
 
@@ -371,7 +379,15 @@ def report(settings: dict, best: dict | None, validation, decision, deployment, 
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
     catchup=False,
     max_active_runs=1,  # two sweeps must not race on one endpoint
-    default_args={"owner": "mlops", "retries": 2, "retry_delay": datetime.timedelta(minutes=1)},
+    # Every wait has a bound: each task its execution_timeout (30 minutes unless its own is set below), the run its
+    # dagrun_timeout. A timed-out training task stops its job (TrainingOperator.on_kill).
+    default_args={
+        "owner": "mlops",
+        "retries": 2,
+        "retry_delay": datetime.timedelta(minutes=1),
+        "execution_timeout": datetime.timedelta(minutes=30),
+    },
+    dagrun_timeout=DAGRUN_TIMEOUT,
     tags=["mnist", "sagemaker", "training", "sweep"],
     params=PARAMS,
 )
@@ -392,6 +408,7 @@ def mnist_sweep():
         check_interval=SAGEMAKER_CHECK_INTERVAL,
         # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
         action_if_job_exists="timestamp",
+        execution_timeout=TRAIN_TIMEOUT,
     ).expand(config=requests)
     best = select_best(settings, train.output)
 

@@ -58,17 +58,38 @@ class PipelineConfig:
         return self.local_cpus or len(os.sched_getaffinity(0))
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be read as it stands; the message names the setting and what is wrong."""
+
+
 def _airflow_variable() -> dict:
+    """The Variable's settings ({} when it is not set). Unreadable, malformed or naming an unknown key, it is an
+    error: falling back to the defaults could run a deployment meant for AWS on this machine, or the reverse."""
     # Only a process that already runs Airflow (a task, the DAG tests) has Variables to ask; importing Airflow
     # just to look would cost the CLI seconds and reconfigure its logging.
     if "airflow" not in sys.modules:
         return {}
-    try:
-        from airflow.sdk import Variable
+    from airflow.sdk import Variable
 
-        return Variable.get(VARIABLE_NAME, default={}, deserialize_json=True) or {}
-    except Exception:  # outside a task (CLI, tests) there may be no Airflow to ask
+    try:
+        value = Variable.get(VARIABLE_NAME, default=None)
+    except Exception as error:
+        raise ConfigError(
+            f"cannot read the Airflow Variable {VARIABLE_NAME}: {type(error).__name__}: {error}"
+        ) from error
+    if value is None:
         return {}
+    try:
+        settings = json.loads(value) if isinstance(value, str) else value
+    except ValueError as error:
+        raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} is not JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} must be a JSON object of settings, "
+                          f"got {type(settings).__name__}")  # fmt: skip
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(PipelineConfig)})
+    if unknown:
+        raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} names unknown settings: {', '.join(unknown)}")
+    return settings
 
 
 def load_config(**overrides) -> PipelineConfig:
@@ -77,14 +98,16 @@ def load_config(**overrides) -> PipelineConfig:
     values = {}
     variable = None
     for name, field in fields.items():
-        raw = os.environ.get(f"MNIST_PIPELINE_{name.upper()}")
+        source = f"MNIST_PIPELINE_{name.upper()}"
+        raw = os.environ.get(source)
         if raw is None:
             if variable is None:
                 variable = _airflow_variable()
-            if isinstance(variable, str):
-                variable = json.loads(variable)
-            raw = variable.get(name)
+            raw, source = variable.get(name), f"the Airflow Variable {VARIABLE_NAME}'s {name}"
         if raw is not None:
-            values[name] = int(raw) if field.type == "int" else str(raw)
+            try:
+                values[name] = int(raw) if field.type == "int" else str(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source} must be a whole number, got {raw!r}") from None
     values.update(overrides)
     return PipelineConfig(**values)

@@ -12,6 +12,7 @@ Imported by the DAG at parse time: sagemaker and the provider's hooks are import
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
@@ -179,6 +180,8 @@ def deploy(
         hook.create_endpoint_config(requests["endpoint_config"])
 
     serving = serving_endpoint_config(config, endpoint_name)
+    if serving is not None:  # an update still under way (a run that failed mid-way) must end before another starts
+        serving = wait_settled(config, endpoint_name, _deploy_timeout(None), check_interval)["EndpointConfigName"]
     update = None
     if serving is None:
         log.info("Creating endpoint %s with config %s", endpoint_name, config_name)
@@ -238,8 +241,6 @@ def _deploy_timeout(update: Mapping | None) -> float:
 def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: float, timeout: float) -> dict:
     """Poll the endpoint until it settles (InService, on whichever config) or ``config_name`` bakes with all the
     traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         described = hook.describe_endpoint(endpoint_name)
@@ -253,3 +254,18 @@ def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"endpoint {endpoint_name} still {status} after {timeout:.0f} s")
         time.sleep(check_interval)
+
+
+def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
+    """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    deadline = time.monotonic() + timeout
+    while True:
+        described = hook.describe_endpoint(endpoint_name)
+        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "SystemUpdating"):
+            return described
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"endpoint {endpoint_name} still {described['EndpointStatus']} after {timeout:.0f} s")
+        time.sleep(delay)

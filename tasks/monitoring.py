@@ -29,10 +29,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
 from tasks.alarms import put_alarms
 from tasks.config import PipelineConfig
+from tasks.deployment import baking, wait_settled
 from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
 
 log = logging.getLogger(__name__)
@@ -311,23 +312,8 @@ def _sagemaker(config: PipelineConfig):
     return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
 
 
-def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
-    """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
-    hook = _sagemaker(config)
-    deadline = time.monotonic() + timeout
-    while True:
-        described = hook.describe_endpoint(endpoint_name)
-        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "SystemUpdating"):
-            return described
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"endpoint {endpoint_name} still {described['EndpointStatus']} after {timeout:.0f} s")
-        time.sleep(delay)
-
-
 def ready_for_check(config: PipelineConfig, deployment: dict) -> str | None:
     """Why the endpoint cannot be checked now (None: it serves the deployment's config, baking or InService)."""
-    from tasks.deployment import baking
-
     described = _sagemaker(config).describe_endpoint(deployment["endpoint_name"])
     if baking(described, deployment["endpoint_config_name"]):
         return None
@@ -342,8 +328,6 @@ def ready_for_check(config: PipelineConfig, deployment: dict) -> str | None:
 def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: float, delay: float) -> dict | None:
     """Roll back an update still baking by setting its rollback alarm to ALARM, as an operator stops a blue/green
     update on SageMaker; returns the rollback's outcome, or None when the update was no longer under way."""
-    from tasks.deployment import baking
-
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
     alarms = ((deployment.get("deployment_config") or {}).get("AutoRollbackConfiguration") or {}).get("Alarms")
     if not alarms or not baking(_sagemaker(config).describe_endpoint(name), failed):
@@ -393,21 +377,26 @@ def check_endpoint(
     thresholds = thresholds or Thresholds()
     name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
     result = {"endpoint_name": name, "endpoint_config_name": config_name, "thresholds": dataclasses.asdict(thresholds)}
-    if not_ready := ready_for_check(config, deployment):
-        failures, load, metrics = [not_ready], None, None
-    else:
-        images, labels = load_test_images(config, test_data, samples)
-        client = runtime_client(config, max_connections=concurrency)
-        load = smoke_load(client, name, images, labels, concurrency)
-        log.info("Smoke load of endpoint %s: %s", name, load)
-        metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
-        log.info("CloudWatch figures of endpoint %s: %s", name, metrics)
-        failures = evaluate(load, metrics, thresholds, test_accuracy)
-        if not failures and deployment.get("baking"):
-            log.info("Endpoint %s passed its check while baking: waiting for the bake to end", name)
-            described = wait_settled(config, name, settle_timeout, check_interval)
-            if described["EndpointConfigName"] != config_name:
-                failures = [f"the update rolled back during its bake: {described.get('FailureReason', '')}"]
+    load = metrics = None
+    try:
+        if not_ready := ready_for_check(config, deployment):
+            failures = [not_ready]
+        else:
+            images, labels = load_test_images(config, test_data, samples)
+            client = runtime_client(config, max_connections=concurrency)
+            load = smoke_load(client, name, images, labels, concurrency)
+            log.info("Smoke load of endpoint %s: %s", name, load)
+            metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
+            log.info("CloudWatch figures of endpoint %s: %s", name, metrics)
+            failures = evaluate(load, metrics, thresholds, test_accuracy)
+            if not failures and deployment.get("baking"):
+                log.info("Endpoint %s passed its check while baking: waiting for the bake to end", name)
+                described = wait_settled(config, name, settle_timeout, check_interval)
+                if described["EndpointConfigName"] != config_name:
+                    failures = [f"the update rolled back during its bake: {described.get('FailureReason', '')}"]
+    except (Exception, AirflowTaskTimeout) as error:  # an unchecked model does not stay serving, timed out neither
+        log.exception("The monitoring check of endpoint %s could not finish", name)
+        failures = [f"the check could not finish: {type(error).__name__}: {error}"]
     result.update(load=load, cloudwatch=metrics, failures=failures, passed=not failures)
 
     if failures:

@@ -34,6 +34,9 @@ def test_dag_parses_with_its_settings(dag):
     assert dag.doc_md.lstrip().startswith("# MNIST hidden_channels sweep")
     for task in dag.tasks:
         assert task.retries >= 2 and task.retry_delay >= datetime.timedelta(seconds=30), task.task_id
+        assert task.execution_timeout is not None, task.task_id  # every wait has a bound
+    assert dag.dagrun_timeout is not None
+    assert dag.get_task("train").execution_timeout > datetime.timedelta(hours=2)  # the jobs' MaxRuntimeInSeconds
     # Training is the provider's operator, mapped over the requests: the same on AWS and on a laptop.
     train = dag.get_task("train")
     from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator

@@ -20,9 +20,9 @@ from tasks.deployment import (
     deployment_config,
     endpoint_config_name,
     sagemaker_deploy_requests,
+    wait_settled,
     wanted,
 )
-from tasks.monitoring import wait_settled
 from tests.endpoint_helpers import model_artifacts, pack
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")

@@ -1,6 +1,7 @@
 """The shared pieces every layer stands on: IDX files, the configuration and the local AWS."""
 
 import gzip
+import re
 
 import boto3
 import numpy as np
@@ -57,6 +58,36 @@ def test_config_from_environment(monkeypatch):
     assert (config.aws_conn_id, config.cpus, config.s3_root) == ("aws_prod", 3, "s3://b/mnist-sweep")
     with pytest.raises(ValueError, match="bucket must not be empty"):
         load_config(bucket="")
+
+
+def test_the_variable_is_read_and_a_bad_one_is_an_error_naming_it(monkeypatch):
+    """The Airflow Variable `mnist_pipeline` (here by Airflow's own AIRFLOW_VAR_ environment): its settings count;
+    malformed, not an object, naming a setting that does not exist or a bad number, it stops the run, never
+    falling back to the defaults."""
+    import airflow.sdk  # noqa: F401 - load_config asks Airflow only in a process that has it
+
+    from tasks.config import ConfigError
+
+    for key in ("MNIST_PIPELINE_BUCKET", "MNIST_PIPELINE_LOCAL_CPUS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AIRFLOW_VAR_MNIST_PIPELINE", '{"bucket": "from-the-variable", "local_cpus": 5}')
+    config = load_config()
+    assert (config.bucket, config.local_cpus) == ("from-the-variable", 5)
+    monkeypatch.setenv("MNIST_PIPELINE_BUCKET", "from-the-environment")  # the environment wins
+    assert load_config().bucket == "from-the-environment"
+    for value, message in (
+        ('{"bucket": "b",', "the Airflow Variable mnist_pipeline is not JSON"),
+        ('["bucket"]', "must be a JSON object of settings, got list"),
+        ('{"buckett": "typo"}', "names unknown settings: buckett"),
+        ('{"local_cpus": "many"}', "the Airflow Variable mnist_pipeline's local_cpus must be a whole number, got 'many'"),
+    ):  # fmt: skip
+        monkeypatch.setenv("AIRFLOW_VAR_MNIST_PIPELINE", value)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config()
+    monkeypatch.delenv("AIRFLOW_VAR_MNIST_PIPELINE")
+    monkeypatch.setenv("MNIST_PIPELINE_LOCAL_CPUS", "2.5")
+    with pytest.raises(ConfigError, match=re.escape("MNIST_PIPELINE_LOCAL_CPUS must be a whole number, got '2.5'")):
+        load_config()
 
 
 def test_local_aws_is_a_real_s3(local_aws):

@@ -201,3 +201,19 @@ def test_alarms_are_created_then_updated(local_config, local_aws):
         40_000,
     )
     assert latency["Namespace"] == "AWS/SageMaker" and latency["TreatMissingData"] == "notBreaching"
+
+
+def test_a_check_that_cannot_finish_undoes_the_deployment(local_config, uploaded, sagemaker):
+    """Not only a failed threshold: an exception inside the check (here its test images cannot be read) leaves no
+    unchecked model serving; the endpoint this deployment created is deleted."""
+    name = "mon-broken"
+    deployment = serve(local_config, name, uploaded["good"])
+    missing = f"s3://{local_config.bucket}/no-such-test-data"
+    with pytest.raises(MonitoringCheckFailed) as failed:
+        check_endpoint(local_config, deployment, missing, uploaded["test_accuracy"], **CHECK)
+    message = str(failed.value)
+    assert "failed: the check could not finish: " in message
+    assert message.endswith("The endpoint, which this deployment created, was deleted.")
+    assert failed.value.result["passed"] is False and failed.value.result["rollback"]["action"] == "deleted"
+    sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
+    assert read_champion(local_config, name) is None
