@@ -282,10 +282,16 @@ def upload(settings: dict, data_dir: str) -> str:
 
 @task
 def training_requests(settings: dict, dataset_uri: str, params: dict, dag_run) -> list[dict]:
-    from tasks.training_jobs import sweep_requests
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.training_jobs import RequestRefused, sweep_requests
 
     config = _config(settings)
-    return sweep_requests(params, config=config, dag_id=dag_run.dag_id, run_id=dag_run.run_id, dataset_uri=dataset_uri)
+    try:
+        return sweep_requests(params, config=config, dag_id=dag_run.dag_id, run_id=dag_run.run_id,
+                              dataset_uri=dataset_uri)  # fmt: skip
+    except RequestRefused as refused:  # the same params would be refused again: no retry
+        raise AirflowFailException(str(refused)) from refused
 
 
 @task

@@ -39,6 +39,12 @@ class PipelineConfig:
     # machine's), and seconds between its endpoint servers' CloudWatch puts (a burst's end flushes them at once).
     local_cpus: int = 0
     metrics_interval: int = 10
+    # What one trigger-form submission may start: the training instance types (comma-separated) and the instances of
+    # a whole run (hidden_channels values x instance_count), so that a typo cannot start a hundred GPU instances.
+    allowed_instance_types: str = (
+        "ml.m5.large,ml.m5.xlarge,ml.m5.2xlarge,ml.c5.xlarge,ml.c5.2xlarge,ml.g4dn.xlarge,ml.g5.xlarge"
+    )
+    max_instances_per_run: int = 16
 
     def __post_init__(self):
         if not self.bucket:
@@ -52,6 +58,10 @@ class PipelineConfig:
     def expected_counts(self) -> tuple[int, int]:
         train, test = (int(n) for n in self.mnist_expected_counts.split(","))
         return train, test
+
+    @property
+    def instance_types(self) -> tuple[str, ...]:
+        return tuple(kind.strip() for kind in self.allowed_instance_types.split(",") if kind.strip())
 
     @property
     def cpus(self) -> int:

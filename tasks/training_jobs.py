@@ -144,14 +144,32 @@ def build_training_job_request(
     }
 
 
+class RequestRefused(ValueError):
+    """A run's training requests are outside what the configuration allows; the message names the param."""
+
+
+def check_resources(params: Mapping[str, object], config: PipelineConfig) -> None:
+    """Refuse an instance type or a number of instances the configuration does not allow, naming the param."""
+    instance_type, count = str(params["instance_type"]), int(params["instance_count"])
+    if instance_type not in config.instance_types:
+        raise RequestRefused(f"instance_type {instance_type} is not allowed here: one of "
+                             f"{', '.join(config.instance_types)} (the allowed_instance_types setting)")  # fmt: skip
+    total = count * len(params["hidden_channels"])
+    if total > config.max_instances_per_run:
+        raise RequestRefused(f"instance_count {count} x {len(params['hidden_channels'])} hidden_channels values = "
+                             f"{total} instances, over the {config.max_instances_per_run} a run may start "
+                             "(the max_instances_per_run setting)")  # fmt: skip
+
+
 def sweep_requests(
     params: Mapping[str, object], *, config: PipelineConfig, dag_id: str, run_id: str, dataset_uri: str
 ) -> list[dict]:
     """The requests of a sweep run: one per ``params["hidden_channels"]`` value, in that order.
 
-    Uploads the training code first, and makes sure the experiment and trial exist (SageMaker only associates a
-    job with existing ones).
+    Checks the resources against the configuration, uploads the training code, and makes sure the experiment and
+    trial exist (SageMaker only associates a job with existing ones).
     """
+    check_resources(params, config)
     sourcedir_uri = upload_sourcedir(config)
     experiment_name = sagemaker_name(dag_id, max_length=120)
     trial_name = sagemaker_name(run_id, max_length=120, unique_by=run_id)

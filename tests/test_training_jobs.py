@@ -199,3 +199,19 @@ def test_metric_definitions_parse_the_seed_log_lines():
     }
     values = {d["Name"]: re.search(d["Regex"], lines[d["Name"]]).group(1) for d in METRIC_DEFINITIONS}
     assert values == {"train:loss": "1.617049", "test:loss": "0.0912", "test:accuracy": "97.14"}
+
+
+def test_resources_outside_the_configuration_are_refused_naming_the_param(tmp_path):
+    """One form submission cannot start instances the administrator did not allow, nor too many of them."""
+    from tasks.training_jobs import RequestRefused
+
+    config = load_config(state_dir=str(tmp_path), allowed_instance_types="ml.m5.xlarge, ml.g5.xlarge",
+                         max_instances_per_run=8)  # fmt: skip
+    for changes, message in (
+        ({"instance_type": "ml.p4d.24xlarge"}, "instance_type ml.p4d.24xlarge is not allowed here: one of ml.m5.xlarge, "
+                                               "ml.g5.xlarge (the allowed_instance_types setting)"),
+        ({"instance_count": 5}, "instance_count 5 x 2 hidden_channels values = 10 instances, over the 8 a run may "
+                                "start (the max_instances_per_run setting)"),
+    ):  # fmt: skip
+        with pytest.raises(RequestRefused, match=re.escape(message)):
+            sweep_requests({**PARAMS, **changes}, config=config, dag_id="d", run_id=RUN_ID, dataset_uri="s3://b/d/")
