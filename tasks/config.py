@@ -45,6 +45,11 @@ class PipelineConfig:
         "ml.m5.large,ml.m5.xlarge,ml.m5.2xlarge,ml.c5.xlarge,ml.c5.2xlarge,ml.g4dn.xlarge,ml.g5.xlarge"
     )
     max_instances_per_run: int = 16
+    # On AWS, optionally: the KMS key for training outputs and volumes, and the VPC to train in (comma-separated
+    # subnet and security group ids; both or neither).
+    kms_key_id: str = ""
+    subnets: str = ""
+    security_group_ids: str = ""
 
     def __post_init__(self):
         if not self.bucket:
@@ -62,6 +67,14 @@ class PipelineConfig:
     @property
     def instance_types(self) -> tuple[str, ...]:
         return tuple(kind.strip() for kind in self.allowed_instance_types.split(",") if kind.strip())
+
+    @property
+    def vpc_subnets(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.subnets.split(",") if part.strip())
+
+    @property
+    def vpc_security_groups(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.security_group_ids.split(",") if part.strip())
 
     @property
     def cpus(self) -> int:

@@ -18,7 +18,7 @@ import io
 import logging
 import re
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tasks.config import PipelineConfig
@@ -84,6 +84,10 @@ def training_image_uri(region: str, instance_type: str) -> str:
     return pytorch_image_uri(region, instance_type, scope="training")
 
 
+class RequestRefused(ValueError):
+    """A run's training requests are outside what the configuration allows; the message names the param."""
+
+
 def build_training_job_request(
     *,
     job_name: str,
@@ -99,13 +103,20 @@ def build_training_job_request(
     trial_name: str,
     tags: Mapping[str, str],
     max_runtime_seconds: int = MAX_RUNTIME_SECONDS,
+    kms_key_id: str = "",
+    subnets: Sequence[str] = (),
+    security_group_ids: Sequence[str] = (),
 ) -> dict:
     """The CreateTrainingJob request for one job (SageMaker script mode, PyTorch framework image).
 
     Hyperparameter values become strings (the API takes nothing else); the container passes them to
-    `sagemaker_program` as `--key value`, and downloads and unpacks `sagemaker_submit_directory` first.
+    `sagemaker_program` as `--key value`, and downloads and unpacks `sagemaker_submit_directory` first. With
+    ``kms_key_id`` the outputs and the instances' volumes are encrypted with that key; with ``subnets`` and
+    ``security_group_ids`` the job runs in that VPC, without internet access (the data and code come from S3).
     """
-    return {
+    if bool(subnets) != bool(security_group_ids):
+        raise RequestRefused("a VPC needs both subnets and security_group_ids (the settings of the same names)")
+    request = {
         "TrainingJobName": job_name,
         "AlgorithmSpecification": {
             "TrainingImage": training_image_uri(region, instance_type),
@@ -142,10 +153,13 @@ def build_training_job_request(
         "ExperimentConfig": {"ExperimentName": experiment_name, "TrialName": trial_name},
         "Tags": [{"Key": key, "Value": str(value)} for key, value in tags.items()],
     }
-
-
-class RequestRefused(ValueError):
-    """A run's training requests are outside what the configuration allows; the message names the param."""
+    if kms_key_id:
+        request["OutputDataConfig"]["KmsKeyId"] = kms_key_id
+        request["ResourceConfig"]["VolumeKmsKeyId"] = kms_key_id
+    if subnets:
+        request["VpcConfig"] = {"Subnets": list(subnets), "SecurityGroupIds": list(security_group_ids)}
+        request["EnableNetworkIsolation"] = True
+    return request
 
 
 def check_resources(params: Mapping[str, object], config: PipelineConfig) -> None:
@@ -189,6 +203,9 @@ def sweep_requests(
             experiment_name=experiment_name,
             trial_name=trial_name,
             tags={"project": "mnist-pipeline", "dag_id": dag_id, "run_id": run_id, "hidden_channels": hidden_channels},
+            kms_key_id=config.kms_key_id,
+            subnets=config.vpc_subnets,
+            security_group_ids=config.vpc_security_groups,
         )
         for hidden_channels in params["hidden_channels"]
     ]

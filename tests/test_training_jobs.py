@@ -215,3 +215,21 @@ def test_resources_outside_the_configuration_are_refused_naming_the_param(tmp_pa
     ):  # fmt: skip
         with pytest.raises(RequestRefused, match=re.escape(message)):
             sweep_requests({**PARAMS, **changes}, config=config, dag_id="d", run_id=RUN_ID, dataset_uri="s3://b/d/")
+
+
+def test_kms_and_vpc_are_optional_settings_of_the_request():
+    """On AWS a training job may take a KMS key for its outputs and volumes, and a VPC (both subnets and groups)."""
+    from tasks.training_jobs import RequestRefused
+
+    plain = request()
+    assert "VpcConfig" not in plain and "KmsKeyId" not in plain["OutputDataConfig"]
+    key = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    built = request(kms_key_id=key, subnets=["subnet-0a1b2c3d"], security_group_ids=["sg-0a1b2c3d"])
+    assert built["OutputDataConfig"]["KmsKeyId"] == built["ResourceConfig"]["VolumeKmsKeyId"] == key
+    assert built["VpcConfig"] == {"Subnets": ["subnet-0a1b2c3d"], "SecurityGroupIds": ["sg-0a1b2c3d"]}
+    assert built["EnableNetworkIsolation"] is True
+    validate_parameters(built, SAGEMAKER.operation_model("CreateTrainingJob").input_shape)
+    with pytest.raises(RequestRefused, match="a VPC needs both subnets and security_group_ids"):
+        request(subnets=["subnet-0a1b2c3d"])
+    config = load_config(kms_key_id=key, subnets="subnet-1, subnet-2", security_group_ids="sg-1")
+    assert (config.vpc_subnets, config.vpc_security_groups) == (("subnet-1", "subnet-2"), ("sg-1",))
