@@ -7,10 +7,15 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import re
 import threading
 from pathlib import PurePosixPath
 
 _lock = threading.Lock()
+# A content-addressed key names its content's SHA-256 as one of its parts: `.../code/<sha256>/sourcedir.tar.gz`,
+# `.../datasets/mnist/<sha256>/` (the SHA-256 of the dataset's manifest).
+_ADDRESS = re.compile(r"(?:^|/)([0-9a-f]{64})(?:/|$)")
+MANIFEST = "SHA256SUMS"  # a content-addressed dataset's `sha256sum` listing of its files
 
 
 @functools.cache
@@ -58,3 +63,29 @@ def put_verified(bucket: str, key: str, body: bytes) -> None:
     if stored != sha256:
         s3.delete_object(Bucket=bucket, Key=key)
         raise OSError(f"s3://{bucket}/{key}: stored SHA-256 {stored} is not the body's {sha256}; removed")
+
+
+def content_address(uri: str) -> str | None:
+    """The SHA-256 that ``uri``'s key names (its last 64-hex part), or None for a key that names none."""
+    found = _ADDRESS.findall(uri.removeprefix("s3://").partition("/")[2])
+    return found[-1] if found else None
+
+
+def check_digest(body: bytes, expected: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``body``'s SHA-256 is ``expected`` (hex)."""
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{what} does not match the SHA-256 it is known by: expected {expected}, got {actual}")
+
+
+def read_manifest(body: bytes, what: str) -> dict[str, str]:
+    """``sha256sum`` lines → {relative name: hex digest}; ValueError naming ``what`` for a malformed line."""
+    listed = {}
+    for number, line in enumerate(body.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
+        if not match:
+            raise ValueError(f"{what}: line {number} is not `<sha256>  <name>`")
+        listed[match[2]] = match[1]
+    return listed

@@ -398,9 +398,12 @@ class TrainingJobs:
             hyperparameters = record["HyperParameters"]
             uri = hyperparameters["sagemaker_submit_directory"]
             try:
-                unpack(self._get(uri, "sagemaker_submit_directory"), ml_dir / "code", uri)
-            except ArchiveError as error:
-                raise JobFailed(f"ClientError: {error}") from None
+                code = self._get(uri, "sagemaker_submit_directory")
+                if address := aws.content_address(uri):  # code is run only as the key that names it says
+                    aws.check_digest(code, address, f"sagemaker_submit_directory {uri}")
+                unpack(code, ml_dir / "code", uri)
+            except (ArchiveError, ValueError) as error:
+                raise JobFailed(f"ClientError: {error}: refused") from None
             channels = {
                 channel["ChannelName"]: self._download_channel(channel, ml_dir / "input" / "data" / channel["ChannelName"])
                 for channel in record.get("InputDataConfig", [])
@@ -448,10 +451,16 @@ class TrainingJobs:
 
     @staticmethod
     def _download_channel(channel: Mapping, target: Path) -> Path:
-        """Every object under an S3Prefix channel's prefix, into ``target``, keeping relative paths."""
+        """Every object under an S3Prefix channel's prefix, into ``target``, keeping relative paths.
+
+        A prefix with a manifest (SHA256SUMS) yields only the files it lists, each checked against its SHA-256, and
+        the manifest itself checked against the SHA-256 the prefix is named by, if it is: nothing planted beside a
+        dataset, or in place of one of its files, reaches the training script.
+        """
         source = channel["DataSource"].get("S3DataSource")
+        name = channel["ChannelName"]
         if source is None:
-            raise JobFailed(f"ClientError: channel {channel['ChannelName']}: only S3DataSource channels run here")
+            raise JobFailed(f"ClientError: channel {name}: only S3DataSource channels run here")
         bucket, prefix = aws.split_s3_uri(source["S3Uri"])
         s3 = aws.client("s3")
         keys = [
@@ -460,16 +469,37 @@ class TrainingJobs:
             for item in part.get("Contents", [])
         ]
         if source.get("S3DataType", "S3Prefix") == "S3Prefix" and not keys:
-            raise JobFailed(f"ClientError: channel {channel['ChannelName']}: no objects under {source['S3Uri']}")
+            raise JobFailed(f"ClientError: channel {name}: no objects under {source['S3Uri']}")
+        try:
+            relative = {key: aws.safe_relative(key, prefix) for key in keys}
+            listed = None
+            manifest = next((key for key, path in relative.items() if str(path) == aws.MANIFEST), None)
+            if manifest is not None:
+                body = s3.get_object(Bucket=bucket, Key=manifest)["Body"].read()
+                if address := aws.content_address(source["S3Uri"]):
+                    aws.check_digest(body, address, f"the manifest s3://{bucket}/{manifest}")
+                listed = aws.read_manifest(body, f"s3://{bucket}/{manifest}")
+                missing = sorted(set(listed) - {str(path) for path in relative.values()})
+                if missing:
+                    raise ValueError(f"the manifest lists {', '.join(missing)}, not under {source['S3Uri']}")
+        except ValueError as error:
+            raise JobFailed(f"ClientError: channel {name}: {error}: refused") from None
         target.mkdir(parents=True, exist_ok=True)
-        for key in keys:
-            try:
-                destination = target / aws.safe_relative(key, prefix)
-            except ValueError as error:
-                raise JobFailed(f"ClientError: channel {channel['ChannelName']}: {error}") from None
+        for key, path in relative.items():
+            if listed is not None and str(path) not in listed and key != manifest:
+                log.warning("Channel %s: s3://%s/%s is not in the manifest: not downloaded", name, bucket, key)
+                continue
+            destination = target / path
             destination.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, key, str(destination))
-        log.info("Channel %s: %d files from %s", channel["ChannelName"], len(keys), source["S3Uri"])
+            if listed is not None and key != manifest:
+                try:
+                    aws.check_digest(destination.read_bytes(), listed[str(path)], f"s3://{bucket}/{key}")
+                except ValueError as error:
+                    destination.unlink()
+                    raise JobFailed(f"ClientError: channel {name}: {error}: refused") from None
+        log.info("Channel %s: %d files from %s%s", name, len(list(target.rglob("*"))), source["S3Uri"],
+                 ", each checked against its manifest" if listed is not None else "")  # fmt: skip
         return target
 
     def _train(self, record: dict, ml_dir: Path, channels: dict, count: int, cores: int, running: _Running) -> dict:

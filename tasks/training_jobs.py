@@ -271,8 +271,12 @@ def upload_sourcedir(config: PipelineConfig) -> str:
     uri = f"s3://{config.bucket}/{key}"
     hook = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
     if hook.check_for_key(key, config.bucket):
-        log.info("Training code unchanged: %s is already in S3", uri)
-        return uri
+        stored = hook.conn.get_object(Bucket=config.bucket, Key=key)["Body"].read()
+        if hashlib.sha256(stored).hexdigest() == digest:
+            log.info("Training code unchanged: %s is already in S3", uri)
+            return uri
+        # Something else sits at the code's own address (planted, or damaged): it is replaced, never run.
+        log.warning("%s does not hold the code its key names (SHA-256 %s): replacing it", uri, digest)
     # S3 checks the body against its SHA-256 on the way in: a damaged transfer is refused, never stored.
     hook.conn.put_object(
         Bucket=config.bucket,

@@ -334,3 +334,46 @@ def test_a_killed_training_task_stops_its_job(clients):
     assert described["TrainingJobStatus"] == "Stopped"
     assert outcome and "ended Stopped" in str(outcome[0])  # the task fails: its job did not complete
     train.on_kill()  # a second kill of an ended job is harmless
+
+
+def test_code_and_data_run_only_as_their_checksums_say(clients):
+    """A content-addressed sourcedir.tar.gz whose body is not what its key names, or a dataset file that is not what
+    its manifest lists, fails the job naming the object; files beside a manifest that it does not list are not
+    downloaded; and the pipeline replaces a planted object at its code's address instead of using it."""
+    import hashlib
+
+    sagemaker, s3, _ = clients
+    genuine = s3.get_object(Bucket=BUCKET, Key="code/sourcedir.tar.gz")["Body"].read()
+    address = hashlib.sha256(genuine).hexdigest()
+    s3.put_object(Bucket=BUCKET, Key=f"code/{address}/sourcedir.tar.gz", Body=genuine + b"planted")
+    sagemaker.create_training_job(**request("svc-planted-code",
+                                            sourcedir_uri=f"s3://{BUCKET}/code/{address}/sourcedir.tar.gz"))  # fmt: skip
+    failed = wait(sagemaker, "svc-planted-code")
+    assert failed["TrainingJobStatus"] == "Failed"
+    assert f"sagemaker_submit_directory s3://{BUCKET}/code/{address}/sourcedir.tar.gz does not match the SHA-256" in (
+        failed["FailureReason"])  # fmt: skip
+
+    files = {"train-images-idx3-ubyte.gz": b"images", "t10k-labels-idx1-ubyte.gz": b"labels"}
+    manifest = "".join(f"{hashlib.sha256(body).hexdigest()}  {name}\n" for name, body in files.items()).encode()
+    dataset = f"datasets/{hashlib.sha256(manifest).hexdigest()}"
+    for name, body in files.items():
+        s3.put_object(Bucket=BUCKET, Key=f"{dataset}/{name}", Body=body)
+    s3.put_object(Bucket=BUCKET, Key=f"{dataset}/SHA256SUMS", Body=manifest)
+    s3.put_object(Bucket=BUCKET, Key=f"{dataset}/extra.py", Body=b"print('not listed')")
+    sagemaker.create_training_job(**request("svc-listed-data", training_data_uri=f"s3://{BUCKET}/{dataset}/"))
+    completed = wait(sagemaker, "svc-listed-data")
+    assert completed["TrainingJobStatus"] == "Completed", completed.get("FailureReason")
+    seen = json.loads(_model_file(s3, "svc-listed-data", "seen.json"))
+    assert sorted(seen["data"]) == ["SHA256SUMS", "t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz"]
+
+    s3.put_object(Bucket=BUCKET, Key=f"{dataset}/train-images-idx3-ubyte.gz", Body=b"swapped")
+    sagemaker.create_training_job(**request("svc-swapped-data", training_data_uri=f"s3://{BUCKET}/{dataset}/"))
+    failed = wait(sagemaker, "svc-swapped-data")
+    assert failed["TrainingJobStatus"] == "Failed"
+    assert f"s3://{BUCKET}/{dataset}/train-images-idx3-ubyte.gz does not match the SHA-256" in failed["FailureReason"]
+
+
+def _model_file(s3, job: str, name: str) -> bytes:
+    archive = s3.get_object(Bucket=BUCKET, Key=f"training-jobs/{job}/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return tar.extractfile(name).read()

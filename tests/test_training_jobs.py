@@ -233,3 +233,17 @@ def test_kms_and_vpc_are_optional_settings_of_the_request():
         request(subnets=["subnet-0a1b2c3d"])
     config = load_config(kms_key_id=key, subnets="subnet-1, subnet-2", security_group_ids="sg-1")
     assert (config.vpc_subnets, config.vpc_security_groups) == (("subnet-1", "subnet-2"), ("sg-1",))
+
+
+def test_a_planted_object_at_the_codes_address_is_replaced_not_used(local_aws, tmp_path):
+    import hashlib
+
+    config = load_config(bucket="planted-code", state_dir=str(tmp_path))
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=config.bucket)
+    uri = upload_sourcedir(config)
+    key = uri.removeprefix(f"s3://{config.bucket}/")
+    s3.put_object(Bucket=config.bucket, Key=key, Body=b"someone else's code")
+    assert upload_sourcedir(config) == uri
+    stored = s3.get_object(Bucket=config.bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == key.split("/")[-2] and stored == build_sourcedir()
