@@ -110,5 +110,12 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
         tis = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances", params={"limit": 1000}).json()
         training = sorted(ti["map_index"] for ti in tis["task_instances"] if ti["task_id"] == "train")
         failed = [(ti["task_id"], ti["map_index"]) for ti in tis["task_instances"] if ti["state"] == "failed"]
+        names = sorted(ti["rendered_map_index"] for ti in tis["task_instances"] if ti["task_id"] == "train")
     assert run["state"] == "success", f"run {run_id} {run['state']}; failed tasks: {failed}"
     assert training == list(range(len(HIDDEN_CHANNELS)))
+    # Each sweep member by its hidden_channels value, on the run's page of mapped training tasks.
+    assert names == sorted(f"hidden_channels={value}" for value in HIDDEN_CHANNELS)
+    page.goto(f"{stack.url}/dags/mnist_sweep/runs/{run_id}/tasks/train/mapped")
+    for value in HIDDEN_CHANNELS:
+        page.get_by_text(f"hidden_channels={value}", exact=True).first.wait_for(timeout=30_000)
+    page.screenshot(path=SCREENSHOTS / "6-sweep-members-by-name.png", full_page=True)
