@@ -108,7 +108,8 @@ PARAMS = {
         type=["null", "string"],
         maxLength=1000,
         title="MNIST mirror",
-        description="URL or directory with the four MNIST files; empty: $MNIST_MIRROR, else the public mirrors.",
+        description="URL or directory with the four MNIST files, where the configuration allows one (the public "
+        "mirrors by default); empty: $MNIST_MIRROR, else the public mirrors.",
         section=SECTION_DATA,
     ),
     "deploy": Param(
@@ -255,9 +256,16 @@ def _config(settings: dict):
 
 @task
 def download(settings: dict, params: dict) -> str:
-    from tasks.mnist_data import download_mnist
+    from airflow.sdk.exceptions import AirflowFailException
 
-    return str(download_mnist(mirrors=params["mnist_mirror"], config=_config(settings)))
+    from tasks.mnist_data import MirrorPolicy, MirrorRefused, allowed_mirrors, download_mnist
+
+    config = _config(settings)
+    try:  # the form's mirror only where the configuration allows one, redirects included
+        mirrors = allowed_mirrors(params["mnist_mirror"], config)
+    except MirrorRefused as refused:
+        raise AirflowFailException(str(refused)) from refused
+    return str(download_mnist(mirrors=mirrors, config=config, policy=MirrorPolicy(config)))
 
 
 @task

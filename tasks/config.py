@@ -45,6 +45,16 @@ class PipelineConfig:
         "ml.m5.large,ml.m5.xlarge,ml.m5.2xlarge,ml.c5.xlarge,ml.c5.2xlarge,ml.g4dn.xlarge,ml.g5.xlarge"
     )
     max_instances_per_run: int = 16
+    # Where the trigger form's `mnist_mirror` may point (the administrator's $MNIST_MIRROR always may): URL
+    # prefixes, and local directories under these roots (comma-separated; none by default). Each file is capped,
+    # and a whole download has a deadline.
+    mnist_mirrors_allowed: str = (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/,https://storage.googleapis.com/cvdf-datasets/mnist/,"
+        "http://yann.lecun.com/exdb/mnist/"
+    )
+    mnist_mirror_roots: str = ""
+    mnist_max_file_bytes: int = 64 * 1024 * 1024
+    mnist_download_seconds: int = 900
     # On AWS, optionally: the KMS key for training outputs and volumes, and the VPC to train in (comma-separated
     # subnet and security group ids; both or neither).
     kms_key_id: str = ""

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import http.client
+import ipaddress
 import logging
 import os
 import socket
 import sys
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -51,6 +55,10 @@ MANIFEST = "SHA256SUMS"
 TIMEOUT_S = 30.0
 ROUNDS = 3  # times each mirror is tried before a file is given up
 _CHUNK = 1 << 16
+
+
+class MirrorRefused(ValueError):
+    """A mirror the configuration does not allow; the message names it and what is allowed."""
 
 
 class DownloadError(RuntimeError):
@@ -94,6 +102,81 @@ def _mirror_url(entry: str) -> str:
     return entry.rstrip("/") + "/"
 
 
+def _split(setting: str) -> list[str]:
+    return [part.strip() for part in setting.split(",") if part.strip()]
+
+
+def _refused_address(url: str) -> str | None:
+    """Why ``url``'s host may not be asked (it resolves to a link-local or a cloud metadata address), else None."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        return f"{url} names no host"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return None  # it cannot be reached either; the download names the failure
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if ip.is_link_local or ip == ipaddress.ip_address("fd00:ec2::254"):
+            return f"{url}: {host} is {ip}, a link-local or metadata address"
+    return None
+
+
+class MirrorPolicy:
+    """What the trigger form's mirror may be: an allowed URL prefix (redirects too), or a directory under an
+    allowed root; never a link-local or metadata address. The administrator's $MNIST_MIRROR entries are allowed."""
+
+    def __init__(self, config: PipelineConfig):
+        trusted = [_mirror_url(entry) for entry in _split(os.environ.get("MNIST_MIRROR", ""))]
+        self.prefixes = [_mirror_url(prefix) for prefix in _split(config.mnist_mirrors_allowed)] + [
+            url for url in trusted if not url.startswith("file:")
+        ]
+        self.roots = [Path(root).expanduser().resolve() for root in _split(config.mnist_mirror_roots)] + [
+            Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)) for url in trusted
+            if url.startswith("file:")
+        ]  # fmt: skip
+
+    def check(self, url: str) -> None:
+        """MirrorRefused naming ``url`` unless it is allowed."""
+        if url.startswith("file:"):
+            path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)).resolve()
+            if not any(path.is_relative_to(root) for root in self.roots):
+                roots = ", ".join(map(str, self.roots)) or "none (the mnist_mirror_roots setting)"
+                raise MirrorRefused(f"MNIST mirror {path} is not under an allowed directory: {roots}")
+            return
+        if not any(url.startswith(prefix) for prefix in self.prefixes):
+            raise MirrorRefused(f"MNIST mirror {url} is not allowed: use one of {', '.join(self.prefixes)} "
+                                "(the mnist_mirrors_allowed setting)")  # fmt: skip
+        if reason := _refused_address(url):
+            raise MirrorRefused(f"MNIST mirror refused: {reason}")
+
+
+def allowed_mirrors(mirrors: str | None, config: PipelineConfig) -> list[str] | None:
+    """The trigger form's ``mnist_mirror`` as mirror URLs, each checked against the configuration (MirrorRefused
+    naming the first that is not allowed); None when it is empty (then $MNIST_MIRROR or the defaults serve)."""
+    if not mirrors or not _split(mirrors):
+        return None
+    policy = MirrorPolicy(config)
+    urls = [_mirror_url(entry) for entry in _split(mirrors)]
+    for url in urls:
+        policy.check(url)
+    return urls
+
+
+class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only where the policy allows a mirror to be."""
+
+    def __init__(self, policy: MirrorPolicy):
+        self.policy = policy
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        try:
+            self.policy.check(newurl)
+        except MirrorRefused as refused:
+            raise _MirrorFailed(f"{req.full_url}: redirected to {newurl}, refused: {refused}", permanent=True) from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def expected_md5(config: PipelineConfig | None = None) -> dict[str, str]:
     """MD5 by file name: the official sums, or those of the md5sum-format file the `mnist_md5sums` setting names."""
     source = (config or load_config()).mnist_md5sums
@@ -127,13 +210,18 @@ def download_mnist(
     timeout: float = TIMEOUT_S,
     rounds: int = ROUNDS,
     backoff: float = 1.0,
+    policy: MirrorPolicy | None = None,
 ) -> Path:
     """Make sure ``dest`` (default: $MNIST_CACHE or <state_dir>/mnist) holds the four verified files; return it.
 
     Files already there with the right MD5 are kept. Raises DownloadError naming the file (and, for a corrupt
-    copy, the expected and the actual sum) when no mirror serves it intact.
+    copy, the expected and the actual sum) when no mirror serves it intact, a file is over the size cap, or the
+    whole download passes its deadline (the mnist_max_file_bytes and mnist_download_seconds settings). With a
+    ``policy``, redirects go only where it allows.
     """
     config = config or load_config()
+    limits = _Limits(config.mnist_max_file_bytes, time.monotonic() + config.mnist_download_seconds,
+                     urllib.request.build_opener(_AllowedRedirects(policy)) if policy else None)  # fmt: skip
     sums = expected_md5(config)
     order = resolve_mirrors(mirrors)
     dest = Path(dest) if dest else default_cache_dir(config)
@@ -151,20 +239,29 @@ def download_mnist(
                     log.info("%s: cached copy in %s matches md5 %s", name, dest, md5)
                     continue
                 log.warning("%s: cached copy does not match md5 %s; downloading it again", name, md5)
-            mirror = _download_file(name, md5, target, order, timeout, rounds, backoff, progress)
+            mirror = _download_file(name, md5, target, order, timeout, rounds, backoff, progress, limits)
             # The mirror that served this file is asked first for the next one (a dead mirror costs one timeout).
             order.remove(mirror)
             order.insert(0, mirror)
     return dest
 
 
-def _download_file(name, md5, target, mirrors, timeout, rounds, backoff, progress) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    max_bytes: int
+    deadline: float  # time.monotonic()
+    opener: urllib.request.OpenerDirector | None = None  # None: urllib's own
+
+
+def _download_file(name, md5, target, mirrors, timeout, rounds, backoff, progress, limits: _Limits) -> str:
     """Fetch one file into ``target`` from the first mirror that serves it intact; return that mirror."""
     pending = list(mirrors)  # a failed mirror goes to the back, or out when asking again cannot help
     failures = []
     retrying = Retrying(
         retry=retry_if_exception_type(_MirrorFailed),
-        stop=stop_after_attempt(rounds * len(mirrors)) | (lambda _state: not pending),
+        stop=stop_after_attempt(rounds * len(mirrors))
+        | (lambda _state: not pending)
+        | (lambda _state: time.monotonic() > limits.deadline),
         wait=wait_exponential(multiplier=backoff, max=10 * backoff),
         reraise=True,
     )
@@ -172,8 +269,12 @@ def _download_file(name, md5, target, mirrors, timeout, rounds, backoff, progres
         for attempt in retrying:
             with attempt:
                 mirror = pending.pop(0)
+                remaining = limits.deadline - time.monotonic()
+                if remaining <= 0:
+                    failures.append("the download's deadline passed (the mnist_download_seconds setting)")
+                    break
                 try:
-                    _fetch(mirror + name, target, md5, timeout, progress)
+                    _fetch(mirror + name, target, md5, min(timeout, remaining), progress, limits)
                 except _MirrorFailed as exc:
                     log.warning("%s: attempt %d failed: %s", name, attempt.retry_state.attempt_number, exc)
                     failures.append(str(exc))
@@ -187,11 +288,14 @@ def _download_file(name, md5, target, mirrors, timeout, rounds, backoff, progres
     raise DownloadError(f"{name}: no mirror served a verified copy:\n" + "\n".join(f"  {f}" for f in failures))
 
 
-def _fetch(url: str, target: Path, md5: str, timeout: float, progress) -> None:
+def _fetch(url: str, target: Path, md5: str, timeout: float, progress, limits: _Limits) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
+    opener = limits.opener.open if limits.opener else urllib.request.urlopen
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, _atomic_file(target) as out:
+        with opener(request, timeout=timeout) as response, _atomic_file(target) as out:
             size = int(response.headers.get("Content-Length") or 0) or None
+            if size is not None and size > limits.max_bytes:
+                raise _MirrorFailed(f"{url}: {size} bytes, over the {limits.max_bytes} a file may have", permanent=True)
             task = progress.add_task(target.name, total=size) if progress else None
             digest, received = hashlib.md5(), 0
             try:
@@ -199,6 +303,10 @@ def _fetch(url: str, target: Path, md5: str, timeout: float, progress) -> None:
                     digest.update(chunk)
                     out.write(chunk)
                     received += len(chunk)
+                    if received > limits.max_bytes:
+                        raise _MirrorFailed(f"{url}: over the {limits.max_bytes} bytes a file may have", permanent=True)
+                    if time.monotonic() > limits.deadline:
+                        raise _MirrorFailed(f"{url}: the download's deadline passed", permanent=True)
                     if progress:
                         progress.advance(task, len(chunk))
             finally:

@@ -31,6 +31,15 @@ os.environ.update(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mnist_mirror_roots(tmp_path_factory):
+    """The tests' generated MNIST files (under pytest's temporary directory) and the official ones are mirror
+    directories the configuration allows, as an administrator would allow a data directory."""
+    os.environ["MNIST_PIPELINE_MNIST_MIRROR_ROOTS"] = f"{tmp_path_factory.getbasetemp()},{REAL_MNIST}"
+    yield
+    os.environ.pop("MNIST_PIPELINE_MNIST_MIRROR_ROOTS", None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 

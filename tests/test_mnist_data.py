@@ -30,7 +30,7 @@ TRAIN_IMAGES = MNIST_FILES["train_images"]
 class MirrorHandler(BaseHTTPRequestHandler):
     """GET /<mode>/<file name>: `good` serves the file; `truncated` and `corrupt` serve a damaged train-images
     file (with a correct Content-Length); `flaky` answers 503 to the first request for each file; `cut` promises
-    the whole file and closes the connection halfway. Anything else is a 404."""
+    the whole file and closes the connection halfway; `redirect` sends it on to `good`. Anything else is a 404."""
 
     files: ClassVar[dict[str, bytes]] = {}
     requests: ClassVar[list[str]] = []
@@ -40,8 +40,13 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self.requests.append(self.path)
         mode, _, name = self.path.strip("/").partition("/")
         body = self.files.get(name)
-        if body is None or mode not in ("good", "truncated", "corrupt", "flaky", "cut"):
+        if body is None or mode not in ("good", "truncated", "corrupt", "flaky", "cut", "redirect"):
             return self.send_error(404)
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"/good/{name}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         if mode == "flaky" and self.path not in self.seen:
             self.seen.add(self.path)
             return self.send_error(503)
@@ -228,3 +233,42 @@ def test_official_files_verify_against_the_official_md5(real_mnist, tmp_path, mo
     cache = download_mnist(tmp_path / "cache")
     for name, md5 in OFFICIAL_MD5.items():
         assert hashlib.md5((cache / name).read_bytes()).hexdigest() == md5
+
+
+def test_the_trigger_forms_mirror_is_held_to_the_allow_list(mirror, small_mnist, tmp_path, monkeypatch):
+    """Only allowed URL prefixes and directories under allowed roots; never a link-local or metadata address; a
+    redirect out of the allow-list is refused; a file over the size cap is refused and nothing partial is kept."""
+    from tasks.config import load_config
+    from tasks.mnist_data import MirrorPolicy, MirrorRefused, allowed_mirrors
+
+    monkeypatch.delenv("MNIST_MIRROR", raising=False)
+    config = load_config(mnist_mirrors_allowed=f"{mirror}/good", mnist_mirror_roots=str(small_mnist))
+    assert allowed_mirrors(f"{mirror}/good", config) == [f"{mirror}/good/"]
+    assert allowed_mirrors(str(small_mnist), config) == [small_mnist.resolve().as_uri() + "/"]
+    assert allowed_mirrors("", config) is None  # empty: $MNIST_MIRROR or the defaults
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for entry, message in (
+        (f"{mirror}/missing", f"MNIST mirror {mirror}/missing/ is not allowed: use one of {mirror}/good/"),
+        ("http://169.254.169.254/latest/meta-data/", "is not allowed"),
+        (str(outside), f"MNIST mirror {outside} is not under an allowed directory: {small_mnist.resolve()}"),
+        (f"{small_mnist}/../../..", "is not under an allowed directory"),
+    ):  # fmt: skip
+        with pytest.raises(MirrorRefused, match=re.escape(message)):
+            allowed_mirrors(entry, config)
+    metadata = load_config(mnist_mirrors_allowed="http://169.254.169.254/")
+    with pytest.raises(MirrorRefused, match=re.escape("169.254.169.254 is 169.254.169.254, a link-local or metadata address")):
+        allowed_mirrors("http://169.254.169.254/latest/", metadata)  # even when allow-listed
+    # The administrator's own $MNIST_MIRROR is allowed as it is.
+    monkeypatch.setenv("MNIST_MIRROR", str(outside))
+    assert allowed_mirrors(str(outside), load_config()) == [outside.resolve().as_uri() + "/"]
+
+    # A redirect leaves the allow-list: refused, and nothing is downloaded from where it points.
+    policy = MirrorPolicy(load_config(mnist_mirrors_allowed=f"{mirror}/redirect"))
+    with pytest.raises(DownloadError, match=r"redirected to .* refused"):
+        download_mnist(tmp_path / "redirected", mirrors=f"{mirror}/redirect", backoff=0, rounds=1, policy=policy)
+    # A file over the cap: refused, and the cache keeps nothing of it.
+    small = load_config(mnist_max_file_bytes=100)
+    with pytest.raises(DownloadError, match=r"over the 100 bytes a file may have|bytes, over the 100 a file may have"):
+        download_mnist(tmp_path / "capped", mirrors=f"{mirror}/good", backoff=0, rounds=1, config=small)
+    assert not [p for p in (tmp_path / "capped").iterdir() if p.name != ".lock"]
