@@ -257,7 +257,9 @@ def test_the_trigger_forms_mirror_is_held_to_the_allow_list(mirror, small_mnist,
         with pytest.raises(MirrorRefused, match=re.escape(message)):
             allowed_mirrors(entry, config)
     metadata = load_config(mnist_mirrors_allowed="http://169.254.169.254/")
-    with pytest.raises(MirrorRefused, match=re.escape("169.254.169.254 is 169.254.169.254, a link-local or metadata address")):
+    with pytest.raises(
+        MirrorRefused, match=re.escape("169.254.169.254 is 169.254.169.254, a link-local or metadata address")
+    ):
         allowed_mirrors("http://169.254.169.254/latest/", metadata)  # even when allow-listed
     # The administrator's own $MNIST_MIRROR is allowed as it is.
     monkeypatch.setenv("MNIST_MIRROR", str(outside))
