@@ -368,21 +368,20 @@ def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, para
 
 @task
 def report(settings: dict, best: dict | None, validation, decision, deployment, monitoring, run_id: str) -> dict | None:
-    """The sweep report, whatever happened after the selection (tasks the run did not get to are None)."""
+    """The sweep report, whatever happened after the selection (tasks the run did not get to are None); first, the
+    undoing of a deployment whose check never finished."""
     from airflow.sdk.exceptions import AirflowSkipException
 
+    from tasks.monitoring import undo_unchecked
     from tasks.report import build_report
 
     if best is None:
         raise AirflowSkipException("No model was selected (an earlier task failed): nothing to report")
+    config = _config(settings)
+    # A model deployed and never checked (the check's task killed, or crashed) does not stay serving.
+    monitoring = undo_unchecked(config, deployment, monitoring, check_interval=SAGEMAKER_CHECK_INTERVAL) or monitoring
     return build_report(
-        run_id,
-        best,
-        validation=validation,
-        gate=decision,
-        deployment=deployment,
-        monitoring=monitoring,
-        config=_config(settings),
+        run_id, best, validation=validation, gate=decision, deployment=deployment, monitoring=monitoring, config=config
     )
 
 

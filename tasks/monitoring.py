@@ -425,3 +425,28 @@ def check_endpoint(
     )
     log.info("Endpoint %s passed its monitoring check: %s", name, config_name)
     return result
+
+
+def undo_unchecked(
+    config: PipelineConfig,
+    deployment: dict | None,
+    monitoring: dict | None,
+    *,
+    check_interval: int = 15,
+    settle_timeout: float = 3600.0,
+) -> dict | None:
+    """After the run (its teardown): a deployment whose check never finished (its task killed or crashed, so that
+    its own rollback could not run) is undone as a failed check is. Returns what the check would have reported
+    (``passed`` False, the failure, the rollback), or None when there was nothing to undo."""
+    if deployment is None or (monitoring and (monitoring.get("passed") or monitoring.get("rollback"))):
+        return None
+    name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
+    failure = "the monitoring check never finished (its task was killed, or crashed)"
+    verdict = f"Deployment of endpoint {name} (config {config_name}) was not checked: {failure}"
+    log.warning("%s: undoing it", verdict)
+    undone = stop_update(config, deployment, verdict, settle_timeout, check_interval) or rollback(
+        config, deployment, check_interval
+    )
+    log.warning("Endpoint %s: %s", name, _rollback_outcome(undone))
+    return {"endpoint_name": name, "endpoint_config_name": config_name, "passed": False, "failures": [failure],
+            "load": None, "cloudwatch": None, "rollback": undone}  # fmt: skip

@@ -217,3 +217,19 @@ def test_a_check_that_cannot_finish_undoes_the_deployment(local_config, uploaded
     assert failed.value.result["passed"] is False and failed.value.result["rollback"]["action"] == "deleted"
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
     assert read_champion(local_config, name) is None
+
+
+def test_a_deployment_whose_check_never_finished_is_undone_after_the_run(local_config, uploaded, sagemaker):
+    """The run's teardown: the check's task was killed before it could roll back (monitoring None), so the
+    endpoint this deployment created is deleted; a checked deployment is left alone."""
+    from tasks.monitoring import undo_unchecked
+
+    name = "mon-unchecked"
+    deployment = serve(local_config, name, uploaded["good"])
+    assert undo_unchecked(local_config, deployment, {"passed": True}, check_interval=1) is None
+    assert sagemaker.describe_endpoint(EndpointName=name)["EndpointStatus"] == "InService"
+    undone = undo_unchecked(local_config, deployment, None, check_interval=1)
+    assert undone["passed"] is False and undone["rollback"]["action"] == "deleted"
+    assert "never finished" in undone["failures"][0]
+    sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
+    assert undo_unchecked(local_config, None, None) is None  # nothing deployed, nothing to undo
