@@ -166,7 +166,8 @@ def _status_of(exc: Exception) -> tuple[int, str]:
     if isinstance(status, int) and 400 <= status < 600 and hasattr(exc, "phrase"):
         return status, str(getattr(exc, "message", exc))
     log.exception("the model handler failed")
-    return 500, f"the model handler failed: {type(exc).__name__}: {exc}"
+    # The exception's text stays in the log: it may hold paths, data or secrets the client has no business seeing.
+    return 500, f"the model handler failed ({type(exc).__name__}); the endpoint's log has the details"
 
 
 class BodyTooLarge(Exception):

@@ -296,7 +296,7 @@ def test_a_dead_cloudwatch_neither_fails_nor_slows_requests(model_dir, test_set,
     assert slowest < 2.5  # a request held up by the publisher would wait out its 5 s read timeout
 
 
-def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path):
+def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path, caplog):
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
     with open(broken / "code" / "inference.py", "a") as handler:
@@ -309,7 +309,10 @@ def test_a_broken_handler_answers_500_and_keeps_serving(model_dir, tmp_path):
 
     for status, payload, content_type in asyncio.run(requests_together()):
         assert (status, content_type) == (500, "application/json")
-        assert "RuntimeError: the model is broken" in json.loads(payload)["error"]
+        message = json.loads(payload)["error"]
+        assert message == "the model handler failed (RuntimeError); the endpoint's log has the details"
+        assert "the model is broken" not in message  # the exception's text stays in the log
+    assert "the model is broken" in caplog.text
     # input_fn still judges the input first
     assert asyncio.run(endpoint.invoke(b"{}", "application/json", None))[0] == 400
 
