@@ -258,14 +258,15 @@ def _config(settings: dict):
 def download(settings: dict, params: dict) -> str:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.mnist_data import MirrorPolicy, MirrorRefused, allowed_mirrors, download_mnist
+    from tasks.mnist_data import MirrorPolicy, MirrorRefused, download_mnist
 
     config = _config(settings)
+    policy = MirrorPolicy(config)
     try:  # the form's mirror only where the configuration allows one, redirects included
-        mirrors = allowed_mirrors(params["mnist_mirror"], config)
+        mirrors = policy.allowed(params["mnist_mirror"])
     except MirrorRefused as refused:
         raise AirflowFailException(str(refused)) from refused
-    return str(download_mnist(mirrors=mirrors, config=config, policy=MirrorPolicy(config)))
+    return str(download_mnist(mirrors=mirrors, config=config, policy=policy))
 
 
 @task

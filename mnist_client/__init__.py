@@ -111,7 +111,7 @@ def _requests(images) -> Iterable[tuple[bytes, str]]:
     if not isinstance(images, Sequence) or not images:
         raise ValueError("images: give a numpy array, a list of pictures (paths or bytes) or of 28x28 pixel lists")
     if all(isinstance(image, str | bytes | os.PathLike) for image in images):
-        return [(body, kind) for body, kind in map(read_picture, images)]
+        return list(map(read_picture, images))
     if all(isinstance(image, list | tuple) for image in images):
         return _array_requests(images)
     raise ValueError("images: mix of pictures and pixel arrays; send one kind per call")

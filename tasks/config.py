@@ -18,6 +18,16 @@ from pathlib import Path
 from data_checks import OFFICIAL_COUNTS
 
 VARIABLE_NAME = "mnist_pipeline"
+PUBLIC_MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # the seed's (and torchvision's)
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",  # CVDF's, TensorFlow's tutorials
+    "http://yann.lecun.com/exdb/mnist/",  # the original, often refusing robots: last
+)
+
+
+def comma_list(setting: str) -> tuple[str, ...]:
+    """The entries of a comma-separated setting, stripped, empty ones left out."""
+    return tuple(part.strip() for part in setting.split(",") if part.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +58,7 @@ class PipelineConfig:
     # Where the trigger form's `mnist_mirror` may point (the administrator's $MNIST_MIRROR always may): URL
     # prefixes, and local directories under these roots (comma-separated; none by default). Each file is capped,
     # and a whole download has a deadline.
-    mnist_mirrors_allowed: str = (
-        "https://ossci-datasets.s3.amazonaws.com/mnist/,https://storage.googleapis.com/cvdf-datasets/mnist/,"
-        "http://yann.lecun.com/exdb/mnist/"
-    )
+    mnist_mirrors_allowed: str = ",".join(PUBLIC_MNIST_MIRRORS)
     mnist_mirror_roots: str = ""
     mnist_max_file_bytes: int = 64 * 1024 * 1024
     mnist_download_seconds: int = 900
@@ -76,15 +83,15 @@ class PipelineConfig:
 
     @property
     def instance_types(self) -> tuple[str, ...]:
-        return tuple(kind.strip() for kind in self.allowed_instance_types.split(",") if kind.strip())
+        return comma_list(self.allowed_instance_types)
 
     @property
     def vpc_subnets(self) -> tuple[str, ...]:
-        return tuple(part.strip() for part in self.subnets.split(",") if part.strip())
+        return comma_list(self.subnets)
 
     @property
     def vpc_security_groups(self) -> tuple[str, ...]:
-        return tuple(part.strip() for part in self.security_group_ids.split(",") if part.strip())
+        return comma_list(self.security_group_ids)
 
     @property
     def cpus(self) -> int:

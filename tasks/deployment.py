@@ -161,12 +161,10 @@ def deploy(
     check and its rollback need: endpoint_name, endpoint_config_name, model_data_url,
     previous_endpoint_config_name (what served before this run, as the gate saw it) and created.
     """
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
     from tasks.alarms import put_alarms
     from tasks.gate import serving_endpoint_config
 
-    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    hook = sagemaker_hook(config)
     requests = sagemaker_deploy_requests(best, endpoint_name=endpoint_name, run_id=run_id, config=config)
     model_name = requests["model"]["ModelName"]
     config_name = requests["endpoint_config"]["EndpointConfigName"]
@@ -238,34 +236,43 @@ def _deploy_timeout(update: Mapping | None) -> float:
     return update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"] + MAX_UPDATE_SECONDS
 
 
-def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: float, timeout: float) -> dict:
-    """Poll the endpoint until it settles (InService, on whichever config) or ``config_name`` bakes with all the
-    traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        described = hook.describe_endpoint(endpoint_name)
-        status = described["EndpointStatus"]
-        if status == "InService" or baking(described, config_name):
-            return described
-        if status in ("Failed", "OutOfService", "Deleting"):
-            raise RuntimeError(
-                f"endpoint {endpoint_name} is {status}: {described.get('FailureReason', 'no reason given')}"
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"endpoint {endpoint_name} still {status} after {timeout:.0f} s")
-        time.sleep(check_interval)
-
-
-def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
-    """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
+def sagemaker_hook(config: PipelineConfig):
+    """The provider's SageMakerHook on the pipeline's connection and region."""
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-    hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+
+
+def _poll_endpoint(hook, endpoint_name: str, done, timeout: float, delay: float) -> dict:
+    """DescribeEndpoint every ``delay`` seconds until ``done(description)``; returns that description, or raises
+    TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         described = hook.describe_endpoint(endpoint_name)
-        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "SystemUpdating"):
+        if done(described):
             return described
         if time.monotonic() > deadline:
             raise TimeoutError(f"endpoint {endpoint_name} still {described['EndpointStatus']} after {timeout:.0f} s")
         time.sleep(delay)
+
+
+def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: float, timeout: float) -> dict:
+    """Poll the endpoint until it settles (InService, on whichever config) or ``config_name`` bakes with all the
+    traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
+    failed = ("Failed", "OutOfService", "Deleting")
+    described = _poll_endpoint(
+        hook, endpoint_name,
+        lambda d: d["EndpointStatus"] in ("InService", *failed) or baking(d, config_name),
+        timeout, check_interval,
+    )  # fmt: skip
+    if described["EndpointStatus"] in failed:
+        raise RuntimeError(f"endpoint {endpoint_name} is {described['EndpointStatus']}: "
+                           f"{described.get('FailureReason', 'no reason given')}")  # fmt: skip
+    return described
+
+
+def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
+    """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
+    busy = ("Creating", "Updating", "RollingBack", "SystemUpdating")
+    return _poll_endpoint(sagemaker_hook(config), endpoint_name, lambda d: d["EndpointStatus"] not in busy, timeout,
+                          delay)  # fmt: skip

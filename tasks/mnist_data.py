@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PUBLIC_MNIST_MIRRORS, PipelineConfig, comma_list, load_config
 from training.mnist_idx import MNIST_FILES
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,7 @@ OFFICIAL_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-DEFAULT_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # the seed's (and torchvision's)
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",  # CVDF's, TensorFlow's tutorials
-    "http://yann.lecun.com/exdb/mnist/",  # the original, often refusing robots: last
-)
+DEFAULT_MIRRORS = PUBLIC_MNIST_MIRRORS
 MANIFEST = "SHA256SUMS"
 TIMEOUT_S = 30.0
 ROUNDS = 3  # times each mirror is tried before a file is given up
@@ -84,9 +80,9 @@ def resolve_mirrors(mirrors: str | Iterable[str] | None = None) -> list[str]:
     """Mirror base URLs, in order: the argument, else $MNIST_MIRROR, else the defaults (comma-separated lists ok)."""
     if isinstance(mirrors, str):
         mirrors = [mirrors]
-    entries = [part.strip() for item in (mirrors or []) for part in item.split(",") if part.strip()]
+    entries = [entry for item in (mirrors or []) for entry in comma_list(item)]
     if not entries:
-        entries = [part.strip() for part in os.environ.get("MNIST_MIRROR", "").split(",") if part.strip()]
+        entries = list(comma_list(os.environ.get("MNIST_MIRROR", "")))
     return [_mirror_url(entry) for entry in entries or DEFAULT_MIRRORS]
 
 
@@ -102,8 +98,9 @@ def _mirror_url(entry: str) -> str:
     return entry.rstrip("/") + "/"
 
 
-def _split(setting: str) -> list[str]:
-    return [part.strip() for part in setting.split(",") if part.strip()]
+def _local_path(url: str) -> Path:
+    """The directory a file:// mirror URL names."""
+    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
 
 
 def _refused_address(url: str) -> str | None:
@@ -127,19 +124,18 @@ class MirrorPolicy:
     allowed root; never a link-local or metadata address. The administrator's $MNIST_MIRROR entries are allowed."""
 
     def __init__(self, config: PipelineConfig):
-        trusted = [_mirror_url(entry) for entry in _split(os.environ.get("MNIST_MIRROR", ""))]
-        self.prefixes = [_mirror_url(prefix) for prefix in _split(config.mnist_mirrors_allowed)] + [
+        trusted = [_mirror_url(entry) for entry in comma_list(os.environ.get("MNIST_MIRROR", ""))]
+        self.prefixes = [_mirror_url(prefix) for prefix in comma_list(config.mnist_mirrors_allowed)] + [
             url for url in trusted if not url.startswith("file:")
         ]
-        self.roots = [Path(root).expanduser().resolve() for root in _split(config.mnist_mirror_roots)] + [
-            Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)) for url in trusted
-            if url.startswith("file:")
-        ]  # fmt: skip
+        self.roots = [Path(root).expanduser().resolve() for root in comma_list(config.mnist_mirror_roots)] + [
+            _local_path(url) for url in trusted if url.startswith("file:")
+        ]
 
     def check(self, url: str) -> None:
         """MirrorRefused naming ``url`` unless it is allowed."""
         if url.startswith("file:"):
-            path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)).resolve()
+            path = _local_path(url).resolve()
             if not any(path.is_relative_to(root) for root in self.roots):
                 roots = ", ".join(map(str, self.roots)) or "none (the mnist_mirror_roots setting)"
                 raise MirrorRefused(f"MNIST mirror {path} is not under an allowed directory: {roots}")
@@ -150,17 +146,18 @@ class MirrorPolicy:
         if reason := _refused_address(url):
             raise MirrorRefused(f"MNIST mirror refused: {reason}")
 
+    def allowed(self, mirrors: str | None) -> list[str] | None:
+        """The trigger form's ``mnist_mirror`` as mirror URLs, each checked (MirrorRefused naming the first that
+        is not allowed); None when it is empty (then $MNIST_MIRROR or the defaults serve)."""
+        urls = [_mirror_url(entry) for entry in comma_list(mirrors or "")]
+        for url in urls:
+            self.check(url)
+        return urls or None
+
 
 def allowed_mirrors(mirrors: str | None, config: PipelineConfig) -> list[str] | None:
-    """The trigger form's ``mnist_mirror`` as mirror URLs, each checked against the configuration (MirrorRefused
-    naming the first that is not allowed); None when it is empty (then $MNIST_MIRROR or the defaults serve)."""
-    if not mirrors or not _split(mirrors):
-        return None
-    policy = MirrorPolicy(config)
-    urls = [_mirror_url(entry) for entry in _split(mirrors)]
-    for url in urls:
-        policy.check(url)
-    return urls
+    """``MirrorPolicy(config).allowed(mirrors)``."""
+    return MirrorPolicy(config).allowed(mirrors)
 
 
 class _AllowedRedirects(urllib.request.HTTPRedirectHandler):

@@ -33,7 +33,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
 from tasks.alarms import put_alarms
 from tasks.config import PipelineConfig
-from tasks.deployment import baking, wait_settled
+from tasks.deployment import baking, sagemaker_hook, wait_settled
 from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15)
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
     from tasks.gate import serving_endpoint_config
 
-    hook = _sagemaker(config)
+    hook = sagemaker_hook(config)
     serving = serving_endpoint_config(config, name)
     previous = deployment.get("previous_endpoint_config_name")
     if serving != failed:
@@ -306,15 +306,9 @@ def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15)
 # --- the check -----------------------------------------------------------------------------------------------------
 
 
-def _sagemaker(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
-    return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
-
-
 def ready_for_check(config: PipelineConfig, deployment: dict) -> str | None:
     """Why the endpoint cannot be checked now (None: it serves the deployment's config, baking or InService)."""
-    described = _sagemaker(config).describe_endpoint(deployment["endpoint_name"])
+    described = sagemaker_hook(config).describe_endpoint(deployment["endpoint_name"])
     if baking(described, deployment["endpoint_config_name"]):
         return None
     if described["EndpointStatus"] != "InService":
@@ -330,7 +324,7 @@ def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: 
     update on SageMaker; returns the rollback's outcome, or None when the update was no longer under way."""
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
     alarms = ((deployment.get("deployment_config") or {}).get("AutoRollbackConfiguration") or {}).get("Alarms")
-    if not alarms or not baking(_sagemaker(config).describe_endpoint(name), failed):
+    if not alarms or not baking(sagemaker_hook(config).describe_endpoint(name), failed):
         return None
     _cloudwatch(config).set_alarm_state(AlarmName=alarms[0]["AlarmName"], StateValue="ALARM",
                                         StateReason=reason[:1023])  # fmt: skip
@@ -340,6 +334,13 @@ def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: 
         return None
     return {"action": "restored", "endpoint_name": name, "endpoint_config_name": described["EndpointConfigName"],
             "by": f"alarm {alarms[0]['AlarmName']}"}  # fmt: skip
+
+
+def undo(config: PipelineConfig, deployment: dict, reason: str, settle_timeout: float, check_interval: int) -> dict:
+    """Undo ``deployment``: stop its update while it bakes (``stop_update``), else ``rollback``."""
+    return stop_update(config, deployment, reason, settle_timeout, check_interval) or rollback(
+        config, deployment, check_interval
+    )
 
 
 def _rollback_outcome(undone: dict) -> str:
@@ -402,9 +403,7 @@ def check_endpoint(
     if failures:
         verdict = f"Monitoring check of endpoint {name} (config {config_name}) failed: {'; '.join(failures)}"
         try:
-            undone = stop_update(config, deployment, verdict, settle_timeout, check_interval) or rollback(
-                config, deployment, check_interval
-            )
+            undone = undo(config, deployment, verdict, settle_timeout, check_interval)
         except Exception as error:
             result["rollback"] = {"action": "failed", "error": str(error)}
             raise MonitoringCheckFailed(
@@ -444,9 +443,7 @@ def undo_unchecked(
     failure = "the monitoring check never finished (its task was killed, or crashed)"
     verdict = f"Deployment of endpoint {name} (config {config_name}) was not checked: {failure}"
     log.warning("%s: undoing it", verdict)
-    undone = stop_update(config, deployment, verdict, settle_timeout, check_interval) or rollback(
-        config, deployment, check_interval
-    )
+    undone = undo(config, deployment, verdict, settle_timeout, check_interval)
     log.warning("Endpoint %s: %s", name, _rollback_outcome(undone))
     return {"endpoint_name": name, "endpoint_config_name": config_name, "passed": False, "failures": [failure],
             "load": None, "cloudwatch": None, "rollback": undone}  # fmt: skip

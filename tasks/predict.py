@@ -42,13 +42,12 @@ def predict(paths: list[Path], endpoint_name: str = DEFAULT_ENDPOINT, config: Pi
     """``[{"image", "digit", "confidence"}]`` for each picture, in order. Every file is read and checked first."""
     config = config or load_config()
     try:
-        for path in paths:  # every file read and checked before anything is sent
-            read_picture(path)
+        pictures = [read_picture(path) for path in paths]  # every file read and checked before anything is sent
     except ValueError as error:
         raise PredictError(str(error)) from None
     client = Client(endpoint_name, runtime_client(config, endpoint_name))
     try:
-        predictions = client.classify(list(paths))
+        predictions = [prediction for body, kind in pictures for prediction in client.invoke(body, kind)]
     except PredictionError as error:
         raise PredictError(str(error)) from None
     return [{"image": str(path), "digit": p.label, "confidence": p.confidence}
