@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--report", default=None, help="write the result JSON and Data Docs HTML here")
     validate.add_argument("--expect-train", type=int, help="expected training images (default: configured, 60000)")
     validate.add_argument("--expect-test", type=int, help="expected test images (default: configured, 10000)")
+    validate.add_argument(
+        "--reference", default=None, help="class statistics to hold the data to (default: configured, the official)"
+    )
+    reference = _command(
+        data_commands,
+        "reference",
+        "cli.data:reference_command",
+        "write the class statistics of a sound dataset, for `validate --reference` and mnist_reference",
+    )
+    reference.add_argument("directory", help="directory holding the four MNIST .gz files, known to be sound")
+    reference.add_argument("out", help="the reference file (JSON) to write")
 
     from inference.serve import add_arguments as add_serve_arguments  # the standard library; torch loads when it serves
 

@@ -279,7 +279,7 @@ def validate(settings: dict, data_dir: str, run_id: str) -> dict:
     config = _config(settings)
     # The run's artifacts directory, where its report links to these Data Docs.
     report_dir = Path(config.state_dir) / "runs" / run_name(run_id) / "validation"
-    return validate_mnist(data_dir, report_dir, config.expected_counts)
+    return validate_mnist(data_dir, report_dir, config.expected_counts, config.mnist_reference)
 
 
 @task

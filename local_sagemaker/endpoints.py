@@ -174,8 +174,10 @@ class Endpoints:
         except Exception as error:
             raise LaunchFailed(f"cannot read the model artifact {model_data_url}: {error}") from None
         try:
+            if address := aws.content_address(model_data_url):  # its code runs only as the key that names it says
+                aws.check_digest(body, address, f"the model artifact {model_data_url}")
             unpack(body, directory, model_data_url)
-        except ArchiveError as error:
+        except (ArchiveError, ValueError) as error:
             raise LaunchFailed(str(error)) from None
         (directory / ".complete").touch()
         return directory

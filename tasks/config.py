@@ -42,9 +42,12 @@ class PipelineConfig:
     # Schedule of the sweep DAG: a cron string, a preset such as "@weekly", or "none".
     schedule: str = "none"
     # A dataset other than the official MNIST (a private mirror, the tests' small files): an md5sum-format file
-    # with its four sums, and its "train,test" image counts. Empty / the official counts by default.
+    # with its four sums, its "train,test" image counts and its reference class statistics. Empty / the official counts by default.
     mnist_md5sums: str = ""
     mnist_expected_counts: str = ",".join(map(str, OFFICIAL_COUNTS))
+    # The class statistics the data is held to (`mnist-pipeline data reference` writes them): the official MNIST's
+    # when empty.
+    mnist_reference: str = ""
     # The local stack's SageMaker service: cores its training jobs and model servers may use (0: all of this
     # machine's), and seconds between its endpoint servers' CloudWatch puts (a burst's end flushes them at once).
     local_cpus: int = 0

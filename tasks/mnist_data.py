@@ -14,7 +14,6 @@ Imported by DAG tasks: airflow and boto3 are imported inside the functions that 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import fcntl
@@ -36,6 +35,7 @@ from pathlib import Path
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from tasks.config import PUBLIC_MNIST_MIRRORS, PipelineConfig, comma_list, load_config
+from tasks.s3 import UploadError, put_verified, stored_difference
 from training.mnist_idx import MNIST_FILES
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,6 @@ class MirrorRefused(ValueError):
 
 class DownloadError(RuntimeError):
     """No mirror served a copy of a file that matches its checksum; the message lists every attempt."""
-
-
-class UploadError(RuntimeError):
-    """The dataset could not be stored in S3 intact; the message names the bucket or object."""
 
 
 class _MirrorFailed(Exception):
@@ -405,7 +401,7 @@ def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None =
     _ensure_bucket(hook, config)
     client, bucket = hook.conn, config.bucket
 
-    intact = {name for name, body in objects.items() if not _stored_difference(client, bucket, key_prefix + name, body)}
+    intact = {name for name, body in objects.items() if not stored_difference(client, bucket, key_prefix + name, body)}
     if len(intact) == len(objects):
         log.info("%s already holds this dataset with matching checksums: skipping the upload", uri)
         return uri
@@ -419,7 +415,7 @@ def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None =
     try:
         for name, body in objects.items():
             if name not in intact:
-                _put_verified(client, bucket, key_prefix + name, body)
+                put_verified(client, bucket, key_prefix + name, body)
                 written.append(name)
     except BaseException:
         # Best effort: what this attempt wrote is of no use without the manifest. (A killed process cannot clean
@@ -439,47 +435,3 @@ def _ensure_bucket(hook, config: PipelineConfig) -> None:
             f"S3 bucket {config.bucket!r} does not exist or connection {config.aws_conn_id!r} may not use it: "
             "create it, or set `bucket` in the mnist_pipeline configuration"
         )
-
-
-def _stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:
-    """None when the object holds exactly ``body``, judged from the checksums S3 stored; else what differs."""
-    from botocore.exceptions import ClientError
-
-    try:
-        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-    except ClientError as exc:
-        if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 404:
-            return "missing"
-        raise
-    sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
-    md5 = hashlib.md5(body).hexdigest()
-    etag = head["ETag"].strip('"')
-    # S3 computes the ETag itself: the MD5 of the body for a single PUT unless encrypted with KMS or a customer key.
-    etag_is_md5 = head.get("ServerSideEncryption", "AES256") == "AES256" and "SSECustomerAlgorithm" not in head
-    if head["ContentLength"] != len(body):
-        return f"{head['ContentLength']} bytes stored, {len(body)} sent"
-    if head.get("ChecksumSHA256") != sha256:
-        return f"stored SHA-256 {head.get('ChecksumSHA256')}, expected {sha256}"
-    if etag_is_md5 and etag != md5:
-        return f"stored MD5 (ETag) {etag}, expected {md5}"
-    return None
-
-
-def _put_verified(client, bucket: str, key: str, body: bytes) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        client.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=body,
-            ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
-            ChecksumAlgorithm="SHA256",
-            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-        )
-    except (ClientError, BotoCoreError) as exc:  # a broken connection; or AWS refusing a mismatched body (BadDigest)
-        raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
-    difference = _stored_difference(client, bucket, key, body)
-    if difference:
-        client.delete_object(Bucket=bucket, Key=key)
-        raise UploadError(f"s3://{bucket}/{key}: corrupted in transfer ({difference}); the object was removed")

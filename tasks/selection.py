@@ -95,9 +95,22 @@ def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig) -> dict
         description = training["Training"]
         trials.append(trial(description, output_metrics(description, config)))
     best = best_of(trials)
+    best = {**best, **publish_model(best["model_data_url"], config)}
     trials.sort(key=lambda t: t["hidden_channels"])
     log_report({**best, "trials": trials})
     return {**best, "trials": trials}
+
+
+def publish_model(model_data_url: str, config: PipelineConfig) -> dict:
+    """Copy the chosen job's model.tar.gz to ``<s3_root>/models/<sha256>/model.tar.gz``, the address everything
+    after selection uses: SageMaker models, endpoints, the champion. The model and the inference code packed in it
+    then run only as the SHA-256 its key names, whatever is written later where the job left it."""
+    from tasks.s3 import put_content_addressed, read_object
+
+    body = read_object(config, model_data_url)
+    published = put_content_addressed(config, "models", "model.tar.gz", body)
+    log.info("Model %s published as %s", model_data_url, published)
+    return {"model_data_url": published, "training_model_data_url": model_data_url}
 
 
 def log_report(best: Mapping) -> None:

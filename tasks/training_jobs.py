@@ -11,7 +11,6 @@ Imported by the DAG at parse time: sagemaker, boto3 and airflow hooks are import
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import io
@@ -262,27 +261,7 @@ def build_sourcedir(files: Mapping[str, Path] | None = None) -> bytes:
 
 
 def upload_sourcedir(config: PipelineConfig) -> str:
-    """Upload sourcedir.tar.gz to ``<s3_root>/code/<sha256>/`` unless it is there; return its S3 URI."""
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    """Upload sourcedir.tar.gz to ``<s3_root>/code/<sha256>/`` unless it is there intact; return its S3 URI."""
+    from tasks.s3 import put_content_addressed
 
-    body = build_sourcedir()
-    digest = hashlib.sha256(body).hexdigest()
-    key = f"{config.prefix.strip('/')}/code/{digest}/sourcedir.tar.gz"
-    uri = f"s3://{config.bucket}/{key}"
-    hook = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
-    if hook.check_for_key(key, config.bucket):
-        stored = hook.conn.get_object(Bucket=config.bucket, Key=key)["Body"].read()
-        if hashlib.sha256(stored).hexdigest() == digest:
-            log.info("Training code unchanged: %s is already in S3", uri)
-            return uri
-        # Something else sits at the code's own address (planted, or damaged): it is replaced, never run.
-        log.warning("%s does not hold the code its key names (SHA-256 %s): replacing it", uri, digest)
-    # S3 checks the body against its SHA-256 on the way in: a damaged transfer is refused, never stored.
-    hook.conn.put_object(
-        Bucket=config.bucket,
-        Key=key,
-        Body=body,
-        ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-    )
-    log.info("Uploaded the training code (%d bytes) to %s", len(body), uri)
-    return uri
+    return put_content_addressed(config, "code", "sourcedir.tar.gz", build_sourcedir())

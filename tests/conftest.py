@@ -113,6 +113,16 @@ def small_mnist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_reference(small_mnist, tmp_path_factory) -> Path:
+    """The class statistics of ``small_mnist``: the reference its damaged copies are held to."""
+    from data_checks.class_stats import write_reference
+    from training.mnist_idx import load_mnist
+
+    path = tmp_path_factory.mktemp("small-reference") / "reference.json"
+    return write_reference(load_mnist(small_mnist), path, source="small_mnist")
+
+
+@pytest.fixture(scope="session")
 def real_mnist() -> Path:
     if not all((REAL_MNIST / name).is_file() for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
         pytest.skip(f"the official MNIST files are not in {REAL_MNIST}")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from data_checks.class_stats import write_reference
 from tests.conftest import ROOT
+from training.mnist_idx import load_mnist
 
 DAG_FILE = ROOT / "dags" / "mnist_sweep.py"
 
@@ -39,6 +41,8 @@ def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, buc
     md5sums.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
     patch.setenv("MNIST_PIPELINE_MNIST_MD5SUMS", str(md5sums))
     patch.setenv("MNIST_PIPELINE_MNIST_EXPECTED_COUNTS", "600,100")
+    reference = write_reference(load_mnist(small_mnist), directory / "reference.json", source=str(small_mnist))
+    patch.setenv("MNIST_PIPELINE_MNIST_REFERENCE", str(reference))
     patch.setenv("MNIST_PIPELINE_STATE_DIR", str(directory / "state"))
     patch.setenv("MNIST_CACHE", str(directory / "cache"))
     patch.setenv("MNIST_PIPELINE_BUCKET", bucket)

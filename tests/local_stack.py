@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 
+from data_checks.class_stats import write_reference
 from tests.conftest import ROOT
+from training.mnist_idx import load_mnist
 
 # Variables of the test session that must not leak into the stack: it has its own home, connection and config.
 _NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE")
@@ -72,12 +74,14 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
     md5sums = state_dir / "mnist.md5"
     md5sums.write_text("".join(f"{_md5(path)}  {path.name}\n" for path in sorted(mnist_dir.glob("*-ubyte.gz"))))
     counts = {name: _count(mnist_dir / name) for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    reference = write_reference(load_mnist(mnist_dir), state_dir / "mnist-reference.json", source=str(mnist_dir))
     env = {key: value for key, value in os.environ.items() if key not in _NOT_INHERITED}
     env.update(
         {
             "MNIST_PIPELINE_STATE_DIR": str(state_dir),
             "MNIST_PIPELINE_MNIST_MD5SUMS": str(md5sums),
             "MNIST_PIPELINE_MNIST_EXPECTED_COUNTS": ",".join(str(n) for n in counts.values()),
+            "MNIST_PIPELINE_MNIST_REFERENCE": str(reference),
             "MNIST_PIPELINE_METRICS_INTERVAL": "1",  # the monitoring check waits for metrics a second apart
         }
     )

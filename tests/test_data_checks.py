@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import shutil
@@ -27,13 +28,14 @@ def damaged_copy(source, destination, damage):
     return destination
 
 
-def test_small_set_passes_and_writes_the_report(small_mnist, tmp_path):
-    summary = validate_mnist(small_mnist, report_dir=tmp_path / "report", expected_counts=SMALL)
+def test_small_set_passes_and_writes_the_report(small_mnist, small_reference, tmp_path):
+    summary = validate_mnist(small_mnist, tmp_path / "report", SMALL, small_reference)
     assert summary["success"] and summary["failures"] == []
     assert summary["counts"] == {"train": 600, "test": 100}
     result = json.loads((tmp_path / "report" / "validation_result.json").read_text())
     assert result["success"] is True
-    assert len(result["results"]) == summary["expectations"] >= 15
+    assert [suite["success"] for suite in result["results"]] == [True, True], "per image, then per class"
+    assert sum(len(suite["results"]) for suite in result["results"]) == summary["expectations"] == 21
     index = (tmp_path / "report" / "index.html").read_text()
     assert "mnist" in index
     assert list((tmp_path / "report" / "validations").rglob("*.html")), "Data Docs hold the validation page"
@@ -48,7 +50,9 @@ def _blank(a):
 
 
 def _leak(a):
-    a["test_images"][[2, 9]] = a["train_images"][[40, 41]]
+    """Two test images replaced by training images of their own digits."""
+    for test in (2, 9):
+        a["test_images"][test] = a["train_images"][np.flatnonzero(a["train_labels"] == a["test_labels"][test])[0]]
 
 
 def _collapse(a):
@@ -82,19 +86,75 @@ def _drop_train_images(a):
     ],
     ids=["bad-labels", "blank-images", "leakage", "collapsed-class", "inverted", "mismatched-counts"],
 )
-def test_damage_is_rejected_with_one_line_per_failure(small_mnist, tmp_path, damage, expected_lines):
+def test_damage_is_rejected_with_one_line_per_failure(small_mnist, small_reference, tmp_path, damage, expected_lines):
     directory = damaged_copy(small_mnist, tmp_path / "damaged", damage)
     with pytest.raises(DataValidationError) as caught:
-        validate_mnist(directory, expected_counts=SMALL)
+        validate_mnist(directory, expected_counts=SMALL, reference=small_reference)
     message = str(caught.value)
     for line in expected_lines:
         assert any(re.search(line, text) for text in message.splitlines()), (line, message)
 
 
-def test_only_the_damaged_expectations_fail(small_mnist, tmp_path):
+def test_only_the_damaged_expectations_fail(small_mnist, small_reference, tmp_path):
     directory = damaged_copy(small_mnist, tmp_path / "damaged", _leak)
-    with pytest.raises(DataValidationError, match=r"failed 1 of 15 expectations:\n  no train/test leakage"):
-        validate_mnist(directory, expected_counts=SMALL)
+    with pytest.raises(DataValidationError, match=r"failed 1 of 21 expectations:\n  no train/test leakage"):
+        validate_mnist(directory, expected_counts=SMALL, reference=small_reference)
+
+
+def _duplicate(a):
+    """Two images in five replaced by copies of others, labels and all."""
+    rng = np.random.default_rng(3)
+    n = len(a["train_images"])
+    target, source = rng.choice(n, n * 2 // 5, replace=False), rng.choice(n, n * 2 // 5)
+    a["train_images"][target], a["train_labels"][target] = a["train_images"][source], a["train_labels"][source]
+
+
+def _reassign_labels(a):
+    a["train_labels"][:] = np.random.default_rng(4).integers(0, 10, len(a["train_labels"]))
+
+
+def _swap_classes(a):
+    """Every 2 labelled 5 and every 5 labelled 2: each class keeps its share and its labels stay consistent."""
+    labels = a["test_labels"]
+    twos, fives = labels == 2, labels == 5
+    labels[twos], labels[fives] = 5, 2
+
+
+def _shift(a):
+    a["train_images"][:] = np.roll(a["train_images"], (1, -2), axis=(1, 2))  # a row up, two columns left
+
+
+def _dim(a):
+    a["test_images"][:] = (a["test_images"] * 0.6).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected_line"),
+    [
+        (_duplicate, r"at most 1% of each class's images repeat another of its split: 10 of 20 classes fail "
+                     r"\(e\.g\. train class 0: 0\.\d+"),
+        (_reassign_labels, r"labels agree with pixels .*: \d+ of 20 classes fail \(e\.g\. train class"),
+        (_swap_classes, r"each class looks like its reference digit .*: 2 of 20 classes fail "
+                        r"\(e\.g\. test class 2: 0\.\d+, test class 5: 0\.\d+\)"),
+        (_shift, r"centre of mass is within 1\.0 px of the reference's: 10 of 20 classes fail \(e\.g\. train class 0: 2\.\d+"),
+        (_dim, r"mean intensity is 0\.85\.\.1\.15 of the reference's: 10 of 20 classes fail \(e\.g\. test class 0: 0\.59"),
+    ],
+    ids=["duplicated-images", "labels-reassigned", "classes-swapped", "shifted", "dimmed"],
+)  # fmt: skip
+def test_statistical_damage_is_rejected(small_mnist, small_reference, tmp_path, damage, expected_line):
+    """Damage that every image's own format checks pass: it shows in each class's statistics against the reference."""
+    directory = damaged_copy(small_mnist, tmp_path / "damaged", damage)
+    with pytest.raises(DataValidationError) as caught:
+        validate_mnist(directory, expected_counts=SMALL, reference=small_reference)
+    message = str(caught.value)
+    assert any(re.search(expected_line, line) for line in message.splitlines()), message
+
+
+def test_a_missing_or_malformed_reference_is_named(small_mnist, tmp_path):
+    (tmp_path / "bad.json").write_text('{"classes": {"train": []}}')
+    for reference, problem in ((tmp_path / "absent.json", "FileNotFoundError"), (tmp_path / "bad.json", "KeyError")):
+        with pytest.raises(DataValidationError, match=f"MNIST reference statistics {reference}: {problem}"):
+            validate_mnist(small_mnist, expected_counts=SMALL, reference=reference)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +166,7 @@ def test_only_the_damaged_expectations_fail(small_mnist, tmp_path):
         ("labels-disagree", r"100 images but .*t10k-labels-idx1-ubyte\.gz has 99 labels"),
     ],
 )
-def test_malformed_files_fail_before_any_expectation(small_mnist, tmp_path, damage, message):
+def test_malformed_files_fail_before_any_expectation(small_mnist, small_reference, tmp_path, damage, message):
     directory = tmp_path / "damaged"
     shutil.copytree(small_mnist, directory)
     if damage == "truncated-gzip":
@@ -121,14 +181,20 @@ def test_malformed_files_fail_before_any_expectation(small_mnist, tmp_path, dama
         labels = load_mnist(small_mnist)["test_labels"]
         write_idx(directory / MNIST_FILES["test_labels"], labels[:-1])
     with pytest.raises(DataValidationError, match=f"malformed MNIST file: .*{message}"):
-        validate_mnist(directory, report_dir=tmp_path / "report", expected_counts=SMALL)
+        validate_mnist(directory, tmp_path / "report", SMALL, small_reference)
     assert not (tmp_path / "report").exists(), "no expectation ran"
 
 
 def test_cli_exit_status(small_mnist, tmp_path, capsys, monkeypatch):
-    counts = ["--expect-train", "600", "--expect-test", "100"]
+    reference = tmp_path / "reference.json"
+    assert main(["data", "reference", str(small_mnist), str(reference)]) == 0
+    assert (
+        json.loads(reference.read_text())["source"][MNIST_FILES["train_images"]]
+        == hashlib.md5((small_mnist / MNIST_FILES["train_images"]).read_bytes()).hexdigest()
+    )
+    counts = ["--expect-train", "600", "--expect-test", "100", "--reference", str(reference)]
     assert main(["data", "validate", str(small_mnist), "--report", str(tmp_path / "r"), *counts]) == 0
-    assert "passed 15 expectations (600 train / 100 test images)" in capsys.readouterr().out
+    assert "passed 21 expectations (600 train / 100 test images)" in capsys.readouterr().out
     assert (tmp_path / "r" / "index.html").is_file()
 
     damaged = damaged_copy(small_mnist, tmp_path / "damaged", _leak)
@@ -136,10 +202,12 @@ def test_cli_exit_status(small_mnist, tmp_path, capsys, monkeypatch):
     assert "no train/test leakage" in capsys.readouterr().err
     result = json.loads((tmp_path / "failed" / "validation_result.json").read_text())
     assert result["success"] is False, "the report is written on failure too"
-    # The configured counts apply when no flag is given.
+    # The configured counts and reference (the official MNIST's) apply when no flag is given.
     monkeypatch.setenv("MNIST_PIPELINE_MNIST_EXPECTED_COUNTS", "60000,10000")
     assert main(["data", "validate", str(small_mnist)]) == 1
-    assert "train: 60000 images: observed 600" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "train: 60000 images: observed 600" in error
+    assert "each class looks like its reference digit" in error, "seven-segment digits are not MNIST's"
 
 
 @pytest.mark.real_data
@@ -170,3 +238,36 @@ def test_damaged_official_test_split_names_every_problem(real_mnist, tmp_path):
     message = str(caught.value)
     for problem in ("labels are 0..9", "no blank images", "the border is dark", "no train/test leakage"):
         assert problem in message
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    ("damage", "problems"),
+    [
+        # Three in ten training labels reassigned at random: every class keeps its share of the split.
+        ("relabel", ["labels agree with pixels"]),
+        # The test digits mirrored: every format check passes, and no image repeats.
+        ("mirror", ["each class slants as the reference's", "each class looks like its reference digit"]),
+        ("duplicate", ["of each class's images repeat another of its split"]),
+    ],
+)
+def test_statistical_damage_to_the_official_set_is_rejected(real_mnist, damage, problems):
+    from data_checks.class_stats import load_reference
+    from data_checks.mnist_suite import validate_arrays
+
+    arrays = {role: array.copy() for role, array in load_mnist(real_mnist).items()}
+    rng = np.random.default_rng(5)
+    picked = rng.choice(60000, 18000, replace=False)
+    if damage == "relabel":
+        arrays["train_labels"][picked] = rng.integers(0, 10, len(picked))
+    elif damage == "mirror":
+        arrays["test_images"] = arrays["test_images"][:, :, ::-1].copy()
+    else:
+        copied = rng.choice(60000, len(picked))
+        arrays["train_images"][picked] = arrays["train_images"][copied]
+        arrays["train_labels"][picked] = arrays["train_labels"][copied]
+    with pytest.raises(DataValidationError) as caught:
+        validate_arrays(arrays, None, (60000, 10000), load_reference(), f"official MNIST, {damage}")
+    message = str(caught.value)
+    assert all(problem in message for problem in problems), message
+    assert "no blank images" not in message and "the border is dark" not in message, "no format check sees it"

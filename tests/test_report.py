@@ -32,7 +32,7 @@ def trained(request: dict, config) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sweep(local_sagemaker, local_aws, small_mnist):
+def sweep(local_sagemaker, local_aws, small_mnist, small_reference):
     from data_checks.mnist_suite import validate_mnist
     from tasks.mnist_data import upload_dataset
     from tasks.selection import select_best
@@ -46,7 +46,7 @@ def sweep(local_sagemaker, local_aws, small_mnist):
     )
     best = select_best([trained(request, config) for request in requests], config=config)
     validation_dir = Path(config.state_dir) / "runs" / run_name(RUN_ID) / "validation"
-    validation = validate_mnist(small_mnist, validation_dir, (600, 100))
+    validation = validate_mnist(small_mnist, validation_dir, (600, 100), small_reference)
     return config, best, validation
 
 
@@ -65,7 +65,7 @@ def _connection() -> str:
 
 def best_job_metrics(config, best) -> dict:
     s3 = boto3.client("s3", endpoint_url=json.loads(_connection())["extra"]["endpoint_url"])
-    bucket, key = best["model_data_url"].removeprefix("s3://").split("/", 1)
+    bucket, key = best["training_model_data_url"].removeprefix("s3://").split("/", 1)
     body = s3.get_object(Bucket=bucket, Key=key.replace("model.tar.gz", "output.tar.gz"))["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(body)) as archive:
         return json.load(archive.extractfile("metrics.json"))

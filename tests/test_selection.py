@@ -1,5 +1,6 @@
 """Selection judges each job by its FinalMetricDataList (metrics.json when SageMaker left the metric out)."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -65,12 +66,19 @@ def test_select_best_reads_each_jobs_output_from_s3(local_aws, tmp_path):
     s3.create_bucket(Bucket="selection")
     put_output(s3, "selection", "a", {"test_accuracy": 0.95, "parameters": 500}, member="./metrics.json")
     put_output(s3, "selection", "b", {"test_accuracy": 0.97, "parameters": 900})
+    s3.put_object(Bucket="selection", Key="jobs/b/output/model.tar.gz", Body=b"the model of job b")
     trainings = [{"Training": description(name, hc, acc, "selection")} for name, hc, acc in
                  (("b", 8, 97.0), ("a", 4, 95.0), ("c", 2, 97.0))]  # fmt: skip
     assert output_metrics(trainings[2]["Training"], config) is None  # c left no output.tar.gz
     best = select_best(trainings, config=config)
     # b and c tie at 97%: b's parameter count is known (900), c's is not.
     assert (best["training_job_name"], best["hidden_channels"], best["test_accuracy"]) == ("b", 8, 0.97)
-    assert best["model_data_url"] == "s3://selection/jobs/b/output/model.tar.gz"
+    # Its model goes on under the address of its SHA-256, copied from where the job left it.
+    model = s3.get_object(Bucket="selection", Key="jobs/b/output/model.tar.gz")["Body"].read()
+    assert (
+        best["model_data_url"] == f"s3://selection/mnist-sweep/models/{hashlib.sha256(model).hexdigest()}/model.tar.gz"
+    )
+    assert best["training_model_data_url"] == "s3://selection/jobs/b/output/model.tar.gz"
+    assert s3.get_object(Bucket="selection", Key=best["model_data_url"].split("/", 3)[3])["Body"].read() == model
     assert [row["hidden_channels"] for row in best["trials"]] == [2, 4, 8]
     json.dumps(best)  # fit for XCom

@@ -3,6 +3,7 @@ shifting guarded by alarms, failures that leave the old config serving, and a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -34,10 +35,14 @@ def sagemaker(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
     for kind in ("good", "shuffled", "raising"):
         s3.upload_file(str(pack(built[kind], packed / f"{kind}.tar.gz")), BUCKET, f"{kind}/model.tar.gz")
     s3.put_object(Bucket=BUCKET, Key="broken/model.tar.gz", Body=b"not a tar archive")
-    for kind in ("good", "shuffled", "raising", "broken"):
+    # Another model written where the good one's content address points: what someone with write access could do.
+    good_sha256 = hashlib.sha256((packed / "good.tar.gz").read_bytes()).hexdigest()
+    s3.upload_file(str(packed / "shuffled.tar.gz"), BUCKET, f"planted/{good_sha256}/model.tar.gz")
+    for kind in ("good", "shuffled", "raising", "broken", "planted"):
+        key = f"planted/{good_sha256}/model.tar.gz" if kind == "planted" else f"{kind}/model.tar.gz"
         client.create_model(
             ModelName=f"model-{kind}", ExecutionRoleArn=ROLE,
-            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{kind}/model.tar.gz"},
+            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{key}"},
         )  # fmt: skip
         client.create_endpoint_config(
             EndpointConfigName=f"config-{kind}",
@@ -155,6 +160,16 @@ def test_an_update_that_cannot_come_up_leaves_the_old_config_serving(
     assert after["EndpointStatus"] == "InService" and after["EndpointConfigName"] == before["EndpointConfigName"]
     assert "config-broken" in after["FailureReason"] and "not a readable tar.gz archive" in after["FailureReason"]
     assert probabilities(runtime(local_sagemaker_runtime), "digits", body) == answer
+
+
+def test_a_model_that_is_not_what_its_key_names_never_runs(sagemaker, local_sagemaker, local_aws):
+    sagemaker.create_endpoint(EndpointName="planted", EndpointConfigName="config-planted")
+    failed = settled(sagemaker, "planted")
+    assert failed["EndpointStatus"] == "Failed"
+    assert f"the model artifact s3://{BUCKET}/planted/" in failed["FailureReason"]
+    assert "does not match the SHA-256 it is known by" in failed["FailureReason"]
+    assert server_pids(local_sagemaker, "planted") == set(), "nothing of it was started"
+    sagemaker.delete_endpoint(EndpointName="planted")
 
 
 def test_a_canary_whose_alarm_fires_rolls_back_by_itself(

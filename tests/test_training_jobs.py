@@ -186,7 +186,7 @@ def test_sourcedir_upload_is_content_addressed_and_skipped_when_present(local_aw
     assert uri == f"s3://code-upload/mnist-sweep/code/{hashlib.sha256(body).hexdigest()}/sourcedir.tar.gz"
     stored = s3.get_object(Bucket=config.bucket, Key=uri.split("/", 3)[3])
     assert stored["Body"].read() == body
-    with caplog.at_level("INFO", logger="tasks.training_jobs"):
+    with caplog.at_level("INFO", logger="tasks.s3"):
         assert upload_sourcedir(config) == uri
     assert "already in S3" in caplog.text
 

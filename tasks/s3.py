@@ -1,0 +1,102 @@
+"""Objects the pipeline stores in S3 and later trusts: put and verified by their checksums, addressed by content.
+
+A content-addressed key names its body's SHA-256 (`<s3_root>/<kind>/<sha256>/<file>`): whoever uses the object
+checks the body against the key before running or trusting it, so a planted or damaged object is refused by name.
+The pipeline's training code, datasets and models are stored this way.
+
+Airflow hooks are imported inside the functions: DAG files import modules that import this one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+class UploadError(RuntimeError):
+    """An object could not be stored in S3 intact; the message names the bucket or object."""
+
+
+def s3_hook(config: PipelineConfig):
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    return S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+
+
+def stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:
+    """None when the object holds exactly ``body``, judged from the checksums S3 stored; else what differs."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 404:
+            return "missing"
+        raise
+    sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    md5 = hashlib.md5(body).hexdigest()
+    etag = head["ETag"].strip('"')
+    # S3 computes the ETag itself: the MD5 of the body for a single PUT unless encrypted with KMS or a customer key.
+    etag_is_md5 = head.get("ServerSideEncryption", "AES256") == "AES256" and "SSECustomerAlgorithm" not in head
+    if head["ContentLength"] != len(body):
+        return f"{head['ContentLength']} bytes stored, {len(body)} sent"
+    if head.get("ChecksumSHA256") != sha256:
+        return f"stored SHA-256 {head.get('ChecksumSHA256')}, expected {sha256}"
+    if etag_is_md5 and etag != md5:
+        return f"stored MD5 (ETag) {etag}, expected {md5}"
+    return None
+
+
+def put_verified(client, bucket: str, key: str, body: bytes) -> None:
+    """Put ``body`` with its MD5 and SHA-256 (AWS refuses a body that does not match them), then read the stored
+    checksums back (an emulator may not refuse): an object stored damaged is removed and UploadError raised."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
+            ChecksumAlgorithm="SHA256",
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+        )
+    except (ClientError, BotoCoreError) as exc:  # a broken connection; or AWS refusing a mismatched body (BadDigest)
+        raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
+    difference = stored_difference(client, bucket, key, body)
+    if difference:
+        client.delete_object(Bucket=bucket, Key=key)
+        raise UploadError(f"s3://{bucket}/{key}: corrupted in transfer ({difference}); the object was removed")
+
+
+def put_content_addressed(config: PipelineConfig, kind: str, filename: str, body: bytes) -> str:
+    """Store ``body`` at ``<s3_root>/<kind>/<sha256>/<filename>`` unless it is there intact; return its S3 URI.
+
+    Whatever else sits at that address (planted, or damaged) is replaced, never used.
+    """
+    digest = hashlib.sha256(body).hexdigest()
+    key = f"{config.prefix.strip('/')}/{kind}/{digest}/{filename}"
+    uri = f"s3://{config.bucket}/{key}"
+    client = s3_hook(config).conn
+    difference = stored_difference(client, config.bucket, key, body)
+    if difference is None:
+        log.info("%s is already in S3, intact", uri)
+        return uri
+    if difference != "missing":
+        log.warning("%s does not hold the body its key names (%s): replacing it", uri, difference)
+    put_verified(client, config.bucket, key, body)
+    log.info("Stored %s (%d bytes)", uri, len(body))
+    return uri
+
+
+def read_object(config: PipelineConfig, uri: str) -> bytes:
+    """The body of ``s3://bucket/key``."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    bucket, key = S3Hook.parse_s3_url(uri)
+    return s3_hook(config).conn.get_object(Bucket=bucket, Key=key)["Body"].read()
