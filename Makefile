@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MNIST_MIRROR ?=
 export MNIST_MIRROR
 
-.PHONY: venv tools test lint demo down bench clean
+.PHONY: venv tools test test-faults lint demo down bench clean
 
 # torch first, from the CPU build pip finds by exact version: with it installed, nothing resolves a CUDA build.
 $(STAMP): pyproject.toml
@@ -32,6 +32,10 @@ tools:
 
 test: lint tools
 	$(BIN)/pytest
+
+# Faults on the real local stack (tests/test_faults.py, minutes each): CI runs them after `make test`.
+test-faults: venv tools
+	$(BIN)/pytest -m fault -n 0
 
 # Starts the local stack (Airflow UI, local AWS), runs the seed sweep, asks the endpoint; leaves it all running.
 demo: venv

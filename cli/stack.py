@@ -38,6 +38,8 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # Seconds between the provider's status polls of local jobs and endpoints (30 on AWS, where they take minutes).
 LOCAL_CHECK_INTERVAL = 2
 LOCAL_BAKE_SECONDS = 20
+ALERT_TOPIC = "mnist-pipeline-alerts"  # the local AWS's topic for the runs' notifications
+LOCAL_RETRY_DELAY_SECONDS = 5  # a local job a crash ended starts again at once: no instances to wait for
 
 
 class StackError(RuntimeError):
@@ -111,7 +113,9 @@ def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
     return json.loads(paths.passwords.read_text())[USERNAME], json.loads(paths.secrets.read_text())
 
 
-def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, connection: str, keys: dict) -> dict:
+def airflow_env(
+    paths: StackPaths, config: PipelineConfig, api_url: str, connection: str, keys: dict, alert_topic_arn: str
+) -> dict:
     from cli.local_aws import LOCAL_CREDENTIALS
 
     port = api_url.rsplit(":", 1)[1]
@@ -141,7 +145,9 @@ def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, connect
             "AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL": str(LOCAL_CHECK_INTERVAL),
             # The monitoring check runs in the bake: here it takes seconds (CloudWatch's figures arrive in one).
             "AIRFLOW__MNIST_PIPELINE__BAKE_SECONDS": str(LOCAL_BAKE_SECONDS),
+            "AIRFLOW__MNIST_PIPELINE__RETRY_DELAY_SECONDS": str(LOCAL_RETRY_DELAY_SECONDS),
             "MNIST_PIPELINE_STATE_DIR": str(paths.state_dir),
+            "MNIST_PIPELINE_ALERT_TOPIC_ARN": alert_topic_arn,
             "NO_PROXY": "127.0.0.1,localhost",
         }
     )
@@ -151,7 +157,12 @@ def airflow_env(paths: StackPaths, config: PipelineConfig, api_url: str, connect
 # --- processes ---------------------------------------------------------------------------------------------------
 
 
-def _spawn(name: str, command: list[str], env: dict, paths: StackPaths) -> dict:
+def _spawn_airflow(name: str, env: dict, paths: StackPaths) -> dict:
+    """Start Airflow component ``name`` (api-server, scheduler, ...); returns its process record."""
+    # One machine, one AIRFLOW_HOME: the API server reads task logs from disk, no log server needed (it would listen
+    # on a fixed port on every interface).
+    skip_serve_logs = ["--skip-serve-logs"] if name in ("scheduler", "triggerer") else []
+    command = [sys.executable, "-m", "airflow", name, *skip_serve_logs]
     _, record = processes.spawn(command, env=env, log_path=paths.logs / f"{name}.log")
     return record
 
@@ -241,9 +252,9 @@ def _free_or_other_port(port: int) -> int:
     return processes.free_port(HOST)
 
 
-def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started]:
-    """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses; returns their
-    process records and URLs."""
+def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started, str]:
+    """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses and, unless one
+    is configured, the topic its notifications go to; returns their process records, URLs and the topic's ARN."""
     import boto3
 
     from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server
@@ -257,6 +268,11 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
                           aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
         if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
             s3.create_bucket(Bucket=config.bucket)
+        if not config.alert_topic_arn:  # the runs' notifications go to a topic in the local AWS (idempotent)
+            sns = boto3.client("sns", endpoint_url=aws_endpoint, region_name=config.region,
+                               aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+            config = dataclasses.replace(config, alert_topic_arn=sns.create_topic(Name=ALERT_TOPIC)["TopicArn"])
         sagemaker = launch.start(
             paths.sagemaker, aws_endpoint, credentials=LOCAL_CREDENTIALS, region=config.region, cpus=config.cpus,
             metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
@@ -264,7 +280,7 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
     except BaseException:
         processes.stop([moto_record])
         raise
-    return moto_record, aws_endpoint, sagemaker
+    return moto_record, aws_endpoint, sagemaker, config.alert_topic_arn
 
 
 def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: float = 180.0) -> dict:
@@ -276,13 +292,17 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
     alive = running(paths)
     if alive and all(alive.values()):
         return read_state(paths)
-    if alive:  # a stack half-dead from a crash: clear it out before starting a fresh one
+    if alive and all(alive[name] for name in BACKING_SERVICES):
+        # Only Airflow components died (a crashed scheduler, say): start those again, on the same connection,
+        # while the runs, their tasks and their jobs go on.
+        return _restart_airflow(paths, config, [name for name in COMPONENTS if not alive.get(name)], timeout)
+    if alive:  # the local AWS or the SageMaker service died: clear it all out before starting a fresh stack
         down(config)
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.airflow_home.mkdir(parents=True, exist_ok=True)
     password, keys = _login_and_secrets(paths)
 
-    moto, aws_endpoint, sagemaker = start_local_aws(paths, config)
+    moto, aws_endpoint, sagemaker, alert_topic_arn = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
     connection = connection_uri(aws_endpoint, config.region, sagemaker.url, sagemaker.runtime_url)
     state = {
@@ -291,21 +311,19 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
         "sagemaker_endpoint": sagemaker.url,
         "sagemaker_runtime_endpoint": sagemaker.runtime_url,
         "connection": connection,
+        "alert_topic_arn": alert_topic_arn,
         "username": USERNAME,
         "processes": {"local-aws": moto, "local-sagemaker": sagemaker.record},
     }
     paths.state.write_text(json.dumps(state, indent=2))
     try:
-        env = airflow_env(paths, config, api_url, connection, keys)
+        env = airflow_env(paths, config, api_url, connection, keys, alert_topic_arn)
         airflow = [sys.executable, "-m", "airflow"]
         migrate = subprocess.run([*airflow, "db", "migrate"], env=env, capture_output=True, text=True)
         if migrate.returncode:
             raise StackError(f"`airflow db migrate` failed:\n{migrate.stdout[-3000:]}{migrate.stderr[-3000:]}")
         for name in COMPONENTS:
-            # One machine, one AIRFLOW_HOME: the API server reads task logs from disk, no log server needed
-            # (it would listen on a fixed port on every interface).
-            skip_serve_logs = ["--skip-serve-logs"] if name in ("scheduler", "triggerer") else []
-            state["processes"][name] = _spawn(name, [*airflow, name, *skip_serve_logs], env, paths)
+            state["processes"][name] = _spawn_airflow(name, env, paths)
             paths.state.write_text(json.dumps(state, indent=2))
         _wait_healthy(state, paths, timeout)
         api = AirflowAPI(api_url, password)
@@ -315,6 +333,17 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
     except BaseException:
         down(config)
         raise
+    return state
+
+
+def _restart_airflow(paths: StackPaths, config: PipelineConfig, names: list[str], timeout: float) -> dict:
+    state = read_state(paths)
+    _, keys = _login_and_secrets(paths)
+    env = airflow_env(paths, config, state["airflow_url"], state["connection"], keys, state["alert_topic_arn"])
+    for name in names:
+        state["processes"][name] = _spawn_airflow(name, env, paths)
+        paths.state.write_text(json.dumps(state, indent=2))
+    _wait_healthy(state, paths, timeout)
     return state
 
 

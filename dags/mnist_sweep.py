@@ -35,10 +35,12 @@ import datetime
 
 from airflow.sdk import Param, chain, dag, task
 from airflow.sdk.configuration import conf
+from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
 
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT
+from tasks.notifications import PipelineNotifier, deadline_missed
 from tasks.training_jobs import MAX_RUNTIME_SECONDS
 from tasks.training_operator import TrainingOperator
 
@@ -52,6 +54,8 @@ PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fal
 # The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
 # metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
 DEFAULT_BAKE_SECONDS = conf.getint("mnist_pipeline", "bake_seconds", fallback=600)
+# How long a failed task waits before its retry (a training job a crash ended is started again under a new name).
+RETRY_DELAY = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "retry_delay_seconds", fallback=60))
 
 
 def _optional(kind: str, title: str, description: str, **schema) -> Param:
@@ -231,6 +235,8 @@ PARAMS.update(
 TRAIN_TIMEOUT = datetime.timedelta(seconds=MAX_RUNTIME_SECONDS) + datetime.timedelta(hours=1)
 DEPLOY_TIMEOUT = CHECK_TIMEOUT = datetime.timedelta(hours=3)
 DAGRUN_TIMEOUT = datetime.timedelta(hours=12)
+# A run still going after this long (from when it was queued) alerts the topic, well before the timeout ends it.
+DEADLINE = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "deadline_seconds", fallback=4 * 3600))
 
 
 def _schedule() -> str | None:
@@ -312,15 +318,20 @@ def select_best(settings: dict, trained) -> dict:
 
 @task
 def gate(settings: dict, best: dict, params: dict) -> dict:
-    from tasks.gate import gate
+    from airflow.sdk.exceptions import AirflowFailException
 
-    return gate(
-        _config(settings),
-        params["endpoint_name"],
-        best["test_accuracy"],
-        min_test_accuracy=params["min_test_accuracy"],
-        tolerance=params["accuracy_tolerance"],
-    )
+    from tasks.gate import ChampionMismatch, gate
+
+    try:
+        return gate(
+            _config(settings),
+            params["endpoint_name"],
+            best["test_accuracy"],
+            min_test_accuracy=params["min_test_accuracy"],
+            tolerance=params["accuracy_tolerance"],
+        )
+    except ChampionMismatch as mismatch:  # a person must look: a retry would find the same record
+        raise AirflowFailException(str(mismatch)) from mismatch
 
 
 @task.branch
@@ -330,7 +341,7 @@ def choose_deploy(decision: dict, params: dict) -> str | None:
     return "deploy" if wanted(decision, params["deploy"]) else None
 
 
-@task(execution_timeout=DEPLOY_TIMEOUT)
+@task(execution_timeout=DEPLOY_TIMEOUT, on_failure_callback=PipelineNotifier("deploy_failed"))
 def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -346,7 +357,7 @@ def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str
         raise AirflowFailException(str(error)) from error
 
 
-@task(execution_timeout=CHECK_TIMEOUT)
+@task(execution_timeout=CHECK_TIMEOUT, on_failure_callback=PipelineNotifier("check_failed"))
 def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, params: dict, ti) -> dict:
     from tasks.monitoring import MonitoringCheckFailed, check_endpoint
 
@@ -398,10 +409,15 @@ def report(settings: dict, best: dict | None, validation, decision, deployment, 
     default_args={
         "owner": "mlops",
         "retries": 2,
-        "retry_delay": datetime.timedelta(minutes=1),
+        "retry_delay": RETRY_DELAY,
         "execution_timeout": datetime.timedelta(minutes=30),
     },
     dagrun_timeout=DAGRUN_TIMEOUT,
+    # Failures, failed checks, rollbacks and missed deadlines reach people through SNS (`alert_topic_arn`).
+    on_failure_callback=PipelineNotifier("run_failed"),
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=DEADLINE, callback=AsyncCallback(deadline_missed)
+    ),
     tags=["mnist", "sagemaker", "training", "sweep"],
     params=PARAMS,
 )

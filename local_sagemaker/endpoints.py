@@ -14,9 +14,9 @@ kept ``TerminationWaitInSeconds`` after the last step, and the whole update may 
 that cannot come up sends all traffic back to the old fleet: the endpoint stays InService on its old config, with
 the FailureReason, as on SageMaker. The old fleet stops only after its last request in flight has been answered.
 
-Records keep each fleet's processes. When the service starts, it adopts the servers still running (pid, start
-time and ``/ping``), starts again the ones that are not, and stops the servers of an update that a stop
-interrupted.
+Records keep each fleet's processes, each one recorded as soon as it is started. When the service starts, it
+adopts the servers still running (pid, start time and ``/ping``), starts again the ones that are not, and stops
+the servers of a launch or an update that a stop or a crash interrupted, and any server no record names.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Endpoints:
     def __init__(self, store: Store, models: Models, router: Router, state_dir: Path, *, workers: int,
                  metrics_interval: float, region: str, account: str):  # fmt: skip
         self.store, self.models, self.router = store, models, router
-        self.fleets_dir = Path(state_dir) / "endpoint-fleets"
+        self.fleets_dir = Path(state_dir).resolve() / "endpoint-fleets"
         self.logs_dir = Path(state_dir) / "logs" / "endpoints"
         self.workers, self.metrics_interval = workers, metrics_interval
         self.region, self.account = region, account
@@ -183,7 +183,7 @@ class Endpoints:
         return directory
 
     def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
-                      image: str) -> dict:  # fmt: skip
+                      image: str, launching: list[dict] | None = None) -> dict:  # fmt: skip
         port = processes.free_port(HOST)
         command = [
             sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--host", HOST,
@@ -195,6 +195,9 @@ class Endpoints:
         env = processes.allowed_env({**environment, **aws_env, "PYTHONUNBUFFERED": "1"})
         log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
         process, record = processes.spawn(command, env=env, log_path=log_path)
+        if launching is not None:  # recorded before it is waited for: a crash meanwhile cannot lose it
+            launching.append(record)
+            self._set_local(endpoint, launching=list(launching))
         server = {
             **record, "url": f"http://{HOST}:{port}", "variant": variant["VariantName"], "config": config,
             "model_dir": str(model_dir), "environment": environment, "image": image,
@@ -216,6 +219,7 @@ class Endpoints:
         """Start the fleet of ``config_name``; returns it once every server answers /ping."""
         config = self.models.endpoint_config(config_name)
         servers: list[dict] = []
+        launching: list[dict] = []
         try:
             for variant in config["ProductionVariants"]:
                 model = self.models.model(variant["ModelName"])
@@ -229,10 +233,12 @@ class Endpoints:
                         model_dir,
                         container.get("Environment", {}),
                         container.get("Image", ""),
+                        launching,
                     )
                 )
         except BaseException as error:
             processes.stop(servers, grace=5)
+            self._set_local(endpoint, launching=[])
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
                 raise
             raise LaunchFailed(f"{type(error).__name__}: {error}") from error
@@ -266,7 +272,7 @@ class Endpoints:
                               LastModifiedTime=now())  # fmt: skip
             log.warning("Endpoint %s failed: %s", name, failed)
             return
-        self._set_local(name, fleet=fleet)
+        self._set_local(name, fleet=fleet, launching=[])
         self.router.set(name, self._targets(fleet))
         self.store.update(KIND, name, EndpointStatus="InService", LastModifiedTime=now())
         log.info("Endpoint %s is InService with config %s", name, config_name)
@@ -281,7 +287,7 @@ class Endpoints:
                               LastModifiedTime=now())  # fmt: skip
             log.warning("%s", reason)
             return
-        self._set_local(name, pending=new)
+        self._set_local(name, pending=new, launching=[])
         try:
             reason = self._shift(name, old, new, deployment, watched)
         except Exception as error:  # CloudWatch unreachable, say: the update cannot be watched, so it is undone
@@ -379,24 +385,35 @@ class Endpoints:
 
     def _recover(self) -> None:
         try:
+            recorded = set()
             for record in self.store.items(KIND):
-                self._recover_one(record)
+                recorded |= {server["pid"] for server in self._recover_one(record)}
+            # Servers no record names (started by a service that was killed before it could say so) serve nothing.
+            strays = [s for s in processes.running_with("inference.serve", self.fleets_dir) if s["pid"] not in recorded]
+            if strays:
+                log.warning("Stopping %d model servers no endpoint record names: %s", len(strays),
+                            ", ".join(str(s["pid"]) for s in strays))  # fmt: skip
+                processes.stop(strays, grace=5)
         finally:
             self.ready.set()
 
-    def _recover_one(self, record: dict) -> None:
+    def _recover_one(self, record: dict) -> list[dict]:
+        """Bring one endpoint back as its record says; returns the servers it now runs on."""
         name, local = record["EndpointName"], record["Local"]
+        if local.get("launching"):  # servers of a launch a stop or a crash interrupted: they never took traffic
+            processes.stop(local["launching"], grace=5)
+            self._set_local(name, launching=[])
         if local["pending"]:  # an update a stop interrupted: its fleet never took over
             processes.stop(local["pending"]["servers"], grace=5)
             self._set_local(name, pending=None)
         status = record["EndpointStatus"]
         if status == "Deleting":
             self._delete(name)
-            return
+            return []
         if status == "Creating" or (status == "Failed" and not local["fleet"]):
             if status == "Creating":
                 self._create(name)
-            return
+            return (self._record(name)["Local"]["fleet"] or {}).get("servers", [])
         fleet = local["fleet"]
         servers = []
         try:
@@ -418,7 +435,7 @@ class Endpoints:
                 LastModifiedTime=now(),
                 FailureReason=f"could not be brought back at the service's start: {failed}"[:1024],
             )
-            return
+            return []
         fleet = {**fleet, "servers": servers}
         self._set_local(name, fleet=fleet)
         self.router.set(name, self._targets(fleet))
@@ -427,16 +444,13 @@ class Endpoints:
             fields["FailureReason"] = "The update was interrupted by a stop of the local SageMaker service"
         self.store.update(KIND, name, **fields)
         log.info("Endpoint %s serves config %s again", name, fleet["config"])
+        return servers
 
     def shutdown(self) -> None:
         """Stop every model server; the records stay, so the next start brings the endpoints back."""
         self._stopping.set()
         for thread in self.threads:
             thread.join(timeout=15)
-        servers = []
-        for record in self.store.items(KIND):
-            for fleet in (record["Local"]["fleet"], record["Local"]["pending"]):
-                if fleet:
-                    servers += fleet["servers"]
+        servers = processes.running_with("inference.serve", self.fleets_dir)  # recorded or not
         with contextlib.suppress(Exception):
             processes.stop(servers, grace=10)

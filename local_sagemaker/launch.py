@@ -80,13 +80,8 @@ def stop(record: dict) -> None:
 
 
 def stop_strays(state_dir: Path) -> int:
-    """Stop the model servers that the records under ``state_dir`` name and that still run: after a service that
-    was killed (a clean stop stops them itself). Returns how many there were."""
-    from local_sagemaker.store import Store
-
-    servers = []
-    for record in Store(state_dir).items("endpoints"):
-        for fleet in (record["Local"]["fleet"], record["Local"]["pending"]):
-            servers += [server for server in (fleet or {}).get("servers", []) if processes.live(server)]
+    """Stop the model servers of ``state_dir`` that still run, recorded or not: after a service that was killed (a
+    clean stop stops them itself). Returns how many there were."""
+    servers = processes.running_with("inference.serve", Path(state_dir) / "endpoint-fleets")
     processes.stop(servers, grace=10)
     return len(servers)

@@ -90,6 +90,18 @@ def live(record: Mapping | None) -> psutil.Process | None:
         return None
 
 
+def running_with(module: str, directory: Path) -> list[dict]:
+    """Records of the ``python -m <module>`` processes with an argument under ``directory``: the processes a state
+    directory's records may have lost (a crash between a spawn and the record of it)."""
+    prefix = str(Path(directory).resolve()) + os.sep
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmdline = process.info["cmdline"] or []
+        if module in cmdline[1:3] and any(arg.startswith(prefix) for arg in cmdline):
+            found.append({"pid": process.info["pid"], "started": process.info["create_time"], "log": None})
+    return found
+
+
 def _descendants(process: psutil.Process) -> list[psutil.Process]:
     try:
         return process.children(recursive=True)

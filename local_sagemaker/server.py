@@ -35,6 +35,7 @@ from local_sagemaker.models import Models
 from local_sagemaker.registry import Registry
 from local_sagemaker.runtime import Router, Runtime
 from local_sagemaker.store import Store
+from local_sagemaker.tags import Tags
 from local_sagemaker.training import TrainingJobs
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Service:
         self.models = Models(self.store, region, ACCOUNT)
         self.experiments = Experiments(self.store, region, ACCOUNT)
         self.registry = Registry(self.store, region, ACCOUNT)
+        self.tags = Tags(self.store)
         self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT,
                                      on_change=self.experiments.record_training_job)  # fmt: skip
         self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
@@ -91,6 +93,9 @@ class Service:
             "DescribeModelPackage": lambda p: self.registry.describe_package(p["ModelPackageName"]),
             "ListModelPackages": self.registry.list_packages,
             "UpdateModelPackage": self.registry.update_package,
+            "AddTags": self.tags.add,
+            "ListTags": self.tags.list,
+            "DeleteTags": self.tags.delete,
         }
 
     def start(self) -> None:

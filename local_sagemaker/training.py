@@ -21,6 +21,7 @@ import logging
 import queue
 import re
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -44,6 +45,8 @@ STARTING_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0  # SIGTERM, then this long before SIGKILL (SageMaker gives 120 s)
 TERMINAL = ("Completed", "Failed", "Stopped")
+# The loopback interface's name (Linux: lo, macOS: lo0): every local "host" of a job talks over it.
+LOOPBACK_INTERFACE = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
 # What DescribeTrainingJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TrainingJobName", "HyperParameters", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
@@ -162,9 +165,9 @@ def host_environments(
             "SM_USER_ENTRY_POINT": program,
             "SM_MODULE_DIR": hyperparameters.get("sagemaker_submit_directory", str(code_dir)),
             "SM_USER_ARGS": json.dumps(user_args(hyperparameters)),
-            "SM_NETWORK_INTERFACE_NAME": "lo",
+            "SM_NETWORK_INTERFACE_NAME": LOOPBACK_INTERFACE,
             # The hosts' names resolve only inside SageMaker's network: here every host is a process on loopback,
-            # and the rendezvous listens on loopback alone.
+            # and the rendezvous and gloo listen on loopback alone (training/cluster.py).
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(processes.free_port()),
             **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},

@@ -65,6 +65,8 @@ class PipelineConfig:
     mnist_mirror_roots: str = ""
     mnist_max_file_bytes: int = 64 * 1024 * 1024
     mnist_download_seconds: int = 900
+    # The SNS topic that failed runs, failed checks, rollbacks and missed deadlines are sent to (empty: none).
+    alert_topic_arn: str = ""
     # On AWS, optionally: the KMS key for training outputs and volumes, and the VPC to train in (comma-separated
     # subnet and security group ids; both or neither).
     kms_key_id: str = ""

@@ -16,7 +16,8 @@ import time
 from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
-from tasks.names import VARIANT_NAME
+from tasks.hooks import sagemaker_hook
+from tasks.names import TEST_ACCURACY_TAG, VARIANT_NAME
 from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def sagemaker_deploy_requests(
     model_name = best["training_job_name"]  # unique per run and a record of where the model came from
     config_name = endpoint_config_name(endpoint_name, run_id)
     tags = [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}]
+    config_tags = [*tags, {"Key": TEST_ACCURACY_TAG, "Value": repr(float(best["test_accuracy"]))}]
     return {
         "model": {
             "ModelName": model_name,
@@ -69,7 +71,7 @@ def sagemaker_deploy_requests(
                     "InitialVariantWeight": 1.0,
                 }
             ],
-            "Tags": tags,
+            "Tags": config_tags,
         },
         "endpoint": {"EndpointName": endpoint_name, "EndpointConfigName": config_name, "Tags": tags},
     }
@@ -234,13 +236,6 @@ def _deploy_timeout(update: Mapping | None) -> float:
     if update is None:  # CreateEndpoint
         return MAX_UPDATE_SECONDS * 3
     return update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"] + MAX_UPDATE_SECONDS
-
-
-def sagemaker_hook(config: PipelineConfig):
-    """The provider's SageMakerHook on the pipeline's connection and region."""
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-
-    return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
 
 
 def _poll_endpoint(hook, endpoint_name: str, done, timeout: float, delay: float) -> dict:

@@ -2,7 +2,8 @@
 
 The champion is the model that serves the endpoint now, recorded with it when it passed the monitoring check:
 `<s3_root>/endpoints/<endpoint>/champion.json` (test accuracy, model, endpoint config), in S3 wherever the AWS
-connection points. Accuracies are fractions (0.9714).
+connection points. The record counts only as far as SageMaker agrees with it (``verify_champion``). Accuracies are
+fractions (0.9714).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import logging
 
 from tasks.config import PipelineConfig
+from tasks.hooks import s3_hook, sagemaker_hook
+from tasks.names import TEST_ACCURACY_TAG
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,8 @@ def champion_uri(config: PipelineConfig, endpoint_name: str) -> str:
     return f"{config.s3_root}/endpoints/{endpoint_name}/champion.json"
 
 
-def _s3(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+class ChampionMismatch(RuntimeError):
+    """The champion record disagrees with what SageMaker says the endpoint serves; the message names each field."""
 
 
 def read_champion(config: PipelineConfig, endpoint_name: str) -> dict | None:
@@ -36,10 +37,40 @@ def read_champion(config: PipelineConfig, endpoint_name: str) -> dict | None:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     bucket, key = S3Hook.parse_s3_url(champion_uri(config, endpoint_name))
-    s3 = _s3(config)
+    s3 = s3_hook(config)
     if not s3.check_for_key(key, bucket):
         return None
     return json.loads(s3.read_key(key, bucket))
+
+
+def verify_champion(config: PipelineConfig, endpoint_name: str, champion: dict, serving: str) -> None:
+    """ChampionMismatch unless the record names the endpoint config the endpoint serves, that config's model
+    artifact, and the test accuracy SageMaker keeps in that config's tag: a record written by anyone who can write
+    to the bucket, or left over from another deployment, never decides the gate."""
+    hook = sagemaker_hook(config)
+    problems = []
+    if champion.get("endpoint_config_name") != serving:
+        problems.append(
+            f"it names endpoint config {champion.get('endpoint_config_name')!r}, the endpoint serves {serving!r}"
+        )
+    else:
+        described = hook.describe_endpoint_config(serving)
+        model = hook.describe_model(described["ProductionVariants"][0]["ModelName"])
+        container = model.get("PrimaryContainer") or model["Containers"][0]
+        if champion.get("model_data_url") != container.get("ModelDataUrl"):
+            problems.append(f"its model is {champion.get('model_data_url')!r}, the endpoint serves "
+                            f"{container.get('ModelDataUrl')!r}")  # fmt: skip
+        tags = hook.conn.list_tags(ResourceArn=described["EndpointConfigArn"])["Tags"]
+        tagged = next((tag["Value"] for tag in tags if tag["Key"] == TEST_ACCURACY_TAG), None)
+        if tagged is None or float(tagged) != champion.get("test_accuracy"):
+            problems.append(f"its test accuracy is {champion.get('test_accuracy')!r}, the endpoint config's "
+                            f"{TEST_ACCURACY_TAG} tag says {tagged!r}")  # fmt: skip
+    if problems:
+        raise ChampionMismatch(
+            f"The champion record {champion_uri(config, endpoint_name)} does not agree with what SageMaker says "
+            f"endpoint {endpoint_name} serves: {'; '.join(problems)}. Find out who wrote it; delete it to let the "
+            "gate judge by min_test_accuracy alone until a run passes its check again."
+        )
 
 
 def record_champion(config: PipelineConfig, endpoint_name: str, champion: dict) -> str:
@@ -56,19 +87,17 @@ def record_champion(config: PipelineConfig, endpoint_name: str, champion: dict) 
         "endpoint_name": endpoint_name,
         "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    _s3(config).load_string(json.dumps(record, indent=2), key, bucket, replace=True)
+    s3_hook(config).load_string(json.dumps(record, indent=2), key, bucket, replace=True)
     log.info("Champion of endpoint %s is now %s (test accuracy %.4f)", endpoint_name, uri, champion["test_accuracy"])
     return uri
 
 
 def serving_endpoint_config(config: PipelineConfig, endpoint_name: str) -> str | None:
     """The endpoint config the endpoint serves now (the one to roll back to), or None when there is no endpoint."""
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
     from botocore.exceptions import ClientError
 
     try:
-        hook = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
-        return hook.describe_endpoint(endpoint_name)["EndpointConfigName"]
+        return sagemaker_hook(config).describe_endpoint(endpoint_name)["EndpointConfigName"]
     except ClientError as error:
         # SageMaker answers a missing endpoint with a ValidationException "Could not find endpoint ...".
         if "Could not find endpoint" in str(error):
@@ -114,6 +143,8 @@ def gate(
     """
     serving = serving_endpoint_config(config, endpoint_name)
     champion = read_champion(config, endpoint_name) if serving else None
+    if champion:
+        verify_champion(config, endpoint_name, champion, serving)
     champion_accuracy = champion["test_accuracy"] if champion else None
     deploy, reason = decide(best_accuracy, champion_accuracy, min_test_accuracy, tolerance)
     log.info("Gate for endpoint %s: %s — %s", endpoint_name, "deploy" if deploy else "skip deployment", reason)

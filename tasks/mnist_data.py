@@ -35,6 +35,7 @@ from pathlib import Path
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from tasks.config import PUBLIC_MNIST_MIRRORS, PipelineConfig, comma_list, load_config
+from tasks.hooks import s3_hook
 from tasks.s3 import UploadError, put_verified, stored_difference
 from training.mnist_idx import MNIST_FILES
 
@@ -390,14 +391,13 @@ def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None =
     (S3 rejects a body that does not match) and read back: an object whose stored checksums differ is removed and
     the upload fails. The manifest goes last, so an interrupted upload never looks complete.
     """
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     config = config or load_config()
     objects = _read_dataset(directory)
     objects[MANIFEST] = _manifest(objects)  # last: it marks the dataset complete
     key_prefix = f"{config.prefix.strip('/')}/datasets/mnist/{hashlib.sha256(objects[MANIFEST]).hexdigest()}/"
     uri = f"s3://{config.bucket}/{key_prefix}"
-    hook = S3Hook(aws_conn_id=config.aws_conn_id)
+    hook = s3_hook(config)
     _ensure_bucket(hook, config)
     client, bucket = hook.conn, config.bucket
 

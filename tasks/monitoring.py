@@ -33,7 +33,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
 from tasks.alarms import put_alarms
 from tasks.config import PipelineConfig
-from tasks.deployment import baking, sagemaker_hook, wait_settled
+from tasks.deployment import baking, wait_settled
+from tasks.hooks import s3_hook, sagemaker_hook
 from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def load_test_images(config: PipelineConfig, source: str, count: int, seed: int 
         if source.startswith("s3://"):
             from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-            s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+            s3 = s3_hook(config)
             bucket, prefix = S3Hook.parse_s3_url(source)
             directory = Path(scratch)
             for role in ("test_images", "test_labels"):
@@ -395,6 +396,8 @@ def check_endpoint(
                 described = wait_settled(config, name, settle_timeout, check_interval)
                 if described["EndpointConfigName"] != config_name:
                     failures = [f"the update rolled back during its bake: {described.get('FailureReason', '')}"]
+            if not failures and (serving := ready_for_check(config, deployment)):
+                failures = [f"before its model became champion: {serving}"]  # it changed under the check
     except (Exception, AirflowTaskTimeout) as error:  # an unchecked model does not stay serving, timed out neither
         log.exception("The monitoring check of endpoint %s could not finish", name)
         failures = [f"the check could not finish: {type(error).__name__}: {error}"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mnist_client import Client, PredictionError, read_picture
 from tasks.config import PipelineConfig, load_config
+from tasks.hooks import sagemaker_hook
 from tasks.names import DEFAULT_ENDPOINT
 
 
@@ -21,10 +22,9 @@ class PredictError(RuntimeError):
 def runtime_client(config: PipelineConfig, endpoint_name: str):
     """The `sagemaker-runtime` client that reaches ``endpoint_name``; fails early, naming the endpoints there are."""
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
     from botocore.exceptions import ClientError
 
-    sagemaker = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    sagemaker = sagemaker_hook(config)
     try:
         status = sagemaker.describe_endpoint(endpoint_name)["EndpointStatus"]
     except ClientError as error:

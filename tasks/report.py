@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tasks.config import PipelineConfig, load_config
+from tasks.hooks import s3_hook
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def job_outputs(model_data_url: str, config: PipelineConfig) -> dict:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     bucket, key = S3Hook.parse_s3_url(f"{model_data_url.rsplit('/', 1)[0]}/output.tar.gz")
-    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    s3 = s3_hook(config)
     found = {"metrics": None, "misclassified": None}
     if not s3.check_for_key(key, bucket):
         return found
@@ -344,7 +345,7 @@ def upload_directory(directory: Path, s3_uri: str, config: PipelineConfig, last:
     """Upload every file under ``directory`` to ``s3_uri`` with its content type; ``last`` goes up last."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    s3 = s3_hook(config)
     bucket, prefix = S3Hook.parse_s3_url(s3_uri)
     files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.name == last)
     uploaded = []

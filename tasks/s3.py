@@ -14,18 +14,13 @@ import hashlib
 import logging
 
 from tasks.config import PipelineConfig
+from tasks.hooks import s3_hook
 
 log = logging.getLogger(__name__)
 
 
 class UploadError(RuntimeError):
     """An object could not be stored in S3 intact; the message names the bucket or object."""
-
-
-def s3_hook(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
 
 
 def stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tasks.config import PipelineConfig
+from tasks.hooks import sagemaker_hook
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +213,9 @@ def sweep_requests(
 
 def ensure_experiment(config: PipelineConfig, experiment_name: str, trial_name: str) -> None:
     """Create the experiment (the DAG) and the trial (the run) unless they exist: the seed's trial tracking."""
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
     from botocore.exceptions import ClientError
 
-    client = SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region).conn
+    client = sagemaker_hook(config).conn
     for describe, create, kwargs in (
         (client.describe_experiment, client.create_experiment, {"ExperimentName": experiment_name}),
         (client.describe_trial, client.create_trial, {"TrialName": trial_name, "ExperimentName": experiment_name}),

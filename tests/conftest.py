@@ -41,6 +41,9 @@ def mnist_mirror_roots(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from tests.local_stack import stop_shared
+
+    stop_shared()
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
@@ -127,3 +130,22 @@ def real_mnist() -> Path:
     if not all((REAL_MNIST / name).is_file() for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
         pytest.skip(f"the official MNIST files are not in {REAL_MNIST}")
     return REAL_MNIST
+
+
+# The files that share one local stack (tests/local_stack.py): under xdist they run on one worker, one stack.
+STACK_FILES = {"tests/test_stack.py", "tests/test_browser.py", "tests/test_faults.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on two workers (`-n 2`): each test file whole on one of them, so that its module fixtures are
+    built once and its tests keep their order; the stack's files together. (xdist's own `loadgroup` cannot do this
+    under pytest 9.2, which no longer lets it rename the tests it groups.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "stack" if path in STACK_FILES else path
+
+    return FileScheduling(config, log)

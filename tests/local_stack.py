@@ -21,6 +21,7 @@ from data_checks.class_stats import write_reference
 from tests.conftest import ROOT
 from training.mnist_idx import load_mnist
 
+DEADLINE_SECONDS = 15
 # Variables of the test session that must not leak into the stack: it has its own home, connection and config.
 _NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE")
 
@@ -83,6 +84,10 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
             "MNIST_PIPELINE_MNIST_EXPECTED_COUNTS": ",".join(str(n) for n in counts.values()),
             "MNIST_PIPELINE_MNIST_REFERENCE": str(reference),
             "MNIST_PIPELINE_METRICS_INTERVAL": "1",  # the monitoring check waits for metrics a second apart
+            # A task whose process died (the fault tests kill them) counts as failed after 30 s, not 5 minutes.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+            # A sweep here takes longer: its deadline alert is sent (test_stack reads it).
+            "AIRFLOW__MNIST_PIPELINE__DEADLINE_SECONDS": str(DEADLINE_SECONDS),
         }
     )
     result = subprocess.run(
@@ -94,9 +99,16 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
         stack.down()
         raise AssertionError(f"`mnist-pipeline up` failed ({result.returncode}):\n{stack.up_output}")
     request.config.add_cleanup(lambda: shutil.rmtree(state_dir, ignore_errors=True))
-    request.config.add_cleanup(lambda: stack.stopped or stack.down())  # cleanups run last in, first out
+    request.config.add_cleanup(stop_shared)  # cleanups run last in, first out
     _shared = stack
     return stack
+
+
+def stop_shared() -> None:
+    """Stop the session's stack if it runs: at the session's end, in the process that started it (an xdist worker
+    stops its own before it exits; a later cleanup would be too late for it)."""
+    if _shared is not None and not _shared.stopped:
+        _shared.down()
 
 
 def _md5(path: Path) -> str:

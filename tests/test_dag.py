@@ -75,6 +75,27 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     assert [task.task_id for task in dag.tasks if not task.downstream_list] == ["report"]
 
 
+def test_failures_and_late_runs_are_told_to_the_alert_topic():
+    """As the DAG file defines it (the dag fixture drops the deadline, for dag.test()): SNS on a failed run, a failed
+    check, a failed deployment, and a deadline alert well before the run's timeout."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tasks.notifications import PipelineNotifier
+
+    written = DagBag(str(DAG_FILE.parent)).dags["mnist_sweep"]
+    assert (
+        isinstance(written.on_failure_callback, PipelineNotifier) and written.on_failure_callback.event == "run_failed"
+    )
+    for task_id, event in (("monitor", "check_failed"), ("deploy", "deploy_failed")):
+        [callback] = written.get_task(task_id).on_failure_callback
+        assert isinstance(callback, PipelineNotifier) and callback.event == event, task_id
+    [deadline] = written.deadline
+    assert deadline.interval == datetime.timedelta(hours=4) < written.dagrun_timeout
+    assert deadline.callback.path == "tasks.notifications.deadline_missed"
+    with pytest.raises(ValueError, match="unknown notification event 'oops'"):
+        PipelineNotifier("oops")
+
+
 def test_dag_file_imports_nothing_heavy():
     """The DAG processor parses this file often: no torch, pandas, great_expectations, sagemaker (nor numpy)."""
     code = (

@@ -29,7 +29,8 @@ SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
 BEST = {
     "training_job_name": "manual-2026-11-23t18-07-10-hc10-1a2b3c4d",
     "hidden_channels": 10,
-    "model_data_url": "s3://bucket/mnist-sweep/training-jobs/x/output/model.tar.gz",
+    "model_data_url": "s3://bucket/mnist-sweep/models/0123/model.tar.gz",
+    "test_accuracy": 0.9714,
 }
 
 
@@ -46,6 +47,8 @@ def test_deploy_requests_pass_the_api_model():
     [variant] = requests["endpoint_config"]["ProductionVariants"]
     assert variant["ModelName"] == model["ModelName"]
     assert requests["endpoint"]["EndpointConfigName"] == requests["endpoint_config"]["EndpointConfigName"]
+    # The accuracy the gate holds later models to, kept in SageMaker beside the config it serves.
+    assert {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"} in requests["endpoint_config"]["Tags"]
 
 
 def test_endpoint_config_names_are_valid_and_unique_per_run():

@@ -8,8 +8,18 @@ import boto3
 import pytest
 
 from tasks.config import load_config
-from tasks.gate import champion_uri, decide, gate, read_champion, record_champion, serving_endpoint_config
+from tasks.gate import (
+    ChampionMismatch,
+    champion_uri,
+    decide,
+    gate,
+    read_champion,
+    record_champion,
+    serving_endpoint_config,
+)
 from tests.endpoint_helpers import model_artifacts, pack
+
+MODEL = "s3://gate-models/m.tar.gz"
 
 
 @pytest.mark.parametrize(
@@ -59,7 +69,8 @@ def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
         best = {
             "training_job_name": f"{name}-hc10",
             "hidden_channels": 10,
-            "model_data_url": "s3://gate-models/m.tar.gz",
+            "model_data_url": MODEL,
+            "test_accuracy": 0.97,
         }
         deployed = deploy(best, {"serving_endpoint_config_name": None}, endpoint_name=name, run_id=name,
                           config=load_config(), check_interval=1)  # fmt: skip
@@ -100,9 +111,7 @@ def test_gate_against_the_champion_serving_now(sagemaker_config, serve):
     config_name = serve(name)
     assert serving_endpoint_config(sagemaker_config, name) == config_name
     record_champion(
-        sagemaker_config,
-        name,
-        {"test_accuracy": 0.97, "model_data_url": "s3://m/a.tar.gz", "endpoint_config_name": config_name},
+        sagemaker_config, name, {"test_accuracy": 0.97, "model_data_url": MODEL, "endpoint_config_name": config_name}
     )
 
     refused = gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
@@ -113,16 +122,35 @@ def test_gate_against_the_champion_serving_now(sagemaker_config, serve):
 
     passed = gate(sagemaker_config, name, 0.968, min_test_accuracy=0.9, tolerance=0.005)
     assert passed["deploy"] is True
-    assert passed["champion_model_data_url"] == "s3://m/a.tar.gz"
+    assert passed["champion_model_data_url"] == MODEL
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("test_accuracy", 0.999, r"its test accuracy is 0\.999, the endpoint config's mnist-pipeline:test-accuracy tag "
+                                 r"says '0\.97'"),
+        ("model_data_url", "s3://elsewhere/model.tar.gz", r"its model is 's3://elsewhere/model\.tar\.gz', the endpoint "
+                                                          r"serves 's3://gate-models/m\.tar\.gz'"),
+        ("endpoint_config_name", "another-config", r"it names endpoint config 'another-config', the endpoint serves"),
+    ],
+)  # fmt: skip
+def test_a_champion_record_sagemaker_disagrees_with_is_refused(sagemaker_config, serve, field, value, problem):
+    """A record written by whoever can write to the bucket (here: a champion too good to beat) decides nothing."""
+    name = f"planted-{uuid.uuid4().hex[:8]}"
+    config_name = serve(name)
+    record = {"test_accuracy": 0.97, "model_data_url": MODEL, "endpoint_config_name": config_name}
+    record_champion(sagemaker_config, name, {**record, field: value})
+    with pytest.raises(ChampionMismatch, match=rf"champion record s3://.*/endpoints/{name}/champion\.json does not "
+                                               rf"agree with what SageMaker says endpoint {name} serves: {problem}"):  # fmt: skip
+        gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
 
 
 def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, serve, local_sagemaker):
     name = f"gone-{uuid.uuid4().hex[:8]}"
     config_name = serve(name)
     record_champion(
-        sagemaker_config,
-        name,
-        {"test_accuracy": 0.99, "model_data_url": "s3://m/a.tar.gz", "endpoint_config_name": config_name},
+        sagemaker_config, name, {"test_accuracy": 0.99, "model_data_url": MODEL, "endpoint_config_name": config_name}
     )
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     sagemaker.delete_endpoint(EndpointName=name)

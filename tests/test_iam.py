@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import ROOT
 
 PLACEHOLDERS = {"${Region}": "eu-west-1", "${AccountId}": "123456789012", "${Bucket}": "mnist-pipeline",
-                "${Prefix}": "mnist-sweep", "${ExecutionRoleName}": "mnist-pipeline-sagemaker"}  # fmt: skip
+                "${Prefix}": "mnist-sweep", "${ExecutionRoleName}": "mnist-pipeline-sagemaker",
+                "${AlertTopicName}": "mnist-pipeline-alerts"}  # fmt: skip
 POLICIES = ("iam/airflow-policy.json", "iam/sagemaker-execution-role-policy.json", "mnist_lambda/iam-policy.json")
 
 

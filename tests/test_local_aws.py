@@ -270,6 +270,6 @@ def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
         assert not ready.exists()
         process = serve()
         assert stored(s3(url)) == {"champion.json": b'{"accuracy": 0.99}'}
-    finally:
-        process.kill()
-        process.wait()
+    finally:  # SIGTERM: it stops its moto server first (a SIGKILL would leave that running)
+        process.terminate()
+        process.wait(timeout=30)

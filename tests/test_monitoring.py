@@ -51,11 +51,12 @@ def sagemaker(local_sagemaker):
     return boto3.client("sagemaker", endpoint_url=local_sagemaker)
 
 
-def serve(config, endpoint: str, model_data_url: str, previous: str | None = None, bake_seconds: int = 0) -> dict:
-    """What the DAG's deploy task does: the model under a run of its own, created or updated on ``endpoint``
-    (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
+def serve(config, endpoint: str, uploaded: dict, kind: str, previous: str | None = None, bake_seconds: int = 0) -> dict:
+    """What the DAG's deploy task does: the ``kind`` model under a run of its own, created or updated on
+    ``endpoint`` (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
     run = f"run-{uuid.uuid4().hex[:8]}"
-    best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": model_data_url}
+    best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded[kind],
+            "test_accuracy": uploaded["test_accuracy"]}  # fmt: skip
     return deploy(best, {"serving_endpoint_config_name": previous}, endpoint_name=endpoint, run_id=run, config=config,
                   check_interval=1, traffic={"bake_seconds": bake_seconds})  # fmt: skip
 
@@ -107,7 +108,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     name, accuracy = "mon", uploaded["test_accuracy"]
     assert gate(local_config, name, accuracy)["deploy"] is True  # no endpoint, no champion yet
 
-    good = serve(local_config, name, uploaded["good"])
+    good = serve(local_config, name, uploaded, "good")
     passed = check_endpoint(local_config, good, uploaded["test_data"], accuracy, **CHECK)
     assert passed["passed"] is True and passed["failures"] == []
     assert passed["load"]["errors"] == 0 and passed["load"]["requests"] == 100
@@ -130,7 +131,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     assert refused["deploy"] is False and refused["serving_endpoint_config_name"] == good["endpoint_config_name"]
 
     # An update checked while it bakes: the failed check stops it, and the old fleet, kept meanwhile, serves again.
-    wrong = serve(local_config, name, uploaded["shuffled"], previous=good["endpoint_config_name"], bake_seconds=600)
+    wrong = serve(local_config, name, uploaded, "shuffled", previous=good["endpoint_config_name"], bake_seconds=600)
     assert wrong["baking"] is True
     with pytest.raises(MonitoringCheckFailed) as failed:
         check_endpoint(local_config, wrong, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30})
@@ -155,7 +156,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     }  # fmt: skip
 
     # A good update passes while it bakes, and becomes the champion once the bake is over.
-    better = serve(local_config, name, uploaded["good"], previous=good["endpoint_config_name"], bake_seconds=4)
+    better = serve(local_config, name, uploaded, "good", previous=good["endpoint_config_name"], bake_seconds=4)
     assert better["baking"] is True
     passed = check_endpoint(local_config, better, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30})
     assert passed["passed"] is True
@@ -170,7 +171,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
 
 def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created(local_config, uploaded, sagemaker):
     name = "mon-new"
-    deployment = serve(local_config, name, uploaded["raising"])
+    deployment = serve(local_config, name, uploaded, "raising")
     with pytest.raises(MonitoringCheckFailed) as failed:
         check_endpoint(
             local_config, deployment, uploaded["test_data"], uploaded["test_accuracy"], **{**CHECK, "samples": 20}
@@ -207,7 +208,7 @@ def test_a_check_that_cannot_finish_undoes_the_deployment(local_config, uploaded
     """Not only a failed threshold: an exception inside the check (here its test images cannot be read) leaves no
     unchecked model serving; the endpoint this deployment created is deleted."""
     name = "mon-broken"
-    deployment = serve(local_config, name, uploaded["good"])
+    deployment = serve(local_config, name, uploaded, "good")
     missing = f"s3://{local_config.bucket}/no-such-test-data"
     with pytest.raises(MonitoringCheckFailed) as failed:
         check_endpoint(local_config, deployment, missing, uploaded["test_accuracy"], **CHECK)
@@ -225,7 +226,7 @@ def test_a_deployment_whose_check_never_finished_is_undone_after_the_run(local_c
     from tasks.monitoring import undo_unchecked
 
     name = "mon-unchecked"
-    deployment = serve(local_config, name, uploaded["good"])
+    deployment = serve(local_config, name, uploaded, "good")
     assert undo_unchecked(local_config, deployment, {"passed": True}, check_interval=1) is None
     assert sagemaker.describe_endpoint(EndpointName=name)["EndpointStatus"] == "InService"
     undone = undo_unchecked(local_config, deployment, None, check_interval=1)

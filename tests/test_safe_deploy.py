@@ -21,6 +21,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from tests.alerts import event_of, read_alerts, subscribe_queue
 from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
 ENDPOINT = "safe-local"
@@ -54,6 +55,9 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
 
     with pytest.MonkeyPatch.context() as patch:
         data = configure(patch, tmp_path_factory.mktemp("safe-local"), small_mnist, "safe-local", local_aws)
+        topic = boto3.client("sns", endpoint_url=local_aws).create_topic(Name="safe-local-alerts")["TopicArn"]
+        patch.setenv("MNIST_PIPELINE_ALERT_TOPIC_ARN", topic)
+        alerts = subscribe_queue(local_aws, topic)
         common = {**data, **RELAXED_LATENCY, "endpoint_name": ENDPOINT, "metrics_timeout": 120}
         try:
             deployed = run_sweep({**common, **GOOD})
@@ -63,7 +67,8 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
             let_through = {**common, **BAD, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "smoke_requests": 50,
                            "bake_seconds": 600}  # fmt: skip
             rolled_back = run_sweep(let_through)
-            yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back}
+            yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back,
+                   "alerts": alerts}  # fmt: skip
         finally:
             sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
             with contextlib.suppress(ClientError):
@@ -173,7 +178,7 @@ def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(l
 
 
 def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_answers(
-    local_runs, small_mnist, local_sagemaker, local_sagemaker_runtime
+    local_runs, small_mnist, local_sagemaker, local_sagemaker_runtime, local_aws
 ):
     from tasks.deployment import endpoint_config_name
     from tasks.gate import read_champion
@@ -208,3 +213,12 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     served = served_accuracy(local_sagemaker_runtime, good, test["test_images"], test["test_labels"])
     assert served == pytest.approx(best["test_accuracy"], abs=0.011)
     assert read_champion(local_runs["config"], ENDPOINT)["endpoint_config_name"] == good["endpoint_config_name"]
+
+    # The people subscribed to the alert topic heard of it: the run, what failed, the rollback, the report.
+    [alert] = [a for a in read_alerts(local_aws, local_runs["alerts"], wanted=1) if event_of(a) == "check_failed"]
+    assert alert["Subject"] == f"MNIST: check failed on {ENDPOINT}, rolled back"
+    message = alert["Message"]
+    assert f"run {run.run_id}" in message and f"- {check['failures'][0]}" in message
+    assert f"Rollback: restored to {good['endpoint_config_name']}." in message
+    assert re.search(r"Smoke load: live accuracy 0\.\d+, p99 ms [\d.]+, errors 0, requests 50\.", message), message
+    assert re.search(rf"Report: {local_runs['config'].s3_root}/runs/[^/\s]+/report/report\.html", message), message

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
+import sys
 import threading
 import time
 
@@ -291,8 +293,17 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
         servers = server_pids(started.url, "kept")
         processes.live(started.record).kill()  # a crash leaves the servers running: the next start adopts them
         psutil.wait_procs([psutil.Process(started.record["pid"])], timeout=10)
+        # A server the crash kept out of the records (started, and killed before it was written down).
+        fleets = tmp_path / "state" / "endpoint-fleets"
+        lost_dir = fleets / "lost" / "lost-config" / "AllTraffic"
+        shutil.copytree(next(fleets.glob("kept/kept/AllTraffic")), lost_dir)
+        port = processes.free_port()
+        lost, _ = processes.spawn([sys.executable, "-m", "inference.serve", "--model-dir", str(lost_dir),
+                                   "--port", str(port)], env=processes.allowed_env())  # fmt: skip
+        assert processes.wait_until(lambda: processes.healthy(f"http://127.0.0.1:{port}"), 60)
         started = start()
         assert server_pids(started.url, "kept") == set() and all(psutil.pid_exists(pid) for pid in servers)
+        assert lost.wait(timeout=30) is not None, "the server no record names is stopped at the start"
         assert probabilities(runtime(started.runtime_url), "kept", body) == answer
         client = boto3.client("sagemaker", endpoint_url=started.url)
         client.delete_endpoint(EndpointName="kept")

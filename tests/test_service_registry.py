@@ -118,3 +118,32 @@ def test_what_is_wrong_is_named(sagemaker):
     assert (
         "failed to satisfy constraint: Member must satisfy enum value set" in caught.value.response["Error"]["Message"]
     )
+
+
+def test_tags_are_added_listed_and_deleted_by_arn(sagemaker):
+    """Tags on a group and on an endpoint config (the pipeline keeps a deployment's test accuracy there)."""
+    group_arn = sagemaker.describe_model_package_group(ModelPackageGroupName=GROUP)["ModelPackageGroupArn"]
+    sagemaker.create_model(ModelName="tagged", ExecutionRoleArn="arn:aws:iam::000000000000:role/r",
+                           PrimaryContainer={"Image": "i", "ModelDataUrl": "s3://bucket/m/model.tar.gz"})  # fmt: skip
+    sagemaker.create_endpoint_config(
+        EndpointConfigName="tagged",
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "tagged", "InitialInstanceCount": 1}],
+        Tags=[{"Key": "project", "Value": "mnist-pipeline"}],
+    )
+    config_arn = sagemaker.describe_endpoint_config(EndpointConfigName="tagged")["EndpointConfigArn"]
+    assert validated("ListTags", sagemaker.list_tags(ResourceArn=config_arn))["Tags"] == [
+        {"Key": "project", "Value": "mnist-pipeline"}
+    ]
+    validated("AddTags", sagemaker.add_tags(ResourceArn=config_arn, Tags=[
+        {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"}, {"Key": "project", "Value": "changed"}]))  # fmt: skip
+    assert sagemaker.list_tags(ResourceArn=config_arn)["Tags"] == [
+        {"Key": "project", "Value": "changed"}, {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"}]  # fmt: skip
+    sagemaker.delete_tags(ResourceArn=config_arn, TagKeys=["project"])
+    assert [t["Key"] for t in sagemaker.list_tags(ResourceArn=config_arn)["Tags"]] == ["mnist-pipeline:test-accuracy"]
+    sagemaker.add_tags(ResourceArn=group_arn, Tags=[{"Key": "team", "Value": "ops"}])
+    assert sagemaker.list_tags(ResourceArn=group_arn)["Tags"] == [{"Key": "team", "Value": "ops"}]
+    assert "Tags" not in sagemaker.describe_endpoint_config(EndpointConfigName="tagged"), "as SageMaker answers"
+    with pytest.raises(ClientError, match=r"Resource arn:aws:sagemaker:us-east-1:000000000000:model/absent does not"):
+        sagemaker.list_tags(ResourceArn="arn:aws:sagemaker:us-east-1:000000000000:model/absent")
+    sagemaker.delete_endpoint_config(EndpointConfigName="tagged")
+    sagemaker.delete_model(ModelName="tagged")

@@ -10,9 +10,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.local_stack import shared_stack
+from tests.alerts import event_of, read_alerts, subscribe_queue
+from tests.local_stack import DEADLINE_SECONDS, shared_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture
@@ -84,6 +85,8 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
 
     from training.mnist_idx import MNIST_FILES, read_idx
 
+    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"])
+
     # Settings that learn the small digits in two short epochs, so the gate and the monitoring check pass.
     conf = {"mnist_mirror": str(small_mnist), "epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32}
     result = stack.cli("run", "--conf", json.dumps(conf), "--param", "hidden_channels=[4]", "--param",
@@ -119,6 +122,24 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
     assert sum(answer["digit"] == label for answer, label in zip(answers, labels, strict=True)) >= 4
     assert "endpoint mnist-classifier" in stack.cli("status").stdout
 
+    # The run took longer than this stack's deadline: the triggerer told the alert topic.
+    assert int(re.search(r"success in (\d+) s", output).group(1)) > DEADLINE_SECONDS
+    [late] = read_alerts(stack.state["aws_endpoint"], alerts, wanted=1)
+    assert event_of(late) == "deadline_missed" and late["Subject"] == "MNIST: mnist_sweep run past its deadline"
+    assert f"mnist_sweep run {run_id} is still running at its deadline" in late["Message"], late["Message"]
+
+
+def test_a_failed_run_is_told_to_the_alert_topic(stack):
+    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"])
+    result = stack.cli("run", "--param", "mnist_mirror=http://169.254.169.254/latest/", timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run_id = re.search(r"Triggered mnist_sweep run (\S+):", result.stdout).group(1)
+    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, wanted=1, timeout=90)
+    assert event_of(alert) == "run_failed" and alert["Subject"] == "MNIST: mnist_sweep run failed"
+    message = alert["Message"]
+    assert f"mnist_sweep run {run_id} failed (last task: download)." in message, message
+    assert f"Run: {stack.url}/dags/mnist_sweep/runs/" in message
+
 
 def test_run_refuses_bad_conf_and_bad_params(stack):
     bad_json = stack.cli("run", "--conf", "{not json")
@@ -147,7 +168,8 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
     stack.stopped = False
     try:
         status = stack.cli("status")
-        assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout
+        log = (stack.state_dir / "stack" / "logs" / "local-sagemaker.log").read_text()[-4000:]
+        assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=stack.state["aws_endpoint"])

@@ -326,6 +326,59 @@ def test_two_hosts_train_together_with_ddp(tmp_path, small_mnist):
     assert (tmp_path / "algo-1" / "model" / "model.pth").is_file()
 
 
+LISTENERS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from cluster import Cluster, init_process_group
+
+cluster = Cluster.from_env()
+init_process_group(cluster, 0, "gloo")
+dist.barrier()
+if cluster.rank(0) == 0:  # every socket this process listens on, as /proc/net shows them (hex address:port)
+    sockets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the directory's own descriptor, closed by now
+            continue
+        if link.startswith("socket:"):
+            sockets.add(link.split("[")[1].rstrip("]"))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in sockets:
+                print("LISTEN", fields[1])
+dist.barrier()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket tables")
+def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, small_mnist):
+    """The local service's multi-host jobs: neither the rendezvous nor gloo may be reachable from the network."""
+    hosts = ["algo-1", "algo-2"]
+    shared = {"SM_HOSTS": json.dumps(hosts), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+              "SM_NETWORK_INTERFACE_NAME": "lo"}  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LISTENERS, str(TRAIN_SCRIPT.parent)],
+            text=True,
+            env=job_env(small_mnist, tmp_path / host, SM_CURRENT_HOST=host, **shared),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for host in hosts
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    listening = [line.split()[1] for line in outputs[0].splitlines() if line.startswith("LISTEN ")]
+    assert f"{int(shared['MASTER_PORT']):04X}" in {address.split(":")[1] for address in listening}, outputs[0]
+    # 127.0.0.1 in /proc/net/tcp's little-endian hex, or as an IPv4-mapped IPv6 address
+    assert all(address.split(":")[0] in ("0100007F", "0000000000000000FFFF00000100007F") for address in listening), (
+        listening
+    )
+
+
 # -- models, augmentation, loop ----------------------------------------------------------------------------------
 
 

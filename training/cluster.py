@@ -2,13 +2,16 @@
 
 SageMaker runs the entry point once per host. Each host runs one process per GPU (one process without a GPU);
 rank = host index * processes per host + local rank. The master is the first host, unless MASTER_ADDR says
-otherwise (the local backend runs every "host" as a process on 127.0.0.1).
+otherwise (the local SageMaker service runs every "host" as a process on 127.0.0.1, and everything then listens
+on loopback only).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -64,15 +67,31 @@ class Cluster:
 
 
 def init_process_group(cluster: Cluster, local_rank: int, backend: str) -> None:
-    """Join the job's process group (only when there is more than one process)."""
+    """Join the job's process group (only when there is more than one process).
+
+    Everything listens where the job's network is: gloo on SageMaker's interface (SM_NETWORK_INTERFACE_NAME), and
+    the rendezvous of a loopback master on loopback alone (TCPStore's server would listen on every interface).
+    """
+    global _listener
     address = os.environ.get("MASTER_ADDR", cluster.hosts[0])
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
+    rank = cluster.rank(local_rank)
+    if interface := os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{address}:{port}",
-        rank=cluster.rank(local_rank),
-        world_size=cluster.world_size,
-        timeout=TIMEOUT,
-    )
+    if rank == 0 and _is_loopback(address):
+        _listener = socket.create_server((address, port), backlog=max(128, cluster.world_size))
+    store = dist.TCPStore(address, port, cluster.world_size, is_master=rank == 0, timeout=TIMEOUT,
+                          master_listen_fd=_listener.fileno() if _listener else None)  # fmt: skip
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=cluster.world_size, timeout=TIMEOUT)
+
+
+_listener: socket.socket | None = None  # the rendezvous socket, kept open as long as the store serves on it
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name: SageMaker's algo-1
+        return address == "localhost"

@@ -1,0 +1,157 @@
+"""Faults on the real local stack, as they happen to an ops team: each test breaks one thing in the middle of a run
+and asserts what survived. Marked `fault`: `make test` leaves them out (they take minutes), `.ci/run` runs them
+with `make test-faults`.
+
+Uploads cut halfway are tested where the cut can be placed exactly, against a real moto through a proxy that drops
+the connection (tests/test_mnist_upload.py); here the stack's S3 is never cut mid-object.
+"""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import psutil
+import pytest
+
+from tasks.training_jobs import training_job_name
+from tests.local_stack import shared_stack
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+# Settings that learn the small digits quickly, so that the runs that are not broken pass their gate and check.
+QUICK = {"epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32, "hidden_channels": [4], "smoke_requests": 50}
+# A job that runs for minutes: one image per step.
+SLOW = {**QUICK, "epochs": 100, "batch_size": 1, "deploy": False}
+RUN_TIMEOUT = 600
+
+
+@pytest.fixture
+def stack(request, small_mnist):
+    return shared_stack(request, small_mnist)
+
+
+def wait_for(what: str, probe, timeout: float, interval: float = 0.2):
+    """``probe()``'s first truthy answer; fails naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if answer := probe():
+            return answer
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(interval)
+
+
+def trigger(stack, conf: dict, small_mnist) -> str:
+    with stack.api() as api:
+        run = api.post("/dags/mnist_sweep/dagRuns", json={"logical_date": None,
+                                                           "conf": {"mnist_mirror": str(small_mnist), **conf}})  # fmt: skip
+        assert run.status_code == 200, run.text
+        return run.json()["dag_run_id"]
+
+
+def run_state(stack, run_id: str) -> str:
+    with stack.api() as api:
+        return api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()["state"]
+
+
+def finished(stack, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
+    return wait_for(f"run {run_id} ends", lambda: (s := run_state(stack, run_id)) in ("success", "failed") and s,
+                    timeout, interval=1)  # fmt: skip
+
+
+def training_processes(job_name: str) -> list[psutil.Process]:
+    """The train.py processes of ``job_name`` (and of its retries, suffixed) on this machine."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline, cwd = process.info["cmdline"] or [], process.info["cwd"] or ""
+        if "train.py" in cmdline[1:2] and f"/job-dirs/{job_name}" in cwd:  # run as SageMaker runs it, from code/
+            found.append(process)
+    return found
+
+
+def training_jobs(stack, job_name: str) -> list[dict]:
+    sagemaker = boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])
+    summaries = sagemaker.list_training_jobs(NameContains=job_name, MaxResults=100)["TrainingJobSummaries"]
+    return sorted(summaries, key=lambda job: job["CreationTime"])
+
+
+def test_a_killed_training_process_is_retried_and_the_run_succeeds(stack, small_mnist):
+    run_id = trigger(stack, QUICK, small_mnist)
+    job = training_job_name(run_id, 4)
+    [victim] = wait_for("the training process starts", lambda: training_processes(job), 180)
+    victim.kill()
+    assert finished(stack, run_id) == "success"
+    jobs = training_jobs(stack, job)
+    assert [j["TrainingJobStatus"] for j in jobs] == ["Failed", "Completed"], jobs
+    with stack.api() as api:
+        train = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances/train/0").json()
+    assert train["state"] == "success" and train["try_number"] == 2
+
+
+def test_a_training_task_marked_failed_stops_its_job_within_30_s(stack, small_mnist):
+    run_id = trigger(stack, SLOW, small_mnist)
+    job = training_job_name(run_id, 4)
+    running = wait_for("the training process starts", lambda: training_processes(job), 180)
+    with stack.api() as api:  # what the UI's "mark as failed" sends
+        marked = api.patch(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances/train/0", json={"new_state": "failed"})
+        assert marked.status_code == 200, marked.text
+    started = time.monotonic()
+    _, alive = psutil.wait_procs(running, timeout=30)
+    assert alive == [], f"still running after {time.monotonic() - started:.0f} s: {alive}"
+    [stopped] = training_jobs(stack, job)
+    assert wait_for("the job is Stopped", lambda: training_jobs(stack, job)[0]["TrainingJobStatus"] == "Stopped", 30)
+    assert stopped["TrainingJobName"] == job
+    assert finished(stack, run_id) == "failed"
+    assert training_processes(job) == []
+
+
+def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
+    """`mnist-pipeline down` and `up` while a job trains: the local AWS and the local SageMaker service restart with
+    their state, the run then fails cleanly or completes, and nothing of before is lost or left running."""
+    sagemaker = lambda: boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])  # noqa: E731
+    s3 = lambda: boto3.client("s3", endpoint_url=stack.state["aws_endpoint"])  # noqa: E731
+    from tasks.config import load_config
+
+    bucket = load_config().bucket
+    objects_before = {o["Key"]: o["ETag"] for o in s3().list_objects_v2(Bucket=bucket).get("Contents", [])}
+    jobs_before = {j["TrainingJobName"]: j["TrainingJobStatus"]
+                   for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
+
+    run_id = trigger(stack, {**QUICK, "epochs": 6, "batch_size": 8}, small_mnist)
+    job = training_job_name(run_id, 4)
+    running = wait_for("the training process starts", lambda: training_processes(job), 180)
+    assert stack.down().returncode == 0
+    _, alive = psutil.wait_procs(running, timeout=30)
+    assert alive == [], "down stops the jobs too"
+    again = stack.cli("up", "--port", "0")
+    assert again.returncode == 0, again.stdout + again.stderr
+    stack.stopped = False
+
+    assert finished(stack, run_id) in ("success", "failed")
+    objects_after = {o["Key"]: o["ETag"] for o in s3().list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert objects_after.keys() >= objects_before.keys(), "every object of before is there"
+    # unchanged, but for the champion record, which the run rewrites when it completes and deploys
+    changed = {key for key, etag in objects_before.items() if objects_after[key] != etag}
+    assert changed <= {key for key in objects_before if key.endswith("/champion.json")}, changed
+    jobs_after = {j["TrainingJobName"]: j["TrainingJobStatus"]
+                  for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
+    assert jobs_after.items() >= jobs_before.items(), "every job record of before is there"
+    assert jobs_after[job] in ("Failed", "Stopped", "Completed")
+    assert training_processes(job) == []
+
+
+def test_a_scheduler_killed_mid_sweep_and_started_again_finishes_the_run_once(stack, small_mnist):
+    run_id = trigger(stack, {**QUICK, "epochs": 8, "batch_size": 8}, small_mnist)
+    job = training_job_name(run_id, 4)
+    wait_for("the training process starts", lambda: training_processes(job), 180)
+    scheduler = psutil.Process(stack.state["processes"]["scheduler"]["pid"])
+    scheduler.kill()
+    scheduler.wait(10)
+    again = stack.cli("up", "--port", "0")  # starts what died, and only that
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert stack.state["processes"]["scheduler"]["pid"] != scheduler.pid
+    assert finished(stack, run_id) == "success"
+    assert [j["TrainingJobStatus"] for j in training_jobs(stack, job)] == ["Completed"], "the job ran once"
+    with stack.api() as api:
+        tis = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    assert {ti["task_id"]: ti["try_number"] for ti in tis}["train"] == 1, "its task too"
