@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -464,7 +465,7 @@ def status_command(args) -> int:
 
 FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
 TRAINING_TASKS = ("train",)
-EPOCH_LINE = "Test Accuracy:"  # one per epoch in a training job's log (the seed's metric line)
+EPOCH_LINE = re.compile(r"Test Epoch: (\d+),")  # training/train.py's line at the end of each epoch
 
 
 def run_conf(conf_json: str | None, params: list[str]) -> dict:
@@ -527,15 +528,74 @@ def xcom(api: AirflowAPI, run_id: str, task_id: str, map_index: int = -1):
     return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
 
 
-def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0) -> dict:
-    """Follow the run to its end: a line per finished task, a progress bar, epochs of running training jobs."""
+class SweepTable:
+    """The sweep as it goes: one row per training task (its hidden_channels value), with its job's state, the
+    epochs done and the last test accuracy from the job's own log lines in the task's log."""
+
+    def __init__(self, api: AirflowAPI, run_id: str, sagemaker=None):
+        self.api, self.run_id, self.sagemaker = api, run_id, sagemaker
+        self.rows: dict[int, tuple[str, ...]] = {}
+
+    def _job_state(self, hidden_channels: str, fallback: str) -> tuple[str, str]:
+        """(job name, job status) of the member's newest job (a retry's is suffixed), or the task's state."""
+        from tasks.training_jobs import training_job_name
+
+        name = training_job_name(self.run_id, int(hidden_channels)) if hidden_channels.isdigit() else ""
+        if self.sagemaker is None or not name:
+            return name, fallback
+        try:
+            jobs = self.sagemaker.list_training_jobs(NameContains=name, SortBy="CreationTime", SortOrder="Descending",
+                                                     MaxResults=1)["TrainingJobSummaries"]  # fmt: skip
+        except Exception:  # the table is a view: an unreachable service shows the task's state instead
+            return name, fallback
+        return (jobs[0]["TrainingJobName"], jobs[0]["TrainingJobStatus"]) if jobs else (name, fallback)
+
+    def update(self, tis: list[dict]) -> None:
+        from tasks.training_jobs import METRIC_DEFINITIONS
+
+        accuracy = re.compile(next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == "test:accuracy"))
+        for ti in tis:
+            if ti["task_id"] not in TRAINING_TASKS or ti["map_index"] < 0:
+                continue
+            finished = self.rows.get(ti["map_index"])
+            if finished and finished[1] in ("Completed", "Failed", "Stopped") and ti["state"] in FINISHED:
+                continue  # nothing changes any more
+            label = ti.get("rendered_map_index") or task_label(ti)
+            hidden_channels = label.partition("=")[2]
+            job, status = self._job_state(hidden_channels, ti["state"] or "queued")
+            lines = task_log(self.api, self.run_id, ti) if ti["state"] in ("running", *FINISHED) else []
+            # Each epoch's line once (a log can repeat one), by its number: "Test Epoch: 2, ... Test Accuracy: 97.00%;"
+            epochs = {
+                int(epoch.group(1)): found.group(1)
+                for line in lines
+                if (epoch := EPOCH_LINE.search(line)) and (found := accuracy.search(line))
+            }
+            last = epochs[max(epochs)] + "%" if epochs else ""
+            self.rows[ti["map_index"]] = (label, status, str(max(epochs, default=0)), last, job)
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table("sweep member", "state", "epochs", "test accuracy", title="Training jobs")
+        table.add_column("training job", overflow="fold")  # whole: it is what SageMaker's console finds it by
+        for _, row in sorted(self.rows.items()):
+            table.add_row(*row)
+        return table
+
+
+def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0, sagemaker=None) -> dict:
+    """Follow the run to its end: a line per finished task, the sweep table live, a progress bar."""
+    from rich.console import Group
+    from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     reported: set[str] = set()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as progress:
-        bar = progress.add_task("queued", total=None)
+    progress = Progress(*columns, console=console)
+    sweep = SweepTable(api, run_id, sagemaker)
+    bar = progress.add_task("queued", total=None)
+    with Live(Group(sweep, progress), console=console, refresh_per_second=4) as live:
         while True:
             run = api.get(_run_path(run_id))
             tis = api.get(f"{_run_path(run_id)}/taskInstances", limit=1000)["task_instances"]
@@ -545,18 +605,14 @@ def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0) -> dict:
                     reported.add(label)
                     mark = {"success": "[green]✓[/]", "skipped": "[dim]·[/]"}.get(ti["state"], "[red]✗[/]")
                     duration = f" ({ti['duration']:.1f} s)" if ti.get("duration") else ""
-                    progress.console.print(f"{mark} {label} {ti['state']}{duration}")
-            running = [ti for ti in tis if ti["state"] == "running"]
-            described = []
-            for ti in running:
-                if ti["task_id"] in TRAINING_TASKS:
-                    epochs = sum(EPOCH_LINE in line for line in task_log(api, run_id, ti))
-                    described.append(f"{task_label(ti)} epoch {epochs + 1}")
-                else:
-                    described.append(task_label(ti))
-            progress.update(bar, total=len(tis), completed=len(reported),
-                            description=", ".join(described) or run["state"])  # fmt: skip
+                    live.console.print(f"{mark} {label} {ti['state']}{duration}")
+            sweep.update(tis)
+            running = [task_label(ti) for ti in tis if ti["state"] == "running"]
+            progress.update(
+                bar, total=len(tis), completed=len(reported), description=", ".join(running) or run["state"]
+            )
             if run["state"] in ("success", "failed"):
+                progress.update(bar, visible=False)
                 return run
             time.sleep(poll)
 
@@ -593,7 +649,7 @@ def run_sweep(conf: dict, console, config: PipelineConfig | None = None) -> dict
     console.print(
         f"Triggered {DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DAG_ID}/runs/{_quote(run_id)}"
     )
-    run = follow(api, run_id, console)
+    run = follow(api, run_id, console, sagemaker=local_client(state, "sagemaker", config or load_config()))
     outcome = {
         "run_id": run_id,
         "state": run["state"],

@@ -41,6 +41,7 @@ from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT
 from tasks.notifications import PipelineNotifier, deadline_missed
+from tasks.registry import RegisterModelVersionOperator
 from tasks.training_jobs import MAX_RUNTIME_SECONDS
 from tasks.training_operator import TrainingOperator
 
@@ -338,7 +339,14 @@ def gate(settings: dict, best: dict, params: dict) -> dict:
 def choose_deploy(decision: dict, params: dict) -> str | None:
     from tasks.deployment import wanted
 
-    return "deploy" if wanted(decision, params["deploy"]) else None
+    return "registration" if wanted(decision, params["deploy"]) else None
+
+
+@task(multiple_outputs=True)
+def registration(settings: dict, best: dict, dataset_uri: str, run_id: str) -> dict:
+    from tasks.registry import registration
+
+    return registration(best, dataset_uri, run_id, _config(settings))
 
 
 @task(execution_timeout=DEPLOY_TIMEOUT, on_failure_callback=PipelineNotifier("deploy_failed"))
@@ -358,11 +366,13 @@ def deploy(settings: dict, best: dict, decision: dict, params: dict, run_id: str
 
 
 @task(execution_timeout=CHECK_TIMEOUT, on_failure_callback=PipelineNotifier("check_failed"))
-def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, params: dict, ti) -> dict:
+def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, version: str, params: dict, ti) -> dict:
     from tasks.monitoring import MonitoringCheckFailed, check_endpoint
+    from tasks.registry import record_verdict
 
+    config = _config(settings)
     try:
-        return check_endpoint(
+        checked = check_endpoint(
             _config(settings),
             deployment,
             dataset_uri,  # its test files: held out from training
@@ -375,7 +385,10 @@ def monitor(settings: dict, deployment: dict, best: dict, dataset_uri: str, para
         )
     except MonitoringCheckFailed as failed:
         ti.xcom_push("return_value", failed.result)  # what the check saw, for the report; the task still fails
+        record_verdict(config, version, passed=False, reason=str(failed))
         raise
+    record_verdict(config, version, passed=True, reason=f"passed its monitoring check on {checked['endpoint_name']}")
+    return checked
 
 
 @task
@@ -443,13 +456,19 @@ def mnist_sweep():
     best = select_best(settings, train.output)
 
     decision = gate(settings, best)
+    # Every model the gate lets through becomes a version in the registry group named after its endpoint.
+    version = registration(settings, best, dataset_uri)
+    register = RegisterModelVersionOperator(
+        task_id="register", package_group_name="{{ params.endpoint_name }}", image_uri=version["image_uri"],
+        model_url=version["model_url"], extras=version["extras"], **aws,
+    )  # fmt: skip
     deployment = deploy(settings, best, decision)
-    checked = monitor(settings, deployment, best, dataset_uri)
+    checked = monitor(settings, deployment, best, dataset_uri, register.output)
     # A teardown: it runs whatever happened, and a failed check still fails the run.
     report(settings, best, validation, decision, deployment, checked).as_teardown()
 
     chain(validation, dataset_uri)
-    chain(decision, choose_deploy(decision), deployment)
+    chain(decision, choose_deploy(decision), version, register, deployment)
 
 
 mnist_sweep()

@@ -35,6 +35,21 @@ def inference_image_uri(region: str, instance_type: str = ENDPOINT_INSTANCE_TYPE
     return pytorch_image_uri(region, instance_type, scope="inference")
 
 
+def inference_container(model_data_url: str, config: PipelineConfig) -> dict:
+    """The container that serves a model: SageMaker's PyTorch inference image over its model.tar.gz."""
+    return {
+        "Image": inference_image_uri(config.region),
+        "ModelDataUrl": model_data_url,
+        # The handler ships inside model.tar.gz as code/inference.py (the inference toolkit's layout).
+        "Environment": {
+            "SAGEMAKER_PROGRAM": "inference.py",
+            "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+            "SAGEMAKER_REGION": config.region,
+            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+        },
+    }
+
+
 def sagemaker_deploy_requests(
     best: Mapping, *, endpoint_name: str, run_id: str, config: PipelineConfig
 ) -> dict[str, dict]:
@@ -46,17 +61,7 @@ def sagemaker_deploy_requests(
     return {
         "model": {
             "ModelName": model_name,
-            "PrimaryContainer": {
-                "Image": inference_image_uri(config.region),
-                "ModelDataUrl": best["model_data_url"],
-                # The handler ships inside model.tar.gz as code/inference.py (the inference toolkit's layout).
-                "Environment": {
-                    "SAGEMAKER_PROGRAM": "inference.py",
-                    "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                    "SAGEMAKER_REGION": config.region,
-                    "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                },
-            },
+            "PrimaryContainer": inference_container(best["model_data_url"], config),
             "ExecutionRoleArn": config.role_arn,
             "Tags": tags,
         },

@@ -57,7 +57,7 @@ def compose(event: str, context, config: PipelineConfig) -> tuple[str, str]:
         rollback = checked.get("rollback") or {}
         load = checked.get("load") or {}
         figures = ", ".join(
-            f"{name} {load[key]}" for name, key in (("live accuracy", "live_accuracy"), ("p99 ms", "p99_ms"),
+            f"{name} {round(load[key], 3)}" for name, key in (("live accuracy", "live_accuracy"), ("p99 ms", "p99_ms"),
                                                    ("errors", "errors"), ("requests", "requests")) if key in load
         )  # fmt: skip
         lines = [

@@ -65,6 +65,8 @@ def trial(description: Mapping, metrics: Mapping | None) -> dict:
         **(summarize_trial(metrics, name) if metrics else {}),
         "training_job_name": name,
         "hidden_channels": int(description["HyperParameters"]["hidden_channels"]),
+        # As the job had them, without SageMaker's own (the code's location, the entry point)
+        "hyperparameters": {k: v for k, v in description["HyperParameters"].items() if not k.startswith("sagemaker_")},
         "test_accuracy": accuracy,
         "model_data_url": description["ModelArtifacts"]["S3ModelArtifacts"],
         "parameters": metrics.get("parameters") if metrics else None,

@@ -28,6 +28,9 @@ def summarize_trial(metrics: Mapping, name: str | None = None) -> dict:
         "train_loss": metrics.get("train_loss"),
         "seconds": metrics.get("wall_seconds"),
         "parameters": metrics.get("parameters"),
+        "per_class_accuracy": [round(a, 4) for a in metrics["per_class_accuracy"]]
+        if metrics.get("per_class_accuracy")
+        else None,
     }
 
 

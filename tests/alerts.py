@@ -18,17 +18,21 @@ def subscribe_queue(aws_endpoint: str, topic_arn: str) -> str:
     return url
 
 
-def read_alerts(aws_endpoint: str, queue_url: str, wanted: int = 1, timeout: float = 60) -> list[dict]:
-    """The notifications in the queue (SNS's envelope: Subject, Message, MessageAttributes), once ``wanted`` have
-    arrived or ``timeout`` has passed; each is removed from the queue."""
+def read_alerts(aws_endpoint: str, queue_url: str, wanted: int = 1, timeout: float = 60, event: str = "",
+                run_id: str = "") -> list[dict]:  # fmt: skip
+    """The notifications in the queue (SNS's envelope: Subject, Message, MessageAttributes) of ``event`` about
+    ``run_id`` (when given: other runs' alerts may arrive meanwhile), once ``wanted`` have arrived or ``timeout``
+    has passed; each message read is removed from the queue."""
     sqs = boto3.client("sqs", endpoint_url=aws_endpoint)
     found, deadline = [], time.monotonic() + timeout
     while len(found) < wanted and time.monotonic() < deadline:
         for message in sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
             "Messages", []
         ):
-            found.append(json.loads(message["Body"]))
+            alert = json.loads(message["Body"])
             sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            if (not event or event_of(alert) == event) and run_id in alert["Message"]:
+                found.append(alert)
     return found
 
 

@@ -1,5 +1,6 @@
 """A real browser against the Airflow UI of a local stack: log in, trigger mnist_sweep through its trigger form with
-a non-default hidden_channels list, and see the run complete with one mapped training task per value.
+a non-default hidden_channels list, see the run complete with one mapped training task per value, and open its
+report on the run's page (refused without the session).
 
 Headless Chromium is Debian's `chromium` (`make test` installs it when missing), driven by Playwright for Python;
 never `playwright install`. Screenshots of each step go to artifacts/test-screenshots/.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from urllib.parse import quote
 
 import pytest
 
@@ -119,3 +121,23 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
     for value in HIDDEN_CHANNELS:
         page.get_by_text(f"hidden_channels={value}", exact=True).first.wait_for(timeout=30_000)
     page.screenshot(path=SCREENSHOTS / "6-sweep-members-by-name.png", full_page=True)
+
+    # The run's report inside the UI: the "Sweep report" view on the run's page (the project's Airflow plugin).
+    page.goto(f"{stack.url}/dags/mnist_sweep/runs/{run_id}")
+    page.get_by_role("tab", name="Sweep report").or_(page.get_by_role("link", name="Sweep report")).first.click()
+    frame = page.frame_locator("iframe").first
+    frame.get_by_role("table").first.wait_for(timeout=30_000)
+    header = frame.get_by_role("table").first.inner_text()
+    assert "hidden_channels" in header and "last acc" in header, header
+    for value in HIDDEN_CHANNELS:
+        assert frame.get_by_role("cell", name=str(value), exact=True).count() >= 1
+    page.screenshot(path=SCREENSHOTS / "7-sweep-report-in-the-ui.png", full_page=True)
+
+    # Behind Airflow's authentication: without the session (logged out), the report is refused.
+    import httpx
+
+    report = f"{stack.url}/mnist-reports/mnist_sweep/{quote(run_id, safe='')}/report/report.html"
+    assert httpx.get(report).status_code == 401
+    cookies = {cookie["name"]: cookie["value"] for cookie in page.context.cookies()}
+    assert httpx.get(report, cookies=cookies).status_code == 200, "the browser's session is what lets it in"
+    assert httpx.get(report.replace("report.html", "..%2F..%2Fstack.json"), cookies=cookies).status_code == 404

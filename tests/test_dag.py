@@ -65,8 +65,11 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     assert upstream("train") == {"training_requests"}
     assert upstream("gate") == {"select_best"}
     assert upstream("choose_deploy") == {"gate"}
-    assert upstream("deploy") == {"choose_deploy", "gate", "select_best"}
-    assert upstream("monitor") == {"deploy", "select_best", "upload"}
+    # What the gate lets through is registered (a model package version), then deployed.
+    assert upstream("registration") == {"choose_deploy", "select_best", "upload"}
+    assert upstream("register") == {"registration"}
+    assert upstream("deploy") == {"register", "gate", "select_best"}
+    assert upstream("monitor") == {"deploy", "select_best", "upload", "register"}
     report = dag.get_task("report")
     assert upstream("report") == {"validate", "select_best", "gate", "deploy", "monitor"}
     # A teardown runs after its upstream whatever their state, and leaves the run's state to them: the monitoring

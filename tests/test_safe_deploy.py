@@ -21,7 +21,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.alerts import event_of, read_alerts, subscribe_queue
+from tests.alerts import read_alerts, subscribe_queue
 from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
 ENDPOINT = "safe-local"
@@ -215,10 +215,53 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     assert read_champion(local_runs["config"], ENDPOINT)["endpoint_config_name"] == good["endpoint_config_name"]
 
     # The people subscribed to the alert topic heard of it: the run, what failed, the rollback, the report.
-    [alert] = [a for a in read_alerts(local_aws, local_runs["alerts"], wanted=1) if event_of(a) == "check_failed"]
+    [alert] = read_alerts(local_aws, local_runs["alerts"], event="check_failed", run_id=run.run_id)
     assert alert["Subject"] == f"MNIST: check failed on {ENDPOINT}, rolled back"
     message = alert["Message"]
     assert f"run {run.run_id}" in message and f"- {check['failures'][0]}" in message
     assert f"Rollback: restored to {good['endpoint_config_name']}." in message
     assert re.search(r"Smoke load: live accuracy 0\.\d+, p99 ms [\d.]+, errors 0, requests 50\.", message), message
     assert re.search(rf"Report: {local_runs['config'].s3_root}/runs/[^/\s]+/report/report\.html", message), message
+
+
+def test_each_run_ends_with_a_note_that_says_how_it_went(local_runs):
+    """The paragraph the project's Airflow plugin writes as a run's note, from these runs' own results (dag.test()
+    loads no plugin: test_stack reads the note itself, on the run's page)."""
+    from ui.run_note import TASKS, summary
+
+    def note(run) -> str:
+        return summary({task: next(iter(xcoms(run.run_id, task)), None) for task in TASKS}, str(run.state))
+
+    deployed, refused, rolled_back = (note(local_runs[name]) for name in ("deployed", "refused", "rolled_back"))
+    assert re.match(r"Winner: hidden_channels 16 \(\S+-hc16-\w+\), test accuracy \d+\.\d\d%\. Deployed to "
+                    rf"{ENDPOINT} \(\S+\); it passed its monitoring check \(live accuracy \d+\.\d%, p99 \d+\.\d ms\) "
+                    r"and serves now\. Report: s3://\S+/report/report\.html \(on this machine: /\S+\)\.$", deployed), deployed  # fmt: skip
+    assert "Not deployed: best test accuracy" in refused and "below the champion's" in refused, refused
+    assert f"Deployed to {ENDPOINT}, then FAILED its monitoring check (live accuracy" in rolled_back, rolled_back
+    assert "rollback: restored." in rolled_back
+
+
+def test_what_the_gate_lets_through_is_registered_and_the_check_approves_or_rejects_it(local_runs, local_sagemaker):
+    """The registry group named after the endpoint: run 1's model Approved (it passed and serves), run 3's Rejected
+    (it failed its check); run 2's, refused by the gate, never became a version."""
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    versions = sagemaker.list_model_packages(ModelPackageGroupName=ENDPOINT, SortBy="CreationTime",
+                                             SortOrder="Ascending")["ModelPackageSummaryList"]  # fmt: skip
+    assert [v["ModelApprovalStatus"] for v in versions] == ["Approved", "Rejected"]
+    [register] = xcoms(local_runs["deployed"].run_id, "register")
+    [best] = xcoms(local_runs["deployed"].run_id, "select_best")
+    assert register == versions[0]["ModelPackageArn"]
+    approved = sagemaker.describe_model_package(ModelPackageName=register)
+    assert approved["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == best["model_data_url"]
+    metadata = approved["CustomerMetadataProperties"]
+    assert (
+        metadata["test_accuracy"] == f"{best['test_accuracy']:.6f}"
+        and metadata["training_job"] == best["training_job_name"]
+    )
+    assert metadata["run_id"] == local_runs["deployed"].run_id and len(metadata["dataset_sha256"]) == 64
+    assert json.loads(metadata["hyperparameters"])["hidden_channels"] == "16"
+    per_class = json.loads(metadata["per_class_accuracy"])
+    assert len(per_class) == 10 and all(0 <= accuracy <= 1 for accuracy in per_class)
+    assert "passed its monitoring check" in approved["ApprovalDescription"]
+    rejected = sagemaker.describe_model_package(ModelPackageName=versions[1]["ModelPackageArn"])
+    assert "live accuracy" in rejected["ApprovalDescription"]

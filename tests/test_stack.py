@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.alerts import event_of, read_alerts, subscribe_queue
+from tests.alerts import read_alerts, subscribe_queue
 from tests.local_stack import DEADLINE_SECONDS, shared_stack
 
 pytestmark = [pytest.mark.slow]
@@ -96,12 +96,16 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
     for task in ("train[0]", "gate", "deploy", "monitor", "report"):
         assert f"✓ {task} success" in output, task
     assert "Best: hidden_channels 4, test accuracy" in output
+    # The sweep table, live while it ran: the member by its value, its job's state, its epochs and accuracy.
+    assert re.search(r"hidden_channels=4 +│ Completed +│ 2 +│ \d+\.\d+% +│ manual", output), output
     assert "success in" in output.splitlines()[-1]
     run_id = re.search(r"Triggered mnist_sweep run (\S+):", output).group(1)
     with stack.api() as api:
         run = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()
     assert run["state"] == "success"
     assert run["conf"] == {**conf, "hidden_channels": [4], "smoke_requests": 50}
+    # The run's page says how it went (the project's Airflow plugin writes the note as the run ends).
+    assert run["note"].startswith("Winner: hidden_channels 4 (") and "passed its monitoring check" in run["note"]
     report = re.search(r"Report: (\S+)", output).group(1)
     assert "passed its monitoring check: it serves now" in Path(report).with_suffix(".md").read_text()
 
@@ -124,8 +128,8 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
 
     # The run took longer than this stack's deadline: the triggerer told the alert topic.
     assert int(re.search(r"success in (\d+) s", output).group(1)) > DEADLINE_SECONDS
-    [late] = read_alerts(stack.state["aws_endpoint"], alerts, wanted=1)
-    assert event_of(late) == "deadline_missed" and late["Subject"] == "MNIST: mnist_sweep run past its deadline"
+    [late] = read_alerts(stack.state["aws_endpoint"], alerts, event="deadline_missed", run_id=run_id)
+    assert late["Subject"] == "MNIST: mnist_sweep run past its deadline"
     assert f"mnist_sweep run {run_id} is still running at its deadline" in late["Message"], late["Message"]
 
 
@@ -134,11 +138,14 @@ def test_a_failed_run_is_told_to_the_alert_topic(stack):
     result = stack.cli("run", "--param", "mnist_mirror=http://169.254.169.254/latest/", timeout=240)
     assert result.returncode == 1, result.stdout + result.stderr
     run_id = re.search(r"Triggered mnist_sweep run (\S+):", result.stdout).group(1)
-    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, wanted=1, timeout=90)
-    assert event_of(alert) == "run_failed" and alert["Subject"] == "MNIST: mnist_sweep run failed"
+    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, timeout=90, event="run_failed", run_id=run_id)
+    assert alert["Subject"] == "MNIST: mnist_sweep run failed"
     message = alert["Message"]
     assert f"mnist_sweep run {run_id} failed (last task: download)." in message, message
     assert f"Run: {stack.url}/dags/mnist_sweep/runs/" in message
+    with stack.api() as api:
+        run = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()
+    assert run["note"].startswith("Run failed: no model was selected"), run["note"]
 
 
 def test_run_refuses_bad_conf_and_bad_params(stack):

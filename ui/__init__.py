@@ -1,0 +1,1 @@
+"""The pipeline inside Airflow's own UI: an Airflow plugin (registered by entry point) with the run note."""

@@ -1,0 +1,86 @@
+"""The run's note: when a sweep run ends, one paragraph on it where ops teams look first, the run's page.
+
+The Task SDK gives a task no call that writes the note, so a listener does it, in the scheduler, as it records the
+run's end: the winner and its accuracy, whether it was deployed and why not, the monitoring check's result, and
+where the report is. It reads the run's XComs in the scheduler's own session and writes the note in it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from airflow.listeners import hookimpl
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "mnist_sweep"
+TASKS = ("select_best", "gate", "deploy", "monitor", "report")
+NOTE_LIMIT = 1000  # the note column's size
+
+
+def summary(results: dict, state: str) -> str:
+    """The paragraph for a run that ended in ``state``, from its tasks' return values (absent: did not return)."""
+    best, gate, deployment, check, report = (results.get(task) for task in TASKS)
+    if not best:
+        return f"Run {state}: no model was selected (a task before the selection failed; see the failed task)."
+    parts = [f"Winner: hidden_channels {best['hidden_channels']} ({best['training_job_name']}), test accuracy "
+             f"{100 * best['test_accuracy']:.2f}%."]  # fmt: skip
+    if gate and not gate.get("deploy"):
+        parts.append(f"Not deployed: {gate.get('reason', 'the gate refused it')}.")
+    elif not deployment:
+        parts.append("Not deployed" + (": deployment was off in the trigger form." if gate else "."))
+    elif check and check.get("passed"):
+        load = check.get("load") or {}
+        figures = ", ".join(
+            [f"live accuracy {100 * load['live_accuracy']:.1f}%"] * ("live_accuracy" in load)
+            + [f"p99 {load['p99_ms']:.1f} ms"] * ("p99_ms" in load)
+        )
+        parts.append(f"Deployed to {deployment['endpoint_name']} ({deployment['endpoint_config_name']}); it passed "
+                     f"its monitoring check ({figures or 'no figures'}) and serves now.")  # fmt: skip
+    elif check:
+        rollback = (check.get("rollback") or {}).get("action", "unknown")
+        parts.append(f"Deployed to {deployment['endpoint_name']}, then FAILED its monitoring check "
+                     f"({'; '.join(check.get('failures') or [])}); rollback: {rollback}.")  # fmt: skip
+    else:
+        parts.append(f"Deployed to {deployment['endpoint_name']}; its monitoring check did not finish.")
+    if report:
+        parts.append(f"Report: {report.get('html_s3_uri')} (on this machine: {report.get('html')}).")
+    text = " ".join(parts)
+    return text if len(text) <= NOTE_LIMIT else text[: NOTE_LIMIT - 1] + "…"
+
+
+def _results(dag_run, session) -> dict:
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import select
+
+    rows = session.scalars(
+        select(XComModel).where(
+            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id, XComModel.key == "return_value",
+            XComModel.task_id.in_(TASKS), XComModel.map_index == -1,
+        )
+    )  # fmt: skip
+    return {row.task_id: XComModel.deserialize_value(row) for row in rows}
+
+
+def _write(dag_run) -> None:
+    from sqlalchemy.orm import object_session
+
+    if dag_run.dag_id != DAG_ID:
+        return
+    session = object_session(dag_run)
+    if session is None:  # not the scheduler's own object: nothing to write it through
+        return
+    try:
+        dag_run.note = summary(_results(dag_run, session), str(dag_run.state))
+    except Exception:  # a note is a courtesy: it must never break the scheduler's handling of the run
+        log.exception("Could not write the note of %s %s", dag_run.dag_id, dag_run.run_id)
+
+
+@hookimpl
+def on_dag_run_success(dag_run, msg: str) -> None:
+    _write(dag_run)
+
+
+@hookimpl
+def on_dag_run_failed(dag_run, msg: str) -> None:
+    _write(dag_run)
