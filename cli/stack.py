@@ -29,9 +29,9 @@ from pathlib import Path
 
 from local_sagemaker import launch, processes
 from tasks.config import PipelineConfig, load_config
+from tasks.names import DAG_ID
 
 ROOT = Path(__file__).resolve().parents[1]
-DAG_ID = "mnist_sweep"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 USERNAME = "admin"
@@ -256,23 +256,17 @@ def _free_or_other_port(port: int) -> int:
 def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started, str]:
     """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses and, unless one
     is configured, the topic its notifications go to; returns their process records, URLs and the topic's ARN."""
-    import boto3
-
     from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server
 
     moto, aws_endpoint = start_moto_server(HOST, log_path=paths.logs / "local-aws.log",
                                            state_file=paths.local_aws_state)  # fmt: skip
     moto_record = processes.record_of(moto.pid, paths.logs / "local-aws.log")
     try:
-        s3 = boto3.client("s3", endpoint_url=aws_endpoint, region_name=config.region,
-                          aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        s3 = _local_aws_client("s3", aws_endpoint, config)
         if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
             s3.create_bucket(Bucket=config.bucket)
         if not config.alert_topic_arn:  # the runs' notifications go to a topic in the local AWS (idempotent)
-            sns = boto3.client("sns", endpoint_url=aws_endpoint, region_name=config.region,
-                               aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                               aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+            sns = _local_aws_client("sns", aws_endpoint, config)
             config = dataclasses.replace(config, alert_topic_arn=sns.create_topic(Name=ALERT_TOPIC)["TopicArn"])
         sagemaker = launch.start(
             paths.sagemaker, aws_endpoint, credentials=LOCAL_CREDENTIALS, region=config.region, cpus=config.cpus,
@@ -384,14 +378,19 @@ def use_stack_connection(config: PipelineConfig) -> None:
 def local_client(state: dict, service: str, config: PipelineConfig):
     """A boto3 client of the running stack: SageMaker's two APIs at the local SageMaker service, the other services
     at the local AWS."""
+    url = {"sagemaker": state["sagemaker_endpoint"], "sagemaker-runtime": state["sagemaker_runtime_endpoint"]}.get(
+        service, state["aws_endpoint"]
+    )
+    return _local_aws_client(service, url, config)
+
+
+def _local_aws_client(service: str, endpoint_url: str, config: PipelineConfig):
+    """A boto3 client of ``service`` at ``endpoint_url``, with the local stack's credentials."""
     import boto3
 
     from cli.local_aws import LOCAL_CREDENTIALS
 
-    url = {"sagemaker": state["sagemaker_endpoint"], "sagemaker-runtime": state["sagemaker_runtime_endpoint"]}.get(
-        service, state["aws_endpoint"]
-    )
-    return boto3.client(service, endpoint_url=url, region_name=config.region,
+    return boto3.client(service, endpoint_url=endpoint_url, region_name=config.region,
                         aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
 

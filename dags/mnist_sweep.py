@@ -39,7 +39,7 @@ from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, Deadl
 
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
-from tasks.names import DEFAULT_ENDPOINT
+from tasks.names import DAG_ID, DEFAULT_ENDPOINT
 from tasks.notifications import PipelineNotifier, deadline_missed
 from tasks.registry import RegisterModelVersionOperator
 from tasks.training_jobs import MAX_RUNTIME_SECONDS
@@ -278,14 +278,12 @@ def download(settings: dict, params: dict) -> str:
 
 @task
 def validate(settings: dict, data_dir: str, run_id: str) -> dict:
-    from pathlib import Path
-
     from data_checks.mnist_suite import validate_mnist
-    from tasks.report import run_name
+    from tasks.report import run_directory
 
     config = _config(settings)
     # The run's artifacts directory, where its report links to these Data Docs.
-    report_dir = Path(config.state_dir) / "runs" / run_name(run_id) / "validation"
+    report_dir = run_directory(config, run_id) / "validation"
     return validate_mnist(data_dir, report_dir, config.expected_counts, config.mnist_reference)
 
 
@@ -411,7 +409,7 @@ def report(settings: dict, best: dict | None, validation, decision, deployment, 
 
 
 @dag(
-    dag_id="mnist_sweep",
+    dag_id=DAG_ID,
     doc_md=__doc__,
     schedule=_schedule(),
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_checks import SPLITS
 from data_checks.image_table import pixel_hashes
 
 OFFICIAL_REFERENCE = Path(__file__).with_name("mnist_reference.json")
-SPLITS = ("train", "test")
 CLASSES = range(10)
 # Images per chunk when the moments are computed: bounds the float32 copy (10,000 images: 31 MB).
 _CHUNK = 10_000

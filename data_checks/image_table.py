@@ -6,6 +6,8 @@ import hashlib
 
 import numpy as np
 
+from data_checks import SPLITS
+
 # The outer two-pixel frame: digits are scaled to 20x20 and centred, so it is (nearly) all black background.
 FRAME = np.ones((28, 28), dtype=bool)
 FRAME[2:-2, 2:-2] = False
@@ -24,9 +26,9 @@ def image_table(arrays: dict[str, np.ndarray]):
     """
     import pandas as pd
 
-    hashes = {split: pixel_hashes(arrays[f"{split}_images"]) for split in ("train", "test")}
+    hashes = {split: pixel_hashes(arrays[f"{split}_images"]) for split in SPLITS}
     parts = []
-    for split in ("train", "test"):
+    for split in SPLITS:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         flat = images.reshape(len(images), -1)
         in_train = np.isin(hashes["test"], hashes["train"]) if split == "test" else np.zeros(len(images), bool)

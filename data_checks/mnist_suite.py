@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from data_checks import OFFICIAL_COUNTS
+from data_checks import OFFICIAL_COUNTS, SPLITS
 from data_checks.class_stats import class_statistics, comparison_table, load_reference
 from data_checks.image_table import image_table
 from training.mnist_idx import IdxFormatError, load_mnist
@@ -33,7 +33,6 @@ DATASET_MEAN = (20.0, 50.0)
 FRAME_MEAN_MAX = 40.0
 MIN_INK_PIXELS = 10
 MIN_PEAK = 128
-SPLITS = ("train", "test")
 # Each class of each split against the reference (data_checks.class_stats). Between the official training and test
 # splits, mean images correlate 0.994 or more, where two different digits reach 0.90; centres of mass differ by
 # 0.05 px and slants by 0.04. Nearest-centroid recall is 0.70-0.97 per class, and no image repeats. A 30% share of
@@ -55,7 +54,6 @@ class DataValidationError(ValueError):
 
 def build_suite(expected_counts: tuple[int, int]):
     """The expectation suite for a per-image table (data_checks.image_table) of the given split sizes."""
-    import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -107,15 +105,11 @@ def build_suite(expected_counts: tuple[int, int]):
                 description=f"{split}: all 10 classes",
             ),
         ]
-    suite = gx.ExpectationSuite(name="mnist")
-    for expectation in expectations:
-        suite.add_expectation(expectation)
-    return suite
+    return _suite("mnist", expectations)
 
 
 def build_class_suite():
     """The expectation suite for a per-class comparison with the reference (data_checks.class_stats)."""
-    import great_expectations as gx
     import great_expectations.expectations as gxe
 
     low, high = INTENSITY_RATIO
@@ -152,7 +146,13 @@ def build_class_suite():
             description=f"labels agree with pixels (nearest-centroid recall within {RECALL_DROP_MAX} of the reference's)",
         ),
     ]
-    suite = gx.ExpectationSuite(name="mnist-classes")
+    return _suite("mnist-classes", expectations)
+
+
+def _suite(name: str, expectations: list):
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=name)
     for expectation in expectations:
         suite.add_expectation(expectation)
     return suite

@@ -14,9 +14,9 @@ kept ``TerminationWaitInSeconds`` after the last step, and the whole update may 
 that cannot come up sends all traffic back to the old fleet: the endpoint stays InService on its old config, with
 the FailureReason, as on SageMaker. The old fleet stops only after its last request in flight has been answered.
 
-Records keep each fleet's processes, each one recorded as soon as it is started. When the service starts, it
-adopts the servers still running (pid, start time and ``/ping``), starts again the ones that are not, and stops
-the servers of a launch or an update that a stop or a crash interrupted, and any server no record names.
+Records keep each fleet's processes. When the service starts, it adopts the servers still running (pid, start
+time and ``/ping``), starts again the ones that are not, and stops every other server under its state directory:
+those of an update a stop interrupted, and those a crash kept out of the records (started, not yet written down).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class Endpoints:
         return directory
 
     def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
-                      image: str, launching: list[dict] | None = None) -> dict:  # fmt: skip
+                      image: str) -> dict:  # fmt: skip
         port = processes.free_port(HOST)
         command = [
             sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--host", HOST,
@@ -195,9 +195,6 @@ class Endpoints:
         env = processes.allowed_env({**environment, **aws_env, "PYTHONUNBUFFERED": "1"})
         log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
         process, record = processes.spawn(command, env=env, log_path=log_path)
-        if launching is not None:  # recorded before it is waited for: a crash meanwhile cannot lose it
-            launching.append(record)
-            self._set_local(endpoint, launching=list(launching))
         server = {
             **record, "url": f"http://{HOST}:{port}", "variant": variant["VariantName"], "config": config,
             "model_dir": str(model_dir), "environment": environment, "image": image,
@@ -219,7 +216,6 @@ class Endpoints:
         """Start the fleet of ``config_name``; returns it once every server answers /ping."""
         config = self.models.endpoint_config(config_name)
         servers: list[dict] = []
-        launching: list[dict] = []
         try:
             for variant in config["ProductionVariants"]:
                 model = self.models.model(variant["ModelName"])
@@ -233,12 +229,10 @@ class Endpoints:
                         model_dir,
                         container.get("Environment", {}),
                         container.get("Image", ""),
-                        launching,
                     )
                 )
         except BaseException as error:
             processes.stop(servers, grace=5)
-            self._set_local(endpoint, launching=[])
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
                 raise
             raise LaunchFailed(f"{type(error).__name__}: {error}") from error
@@ -272,7 +266,7 @@ class Endpoints:
                               LastModifiedTime=now())  # fmt: skip
             log.warning("Endpoint %s failed: %s", name, failed)
             return
-        self._set_local(name, fleet=fleet, launching=[])
+        self._set_local(name, fleet=fleet)
         self.router.set(name, self._targets(fleet))
         self.store.update(KIND, name, EndpointStatus="InService", LastModifiedTime=now())
         log.info("Endpoint %s is InService with config %s", name, config_name)
@@ -287,7 +281,7 @@ class Endpoints:
                               LastModifiedTime=now())  # fmt: skip
             log.warning("%s", reason)
             return
-        self._set_local(name, pending=new, launching=[])
+        self._set_local(name, pending=new)
         try:
             reason = self._shift(name, old, new, deployment, watched)
         except Exception as error:  # CloudWatch unreachable, say: the update cannot be watched, so it is undone
@@ -388,7 +382,7 @@ class Endpoints:
             recorded = set()
             for record in self.store.items(KIND):
                 recorded |= {server["pid"] for server in self._recover_one(record)}
-            # Servers no record names (started by a service that was killed before it could say so) serve nothing.
+            # Servers no record names (started by a service killed before it could write them down) serve nothing.
             strays = [s for s in processes.running_with("inference.serve", self.fleets_dir) if s["pid"] not in recorded]
             if strays:
                 log.warning("Stopping %d model servers no endpoint record names: %s", len(strays),
@@ -400,9 +394,6 @@ class Endpoints:
     def _recover_one(self, record: dict) -> list[dict]:
         """Bring one endpoint back as its record says; returns the servers it now runs on."""
         name, local = record["EndpointName"], record["Local"]
-        if local.get("launching"):  # servers of a launch a stop or a crash interrupted: they never took traffic
-            processes.stop(local["launching"], grace=5)
-            self._set_local(name, launching=[])
         if local["pending"]:  # an update a stop interrupted: its fleet never took over
             processes.stop(local["pending"]["servers"], grace=5)
             self._set_local(name, pending=None)

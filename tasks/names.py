@@ -1,5 +1,6 @@
 """Names the pipeline shares with SageMaker and CloudWatch, each defined once. Light: the DAG imports it."""
 
+DAG_ID = "mnist_sweep"  # the sweep DAG (dags/mnist_sweep.py)
 DEFAULT_ENDPOINT = "mnist-classifier"
 VARIANT_NAME = "AllTraffic"  # the variant name SageMaker gives a single-variant endpoint config
 ENDPOINT_NAMESPACE = "AWS/SageMaker"  # the invocation metrics of endpoints

@@ -15,18 +15,18 @@ import logging
 from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
 
 from tasks.config import PipelineConfig, load_config
+from tasks.names import DAG_ID
 
 log = logging.getLogger(__name__)
 
-DAG_ID = "mnist_sweep"
 EVENTS = ("run_failed", "check_failed", "deploy_failed", "deadline_missed")
 
 
 def report_location(config: PipelineConfig, run_id: str) -> str:
     """Where the run's report is (or will be: the report task runs whatever happened)."""
-    from tasks.report import run_name
+    from tasks.report import run_s3_uri
 
-    return f"{config.s3_root}/runs/{run_name(run_id)}/report/report.html"
+    return f"{run_s3_uri(config, run_id)}/report/report.html"
 
 
 def _ui_link(run_id: str) -> str:

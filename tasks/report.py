@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig, load_config
 from tasks.hooks import s3_hook
+from tasks.names import DAG_ID
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ def run_name(run_id: str) -> str:
     from tasks.training_jobs import sagemaker_name
 
     return sagemaker_name(run_id, unique_by=run_id)
+
+
+def run_directory(config: PipelineConfig, run_id: str) -> Path:
+    """Where the run keeps its artifacts on this machine: `report/` and the Data Docs in `validation/`."""
+    return Path(config.state_dir) / "runs" / run_name(run_id)
+
+
+def run_s3_uri(config: PipelineConfig, run_id: str) -> str:
+    """Where the run's artifacts are in S3: the same `report/` and `validation/`."""
+    return f"{config.s3_root}/runs/{run_name(run_id)}"
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -366,7 +377,7 @@ def build_report(
     deployment: Mapping | None = None,
     monitoring: Mapping | None = None,
     config: PipelineConfig | None = None,
-    dag_id: str = "mnist_sweep",
+    dag_id: str = DAG_ID,
 ) -> dict:
     """Write the run's report locally and to S3; return where: ``{"markdown", "html", "directory", "s3_uri",
     "html_s3_uri"}``.
@@ -376,8 +387,7 @@ def build_report(
     they did not run. Idempotent: a retry replaces the run's report.
     """
     config = config or load_config()
-    name = run_name(run_id)
-    run_dir = Path(config.state_dir) / "runs" / name
+    run_dir = run_directory(config, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     outputs = {trial["training_job_name"]: job_outputs(trial["model_data_url"], config) for trial in best["trials"]}
     histories = {
@@ -397,7 +407,7 @@ def build_report(
         write_report(draft, context, outputs[best["training_job_name"]], histories)
         _replace_directory(draft, run_dir / "report")
 
-    s3_root = f"{config.s3_root}/runs/{name}"
+    s3_root = run_s3_uri(config, run_id)
     if data_docs.is_file():
         upload_directory(validation_dir, f"{s3_root}/validation", config)
     upload_directory(run_dir / "report", f"{s3_root}/report", config, last="report.html")

@@ -47,20 +47,22 @@ def stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:
     return None
 
 
+def checksums(body: bytes) -> dict[str, str]:
+    """PutObject's arguments that make S3 check ``body`` on the way in: its MD5 and SHA-256."""
+    return {
+        "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
+        "ChecksumAlgorithm": "SHA256",
+        "ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
+    }
+
+
 def put_verified(client, bucket: str, key: str, body: bytes) -> None:
     """Put ``body`` with its MD5 and SHA-256 (AWS refuses a body that does not match them), then read the stored
     checksums back (an emulator may not refuse): an object stored damaged is removed and UploadError raised."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        client.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=body,
-            ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
-            ChecksumAlgorithm="SHA256",
-            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-        )
+        client.put_object(Bucket=bucket, Key=key, Body=body, **checksums(body))
     except (ClientError, BotoCoreError) as exc:  # a broken connection; or AWS refusing a mismatched body (BadDigest)
         raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
     difference = stored_difference(client, bucket, key, body)

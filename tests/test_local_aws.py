@@ -5,9 +5,7 @@ Real moto server processes on 127.0.0.1, killed (SIGKILL, as a crash would) and 
 
 from __future__ import annotations
 
-import base64
 import gzip
-import hashlib
 import http.client
 import io
 import json
@@ -24,6 +22,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from cli.local_aws import start_moto_server
+from tasks.s3 import checksums
 
 MiB = 1024 * 1024
 BUCKET = "local-aws-state"
@@ -63,14 +62,7 @@ def s3(endpoint_url: str):
 
 def put_verified(client, key: str, body: bytes) -> None:
     """As the dataset upload sends objects: with the MD5 and SHA-256 that S3 checks the body against."""
-    client.put_object(
-        Bucket=BUCKET,
-        Key=key,
-        Body=body,
-        ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),
-        ChecksumAlgorithm="SHA256",
-        ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-    )
+    client.put_object(Bucket=BUCKET, Key=key, Body=body, **checksums(body))
 
 
 def stored(client) -> dict[str, bytes]:

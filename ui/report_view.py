@@ -9,12 +9,14 @@ connection, exactly where tasks/report.py put them: `<state_dir or s3_root>/runs
 from __future__ import annotations
 
 import mimetypes
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import Response
+
+from tasks.report import CONTENT_TYPES
 
 URL_PREFIX = "/mnist-reports"
 PARTS = ("report", "validation")  # what a run stores: its report, and the Data Docs of its data checks
@@ -33,19 +35,15 @@ def _read(run_id: str, part: str, relative: PurePosixPath) -> bytes:
     from botocore.exceptions import ClientError
 
     from tasks.config import load_config
-    from tasks.hooks import s3_hook
-    from tasks.report import run_name
+    from tasks.report import run_directory, run_s3_uri
+    from tasks.s3 import read_object
 
     config = load_config()
-    name = run_name(run_id)
-    local = Path(config.state_dir) / "runs" / name / part / relative
+    local = run_directory(config, run_id) / part / relative
     if local.is_file():
         return local.read_bytes()
-    bucket, _, prefix = config.s3_root.removeprefix("s3://").partition("/")
     try:
-        return (
-            s3_hook(config).conn.get_object(Bucket=bucket, Key=f"{prefix}/runs/{name}/{part}/{relative}")["Body"].read()
-        )
+        return read_object(config, f"{run_s3_uri(config, run_id)}/{part}/{relative}")
     except ClientError as error:
         if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
             raise HTTPException(
@@ -63,7 +61,7 @@ def run_file(dag_id: str, run_id: str, part: str, path: str) -> Response:
         raise HTTPException(404, f"a run stores {' and '.join(PARTS)}, not {part!r}")
     relative = _relative(path)
     body = _read(run_id, part, relative)
-    kind = mimetypes.guess_type(relative.name)[0] or "application/octet-stream"
+    kind = CONTENT_TYPES.get(relative.suffix) or mimetypes.guess_type(relative.name)[0] or "application/octet-stream"
     # The report is the run's own output, shown framed in Airflow's UI: no script of another origin may run in it.
     headers = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
                "X-Content-Type-Options": "nosniff"}  # fmt: skip

@@ -11,9 +11,10 @@ import logging
 
 from airflow.listeners import hookimpl
 
+from tasks.names import DAG_ID
+
 log = logging.getLogger(__name__)
 
-DAG_ID = "mnist_sweep"
 TASKS = ("select_best", "gate", "deploy", "monitor", "report")
 NOTE_LIMIT = 1000  # the note column's size
 
