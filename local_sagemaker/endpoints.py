@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
-from local_sagemaker import alarms, aws, processes
-from local_sagemaker.archives import ArchiveError, unpack
+from local_sagemaker import alarms, model_servers, processes
 from local_sagemaker.listing import filtered, page
+from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ValidationException, not_found
 from local_sagemaker.runtime import Router, Target
@@ -41,17 +39,11 @@ from local_sagemaker.store import Store, now
 log = logging.getLogger(__name__)
 
 KIND = "endpoints"
-HOST = "127.0.0.1"
-SERVER_START_TIMEOUT = 120.0
 # Longer than the runtime's forwarding timeout: a request still in flight after this has failed already.
 DRAIN_TIMEOUT = 65.0
 BAKE_POLL_SECONDS = 0.5
 DEFAULT_EXECUTION_TIMEOUT = 3600
 BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
-
-
-class LaunchFailed(Exception):
-    """A fleet could not come up; the message is the FailureReason."""
 
 
 class Endpoints:
@@ -164,53 +156,22 @@ class Endpoints:
     # -- fleets ----------------------------------------------------------------------------------------------------
 
     def _model_dir(self, endpoint: str, config: str, variant: str, model_data_url: str) -> Path:
-        directory = self.fleets_dir / endpoint / config / variant
-        if (directory / ".complete").is_file():
-            return directory
-        shutil.rmtree(directory, ignore_errors=True)
-        try:
-            bucket, key = aws.split_s3_uri(model_data_url)
-            body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as error:
-            raise LaunchFailed(f"cannot read the model artifact {model_data_url}: {error}") from None
-        try:
-            if address := aws.content_address(model_data_url):  # its code runs only as the key that names it says
-                aws.check_digest(body, address, f"the model artifact {model_data_url}")
-            unpack(body, directory, model_data_url)
-        except (ArchiveError, ValueError) as error:
-            raise LaunchFailed(str(error)) from None
-        (directory / ".complete").touch()
-        return directory
+        return model_servers.model_dir(self.fleets_dir / endpoint / config / variant, model_data_url)
 
     def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
                       image: str) -> dict:  # fmt: skip
-        port = processes.free_port(HOST)
-        command = [
-            sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--host", HOST,
-            "--port", str(port), "--endpoint-name", endpoint, "--variant-name", variant["VariantName"],
-            "--workers", str(self.workers), "--metrics-interval", str(self.metrics_interval),
-        ]  # fmt: skip
-        # The container's own environment and the service's AWS settings (where CloudWatch is), nothing else.
-        aws_env = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
-        env = processes.allowed_env({**environment, **aws_env, "PYTHONUNBUFFERED": "1"})
         log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
-        process, record = processes.spawn(command, env=env, log_path=log_path)
-        server = {
-            **record, "url": f"http://{HOST}:{port}", "variant": variant["VariantName"], "config": config,
+        record, url = model_servers.start(
+            model_dir, name=endpoint, variant=variant["VariantName"], workers=self.workers,
+            metrics_interval=self.metrics_interval, environment=environment, log_path=log_path,
+            stopping=self._stopping,
+        )  # fmt: skip
+        return {
+            **record, "url": url, "variant": variant["VariantName"], "config": config,
             "model_dir": str(model_dir), "environment": environment, "image": image,
             "weight": float(variant.get("InitialVariantWeight", 1.0)),
             "instances": int(variant.get("InitialInstanceCount", 1)),
         }  # fmt: skip
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not processes.healthy(server["url"]):
-            if process.poll() is not None or time.monotonic() > deadline or self._stopping.is_set():
-                what = (f"exited with status {process.returncode}" if process.poll() is not None
-                        else f"did not answer /ping within {SERVER_START_TIMEOUT:.0f} s")  # fmt: skip
-                processes.stop([record], grace=5)
-                raise LaunchFailed(f"The model server of variant {variant['VariantName']} {what}; its log ends:\n"
-                                   f"{processes.log_tail(log_path, 15)}")  # fmt: skip
-            time.sleep(0.1)
-        return server
 
     def _launch(self, endpoint: str, config_name: str) -> dict:
         """Start the fleet of ``config_name``; returns it once every server answers /ping."""

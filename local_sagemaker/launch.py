@@ -82,6 +82,10 @@ def stop(record: dict) -> None:
 def stop_strays(state_dir: Path) -> int:
     """Stop the model servers of ``state_dir`` that still run, recorded or not: after a service that was killed (a
     clean stop stops them itself). Returns how many there were."""
-    servers = processes.running_with("inference.serve", Path(state_dir) / "endpoint-fleets")
+    servers = [
+        server
+        for directory in ("endpoint-fleets", "transform-job-dirs")  # endpoints', and transform jobs'
+        for server in processes.running_with("inference.serve", Path(state_dir) / directory)
+    ]
     processes.stop(servers, grace=10)
     return len(servers)

@@ -4,6 +4,8 @@ endpoint serves them (local_sagemaker.endpoints)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ValidationException, not_found
 from local_sagemaker.store import Store, now
@@ -12,8 +14,11 @@ MODELS, CONFIGS = "models", "endpoint-configs"
 
 
 class Models:
-    def __init__(self, store: Store, region: str, account: str):
+    def __init__(self, store: Store, region: str, account: str, packages: Callable[[str], dict] | None = None):
+        """``packages``: a model package version's record by its ARN (the registry's), for containers that name
+        one (ModelPackageName) instead of an image and an artifact."""
         self.store, self.region, self.account = store, region, account
+        self.packages = packages
 
     def _arn(self, kind: str, name: str) -> str:
         return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
@@ -25,6 +30,8 @@ class Models:
         container = request.get("PrimaryContainer") or (request.get("Containers") or [None])[0]
         if container is None:
             raise ValidationException("Either PrimaryContainer or Containers must be given")
+        if container.get("ModelPackageName"):
+            container.update(self._from_package(container["ModelPackageName"]))
         if not container.get("ModelDataUrl"):
             raise ValidationException(
                 f"Model {name}: its container has no ModelDataUrl (this local service serves model.tar.gz artifacts)"
@@ -35,6 +42,15 @@ class Models:
             record = {**request, "ModelArn": self._arn("model", name), "CreationTime": now()}
             self.store.put(MODELS, name, record)
         return {"ModelArn": record["ModelArn"]}
+
+    def _from_package(self, arn: str) -> dict:
+        """What a container that names a model package version runs: the version's own container (its image,
+        artifact and environment), as SageMaker resolves it."""
+        if self.packages is None:
+            raise ValidationException("This service keeps no model registry to resolve ModelPackageName from")
+        package = self.packages(arn)  # ValidationException "ModelPackage ... does not exist." otherwise
+        inner = package["InferenceSpecification"]["Containers"][0]
+        return {key: inner[key] for key in ("Image", "ModelDataUrl", "Environment") if key in inner}
 
     def model(self, name: str) -> dict:
         record = self.store.get(MODELS, name)

@@ -170,6 +170,32 @@ def wait_for_http(url: str, timeout: float = 30.0, process: subprocess.Popen | N
             time.sleep(0.1)
 
 
+def wait_idle(record: Mapping, timeout: float, window: float = 0.1, busy: float = 0.2) -> bool:
+    """Wait until the process ``record`` names and its descendants use less than ``busy`` of a core over ``window``
+    seconds, or ``timeout`` passes; whether they went idle. A server that answers already may have workers still
+    starting (uvicorn's answer once one of them listens), each taking a core from the ones that answer."""
+
+    def cpu_seconds() -> float:
+        leader = live(record)
+        tree = (leader, *_descendants(leader)) if leader else ()
+        total = 0.0
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        used = cpu_seconds()
+        if used - before < busy * window:
+            return True
+        before = used
+    return False
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     """Poll ``predicate`` until it is true (returns True) or ``timeout`` seconds pass (returns False)."""
     deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """The model registry: model package groups and their versioned model packages, with approval.
 
-CreateModelPackageGroup, DescribeModelPackageGroup, ListModelPackageGroups; CreateModelPackage (a version in a
+CreateModelPackageGroup, DescribeModelPackageGroup, ListModelPackageGroups, DeleteModelPackageGroup (an empty one); CreateModelPackage (a version in a
 group: InferenceSpecification, ModelMetrics, ModelApprovalStatus, CustomerMetadataProperties, MetadataProperties),
 DescribeModelPackage (by name or ARN), ListModelPackages (by group, approval status, time, name; sorted, paged),
 UpdateModelPackage (approval, its description, customer metadata). Records only, as on SageMaker: a version names
@@ -63,6 +63,16 @@ class Registry:
         record = self.group(name)
         record.pop("Tags", None)
         return record
+
+    def delete_group(self, name: str) -> dict:
+        """As on SageMaker, only an empty group goes (the provider's register operator deletes the group it just
+        created when its version could not be)."""
+        with self.store.lock:
+            self.group(name)
+            if self._packages(name):
+                raise ValidationException(f"Model Package Group {name} has model packages: delete them first")
+            self.store.delete(GROUPS, name)
+        return {}
 
     def list_groups(self, params: dict) -> dict:
         records = filtered(self.store.items(GROUPS), params, "ModelPackageGroupName")

@@ -183,8 +183,9 @@ class Upstreams:
         self._idle: dict[str, list[_Upstream]] = collections.defaultdict(list)
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
 
-    async def send(self, url: str, head: bytes, body: bytes) -> Reply:
-        """``head``: the request line and headers up to (not including) Host and Content-Length."""
+    async def send(self, url: str, head: bytes, body: bytes, timeout: float = FORWARD_TIMEOUT) -> Reply:
+        """``head``: the request line and headers up to (not including) Host and Content-Length; ``timeout``: the
+        seconds an answer may take (InvokeEndpoint's limit unless the caller has its own, as transform jobs do)."""
         host, port, host_header = self._address(url)
         data = b"".join((head, host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
         for attempt in range(2):
@@ -194,9 +195,7 @@ class Upstreams:
             loop = asyncio.get_running_loop()
             upstream.reply, upstream.answered = loop.create_future(), False
             upstream.transport.write(data)
-            timer = loop.call_later(
-                FORWARD_TIMEOUT, upstream._fail, TimeoutError(f"no answer in {FORWARD_TIMEOUT:g} s")
-            )
+            timer = loop.call_later(timeout, upstream._fail, TimeoutError(f"no answer in {timeout:g} s"))
             try:
                 reply = await upstream.reply
             except ConnectionResetError:

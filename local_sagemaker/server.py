@@ -37,6 +37,8 @@ from local_sagemaker.runtime import Router, Runtime
 from local_sagemaker.store import Store
 from local_sagemaker.tags import Tags
 from local_sagemaker.training import TrainingJobs
+from local_sagemaker.transform import TransformJobs
+from local_sagemaker.tuning import TuningJobs
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +56,31 @@ class Service:
                  workers: int | None = None):  # fmt: skip
         self.store = Store(state_dir)
         self.router = Router()
-        self.models = Models(self.store, region, ACCOUNT)
-        self.experiments = Experiments(self.store, region, ACCOUNT)
         self.registry = Registry(self.store, region, ACCOUNT)
+        self.models = Models(self.store, region, ACCOUNT, packages=self.registry.package)
+        self.experiments = Experiments(self.store, region, ACCOUNT)
         self.tags = Tags(self.store)
         self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT,
                                      on_change=self.experiments.record_training_job)  # fmt: skip
+        self.tuning = TuningJobs(self.store, self.training, region, ACCOUNT)
         self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
                                    metrics_interval=metrics_interval, region=region, account=ACCOUNT)  # fmt: skip
+        self.transform = TransformJobs(self.store, self.models, state_dir, cpus=workers or cpus, region=region,
+                                       account=ACCOUNT)  # fmt: skip
         self.operations = {
             "CreateTrainingJob": self.training.create,
             "DescribeTrainingJob": lambda p: self.training.describe(p["TrainingJobName"]),
             "ListTrainingJobs": self.training.list,
             "StopTrainingJob": lambda p: self.training.stop(p["TrainingJobName"]),
+            "CreateHyperParameterTuningJob": self.tuning.create,
+            "DescribeHyperParameterTuningJob": lambda p: self.tuning.describe(p["HyperParameterTuningJobName"]),
+            "ListHyperParameterTuningJobs": self.tuning.list,
+            "ListTrainingJobsForHyperParameterTuningJob": self.tuning.list_training_jobs,
+            "StopHyperParameterTuningJob": lambda p: self.tuning.stop(p["HyperParameterTuningJobName"]),
+            "CreateTransformJob": self.transform.create,
+            "DescribeTransformJob": lambda p: self.transform.describe(p["TransformJobName"]),
+            "ListTransformJobs": self.transform.list,
+            "StopTransformJob": lambda p: self.transform.stop(p["TransformJobName"]),
             "CreateModel": self.models.create_model,
             "DescribeModel": lambda p: self.models.describe_model(p["ModelName"]),
             "DeleteModel": lambda p: self.models.delete_model(p["ModelName"]),
@@ -88,6 +102,7 @@ class Service:
             "ListTrialComponents": self.experiments.list_trial_components,
             "CreateModelPackageGroup": self.registry.create_group,
             "DescribeModelPackageGroup": lambda p: self.registry.describe_group(p["ModelPackageGroupName"]),
+            "DeleteModelPackageGroup": lambda p: self.registry.delete_group(p["ModelPackageGroupName"]),
             "ListModelPackageGroups": self.registry.list_groups,
             "CreateModelPackage": self.registry.create_package,
             "DescribeModelPackage": lambda p: self.registry.describe_package(p["ModelPackageName"]),
@@ -102,7 +117,9 @@ class Service:
         self.endpoints.recover()
 
     def stop(self) -> None:
+        self.tuning.shutdown()  # first: a tuning job stopping its own jobs starts no more
         self.training.shutdown()
+        self.transform.shutdown()
         self.endpoints.shutdown()
 
 

@@ -27,6 +27,8 @@ KINDS = (
     "trial-components",
     "model-package-groups",
     "model-packages",
+    "transform-jobs",
+    "hyper-parameter-tuning-jobs",
 )
 
 

@@ -16,7 +16,8 @@ ARN_FIELDS = {
     "training-jobs": "TrainingJobArn", "models": "ModelArn", "endpoint-configs": "EndpointConfigArn",
     "endpoints": "EndpointArn", "experiments": "ExperimentArn", "trials": "TrialArn",
     "trial-components": "TrialComponentArn", "model-package-groups": "ModelPackageGroupArn",
-    "model-packages": "ModelPackageArn",
+    "model-packages": "ModelPackageArn", "transform-jobs": "TransformJobArn",
+    "hyper-parameter-tuning-jobs": "HyperParameterTuningJobArn",
 }  # fmt: skip
 MAX_TAGS = 50
 

@@ -110,6 +110,16 @@ class Cores:
             self.condition.notify_all()
 
 
+def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperParameters") -> None:
+    """ValidationException unless ``hyperparameters`` name a script-mode job's code, which is all this service runs."""
+    for key in ("sagemaker_program", "sagemaker_submit_directory"):
+        if key not in hyperparameters:
+            raise ValidationException(
+                f"{what} lack {key}: this local service runs script-mode jobs (the SageMaker "
+                "framework containers' contract: sagemaker_program and sagemaker_submit_directory)"
+            )
+
+
 def user_args(hyperparameters: Mapping[str, str]) -> list[str]:
     """``--key value`` for each hyperparameter SageMaker passes to the script (not the sagemaker_* ones), sorted."""
     args = []
@@ -194,10 +204,12 @@ def host_environments(
 
 
 class LogStreams:
-    """A job's log lines to CloudWatch Logs, one stream per host, in batches: a job's log never waits on Logs."""
+    """A job's log lines to CloudWatch Logs, one stream per host, in batches: a job's log never waits on Logs.
+    ``group``: training jobs' by default (transform jobs log the same way to theirs)."""
 
-    def __init__(self, job_name: str, hosts: list[str]):
+    def __init__(self, job_name: str, hosts: list[str], group: str = LOG_GROUP):
         epoch = int(time.time())
+        self.group = group
         self.streams = {host: f"{job_name}/{host}-{epoch}" for host in hosts}
         self.pending: dict[str, list[dict]] = {host: [] for host in hosts}
         self.last_flush = time.monotonic()
@@ -208,10 +220,10 @@ class LogStreams:
         try:
             logs = aws.client("logs")
             with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
-                logs.create_log_group(logGroupName=LOG_GROUP)
+                logs.create_log_group(logGroupName=self.group)
             for stream in self.streams.values():
                 with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
-                    logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=stream)
+                    logs.create_log_stream(logGroupName=self.group, logStreamName=stream)
         except Exception as error:  # CloudWatch Logs down: the job runs on, with its log on disk
             self._broke(error)
 
@@ -235,7 +247,7 @@ class LogStreams:
             try:
                 for start in range(0, len(batch), 5000):
                     aws.client("logs").put_log_events(
-                        logGroupName=LOG_GROUP, logStreamName=self.streams[host], logEvents=batch[start : start + 5000]
+                        logGroupName=self.group, logStreamName=self.streams[host], logEvents=batch[start : start + 5000]
                     )
             except Exception as error:
                 self._broke(error)
@@ -249,6 +261,8 @@ class _Running:
     processes: list = dataclasses.field(default_factory=list)
     records: list = dataclasses.field(default_factory=list)
     thread: threading.Thread | None = None
+    # Each match of a MetricDefinitions regex as the log shows it: (job, metric, value). A tuning job's observer.
+    on_metric: Callable[[str, str, float], None] | None = None
 
 
 class TrainingJobs:
@@ -274,15 +288,12 @@ class TrainingJobs:
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
-    def create(self, request: dict) -> dict:
+    def create(self, request: dict, *, tuning_job_arn: str | None = None,
+               on_metric: Callable[[str, str, float], None] | None = None) -> dict:  # fmt: skip
+        """CreateTrainingJob; a tuning job's jobs also name it (``tuning_job_arn``, DescribeTrainingJob's
+        TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
-        hyperparameters = request.get("HyperParameters", {})
-        for key in ("sagemaker_program", "sagemaker_submit_directory"):
-            if key not in hyperparameters:
-                raise ValidationException(
-                    f"HyperParameters lack {key}: this local service runs script-mode jobs (the SageMaker "
-                    "framework containers' contract: sagemaker_program and sagemaker_submit_directory)"
-                )
+        check_script_mode(request.get("HyperParameters", {}))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
                 raise ResourceInUse(f"Training job names must be unique within an AWS account and region, and a "
@@ -309,8 +320,10 @@ class TrainingJobs:
                 ],
                 "Tags": request.get("Tags", []),
             }
+            if tuning_job_arn:
+                record["TuningJobArn"] = tuning_job_arn
             self.store.put(KIND, name, record)
-        running = self.running[name] = _Running()
+        running = self.running[name] = _Running(on_metric=on_metric)
         running.thread = threading.Thread(target=self._run, args=(name,), name=f"training-job-{name}", daemon=True)
         running.thread.start()
         self.on_change(record)
@@ -538,6 +551,8 @@ class TrainingJobs:
                 if match := pattern.search(line):
                     with contextlib.suppress(ValueError, IndexError):
                         metrics[metric] = float(match.group(1))
+                        if running.on_metric:
+                            running.on_metric(name, metric, metrics[metric])
 
         show(hosts[0], f"Invoking script with the following command: {' '.join(command[1:])}")
         max_runtime = record.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")

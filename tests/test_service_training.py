@@ -19,6 +19,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tasks.training_jobs import build_sourcedir, build_training_job_request
+from tests.job_helpers import put_script
 
 BUCKET = "service-training"
 SCRIPT = textwrap.dedent(
@@ -56,13 +57,7 @@ SCRIPT = textwrap.dedent(
 def clients(local_sagemaker, local_aws):
     s3 = boto3.client("s3", endpoint_url=local_aws)
     s3.create_bucket(Bucket=BUCKET)
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        body = SCRIPT.encode()
-        info = tarfile.TarInfo("train.py")
-        info.size = len(body)
-        tar.addfile(info, io.BytesIO(body))
-    s3.put_object(Bucket=BUCKET, Key="code/sourcedir.tar.gz", Body=archive.getvalue())
+    put_script(s3, BUCKET, "code/sourcedir.tar.gz", SCRIPT)
     for name in ("train-images-idx3-ubyte.gz", "sub/t10k-labels-idx1-ubyte.gz"):
         s3.put_object(Bucket=BUCKET, Key=f"data/{name}", Body=name.encode())
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)

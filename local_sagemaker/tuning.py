@@ -1,0 +1,715 @@
+"""Hyperparameter tuning jobs, run as SageMaker runs them: CreateHyperParameterTuningJob,
+DescribeHyperParameterTuningJob, ListHyperParameterTuningJobs, ListTrainingJobsForHyperParameterTuningJob,
+StopHyperParameterTuningJob.
+
+A tuning job is a thread that searches with Optuna through its ask-and-tell interface: it asks for hyperparameters,
+starts a training job with them through TrainingJobs.create (an ordinary training job, ``<tuning job>-<NNN>-<8
+hex>``, whose DescribeTrainingJob names the tuning job in TuningJobArn; the tuning job's tags are its tags), reports
+each match of the objective's MetricDefinitions regex in the job's log to Optuna as it is logged (the n-th match is
+epoch n), and tells Optuna how the job ended. Never more than MaxParallelTrainingJobs jobs are in flight.
+
+- Grid: GridSampler. Categorical ranges only; each combination once, in an order the seed fixes; as many jobs as
+  the grid has combinations, or MaxNumberOfTrainingJobs if fewer.
+- Random: RandomSampler.
+- Bayesian: TPESampler, its first jobs random (``tpe_startup``), then modelled; constant liar (Optuna's default) so
+  that jobs asked for while others run spread out instead of repeating the same guess.
+- Hyperband: RandomSampler (Hyperband's own random search) with HyperbandPruner over epochs, from MinResource
+  (default 1) to MaxResource (default: the static ``epochs`` hyperparameter, or ``num_epochs``... as SageMaker infers
+  it). A job that would run past MaxResource epochs is stopped there, and counts as having run its budget in full.
+- TrainingJobEarlyStoppingType Auto: MedianPruner. A job whose best objective so far is worse than the median of the
+  completed jobs' objective at the same epoch is stopped, once MEDIAN_STARTUP_JOBS jobs have completed, from its
+  first epoch on. (SageMaker's documented rule takes the median of the earlier jobs' running averages; Optuna's
+  median of their values is the same idea, kept as Optuna implements it.)
+
+A job the tuner stops early goes through TrainingJobs.stop, StopTrainingJob's path, so its processes are gone; it
+ends Stopped, with the objective it had reached (ObjectiveStatus Succeeded), and cannot be the BestTrainingJob,
+which is the best job that completed (or ran its full Hyperband budget) with the objective.
+
+Completion criteria, checked as each job ends: TargetObjectiveMetricValue (a completed job reached it);
+BestObjectiveNotImproving (that many evaluated jobs in a row did not improve the best objective by 1%, SageMaker's
+margin); ConvergenceDetected with CompleteOnConvergence Enabled (``converged``: the last CONVERGENCE_JOBS completed
+jobs all came within 1% of the best, so the search keeps landing where the best is). When one is met, or
+MaxRuntimeInSeconds has passed, the tuning job starts no more jobs, stops those still running and completes. It
+fails only if no job completed with the objective, naming a failed job's FailureReason.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from local_sagemaker.listing import filtered, page
+from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException
+from local_sagemaker.store import Store, now
+from local_sagemaker.training import KIND as TRAINING_JOBS
+from local_sagemaker.training import STOP_GRACE_SECONDS, TERMINAL, TrainingJobs, check_script_mode
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna logs each trial at INFO; the tuner logs its own
+
+KIND = "hyper-parameter-tuning-jobs"
+POLL_SECONDS = 0.2  # how soon the tuner notices a job that ended (observations wake it at once)
+IMPROVEMENT = 0.01  # SageMaker's "1% or greater" for BestObjectiveNotImproving and convergence
+CONVERGENCE_JOBS = 3
+# MedianPruner's startup: no job is stopped before three have completed (a median of fewer is one job's luck).
+MEDIAN_STARTUP_JOBS = 3
+HYPERBAND_REDUCTION = 3  # Hyperband's eta: a third of a rung's jobs go on to the next
+EPOCH_KEYS = ("epochs", "numepochs", "n-epochs", "n_epochs", "num_epochs")  # where SageMaker infers MaxResource
+MAX_RESOURCE = 20000
+MAX_TUNED = 30  # hyperparameters a tuning job may search, all ranges together
+# What a training job takes of TrainingJobDefinition (its hyperparameters are the static ones plus the tuned ones).
+DEFINITION_KEYS = (
+    "AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig", "StoppingCondition",
+    "VpcConfig", "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption", "EnableManagedSpotTraining",
+    "CheckpointConfig", "RetryStrategy", "Environment",
+)  # fmt: skip
+UNSUPPORTED = {
+    "WarmStartConfig": "every tuning job here starts from nothing",
+    "TrainingJobDefinitions": "give one TrainingJobDefinition",
+    "Autotune": "give the ranges and strategy yourself",
+}
+# Record keys kept for the service's own use, never answered.
+INTERNAL = ("Tags", "Jobs")
+
+
+# -- what a request asks ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """One tuned hyperparameter: what Optuna searches, and how its value reaches the training job (a string)."""
+
+    name: str
+    distribution: BaseDistribution
+    reverse: bool = False  # ReverseLogarithmic: Optuna searches 1 - value on a log scale
+
+    def value(self, sampled) -> str:
+        return str(1 - sampled if self.reverse else sampled)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler under ask-and-tell. Its after_trial calls ``study.stop()`` when the grid is used up, which only
+    an ``optimize()`` loop may call (it raises here); the tuning job asks for no more jobs than the grid has
+    combinations, so each is asked once without it."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def tpe_startup(jobs: int) -> int:
+    """Random jobs before TPE models the others: a third of the budget, 2 to 10 (Optuna's default is 10, more than
+    a small tuning job has)."""
+    return max(2, min(10, jobs // 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A tuning job's request, checked: what to search, how, for how many jobs."""
+
+    strategy: str
+    space: tuple[Range, ...]
+    metric: str
+    maximize: bool
+    jobs: int
+    parallel: int
+    seed: int | None
+    early_stopping: bool
+    min_resource: int = 1
+    max_resource: int | None = None  # Hyperband's
+    stop_at_max: bool = False  # Hyperband: the jobs would run past MaxResource epochs, so the tuner stops them there
+
+    @property
+    def prunes(self) -> bool:
+        return self.early_stopping or self.strategy == "Hyperband"
+
+    def study(self, name: str) -> optuna.Study:
+        if self.strategy == "Grid":
+            sampler = _GridSampler({r.name: list(r.distribution.choices) for r in self.space}, seed=self.seed)
+        elif self.strategy == "Bayesian":
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=tpe_startup(self.jobs))
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=self.seed)
+        if self.strategy == "Hyperband":
+            pruner = optuna.pruners.HyperbandPruner(min_resource=self.min_resource, max_resource=self.max_resource,
+                                                    reduction_factor=HYPERBAND_REDUCTION)  # fmt: skip
+        elif self.early_stopping:
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_JOBS, n_warmup_steps=0)
+        else:
+            pruner = optuna.pruners.NopPruner()
+        return optuna.create_study(study_name=name, direction="maximize" if self.maximize else "minimize",
+                                   sampler=sampler, pruner=pruner)  # fmt: skip
+
+
+def plan(request: dict) -> Plan:
+    """The Plan of a CreateHyperParameterTuningJob request (or of the record it made); ValidationException naming
+    what is wrong, or what this service does not do."""
+    for key, instead in UNSUPPORTED.items():
+        if key in request:
+            raise ValidationException(f"{key} is not supported by this local SageMaker service: {instead}")
+    definition = request.get("TrainingJobDefinition")
+    if definition is None:
+        raise ValidationException("TrainingJobDefinition is required: this local service runs one definition")
+    for key in ("HyperParameterRanges", "TuningObjective", "HyperParameterTuningResourceConfig"):
+        if key in definition:
+            raise ValidationException(f"TrainingJobDefinition.{key} is not supported by this local SageMaker "
+                                      "service: give the ranges and the objective in HyperParameterTuningJobConfig, "
+                                      "the instances in ResourceConfig")  # fmt: skip
+    if "ResourceConfig" not in definition:
+        raise ValidationException("TrainingJobDefinition.ResourceConfig is required: it sizes each training job")
+    config = request["HyperParameterTuningJobConfig"]
+    objective = config.get("HyperParameterTuningJobObjective")
+    if objective is None:
+        raise ValidationException("HyperParameterTuningJobConfig.HyperParameterTuningJobObjective is required")
+    metrics = [d["Name"] for d in definition["AlgorithmSpecification"].get("MetricDefinitions", [])]
+    if objective["MetricName"] not in metrics:
+        raise ValidationException(
+            f"The objective metric {objective['MetricName']} is not one of the MetricDefinitions of "
+            f"TrainingJobDefinition.AlgorithmSpecification ({', '.join(metrics) or 'none'}): a tuning job reads its "
+            "objective from the training jobs' logs through them"
+        )
+    static = definition.get("StaticHyperParameters", {})
+    check_script_mode(static, "StaticHyperParameters")
+    space = _space(config.get("ParameterRanges", {}), static)
+    strategy, limits = config["Strategy"], config["ResourceLimits"]
+    if strategy == "Grid":
+        numeric = [r.name for r in space if not isinstance(r.distribution, CategoricalDistribution)]
+        if numeric:
+            raise ValidationException(f"The Grid strategy searches categorical ranges only; {', '.join(numeric)} "
+                                      "is a numeric range: give its values as a CategoricalParameterRange")  # fmt: skip
+        size = math.prod(len(r.distribution.choices) for r in space)
+        jobs = min(size, limits.get("MaxNumberOfTrainingJobs", size))
+    elif "MaxNumberOfTrainingJobs" not in limits:
+        raise ValidationException(f"ResourceLimits.MaxNumberOfTrainingJobs is required with the {strategy} "
+                                  "strategy (only Grid runs as many jobs as its grid has combinations)")  # fmt: skip
+    else:
+        jobs = limits["MaxNumberOfTrainingJobs"]
+    early_stopping = config.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
+    common = {"strategy": strategy, "space": space, "metric": objective["MetricName"], "jobs": jobs,
+              "maximize": objective["Type"] == "Maximize", "parallel": limits["MaxParallelTrainingJobs"],
+              "seed": config.get("RandomSeed"), "early_stopping": early_stopping}  # fmt: skip
+    if strategy != "Hyperband":
+        if "StrategyConfig" in config:
+            raise ValidationException(f"StrategyConfig is for the Hyperband strategy only, not {strategy}")
+        return Plan(**common)
+    if early_stopping:
+        raise ValidationException("TrainingJobEarlyStoppingType must be Off with the Hyperband strategy, which "
+                                  "stops jobs early itself")  # fmt: skip
+    hyperband = config.get("StrategyConfig", {}).get("HyperbandStrategyConfig", {})
+    epochs = _static_epochs(static)
+    max_resource = hyperband.get("MaxResource", epochs)
+    if max_resource is None:
+        raise ValidationException("HyperbandStrategyConfig.MaxResource is not given and cannot be inferred: "
+                                  f"StaticHyperParameters have none of {', '.join(EPOCH_KEYS)}")  # fmt: skip
+    min_resource = hyperband.get("MinResource", 1)
+    if not min_resource <= max_resource <= MAX_RESOURCE:
+        raise ValidationException(f"HyperbandStrategyConfig: MinResource {min_resource} and MaxResource "
+                                  f"{max_resource} must satisfy MinResource <= MaxResource <= {MAX_RESOURCE}")  # fmt: skip
+    return Plan(**common, min_resource=min_resource, max_resource=max_resource,
+                stop_at_max=epochs is None or max_resource < epochs)  # fmt: skip
+
+
+def _static_epochs(static: dict) -> int | None:
+    for key in EPOCH_KEYS:
+        if key in static:
+            try:
+                return int(static[key])
+            except ValueError:
+                raise ValidationException(f"StaticHyperParameters {key}={static[key]!r} is not a whole number of "
+                                          "epochs, which Hyperband takes as MaxResource") from None  # fmt: skip
+    return None
+
+
+def _space(ranges: dict, static: dict) -> tuple[Range, ...]:
+    if "AutoParameters" in ranges:
+        raise ValidationException("ParameterRanges.AutoParameters (Autotune's) is not supported by this local "
+                                  "SageMaker service: give Integer, Continuous or Categorical ranges")  # fmt: skip
+    space = [
+        *(_numeric(item, "Integer") for item in ranges.get("IntegerParameterRanges", [])),
+        *(_numeric(item, "Continuous") for item in ranges.get("ContinuousParameterRanges", [])),
+        *(_categorical(item) for item in ranges.get("CategoricalParameterRanges", [])),
+    ]
+    names = [r.name for r in space]
+    if not names:
+        raise ValidationException("ParameterRanges name no hyperparameter to tune")
+    if len(names) > MAX_TUNED:
+        raise ValidationException(f"ParameterRanges name {len(names)} hyperparameters; at most {MAX_TUNED}")
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise ValidationException(f"ParameterRanges name {', '.join(repeated)} more than once")
+    if both := sorted(set(names) & set(static)):
+        raise ValidationException(f"{', '.join(both)}: a hyperparameter is either static or tuned, not both")
+    return tuple(space)
+
+
+def _numeric(item: dict, kind: str) -> Range:
+    name, scaling = item["Name"], item.get("ScalingType", "Auto")
+    cast = int if kind == "Integer" else float
+    try:
+        low, high = cast(item["MinValue"]), cast(item["MaxValue"])
+    except ValueError:
+        raise ValidationException(f"{kind}ParameterRange {name}: MinValue {item['MinValue']!r} and MaxValue "
+                                  f"{item['MaxValue']!r} must be {'integers' if cast is int else 'numbers'}") from None  # fmt: skip
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValidationException(f"{kind}ParameterRange {name}: MinValue {low} must not exceed MaxValue {high}")
+    if scaling == "Logarithmic" and low <= 0:
+        raise ValidationException(f"{kind}ParameterRange {name}: Logarithmic scaling works only for ranges of "
+                                  f"values greater than 0, and [{low}, {high}] includes {low}")  # fmt: skip
+    if scaling == "ReverseLogarithmic":
+        if kind == "Integer":
+            raise ValidationException(f"IntegerParameterRange {name}: ReverseLogarithmic scaling is for continuous "
+                                      "ranges only")  # fmt: skip
+        if not (low >= 0 and high < 1):
+            raise ValidationException(f"ContinuousParameterRange {name}: ReverseLogarithmic scaling works only for "
+                                      f"ranges within 0 <= x < 1, and [{low}, {high}] is not")  # fmt: skip
+        return Range(name, FloatDistribution(1 - high, 1 - low, log=True), reverse=True)
+    # Auto is linear here: SageMaker leaves its choice unspecified, and a linear scale assumes nothing.
+    log_scale = scaling == "Logarithmic"
+    distribution = IntDistribution(low, high, log=log_scale) if kind == "Integer" else FloatDistribution(low, high, log=log_scale)  # fmt: skip
+    return Range(name, distribution)
+
+
+def _categorical(item: dict) -> Range:
+    values = item["Values"]
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise ValidationException(f"CategoricalParameterRange {item['Name']}: {', '.join(repeated)} repeated")
+    return Range(item["Name"], CategoricalDistribution(tuple(values)))
+
+
+# -- completion criteria (pure, over the evaluated jobs in the order they ended: (objective, final)) ---------------
+
+
+def _gain(value: float, best: float, maximize: bool) -> float:
+    return value - best if maximize else best - value
+
+
+def not_improving(outcomes: Sequence[tuple[float, bool]], maximize: bool) -> int:
+    """Evaluated jobs since the best objective last improved by 1% or more (NumberOfTrainingJobsObjectiveNotImproving).
+    Only a final objective (a completed job's) can improve it; a job stopped early never does."""
+    best, count = None, 0
+    for value, final in outcomes:
+        gain = _gain(value, best, maximize) if final and best is not None else None
+        first = final and best is None
+        count = 0 if first or (gain is not None and gain > 0 and gain >= IMPROVEMENT * abs(best)) else count + 1
+        if first or (gain is not None and gain > 0):
+            best = value  # better, if by less than 1%: the bar for the next improvement
+    return count
+
+
+def converged(outcomes: Sequence[tuple[float, bool]], maximize: bool) -> bool:
+    """The last CONVERGENCE_JOBS final objectives all lie within 1% of the best: the search keeps landing there."""
+    finals = [value for value, final in outcomes if final]
+    if len(finals) < CONVERGENCE_JOBS:
+        return False
+    best = max(finals) if maximize else min(finals)
+    return all(_gain(best, value, maximize) <= IMPROVEMENT * abs(best) for value in finals[-CONVERGENCE_JOBS:])
+
+
+def reached(outcomes: Sequence[tuple[float, bool]], maximize: bool, target: float) -> bool:
+    """A final objective at least as good as ``target`` (TargetObjectiveMetricValue)."""
+    return any(final and _gain(value, target, maximize) >= 0 for value, final in outcomes)
+
+
+# -- running a tuning job --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+    """A training job in flight, as its tuning job follows it."""
+
+    trial: optuna.trial.Trial
+    tuned: dict[str, str]
+    values: list[float] = dataclasses.field(default_factory=list)  # the objective at each epoch Optuna was told of
+    told: bool = False  # Optuna has its outcome already (stopped early, or at MaxResource)
+    stopped_by: str | None = None  # "early" or "budget": the tuner stopped it
+
+
+@dataclasses.dataclass
+class _Tuner:
+    """What the service holds of a tuning job while its thread runs it."""
+
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    observations: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # (job, metric, value) as logged
+    thread: threading.Thread | None = None
+
+    def observe(self, job: str, metric: str, value: float) -> None:
+        self.observations.put((job, metric, value))
+
+
+class _Search:
+    """One tuning job's search while it runs: the study, the jobs in flight, the evaluated ones in end order."""
+
+    def __init__(self, plan: Plan, name: str):
+        self.plan = plan
+        self.study = plan.study(name)
+        self.jobs: dict[str, _Job] = {}
+        self.outcomes: list[tuple[float, bool]] = []
+        self.launched = 0
+        self.complete: str | None = None  # the completion criterion met
+
+
+class TuningJobs:
+    def __init__(self, store: Store, training: TrainingJobs, region: str, account: str):
+        self.store, self.training = store, training
+        self.region, self.account = region, account
+        self.tuners: dict[str, _Tuner] = {}
+        self._recover()
+
+    def arn(self, name: str) -> str:
+        return f"arn:aws:sagemaker:{self.region}:{self.account}:hyper-parameter-tuning-job/{name.lower()}"
+
+    def _recover(self) -> None:
+        """A tuning job that was running when the service stopped cannot go on: its jobs went with the service."""
+        for record in self.store.items(KIND):
+            if record["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
+                moment = now()
+                self.store.update(
+                    KIND, record["HyperParameterTuningJobName"], HyperParameterTuningJobStatus="Failed",
+                    FailureReason="InternalServerError: the local SageMaker service stopped while the tuning job ran",
+                    HyperParameterTuningEndTime=moment, LastModifiedTime=moment, Jobs=_settled(record["Jobs"]),
+                )  # fmt: skip
+
+    # -- the API ---------------------------------------------------------------------------------------------------
+
+    def create(self, request: dict) -> dict:
+        name = request["HyperParameterTuningJobName"]
+        plan(request)  # refused here, before anything starts
+        with self.store.lock:
+            if self.store.get(KIND, name) is not None:
+                raise ResourceInUse(f"Hyperparameter tuning job names must be unique within an AWS account and "
+                                    f"region, and a tuning job with this name already exists ({self.arn(name)})")  # fmt: skip
+            created = now()
+            record = {
+                "HyperParameterTuningJobName": name,
+                "HyperParameterTuningJobArn": self.arn(name),
+                "HyperParameterTuningJobConfig": request["HyperParameterTuningJobConfig"],
+                "TrainingJobDefinition": request["TrainingJobDefinition"],
+                "HyperParameterTuningJobStatus": "InProgress",
+                "CreationTime": created,
+                "LastModifiedTime": created,
+                "TuningJobCompletionDetails": {"NumberOfTrainingJobsObjectiveNotImproving": 0},
+                "Tags": request.get("Tags", []),
+                "Jobs": {},  # training job name → its tuned hyperparameters and objective
+            }
+            self.store.put(KIND, name, record)
+        tuner = self.tuners[name] = _Tuner()
+        tuner.thread = threading.Thread(target=self._run, args=(name,), name=f"tuning-job-{name}", daemon=True)
+        tuner.thread.start()
+        return {"HyperParameterTuningJobArn": record["HyperParameterTuningJobArn"]}
+
+    def _get(self, name: str) -> dict:
+        record = self.store.get(KIND, name)
+        if record is None:
+            raise ResourceNotFound(f"Amazon SageMaker can't find a tuning job with name {name}")
+        return record
+
+    def describe(self, name: str) -> dict:
+        record = self._get(name)
+        jobs = self._jobs(record)
+        answer = {key: value for key, value in record.items() if key not in INTERNAL} | _counters(jobs)
+        if best := _best(record, jobs):
+            answer["BestTrainingJob"] = best
+        runtime = (record.get("HyperParameterTuningEndTime") or now()) - record["CreationTime"]
+        answer["ConsumedResources"] = {"RuntimeInSeconds": int(runtime.total_seconds())}
+        return answer
+
+    def list(self, params: dict) -> dict:
+        records = filtered(self.store.items(KIND), params, "HyperParameterTuningJobName",
+                           "HyperParameterTuningJobStatus")  # fmt: skip
+        sort_by = {"Name": "HyperParameterTuningJobName", "Status": "HyperParameterTuningJobStatus",
+                   "CreationTime": "CreationTime"}  # fmt: skip
+        shown, token = page(records, params, sort_by, default_sort="Name")
+        keys = ("HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
+                "CreationTime", "HyperParameterTuningEndTime", "LastModifiedTime")  # fmt: skip
+        summaries = [
+            {key: r[key] for key in keys if key in r} | _counters(self._jobs(r))
+            | {"Strategy": r["HyperParameterTuningJobConfig"]["Strategy"],
+               "ResourceLimits": r["HyperParameterTuningJobConfig"]["ResourceLimits"]}
+            for r in shown
+        ]  # fmt: skip
+        return {"HyperParameterTuningJobSummaries": summaries} | ({"NextToken": token} if token else {})
+
+    def list_training_jobs(self, params: dict) -> dict:
+        """ListTrainingJobsForHyperParameterTuningJob: sorted by FinalObjectiveMetricValue, the jobs without one are
+        left out, as SageMaker leaves them."""
+        record = self._get(params["HyperParameterTuningJobName"])
+        summaries = [{**summary, "_objective": entry.get("Objective")} for summary, entry in self._jobs(record)]
+        summaries = filtered(summaries, params, "TrainingJobName", "TrainingJobStatus")
+        if params.get("SortBy") == "FinalObjectiveMetricValue":
+            summaries = [s for s in summaries if s["_objective"] is not None]
+        sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus",
+                   "FinalObjectiveMetricValue": "_objective"}  # fmt: skip
+        shown, token = page(summaries, params, sort_by, default_sort="Name")
+        answer = {"TrainingJobSummaries": [{k: v for k, v in s.items() if k != "_objective"} for s in shown]}
+        return answer | ({"NextToken": token} if token else {})
+
+    def stop(self, name: str) -> dict:
+        with self.store.lock:
+            record = self._get(name)
+            status = record["HyperParameterTuningJobStatus"]
+            if status != "InProgress":
+                raise ValidationException(
+                    f"The request was rejected because the hyperparameter tuning job is in status {status}."
+                )
+            self.store.update(KIND, name, HyperParameterTuningJobStatus="Stopping", LastModifiedTime=now())
+        if tuner := self.tuners.get(name):
+            tuner.stop.set()
+        return {}
+
+    def shutdown(self) -> None:
+        """Stop every running tuning job and its training jobs (the service is going away)."""
+        for tuner in list(self.tuners.values()):
+            tuner.stop.set()
+        for tuner in list(self.tuners.values()):
+            if tuner.thread:
+                tuner.thread.join(timeout=STOP_GRACE_SECONDS + 10)
+
+    def _jobs(self, record: dict) -> list[tuple[dict, dict]]:
+        """(HyperParameterTrainingJobSummary, the tuner's entry) of each job the tuning job started, oldest first."""
+        found = []
+        for name, entry in record["Jobs"].items():
+            if job := self.store.get(TRAINING_JOBS, name):  # none: the service stopped before it was created
+                found.append((_summary(record, job, entry), entry))
+        return sorted(found, key=lambda pair: pair[0]["CreationTime"])
+
+    # -- the tuning job's thread -----------------------------------------------------------------------------------
+
+    def _run(self, name: str) -> None:
+        tuner = self.tuners[name]
+        record = self.store.get(KIND, name)
+        search = None
+        try:
+            search = _Search(plan(record), name)
+            max_runtime = record["HyperParameterTuningJobConfig"]["ResourceLimits"].get("MaxRuntimeInSeconds")
+            deadline = time.monotonic() + max_runtime if max_runtime else math.inf
+            while not (tuner.stop.is_set() or search.complete or time.monotonic() > deadline):
+                while len(search.jobs) < search.plan.parallel and search.launched < search.plan.jobs:
+                    self._launch(record, search, tuner)
+                if not search.jobs:
+                    break
+                self._follow(name, search, tuner)
+            if search.complete:
+                log.info("Tuning job %s: %s: no more jobs", name, search.complete)
+            for job_name in list(search.jobs):  # a criterion met, MaxRuntimeInSeconds passed, or stopped
+                self._stop_job(job_name)
+            while search.jobs:
+                self._follow(name, search, tuner)
+            self._finish(name, tuner)
+        except Exception as error:  # a bug: the tuning job fails, saying what happened, and leaves nothing running
+            log.exception("Tuning job %s failed", name)
+            for job_name in list(search.jobs if search else ()):
+                self._stop_job(job_name)
+            self._finish(name, tuner, f"InternalServerError: {type(error).__name__}: {error}")
+        finally:
+            self.tuners.pop(name, None)
+
+    def _launch(self, record: dict, search: _Search, tuner: _Tuner) -> None:
+        name = record["HyperParameterTuningJobName"]
+        search.launched += 1
+        trial = search.study.ask({r.name: r.distribution for r in search.plan.space})
+        tuned = {r.name: r.value(trial.params[r.name]) for r in search.plan.space}
+        job_name = f"{name}-{search.launched:03d}-{secrets.token_hex(4)}"
+        definition = record["TrainingJobDefinition"]
+        request = {
+            **{key: definition[key] for key in DEFINITION_KEYS if key in definition},
+            "TrainingJobName": job_name,
+            "HyperParameters": {**definition.get("StaticHyperParameters", {}), **tuned},
+            "Tags": record["Tags"],
+        }
+        self._record_job(name, job_name, {"TunedHyperParameters": tuned, "ObjectiveStatus": "Pending"})
+        try:
+            self.training.create(request, tuning_job_arn=record["HyperParameterTuningJobArn"], on_metric=tuner.observe)
+        except Exception:
+            self._record_job(name, job_name, None)
+            search.study.tell(trial, state=TrialState.FAIL)
+            raise
+        search.jobs[job_name] = _Job(trial, tuned)
+        log.info("Tuning job %s: started %s with %s", name, job_name, tuned)
+
+    def _follow(self, name: str, search: _Search, tuner: _Tuner) -> None:
+        """Wait a moment for observations, then take in what the jobs logged and how those that ended did."""
+        observed = []
+        with contextlib.suppress(queue.Empty):
+            observed.append(tuner.observations.get(timeout=POLL_SECONDS))
+        # Which jobs ended, read before the queue is drained: each queued its observations before it ended.
+        ended = {}
+        for job_name in search.jobs:
+            job = self.store.get(TRAINING_JOBS, job_name)
+            if job["TrainingJobStatus"] in TERMINAL:
+                ended[job_name] = job
+        with contextlib.suppress(queue.Empty):
+            while True:
+                observed.append(tuner.observations.get_nowait())
+        for job_name, metric, value in observed:
+            if metric == search.plan.metric and job_name in search.jobs:
+                self._observe(name, search, job_name, value)
+        for job_name, job in ended.items():
+            self._ended(name, search, job_name, job)
+
+    def _observe(self, name: str, search: _Search, job_name: str, value: float) -> None:
+        job, planned = search.jobs[job_name], search.plan
+        if job.told:
+            return  # being stopped: its objective is taken
+        job.values.append(value)
+        epoch = len(job.values)
+        job.trial.report(value, epoch)
+        if planned.max_resource and epoch >= planned.max_resource:
+            if planned.stop_at_max:  # its budget in full: it ends here, as SageMaker's Hyperband ends it
+                search.study.tell(job.trial, value)
+                job.told, job.stopped_by = True, "budget"
+                log.info("Tuning job %s: stopping %s at MaxResource (%d epochs)", name, job_name, epoch)
+                self._stop_job(job_name)
+            return  # never pruned at its last epoch
+        if planned.prunes and job.trial.should_prune():
+            search.study.tell(job.trial, state=TrialState.PRUNED)
+            job.told, job.stopped_by = True, "early"
+            why = "Hyperband" if planned.strategy == "Hyperband" else "behind the median of the completed jobs"
+            log.info("Tuning job %s: stopping %s early at epoch %d (%s %s: %s)", name, job_name, epoch,
+                     planned.metric, value, why)  # fmt: skip
+            self._stop_job(job_name)
+
+    def _ended(self, name: str, search: _Search, job_name: str, job_record: dict) -> None:
+        job = search.jobs.pop(job_name)
+        status = job_record["TrainingJobStatus"]
+        objective = job.values[-1] if job.values else None
+        by_tuner = job.stopped_by is not None and status == "Stopped"
+        final = (status == "Completed" and objective is not None) or (by_tuner and job.stopped_by == "budget")
+        if not job.told:
+            if final:
+                search.study.tell(job.trial, objective)
+            else:
+                search.study.tell(job.trial, state=TrialState.FAIL)
+        entry = {"TunedHyperParameters": job.tuned, "ObjectiveStatus": "Succeeded" if final or by_tuner else "Failed"}
+        if final or by_tuner:
+            entry.update(Objective=objective, Final=final)
+            search.outcomes.append((objective, final))
+        with self.store.lock:
+            record = self.store.get(KIND, name)
+            details, search.complete = _completion(record, search)
+            self._record_job(name, job_name, entry, TuningJobCompletionDetails=details)
+
+    def _record_job(self, name: str, job_name: str, entry: dict | None, **fields) -> None:
+        """Set (None: drop) the tuner's entry for one of its jobs, and other fields of the tuning job's record."""
+        with self.store.lock:
+            jobs = self.store.get(KIND, name)["Jobs"]
+            if entry is None:
+                jobs.pop(job_name, None)
+            else:
+                jobs[job_name] = entry
+            self.store.update(KIND, name, Jobs=jobs, **fields)
+
+    def _stop_job(self, job_name: str) -> None:
+        with contextlib.suppress(ValidationException):  # it ended, or is stopping, already
+            self.training.stop(job_name)
+
+    def _finish(self, name: str, tuner: _Tuner, error: str | None = None) -> None:
+        with self.store.lock:
+            record = self.store.get(KIND, name)
+            jobs = self._jobs(record)
+            fields = {}
+            if error:
+                status, fields["FailureReason"] = "Failed", error[:1024]
+            elif tuner.stop.is_set():
+                status = "Stopped"
+            elif any(entry.get("Final") for _, entry in jobs):
+                status = "Completed"
+            else:
+                status, fields["FailureReason"] = "Failed", _none_completed(record, jobs)[:1024]
+            moment = now()
+            self.store.update(KIND, name, HyperParameterTuningJobStatus=status, HyperParameterTuningEndTime=moment,
+                              LastModifiedTime=moment, Jobs=_settled(record["Jobs"]), **fields)  # fmt: skip
+        log.info(
+            "Tuning job %s: %s%s", name, status, f" ({fields['FailureReason']})" if "FailureReason" in fields else ""
+        )
+
+
+# -- answers -------------------------------------------------------------------------------------------------------
+
+
+def _summary(record: dict, job: dict, entry: dict) -> dict:
+    """HyperParameterTrainingJobSummary of ``job`` (a training job record) in tuning job ``record``."""
+    summary = {
+        "TrainingJobDefinitionName": record["TrainingJobDefinition"].get("DefinitionName"),
+        "TrainingJobName": job["TrainingJobName"],
+        "TrainingJobArn": job["TrainingJobArn"],
+        "TuningJobName": record["HyperParameterTuningJobName"],
+        "CreationTime": job["CreationTime"],
+        "TrainingStartTime": job.get("TrainingStartTime"),
+        "TrainingEndTime": job.get("TrainingEndTime"),
+        "TrainingJobStatus": job["TrainingJobStatus"],
+        "TunedHyperParameters": entry["TunedHyperParameters"],
+        "FailureReason": job.get("FailureReason"),
+        "ObjectiveStatus": entry["ObjectiveStatus"],
+    }
+    if "Objective" in entry:
+        objective = record["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
+        summary["FinalHyperParameterTuningJobObjectiveMetric"] = {**objective, "Value": entry["Objective"]}
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def _counters(jobs: list[tuple[dict, dict]]) -> dict:
+    statuses = collections.Counter(summary["TrainingJobStatus"] for summary, _ in jobs)
+    objectives = collections.Counter(entry["ObjectiveStatus"] for _, entry in jobs)
+    return {
+        "TrainingJobStatusCounters": {
+            "Completed": statuses["Completed"], "InProgress": statuses["InProgress"] + statuses["Stopping"],
+            "RetryableError": 0, "NonRetryableError": statuses["Failed"], "Stopped": statuses["Stopped"],
+        },
+        "ObjectiveStatusCounters": {key: objectives[key] for key in ("Succeeded", "Pending", "Failed")},
+    }  # fmt: skip
+
+
+def _best(record: dict, jobs: list[tuple[dict, dict]]) -> dict | None:
+    """The summary of the job with the best final objective (the first of equals), if any has one."""
+    finals = [(summary, entry["Objective"]) for summary, entry in jobs if entry.get("Final")]
+    if not finals:
+        return None
+    maximize = record["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]["Type"] == "Maximize"
+    return (max if maximize else min)(finals, key=lambda pair: pair[1])[0]
+
+
+def _completion(record: dict, search: _Search) -> tuple[dict, str | None]:
+    """TuningJobCompletionDetails after the jobs that ended so far, and the completion criterion met, if one is."""
+    criteria = record["HyperParameterTuningJobConfig"].get("TuningJobCompletionCriteria", {})
+    outcomes, maximize = search.outcomes, search.plan.maximize
+    count = not_improving(outcomes, maximize)
+    details = {"NumberOfTrainingJobsObjectiveNotImproving": count}
+    if detected := record["TuningJobCompletionDetails"].get("ConvergenceDetectedTime"):
+        details["ConvergenceDetectedTime"] = detected
+    elif converged(outcomes, maximize):
+        details["ConvergenceDetectedTime"] = now()
+    target = criteria.get("TargetObjectiveMetricValue")
+    limit = criteria.get("BestObjectiveNotImproving", {}).get("MaxNumberOfTrainingJobsNotImproving")
+    if target is not None and reached(outcomes, maximize, target):
+        return details, f"TargetObjectiveMetricValue {target} reached"
+    if limit and count >= limit:
+        return details, f"{count} jobs did not improve the best objective (MaxNumberOfTrainingJobsNotImproving)"
+    if criteria.get("ConvergenceDetected", {}).get("CompleteOnConvergence") == "Enabled" and (
+        "ConvergenceDetectedTime" in details
+    ):
+        return details, "converged (ConvergenceDetected)"
+    return details, None
+
+
+def _settled(entries: dict) -> dict:
+    """The tuner's job entries once it ends: an objective still pending will never be evaluated."""
+    return {name: entry if entry["ObjectiveStatus"] != "Pending" else {**entry, "ObjectiveStatus": "Failed"}
+            for name, entry in entries.items()}  # fmt: skip
+
+
+def _none_completed(record: dict, jobs: list[tuple[dict, dict]]) -> str:
+    metric = record["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]["MetricName"]
+    failed = next((summary for summary, _ in jobs if summary["TrainingJobStatus"] == "Failed"), None)
+    if failed:
+        return f"No training job completed: {failed['TrainingJobName']} failed: {failed.get('FailureReason', '')}"
+    return f"No training job completed with the objective metric {metric}"
