@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MNIST_MIRROR ?=
 export MNIST_MIRROR
 
-.PHONY: venv tools test test-faults lint demo down bench clean
+.PHONY: venv tools test test-browser test-faults lint demo down bench clean
 
 # torch first, from the CPU build pip finds by exact version: with it installed, nothing resolves a CUDA build.
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ tools:
 test: lint tools
 	$(BIN)/pytest
 
+# The UI in headless Chromium against a local stack (tests/test_browser.py, a minute or two): CI runs it after `make test`.
+test-browser: venv tools
+	$(BIN)/pytest -m browser -n 0
+
 # Faults on the real local stack (tests/test_faults.py, minutes each): CI runs them after `make test`.
 test-faults: venv tools
 	$(BIN)/pytest -m fault -n 0
@@ -49,6 +53,7 @@ bench: venv tools
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_validation.py --out bench/results/validation.json
 	$(BIN)/python bench/bench_endpoint.py --out bench/results/endpoint.json
+	$(BIN)/python bench/bench_transform.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/transform.json
 	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json
 
 clean:

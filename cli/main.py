@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG pictures of single digits")
     predict.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
+
+    models = _command(commands, "models", "cli.registry:models_command",
+                      "list an endpoint's model versions in the registry, the champion marked")  # fmt: skip
+    models.add_argument(
+        "--endpoint", default=DEFAULT_ENDPOINT, help=f"its registry group (default: {DEFAULT_ENDPOINT})"
+    )
+    models.add_argument("--json", action="store_true", help="print the versions as JSON")
+    for name, verb in (("approve", "approve a model version: the next run (or a deploy-only run) serves it"),
+                       ("reject", "reject a model version: no run serves it")):  # fmt: skip
+        decide = _command(commands, name, f"cli.registry:{name}_command", verb)
+        decide.add_argument("version", metavar="VERSION", help="the version's number in the group, or its ARN")
+        decide.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                            help=f"the endpoint whose registry group holds it (default: {DEFAULT_ENDPOINT})")  # fmt: skip
+        decide.add_argument("--reason", default=None, help="why (the version's ApprovalDescription)")
     return parser
 
 

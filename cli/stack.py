@@ -464,6 +464,7 @@ def status_command(args) -> int:
 
 FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
 TRAINING_TASKS = ("train",)
+TUNING_TASK = "tune"
 EPOCH_LINE = re.compile(r"Test Epoch: (\d+),")  # training/train.py's line at the end of each epoch
 
 
@@ -529,7 +530,8 @@ def xcom(api: AirflowAPI, run_id: str, task_id: str, map_index: int = -1):
 
 class SweepTable:
     """The sweep as it goes: one row per training task (its hidden_channels value), with its job's state, the
-    epochs done and the last test accuracy from the job's own log lines in the task's log."""
+    epochs done and the last test accuracy from the job's own log lines in the task's log. In a tuning run, one row
+    per job the tuner started: its tuned values, its state and its objective as the tuner saw it."""
 
     def __init__(self, api: AirflowAPI, run_id: str, sagemaker=None):
         self.api, self.run_id, self.sagemaker = api, run_id, sagemaker
@@ -549,9 +551,31 @@ class SweepTable:
             return name, fallback
         return (jobs[0]["TrainingJobName"], jobs[0]["TrainingJobStatus"]) if jobs else (name, fallback)
 
+    def _tuner_rows(self) -> None:
+        from tasks.tuning import tuning_job_name
+
+        if self.sagemaker is None:
+            return
+        try:
+            jobs = self.sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=tuning_job_name(self.run_id), SortBy="CreationTime",
+                SortOrder="Ascending", MaxResults=100,
+            )["TrainingJobSummaries"]  # fmt: skip
+        except Exception:  # not created yet, or the service is unreachable: the table is a view
+            return
+        for index, job in enumerate(jobs):
+            tuned = ", ".join(f"{key}={value}" for key, value in sorted(job.get("TunedHyperParameters", {}).items()))
+            objective = (job.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+            self.rows[index] = (tuned, job["TrainingJobStatus"], "-", f"{objective:.2f}%" if objective else "",
+                                job["TrainingJobName"])  # fmt: skip
+
     def update(self, tis: list[dict]) -> None:
         from tasks.training_jobs import METRIC_DEFINITIONS
 
+        if any(ti["task_id"] == TUNING_TASK and ti["state"] not in (None, "skipped", "scheduled", "queued")
+               for ti in tis):  # fmt: skip
+            self._tuner_rows()
+            return
         accuracy = re.compile(next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == "test:accuracy"))
         for ti in tis:
             if ti["task_id"] not in TRAINING_TASKS or ti["map_index"] < 0:
@@ -575,7 +599,7 @@ class SweepTable:
     def __rich__(self):
         from rich.table import Table
 
-        table = Table("sweep member", "state", "epochs", "test accuracy", title="Training jobs")
+        table = Table("sweep member / tuned", "state", "epochs", "test accuracy", title="Training jobs")
         table.add_column("training job", overflow="fold")  # whole: it is what SageMaker's console finds it by
         for _, row in sorted(self.rows.items()):
             table.add_row(*row)
@@ -654,6 +678,7 @@ def run_sweep(conf: dict, console, config: PipelineConfig | None = None) -> dict
         "state": run["state"],
         "seconds": _seconds_between(run.get("start_date"), run.get("end_date")),
         "best": xcom(api, run_id, "select_best"),
+        "choice": xcom(api, run_id, "candidate"),
         "deployment": xcom(api, run_id, "deploy"),
         "report": xcom(api, run_id, "report"),
         "data_dir": xcom(api, run_id, "download"),
@@ -676,6 +701,9 @@ def run_command(args) -> int:
         return 2
     if outcome["best"]:
         print_sweep(console, outcome["best"])
+    if choice := outcome["choice"]:
+        console.print(f"Deployment: {'version ' + str(choice['model']['version']) + ', ' if choice['deploy'] else ''}"
+                      f"{choice['reason']}")  # fmt: skip
     if isinstance(outcome["report"], dict) and outcome["report"].get("html"):
         console.print(f"Report: {outcome['report']['html']}")
     seconds = f" in {outcome['seconds']:.0f} s" if outcome["seconds"] is not None else ""

@@ -28,9 +28,9 @@ def put_alarms(
     alarm_actions: list[str] | None = None,
 ) -> list[str]:
     """Create or update the endpoint's alarms; returns their names."""
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from tasks.hooks import hook
 
-    cloudwatch = AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="cloudwatch", region_name=config.region).conn
+    cloudwatch = hook(config, "cloudwatch").conn
     common = {
         "Namespace": ENDPOINT_NAMESPACE,
         "Dimensions": endpoint_dimensions(endpoint_name),

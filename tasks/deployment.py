@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
-from tasks.names import TEST_ACCURACY_TAG, VARIANT_NAME
+from tasks.names import VARIANT_NAME
 from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ def sagemaker_deploy_requests(
     model_name = best["training_job_name"]  # unique per run and a record of where the model came from
     config_name = endpoint_config_name(endpoint_name, run_id)
     tags = [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}]
-    config_tags = [*tags, {"Key": TEST_ACCURACY_TAG, "Value": repr(float(best["test_accuracy"]))}]
     return {
         "model": {
             "ModelName": model_name,
@@ -76,7 +75,7 @@ def sagemaker_deploy_requests(
                     "InitialVariantWeight": 1.0,
                 }
             ],
-            "Tags": config_tags,
+            "Tags": tags,
         },
         "endpoint": {"EndpointName": endpoint_name, "EndpointConfigName": config_name, "Tags": tags},
     }
@@ -124,15 +123,6 @@ class RolledBack(RuntimeError):
     """The update did not take: SageMaker kept (or went back to) the endpoint's previous config."""
 
 
-def wanted(decision: Mapping, enabled: bool) -> bool:
-    """Whether this run deploys: the `deploy` param is on and the gate let the model through. Logs why not."""
-    if not enabled:
-        log.info("Deployment skipped: the deploy param is off for this run")
-    elif not decision["deploy"]:
-        log.info("Deployment skipped: the gate refused the model: %s", decision["reason"])
-    return enabled and decision["deploy"]
-
-
 def _exists(describe, name: str) -> bool:
     from botocore.exceptions import ClientError
 
@@ -148,8 +138,8 @@ def _exists(describe, name: str) -> bool:
 
 def deploy(
     best: Mapping,
-    decision: Mapping,
     *,
+    previous_endpoint_config_name: str | None,
     endpoint_name: str,
     run_id: str,
     config: PipelineConfig,
@@ -157,7 +147,8 @@ def deploy(
     traffic: Mapping | None = None,
     alarm_thresholds: Mapping | None = None,
 ) -> dict:
-    """Serve ``best`` (selection's answer) on ``endpoint_name``, which the gate's ``decision`` let through.
+    """Serve ``best`` (selection's answer, or a registry version as tasks.registry.as_model gives it) on
+    ``endpoint_name``, where ``previous_endpoint_config_name`` served before this run (what a rollback restores).
 
     An update moves traffic as ``traffic`` says (``deployment_config``'s arguments; default all at once), guarded
     by the endpoint's alarms, made or updated first with ``alarm_thresholds`` (``put_alarms``' arguments).
@@ -166,10 +157,9 @@ def deploy(
     (blue/green: the old config serves until the new one is InService) unless the endpoint serves this run's config
     already. Returns once the endpoint serves it; fails naming what serves instead. Returns what the monitoring
     check and its rollback need: endpoint_name, endpoint_config_name, model_data_url,
-    previous_endpoint_config_name (what served before this run, as the gate saw it) and created.
+    previous_endpoint_config_name and created.
     """
     from tasks.alarms import put_alarms
-    from tasks.gate import serving_endpoint_config
 
     hook = sagemaker_hook(config)
     requests = sagemaker_deploy_requests(best, endpoint_name=endpoint_name, run_id=run_id, config=config)
@@ -211,7 +201,6 @@ def deploy(
         )
     log.info("Endpoint %s serves %s (hidden_channels %s) with config %s",
              endpoint_name, model_name, best["hidden_channels"], config_name)  # fmt: skip
-    previous_endpoint_config_name = decision["serving_endpoint_config_name"]
     return {
         "endpoint_name": endpoint_name,
         "endpoint_config_name": config_name,
@@ -222,6 +211,19 @@ def deploy(
         # All traffic on the new model while the old fleet is kept under the alarms: the check runs now.
         "baking": baking(described, config_name),
     }
+
+
+def serving_endpoint_config(config: PipelineConfig, endpoint_name: str) -> str | None:
+    """The endpoint config the endpoint serves now (the one to roll back to), or None when there is no endpoint."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return sagemaker_hook(config).describe_endpoint(endpoint_name)["EndpointConfigName"]
+    except ClientError as error:
+        # SageMaker answers a missing endpoint with a ValidationException "Could not find endpoint ...".
+        if "Could not find endpoint" in str(error):
+            return None
+        raise
 
 
 def baking(described: Mapping, config_name: str) -> bool:

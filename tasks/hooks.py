@@ -1,19 +1,44 @@
-"""The Amazon provider's hooks on the pipeline's AWS connection and region: how every task reaches SageMaker and
-S3, on AWS or on this machine alike. Airflow is imported inside the functions: the DAG imports modules that
-import this one."""
+"""The Amazon provider's hooks on the pipeline's AWS connection and region: how every task reaches SageMaker, S3 and
+CloudWatch, on AWS or on this machine alike. Airflow is imported inside the functions: the DAG imports modules that
+import this one.
+
+One hook per service for the process: each new hook makes a new boto3 session, which loads the service's model
+again (half a second for SageMaker's), and a task asks the registry, the endpoint and S3 many times. A hook is made
+anew when the connection's definition in the environment changes (the local stack's CLI and the tests set it).
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 from tasks.config import PipelineConfig
 
 
-def sagemaker_hook(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+@functools.cache
+def _hook(kind: str, aws_conn_id: str, region: str, _definition: str | None):
+    if kind == "sagemaker":
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-    return SageMakerHook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+        return SageMakerHook(aws_conn_id=aws_conn_id, region_name=region)
+    if kind == "s3":
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=aws_conn_id, region_name=region)
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    return AwsBaseHook(aws_conn_id=aws_conn_id, client_type=kind, region_name=region)
+
+
+def hook(config: PipelineConfig, kind: str):
+    """The process's hook of ``kind`` ("sagemaker", "s3", or a boto3 client type such as "cloudwatch")."""
+    definition = os.environ.get(f"AIRFLOW_CONN_{config.aws_conn_id.upper()}")
+    return _hook(kind, config.aws_conn_id, config.region, definition)
+
+
+def sagemaker_hook(config: PipelineConfig):
+    return hook(config, "sagemaker")
 
 
 def s3_hook(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    return hook(config, "s3")

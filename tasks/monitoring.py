@@ -7,9 +7,11 @@
 2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
    invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
    local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
-3. Pass: wait for the bake to end (an alarm may still roll the update back), then record the new champion and
-   create or update the endpoint's alarms (5XX errors, p99 model latency).
-   Fail: roll back and fail the task, without retries, naming every failed threshold with its observed value.
+3. Pass: wait for the bake to end (an alarm may still roll the update back), then approve the model's registry
+   version (it is the champion from now on: tasks.registry) and create or update the endpoint's alarms (5XX
+   errors, p99 model latency).
+   Fail: roll back, reject the version, and fail the task, without retries, naming every failed threshold with its
+   observed value.
    During the bake, setting the update's rollback alarm to ALARM makes SageMaker itself switch back to the old
    fleet, still running (the way to stop a blue/green update); after it, UpdateEndpoint back to the previous
    config, or DeleteEndpoint when this deployment created the endpoint.
@@ -121,10 +123,11 @@ def load_test_images(config: PipelineConfig, source: str, count: int, seed: int 
 def runtime_client(config: PipelineConfig, max_connections: int = 10):
     """boto3 `sagemaker-runtime` client of the AWS connection (its credentials, and its endpoint for the service).
     No retries: the check must see every failure."""
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.config import Config
 
-    hook = AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="sagemaker-runtime", region_name=config.region)
+    from tasks.hooks import hook as provider_hook
+
+    hook = provider_hook(config, "sagemaker-runtime")
     extra = Config(retries={"total_max_attempts": 1}, max_pool_connections=max_connections)
     return hook.get_session(region_name=config.region).client(
         "sagemaker-runtime",
@@ -176,9 +179,9 @@ def smoke_load(client, endpoint_name: str, images, labels, concurrency: int = 4)
 
 
 def _cloudwatch(config: PipelineConfig):
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from tasks.hooks import hook
 
-    return AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="cloudwatch", region_name=config.region).conn
+    return hook(config, "cloudwatch").conn
 
 
 def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.datetime, end: datetime.datetime) -> dict:
@@ -281,7 +284,7 @@ def rollback(config: PipelineConfig, deployment: dict, check_interval: int = 15)
     Returns ``{"action": "restored" | "deleted" | "none", "endpoint_name", "endpoint_config_name"}``.
     """
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
-    from tasks.gate import serving_endpoint_config
+    from tasks.deployment import serving_endpoint_config
 
     hook = sagemaker_hook(config)
     serving = serving_endpoint_config(config, name)
@@ -367,14 +370,16 @@ def check_endpoint(
     check_interval: int = 15,
     alarm_actions: list[str] | None = None,
     settle_timeout: float = 3600.0,
+    version: str | None = None,
 ) -> dict:
     """The monitoring check of a fresh deployment (module docstring). ``test_data``: a directory or S3 prefix with
-    the MNIST test files; ``test_accuracy``: the deployed model's, recorded with it when it becomes the champion.
+    the MNIST test files; ``test_accuracy``: the deployed model's; ``version``: its model registry version, which the
+    verdict approves (it becomes the champion) or rejects.
 
     Returns the check's figures (small, for the report); raises MonitoringCheckFailed after rolling back.
     ``settle_timeout`` bounds each wait for the endpoint to finish an update or a rollback.
     """
-    from tasks.gate import record_champion
+    from tasks.registry import record_verdict
 
     thresholds = thresholds or Thresholds()
     name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
@@ -412,12 +417,14 @@ def check_endpoint(
             raise MonitoringCheckFailed(
                 f"{verdict}. Rollback FAILED, {config_name} may still serve: {error}", result
             ) from error
+        finally:  # rolled back or not, the version must never be served again
+            record_verdict(config, version, passed=False, reason=verdict)
         result["rollback"] = undone
         raise MonitoringCheckFailed(f"{verdict}. {_rollback_outcome(undone).capitalize()}.", result)
 
-    champion = {"test_accuracy": test_accuracy, "live_accuracy": load["live_accuracy"],
-                "model_data_url": deployment["model_data_url"], "endpoint_config_name": config_name}  # fmt: skip
-    result["champion_uri"] = record_champion(config, name, champion)
+    record_verdict(config, version, passed=True, reason=f"passed its monitoring check on {name} ({config_name}): "
+                   f"live accuracy {load['live_accuracy']:.4f}")  # fmt: skip
+    result["champion"] = version
     result["alarms"] = put_alarms(
         config,
         name,
@@ -436,9 +443,10 @@ def undo_unchecked(
     *,
     check_interval: int = 15,
     settle_timeout: float = 3600.0,
+    version: str | None = None,
 ) -> dict | None:
     """After the run (its teardown): a deployment whose check never finished (its task killed or crashed, so that
-    its own rollback could not run) is undone as a failed check is. Returns what the check would have reported
+    its own rollback could not run) is undone as a failed check is, and its ``version`` rejected. Returns what the check would have reported
     (``passed`` False, the failure, the rollback), or None when there was nothing to undo."""
     if deployment is None or (monitoring and (monitoring.get("passed") or monitoring.get("rollback"))):
         return None
@@ -446,7 +454,10 @@ def undo_unchecked(
     failure = "the monitoring check never finished (its task was killed, or crashed)"
     verdict = f"Deployment of endpoint {name} (config {config_name}) was not checked: {failure}"
     log.warning("%s: undoing it", verdict)
+    from tasks.registry import record_verdict
+
     undone = undo(config, deployment, verdict, settle_timeout, check_interval)
+    record_verdict(config, version, passed=False, reason=verdict)
     log.warning("Endpoint %s: %s", name, _rollback_outcome(undone))
     return {"endpoint_name": name, "endpoint_config_name": config_name, "passed": False, "failures": [failure],
             "load": None, "cloudwatch": None, "rollback": undone}  # fmt: skip

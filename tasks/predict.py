@@ -21,8 +21,9 @@ class PredictError(RuntimeError):
 
 def runtime_client(config: PipelineConfig, endpoint_name: str):
     """The `sagemaker-runtime` client that reaches ``endpoint_name``; fails early, naming the endpoints there are."""
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.exceptions import ClientError
+
+    from tasks.hooks import hook
 
     sagemaker = sagemaker_hook(config)
     try:
@@ -35,7 +36,7 @@ def runtime_client(config: PipelineConfig, endpoint_name: str):
         raise PredictError(f"no endpoint {endpoint_name!r}; endpoints: {known}") from None
     if status != "InService":
         raise PredictError(f"endpoint {endpoint_name!r} is {status}")
-    return AwsBaseHook(aws_conn_id=config.aws_conn_id, client_type="sagemaker-runtime", region_name=config.region).conn
+    return hook(config, "sagemaker-runtime").conn
 
 
 def predict(paths: list[Path], endpoint_name: str = DEFAULT_ENDPOINT, config: PipelineConfig | None = None) -> list:

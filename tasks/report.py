@@ -1,7 +1,8 @@
-"""The sweep report of one DAG run, in Markdown and HTML: what was trained, what won, and whether it now serves.
+"""The report of one DAG run, in Markdown and HTML: what was trained, what won, and whether it now serves.
 
 Sections: the verdict; the trial table (hidden_channels, min / max / avg / last test accuracy over the epochs,
-final losses, seconds, parameters); per-epoch loss and accuracy curves; the best model's confusion matrix and a
+final losses, seconds, parameters; for a tuning job also each trial's tuned hyperparameters, its objective and
+whether the tuner stopped it early); per-epoch loss and accuracy curves; the best model's confusion matrix and a
 grid of the test digits it got wrong; the data validation summary with a link to its Data Docs; the gate and the
 monitoring check. Figures come from each job's `metrics.json` and `misclassified.npz`, read from the job's
 `output.tar.gz` beside its `model.tar.gz` (SageMaker uploads SM_OUTPUT_DATA_DIR there).
@@ -89,23 +90,32 @@ def _pyplot():
     return plt
 
 
-def plot_curves(histories: Mapping[int, list[dict]], path: Path) -> bool:
-    """Train and test loss, and test accuracy, per epoch for every trial; False when no trial has a history."""
+def trial_label(trial: Mapping) -> str:
+    """How the report and its curves name a trial: a sweep's by its hidden_channels, a tuner's by its number (the
+    NNN of SageMaker's `<tuning job>-NNN-xxxxxxxx`)."""
+    if "tuned" in trial:
+        return trial["training_job_name"].rsplit("-", 2)[-2]
+    return str(trial["hidden_channels"])
+
+
+def plot_curves(histories: Mapping[str, list[dict]], path: Path, title: str = "hidden_channels") -> bool:
+    """Train and test loss, and test accuracy, per epoch for every trial (by its label, ``title`` in the legend);
+    False when no trial has a history."""
     if not any(histories.values()):
         return False
     plt = _pyplot()
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for hidden_channels, history in sorted(histories.items()):
+    for label, history in histories.items():
         epochs = [epoch["epoch"] for epoch in history]
-        (line,) = loss_axes.plot(epochs, [e["train_loss"] for e in history], marker="o", label=f"{hidden_channels}")
+        (line,) = loss_axes.plot(epochs, [e["train_loss"] for e in history], marker="o", label=label)
         loss_axes.plot(epochs, [e["test_loss"] for e in history], marker="x", linestyle="--", color=line.get_color())
-        accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], marker="o", label=f"{hidden_channels}")
+        accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], marker="o", label=label)
     loss_axes.set(title="Loss (solid: train, dashed: test)", xlabel="epoch", ylabel="loss")
     accuracy_axes.set(title="Test accuracy", xlabel="epoch", ylabel="%")
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
-    accuracy_axes.legend(title="hidden_channels", fontsize="small")
+    accuracy_axes.legend(title=title, fontsize="small")
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
@@ -170,23 +180,37 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _verdict(best: Mapping, gate: Mapping | None, deployment: Mapping | None, monitoring: Mapping | None) -> str:
-    winner = f"**hidden_channels {best['hidden_channels']}** won with {_percent(best['test_accuracy'])} test accuracy"
-    if gate is not None and not gate["deploy"]:
-        return f"{winner}; not deployed: the gate refused it ({gate['reason']})."
+def _deployment_verdict(choice: Mapping | None, deployment: Mapping | None, monitoring: Mapping | None) -> str:
+    if choice is None:
+        return "no deployment was chosen (a task before it failed)."
+    if not choice["deploy"]:
+        return f"nothing deployed: {choice['reason']}."
+    model = choice["model"]
+    what = f"version {model['version']} ({_percent(model['test_accuracy'])} test accuracy; {choice['reason']})"
     if deployment is None:
-        return f"{winner}; not deployed (deployment was off for this run)."
+        return f"{what} was to be deployed; the deployment did not finish."
     where = f"endpoint `{deployment['endpoint_name']}` (config `{deployment['endpoint_config_name']}`)"
     if update := deployment.get("deployment_config"):
         policy = update["BlueGreenUpdatePolicy"]
         shift = policy["TrafficRoutingConfiguration"]["Type"].lower().replace("_", " ")
         where += f" blue/green, {shift}, baked {policy['TerminationWaitInSeconds']} s under its alarms"
     if monitoring is None:
-        return f"{winner}; deployed to {where}; no monitoring check ran."
+        return f"{what} deployed to {where}; no monitoring check ran."
     if monitoring.get("passed"):
-        return f"{winner}; deployed to {where} and passed its monitoring check: it serves now."
+        return f"{what} deployed to {where} and passed its monitoring check: it serves now, Approved (the champion)."
     rollback = (monitoring.get("rollback") or {}).get("action", "none")
-    return f"{winner}; deployed to {where}, **failed its monitoring check** and was rolled back ({rollback})."
+    return f"{what} deployed to {where}, **failed its monitoring check** and was rolled back ({rollback}); Rejected."
+
+
+def _verdict(best: Mapping | None, gate: Mapping | None, choice: Mapping | None, deployment: Mapping | None,
+             monitoring: Mapping | None) -> str:  # fmt: skip
+    deployed = _deployment_verdict(choice, deployment, monitoring)
+    if best is None:
+        return f"Deploy-only run: {deployed}"
+    winner = f"**hidden_channels {best['hidden_channels']}** won with {_percent(best['test_accuracy'])} test accuracy"
+    if gate is not None and not gate["deploy"]:
+        return f"{winner}; the gate refused it ({gate['reason']}): not registered. Deployment: {deployed}"
+    return f"{winner}; registered past the gate. Deployment: {deployed}"
 
 
 def _validation_lines(validation: Mapping | None, data_docs_link: str | None) -> list[str]:
@@ -214,6 +238,7 @@ def _gate_lines(gate: Mapping | None) -> list[str]:
         ["champion's test accuracy", _percent(gate.get("champion_accuracy"))],
         ["tolerance", _percent(gate.get("tolerance"))],
         ["champion model", f"`{champion}`" if champion else "—"],
+        ["champion version", f"`{gate['champion_version']}`" if gate.get("champion_version") else "—"],
     ]
     return lines + _table(["gate input", "value"], rows)
 
@@ -243,37 +268,65 @@ def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
 
 
 def _trial_table(trials: list[Mapping], best_job: str) -> list[str]:
-    """The selection's trial rows (tasks.trials.summarize_trial, plus the job), the best one in bold."""
-    header = ["hidden_channels", "min acc", "max acc", "avg acc", "last acc", "train loss", "test loss", "seconds",
-              "parameters"]  # fmt: skip
+    """The selection's trial rows (tasks.trials.summarize_trial, plus the job; a tuner's with what it saw of each),
+    the best one in bold."""
+    tuning = any("tuned" in trial for trial in trials)
+    header = ["trial", "tuned hyperparameters", "objective", "status"] if tuning else []
+    header += ["hidden_channels", "min acc", "max acc", "avg acc", "last acc", "train loss", "test loss", "seconds",
+               "parameters"]  # fmt: skip
     cells = []
     for trial in trials:
-        channels = str(trial["hidden_channels"])
+        label = trial_label(trial)
+        row = []
+        if tuning:
+            status = "stopped early" if trial.get("stopped_early") else trial.get("status", "")
+            if trial.get("failure"):
+                status += f": {trial['failure'][:120]}"
+            tuned = ", ".join(f"{key}={value}" for key, value in sorted((trial.get("tuned") or {}).items()))
+            row = [label, tuned or "—", _percent(trial.get("objective")), status]
         accuracies = [_percent(trial.get(key)) for key in ("accuracy_min", "accuracy_max", "accuracy_avg")]
-        cells.append([
-            f"**{channels}**" if trial["training_job_name"] == best_job else channels,
-            *accuracies, _percent(trial["test_accuracy"]),
+        row += [
+            str(trial["hidden_channels"]), *accuracies, _percent(trial["test_accuracy"]),
             _number(trial.get("train_loss"), ".4f"), _number(trial.get("test_loss"), ".4f"),
             _number(trial.get("seconds"), ".1f"), _number(trial.get("parameters"), ","),
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if trial["training_job_name"] == best_job:
+            row[0] = f"**{row[0]}**"
+        cells.append(row)
     return _table(header, cells)
+
+
+def _choice_lines(choice: Mapping | None) -> list[str]:
+    if choice is None:
+        return ["No deployment was chosen (a task before it failed)."]
+    lines = [f"**{'Deploy' if choice['deploy'] else 'Nothing to deploy'}**: {choice['reason']}."]
+    if model := choice.get("model"):
+        lines += ["", *_table(["version", "value"], [
+            ["model package", f"`{model['model_package_arn']}`"],
+            ["status before the check", model["approval"]],
+            ["test accuracy", _percent(model["test_accuracy"])],
+            ["training job", f"`{model['training_job_name']}`"],
+            ["from run", f"`{model['run_id']}`"],
+        ])]  # fmt: skip
+    return lines
 
 
 def render_markdown(context: Mapping) -> str:
     best = context["best"]
-    lines = [
-        f"# Sweep report: {context['dag_id']} / {context['run_id']}",
-        "",
-        f"{len(best['trials'])} training jobs · best job `{best['training_job_name']}`",
-        "",
-        _verdict(best, context["gate"], context["deployment"], context["monitoring"]),
-        "",
-        "## Trials",
-        "",
-        *_trial_table(best["trials"], best["training_job_name"]),
-        "",
-        f"Best model: `{best['model_data_url']}`",
-    ]
+    kind = "Deployment" if best is None else ("Tuning" if best.get("tuning_job_name") else "Sweep")
+    lines = [f"# {kind} report: {context['dag_id']} / {context['run_id']}", ""]
+    if best is not None:
+        jobs = f"{len(best['trials'])} training jobs"
+        if best.get("tuning_job_name"):
+            early = sum(1 for trial in best["trials"] if trial.get("stopped_early"))
+            jobs += f" of tuning job `{best['tuning_job_name']}` ({early} stopped early)"
+        lines += [f"{jobs} · best job `{best['training_job_name']}`", ""]
+    lines += [_verdict(best, context["gate"], context["choice"], context["deployment"], context["monitoring"])]
+    if best is not None:
+        lines += [
+            "", "## Trials", "", *_trial_table(best["trials"], best["training_job_name"]), "",
+            f"Best model: `{best['model_data_url']}`",
+        ]  # fmt: skip
     if context["curves"]:
         lines += ["", "## Learning curves", "", "![loss and accuracy per epoch](curves.png)"]
     if context["best_metrics"]:
@@ -287,8 +340,10 @@ def render_markdown(context: Mapping) -> str:
             total = context["misclassified_total"]
             lines += ["", f"{context['misclassified_shown']} of its {total} misclassified test digits "
                       "(true→predicted):", "", "![misclassified digits](misclassified.png)"]  # fmt: skip
-    lines += ["", "## Data validation", "", *_validation_lines(context["validation"], context["data_docs_link"])]
-    lines += ["", "## Gate", "", *_gate_lines(context["gate"])]
+    if best is not None:
+        lines += ["", "## Data validation", "", *_validation_lines(context["validation"], context["data_docs_link"])]
+        lines += ["", "## Gate", "", *_gate_lines(context["gate"])]
+    lines += ["", "## Deployment", "", *_choice_lines(context["choice"])]
     lines += ["", "## Monitoring check", "", *_monitoring_lines(context["monitoring"])]
     return "\n".join(lines) + "\n"
 
@@ -322,7 +377,8 @@ def render_html(markdown_text: str, title: str) -> str:
 def write_report(directory: Path, context: Mapping, best_outputs: Mapping, histories: Mapping) -> None:
     """Render every file of the report into ``directory`` (which must exist and be empty)."""
     context = dict(context)
-    context["curves"] = plot_curves(histories, directory / "curves.png")
+    tuning = bool(context["best"] and context["best"].get("tuning_job_name"))
+    context["curves"] = plot_curves(histories, directory / "curves.png", "trial" if tuning else "hidden_channels")
     metrics = best_outputs["metrics"]
     context["best_metrics"] = metrics
     if metrics and metrics.get("confusion_matrix"):
@@ -334,9 +390,9 @@ def write_report(directory: Path, context: Mapping, best_outputs: Mapping, histo
     )
     markdown_text = render_markdown(context)
     (directory / "report.md").write_text(markdown_text)
-    (directory / "report.html").write_text(render_html(markdown_text, f"Sweep report {context['run_id']}"))
+    (directory / "report.html").write_text(render_html(markdown_text, f"Report {context['run_id']}"))
     (directory / "summary.json").write_text(
-        json.dumps({key: context[key] for key in ("dag_id", "run_id", "best")}, indent=2, default=str)
+        json.dumps({key: context[key] for key in ("dag_id", "run_id", "best", "choice")}, indent=2, default=str)
     )
 
 
@@ -370,10 +426,11 @@ def upload_directory(directory: Path, s3_uri: str, config: PipelineConfig, last:
 
 def build_report(
     run_id: str,
-    best: Mapping,
+    best: Mapping | None,
     *,
     validation: Mapping | None = None,
     gate: Mapping | None = None,
+    choice: Mapping | None = None,
     deployment: Mapping | None = None,
     monitoring: Mapping | None = None,
     config: PipelineConfig | None = None,
@@ -382,29 +439,32 @@ def build_report(
     """Write the run's report locally and to S3; return where: ``{"markdown", "html", "directory", "s3_uri",
     "html_s3_uri"}``.
 
-    ``best`` is the selection's answer (tasks.selection.select_best: the best job and ``trials``); ``validation``
-    the data check's summary; ``gate``, ``deployment`` and ``monitoring`` what those steps returned, or None when
-    they did not run. Idempotent: a retry replaces the run's report.
+    ``best`` is the selection's answer (tasks.selection.select_best: the best job and ``trials``; None in a
+    deploy-only run); ``validation`` the data check's summary; ``gate``, ``choice`` (what to deploy:
+    tasks.registry.choose_model), ``deployment`` and ``monitoring`` what those steps returned, or None when they
+    did not run. Idempotent: a retry replaces the run's report.
     """
     config = config or load_config()
     run_dir = run_directory(config, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {trial["training_job_name"]: job_outputs(trial["model_data_url"], config) for trial in best["trials"]}
+    trials = [trial for trial in (best or {}).get("trials", []) if trial.get("model_data_url")]
+    outputs = {trial["training_job_name"]: job_outputs(trial["model_data_url"], config) for trial in trials}
     histories = {
-        trial["hidden_channels"]: (outputs[trial["training_job_name"]]["metrics"] or {}).get("history") or []
-        for trial in best["trials"]
+        trial_label(trial): (outputs[trial["training_job_name"]]["metrics"] or {}).get("history") or []
+        for trial in trials
     }
     validation_dir = run_dir / "validation"
     data_docs = validation_dir / "index.html"
     context = {
-        "dag_id": dag_id, "run_id": run_id, "best": best,
-        "validation": validation, "gate": gate, "deployment": deployment, "monitoring": monitoring,
+        "dag_id": dag_id, "run_id": run_id, "best": best, "validation": validation, "gate": gate, "choice": choice,
+        "deployment": deployment, "monitoring": monitoring,
         "data_docs_link": "../validation/index.html" if data_docs.is_file() else None,
     }  # fmt: skip
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as scratch:
         draft = Path(scratch) / "report"
         draft.mkdir()
-        write_report(draft, context, outputs[best["training_job_name"]], histories)
+        best_outputs = outputs[best["training_job_name"]] if best else {"metrics": None, "misclassified": None}
+        write_report(draft, context, best_outputs, histories)
         _replace_directory(draft, run_dir / "report")
 
     s3_root = run_s3_uri(config, run_id)
@@ -418,5 +478,5 @@ def build_report(
         "s3_uri": f"{s3_root}/report/",
         "html_s3_uri": f"{s3_root}/report/report.html",
     }
-    log.info("Sweep report: %s (local) and %s", locations["html"], locations["html_s3_uri"])
+    log.info("Report: %s (local) and %s", locations["html"], locations["html_s3_uri"])
     return locations

@@ -1,4 +1,4 @@
-"""Model selection: the most accurate training job of a sweep.
+"""Model selection: the most accurate training job of a sweep, or of a tuning job.
 
 Each job's test accuracy is the last `test:accuracy` in its FinalMetricDataList (the seed's metric definition, in
 percent), as SageMaker reports it. The per-epoch history, parameter count and timings come from
@@ -19,10 +19,10 @@ import tarfile
 from collections.abc import Iterable, Mapping
 
 from tasks.config import PipelineConfig
+from tasks.hooks import s3_hook
+from tasks.training_jobs import ACCURACY_METRIC
 
 log = logging.getLogger(__name__)
-
-ACCURACY_METRIC = "test:accuracy"
 
 
 class SelectionError(RuntimeError):
@@ -35,7 +35,7 @@ def output_metrics(description: Mapping, config: PipelineConfig) -> dict | None:
 
     model_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
     bucket, key = S3Hook.parse_s3_url(f"{model_uri.rsplit('/', 1)[0]}/output.tar.gz")
-    s3 = S3Hook(aws_conn_id=config.aws_conn_id, region_name=config.region)
+    s3 = s3_hook(config)
     if not s3.check_for_key(key, bucket):
         return None
     body = s3.conn.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -74,11 +74,42 @@ def trial(description: Mapping, metrics: Mapping | None) -> dict:
     }
 
 
+def tuner_trial(job: Mapping, config: PipelineConfig) -> dict:
+    """One row of a tuning job's trials (a HyperParameterTrainingJobSummary): a completed job's row as a sweep's, with
+    what the tuner saw of it (its tuned values, its objective, whether the tuner stopped it early)."""
+    from tasks.hooks import sagemaker_hook
+    from tasks.tuning import stopped_early
+
+    name, status = job["TrainingJobName"], job["TrainingJobStatus"]
+    objective = (job.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+    tuner = {
+        "tuned": dict(job.get("TunedHyperParameters") or {}),
+        "status": status,
+        "stopped_early": stopped_early(job),
+        "objective": None if objective is None else round(objective / 100, 6),
+    }
+    if status == "Completed":
+        description = sagemaker_hook(config).describe_training_job(name)
+        return {**trial(description, output_metrics(description, config)), **tuner}
+    description = sagemaker_hook(config).describe_training_job(name)
+    return {
+        "training_job_name": name,
+        "hidden_channels": int(description["HyperParameters"]["hidden_channels"]),
+        "hyperparameters": {k: v for k, v in description["HyperParameters"].items() if not k.startswith("sagemaker_")},
+        "test_accuracy": tuner["objective"],
+        "model_data_url": None,  # a job stopped or failed left no model to serve
+        "parameters": None,
+        "failure": job.get("FailureReason"),
+        **tuner,
+    }
+
+
 def best_of(trials: Iterable[Mapping]) -> Mapping:
-    """Highest test accuracy; among equals the fewest parameters (unknown counts last), then fewest channels."""
-    trials = list(trials)
+    """Highest test accuracy among the jobs that left a model; among equals the fewest parameters (unknown counts
+    last), then fewest channels."""
+    trials = [t for t in trials if t.get("model_data_url") and t.get("test_accuracy") is not None]
     if not trials:
-        raise SelectionError("no training job to select from")
+        raise SelectionError("no training job completed with a model to select")
     return min(
         trials,
         key=lambda t: (-t["test_accuracy"], t["parameters"] if t["parameters"] is not None else math.inf,
@@ -86,19 +117,27 @@ def best_of(trials: Iterable[Mapping]) -> Mapping:
     )  # fmt: skip
 
 
-def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig) -> dict:
-    """Judge the training operators' results (``{"Training": DescribeTrainingJob}`` each); return the best job.
+def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig, tuning: Mapping | None = None) -> dict:
+    """Judge a sweep's training operators' results (``{"Training": DescribeTrainingJob}`` each), or the jobs of a
+    tuning job (``tuning``: the tuning operator's ``{"Tuning": DescribeHyperParameterTuningJob}``); return the best.
 
     The answer (small, for XCom): the best job's name, hidden_channels, test accuracy (a fraction), parameter
-    count and model artifact URI, and ``trials``, every job's row of the trial table.
+    count and model artifact URI, ``trials``, every job's row of the trial table, and for a tuning job its name.
     """
-    trials = []
-    for training in trainings:
-        description = training["Training"]
-        trials.append(trial(description, output_metrics(description, config)))
+    from tasks.tuning import tuner_jobs
+
+    if tuning:
+        trials = [tuner_trial(job, config) for job in tuner_jobs(tuning["Tuning"], config)]
+    else:
+        trials = []
+        for training in trainings:
+            description = training["Training"]
+            trials.append(trial(description, output_metrics(description, config)))
+        trials.sort(key=lambda t: t["hidden_channels"])
     best = best_of(trials)
     best = {**best, **publish_model(best["model_data_url"], config)}
-    trials.sort(key=lambda t: t["hidden_channels"])
+    if tuning:
+        best["tuning_job_name"] = tuning["Tuning"]["HyperParameterTuningJobName"]
     log_report({**best, "trials": trials})
     return {**best, "trials": trials}
 

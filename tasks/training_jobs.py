@@ -31,6 +31,7 @@ METRIC_DEFINITIONS = (
     {"Name": "test:loss", "Regex": r"Test Average loss: (.*?),"},
     {"Name": "test:accuracy", "Regex": r"Test Accuracy: (.*?)%;"},
 )
+ACCURACY_METRIC = "test:accuracy"  # the objective: what selection and tuning judge a job by (percent)
 TRAINING_CHANNEL = "training"
 ENTRY_POINT = "train.py"
 # The newest PyTorch with both a training and an inference image in the SDK's registry: train and serve alike.
@@ -162,17 +163,19 @@ def build_training_job_request(
     return request
 
 
-def check_resources(params: Mapping[str, object], config: PipelineConfig) -> None:
-    """Refuse an instance type or a number of instances the configuration does not allow, naming the param."""
+def check_resources(params: Mapping[str, object], config: PipelineConfig, jobs_at_once: int | None = None) -> None:
+    """Refuse an instance type or a number of instances the configuration does not allow, naming the param.
+    ``jobs_at_once``: the jobs that run together (a tuner's parallel jobs); a sweep's are its hidden_channels."""
     instance_type, count = str(params["instance_type"]), int(params["instance_count"])
     if instance_type not in config.instance_types:
         raise RequestRefused(f"instance_type {instance_type} is not allowed here: one of "
                              f"{', '.join(config.instance_types)} (the allowed_instance_types setting)")  # fmt: skip
-    total = count * len(params["hidden_channels"])
+    jobs, what = (jobs_at_once, "tune_max_parallel") if jobs_at_once else (len(params["hidden_channels"]),
+                                                                          "hidden_channels values")  # fmt: skip
+    total = count * jobs
     if total > config.max_instances_per_run:
-        raise RequestRefused(f"instance_count {count} x {len(params['hidden_channels'])} hidden_channels values = "
-                             f"{total} instances, over the {config.max_instances_per_run} a run may start "
-                             "(the max_instances_per_run setting)")  # fmt: skip
+        raise RequestRefused(f"instance_count {count} x {jobs} {what} = {total} instances, over the "
+                             f"{config.max_instances_per_run} a run may start (the max_instances_per_run setting)")  # fmt: skip
 
 
 def sweep_requests(

@@ -34,9 +34,17 @@ def summarize_trial(metrics: Mapping, name: str | None = None) -> dict:
     }
 
 
-# (heading, key, format) of each column; a row may lack any key (shown as "-").
+def _tuned(values: Mapping) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(values.items()))
+
+
+# (heading, key, format: a template or a function) of each column; a row may lack any key (shown as "-"), and a
+# column no row has is left out (a sweep's rows have no tuner's columns).
 _COLUMNS = (
     ("trial", "trial", "{}"),
+    ("tuned", "tuned", _tuned),
+    ("status", "status", "{}"),
+    ("stopped early", "stopped_early", "{}"),
     ("model", "architecture", "{}"),
     ("hidden_channels", "hidden_channels", "{}"),
     ("epochs", "epochs", "{}"),
@@ -51,11 +59,13 @@ _COLUMNS = (
 )
 
 
-def _cell(row: Mapping, key: str, template: str) -> str:
+def _cell(row: Mapping, key: str, template) -> str:
     value = row.get(key)
     if value is None and key == "trial":  # the DAG's rows are named by their training job
         value = row.get("training_job_name")
-    return "-" if value is None else template.format(value)
+    if value is None or value == {}:
+        return "-"
+    return template(value) if callable(template) else template.format(value)
 
 
 def format_trial_table(trials: Iterable[Mapping], title: str | None = None) -> str:

@@ -134,12 +134,15 @@ def real_mnist() -> Path:
 
 # The files that share one local stack (tests/local_stack.py): under xdist they run on one worker, one stack.
 STACK_FILES = {"tests/test_stack.py", "tests/test_browser.py", "tests/test_faults.py"}
+# The longest scopes (minutes each) start first, so that the many short files fill the other workers meanwhile
+# rather than leaving the longest to run alone at the end.
+FIRST_SCOPES = ("stack", "tests/test_safe_deploy.py", "tests/test_service_endpoints.py", "tests/test_monitoring.py")
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs on two workers (`-n 2`): each test file whole on one of them, so that its module fixtures are
-    built once and its tests keep their order; the stack's files together. (xdist's own `loadgroup` cannot do this
+    """`make test` runs on several workers (`-n`): each test file whole on one of them, so that its module fixtures
+    are built once and its tests keep their order; the stack's files together, the longest files first. (xdist's own `loadgroup` cannot do this
     under pytest 9.2, which no longer lets it rename the tests it groups.)"""
     from xdist.scheduler import LoadScopeScheduling
 
@@ -147,5 +150,11 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
             return "stack" if path in STACK_FILES else path
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in reversed(FIRST_SCOPES):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return FileScheduling(config, log)

@@ -14,7 +14,9 @@ from tests.conftest import ROOT
 from tests.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
 
 HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
-PARAMS = ("hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
+PARAMS = ("search", "tune_strategy", "tune_max_jobs", "tune_max_parallel", "tune_lr", "tune_dropout", "tune_epochs",
+          "tune_batch_size", "tune_early_stopping", "tune_target_accuracy", "deploy_only", "approval",
+          "hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
           "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "traffic_shift", "traffic_percent",
           "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
           "accuracy_tolerance", "smoke_requests", "metrics_timeout", "min_live_accuracy", "max_accuracy_drop",
@@ -31,7 +33,7 @@ def test_dag_parses_with_its_settings(dag):
     assert dag.tags == {"mnist", "sagemaker", "training", "sweep"}
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert dag.schedule is None  # no schedule configured
-    assert dag.doc_md.lstrip().startswith("# MNIST hidden_channels sweep")
+    assert dag.doc_md.lstrip().startswith("# MNIST sweep: train, select, gate, register, deploy, check")
     for task in dag.tasks:
         assert task.retries >= 2 and task.retry_delay >= datetime.timedelta(seconds=30), task.task_id
         assert task.execution_timeout is not None, task.task_id  # every wait has a bound
@@ -43,6 +45,11 @@ def test_dag_parses_with_its_settings(dag):
 
     assert type(train).__name__ == "MappedOperator" and issubclass(train.operator_class, SageMakerTrainingOperator)
     assert train.partial_kwargs["print_log"] is True  # each job's log in its task's log
+    # So is tuning: one tuning job, through the provider's operator (made to stop its job when killed).
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator
+
+    assert isinstance(dag.get_task("tune"), SageMakerTuningOperator)
+    assert dag.get_task("tune").execution_timeout < dag.dagrun_timeout
     params = dag.params
     assert params["hidden_channels"] == [2, 5, 10, 20, 32]
     assert set(params.keys()) == set(PARAMS)
@@ -52,6 +59,8 @@ def test_dag_parses_with_its_settings(dag):
         kinds = param.schema["type"] if isinstance(param.schema["type"], list) else [param.schema["type"]]
         if {"number", "integer"} & set(kinds):  # bounded: by a range or a list of values
             assert {"minimum", "maximum"} <= param.schema.keys() or "enum" in param.schema, name
+        if "array" in kinds:  # so are a list's values, and its length
+            assert {"minimum", "maximum"} <= param.schema["items"].keys() and "maxItems" in param.schema, name
     # The gate's default lets the seed's sweep (~96% on MNIST) deploy; the check's come from its Thresholds.
     assert params["min_test_accuracy"] == 0.9 and params["accuracy_tolerance"] == 0.005
     assert params["min_live_accuracy"] == 0.9 and params["max_cpu_utilization"] is None
@@ -61,21 +70,34 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     def upstream(task_id: str) -> set[str]:
         return dag.get_task(task_id).upstream_task_ids - {"configuration"}
 
-    assert upstream("select_best") == {"train"}
+    # A deploy-only run goes straight to the choice of what to serve; the others train first.
+    assert dag.get_task("plan").downstream_task_ids == {"download", "candidate"}
+    # The search: a sweep's mapped jobs or one tuning job, whichever the form chose; the selection takes either.
+    assert upstream("choose_search") == {"upload"}
+    assert upstream("training_requests") == upstream("tuning_request") == {"choose_search", "upload"}
     assert upstream("train") == {"training_requests"}
+    assert upstream("tune") == {"tuning_request"}
+    assert upstream("select_best") == {"train", "tune"}
+    assert dag.get_task("select_best").trigger_rule == "none_failed_min_one_success"
     assert upstream("gate") == {"select_best"}
-    assert upstream("choose_deploy") == {"gate"}
-    # What the gate lets through is registered (a model package version), then deployed.
-    assert upstream("registration") == {"choose_deploy", "select_best", "upload"}
+    assert upstream("choose_register") == {"gate"}
+    # What the gate lets through is registered (a model package version); the registry says what to deploy.
+    assert upstream("registration") == {"choose_register", "select_best", "upload"}
     assert upstream("register") == {"registration"}
-    assert upstream("deploy") == {"register", "gate", "select_best"}
-    assert upstream("monitor") == {"deploy", "select_best", "upload", "register"}
+    assert upstream("candidate") == {"plan", "register"}
+    assert dag.get_task("candidate").trigger_rule == "none_failed"  # after a refusal or a deploy-only plan too
+    assert upstream("deploy") == {"candidate"}
+    assert upstream("monitor") == {"deploy", "candidate"}
     report = dag.get_task("report")
-    assert upstream("report") == {"validate", "select_best", "gate", "deploy", "monitor"}
+    assert upstream("report") == {"validate", "select_best", "gate", "candidate", "deploy", "monitor"}
     # A teardown runs after its upstream whatever their state, and leaves the run's state to them: the monitoring
     # check is what a run ends with.
     assert report.is_teardown and not report.on_failure_fail_dagrun
     assert [task.task_id for task in dag.tasks if not task.downstream_list] == ["report"]
+    # The uploaded dataset and the champion are Assets: their lineage shows in the Assets view, and the champion
+    # schedules the batch predictions.
+    assert [asset.name for asset in dag.get_task("upload").outlets] == ["mnist_dataset"]
+    assert [asset.name for asset in dag.get_task("monitor").outlets] == ["mnist_champion"]
 
 
 def test_failures_and_late_runs_are_told_to_the_alert_topic():
@@ -143,13 +165,30 @@ def test_schedule_comes_from_configuration(monkeypatch):
         ({"smoke_requests": 0}, "smoke_requests"),
         ({"max_error_rate": 1.5}, "max_error_rate"),
         ({"max_5xx_errors": 0.5}, "max_5xx_errors"),
+        ({"search": "grid"}, "search"),
+        ({"tune_strategy": "Annealing"}, "tune_strategy"),
+        ({"tune_lr": [0.1]}, "tune_lr"),  # a range is [low, high]
+        ({"tune_dropout": [0.1, 0.95]}, "tune_dropout"),
+        ({"tune_max_parallel": 0}, "tune_max_parallel"),
+        ({"approval": "sometimes"}, "approval"),
     ],
 )
-def test_invalid_params_are_refused_naming_the_param(dag, airflow_db, conf, param):
+def test_invalid_params_are_refused_naming_the_param(dag, conf, param):
+    """Each field's schema, as the trigger form and a run's creation apply it (ParamsDict.update validates)."""
+    import copy
+
     from airflow.sdk.exceptions import ParamValidationError
 
     with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}"):
-        dag.test(run_conf=conf)
+        copy.deepcopy(dag.params).update(conf)
+
+
+def test_a_run_with_an_invalid_param_is_refused_before_it_starts(dag, airflow_db):
+    """The same check stops a run created with the bad value (here dag.test, as the REST API would create it)."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="Invalid input for param hidden_channels"):
+        dag.test(run_conf={"hidden_channels": [0, 5]})
 
 
 @pytest.mark.aws

@@ -116,6 +116,9 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
     objects_before = {o["Key"]: o["ETag"] for o in s3().list_objects_v2(Bucket=bucket).get("Contents", [])}
     jobs_before = {j["TrainingJobName"]: j["TrainingJobStatus"]
                    for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
+    versions = lambda: {v["ModelPackageArn"]: v["ModelApprovalStatus"] for v in sagemaker().list_model_packages(  # noqa: E731
+        ModelPackageGroupName="mnist-classifier", MaxResults=100)["ModelPackageSummaryList"]}  # fmt: skip
+    versions_before = versions()
 
     run_id = trigger(stack, {**QUICK, "epochs": 6, "batch_size": 8}, small_mnist)
     job = training_job_name(run_id, 4)
@@ -130,12 +133,13 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
     assert finished(stack, run_id) in ("success", "failed")
     objects_after = {o["Key"]: o["ETag"] for o in s3().list_objects_v2(Bucket=bucket).get("Contents", [])}
     assert objects_after.keys() >= objects_before.keys(), "every object of before is there"
-    # unchanged, but for the champion record, which the run rewrites when it completes and deploys
+    # unchanged: a run adds objects (content-addressed, or under its own run), it never rewrites one
     changed = {key for key, etag in objects_before.items() if objects_after[key] != etag}
-    assert changed <= {key for key in objects_before if key.endswith("/champion.json")}, changed
+    assert changed == set(), changed
     jobs_after = {j["TrainingJobName"]: j["TrainingJobStatus"]
                   for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
     assert jobs_after.items() >= jobs_before.items(), "every job record of before is there"
+    assert versions().items() >= versions_before.items(), "every registry version of before is there, as it was"
     assert jobs_after[job] in ("Failed", "Stopped", "Completed")
     assert training_processes(job) == []
 

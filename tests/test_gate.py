@@ -1,4 +1,5 @@
-"""The champion gate: the decision rule, and the champion record with its endpoint on the local SageMaker service."""
+"""The champion gate and the registry behind it: the decision rule; the champion (the latest Approved version the
+endpoint serves), what a run deploys under each approval mode, on the local SageMaker service."""
 
 from __future__ import annotations
 
@@ -8,18 +9,14 @@ import boto3
 import pytest
 
 from tasks.config import load_config
-from tasks.gate import (
-    ChampionMismatch,
-    champion_uri,
-    decide,
-    gate,
-    read_champion,
-    record_champion,
-    serving_endpoint_config,
-)
+from tasks.deployment import serving_endpoint_config
+from tasks.gate import decide, gate
+from tasks.registry import APPROVED, REJECTED, approved_to_serve, champion, choose_model, find_version, set_approval
 from tests.endpoint_helpers import model_artifacts, pack
+from tests.registry_helpers import register as register_version
 
 MODEL = "s3://gate-models/m.tar.gz"
+OTHER = "s3://gate-models/other.tar.gz"
 
 
 @pytest.mark.parametrize(
@@ -72,86 +69,103 @@ def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
             "model_data_url": MODEL,
             "test_accuracy": 0.97,
         }
-        deployed = deploy(best, {"serving_endpoint_config_name": None}, endpoint_name=name, run_id=name,
+        deployed = deploy(best, previous_endpoint_config_name=None, endpoint_name=name, run_id=name,
                           config=load_config(), check_interval=1)  # fmt: skip
         return deployed["endpoint_config_name"]
 
     return endpoint
 
 
-def test_champion_record_round_trip(sagemaker_config, local_aws):
-    assert read_champion(sagemaker_config, "digits") is None
-    uri = record_champion(
-        sagemaker_config,
-        "digits",
-        {"test_accuracy": 0.9714, "model_data_url": "s3://m/model.tar.gz", "endpoint_config_name": "digits-c1"},
-    )
-    assert (
-        uri == champion_uri(sagemaker_config, "digits") == f"{sagemaker_config.s3_root}/endpoints/digits/champion.json"
-    )
-    champion = read_champion(sagemaker_config, "digits")
-    assert champion["test_accuracy"] == 0.9714
-    assert champion["endpoint_config_name"] == "digits-c1"
-    assert champion["endpoint_name"] == "digits"
+@pytest.fixture
+def register(sagemaker_config, local_sagemaker):
+    def version(config, group: str, model_data_url: str, accuracy: float, run_id: str = "run") -> str:
+        return register_version(config, local_sagemaker, group, model_data_url, accuracy, run_id)
+
+    return version
 
 
-def test_champion_record_needs_its_fields(sagemaker_config):
-    with pytest.raises(ValueError, match="lacks endpoint_config_name, model_data_url"):
-        record_champion(sagemaker_config, "digits", {"test_accuracy": 0.97})
-    assert read_champion(sagemaker_config, "digits") is None  # nothing half-written
-
-
-def test_gate_against_the_champion_serving_now(sagemaker_config, serve):
+def test_the_champion_is_the_latest_approved_version_the_endpoint_serves(sagemaker_config, serve, register):
     name = f"gate-{uuid.uuid4().hex[:8]}"
-    # No endpoint yet: only the floor applies.
+    # No endpoint yet: no champion, only the floor applies.
     first = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
-    assert first["deploy"] is True
-    assert first["champion_accuracy"] is None and first["serving_endpoint_config_name"] is None
+    assert first["deploy"] is True and first["champion_accuracy"] is None
 
     config_name = serve(name)
     assert serving_endpoint_config(sagemaker_config, name) == config_name
-    record_champion(
-        sagemaker_config, name, {"test_accuracy": 0.97, "model_data_url": MODEL, "endpoint_config_name": config_name}
-    )
+    # Serving a model no Approved version names (deployed by hand): still no champion.
+    serving = register(sagemaker_config, name, MODEL, 0.97)
+    assert champion(sagemaker_config, name) is None
+    set_approval(sagemaker_config, serving, APPROVED, "checked by hand")
+    found = champion(sagemaker_config, name)
+    assert found["model_package_arn"] == serving and found["test_accuracy"] == 0.97
+    assert found["endpoint_config_name"] == config_name and found["version"] == 1
 
     refused = gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
     assert refused["deploy"] is False
     assert "below the champion's 0.9700 minus tolerance 0.0050" in refused["reason"]
-    assert refused["champion_accuracy"] == 0.97
-    assert refused["serving_endpoint_config_name"] == config_name
-
+    assert refused["champion_accuracy"] == 0.97 and refused["champion_version"] == serving
     passed = gate(sagemaker_config, name, 0.968, min_test_accuracy=0.9, tolerance=0.005)
-    assert passed["deploy"] is True
-    assert passed["champion_model_data_url"] == MODEL
+    assert passed["deploy"] is True and passed["champion_model_data_url"] == MODEL
+
+    # A newer Approved version that does not serve (a person approved it) is not the champion: it is what serves
+    # next. One with a better claim but Rejected is neither.
+    newer = register(sagemaker_config, name, OTHER, 0.99)
+    rejected = register(sagemaker_config, name, OTHER, 0.999)
+    set_approval(sagemaker_config, rejected, REJECTED, "failed its check")
+    assert approved_to_serve(sagemaker_config, name, found) is None  # pending: nothing yet
+    set_approval(sagemaker_config, newer, APPROVED, "looked good")
+    assert champion(sagemaker_config, name)["model_package_arn"] == serving
+    assert approved_to_serve(sagemaker_config, name, found)["model_package_arn"] == newer
+    assert gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9)["champion_accuracy"] == 0.97
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "problem"),
-    [
-        ("test_accuracy", 0.999, r"its test accuracy is 0\.999, the endpoint config's mnist-pipeline:test-accuracy tag "
-                                 r"says '0\.97'"),
-        ("model_data_url", "s3://elsewhere/model.tar.gz", r"its model is 's3://elsewhere/model\.tar\.gz', the endpoint "
-                                                          r"serves 's3://gate-models/m\.tar\.gz'"),
-        ("endpoint_config_name", "another-config", r"it names endpoint config 'another-config', the endpoint serves"),
-    ],
-)  # fmt: skip
-def test_a_champion_record_sagemaker_disagrees_with_is_refused(sagemaker_config, serve, field, value, problem):
-    """A record written by whoever can write to the bucket (here: a champion too good to beat) decides nothing."""
-    name = f"planted-{uuid.uuid4().hex[:8]}"
-    config_name = serve(name)
-    record = {"test_accuracy": 0.97, "model_data_url": MODEL, "endpoint_config_name": config_name}
-    record_champion(sagemaker_config, name, {**record, field: value})
-    with pytest.raises(ChampionMismatch, match=rf"champion record s3://.*/endpoints/{name}/champion\.json does not "
-                                               rf"agree with what SageMaker says endpoint {name} serves: {problem}"):  # fmt: skip
-        gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
+def test_what_a_run_deploys_under_each_approval_mode(sagemaker_config, serve, register):
+    name = f"choose-{uuid.uuid4().hex[:8]}"
+    serve(name)
+    current = register(sagemaker_config, name, MODEL, 0.97)
+    set_approval(sagemaker_config, current, APPROVED, "serves")
+    ours = register(sagemaker_config, name, OTHER, 0.98, run_id="this-run")
+
+    auto = choose_model(sagemaker_config, name, enabled=True, approval="auto", registered=ours)
+    assert auto["deploy"] is True and auto["model"]["model_package_arn"] == ours
+    assert auto["model"]["model_data_url"] == OTHER and auto["model"]["test_accuracy"] == 0.98
+    assert auto["previous_endpoint_config_name"] == serving_endpoint_config(sagemaker_config, name)
+    assert auto["reason"] == "this run's model, version 2, which the gate let through"
+
+    manual = choose_model(sagemaker_config, name, enabled=True, approval="manual", registered=ours)
+    assert manual["deploy"] is False and manual["model"] is None
+    assert manual["reason"] == "version 2 awaits a person's approval (mnist-pipeline approve 2)"
+    # Approved by a person: the next run (or a deploy-only one, which registers nothing) serves it.
+    set_approval(sagemaker_config, find_version(sagemaker_config, name, "2")["ModelPackageArn"], APPROVED, "ok")
+    for registered in (None, register(sagemaker_config, name, OTHER, 0.985, run_id="next-run")):
+        nxt = choose_model(sagemaker_config, name, enabled=True, approval="manual", registered=registered)
+        assert nxt["deploy"] is True and nxt["model"]["version"] == 2
+        assert nxt["reason"].startswith("version 2 (from run this-run), approved since the champion was deployed")
+
+    off = choose_model(sagemaker_config, name, enabled=False, approval="auto", registered=ours)
+    assert off == {"deploy": False, "reason": "the deploy param is off for this run", "model": None}
+    with pytest.raises(ValueError, match="approval must be one of auto, manual, not 'sometimes'"):
+        choose_model(sagemaker_config, name, enabled=True, approval="sometimes", registered=None)
 
 
-def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, serve, local_sagemaker):
+def test_find_version_names_what_is_missing(sagemaker_config, register):
+    from tasks.registry import VersionNotFound
+
+    name = f"find-{uuid.uuid4().hex[:8]}"
+    arn = register(sagemaker_config, name, MODEL, 0.97)
+    assert find_version(sagemaker_config, name, "1")["ModelPackageArn"] == arn
+    assert find_version(sagemaker_config, name, arn)["ModelPackageVersion"] == 1
+    with pytest.raises(VersionNotFound, match=f"model package group {name} has no version 7"):
+        find_version(sagemaker_config, name, "7")
+    with pytest.raises(VersionNotFound, match="'latest' is neither a version number nor a model package version ARN"):
+        find_version(sagemaker_config, name, "latest")
+
+
+def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, serve, register, local_sagemaker):
     name = f"gone-{uuid.uuid4().hex[:8]}"
-    config_name = serve(name)
-    record_champion(
-        sagemaker_config, name, {"test_accuracy": 0.99, "model_data_url": MODEL, "endpoint_config_name": config_name}
-    )
+    serve(name)
+    set_approval(sagemaker_config, register(sagemaker_config, name, MODEL, 0.99), APPROVED, "serves")
+    assert champion(sagemaker_config, name)["test_accuracy"] == 0.99
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     sagemaker.delete_endpoint(EndpointName=name)
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})

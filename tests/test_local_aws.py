@@ -256,12 +256,12 @@ def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
     process = serve()
     try:
         s3(url).create_bucket(Bucket=BUCKET)
-        put_verified(s3(url), "champion.json", b'{"accuracy": 0.99}')
+        put_verified(s3(url), "summary.json", b'{"accuracy": 0.99}')
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
         assert not ready.exists()
         process = serve()
-        assert stored(s3(url)) == {"champion.json": b'{"accuracy": 0.99}'}
+        assert stored(s3(url)) == {"summary.json": b'{"accuracy": 0.99}'}
     finally:  # SIGTERM: it stops its moto server first (a SIGKILL would leave that running)
         process.terminate()
         process.wait(timeout=30)

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from tasks.alarms import put_alarms
 from tasks.config import load_config
 from tasks.deployment import deploy
-from tasks.gate import gate, read_champion
+from tasks.gate import gate
 from tasks.monitoring import (
     MonitoringCheckFailed,
     Thresholds,
@@ -28,7 +28,9 @@ from tasks.monitoring import (
     runtime_client,
     smoke_load,
 )
+from tasks.registry import champion, describe
 from tests.endpoint_helpers import model_artifacts, pack
+from tests.registry_helpers import register
 from training.mnist_idx import MNIST_FILES
 
 # Latency limits far above the defaults: a busy 2-core test machine must not fail a healthy model (the limits
@@ -57,7 +59,7 @@ def serve(config, endpoint: str, uploaded: dict, kind: str, previous: str | None
     run = f"run-{uuid.uuid4().hex[:8]}"
     best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded[kind],
             "test_accuracy": uploaded["test_accuracy"]}  # fmt: skip
-    return deploy(best, {"serving_endpoint_config_name": previous}, endpoint_name=endpoint, run_id=run, config=config,
+    return deploy(best, previous_endpoint_config_name=previous, endpoint_name=endpoint, run_id=run, config=config,
                   check_interval=1, traffic={"bake_seconds": bake_seconds})  # fmt: skip
 
 
@@ -104,12 +106,16 @@ def test_evaluate_names_each_failed_threshold_with_its_value():
     assert evaluate(healthy, quiet, from_params, test_accuracy=0.97) == ["live accuracy 0.9700 < 0.9900"]
 
 
-def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config, uploaded, local_aws, sagemaker):
+def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
+    local_config, uploaded, local_aws, sagemaker, local_sagemaker
+):
     name, accuracy = "mon", uploaded["test_accuracy"]
     assert gate(local_config, name, accuracy)["deploy"] is True  # no endpoint, no champion yet
+    versions = {kind: register(local_config, local_sagemaker, name, uploaded[kind], accuracy)
+                for kind in ("good", "shuffled")}  # fmt: skip
 
     good = serve(local_config, name, uploaded, "good")
-    passed = check_endpoint(local_config, good, uploaded["test_data"], accuracy, **CHECK)
+    passed = check_endpoint(local_config, good, uploaded["test_data"], accuracy, **CHECK, version=versions["good"])
     assert passed["passed"] is True and passed["failures"] == []
     assert passed["load"]["errors"] == 0 and passed["load"]["requests"] == 100
     assert passed["load"]["live_accuracy"] == pytest.approx(accuracy)  # all 100 held-out images, as in training
@@ -117,9 +123,12 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     assert passed["cloudwatch"]["invocations"] >= 100 and passed["cloudwatch"]["invocation_5xx_errors"] == 0
     assert passed["cloudwatch"]["model_latency_average_us"] > 0 and passed["cloudwatch"]["memory_utilization"] > 0
 
-    champion = read_champion(local_config, name)
-    assert champion["endpoint_config_name"] == good["endpoint_config_name"]
-    assert champion["model_data_url"] == uploaded["good"]
+    # Its version Approved: the champion.
+    current = champion(local_config, name)
+    assert current["model_package_arn"] == versions["good"] == passed["champion"]
+    assert current["endpoint_config_name"] == good["endpoint_config_name"]
+    assert current["model_data_url"] == uploaded["good"]
+    assert "passed its monitoring check on mon" in describe(local_config, versions["good"])["ApprovalDescription"]
     alarms = boto3.client("cloudwatch", endpoint_url=local_aws).describe_alarms(AlarmNamePrefix=f"{name}-")
     by_name = {alarm["AlarmName"]: alarm for alarm in alarms["MetricAlarms"]}
     assert set(by_name) == {"mon-invocation-5xx-errors", "mon-model-latency-p99"} == set(passed["alarms"])
@@ -128,13 +137,14 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
 
     # The gate now measures new models against this champion.
     refused = gate(local_config, name, accuracy - 0.02, min_test_accuracy=0.5, tolerance=0.005)
-    assert refused["deploy"] is False and refused["serving_endpoint_config_name"] == good["endpoint_config_name"]
+    assert refused["deploy"] is False and refused["champion_version"] == versions["good"]
 
     # An update checked while it bakes: the failed check stops it, and the old fleet, kept meanwhile, serves again.
     wrong = serve(local_config, name, uploaded, "shuffled", previous=good["endpoint_config_name"], bake_seconds=600)
     assert wrong["baking"] is True
     with pytest.raises(MonitoringCheckFailed) as failed:
-        check_endpoint(local_config, wrong, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30})
+        check_endpoint(local_config, wrong, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30},
+                       version=versions["shuffled"])  # fmt: skip
     message = str(failed.value)
     assert re.search(r"failed: live accuracy 0\.\d{4} < 0\.9000; live accuracy vs test accuracy", message)
     assert message.endswith(f"Rolled back to endpoint config {good['endpoint_config_name']}, which serves again "
@@ -148,7 +158,9 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
     client = runtime_client(local_config)
     again = smoke_load(client, name, *load_test_images(local_config, uploaded["test_data"], 20))
     assert again["errors"] == 0 and again["live_accuracy"] >= 0.9
-    assert read_champion(local_config, name)["endpoint_config_name"] == good["endpoint_config_name"]
+    assert champion(local_config, name)["endpoint_config_name"] == good["endpoint_config_name"]
+    rejected = describe(local_config, versions["shuffled"])
+    assert rejected["ModelApprovalStatus"] == "Rejected" and "live accuracy" in rejected["ApprovalDescription"]
 
     # A rollback retried after it took finds nothing to undo.
     assert rollback(local_config, wrong, check_interval=1) == {
@@ -165,7 +177,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(local_config
         "InService",
         better["endpoint_config_name"],
     )
-    assert read_champion(local_config, name)["endpoint_config_name"] == better["endpoint_config_name"]
+    assert champion(local_config, name)["endpoint_config_name"] == better["endpoint_config_name"]
     sagemaker.delete_endpoint(EndpointName=name)
 
 
@@ -184,7 +196,7 @@ def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
     with pytest.raises(ClientError, match="Could not find endpoint"):
         sagemaker.describe_endpoint(EndpointName=name)
-    assert read_champion(local_config, name) is None
+    assert champion(local_config, name) is None
 
 
 def test_alarms_are_created_then_updated(local_config, local_aws):
@@ -217,7 +229,7 @@ def test_a_check_that_cannot_finish_undoes_the_deployment(local_config, uploaded
     assert message.endswith("The endpoint, which this deployment created, was deleted.")
     assert failed.value.result["passed"] is False and failed.value.result["rollback"]["action"] == "deleted"
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
-    assert read_champion(local_config, name) is None
+    assert champion(local_config, name) is None
 
 
 def test_a_deployment_whose_check_never_finished_is_undone_after_the_run(local_config, uploaded, sagemaker):

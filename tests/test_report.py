@@ -118,7 +118,7 @@ def test_a_rerun_replaces_the_report_whole(sweep):
     refused = gate(config, "report-test", best["test_accuracy"], min_test_accuracy=1.0)
     where = build_report(RUN_ID, best, validation=validation, gate=refused, config=config)
     markdown = Path(where["markdown"]).read_text()
-    assert "not deployed: the gate refused it (best test accuracy" in markdown
+    assert "the gate refused it (best test accuracy" in markdown and "not registered" in markdown
     assert "**Skip deployment**" in markdown
     leftovers = [p.name for p in Path(where["directory"]).parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -147,13 +147,19 @@ def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
         "cloudwatch": {"invocations": 200, "invocation_5xx_errors": 12},
     }
     deployment = {"endpoint_name": "mnist-classifier", "endpoint_config_name": "cfg-new"}
+    model = {"model_package_arn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3",
+             "version": 3, "approval": "PendingManualApproval", "test_accuracy": best["test_accuracy"],
+             "training_job_name": best["training_job_name"], "run_id": RUN_ID}  # fmt: skip
+    choice = {"deploy": True, "reason": "this run's model, version 3, which the gate let through", "model": model}
     context = {
         "dag_id": "mnist_sweep", "run_id": RUN_ID, "best": best, "validation": validation,
-        "gate": None, "deployment": deployment, "monitoring": monitoring, "data_docs_link": None, "curves": False,
+        "gate": None, "choice": choice, "deployment": deployment, "monitoring": monitoring, "data_docs_link": None,
+        "curves": False,
         "best_metrics": None, "misclassified_shown": 0, "misclassified_total": 0,
     }  # fmt: skip
     markdown = render_markdown(context)
-    assert "**failed its monitoring check** and was rolled back (restored)" in markdown
+    assert "version 3 (" in markdown and "**failed its monitoring check** and was rolled back (restored)" in markdown
+    assert "| model package | `arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3` |" in markdown
     for failure in failures:
         assert f"- failed: {failure}" in markdown
     assert "serving now: `cfg-old`" in markdown

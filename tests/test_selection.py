@@ -37,16 +37,21 @@ def put_output(s3, bucket: str, name: str, metrics: dict, member: str = "metrics
 
 def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
     rows = [
-        {"hidden_channels": 32, "test_accuracy": 0.97, "parameters": 30000},
-        {"hidden_channels": 10, "test_accuracy": 0.97, "parameters": 21000},
-        {"hidden_channels": 5, "test_accuracy": 0.96, "parameters": 18000},
+        {"hidden_channels": 32, "test_accuracy": 0.97, "parameters": 30000, "model_data_url": "s3://b/32"},
+        {"hidden_channels": 10, "test_accuracy": 0.97, "parameters": 21000, "model_data_url": "s3://b/10"},
+        {"hidden_channels": 5, "test_accuracy": 0.96, "parameters": 18000, "model_data_url": "s3://b/5"},
     ]
     assert best_of(rows)["hidden_channels"] == 10
     rows[0]["test_accuracy"] = 0.9701
     assert best_of(rows)["hidden_channels"] == 32
-    unknown = [{"hidden_channels": 8, "test_accuracy": 0.9, "parameters": None},
-               {"hidden_channels": 4, "test_accuracy": 0.9, "parameters": None}]  # fmt: skip
+    unknown = [{"hidden_channels": 8, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/8"},
+               {"hidden_channels": 4, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/4"}]  # fmt: skip
     assert best_of(unknown)["hidden_channels"] == 4
+    # A tuner's job it stopped early reports an objective but left no model: never the one served.
+    stopped = {"hidden_channels": 64, "test_accuracy": 0.99, "parameters": None, "model_data_url": None}
+    assert best_of([*rows, stopped])["hidden_channels"] == 32
+    with pytest.raises(SelectionError, match="no training job completed with a model"):
+        best_of([stopped])
     with pytest.raises(SelectionError, match="no training job"):
         best_of([])
 

@@ -81,11 +81,24 @@ def test_status_and_a_second_up(stack):
 
 
 def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_path):
+    import io
+
+    import boto3
+    import numpy as np
     from PIL import Image
 
+    from tasks.batch import default_input_uri
+    from tasks.config import load_config
     from training.mnist_idx import MNIST_FILES, read_idx
 
     alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"])
+    # Digits waiting in the batch input: the new champion's asset event has mnist_batch_predict classify them.
+    array = io.BytesIO()
+    np.save(array, read_idx(small_mnist / MNIST_FILES["test_images"])[:30])
+    bucket, prefix = default_input_uri(load_config()).removeprefix("s3://").split("/", 1)
+    boto3.client("s3", endpoint_url=stack.state["aws_endpoint"]).put_object(
+        Bucket=bucket, Key=f"{prefix}waiting.npy", Body=array.getvalue()
+    )
 
     # Settings that learn the small digits in two short epochs, so the gate and the monitoring check pass.
     conf = {"mnist_mirror": str(small_mnist), "epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32}
@@ -126,11 +139,40 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
     assert sum(answer["digit"] == label for answer, label in zip(answers, labels, strict=True)) >= 4
     assert "endpoint mnist-classifier" in stack.cli("status").stdout
 
+    # The registry holds the model as version 1, Approved by its check: the champion.
+    models = stack.cli("models", "--json")
+    assert models.returncode == 0, models.stdout + models.stderr
+    [version] = json.loads(models.stdout)
+    assert (version["version"], version["approval"], version["champion"]) == (1, "Approved", True)
+    assert version["hidden_channels"] == 4 and version["run_id"] == run_id
+
+    # The champion asset scheduled mnist_batch_predict, which classified the waiting digits with version 1.
+    with stack.api() as api:
+        batch = wait_for_run(api, "mnist_batch_predict", run_type="asset_triggered", timeout=180)
+        assert batch["state"] == "success", batch
+        summary = api.get(f"/dags/mnist_batch_predict/dagRuns/{batch['dag_run_id']}/taskInstances/summarize/xcomEntries/"
+                          "return_value").json()["value"]  # fmt: skip
+    assert summary["images"] == 30 and summary["version"] == 1 and sum(summary["counts"].values()) == 30
+
     # The run took longer than this stack's deadline: the triggerer told the alert topic.
     assert int(re.search(r"success in (\d+) s", output).group(1)) > DEADLINE_SECONDS
     [late] = read_alerts(stack.state["aws_endpoint"], alerts, event="deadline_missed", run_id=run_id)
     assert late["Subject"] == "MNIST: mnist_sweep run past its deadline"
     assert f"mnist_sweep run {run_id} is still running at its deadline" in late["Message"], late["Message"]
+
+
+def wait_for_run(api, dag_id: str, run_type: str, timeout: float) -> dict:
+    """The DAG's newest run of ``run_type`` once it has ended (or as it stands at the timeout)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = api.get(f"/dags/{dag_id}/dagRuns", params={"run_type": run_type, "order_by": "-run_after"}).json()
+        found = runs["dag_runs"][0] if runs["dag_runs"] else None
+        if (found and found["state"] in ("success", "failed")) or time.monotonic() > deadline:
+            assert found, f"no {run_type} run of {dag_id} within {timeout} s"
+            return found
+        time.sleep(2)
 
 
 def test_a_failed_run_is_told_to_the_alert_topic(stack):
@@ -156,7 +198,6 @@ def test_run_refuses_bad_conf_and_bad_params(stack):
 
 
 def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
-    from tasks.config import load_config
 
     processes = stack_processes(stack)
     assert len(processes) > 5  # the scheduler's executor workers and the model servers are among them
@@ -168,8 +209,8 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
     assert status.returncode == 3
     assert "not running" in status.stdout
 
-    # Up again: the local AWS still holds the champion record and the run's objects, and the endpoint serves
-    # again, so the next run's gate measures against the first run's model.
+    # Up again: the local SageMaker service still holds the registry and the endpoint serves again, so the next
+    # run's gate measures against the first run's model, its champion.
     again = stack.cli("up", "--port", "0")
     assert again.returncode == 0, again.stdout + again.stderr
     stack.stopped = False
@@ -179,14 +220,13 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=stack.state["aws_endpoint"])
-        config = load_config()
-        key = f"{config.prefix}/endpoints/mnist-classifier/champion.json"
-        champion = json.loads(s3.get_object(Bucket=config.bucket, Key=key)["Body"].read())
         sagemaker = boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])
-        assert (
-            sagemaker.describe_endpoint(EndpointName="mnist-classifier")["EndpointConfigName"]
-            == champion["endpoint_config_name"]
-        )
+        [approved] = sagemaker.list_model_packages(ModelPackageGroupName="mnist-classifier",
+                                                   ModelApprovalStatus="Approved")["ModelPackageSummaryList"]  # fmt: skip
+        version = sagemaker.describe_model_package(ModelPackageName=approved["ModelPackageArn"])
+        config_name = sagemaker.describe_endpoint(EndpointName="mnist-classifier")["EndpointConfigName"]
+        variant = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"][0]
+        served = sagemaker.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]["ModelDataUrl"]
+        assert served == version["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
     finally:
         assert stack.down().returncode == 0

@@ -15,29 +15,36 @@ from tasks.names import DAG_ID
 
 log = logging.getLogger(__name__)
 
-TASKS = ("select_best", "gate", "deploy", "monitor", "report")
+TASKS = ("select_best", "gate", "candidate", "deploy", "monitor", "report")
 NOTE_LIMIT = 1000  # the note column's size
 
 
 def summary(results: dict, state: str) -> str:
     """The paragraph for a run that ended in ``state``, from its tasks' return values (absent: did not return)."""
-    best, gate, deployment, check, report = (results.get(task) for task in TASKS)
-    if not best:
+    best, gate, choice, deployment, check, report = (results.get(task) for task in TASKS)
+    if not best and not choice:
         return f"Run {state}: no model was selected (a task before the selection failed; see the failed task)."
-    parts = [f"Winner: hidden_channels {best['hidden_channels']} ({best['training_job_name']}), test accuracy "
-             f"{100 * best['test_accuracy']:.2f}%."]  # fmt: skip
-    if gate and not gate.get("deploy"):
-        parts.append(f"Not deployed: {gate.get('reason', 'the gate refused it')}.")
+    parts = []
+    if best:
+        parts.append(f"Winner: hidden_channels {best['hidden_channels']} ({best['training_job_name']}), test accuracy "
+                     f"{100 * best['test_accuracy']:.2f}%.")  # fmt: skip
+        if gate and not gate.get("deploy"):
+            parts.append(f"Refused by the gate: {gate.get('reason')}.")
+    else:
+        parts.append("Deploy-only run.")
+    if choice and not choice.get("deploy"):
+        parts.append(f"Not deployed: {choice.get('reason')}.")
     elif not deployment:
-        parts.append("Not deployed" + (": deployment was off in the trigger form." if gate else "."))
+        parts.append("Not deployed: the deployment did not finish." if choice else "Not deployed.")
     elif check and check.get("passed"):
         load = check.get("load") or {}
         figures = ", ".join(
             [f"live accuracy {100 * load['live_accuracy']:.1f}%"] * ("live_accuracy" in load)
             + [f"p99 {load['p99_ms']:.1f} ms"] * ("p99_ms" in load)
         )
-        parts.append(f"Deployed to {deployment['endpoint_name']} ({deployment['endpoint_config_name']}); it passed "
-                     f"its monitoring check ({figures or 'no figures'}) and serves now.")  # fmt: skip
+        parts.append(f"Deployed version {choice['model']['version']} to {deployment['endpoint_name']} "
+                     f"({deployment['endpoint_config_name']}); it passed its monitoring check "
+                     f"({figures or 'no figures'}) and serves now.")  # fmt: skip
     elif check:
         rollback = (check.get("rollback") or {}).get("action", "unknown")
         parts.append(f"Deployed to {deployment['endpoint_name']}, then FAILED its monitoring check "

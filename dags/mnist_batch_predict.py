@@ -1,0 +1,108 @@
+"""
+# MNIST batch predictions
+
+Classifies every image file under an S3 prefix with a model version from the registry, by SageMaker Batch
+Transform: .npy, .csv (a 784-pixel image per row), .json, .png or .jpg files, one transform job per kind, in
+parallel, each writing `<file>.out` (the model's JSON answers, a line each) under the run's output prefix. Then a
+summary: images, the count of each predicted digit, seconds and images per second (`summary.json` beside the
+predictions, and the `summarize` task's return value).
+
+**When:** each time `mnist_sweep` makes a new champion (the `mnist_champion` asset: this run then predicts with the
+version that event names), and whenever triggered by hand. **Model:** empty, the champion; else a version number of
+the endpoint's registry group, or a version's ARN.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from airflow.sdk import dag, task
+from airflow.sdk.configuration import conf
+
+from tasks.assets import CHAMPION
+from tasks.batch import TransformOperator
+from tasks.dag_tasks import config_of, configuration
+from tasks.names import BATCH_DAG_ID
+from tasks.params import BATCH_PARAMS
+
+SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
+TRANSFORM_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@task
+def resolve_model(settings: dict, params: dict, triggering_asset_events) -> dict:
+    """The version to predict with, and its SageMaker model (made from the version unless it exists)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.batch import resolve_model
+    from tasks.registry import VersionNotFound
+
+    events = [event.extra for event in triggering_asset_events[CHAMPION]] if triggering_asset_events else []
+    try:
+        return resolve_model(config_of(settings), params["endpoint_name"], params["model"], events)
+    except (VersionNotFound, LookupError) as missing:  # asking again finds the same registry
+        raise AirflowFailException(str(missing)) from missing
+
+
+@task
+def transform_requests(settings: dict, model: dict, params: dict, run_id: str, dag_run) -> list[dict]:
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from tasks.batch import NothingToPredict, default_input_uri, transform_requests
+
+    config = config_of(settings)
+    input_uri = params["input_uri"] or default_input_uri(config)
+    try:
+        return transform_requests(config, input_uri, model, run_id, instance_type=params["instance_type"],
+                                  max_concurrent=params["max_concurrent_transforms"],
+                                  max_payload_mb=params["max_payload_mb"])  # fmt: skip
+    except NothingToPredict as nothing:
+        if dag_run.run_type == "asset_triggered" and not params["input_uri"]:
+            raise AirflowSkipException(f"A new champion, and nothing to predict yet: {nothing}") from nothing
+        raise AirflowFailException(str(nothing)) from nothing
+
+
+@task
+def summarize(settings: dict, transformed, model: dict, params: dict, run_id: str) -> dict:
+    from tasks.batch import default_input_uri, summarize
+
+    config = config_of(settings)
+    return summarize(config, list(transformed), model, params["input_uri"] or default_input_uri(config), run_id)
+
+
+@dag(
+    dag_id=BATCH_DAG_ID,
+    doc_md=__doc__,
+    schedule=[CHAMPION],
+    start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "owner": "mlops",
+        "retries": 2,
+        "retry_delay": datetime.timedelta(seconds=30),
+        "execution_timeout": datetime.timedelta(minutes=30),
+    },
+    dagrun_timeout=datetime.timedelta(hours=6),
+    tags=["mnist", "sagemaker", "batch-transform"],
+    params=BATCH_PARAMS,
+)
+def mnist_batch_predict():
+    settings = configuration()
+    model = resolve_model(settings)
+    requests = transform_requests(settings, model)
+    transform = TransformOperator.partial(
+        task_id="transform",
+        aws_conn_id=settings["aws_conn_id"],
+        region_name=settings["region"],
+        check_interval=SAGEMAKER_CHECK_INTERVAL,
+        max_ingestion_time=int(TRANSFORM_TIMEOUT.total_seconds()),
+        # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
+        action_if_job_exists="timestamp",
+        execution_timeout=TRANSFORM_TIMEOUT,
+        map_index_template="{{ task.config['TransformInput']['ContentType'] }}",
+    ).expand(config=requests)
+    summarize(settings, transform.output, model)
+
+
+mnist_batch_predict()

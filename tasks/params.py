@@ -1,0 +1,356 @@
+"""The sweep DAG's trigger form: every field typed, titled and bounded, in sections. Light: the DAG imports it at
+parse time (Airflow's Param, the configuration, and the defaults of the modules that own them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from airflow.sdk import Param
+from airflow.sdk.configuration import conf
+
+from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
+from tasks.monitoring import Thresholds
+from tasks.names import DEFAULT_ENDPOINT
+from tasks.registry import APPROVAL_MODES
+from tasks.tuning import STRATEGIES
+
+SECTION_SWEEP, SECTION_TUNING, SECTION_RESOURCES = "Sweep", "Tuning (search: tune)", "Resources (SageMaker)"
+SECTION_DATA, SECTION_GATE, SECTION_CHECK = "Data and deployment", "Gate and approval", "Monitoring check"
+# The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
+# metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
+DEFAULT_BAKE_SECONDS = conf.getint("mnist_pipeline", "bake_seconds", fallback=600)
+
+
+ENDPOINT_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}(?!\n)$"  # matched whole, a trailing newline too
+INSTANCE_TYPE_PATTERN = (
+    r"^ml\.[a-z0-9]+\.[a-z0-9]+(?!\n)$"  # (?!\n): Python's $ would also match before a final newline
+)
+
+
+def _optional(kind: str, title: str, description: str, **schema) -> Param:
+    """A hyperparameter that keeps the preset's value unless set."""
+    return Param(None, type=["null", kind], title=title, description=description, section=SECTION_SWEEP, **schema)
+
+
+def _interval(kind: str, title: str, description: str, low: float, high: float) -> Param:
+    """A tuning range [low, high], or empty: not tuned (the preset's value, or the field above, holds)."""
+    return Param(None, type=["null", "array"], items={"type": kind, "minimum": low, "maximum": high}, minItems=2,
+                 maxItems=2, title=title, description=f"{description} [low, high], each {low}-{high}; empty: not "
+                 "tuned.", section=SECTION_TUNING)  # fmt: skip
+
+
+PARAMS = {
+    "search": Param(
+        "sweep",
+        type="string",
+        enum=["sweep", "tune"],
+        title="Search",
+        description="sweep: one training job per hidden_channels value. tune: one SageMaker hyperparameter tuning "
+        "job over the ranges in the Tuning section (objective: test accuracy, maximized).",
+        section=SECTION_SWEEP,
+    ),
+    "hidden_channels": Param(
+        [2, 5, 10, 20, 32],
+        type="array",
+        items={"type": "integer", "minimum": 1, "maximum": 256},
+        minItems=1,
+        maxItems=16,
+        uniqueItems=True,
+        title="hidden_channels values",
+        description="sweep: one training job per value; tune: the values searched (1-16 distinct integers, each "
+        "1-256), e.g. [2, 5, 10, 20, 32].",
+        section=SECTION_SWEEP,
+    ),
+    "preset": Param(
+        "seed",
+        type="string",
+        enum=["seed", "accurate"],
+        title="Recipe",
+        description="seed: the seed's CNN and settings (2 epochs, SGD). accurate: BatchNorm CNN, augmentation, "
+        "OneCycle (99.5%+ in about 10 epochs).",
+        section=SECTION_SWEEP,
+    ),
+    "epochs": _optional("integer", "Epochs", "Passes over the training set (1-100).", minimum=1, maximum=100),
+    "optimizer": _optional("string", "Optimizer", "sgd, adam or adamw.", enum=[None, "sgd", "adam", "adamw"]),
+    "lr": _optional("number", "Learning rate", "Peak learning rate (0.00001-10).", minimum=1e-5, maximum=10),
+    "batch_size": _optional("integer", "Batch size", "Training batch size (1-4096).", minimum=1, maximum=4096),
+    "dropout": _optional("number", "Dropout", "Dropout probability (0-0.9).", minimum=0, maximum=0.9),
+    "kernel_size": _optional("integer", "Kernel size", "Convolution kernel size (odd, 3-7).", enum=[None, 3, 5, 7]),
+    "tune_strategy": Param(
+        "Bayesian",
+        type="string",
+        enum=list(STRATEGIES),
+        title="Strategy",
+        description="Bayesian (TPE), Random, Grid (every combination of the listed values: hidden_channels and batch "
+        "sizes only) or Hyperband (epochs as the resource: weak jobs stop at early rungs).",
+        section=SECTION_TUNING,
+    ),
+    "tune_max_jobs": Param(
+        8,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="Max training jobs",
+        description="Training jobs the tuner may start in all (1-100).",
+        section=SECTION_TUNING,
+    ),
+    "tune_max_parallel": Param(
+        2,
+        type="integer",
+        minimum=1,
+        maximum=16,
+        title="Max parallel jobs",
+        description="Training jobs at once (1-16).",
+        section=SECTION_TUNING,
+    ),
+    "tune_lr": _interval("number", "Learning rate range", "Searched on a log scale:", 1e-5, 10),
+    "tune_dropout": _interval("number", "Dropout range", "Searched on a linear scale:", 0, 0.9),
+    "tune_epochs": _interval(
+        "integer", "Epochs range", "Integers; with Hyperband, its minimum and maximum resource:", 1, 100
+    ),
+    "tune_batch_size": Param(
+        None,
+        type=["null", "array"],
+        items={"type": "integer", "minimum": 1, "maximum": 4096},
+        minItems=1,
+        maxItems=8,
+        uniqueItems=True,
+        title="Batch sizes",
+        description="The batch sizes searched (1-8 values, each 1-4096); empty: not tuned.",
+        section=SECTION_TUNING,
+    ),
+    "tune_early_stopping": Param(
+        True,
+        type="boolean",
+        title="Early stopping",
+        description="Stop a job whose test accuracy falls behind the median of the finished "
+        "jobs at the same epoch (not with Hyperband, which stops jobs itself).",
+        section=SECTION_TUNING,
+    ),
+    "tune_target_accuracy": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=1,
+        title="Target accuracy",
+        description="Stop tuning once a job reaches this test accuracy (a fraction, 0-1); empty: run every job.",
+        section=SECTION_TUNING,
+    ),
+    "instance_type": Param(
+        "ml.m5.xlarge",
+        type="string",
+        pattern=INSTANCE_TYPE_PATTERN,
+        title="Training instance type",
+        description="SageMaker instance type per job, e.g. ml.m5.xlarge or ml.g5.xlarge (GPU). Locally: this machine.",
+        section=SECTION_RESOURCES,
+    ),
+    "instance_count": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=8,
+        title="Instances per job",
+        description="More than one trains with distributed data parallel (locally: that many processes).",
+        section=SECTION_RESOURCES,
+    ),
+    "mnist_mirror": Param(
+        None,
+        type=["null", "string"],
+        maxLength=1000,
+        title="MNIST mirror",
+        description="URL or directory with the four MNIST files, where the configuration allows one (the public "
+        "mirrors by default); empty: $MNIST_MIRROR, else the public mirrors.",
+        section=SECTION_DATA,
+    ),
+    "deploy": Param(
+        True,
+        type="boolean",
+        title="Deploy",
+        description="Serve a model on the endpoint: this run's, when the gate lets it through and approval is auto; "
+        "else the latest version approved since the champion was deployed.",
+        section=SECTION_DATA,
+    ),
+    "deploy_only": Param(
+        False,
+        type="boolean",
+        title="Deploy only",
+        description="Train nothing: serve the latest version approved in the registry since the champion was "
+        "deployed (after `mnist-pipeline approve VERSION`), with the traffic shift and check below.",
+        section=SECTION_DATA,
+    ),
+    "endpoint_name": Param(
+        DEFAULT_ENDPOINT,
+        type="string",
+        pattern=ENDPOINT_PATTERN,
+        title="Endpoint name",
+        description="SageMaker endpoint to create or update: letters, digits and hyphens, at most 63. Its models are "
+        "the versions of the registry group of the same name.",
+        section=SECTION_DATA,
+    ),
+    "traffic_shift": Param(
+        "all_at_once",
+        type="string",
+        enum=["all_at_once", "canary", "linear"],
+        title="Traffic shift",
+        description="How an update moves traffic to the new model (blue/green): all at once, a canary share first, "
+        "or in linear steps. The endpoint's alarms roll it back by themselves when one fires meanwhile.",
+        section=SECTION_DATA,
+    ),
+    "traffic_percent": Param(
+        20,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="Canary size / linear step (%)",
+        description="Share of capacity the canary takes first, or each linear step adds (1-100).",
+        section=SECTION_DATA,
+    ),
+    "traffic_wait_seconds": Param(
+        10,
+        type="integer",
+        minimum=0,
+        maximum=3600,
+        title="Wait between shifts (s)",
+        description="How long the canary or each linear step takes traffic before the next (0-3600).",
+        section=SECTION_DATA,
+    ),
+    "bake_seconds": Param(
+        DEFAULT_BAKE_SECONDS,
+        type="integer",
+        minimum=0,
+        maximum=3600,
+        title="Bake time (s)",
+        description="How long the old model is kept, under the alarms, once all traffic has moved: the monitoring "
+        "check runs meanwhile, and a failed check switches back to it at once (0-3600).",
+        section=SECTION_DATA,
+    ),
+    "min_test_accuracy": Param(
+        DEFAULT_MIN_TEST_ACCURACY,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Minimum test accuracy",
+        description="Register (and deploy) only a model with at least this test accuracy (a fraction, 0-1; the seed "
+        "reaches ~0.96).",
+        section=SECTION_GATE,
+    ),
+    "accuracy_tolerance": Param(
+        DEFAULT_TOLERANCE,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Tolerance against the champion",
+        description="Register only a model no worse than the champion's test accuracy minus this (0-1).",
+        section=SECTION_GATE,
+    ),
+    "approval": Param(
+        "auto",
+        type="string",
+        enum=list(APPROVAL_MODES),
+        title="Approval",
+        description="auto: the registered version is deployed, then Approved when its monitoring check passes "
+        "(Rejected when it fails). manual: it is registered PendingManualApproval and not deployed; a person "
+        "approves it (mnist-pipeline approve VERSION), and the next run or a deploy-only run serves it.",
+        section=SECTION_GATE,
+    ),
+}
+
+# The monitoring check: name → (type, title, description, minimum, maximum). Threshold names are the fields of
+# tasks.monitoring.Thresholds, whose defaults they take.
+# fmt: off
+CHECK_PARAMS = {
+    "smoke_requests": ("integer", "Smoke requests", "Held-out test images sent, one request each.", 1, 10_000),
+    "metrics_timeout": ("integer", "CloudWatch wait (s)", "How long to wait for the load's metrics to arrive.",
+                        0, 3600),
+    "min_live_accuracy": ("number", "Minimum live accuracy", "Accuracy of the answers to the smoke load.", 0, 1),
+    "max_accuracy_drop": ("number", "Maximum accuracy drop",
+                          "How far live accuracy may fall below the model's test accuracy.", 0, 1),
+    "max_error_rate": ("number", "Maximum error rate", "Failed smoke requests / requests sent.", 0, 1),
+    "max_p99_latency_ms": ("number", "Maximum p99 latency (ms)", "Client-side p99 of the smoke load, round trip "
+                           "included.", 1, 60_000),
+    "max_model_latency_ms": ("number", "Maximum model latency (ms)", "CloudWatch ModelLatency, average over the "
+                             "load.", 1, 60_000),
+    "max_5xx_errors": ("integer", "Maximum 5XX errors", "CloudWatch Invocation5XXErrors over the load.", 0, 100_000),
+    "max_4xx_errors": ("integer", "Maximum 4XX errors", "CloudWatch Invocation4XXErrors over the load.", 0, 100_000),
+    "max_cpu_utilization": (["null", "number"], "Maximum CPU utilization (%)", "CloudWatch CPUUtilization, 100 per "
+                            "core; empty: not checked (a smoke load keeps the CPU busy by design).", 0, 10_000),
+    "max_memory_utilization": (["null", "number"], "Maximum memory utilization (%)", "CloudWatch "
+                               "MemoryUtilization; empty: not checked.", 0, 100),
+    "alarm_p99_model_latency_ms": ("number", "Alarm: p99 model latency (ms)", "The alarm created on a pass fires "
+                                   "when p99 ModelLatency over 5 minutes exceeds this.", 1, 60_000),
+}
+# fmt: on
+CHECK_DEFAULTS = {"smoke_requests": 200, "metrics_timeout": 300, **dataclasses.asdict(Thresholds())}
+PARAMS.update(
+    {
+        name: Param(
+            CHECK_DEFAULTS[name],
+            type=kind,
+            title=title,
+            description=f"{description} ({low}-{high})",
+            minimum=low,
+            maximum=high,
+            section=SECTION_CHECK,
+        )
+        for name, (kind, title, description, low, high) in CHECK_PARAMS.items()
+    }
+)
+
+# The batch predictions DAG's form (dags/mnist_batch_predict.py).
+SECTION_INPUT, SECTION_JOB = "Input and model", "Transform job (SageMaker)"
+BATCH_PARAMS = {
+    "input_uri": Param(
+        None,
+        type=["null", "string"],
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\n]*)?(?!\n)$",
+        maxLength=1024,
+        title="Input (S3 prefix)",
+        description="The images to classify: .npy, .csv (a 784-pixel image per row), .json, .png or .jpg files under "
+        "this prefix; empty: the configured batch input, <s3_root>/batch/input/.",
+        section=SECTION_INPUT,
+    ),
+    "model": Param(
+        None,
+        type=["null", "string"],
+        pattern=r"^([0-9]{1,9}|arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[^/\n]+/[0-9]+)(?!\n)$",
+        maxLength=256,
+        title="Model version",
+        description="A version number of the endpoint's registry group, or a model package version ARN; empty: the "
+        "champion (the version the champion asset names, when it triggered the run).",
+        section=SECTION_INPUT,
+    ),
+    "endpoint_name": Param(
+        DEFAULT_ENDPOINT,
+        type="string",
+        pattern=ENDPOINT_PATTERN,
+        title="Registry group (endpoint name)",
+        description="Whose champion and versions: the registry group named after the endpoint.",
+        section=SECTION_INPUT,
+    ),
+    "instance_type": Param(
+        "ml.m5.large",
+        type="string",
+        pattern=INSTANCE_TYPE_PATTERN,
+        title="Transform instance type",
+        description="SageMaker instance type of each transform job. Locally: this machine.",
+        section=SECTION_JOB,
+    ),
+    "max_concurrent_transforms": Param(
+        4,
+        type="integer",
+        minimum=1,
+        maximum=64,
+        title="Requests in flight",
+        description="MaxConcurrentTransforms: requests each job keeps in flight to its model (1-64).",
+        section=SECTION_JOB,
+    ),
+    "max_payload_mb": Param(
+        6,
+        type="integer",
+        minimum=1,
+        maximum=100,
+        title="Largest request (MB)",
+        description="MaxPayloadInMB: the largest request to the model; a bigger file fails its job, named (1-100).",
+        section=SECTION_JOB,
+    ),
+}

@@ -1,0 +1,133 @@
+"""The batch predictions DAG with `dag.test()`: a registry version's model over a prefix of mixed image files, by the
+provider's SageMakerTransformOperator against the local SageMaker service (real model servers), one transform job
+per kind of file, then the summary. Scheduled on the champion asset: the stack test sees a sweep trigger it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.dag_runs import configure, states, xcoms
+from tests.registry_helpers import register
+
+pytest_plugins = ["tests.model_artifact"]  # the model_tarball and test_set fixtures
+
+GROUP = "batch-local"
+
+
+def parse_batch_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL", "1")
+        bag = DagBag(str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["mnist_batch_predict"]
+
+
+def test_the_batch_dag_is_scheduled_on_the_champion_asset_and_bounded():
+    from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformOperator
+
+    dag = parse_batch_dag()
+    from tasks.assets import CHAMPION
+
+    assert list(dag.timetable.asset_condition.objects) == [CHAMPION]
+    transform = dag.get_task("transform")
+    assert type(transform).__name__ == "MappedOperator" and issubclass(transform.operator_class,
+                                                                       SageMakerTransformOperator)  # fmt: skip
+    for task in dag.tasks:
+        assert task.execution_timeout is not None and task.retries >= 2, task.task_id
+    for name in ("input_uri", "model", "endpoint_name", "instance_type", "max_concurrent_transforms",
+                 "max_payload_mb"):  # fmt: skip
+        assert dag.params.get_param(name).schema.get("title"), name
+
+
+@pytest.fixture(scope="module")
+def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, test_set, tmp_path_factory):
+    """A registered version of a trained model, and a prefix holding each kind of file the model takes."""
+    from tasks.config import load_config
+
+    images, labels = test_set
+    with pytest.MonkeyPatch.context() as patch:
+        configure(patch, tmp_path_factory.mktemp("batch-local"), small_mnist, "batch-local", local_aws)
+        config = load_config()
+        s3 = boto3.client("s3", endpoint_url=local_aws)
+        s3.upload_file(str(model_tarball), config.bucket, "models/m/model.tar.gz")
+        version = register(config, local_sagemaker, GROUP, f"s3://{config.bucket}/models/m/model.tar.gz", 0.97)
+        prefix = f"{config.prefix}/incoming"
+        files, expected = {}, []
+
+        def put(name: str, body: bytes, truth) -> None:
+            s3.put_object(Bucket=config.bucket, Key=f"{prefix}/{name}", Body=body)
+            files[name] = body
+            expected.extend(truth)
+
+        array = io.BytesIO()
+        np.save(array, images[:40])
+        put("day1/digits.npy", array.getvalue(), labels[:40])
+        put("digits.csv", "".join(",".join(map(str, image.ravel())) + "\n" for image in images[40:60]).encode(),
+            labels[40:60])  # fmt: skip
+        picture = io.BytesIO()
+        Image.fromarray(images[60]).save(picture, format="PNG")
+        put("one.png", picture.getvalue(), labels[60:61])
+        s3.put_object(Bucket=config.bucket, Key=f"{prefix}/README.txt", Body=b"not an image")
+        common = {"endpoint_name": GROUP, "input_uri": f"s3://{config.bucket}/{prefix}/"}
+        dag = parse_batch_dag()
+        yield {
+            "config": config, "version": version, "expected": expected, "files": files, "prefix": prefix,
+            "given": dag.test(run_conf={**common, "model": "1", "max_concurrent_transforms": 2}),
+            "no_champion": parse_batch_dag().test(run_conf=common),
+        }  # fmt: skip
+
+
+def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_counts_the_digits(batch, local_aws):
+    run = batch["given"]
+    found = states(run)
+    assert str(run.state) == "success", found
+    # A job per kind (the service's tests take every kind and split; three here): the txt file is not an image.
+    assert found["transform"] == ["success"] * 3
+    [model] = xcoms(run.run_id, "resolve_model")
+    assert model["model_package_arn"] == batch["version"] and model["version"] == 1
+    transforms = xcoms(run.run_id, "transform")
+    kinds = {t["Transform"]["TransformInput"]["ContentType"]: t["Transform"] for t in transforms}
+    assert set(kinds) == {"application/x-npy", "text/csv", "image/png"}
+    assert kinds["text/csv"]["TransformInput"]["SplitType"] == "Line"
+    assert kinds["text/csv"]["BatchStrategy"] == "MultiRecord"
+    for job in kinds.values():
+        assert job["TransformJobStatus"] == "Completed" and job["ModelName"] == model["model_name"]
+        assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
+
+    # A .out per file, under the run's output prefix, its answers the model's.
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    output = kinds["image/png"]["TransformOutput"]["S3OutputPath"]
+    bucket, key = output.removeprefix("s3://").split("/", 1)
+    listed = {item["Key"].removeprefix(key) for item in s3.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]}
+    assert listed == {f"{name}.out" for name in batch["files"]}
+    predicted = []
+    for name in ("day1/digits.npy", "digits.csv", "one.png"):
+        body = s3.get_object(Bucket=bucket, Key=f"{key}{name}.out")["Body"].read()
+        predicted += [p["label"] for line in body.splitlines() if line for p in json.loads(line)["predictions"]]
+    truth = [int(label) for label in batch["expected"]]
+    assert len(predicted) == len(truth) == 61
+    assert sum(map(int.__eq__, predicted, truth)) / len(truth) >= 0.9
+
+    [summary] = xcoms(run.run_id, "summarize")
+    assert summary["images"] == 61 and summary["version"] == 1
+    assert summary["counts"] == {str(d): predicted.count(d) for d in range(10)}
+    assert summary["seconds"] > 0 and summary["images_per_second"] == round(61 / summary["seconds"], 1)
+    assert sorted(job["files"] for job in summary["jobs"]) == [1, 1, 1]
+    stored = s3.get_object(Bucket=bucket, Key=summary["summary_uri"].split("/", 3)[3])["Body"].read()
+    assert json.loads(stored)["counts"] == summary["counts"]
+
+
+def test_without_a_model_and_no_champion_the_run_fails_saying_so(batch):
+    run = batch["no_champion"]
+    found = states(run)
+    assert str(run.state) == "failed" and found["resolve_model"] == ["failed"], found
+    assert found["transform"] == ["upstream_failed"]

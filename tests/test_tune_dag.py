@@ -1,0 +1,89 @@
+"""The DAG with `search: tune`: one SageMaker hyperparameter tuning job through the provider's operator, against
+the local SageMaker service (real training jobs on the small generated digits), then the same selection, gate and
+registry as a sweep, and a report that lists every trial with its tuned values, its objective and whether the
+tuner stopped it early."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+
+from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
+
+TUNE = {
+    "search": "tune", "tune_strategy": "Random", "tune_max_jobs": 3, "tune_max_parallel": 2,
+    "hidden_channels": [4, 16], "tune_lr": [0.002, 0.01], "optimizer": "adam", "epochs": 2, "batch_size": 32,
+    # The tuner's choice is registered, not deployed: this file is about the search (test_safe_deploy deploys).
+    "deploy": False, "min_test_accuracy": 0.0, "endpoint_name": "tuned-local",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tuned(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        data = configure(patch, tmp_path_factory.mktemp("tune-local"), small_mnist, "tune-local", local_aws)
+        yield run_sweep({**data, **TUNE})
+
+
+def test_a_tuning_run_searches_selects_and_registers_the_best_trial(tuned, local_sagemaker):
+    from tasks.tuning import tuning_job_name
+
+    found = states(tuned)
+    assert str(tuned.state) == "success", found
+    # The tuner ran instead of the sweep's mapped jobs; the selection, gate and registry followed it.
+    assert found["training_requests"] == found["train"] == ["skipped"]
+    for task in ("tuning_request", "tune", "select_best", "gate", "register", "candidate", "report"):
+        assert found[task] == ["success"], task
+    assert found["deploy"] == ["skipped"]
+
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    name = tuning_job_name(tuned.run_id)
+    assert len(name) <= 32
+    [request] = xcoms(tuned.run_id, "tuning_request")
+    assert request["HyperParameterTuningJobName"] == name
+    tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    assert tuning["HyperParameterTuningJobStatus"] == "Completed"
+    config = tuning["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Random" and config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "test:accuracy"}
+    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [{"Name": "hidden_channels",
+                                                                         "Values": ["4", "16"]}]  # fmt: skip
+    [lr] = config["ParameterRanges"]["ContinuousParameterRanges"]
+    assert (lr["Name"], lr["ScalingType"]) == ("lr", "Logarithmic")
+    static = tuning["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert static["optimizer"] == "adam" and "lr" not in static and "hidden_channels" not in static
+
+    jobs = sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    jobs = jobs["TrainingJobSummaries"]
+    assert len(jobs) == 3
+    for job in jobs:
+        described = sagemaker.describe_training_job(TrainingJobName=job["TrainingJobName"])
+        assert described["TuningJobArn"] == tuning["HyperParameterTuningJobArn"]
+        assert 0.002 <= float(described["HyperParameters"]["lr"]) <= 0.01
+        assert described["HyperParameters"]["hidden_channels"] in ("4", "16")
+
+    # The best trial as the tuner judged it is what the pipeline selected, published and registered.
+    [best] = xcoms(tuned.run_id, "select_best")
+    assert best["tuning_job_name"] == name
+    assert best["training_job_name"] == tuning["BestTrainingJob"]["TrainingJobName"]
+    assert best["test_accuracy"] == pytest.approx(
+        tuning["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] / 100
+    )
+    assert len(best["trials"]) == 3
+    for trial in best["trials"]:
+        assert set(trial["tuned"]) == {"hidden_channels", "lr"} and trial["status"] in ("Completed", "Stopped")
+    [register] = xcoms(tuned.run_id, "register")
+    version = sagemaker.describe_model_package(ModelPackageName=register)
+    assert version["CustomerMetadataProperties"]["training_job"] == best["training_job_name"]
+    assert version["ModelApprovalStatus"] == "PendingManualApproval"  # deploy was off: nothing checked it
+
+    # The report: a row per trial, its tuned values, objective and status.
+    report = report_text(tuned.run_id)
+    assert report.startswith("# Tuning report") and f"of tuning job `{name}`" in report
+    assert "| trial | tuned hyperparameters | objective | status |" in report
+    for trial in best["trials"]:
+        number = trial["training_job_name"].rsplit("-", 2)[-2]
+        [row] = [line for line in report.splitlines() if line.startswith((f"| {number} |", f"| **{number}** |"))]
+        assert f"hidden_channels={trial['tuned']['hidden_channels']}, lr={trial['tuned']['lr']}" in row
+        assert f"{100 * trial['objective']:.2f}%" in row
+        assert ("stopped early" if trial["stopped_early"] else trial["status"]) in row
