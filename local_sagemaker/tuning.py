@@ -128,6 +128,7 @@ class Plan:
     early_stopping: bool
     min_resource: int = 1
     max_resource: int | None = None  # Hyperband's
+    epochs: int | None = None  # each job's, from the static hyperparameters, when they say
     stop_at_max: bool = False  # Hyperband: the jobs would run past MaxResource epochs, so the tuner stops them there
 
     @property
@@ -198,7 +199,8 @@ def plan(request: dict) -> Plan:
     early_stopping = config.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
     common = {"strategy": strategy, "space": space, "metric": objective["MetricName"], "jobs": jobs,
               "maximize": objective["Type"] == "Maximize", "parallel": limits["MaxParallelTrainingJobs"],
-              "seed": config.get("RandomSeed"), "early_stopping": early_stopping}  # fmt: skip
+              "seed": config.get("RandomSeed"), "early_stopping": early_stopping,
+              "epochs": _epochs(next((static[key] for key in EPOCH_KEYS if key in static), None))}  # fmt: skip
     if strategy != "Hyperband":
         if "StrategyConfig" in config:
             raise ValidationException(f"StrategyConfig is for the Hyperband strategy only, not {strategy}")
@@ -218,6 +220,14 @@ def plan(request: dict) -> Plan:
                                   f"{max_resource} must satisfy MinResource <= MaxResource <= {MAX_RESOURCE}")  # fmt: skip
     return Plan(**common, min_resource=min_resource, max_resource=max_resource,
                 stop_at_max=epochs is None or max_resource < epochs)  # fmt: skip
+
+
+def _epochs(value) -> int | None:
+    """A job's epochs as its hyperparameters give them, or None when they give none (or not as a number)."""
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _static_epochs(static: dict) -> int | None:
@@ -570,6 +580,8 @@ class TuningJobs:
                 log.info("Tuning job %s: stopping %s at MaxResource (%d epochs)", name, job_name, epoch)
                 self._stop_job(job_name)
             return  # never pruned at its last epoch
+        if epoch >= (_epochs(job.tuned.get("epochs")) or planned.epochs or math.inf):
+            return  # its last epoch: its work is done, and stopping it now would only throw its model away
         if planned.prunes and job.trial.should_prune():
             search.study.tell(job.trial, state=TrialState.PRUNED)
             job.told, job.stopped_by = True, "early"

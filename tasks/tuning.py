@@ -45,8 +45,14 @@ RANGES = {
 
 
 class TuningOperator(SageMakerTuningOperator):
-    """SageMakerTuningOperator that stops its tuning job when killed (the provider's leaves it running), and whose
-    retry waits for the tuning job its killed try left rather than failing on the name it took."""
+    """SageMakerTuningOperator made safe to kill and to retry:
+
+    - killed (marked failed, timed out), it stops its tuning job, where the provider's leaves it running;
+    - a retry that finds the tuning job of an earlier try still InProgress (or Completed) follows it rather than
+      failing on the name it took; one that ended Stopped or Failed is tuned again, under the name suffixed with the
+      time, as the sweep's training jobs are;
+    - a tuning job that ends Stopped fails the task (the provider's wait passes it on, its jobs half done).
+    """
 
     def execute(self, context):
         from botocore.exceptions import ClientError
@@ -56,12 +62,24 @@ class TuningOperator(SageMakerTuningOperator):
             status = self.hook.describe_tuning_job(name)["HyperParameterTuningJobStatus"]
         except ClientError:
             status = None  # not started yet: the usual path
-        if status is None:
-            return super().execute(context)
+        if status in (None, "Stopped", "Failed"):
+            if status:
+                self.config["HyperParameterTuningJobName"] = retry_name(name)
+                self.log.info("Tuning job %s of an earlier try ended %s: tuning again as %s", name, status,
+                              self.config["HyperParameterTuningJobName"])  # fmt: skip
+            return self._ended_well(super().execute(context))
         self.log.info("Tuning job %s of an earlier try is %s: following it, not starting another", name, status)
         description = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
                                              self.check_interval, self.max_ingestion_time)  # fmt: skip
-        return {"Tuning": serialize(description)}
+        return self._ended_well({"Tuning": serialize(description)})
+
+    @staticmethod
+    def _ended_well(result: dict) -> dict:
+        tuning = result["Tuning"]
+        if tuning.get("HyperParameterTuningJobStatus") == "Stopped":
+            raise RuntimeError(f"SageMaker tuning job {tuning['HyperParameterTuningJobName']} was stopped before it "
+                               "ended: its trials are not a finished search")  # fmt: skip
+        return result
 
     def on_kill(self) -> None:
         from botocore.exceptions import ClientError
@@ -72,6 +90,14 @@ class TuningOperator(SageMakerTuningOperator):
             self.log.info("Stopped tuning job %s: its task was killed", name)
         except ClientError as error:  # never started, or ended already
             self.log.info("Tuning job %s not stopped: %s", name, error.response["Error"]["Message"])
+
+
+def retry_name(name: str) -> str:
+    """A tuning job name for another try: cut to fit, a dash and ten digits of epoch seconds."""
+    import time
+
+    digits = str(int(time.time()))
+    return f"{name[: MAX_TUNING_JOB_NAME - len(digits) - 1]}-{digits}"
 
 
 def tuning_job_name(run_id: str) -> str:

@@ -142,6 +142,16 @@ TUNING_JOBS = {
         pause=0.4,
         TrainingJobEarlyStoppingType="Auto",
     ),
+    # Worse and worse, one epoch each: behind the median, yet never stopped at the last epoch (its work is done).
+    "tune-last-epoch": request(
+        "tune-last-epoch",
+        "Grid",
+        categorical(level=["8", "6", "4", "2", "0"]),
+        parallel=1,
+        epochs=1,
+        pause=0,
+        TrainingJobEarlyStoppingType="Auto",
+    ),
     "tune-hyperband": request(
         "tune-hyperband",
         "Hyperband",
@@ -357,6 +367,18 @@ def test_early_stopping_stops_the_jobs_behind_the_median_and_no_others(tuned, cl
     assert described["BestTrainingJob"]["TunedHyperParameters"] == {"level": "8"}
 
 
+def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
+    described = wait(tuned, "tune-last-epoch")
+    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
+    jobs = jobs_of(tuned, "tune-last-epoch")
+    # Some jobs fall behind the median of the ones completed before them (the order is the seed's: recomputed),
+    # at their first epoch, which is their last.
+    values = [accuracy(job["TunedHyperParameters"], 1) for job in jobs]
+    behind = [i >= tuning.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
+    assert any(behind), values
+    assert [job["TrainingJobStatus"] for job in jobs] == ["Completed"] * 5
+
+
 def hyperband_stops(jobs: list[dict]) -> list[bool]:
     """Which of ``jobs`` (run one at a time, in this order) Optuna's HyperbandPruner stops before MaxResource, for
     the tuning job's study (its name places each job in a bracket) and the stand-in's accuracy at each epoch."""
@@ -540,3 +562,66 @@ def test_a_tuning_job_running_when_the_service_stopped_fails_on_restart(tmp_path
     assert "HyperParameterTuningEndTime" in described
     kept = reopened.get(tuning.KIND, "tune-restart")["Jobs"]["tune-restart-001-0a1b2c3d"]
     assert kept["ObjectiveStatus"] == "Failed"
+
+
+# -- the pipeline's TuningOperator (the provider's, made safe to kill and to retry) against the service --------------
+
+
+def operator_request(name: str, **kwargs) -> dict:
+    """``request`` with the training channel the provider's operator checks in S3 before it creates the job."""
+    sent = request(name, "Random", {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+                   jobs=2, **kwargs)  # fmt: skip
+    source = {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/code/", "S3DataDistributionType": "FullyReplicated"}
+    sent["TrainingJobDefinition"]["InputDataConfig"] = [{"ChannelName": "training", "DataSource": {
+        "S3DataSource": source}}]  # fmt: skip
+    return sent
+
+
+def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fails_when_stopped(tuned, clients):
+    import threading
+
+    from tasks.tuning import TuningOperator
+
+    sagemaker, _ = clients
+
+    def operator(sent: dict) -> TuningOperator:
+        return TuningOperator(task_id="tune", config=sent, aws_conn_id="aws_default", check_interval=1)
+
+    # A retry while its predecessor's tuning job still runs: it follows that job, it starts no other.
+    sent = operator_request("op-follow")
+    sagemaker.create_hyper_parameter_tuning_job(**sent)
+    result = operator(operator_request("op-follow")).execute({})["Tuning"]
+    assert (result["HyperParameterTuningJobName"], result["HyperParameterTuningJobStatus"]) == ("op-follow",
+                                                                                              "Completed")  # fmt: skip
+    assert len(jobs_of(sagemaker, "op-follow")) == 2
+
+    # A retry after its predecessor's job was stopped (the task killed): tuned again, under a new name.
+    sagemaker.create_hyper_parameter_tuning_job(**operator_request("op-stopped", epochs=100, pause=1))
+    sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="op-stopped")
+    assert wait(sagemaker, "op-stopped")["HyperParameterTuningJobStatus"] == "Stopped"
+    again = operator(operator_request("op-stopped")).execute({})["Tuning"]
+    assert re.fullmatch(r"op-stopped-\d{10}", again["HyperParameterTuningJobName"])
+    assert again["HyperParameterTuningJobStatus"] == "Completed"
+
+    # Stopped by someone while the task waits: the task fails, its half search is not passed on.
+    slow = operator(operator_request("op-interrupted", epochs=100, pause=1))
+    failure = []
+
+    def execute() -> None:
+        try:
+            slow.execute({})
+        except RuntimeError as error:
+            failure.append(error)
+
+    waiting = threading.Thread(target=execute)
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while not sagemaker.list_hyper_parameter_tuning_jobs(NameContains="op-interrupted")[
+        "HyperParameterTuningJobSummaries"
+    ]:  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="op-interrupted")
+    waiting.join(timeout=60)
+    [raised] = failure
+    assert "tuning job op-interrupted was stopped before it ended" in str(raised)
