@@ -52,7 +52,8 @@ class Stack:
         return json.loads((self.state_dir / "stack" / "passwords.json").read_text())["admin"]
 
     def api(self) -> httpx.Client:
-        token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password})
+        # As patient as the client below: an API server just started again (`up` after `down`) answers slowly.
+        token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30)
         token.raise_for_status()
         headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
         return httpx.Client(base_url=f"{self.url}/api/v2", headers=headers, timeout=30)

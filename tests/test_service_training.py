@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent(
     if mode == "hang":
         print("hanging", flush=True)
         time.sleep(120)
+    if mode == "slow":  # long enough for another caller to find it InProgress, whatever the machine's load
+        time.sleep(5)
     if host == "algo-1":
         keys = [k for k in os.environ if k.startswith(("SM_", "MASTER_", "OMP_"))]
         channel = os.environ["SM_CHANNEL_TRAINING"]
@@ -288,9 +290,10 @@ def test_a_retry_waits_for_the_job_its_killed_try_left_running(clients):
     from tasks.training_operator import TrainingOperator
 
     sagemaker = clients[0]
-    sagemaker.create_training_job(**request("svc-adopted"))  # what the killed try started
-    train = TrainingOperator(task_id="train", config=request("svc-adopted"), check_interval=1, print_log=False,
-                             action_if_job_exists="timestamp", aws_conn_id="aws_default", region_name="us-east-1")  # fmt: skip
+    sagemaker.create_training_job(**request("svc-adopted", mode="slow"))  # what the killed try started
+    train = TrainingOperator(task_id="train", config=request("svc-adopted", mode="slow"), check_interval=1,
+                             print_log=False, action_if_job_exists="timestamp", aws_conn_id="aws_default",
+                             region_name="us-east-1")  # fmt: skip
     result = train.execute({})
     assert result["Training"]["TrainingJobName"] == "svc-adopted"
     assert result["Training"]["TrainingJobStatus"] == "Completed"
