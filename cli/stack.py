@@ -336,6 +336,10 @@ def _restart_airflow(paths: StackPaths, config: PipelineConfig, names: list[str]
     _, keys = _login_and_secrets(paths)
     env = airflow_env(paths, config, state["airflow_url"], state["connection"], keys, state["alert_topic_arn"])
     for name in names:
+        # What the dead one leaves running (a killed scheduler's executor workers, a task still in one) goes on, and
+        # `down` stops it with the rest.
+        if old := state["processes"].get(name):
+            state.setdefault("retired", []).append(old)
         state["processes"][name] = _spawn_airflow(name, env, paths)
         paths.state.write_text(json.dumps(state, indent=2))
     _wait_healthy(state, paths, timeout)
@@ -352,9 +356,11 @@ def down(config: PipelineConfig | None = None) -> list[str]:
     stopped. The records stay: the next `up` serves the same endpoints and keeps the same S3 objects."""
     config = config or load_config()
     paths = stack_paths(config)
-    records = (read_state(paths) or {"processes": {}})["processes"]
+    state = read_state(paths) or {"processes": {}}
+    records = state["processes"]
     airflow = [name for name in records if name not in BACKING_SERVICES]
-    processes.stop([records[name] for name in airflow])
+    # With the components `up` started again after they died: what outlived them in their process groups.
+    processes.stop([records[name] for name in airflow] + state.get("retired", []))
     stopped = airflow
     for name in BACKING_SERVICES:
         if name in records:

@@ -109,14 +109,33 @@ def _descendants(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _orphans(record: Mapping) -> list[psutil.Process]:
+    """What outlived a dead group leader in its group (a SIGKILLed scheduler's executor workers): the processes whose
+    group id is still the leader's pid. Nothing when that pid now belongs to another process."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(record["pid"])
+        return []  # the pid is taken again: whatever has that group id is another's
+    found = []
+    for process in psutil.process_iter(["create_time"]):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            if os.getpgid(process.pid) == record["pid"] and process.info["create_time"] >= record["started"]:
+                found.append(process)
+    return found
+
+
 def stop(records: Iterable[Mapping], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM each process's group and every descendant that left it; SIGKILL what is alive after ``grace``.
+    """SIGTERM each process's group and every descendant that left it; SIGKILL what is alive after ``grace``. A
+    record whose process has died already still stops what outlived it in its group.
 
     One SIGTERM each: a second one makes Airflow (and uvicorn) skip their clean shutdown.
     """
+    records = list(records)
     leaders = [process for process in map(live, records) if process is not None]
     groups = {leader.pid for leader in leaders}
     processes = {p.pid: p for leader in leaders for p in (leader, *_descendants(leader))}
+    for record in records:
+        if live(record) is None:
+            processes.update({p.pid: p for p in _orphans(record)})
     for group in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGTERM)

@@ -149,6 +149,7 @@ def test_a_scheduler_killed_mid_sweep_and_started_again_finishes_the_run_once(st
     job = training_job_name(run_id, 4)
     wait_for("the training process starts", lambda: training_processes(job), 180)
     scheduler = psutil.Process(stack.state["processes"]["scheduler"]["pid"])
+    workers = scheduler.children(recursive=True)  # its executor's: they outlive it
     scheduler.kill()
     scheduler.wait(10)
     again = stack.cli("up", "--port", "0")  # starts what died, and only that
@@ -159,3 +160,11 @@ def test_a_scheduler_killed_mid_sweep_and_started_again_finishes_the_run_once(st
     with stack.api() as api:
         tis = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     assert {ti["task_id"]: ti["try_number"] for ti in tis}["train"] == 1, "its task too"
+    # The killed scheduler's workers carried its task to the end; `down` stops them with the rest, as they go here.
+    [retired] = stack.state["retired"]
+    assert retired["pid"] == scheduler.pid and [w for w in workers if w.is_running()]
+    from local_sagemaker import processes
+
+    processes.stop([retired], grace=10)
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert alive == [], "nothing of the killed scheduler is left running"
