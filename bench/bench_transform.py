@@ -2,10 +2,12 @@
 the same model invoked through boto3 for the same images, in the same run; writes JSON.
 
 moto and the local SageMaker service are started as the local stack starts them; the model (an untrained seed_cnn,
-hidden_channels 10, unless --model-dir: serving speed does not depend on the weights) goes to S3 as model.tar.gz
-and into the service by CreateModel. Two layouts of the test images, one transform job each:
+hidden_channels 10, unless --model-dir: serving speed does not depend on the weights; either way with this checkout's
+handler in code/) goes to S3 as model.tar.gz and into the service by CreateModel. Two layouts of the test images,
+one transform job each:
 
-- `npy`: 10 .npy objects of 1,000 images (SplitType None: one request per object), MaxConcurrentTransforms 4;
+- `npy`: 10 .npy objects of 1,000 images (SplitType None: one request per object), MaxConcurrentTransforms 4; once
+  in float32 and once in bfloat16 (the job's Environment sets MNIST_INFERENCE_PRECISION), run by run in turn;
 - `csv`: one CSV object of 10,000 rows (SplitType Line, MultiRecord: as many rows per request as fit in 6 MB),
   MaxConcurrentTransforms 2.
 
@@ -26,6 +28,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_endpoint import untrained_artifact  # noqa: E402
 
 from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server  # noqa: E402
+from inference.artifact import add_code, load_handler  # noqa: E402
 from training.mnist_idx import load_mnist  # noqa: E402
 
 TARGET_IMAGES_PER_SECOND = 20_000
@@ -66,9 +70,11 @@ def labels_of(body: bytes) -> list[int]:
     return found
 
 
-def run_job(sagemaker, s3, logs, name: str, prefix: str, content_type: str, outputs: list[str], **settings) -> dict:
+def run_job(sagemaker, s3, logs, name: str, prefix: str, content_type: str, outputs: list[str],
+            environment: dict[str, str] | None = None, **settings) -> dict:  # fmt: skip
     """One transform job over ``prefix``; its figures, and the labels of ``outputs`` (keys under its output path)."""
     sagemaker.create_transform_job(
+        Environment=environment or {},
         TransformJobName=name, ModelName="bench",
         TransformInput={"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}"}},
                         "ContentType": content_type, "SplitType": settings.pop("SplitType", "None")},
@@ -93,7 +99,8 @@ def run_job(sagemaker, s3, logs, name: str, prefix: str, content_type: str, outp
         "images_per_second": figures["images_per_second"],
         "end_to_end_seconds": figures["end_to_end_seconds"],
         "describe_seconds": round((described["TransformEndTime"] - described["CreationTime"]).total_seconds(), 2),
-        "settings": {key: described.get(key) for key in ("MaxConcurrentTransforms", "MaxPayloadInMB", "BatchStrategy")},
+        "settings": {key: described.get(key)
+                     for key in ("MaxConcurrentTransforms", "MaxPayloadInMB", "BatchStrategy", "Environment")},
         "labels": labels,
     }  # fmt: skip
 
@@ -144,6 +151,17 @@ def endpoint_figures(sagemaker, runtime_url: str, images: np.ndarray) -> dict:
     return figures
 
 
+def trained_artifact(model_dir: Path, scratch: Path) -> Path:
+    """A copy of a trained model's weights and configuration with this checkout's handler (the artifact's own
+    code/ is what its training job copied then)."""
+    directory = scratch / "model"
+    directory.mkdir()
+    for name in ("model.pth", "model_config.json"):
+        shutil.copy(model_dir / name, directory / name)
+    add_code(directory)
+    return directory
+
+
 def median_job(jobs: list[dict]) -> dict:
     """The job of median speed, with every run's images/s beside it."""
     ranked = sorted(jobs, key=lambda job: job["images_per_second"])
@@ -167,7 +185,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-transform-") as scratch:
         scratch = Path(scratch)
-        model_dir = Path(args.model_dir) if args.model_dir else untrained_artifact(scratch)
+        model_dir = trained_artifact(Path(args.model_dir), scratch) if args.model_dir else untrained_artifact(scratch)
+        handler = load_handler(model_dir)  # its names for the precision setting
         moto, moto_url = start_moto_server(log_path=scratch / "moto.log")
         os.environ.update({**LOCAL_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"})
         load_before = os.getloadavg()
@@ -195,11 +214,14 @@ def main() -> None:
                     PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/model/model.tar.gz"},
                 )  # fmt: skip
                 # Each layout several times, the median kept: one run's figure depends on what else the machine does.
-                npy_job = median_job([
-                    run_job(sagemaker, s3, logs, f"bench-npy-{run}", "in/npy/", "application/x-npy",
-                            [f"part-{i:02d}.npy.out" for i in range(NPY_PARTS)], MaxConcurrentTransforms=4)
-                    for run in range(args.repeats)
-                ])  # fmt: skip
+                # The two precisions take turns, so that a busy spell slows both.
+                npy_jobs = {precision: [] for precision in handler.PRECISIONS}
+                for run in range(args.repeats):
+                    for precision, jobs in npy_jobs.items():
+                        jobs.append(run_job(sagemaker, s3, logs, f"bench-npy-{precision}-{run}", "in/npy/",
+                                            "application/x-npy", [f"part-{i:02d}.npy.out" for i in range(NPY_PARTS)],
+                                            {handler.PRECISION_VARIABLE: precision}, MaxConcurrentTransforms=4))  # fmt: skip
+                npy_job, npy_bf16_job = (median_job(jobs) for jobs in npy_jobs.values())
                 csv_job = median_job([
                     run_job(sagemaker, s3, logs, f"bench-csv-{run}", "in/csv/", "text/csv", ["test.csv.out"],
                             SplitType="Line", BatchStrategy="MultiRecord", MaxPayloadInMB=6, MaxConcurrentTransforms=2)
@@ -216,15 +238,18 @@ def main() -> None:
     reference = endpoint["single"]["labels"]
     agreement = {
         name: round(float(np.mean(np.array(figures.pop("labels")) == reference)), 4)
-        for name, figures in (("transform_npy", npy_job), ("transform_csv", csv_job), ("endpoint_batch1000",
-                                                                                        endpoint["batch1000"]))
+        for name, figures in (("transform_npy", npy_job), ("transform_npy_bfloat16", npy_bf16_job),
+                              ("transform_csv", csv_job), ("endpoint_batch1000", endpoint["batch1000"]))
     }  # fmt: skip
     endpoint["single"].pop("labels")
-    best = max(npy_job["images_per_second"], csv_job["images_per_second"])
+    best = max(npy_job["images_per_second"], npy_bf16_job["images_per_second"], csv_job["images_per_second"])
     report = {
-        "transform": {"npy": npy_job, "csv": csv_job},
+        "transform": {"npy": npy_job, "npy_bfloat16": npy_bf16_job, "csv": csv_job},
         "endpoint": endpoint,
         "ratio": {
+            "transform_npy_bfloat16_vs_float32": round(
+                npy_bf16_job["images_per_second"] / npy_job["images_per_second"], 2
+            ),
             "transform_npy_vs_endpoint_single": round(
                 npy_job["images_per_second"] / endpoint["single"]["images_per_second"], 1
             ),

@@ -55,7 +55,7 @@ def transform_requests(settings: dict, model: dict, params: dict, run_id: str, d
     try:
         return transform_requests(config, input_uri, model, run_id, instance_type=params["instance_type"],
                                   max_concurrent=params["max_concurrent_transforms"],
-                                  max_payload_mb=params["max_payload_mb"])  # fmt: skip
+                                  max_payload_mb=params["max_payload_mb"], precision=params["precision"])  # fmt: skip
     except NothingToPredict as nothing:
         if dag_run.run_type == "asset_triggered" and not params["input_uri"]:
             raise AirflowSkipException(f"A new champion, and nothing to predict yet: {nothing}") from nothing

@@ -18,6 +18,7 @@ derived from its `BaseInferenceToolkitError` with that code, and so does the loc
 from __future__ import annotations
 
 import contextlib
+import copy
 import http
 import io
 import itertools
@@ -76,6 +77,13 @@ NUMPY_JSON_BYTES = 8 * 1024
 PARALLEL_JSON_BYTES = 1024 * 1024
 # A picture whose darkest and lightest parts differ by less than this holds no digit.
 MIN_CONTRAST = 32
+# The model's Environment (CreateModel, or a transform job's) may set the arithmetic of large batches: bfloat16
+# runs bn_cnn about 1.5 times as fast on CPUs with AMX or AVX-512 BF16 (bench/results/transform_accurate.json; not
+# seed_cnn), its probabilities up to about a hundredth off float32's (a label in 10,000 test images may change).
+PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
+PRECISIONS = ("float32", "bfloat16")
+# How far a bfloat16 variant's probabilities may be from the float32 model's on the load-time check.
+BFLOAT16_TOLERANCE = 0.03
 
 
 class InvalidRequest(BaseInferenceToolkitError):
@@ -100,6 +108,20 @@ class MnistClassifier(torch.nn.Module):
         return self.network((pixels - self.offset) * self.scale).exp()
 
 
+class _Bfloat16(torch.nn.Module):
+    """The classifier under autocast to bfloat16, in channels-last layout (oneDNN's fast path): convolutions and
+    matrix products in bfloat16, the normalization and the softmax in float32 (half the error of a model cast
+    to bfloat16 whole, at the same speed here)."""
+
+    def __init__(self, classifier: MnistClassifier):
+        super().__init__()
+        self.classifier = copy.deepcopy(classifier).to(memory_format=torch.channels_last)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            return self.classifier(pixels.contiguous(memory_format=torch.channels_last)).float()
+
+
 class Predictor:
     """Runs a batch through the variant of the classifier that is fastest for its size.
 
@@ -108,15 +130,18 @@ class Predictor:
     forward pass; small batches run a frozen trace with oneDNN off, its 2x2 max-pooling done as elementwise maxima
     (torch's NCHW pooling kernel is slow). Where one overtakes the other depends on the network, so it is timed
     when the model loads (here, in 50-200 ms: seed_cnn's small variant stays faster up to 16 images, bn_cnn's
-    large one is faster from 2-4 images on)."""
+    large one is faster from 2-4 images on). In ``precision`` bfloat16 the large variant computes in bfloat16,
+    where the CPU has it."""
 
-    def __init__(self, classifier: MnistClassifier, device: torch.device):
+    def __init__(self, classifier: MnistClassifier, device: torch.device, precision: str = "float32"):
         self.classifier, self.device = classifier.eval(), device
+        self.precision = _supported(precision, device)
         self.small = self.large = classifier
         self.large_from = 1
         if device.type == "cpu":
-            self.small, self.large = _traced(classifier)
+            self.small, self.large, self.precision = _traced(classifier, self.precision)
             self.large_from = self._crossover()
+        log.info("batches of %d images or more computed in %s", self.large_from, self.precision)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cpu":
@@ -150,31 +175,49 @@ def _best_time(variant, pixels: torch.Tensor, mkldnn: bool, calls: int = 5) -> f
     return min(times)
 
 
-def _traced(classifier: MnistClassifier) -> tuple:
+def _supported(precision: str, device: torch.device) -> str:
+    """``precision``, or float32 (with a warning) where it would not pay: on a CPU without bfloat16 arithmetic
+    (emulated, it is slower than float32, which it is only there to outrun), and on a GPU, where the whole model
+    takes a fraction of a millisecond."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{PRECISION_VARIABLE}={precision!r}: use one of {', '.join(PRECISIONS)}")
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if precision == "bfloat16" and (device.type != "cpu" or not native):
+        log.warning("serving float32: %s asks for bfloat16, which pays only on a CPU that computes it natively",
+                    PRECISION_VARIABLE)  # fmt: skip
+        return "float32"
+    return precision
+
+
+def _traced(classifier: MnistClassifier, precision: str = "float32") -> tuple:
     """(small-batch, large-batch) TorchScript variants of the classifier, each checked against the eager model
-    on a batch of another size than the one traced; the eager model where tracing fails or disagrees.
+    on a batch of another size than the one traced; the eager model where tracing fails or disagrees. The large
+    variant computes in ``precision``, which comes back third: float32 where the eager model replaced it.
     TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain and minutes per shape."""
     example, check = torch.zeros(1, 1, 28, 28), torch.rand(3, 1, 28, 28) * 255
+    large_model = _Bfloat16(classifier).eval() if precision == "bfloat16" else classifier
+    tolerances = (1e-5, BFLOAT16_TOLERANCE if precision == "bfloat16" else 1e-5)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notices
         expected = classifier(check)
         try:
             small = torch.jit.freeze(torch.jit.trace(_with_fast_pooling(classifier), example))
-            variants = (small, torch.jit.optimize_for_inference(torch.jit.trace(classifier, example)))
+            variants = (small, torch.jit.optimize_for_inference(torch.jit.trace(large_model, example)))
         except Exception as exc:  # a model TorchScript cannot handle still serves, only slower
             log.warning("serving the eager model: tracing failed (%s)", exc)
-            return classifier, classifier
+            return classifier, classifier, "float32"
         checked = []
-        for variant, large in zip(variants, (False, True), strict=True):
+        for variant, large, tolerance in zip(variants, (False, True), tolerances, strict=True):
             torch.backends.mkldnn.enabled = large
             # The first calls profile and optimize the graph: make them here rather than in the first requests.
-            agrees = all(torch.allclose(variant(check), expected, atol=1e-5) for _ in range(3))
+            agrees = all(torch.allclose(variant(check), expected, atol=tolerance) for _ in range(3))
             if not agrees:
                 log.warning(
                     "serving the eager model for %s batches: the trace disagrees", "large" if large else "small"
                 )
             checked.append(variant if agrees else classifier)
-    return tuple(checked)
+    small, large = checked
+    return small, large, precision if large is not classifier else "float32"
 
 
 def _with_fast_pooling(classifier: torch.nn.Module) -> torch.nn.Module:
@@ -231,7 +274,8 @@ def model_fn(model_dir: str) -> Predictor:
         raise ValueError(f"{weights}: not a state_dict of tensors that torch.load(weights_only=True) accepts") from exc
     network.load_state_dict(state)
     normalization = config.get("normalization", {"mean": 0.1307, "std": 0.3081})
-    return Predictor(MnistClassifier(network, normalization["mean"], normalization["std"]).to(device), device)
+    classifier = MnistClassifier(network, normalization["mean"], normalization["std"]).to(device)
+    return Predictor(classifier, device, os.environ.get(PRECISION_VARIABLE, "float32"))
 
 
 def input_fn(request_body: bytes | str, content_type: str) -> torch.Tensor:

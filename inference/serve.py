@@ -36,6 +36,7 @@ from inference.artifact import ArtifactError, load_handler, prepare_model_dir
 from inference.metrics import DEFAULT_VARIANT
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # InvokeEndpoint accepts at most 6 MB of payload.
 MAX_BODY_BYTES = 6 * 1024 * 1024
@@ -298,6 +299,7 @@ def create_app(settings: Settings):
 def app_from_env():
     """uvicorn's app factory in each worker process. A model that cannot be loaded exits with uvicorn's
     STARTUP_FAILURE, so that the supervisor stops rather than restarting workers that would fail alike."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # a fresh interpreter: the handler's notes too
     try:
         return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
     except Exception:
@@ -391,7 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """`python -m inference.serve` and `mnist-pipeline serve` (arguments from add_arguments)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return serve(
         args.model_dir,
         host=args.host,

@@ -21,6 +21,7 @@ from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformO
 
 from tasks.config import PipelineConfig
 from tasks.hooks import s3_hook, sagemaker_hook
+from tasks.names import PRECISION_VARIABLE
 from tasks.training_jobs import sagemaker_name
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ def input_files(config: PipelineConfig, input_uri: str) -> tuple[dict[str, list[
 
 
 def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, run_id: str, *, instance_type: str,
-                       max_concurrent: int, max_payload_mb: int) -> list[dict]:  # fmt: skip
-    """One CreateTransformJob request per kind of file under ``input_uri``, each over a manifest of its files.
-    NothingToPredict when there is none."""
+                       max_concurrent: int, max_payload_mb: int, precision: str = "float32") -> list[dict]:  # fmt: skip
+    """One CreateTransformJob request per kind of file under ``input_uri``, each over a manifest of its files, its
+    model server computing in ``precision``. NothingToPredict when there is none."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     from tasks.s3 import put_verified
@@ -151,6 +152,7 @@ def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, r
             "TransformOutput": {"S3OutputPath": f"{output}predictions/", "Accept": "application/json",
                                 "AssembleWith": "Line"},
             "TransformResources": {"InstanceType": instance_type, "InstanceCount": 1},
+            "Environment": {PRECISION_VARIABLE: precision},
             "Tags": [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}],
         })  # fmt: skip
     return requests
@@ -196,7 +198,8 @@ def summarize(config: PipelineConfig, transforms: Iterable[Mapping], model: Mapp
         ends.append(ended)
         seconds = (ended - started).total_seconds()
         jobs.append({"job": job["TransformJobName"], "content_type": job["TransformInput"]["ContentType"],
-                     "files": len(manifest) - 1, "images": len(labels), "seconds": round(seconds, 3)})  # fmt: skip
+                     "files": len(manifest) - 1, "images": len(labels), "seconds": round(seconds, 3),
+                     "precision": job.get("Environment", {}).get(PRECISION_VARIABLE, "float32")})  # fmt: skip
     images = sum(job["images"] for job in jobs)
     seconds = (max(ends) - min(starts)).total_seconds() if jobs else 0.0
     summary = {

@@ -6,6 +6,10 @@ DEFAULT_ENDPOINT = "mnist-classifier"
 VARIANT_NAME = "AllTraffic"  # the variant name SageMaker gives a single-variant endpoint config
 ENDPOINT_NAMESPACE = "AWS/SageMaker"  # the invocation metrics of endpoints
 INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instances behind an endpoint
+# The model server's setting (an environment variable of the container) for the arithmetic of large batches; the
+# handler (inference/inference.py, shipped alone in the artifact) reads the same name.
+PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
+PRECISIONS = ("float32", "bfloat16")
 
 
 def endpoint_dimensions(endpoint_name: str) -> list[dict]:

@@ -44,7 +44,7 @@ def test_the_batch_dag_is_scheduled_on_the_champion_asset_and_bounded():
     for task in dag.tasks:
         assert task.execution_timeout is not None and task.retries >= 2, task.task_id
     for name in ("input_uri", "model", "endpoint_name", "instance_type", "max_concurrent_transforms",
-                 "max_payload_mb"):  # fmt: skip
+                 "max_payload_mb", "precision"):  # fmt: skip
         assert dag.params.get_param(name).schema.get("title"), name
 
 
@@ -81,7 +81,8 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         dag = parse_batch_dag()
         yield {
             "config": config, "version": version, "expected": expected, "files": files, "prefix": prefix,
-            "given": dag.test(run_conf={**common, "model": "1", "max_concurrent_transforms": 2}),
+            "given": dag.test(run_conf={**common, "model": "1", "max_concurrent_transforms": 2,
+                                        "precision": "bfloat16"}),
             "no_champion": parse_batch_dag().test(run_conf=common),
         }  # fmt: skip
 
@@ -102,6 +103,7 @@ def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_co
     for job in kinds.values():
         assert job["TransformJobStatus"] == "Completed" and job["ModelName"] == model["model_name"]
         assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
+        assert job["Environment"] == {"MNIST_INFERENCE_PRECISION": "bfloat16"}  # the model servers' setting
 
     # A .out per file, under the run's output prefix, its answers the model's.
     s3 = boto3.client("s3", endpoint_url=local_aws)
@@ -122,6 +124,18 @@ def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_co
     assert summary["counts"] == {str(d): predicted.count(d) for d in range(10)}
     assert summary["seconds"] > 0 and summary["images_per_second"] == round(61 / summary["seconds"], 1)
     assert sorted(job["files"] for job in summary["jobs"]) == [1, 1, 1]
+    assert {job["precision"] for job in summary["jobs"]} == {"bfloat16"}
+    # The model servers computed in bfloat16 where this CPU does it natively (else float32, as they say).
+    from tests.test_inference import bfloat16_native
+
+    logs = boto3.client("logs", endpoint_url=local_aws)
+    name = kinds["application/x-npy"]["TransformJobName"]
+    [stream] = logs.describe_log_streams(logGroupName="/aws/sagemaker/TransformJobs", logStreamNamePrefix=f"{name}/")[
+        "logStreams"
+    ]
+    events = logs.get_log_events(logGroupName="/aws/sagemaker/TransformJobs", logStreamName=stream["logStreamName"])
+    said = [e["message"] for e in events["events"] if "images or more computed in" in e["message"]]
+    assert said and all(line.endswith("bfloat16" if bfloat16_native() else "float32") for line in said), said
     stored = s3.get_object(Bucket=bucket, Key=summary["summary_uri"].split("/", 3)[3])["Body"].read()
     assert json.loads(stored)["counts"] == summary["counts"]
 

@@ -136,6 +136,66 @@ def test_every_architecture_is_traced_and_agrees(handler, architecture, kwargs):
             torch.testing.assert_close(predictor(pixels[:size]), predictor.classifier(pixels[:size]))
 
 
+def bfloat16_native() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("architecture", ["seed_cnn", "bn_cnn"])
+def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probabilities(
+    handler, model_dir, test_set, monkeypatch, architecture
+):
+    import torch
+
+    if architecture == "bn_cnn":  # the accurate preset's network, its BatchNorm folded into the convolutions
+        torch.manual_seed(0)
+        network = handler.build_model("bn_cnn", hidden_channels=4)
+        network.train()(torch.rand(64, 1, 28, 28))
+        exact = handler.Predictor(handler.MnistClassifier(network.eval(), 0.1307, 0.3081), torch.device("cpu"))
+        fast = handler.Predictor(exact.classifier, torch.device("cpu"), "bfloat16")
+    else:  # the trained artifact, loaded as a model server does with the setting in its environment
+        exact = handler.model_fn(str(model_dir))
+        monkeypatch.setenv(handler.PRECISION_VARIABLE, "bfloat16")
+        fast = handler.model_fn(str(model_dir))
+    assert fast.precision == ("bfloat16" if bfloat16_native() else "float32")
+    assert isinstance(fast.large, torch.jit.ScriptModule) and isinstance(fast.small, torch.jit.ScriptModule)
+    pixels = torch.from_numpy(test_set[0].astype(np.float32)).unsqueeze(1)
+    with torch.inference_mode():
+        expected, answered = exact(pixels), fast(pixels)
+        # A single image runs the float32 small variant either way.
+        torch.testing.assert_close(fast(pixels[:1]), expected[:1], atol=1e-5, rtol=1e-4)
+    assert answered.dtype == torch.float32 and answered.shape == expected.shape
+    assert (answered - expected).abs().max() <= handler.BFLOAT16_TOLERANCE
+    assert torch.equal(answered, expected) == (fast.precision == "float32"), "bfloat16 arithmetic where asked"
+    margin = expected.topk(2).values.diff(dim=1).abs().squeeze(1)  # a label may flip only where two are close
+    flipped = answered.argmax(1) != expected.argmax(1)
+    assert (margin[flipped] <= 2 * handler.BFLOAT16_TOLERANCE).all()
+    if architecture == "seed_cnn":
+        assert flipped.sum() == 0, "the trained model's labels"
+
+
+@pytest.mark.skipif("not bfloat16_native()", reason="this CPU computes no bfloat16: float32 is served anyway")
+def test_a_bfloat16_variant_off_the_float32_model_is_not_served(handler, model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(handler, "BFLOAT16_TOLERANCE", 0.0)  # no bfloat16 answer is that close
+    predictor = handler.Predictor(model.classifier, torch.device("cpu"), "bfloat16")
+    assert predictor.precision == "float32" and predictor.large is model.classifier
+
+
+def test_an_unknown_precision_is_refused_naming_the_setting(handler, model_dir, monkeypatch):
+    monkeypatch.setenv(handler.PRECISION_VARIABLE, "float16")
+    with pytest.raises(ValueError, match=r"MNIST_INFERENCE_PRECISION='float16': use one of float32, bfloat16"):
+        handler.model_fn(str(model_dir))
+
+
+def test_the_pipeline_names_the_precision_setting_as_the_handler_reads_it(handler):
+    from tasks import names
+
+    assert (names.PRECISION_VARIABLE, names.PRECISIONS) == (handler.PRECISION_VARIABLE, handler.PRECISIONS)
+
+
 def drawn_digit(label: int, seed: int, size: tuple[int, int], mode: str) -> Image.Image:
     """A synthetic digit drawn with dark ink on light paper, much larger than 28x28, away from the centre."""
     from tests.synthetic_mnist import render_digit
