@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformOperator
 
 from tasks.config import PipelineConfig
-from tasks.hooks import s3_hook, sagemaker_hook
+from tasks.hooks import s3_hook, sagemaker_hook, stop_when_killed
 from tasks.names import PRECISION_VARIABLE
 from tasks.training_jobs import sagemaker_name
 
@@ -42,14 +42,8 @@ class TransformOperator(SageMakerTransformOperator):
     """SageMakerTransformOperator that stops its transform job when killed (the provider's leaves it running)."""
 
     def on_kill(self) -> None:
-        from botocore.exceptions import ClientError
-
         name = self.config.get("Transform", self.config).get("TransformJobName")
-        try:
-            self.hook.conn.stop_transform_job(TransformJobName=name)
-            self.log.info("Stopped transform job %s: its task was killed", name)
-        except ClientError as error:  # never started, or ended already
-            self.log.info("Transform job %s not stopped: %s", name, error.response["Error"]["Message"])
+        stop_when_killed(self, "transform job", name, lambda: self.hook.conn.stop_transform_job(TransformJobName=name))
 
 
 class NothingToPredict(ValueError):

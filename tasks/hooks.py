@@ -36,6 +36,21 @@ def hook(config: PipelineConfig, kind: str):
     return _hook(kind, config.aws_conn_id, config.region, definition)
 
 
+def stop_when_killed(operator, what: str, name: str | None, stop) -> None:
+    """A SageMaker operator's ``on_kill``: stop its ``what`` (e.g. "training job") ``name`` by calling ``stop``, where
+    the provider's operators leave it running. Airflow calls on_kill on SIGTERM, then SIGKILLs the task 5 s later.
+    A job that never started, or has ended already, is logged, not an error."""
+    from botocore.exceptions import ClientError
+
+    if not name:
+        return
+    try:
+        stop()
+        operator.log.info("Stopped %s %s: its task was killed", what, name)
+    except ClientError as error:
+        operator.log.info("%s %s not stopped: %s", what.capitalize(), name, error.response["Error"]["Message"])
+
+
 def sagemaker_hook(config: PipelineConfig):
     return hook(config, "sagemaker")
 

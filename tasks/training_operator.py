@@ -23,6 +23,8 @@ import re
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 
+from tasks.hooks import stop_when_killed
+
 # The provider's pause between DescribeTrainingJob calls while it tails the job's log (hooks/sagemaker.py).
 PROVIDER_DESCRIBE_SECONDS = 30
 # The provider's name for a job whose name is taken: the name, cut to fit, a dash and ten digits of epoch seconds.
@@ -96,14 +98,5 @@ class TrainingOperator(SageMakerTrainingOperator):
         return None
 
     def on_kill(self) -> None:
-        """Stop this task's job: Airflow calls this on SIGTERM, then SIGKILLs the task 5 s later."""
-        from botocore.exceptions import ClientError
-
         name = self.config.get("TrainingJobName")
-        if not name:
-            return
-        try:
-            self.hook.conn.stop_training_job(TrainingJobName=name)
-            self.log.info("Stopped training job %s: its task was killed", name)
-        except ClientError as error:  # it never started, or it has ended already
-            self.log.info("Training job %s not stopped: %s", name, error.response["Error"]["Message"])
+        stop_when_killed(self, "training job", name, lambda: self.hook.conn.stop_training_job(TrainingJobName=name))

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
 
 from tasks.config import PipelineConfig
-from tasks.hooks import sagemaker_hook
+from tasks.hooks import sagemaker_hook, stop_when_killed
 from tasks.training_jobs import (
     ACCURACY_METRIC,
     SWEEP_HYPERPARAMETERS,
@@ -82,14 +82,9 @@ class TuningOperator(SageMakerTuningOperator):
         return result
 
     def on_kill(self) -> None:
-        from botocore.exceptions import ClientError
-
         name = self.config.get("HyperParameterTuningJobName")
-        try:
-            self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-            self.log.info("Stopped tuning job %s: its task was killed", name)
-        except ClientError as error:  # never started, or ended already
-            self.log.info("Tuning job %s not stopped: %s", name, error.response["Error"]["Message"])
+        stop_when_killed(self, "tuning job", name,
+                         lambda: self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name))  # fmt: skip
 
 
 def retry_name(name: str) -> str:

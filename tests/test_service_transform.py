@@ -363,6 +363,20 @@ def test_stop_transform_job_stops_promptly_and_writes_nothing(sagemaker, s3, inp
     assert any(line == "Stopped" for lines in log_lines(logs, "tx-stop").values() for line in lines)
 
 
+def test_a_killed_transform_task_stops_its_job(sagemaker, s3, inputs, test_set):
+    """Airflow calls on_kill when it kills a task (marked failed, timed out): the job is stopped, not left running."""
+    from tasks.batch import TransformOperator
+
+    s3.put_object(Bucket=BUCKET, Key="in/killed/rows.csv", Body=csv(np.concatenate([test_set[0]] * 40)))
+    sent = job("tx-killed", "text/csv", "in/killed/", split="Line", BatchStrategy="SingleRecord")
+    sagemaker.create_transform_job(**sent)
+    transform = TransformOperator(task_id="transform", config=sent, aws_conn_id="aws_default")
+    transform.on_kill()
+    assert finished(sagemaker, "tx-killed")["TransformJobStatus"] == "Stopped"
+    assert servers_of("tx-killed") == []
+    transform.on_kill()  # a second kill of an ended job is harmless
+
+
 def test_a_job_running_when_the_service_stopped_is_failed_at_restart(tmp_path):
     from local_sagemaker.models import Models
     from local_sagemaker.store import Store, now

@@ -595,10 +595,11 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
                                                                                               "Completed")  # fmt: skip
     assert len(jobs_of(sagemaker, "op-follow")) == 2
 
-    # A retry after its predecessor's job was stopped (the task killed): tuned again, under a new name.
+    # A retry after its predecessor's job was stopped (the task killed: its on_kill): tuned again, under a new name.
     sagemaker.create_hyper_parameter_tuning_job(**operator_request("op-stopped", epochs=100, pause=1))
-    sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="op-stopped")
+    operator(operator_request("op-stopped")).on_kill()
     assert wait(sagemaker, "op-stopped")["HyperParameterTuningJobStatus"] == "Stopped"
+    operator(operator_request("op-stopped")).on_kill()  # a second kill of an ended job is harmless
     again = operator(operator_request("op-stopped")).execute({})["Tuning"]
     assert re.fullmatch(r"op-stopped-\d{10}", again["HyperParameterTuningJobName"])
     assert again["HyperParameterTuningJobStatus"] == "Completed"
