@@ -9,6 +9,7 @@ import json
 import sys
 
 from tasks.config import load_config
+from tasks.names import DEFAULT_ENDPOINT
 
 
 def _connected():
@@ -79,14 +80,8 @@ def _decide(args, status: str) -> int:
                   f"{version['ModelApprovalStatus']} → [bold]{status}[/].")  # fmt: skip
     if status == registry.APPROVED:
         console.print("The next run of mnist_sweep serves it, or now: mnist-pipeline run --param deploy_only=true"
-                      + (f" --param endpoint_name={args.endpoint}" if args.endpoint != _default() else ""))  # fmt: skip
+                      + (f" --param endpoint_name={args.endpoint}" if args.endpoint != DEFAULT_ENDPOINT else ""))  # fmt: skip
     return 0
-
-
-def _default() -> str:
-    from tasks.names import DEFAULT_ENDPOINT
-
-    return DEFAULT_ENDPOINT
 
 
 def approve_command(args) -> int:

@@ -1,5 +1,6 @@
-"""The sweep DAG's trigger form: every field typed, titled and bounded, in sections. Light: the DAG imports it at
-parse time (Airflow's Param, the configuration, and the defaults of the modules that own them)."""
+"""The DAGs' trigger forms (the sweep's PARAMS, the batch predictions' BATCH_PARAMS): every field typed, titled
+and bounded, in sections. Light: the DAGs import it at parse time (Airflow's Param, the configuration, and the
+defaults of the modules that own them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 from airflow.sdk import Param
 from airflow.sdk.configuration import conf
 
+from tasks.batch import TRANSFORM_INSTANCE_TYPE
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT, PRECISIONS
@@ -328,7 +330,7 @@ BATCH_PARAMS = {
         section=SECTION_INPUT,
     ),
     "instance_type": Param(
-        "ml.m5.large",
+        TRANSFORM_INSTANCE_TYPE,
         type="string",
         pattern=INSTANCE_TYPE_PATTERN,
         title="Transform instance type",

@@ -88,10 +88,9 @@ def tuner_trial(job: Mapping, config: PipelineConfig) -> dict:
         "stopped_early": stopped_early(job),
         "objective": None if objective is None else round(objective / 100, 6),
     }
-    if status == "Completed":
-        description = sagemaker_hook(config).describe_training_job(name)
-        return {**trial(description, output_metrics(description, config)), **tuner}
     description = sagemaker_hook(config).describe_training_job(name)
+    if status == "Completed":
+        return {**trial(description, output_metrics(description, config)), **tuner}
     return {
         "training_job_name": name,
         "hidden_channels": int(description["HyperParameters"]["hidden_channels"]),
