@@ -175,14 +175,18 @@ def _best_time(variant, pixels: torch.Tensor, mkldnn: bool, calls: int = 5) -> f
     return min(times)
 
 
+def bfloat16_native() -> bool:
+    """Whether this CPU computes bfloat16 itself (AMX or AVX-512 BF16), as oneDNN finds."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _supported(precision: str, device: torch.device) -> str:
     """``precision``, or float32 (with a warning) where it would not pay: on a CPU without bfloat16 arithmetic
     (emulated, it is slower than float32, which it is only there to outrun), and on a GPU, where the whole model
     takes a fraction of a millisecond."""
     if precision not in PRECISIONS:
         raise ValueError(f"{PRECISION_VARIABLE}={precision!r}: use one of {', '.join(PRECISIONS)}")
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "bfloat16" and (device.type != "cpu" or not native):
+    if precision == "bfloat16" and (device.type != "cpu" or not bfloat16_native()):
         log.warning("serving float32: %s asks for bfloat16, which pays only on a CPU that computes it natively",
                     PRECISION_VARIABLE)  # fmt: skip
         return "float32"

@@ -87,7 +87,9 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         }  # fmt: skip
 
 
-def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_counts_the_digits(batch, local_aws):
+def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_counts_the_digits(
+    batch, local_aws, model_dir
+):
     run = batch["given"]
     found = states(run)
     assert str(run.state) == "success", found
@@ -126,8 +128,9 @@ def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_co
     assert sorted(job["files"] for job in summary["jobs"]) == [1, 1, 1]
     assert {job["precision"] for job in summary["jobs"]} == {"bfloat16"}
     # The model servers computed in bfloat16 where this CPU does it natively (else float32, as they say).
-    from tests.test_inference import bfloat16_native
+    from inference.artifact import load_handler
 
+    bfloat16_native = load_handler(model_dir).bfloat16_native
     logs = boto3.client("logs", endpoint_url=local_aws)
     name = kinds["application/x-npy"]["TransformJobName"]
     [stream] = logs.describe_log_streams(logGroupName="/aws/sagemaker/TransformJobs", logStreamNamePrefix=f"{name}/")[

@@ -136,12 +136,6 @@ def test_every_architecture_is_traced_and_agrees(handler, architecture, kwargs):
             torch.testing.assert_close(predictor(pixels[:size]), predictor.classifier(pixels[:size]))
 
 
-def bfloat16_native() -> bool:
-    import torch
-
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 @pytest.mark.parametrize("architecture", ["seed_cnn", "bn_cnn"])
 def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probabilities(
     handler, model_dir, test_set, monkeypatch, architecture
@@ -158,7 +152,7 @@ def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probab
         exact = handler.model_fn(str(model_dir))
         monkeypatch.setenv(handler.PRECISION_VARIABLE, "bfloat16")
         fast = handler.model_fn(str(model_dir))
-    assert fast.precision == ("bfloat16" if bfloat16_native() else "float32")
+    assert fast.precision == ("bfloat16" if handler.bfloat16_native() else "float32")
     assert isinstance(fast.large, torch.jit.ScriptModule) and isinstance(fast.small, torch.jit.ScriptModule)
     pixels = torch.from_numpy(test_set[0].astype(np.float32)).unsqueeze(1)
     with torch.inference_mode():
@@ -175,10 +169,11 @@ def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probab
         assert flipped.sum() == 0, "the trained model's labels"
 
 
-@pytest.mark.skipif("not bfloat16_native()", reason="this CPU computes no bfloat16: float32 is served anyway")
 def test_a_bfloat16_variant_off_the_float32_model_is_not_served(handler, model, monkeypatch):
     import torch
 
+    if not handler.bfloat16_native():
+        pytest.skip("this CPU computes no bfloat16: float32 is served anyway")
     monkeypatch.setattr(handler, "BFLOAT16_TOLERANCE", 0.0)  # no bfloat16 answer is that close
     predictor = handler.Predictor(model.classifier, torch.device("cpu"), "bfloat16")
     assert predictor.precision == "float32" and predictor.large is model.classifier
