@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MNIST_MIRROR ?=
 export MNIST_MIRROR
 
-.PHONY: venv tools test test-browser test-faults lint demo down bench clean
+.PHONY: venv tools test test-stack test-browser test-faults lint demo down bench clean
 
 # torch first, by pip, from the CPU build it finds on disk by exact version (uv does not look there): with it installed,
 # nothing resolves a CUDA build. Then uv installs the rest, keeping that torch (2.13.0+cpu meets the pin): a minute on a
@@ -34,6 +34,10 @@ tools:
 
 test: lint tools
 	$(BIN)/pytest
+
+# The local stack for real, `up` to `down` (tests/test_stack.py, four minutes): CI runs it after `make test`.
+test-stack: venv tools
+	$(BIN)/pytest -m stack -n 0
 
 # The UI in headless Chromium against a local stack (tests/test_browser.py, a minute or two): CI runs it after `make test`.
 test-browser: venv tools

@@ -128,6 +128,10 @@ def airflow_env(
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            # SQLite under the state directory whatever the shell names, with the busy timeout the stack needs.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{paths.airflow_home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "cli.airflow_sqlite.CONNECT_ARGS",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "cli.airflow_sqlite.CONNECT_ARGS",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
@@ -174,10 +178,11 @@ def _spawn_airflow(name: str, env: dict, paths: StackPaths) -> dict:
 class AirflowAPI:
     """A small client of Airflow's public REST API, authenticated with a JWT from the SimpleAuthManager."""
 
-    def __init__(self, url: str, password: str, username: str = USERNAME):
+    def __init__(self, url: str, password: str, username: str = USERNAME, log: Path | None = None):
         import httpx
 
         self.url = url
+        self.log = log  # the API server's: a 5xx names an error id to look up there
         token = httpx.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=30)
         if token.status_code >= 400:
             raise StackError(f"Airflow at {url} refused the login of {username!r}: {token.text}")
@@ -188,7 +193,8 @@ class AirflowAPI:
     def request(self, method: str, path: str, **kwargs) -> dict:
         response = self.client.request(method, path, **kwargs)
         if response.status_code >= 400:
-            raise StackError(f"Airflow API {method} {path} answered {response.status_code}: {response.text}")
+            where = f"\n(the API server's log: {self.log})" if self.log and response.status_code >= 500 else ""
+            raise StackError(f"Airflow API {method} {path} answered {response.status_code}: {response.text}{where}")
         return response.json() if response.content else {}
 
     def get(self, path: str, **params) -> dict:
@@ -197,7 +203,7 @@ class AirflowAPI:
 
 def api_for(state: dict, paths: StackPaths) -> AirflowAPI:
     password = json.loads(paths.passwords.read_text())[USERNAME]
-    return AirflowAPI(state["airflow_url"], password)
+    return AirflowAPI(state["airflow_url"], password, log=paths.logs / "api-server.log")
 
 
 def _wait_healthy(state: dict, paths: StackPaths, timeout: float) -> None:
@@ -295,7 +301,7 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
         down(config)
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.airflow_home.mkdir(parents=True, exist_ok=True)
-    password, keys = _login_and_secrets(paths)
+    _, keys = _login_and_secrets(paths)
 
     moto, aws_endpoint, sagemaker, alert_topic_arn = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
@@ -321,7 +327,7 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
             state["processes"][name] = _spawn_airflow(name, env, paths)
             paths.state.write_text(json.dumps(state, indent=2))
         _wait_healthy(state, paths, timeout)
-        api = AirflowAPI(api_url, password)
+        api = api_for(state, paths)
         if (ROOT / "dags" / f"{DAG_ID}.py").exists():
             _wait_for_dag(api, timeout)
             api.request("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})

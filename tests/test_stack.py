@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import psutil
@@ -13,7 +14,7 @@ import pytest
 from tests.alerts import read_alerts, subscribe_queue
 from tests.local_stack import DEADLINE_SECONDS, shared_stack
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -78,6 +79,34 @@ def test_status_and_a_second_up(stack):
     assert again.returncode == 0, again.stderr
     assert stack.url in again.stdout
     assert {name: record["pid"] for name, record in stack.state["processes"].items()} == before
+
+
+def test_airflow_waits_for_a_busy_database_rather_than_failing(stack):
+    """SQLite lets one writer in at a time. A write lock held longer than Python's default busy timeout (5 s), as a
+    restarted scheduler can hold it on a busy machine, makes the API wait, not answer 500 "Database error"."""
+    import sqlite3
+    import threading
+
+    from cli.airflow_sqlite import BUSY_TIMEOUT_SECONDS
+
+    held = 8.0
+    assert 5.0 < held < BUSY_TIMEOUT_SECONDS
+    database = sqlite3.connect(
+        stack.state_dir / "airflow" / "airflow.db", isolation_level=None, check_same_thread=False
+    )
+    with stack.api() as api:
+        database.execute("BEGIN IMMEDIATE")  # the write lock, as a long write transaction holds it
+        release = threading.Timer(held, database.rollback)
+        release.start()
+        try:
+            started = time.monotonic()
+            answer = api.patch("/dags/mnist_sweep", json={"is_paused": False})  # it writes (its audit log's row)
+            waited = time.monotonic() - started
+        finally:
+            release.join()
+            database.close()
+    assert answer.status_code == 200, answer.text
+    assert waited > held - 1, "the request waited for the lock"
 
 
 def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_path):
