@@ -76,6 +76,10 @@ class StackPaths:
         return self.state_dir / "airflow"
 
     @property
+    def airflow_db(self) -> Path:
+        return self.airflow_home / "airflow.db"
+
+    @property
     def sagemaker(self) -> Path:
         return self.state_dir / "sagemaker"
 
@@ -129,7 +133,7 @@ def airflow_env(
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # SQLite under the state directory whatever the shell names, with the busy timeout the stack needs.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{paths.airflow_home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{paths.airflow_db}",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "cli.airflow_sqlite.CONNECT_ARGS",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "cli.airflow_sqlite.CONNECT_ARGS",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",

@@ -129,12 +129,12 @@ def stop(records: Iterable[Mapping], grace: float = STOP_GRACE_SECONDS) -> None:
 
     One SIGTERM each: a second one makes Airflow (and uvicorn) skip their clean shutdown.
     """
-    records = list(records)
-    leaders = [process for process in map(live, records) if process is not None]
+    found = [(record, live(record)) for record in records]
+    leaders = [process for _, process in found if process is not None]
     groups = {leader.pid for leader in leaders}
     processes = {p.pid: p for leader in leaders for p in (leader, *_descendants(leader))}
-    for record in records:
-        if live(record) is None:
+    for record, process in found:
+        if process is None:
             processes.update({p.pid: p for p in _orphans(record)})
     for group in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):

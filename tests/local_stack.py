@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from cli.stack import USERNAME, StackPaths
 from data_checks.class_stats import write_reference
 from tests.conftest import ROOT
 from training.mnist_idx import load_mnist
@@ -40,8 +41,12 @@ class Stack:
         )  # fmt: skip
 
     @property
+    def paths(self) -> StackPaths:
+        return StackPaths(self.state_dir)
+
+    @property
     def state(self) -> dict:
-        return json.loads((self.state_dir / "stack" / "stack.json").read_text())
+        return json.loads(self.paths.state.read_text())
 
     @property
     def url(self) -> str:
@@ -49,11 +54,11 @@ class Stack:
 
     @property
     def password(self) -> str:
-        return json.loads((self.state_dir / "stack" / "passwords.json").read_text())["admin"]
+        return json.loads(self.paths.passwords.read_text())[USERNAME]
 
     def api(self) -> httpx.Client:
         # As patient as the client below: an API server just started again (`up` after `down`) answers slowly.
-        token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30)
+        token = httpx.post(f"{self.url}/auth/token", json={"username": USERNAME, "password": self.password}, timeout=30)
         token.raise_for_status()
         headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
         return httpx.Client(base_url=f"{self.url}/api/v2", headers=headers, timeout=30)

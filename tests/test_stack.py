@@ -91,9 +91,7 @@ def test_airflow_waits_for_a_busy_database_rather_than_failing(stack):
 
     held = 8.0
     assert 5.0 < held < BUSY_TIMEOUT_SECONDS
-    database = sqlite3.connect(
-        stack.state_dir / "airflow" / "airflow.db", isolation_level=None, check_same_thread=False
-    )
+    database = sqlite3.connect(stack.paths.airflow_db, isolation_level=None, check_same_thread=False)
     with stack.api() as api:
         database.execute("BEGIN IMMEDIATE")  # the write lock, as a long write transaction holds it
         release = threading.Timer(held, database.rollback)
@@ -249,7 +247,7 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
     stack.stopped = False
     try:
         status = stack.cli("status")
-        log = (stack.state_dir / "stack" / "logs" / "local-sagemaker.log").read_text()[-4000:]
+        log = (stack.paths.logs / "local-sagemaker.log").read_text()[-4000:]
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
         import boto3
 
