@@ -111,10 +111,11 @@ def _descendants(process: psutil.Process) -> list[psutil.Process]:
 
 def _orphans(record: Mapping) -> list[psutil.Process]:
     """What outlived a dead group leader in its group (a SIGKILLed scheduler's executor workers): the processes whose
-    group id is still the leader's pid. Nothing when that pid now belongs to another process."""
+    group id is still the leader's pid (the leader may be gone, or a zombie not yet reaped). Nothing when that pid now
+    belongs to another process."""
     with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(record["pid"])
-        return []  # the pid is taken again: whatever has that group id is another's
+        if psutil.Process(record["pid"]).create_time() != record["started"]:
+            return []  # the pid is taken again: whatever has that group id is another's
     found = []
     for process in psutil.process_iter(["create_time"]):
         with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):

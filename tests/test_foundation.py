@@ -1,12 +1,17 @@
-"""The shared pieces every layer stands on: IDX files, the configuration and the local AWS."""
+"""The shared pieces every layer stands on: IDX files, the configuration, the local AWS and process records."""
 
+import contextlib
 import gzip
+import os
 import re
+import signal
 
 import boto3
 import numpy as np
+import psutil
 import pytest
 
+from local_sagemaker import processes
 from tasks.config import load_config
 from training.mnist_idx import MNIST_FILES, IdxFormatError, load_mnist, read_idx, write_idx
 
@@ -95,3 +100,23 @@ def test_local_aws_is_a_real_s3(local_aws):
     s3.create_bucket(Bucket="foundation")
     s3.put_object(Bucket="foundation", Key="k", Body=b"v")
     assert s3.get_object(Bucket="foundation", Key="k")["Body"].read() == b"v"
+
+
+def test_stop_ends_what_outlived_a_dead_group_leader_even_an_unreaped_one():
+    """A group leader killed while its children run (a SIGKILLed scheduler and its executor workers): stop() ends
+    them through the dead leader's record, also while the leader is a zombie its parent has not reaped yet."""
+    leader, record = processes.spawn(["bash", "-c", "sleep 300 & sleep 300 & wait"], env=processes.allowed_env())
+    assert processes.wait_until(lambda: len(psutil.Process(leader.pid).children()) == 2, 10)
+    members = psutil.Process(leader.pid).children()
+    os.kill(leader.pid, signal.SIGKILL)
+    assert processes.wait_until(lambda: psutil.Process(leader.pid).status() == psutil.STATUS_ZOMBIE, 10)
+    assert processes.live(record) is None
+    try:
+        processes.stop([record], grace=5)
+        _, alive = psutil.wait_procs(members, timeout=5)
+        assert alive == [], "the dead leader's children are stopped"
+    finally:
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        leader.wait()
