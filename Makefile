@@ -7,16 +7,19 @@ STAMP := $(VENV)/.installed
 MNIST_MIRROR ?=
 export MNIST_MIRROR
 
-.PHONY: venv tools test test-stack test-browser test-faults lint demo down bench clean
+.PHONY: venv tools test test-stack test-policies test-browser test-faults lint demo down bench clean
 
 # torch first, by pip, from the CPU build it finds on disk by exact version (uv does not look there): with it installed,
 # nothing resolves a CUDA build. Then uv installs the rest, keeping that torch (2.13.0+cpu meets the pin): a minute on a
 # fresh clone where pip took two and a half.
-$(STAMP): pyproject.toml
+# The local AWS evaluates IAM policies with @cloud-copilot/iam-simulate, a node program of its own (local_aws/evaluator.py
+# says why): npm installs it from its lock file.
+$(STAMP): pyproject.toml local_aws/iam_simulate/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0" "uv>=0.5"
 	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]"
+	npm ci --prefix local_aws/iam_simulate --no-audit --no-fund --loglevel=error
 	touch $@
 
 venv: $(STAMP)
@@ -38,6 +41,11 @@ test: lint tools
 # The local stack for real, `up` to `down` (tests/test_stack.py, four minutes): CI runs it after `make test`.
 test-stack: venv tools
 	$(BIN)/pytest -m stack -n 0
+
+# Every kind of run on the local stack under exactly the shipped IAM policies, and each statement proven needed
+# (tests/test_policies.py, minutes): CI runs it after `make test`.
+test-policies: venv tools
+	$(BIN)/pytest -m policies -n 0 -s
 
 # The UI in headless Chromium against a local stack (tests/test_browser.py, a minute or two): CI runs it after `make test`.
 test-browser: venv tools
@@ -63,4 +71,4 @@ bench: venv tools
 	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts local_aws/iam_simulate/node_modules

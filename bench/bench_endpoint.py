@@ -7,8 +7,9 @@ project also as .npy): the server's own time from its Server-Timing header, and 
 Targets on a 2-core machine: >= 3,500 req/s with p99 <= 10 ms at 8 connections, <= 50 ms for 1,000 images.
 
 `runtime`: the path boto3 takes, InvokeEndpoint through the local SageMaker service (an endpoint created through
-its API, serving the same artifact). Targets: >= 5,000 req/s with p99 <= 10 ms at 8 connections, and at least
-half of the server's own `project.c8` in the same run.
+its API, serving the same artifact), every request signed (SigV4, by the pipeline's user) and checked and authorized
+by the runtime as AWS does. Targets: >= 5,000 req/s with p99 <= 10 ms at 8 connections, and at least half of the
+server's own `project.c8` in the same run.
 
     python bench/bench_endpoint.py --out bench/results/endpoint.json [--model-dir DIR] [--duration 10]
 
@@ -38,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server  # noqa: E402
+from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code  # noqa: E402
 from local_sagemaker.processes import free_port, wait_for_http  # noqa: E402
 
@@ -84,9 +85,9 @@ def running(command: list[str], port: int, env: dict, log_path: Path):
         process.wait(timeout=30)
 
 
-def wrk_run(wrk: str, url: str, body_path: Path, connections: int, seconds: int) -> dict:
+def wrk_run(wrk: str, url: str, body_path: Path, connections: int, seconds: int, headers: Path | None = None) -> dict:
     command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(ROOT / "bench" / "post.lua"),
-               url, "--", str(body_path), "application/json"]  # fmt: skip
+               url, "--", str(body_path), "application/json", *([str(headers)] if headers else [])]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
     errors = sum(result["errors"].values())
@@ -122,18 +123,37 @@ def batch_ms(url: str, body: bytes, content_type: str = "application/json", repe
     }
 
 
-def measure(wrk: str, url: str, body_path: Path, seconds: int) -> dict:
-    """``url``: where the invocations go (the container's /invocations, or the runtime's InvokeEndpoint path)."""
-    wrk_run(wrk, url, body_path, 8, 2)  # warm-up
-    return {f"c{n}": wrk_run(wrk, url, body_path, n, seconds) for n in CONNECTIONS}
+def measure(wrk: str, url: str, body_path: Path, seconds: int, headers: Path | None = None) -> dict:
+    """``url``: where the invocations go (the container's /invocations, or the runtime's InvokeEndpoint path);
+    ``headers``: a file of more headers to send (the runtime's SigV4 signature)."""
+    wrk_run(wrk, url, body_path, 8, 2, headers)  # warm-up
+    return {f"c{n}": wrk_run(wrk, url, body_path, n, seconds, headers) for n in CONNECTIONS}
+
+
+def signature(url: str, body_path: Path, key, directory: Path) -> Path:
+    """A file of the SigV4 headers of InvokeEndpoint at ``url`` with the body in ``body_path``, signed with ``key``
+    as boto3 signs it: valid for 15 minutes, as any signed request is (the runtime checks each one again)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    netloc = url.split("/")[2]
+    request = AWSRequest("POST", url, data=body_path.read_bytes(),
+                         headers={"Content-Type": "application/json", "Host": netloc})  # fmt: skip
+    SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "sagemaker", "us-east-1").add_auth(request)
+    path = directory / "signature.headers"
+    path.write_text("".join(f"{name}: {value}\n" for name, value in request.headers.items()
+                            if name.lower() in ("authorization", "x-amz-date")))  # fmt: skip
+    return path
 
 
 @contextlib.contextmanager
-def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int | None):
+def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int | None, keys: StackKeys):
     """The local SageMaker service with one endpoint serving ``model_dir``; yields its InvokeEndpoint URL."""
     import boto3
 
     from local_sagemaker import launch
+    from tasks.config import PipelineConfig
 
     s3 = boto3.client("s3", endpoint_url=moto_url)
     s3.create_bucket(Bucket="bench")
@@ -143,13 +163,13 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
             if "__pycache__" not in path.parts:
                 tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
     s3.upload_file(str(archive), "bench", "model.tar.gz")
-    started = launch.start(scratch / "sagemaker", moto_url, credentials=LOCAL_CREDENTIALS,
+    started = launch.start(scratch / "sagemaker", moto_url, credentials=keys.sagemaker.environment(),
                            cpus=workers or 0, metrics_interval=10)  # fmt: skip
     try:
         sagemaker = boto3.client("sagemaker", endpoint_url=started.url)
         sagemaker.create_model(
             ModelName="bench",
-            ExecutionRoleArn="arn:aws:iam::000000000000:role/bench",
+            ExecutionRoleArn=PipelineConfig().role_arn,  # the scratch account's execution role
             PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": "s3://bench/model.tar.gz"},
         )
         sagemaker.create_endpoint_config(EndpointConfigName="bench", ProductionVariants=[
@@ -180,9 +200,10 @@ def main() -> None:
         npy_batch = io.BytesIO()
         np.save(npy_batch, images.astype(np.uint8))
 
-        moto, moto_url = start_moto_server(log_path=scratch / "moto.log")
+        keys = StackKeys.new()
+        moto, moto_url = start_scratch_aws(scratch, keys, log_path=scratch / "local-aws.log")
         os.environ.update(
-            {**LOCAL_CREDENTIALS, "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+            {**keys.admin.environment(), "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
         )
         # The server reaches the local CloudWatch as the SageMaker container reaches AWS: by its environment.
         env = {**os.environ, "AWS_ENDPOINT_URL": moto_url}
@@ -203,10 +224,11 @@ def main() -> None:
             with running(reference, port, env, scratch / "reference.log") as url:
                 results["reference"] = measure(wrk, f"{url}/invocations", single, args.duration)
                 results["reference"]["batch1000"] = batch_ms(url, batch)
-            with runtime_endpoint(model_dir, moto_url, scratch, args.workers) as url:
-                results["runtime"] = measure(wrk, url, single, args.duration)
+            with runtime_endpoint(model_dir, moto_url, scratch, args.workers, keys) as url:
+                results["runtime"] = measure(wrk, url, single, args.duration,
+                                             signature(url, single, keys.pipeline, scratch))  # fmt: skip
         finally:
-            moto.kill()
+            moto.terminate()
             moto.wait()
 
     project, reference, runtime = results["project"], results["reference"], results["runtime"]

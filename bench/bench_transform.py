@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_endpoint import untrained_artifact  # noqa: E402
 
-from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server  # noqa: E402
+from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code, load_handler  # noqa: E402
 from training.mnist_idx import load_mnist  # noqa: E402
 
@@ -172,6 +172,7 @@ def main() -> None:
     import boto3
 
     from local_sagemaker import launch
+    from tasks.config import PipelineConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -187,8 +188,9 @@ def main() -> None:
         scratch = Path(scratch)
         model_dir = trained_artifact(Path(args.model_dir), scratch) if args.model_dir else untrained_artifact(scratch)
         handler = load_handler(model_dir)  # its names for the precision setting
-        moto, moto_url = start_moto_server(log_path=scratch / "moto.log")
-        os.environ.update({**LOCAL_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"})
+        keys = StackKeys.new()
+        moto, moto_url = start_scratch_aws(scratch, keys, log_path=scratch / "local-aws.log")
+        os.environ.update({**keys.admin.environment(), "AWS_DEFAULT_REGION": "us-east-1"})
         load_before = os.getloadavg()
         try:
             s3 = boto3.client("s3", endpoint_url=moto_url)
@@ -205,12 +207,13 @@ def main() -> None:
             rows = io.StringIO()
             np.savetxt(rows, images.reshape(len(images), -1), fmt="%d", delimiter=",")
             s3.put_object(Bucket=BUCKET, Key="in/csv/test.csv", Body=rows.getvalue().encode())
-            started = launch.start(scratch / "sagemaker", moto_url, credentials=LOCAL_CREDENTIALS, metrics_interval=10)
+            started = launch.start(scratch / "sagemaker", moto_url, credentials=keys.sagemaker.environment(),
+                                   metrics_interval=10)  # fmt: skip
             try:
                 sagemaker = boto3.client("sagemaker", endpoint_url=started.url)
                 logs = boto3.client("logs", endpoint_url=moto_url)
                 sagemaker.create_model(
-                    ModelName="bench", ExecutionRoleArn="arn:aws:iam::000000000000:role/bench",
+                    ModelName="bench", ExecutionRoleArn=PipelineConfig().role_arn,  # the scratch account's role
                     PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/model/model.tar.gz"},
                 )  # fmt: skip
                 # Each layout several times, the median kept: one run's figure depends on what else the machine does.
@@ -231,7 +234,7 @@ def main() -> None:
             finally:
                 launch.stop(started.record)
         finally:
-            moto.kill()
+            moto.terminate()
             moto.wait()
 
     # Every way gave each image the same label (the same model), and as many labels as images.

@@ -1,4 +1,5 @@
--- wrk script: POST one fixed body (file and content type given after `--`), report JSON on the last line.
+-- wrk script: POST one fixed body (file and content type given after `--`), report JSON on the last line; a third
+-- argument names a file of more headers, one "Name: value" a line (a SigV4 signature of that very request).
 -- Latency percentiles are wrk's own (its HdrHistogram of every request), in microseconds.
 function init(args)
   local file = assert(io.open(args[1], "rb"))
@@ -6,6 +7,12 @@ function init(args)
   wrk.body = file:read("*a")
   wrk.headers["Content-Type"] = args[2]
   file:close()
+  if args[3] then
+    for line in io.lines(args[3]) do
+      local name, value = line:match("^([^:]+): (.*)$")
+      if name then wrk.headers[name] = value end
+    end
+  end
 end
 
 function done(summary, latency, requests)

@@ -28,6 +28,10 @@ SECRETS = {
     "AIRFLOW__API__SECRET_KEY": "AIRFLOW_SECRET_KEY",
     "AIRFLOW__CORE__FERNET_KEY": "AIRFLOW_FERNET_KEY",
     "AIRFLOW_ADMIN_PASSWORD": "AIRFLOW_ADMIN_PASSWORD",
+    # The local AWS's keys: the pipeline's user (what Airflow signs with), the administrator, the SageMaker service.
+    "PIPELINE_AWS_SECRET_ACCESS_KEY": "PIPELINE_AWS_SECRET_ACCESS_KEY",
+    "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY": "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY",
+    "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY": "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY",
 }
 DATABASE = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"  # its password is POSTGRES_PASSWORD
 
@@ -61,8 +65,13 @@ def problems(env: Mapping[str, str]) -> list[str]:
 def fresh() -> dict[str, str]:
     from cryptography.fernet import Fernet
 
+    from cli.local_aws import KEY_VARIABLES, Key
+
     values = {name: secrets.token_urlsafe(32) for name in ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD",
                                                             "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")}  # fmt: skip
+    for identity, secret in KEY_VARIABLES.values():
+        key = Key.new()
+        values.update({identity: key.access_key_id, secret: key.secret_access_key})
     return {**values, "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode()}
 
 

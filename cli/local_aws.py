@@ -1,178 +1,230 @@
-"""The local AWS: moto in server mode on loopback, reached like AWS through the connection's `endpoint_url`.
+"""The local AWS as the stack runs it: `python -m local_aws` (moto's S3, CloudWatch, CloudWatch Logs, SNS, STS and
+IAM behind a gateway that authenticates and authorizes every request as AWS does), with the stack's principals.
 
-S3, CloudWatch and CloudWatch Logs are real HTTP services here; the code that talks to them is the code that
-talks to AWS. Used by the local stack (`mnist-pipeline up`), by the tests, and in the foreground by the
-docker-compose service, with its state in a volume:
-
-    python -m cli.local_aws [--host 127.0.0.1] [--port 5000] [--state-file FILE] [--ready-file FILE]
-
-moto answers as soon as it listens, before the replay has brought its state back: the ready file (written once the
-replay is done, removed at the start) is what a health check waits for.
+The principals are those the pipeline has on AWS, with the policies it ships (``iam/``, filled in for the local
+account, region, bucket and prefix): the user Airflow runs as, the SageMaker execution role and its trust policy.
+Beside them: the account's administrator, whose keys only the stack holds (it makes the bucket, its policy and the
+topic, as a person would on AWS), and the local SageMaker service's own credential, with which it assumes the
+execution role for each job and watches the alarms that guard a deployment. Each stack makes its keys once and
+keeps them like its passwords (mode 0600).
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import http.client
+import dataclasses
 import json
-import logging
-import os
-import re
-import signal
+import secrets
+import string
 import subprocess
 import sys
-import urllib.error
-import urllib.request
-from collections import defaultdict, deque
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
+from cli.iam import DEFAULT_PRINCIPAL_NAME, DEFAULT_TOPIC, Blanks, render
+from local_aws import LOCAL_ACCOUNT
 from local_sagemaker import processes
 from local_sagemaker.processes import free_port
 
-log = logging.getLogger(__name__)
-
-# moto accepts any credentials; these make boto3 sign requests without looking for real ones.
-LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
-
-# `python -m moto.server`, with the recorder's appends serialized. moto writes each request to the recording in two
-# writes (its JSON, then a newline) from the request's own thread: two concurrent requests with bodies over 8 KiB
-# interleave into lines that cannot be read back (a third of the lines, with 8 threads uploading 1 MiB objects).
-_MOTO_SERVER = """
-import threading
-from moto.moto_api import recorder
-from moto.server import main
-lock, record = threading.Lock(), recorder._record_request
-def record_whole(*args, **kwargs):
-    with lock:
-        return record(*args, **kwargs)
-recorder._record_request = record_whole
-main()
-"""
-_UPLOAD_ID = re.compile(rb"<UploadId>([^<]+)</UploadId>")
+ADMIN_NAME = "mnist-pipeline-admin"
+SAGEMAKER_SERVICE = "sagemaker.amazonaws.com"
+SAGEMAKER_SERVICE_ROLE = "AWSServiceRoleForLocalSageMaker"
+SAGEMAKER_SERVICE_POLICY = Path(__file__).resolve().parents[1] / "local_sagemaker" / "service-role-policy.json"
+ADMINISTRATOR_ACCESS = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+START_TIMEOUT = 600.0  # the replay of a large state comes first
 
 
-def start_moto_server(
-    host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None, state_file: Path | None = None
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """An access key id and its secret."""
+
+    access_key_id: str
+    secret_access_key: str
+
+    @classmethod
+    def new(cls) -> Key:
+        alphabet = string.ascii_uppercase + string.digits
+        return cls("AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)), secrets.token_urlsafe(30))
+
+    def environment(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
+
+
+@dataclasses.dataclass(frozen=True)
+class StackKeys:
+    """The keys of a stack's principals: the administrator's, the pipeline's, the local SageMaker service's."""
+
+    admin: Key
+    pipeline: Key
+    sagemaker: Key
+
+    @classmethod
+    def new(cls) -> StackKeys:
+        return cls(Key.new(), Key.new(), Key.new())
+
+    @classmethod
+    def load(cls, path: Path) -> StackKeys:
+        data = json.loads(path.read_text())
+        return cls(**{name: Key(**data[name]) for name in ("admin", "pipeline", "sagemaker")})
+
+    def as_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def principals(
+    keys: StackKeys, blanks: Blanks, *, role_policies: dict | None = None, users: list[dict] | None = None
+) -> dict:
+    """The local AWS's principals spec (local_aws.identities): the pipeline's user and execution role with the shipped
+    policies filled with ``blanks``, the administrator, the local SageMaker service. ``role_policies``: the execution
+    role's inline policies, if not the shipped one; ``users``: more users."""
+    return {
+        "account": blanks.account,
+        "users": [
+            {"name": ADMIN_NAME, **keys.admin.__dict__, "policies": {"AdministratorAccess": ADMINISTRATOR_ACCESS}},
+            {
+                "name": blanks.principal.rsplit("/", 1)[-1],
+                **keys.pipeline.__dict__,
+                "policies": {"airflow-policy": render("airflow-policy", blanks)},
+            },
+            *(users or []),
+        ],
+        "roles": [
+            {
+                "name": blanks.role,
+                "trust": render("sagemaker-execution-role-trust", blanks),
+                "policies": role_policies
+                or {"sagemaker-execution-role-policy": render("sagemaker-execution-role-policy", blanks)},
+            }
+        ],
+        "services": [
+            {
+                "service": SAGEMAKER_SERVICE,
+                "role": SAGEMAKER_SERVICE_ROLE,
+                **keys.sagemaker.__dict__,
+                "policies": {"local-sagemaker": json.loads(SAGEMAKER_SERVICE_POLICY.read_text())},
+            }
+        ],
+    }
+
+
+def stack_blanks(*, region: str, bucket: str, prefix: str, role_arn: str, topic: str) -> Blanks:
+    """The blanks of the local stack's policies: the local account, the pipeline's user by its default name."""
+    return Blanks(
+        account=LOCAL_ACCOUNT,
+        region=region,
+        bucket=bucket,
+        prefix=prefix,
+        role=role_arn.rsplit("/", 1)[-1],
+        principal=f"arn:aws:iam::{LOCAL_ACCOUNT}:user/{DEFAULT_PRINCIPAL_NAME}",
+        topic=topic,
+    )
+
+
+# The execution role of a scratch account (the tests', a benchmark's): beside the shipped policy, S3, logs and metrics
+# anywhere, for the many buckets such runs make. The stack's role has the shipped policy alone.
+SCRATCH_ROLE_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Sid": "AnyBucket",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject", "s3:ListBucket"],
+            "Resource": "*",
+        },
+        {
+            "Sid": "JobLogsAndMetrics",
+            "Effect": "Allow",
+            "Action": [
+                "logs:CreateLogGroup",
+                "logs:CreateLogStream",
+                "logs:PutLogEvents",
+                "logs:DescribeLogStreams",
+                "cloudwatch:PutMetricData",
+            ],
+            "Resource": "*",
+        },
+    ],
+}
+
+
+def scratch_principals(keys: StackKeys) -> dict:
+    """The principals of a scratch account: the stack's, for the default bucket and role, the role reaching anywhere."""
+    from tasks.config import PipelineConfig
+
+    blanks = config_blanks(PipelineConfig())
+    policies = {
+        "sagemaker-execution-role-policy": render("sagemaker-execution-role-policy", blanks),
+        "scratch": SCRATCH_ROLE_POLICY,
+    }
+    return principals(keys, blanks, role_policies=policies)
+
+
+def start_scratch_aws(directory: Path, keys: StackKeys, **options) -> tuple[subprocess.Popen, str]:
+    """A local AWS of a scratch account's principals (``scratch_principals``), its spec in ``directory``."""
+    write_private(directory / "principals.json", scratch_principals(keys))
+    return start_local_aws(directory / "principals.json", **options)
+
+
+def write_private(path: Path, data: dict) -> None:
+    """Write JSON readable by this user only, atomically (keys, passwords)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        json.dump(data, file, indent=2)
+    os.replace(tmp, path)
+
+
+def start_local_aws(
+    principals_file: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    region: str = "us-east-1",
+    log_path: Path | None = None,
+    state_file: Path | None = None,
+    decision_log: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Start moto server in its own process (session) and return it with its endpoint URL once it answers.
+    """Start the local AWS in its own process (session); returns it with its endpoint URL once it serves.
 
-    With ``state_file`` the state outlives the process: moto's recorder appends every request it gets to that file
-    (JSON lines), and the next start replays the file before it returns (see `_replay`). Without it the state
-    lives and dies with the process. Either way moto answers no cross-origin browser request: it would otherwise
-    let any web page the user visits read and write the local buckets.
-    """
+    With ``state_file`` the state outlives the process (moto's recording, replayed at the next start); without it,
+    the state lives and dies with the process. ``decision_log``: every IAM decision, as JSON lines."""
     port = port or free_port(host)
-    env = {**os.environ, "MOTO_DISABLE_GLOBAL_CORS": "true"}
+    command = [
+        sys.executable,
+        "-m",
+        "local_aws",
+        "--principals",
+        str(principals_file),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--region",
+        region,
+    ]
     if state_file is not None:
-        state_file = Path(state_file).resolve()
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        # Recording stays off until the replay is done, or it would append the replayed requests to the file.
-        env.pop("MOTO_ENABLE_RECORDING", None)
-        env["MOTO_RECORDER_FILEPATH"] = str(state_file)
-    process, _ = processes.spawn([sys.executable, "-c", _MOTO_SERVER, "-H", host, "-p", str(port)], env=env,
-                                 log_path=log_path)  # fmt: skip
+        command += ["--state-file", str(Path(state_file).resolve())]
+    if decision_log is not None:
+        command += ["--decision-log", str(Path(decision_log).resolve())]
+    process, _ = processes.spawn(command, env=processes.allowed_env({"PYTHONUNBUFFERED": "1"}), log_path=log_path)
     endpoint_url = f"http://{host}:{port}"
     try:
-        processes.wait_for_http(f"{endpoint_url}/moto-api/", process=process)
-        if state_file is not None:
-            if state_file.exists():
-                _replay(state_file, host, port)
-            urllib.request.urlopen(
-                urllib.request.Request(f"{endpoint_url}/moto-api/recorder/start-recording", method="POST"), timeout=10
-            ).close()
+        processes.wait_for_http(f"{endpoint_url}/_local/health", timeout=START_TIMEOUT, process=process)
     except BaseException:
         process.kill()
         raise
     return process, endpoint_url
 
 
-def _replay(state_file: Path, host: str, port: int) -> None:
-    """Send the requests recorded in ``state_file`` to the server again, in order, and keep in the file only those
-    that may have changed the state.
-
-    Not moto's own replay (`/moto-api/recorder/replay-recording`): that stops at the first unreadable line, and
-    loses every multipart upload, since moto draws upload IDs from os.urandom and the recorded parts name an upload
-    the replayed server never created. Here an unreadable line (the last one, cut short by a crash) is skipped with
-    a warning, and each recorded upload ID is swapped for the one the replayed CreateMultipartUpload got for the
-    same object (several uploads of one object are paired in creation order: any pairing yields the same objects).
-    Requests that failed when recorded (moto records a request before it handles it) fail the same way again.
-    Reads (GET, HEAD, OPTIONS, but for query-API actions) change nothing: they are neither replayed nor kept. The
-    file is rewritten and swapped in at the end, so a crash during the replay leaves it as it was, and a replay of
-    a file without reads or unreadable lines rewrites it unchanged.
-
-    Limits: the file only grows with what is written (every object ever put, base64-encoded, even once deleted or
-    overwritten), and the replay takes as long as sending all of it; IDs the server makes up other than upload IDs
-    (S3 version IDs, SNS subscription ARNs) and times it stamps (LastModified, datapoints sent without one) come
-    out new; log events older than 14 days are refused, as CloudWatch Logs refuses them; and moto records a
-    request sent with `Transfer-Encoding: chunked` without its body (boto3 sends chunked uploads only over HTTPS,
-    which this server does not speak).
-    """
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    upload_ids: dict[str, str] = {}  # recorded upload ID -> the replayed upload's
-    created: dict[tuple[str, str], deque[str]] = defaultdict(deque)  # (host, object path) -> uploads not yet matched
-    replayed = failed = 0
-    kept = state_file.with_name(f"{state_file.name}.replaying")
-    try:
-        with state_file.open("rb") as recording, kept.open("wb") as compacted:
-            # Only what the file held at the start: were recording turned on meanwhile, the replay would read its
-            # own requests back without end.
-            end = os.fstat(recording.fileno()).st_size
-            for number, line in enumerate(recording, start=1):
-                if recording.tell() > end:
-                    break
-                try:
-                    entry = json.loads(line)
-                    method, url, headers = entry["method"], urlsplit(entry["url"]), entry["headers"]
-                except (ValueError, KeyError, TypeError):
-                    log.warning("%s:%d: skipping a recorded request that cannot be read", state_file, number)
-                    continue
-                query = parse_qs(url.query, keep_blank_values=True)
-                if method in ("GET", "HEAD", "OPTIONS") and "Action" not in query:
-                    continue
-                compacted.write(line.rstrip(b"\n") + b"\n")
-
-                body = entry.get("body") or ""
-                body = base64.b64decode(body) if entry.get("body_encoded") else body.encode()
-                # The body goes whole, with the length http.client gives it.
-                headers = {name: value for name, value in headers.items() if name.lower() != "transfer-encoding"}
-                target = url.path + (f"?{url.query}" if url.query else "")
-                upload = (headers.get("Host", "").rsplit(":", 1)[0], url.path)
-                if "uploadId" in query:
-                    recorded_id = query["uploadId"][0]
-                    if recorded_id not in upload_ids and created[upload]:
-                        upload_ids[recorded_id] = created[upload].popleft()
-                    if recorded_id in upload_ids:  # upload IDs are alphanumeric: no quoting to mind
-                        target = target.replace(f"uploadId={recorded_id}", f"uploadId={upload_ids[recorded_id]}")
-
-                connection.request(method, target, body=body, headers=headers)
-                response = connection.getresponse()
-                answer = response.read()
-                replayed += 1
-                if response.status >= 400:
-                    failed += 1
-                elif method == "POST" and "uploads" in query and (created_id := _UPLOAD_ID.search(answer)):
-                    created[upload].append(created_id.group(1).decode())
-            compacted.flush()
-            os.fsync(compacted.fileno())
-        os.replace(kept, state_file)
-    except BaseException:
-        kept.unlink(missing_ok=True)
-        raise
-    finally:
-        connection.close()
-    log.info("replayed %d recorded requests from %s (%d answered with an error)", replayed, state_file, failed)
-
-
 def connection_uri(
     endpoint_url: str,
+    key: Key,
     region: str = "us-east-1",
     sagemaker_endpoint: str | None = None,
     runtime_endpoint: str | None = None,
 ) -> str:
-    """An Airflow AWS connection (JSON form, for AIRFLOW_CONN_<ID>): every service at the local AWS
-    (``endpoint_url``), and with ``sagemaker_endpoint`` and ``runtime_endpoint`` SageMaker's two APIs at the local
+    """An Airflow AWS connection (JSON form, for AIRFLOW_CONN_<ID>) signing with ``key``: every service at the local
+    AWS (``endpoint_url``), and with ``sagemaker_endpoint`` and ``runtime_endpoint`` SageMaker's two APIs at the local
     SageMaker service (its control plane and its runtime), by the provider's per-service ``service_config``."""
     extra: dict = {"endpoint_url": endpoint_url, "region_name": region}
     if sagemaker_endpoint or runtime_endpoint:
@@ -183,40 +235,92 @@ def connection_uri(
             "sagemaker-runtime": {"endpoint_url": runtime_endpoint},
         }
     return json.dumps(
-        {
-            "conn_type": "aws",
-            "login": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            "password": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            "extra": extra,
-        }
+        {"conn_type": "aws", "login": key.access_key_id, "password": key.secret_access_key, "extra": extra}
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve the local AWS in the foreground until SIGTERM or SIGINT, keeping its state in ``--state-file``."""
-    parser = argparse.ArgumentParser(prog="python -m cli.local_aws", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--state-file", type=Path, help="moto's recording, replayed at start (default: no state kept)")
-    parser.add_argument("--ready-file", type=Path, help="written once the state is back and requests are recorded")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.ready_file:
-        args.ready_file.unlink(missing_ok=True)
-    process, endpoint_url = start_moto_server(args.host, args.port, Path("/dev/stdout"), args.state_file)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: process.terminate())
-    if args.ready_file:
-        args.ready_file.write_text(endpoint_url)
-    log.info(
-        "the local AWS answers on %s%s", endpoint_url, f", its state in {args.state_file}" if args.state_file else ""
+# -- docker-compose: the keys come from .env, the rest from the pipeline's configuration -------------------------
+
+# The .env variables of each principal's key.
+KEY_VARIABLES = {
+    "admin": ("LOCAL_AWS_ADMIN_ACCESS_KEY_ID", "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY"),
+    "pipeline": ("PIPELINE_AWS_ACCESS_KEY_ID", "PIPELINE_AWS_SECRET_ACCESS_KEY"),
+    "sagemaker": ("LOCAL_SAGEMAKER_AWS_ACCESS_KEY_ID", "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY"),
+}
+
+
+def key_from_environment(env, who: str) -> Key:
+    """The key of ``who`` (admin, pipeline, sagemaker) as docker-compose passes it (KEY_VARIABLES); ValueError naming
+    what is missing."""
+    identity, secret = KEY_VARIABLES[who]
+    missing = [name for name in (identity, secret) if not env.get(name)]
+    if missing:
+        raise ValueError(f"set {', '.join(missing)} in .env (python -m cli.compose_secrets --new prints them)")
+    return Key(env[identity], env[secret])
+
+
+def config_blanks(config) -> Blanks:
+    """The blanks of the local policies for the pipeline configuration ``config`` (tasks.config.PipelineConfig)."""
+    return stack_blanks(
+        region=config.region,
+        bucket=config.bucket,
+        prefix=config.prefix,
+        role_arn=config.role_arn,
+        topic=config.alert_topic_arn.rsplit(":", 1)[-1] or DEFAULT_TOPIC,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cli.local_aws serve ...` runs the local AWS with the principals of .env's keys (the compose
+    service); `python -m cli.local_aws setup --endpoint-url URL` makes the bucket and its policy as the
+    administrator (the compose init service)."""
+    import argparse
+    import os
+    import tempfile
+
+    from tasks.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m cli.local_aws", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the local AWS in the foreground (then: python -m local_aws's options)",
+                        add_help=False)  # fmt: skip
+    setup = commands.add_parser("setup", help="make the bucket and its policy, as the account's administrator")
+    setup.add_argument("--endpoint-url", required=True)
+    args, options = parser.parse_known_args(argv)
+    if args.command == "setup" and options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    config = load_config()
     try:
-        sys.exit(process.wait())
-    finally:
-        if args.ready_file:
-            args.ready_file.unlink(missing_ok=True)
+        keys = StackKeys(*(key_from_environment(os.environ, who) for who in ("admin", "pipeline", "sagemaker")))
+    except ValueError as error:
+        print(f"refusing to start: {error}", file=sys.stderr)
+        return 1
+    if args.command == "setup":
+        setup_bucket(args.endpoint_url, keys.admin, config)
+        return 0
+    from local_aws.server import main as serve_local_aws
+
+    spec = Path(tempfile.mkdtemp(prefix="local-aws-")) / "principals.json"
+    write_private(spec, principals(keys, config_blanks(config)))
+    serve_local_aws(["--principals", str(spec), "--region", config.region, *options])
+    return 0
+
+
+def setup_bucket(endpoint_url: str, admin: Key, config) -> None:
+    """The pipeline's bucket with its policy (iam/bucket-policy.json), as a person makes them once on AWS."""
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=config.region,
+        aws_access_key_id=admin.access_key_id,
+        aws_secret_access_key=admin.secret_access_key,
+    )
+    if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=config.bucket)
+    s3.put_bucket_policy(Bucket=config.bucket, Policy=json.dumps(render("bucket-policy", config_blanks(config))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

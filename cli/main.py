@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
 
+    iam = commands.add_parser("iam", help="the IAM policies the pipeline ships, for AWS")
+    iam_commands = iam.add_subparsers(dest="iam_command", required=True, metavar="COMMAND")
+    render = _command(iam_commands, "render", "cli.iam:render_command",
+                      "print the shipped policies filled in for an account, ready for `aws iam put-role-policy`")  # fmt: skip
+    render.add_argument("--account", required=True, help="the AWS account id (12 digits)")
+    render.add_argument("--region", required=True, help="the region the pipeline runs in")
+    render.add_argument("--bucket", required=True, help="the bucket the pipeline keeps its data in")
+    render.add_argument("--prefix", required=True, help="the key prefix the pipeline owns in the bucket")
+    render.add_argument("--role", required=True, help="the SageMaker execution role's name")
+    render.add_argument("--principal", default=None,
+                        help="the ARN of the principal Airflow runs as (default: user/mnist-pipeline of the account)")  # fmt: skip
+    render.add_argument("--topic", default="mnist-pipeline-alerts", help="the notifications' SNS topic name")
+    render.add_argument("--policy", default=None, help="print only this policy (e.g. airflow-policy)")
+
     models = _command(commands, "models", "cli.registry:models_command",
                       "list an endpoint's model versions in the registry, the champion marked")  # fmt: skip
     models.add_argument(

@@ -8,10 +8,18 @@ home, logs and login under the pipeline's state directory and the DAGs folder of
 (by environment) is what makes the run local: `sagemaker` and `sagemaker-runtime` go to the local SageMaker
 service, everything else to the local AWS. `run` triggers `mnist_sweep` through the REST API and follows it.
 
-State: `<state_dir>/stack/stack.json` (URLs, and pid + start time of every process), `stack/logs/*.log`,
-`stack/passwords.json` (the UI login), `stack/secrets.json`, `stack/local-aws.jsonl` (what the local AWS keeps
-across restarts), `<state_dir>/sagemaker` (the local SageMaker service's records, jobs and model servers) and
-`<state_dir>/airflow` (AIRFLOW_HOME).
+Every call is signed and authorized as on AWS (local_aws): the connection carries the keys of the pipeline's own IAM
+user, whose policy is `iam/airflow-policy.json`; training jobs, model servers and transform jobs act as the
+execution role (`iam/sagemaker-execution-role-*.json`); the bucket has `iam/bucket-policy.json`. `up` makes them,
+filled in for the local account, and the bucket and its policy with the account administrator's keys, which only
+the stack holds.
+
+State: `<state_dir>/stack/stack.json` (URLs, and pid + start time of every process), `stack/logs/*.log`
+(`iam-decisions.jsonl`: every IAM decision), `stack/passwords.json` (the UI login), `stack/secrets.json`,
+`stack/credentials.json` (the principals' keys), `stack/principals.json` (the local AWS's principals),
+`stack/local-aws.jsonl` (what the local AWS keeps across restarts), `<state_dir>/sagemaker` (the local SageMaker
+service's records, jobs and model servers) and `<state_dir>/airflow` (AIRFLOW_HOME); all but the logs readable by
+this user only where they hold a secret.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli.iam import DEFAULT_TOPIC
 from local_sagemaker import launch, processes
 from tasks.config import PipelineConfig, load_config
 from tasks.names import DAG_ID
@@ -39,7 +48,10 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # Seconds between the provider's status polls of local jobs and endpoints (30 on AWS, where they take minutes).
 LOCAL_CHECK_INTERVAL = 2
 LOCAL_BAKE_SECONDS = 20
-ALERT_TOPIC = "mnist-pipeline-alerts"  # the local AWS's topic for the runs' notifications
+ALERT_TOPIC = DEFAULT_TOPIC  # the local AWS's topic for the runs' notifications
+# The variables through which boto3 would find credentials of its own, none of which Airflow's processes inherit.
+AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN")  # fmt: skip
 LOCAL_RETRY_DELAY_SECONDS = 5  # a local job a crash ended starts again at once: no instances to wait for
 
 
@@ -72,6 +84,18 @@ class StackPaths:
         return self.root / "secrets.json"
 
     @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def principals(self) -> Path:
+        return self.root / "principals.json"
+
+    @property
+    def decisions(self) -> Path:
+        return self.logs / "iam-decisions.jsonl"
+
+    @property
     def airflow_home(self) -> Path:
         return self.state_dir / "airflow"
 
@@ -99,33 +123,33 @@ def read_state(paths: StackPaths) -> dict | None:
         return None
 
 
-def _write_private(path: Path, data: dict) -> None:
-    """Write JSON readable by this user only (passwords, secrets), atomically."""
-    tmp = path.with_suffix(".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(tmp, path)
-
-
 def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
     """The UI password and the signing secrets: generated once, kept across `up`s so the login stays the same."""
+    from cli.local_aws import write_private
+
     if not paths.passwords.exists():
-        _write_private(paths.passwords, {USERNAME: secrets.token_urlsafe(12)})
+        write_private(paths.passwords, {USERNAME: secrets.token_urlsafe(12)})
     if not paths.secrets.exists():
-        _write_private(
-            paths.secrets, {"jwt_secret": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32)}
-        )
+        write_private(paths.secrets, {"jwt_secret": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32)})
     return json.loads(paths.passwords.read_text())[USERNAME], json.loads(paths.secrets.read_text())
+
+
+def stack_keys(paths: StackPaths):
+    """The keys of the stack's principals (cli.local_aws.StackKeys): made once, kept across `up`s."""
+    from cli.local_aws import StackKeys, write_private
+
+    if not paths.credentials.exists():
+        write_private(paths.credentials, StackKeys.new().as_json())
+    return StackKeys.load(paths.credentials)
 
 
 def airflow_env(
     paths: StackPaths, config: PipelineConfig, api_url: str, connection: str, keys: dict, alert_topic_arn: str
 ) -> dict:
-    from cli.local_aws import LOCAL_CREDENTIALS
-
     port = api_url.rsplit(":", 1)[1]
-    env = {key: value for key, value in os.environ.items() if key != "AIRFLOW__CORE__UNIT_TEST_MODE"}
-    env.update(LOCAL_CREDENTIALS)
+    # Airflow reaches AWS through its connection alone: no credentials of the shell's, none of the stack's.
+    env = {key: value for key, value in os.environ.items()
+           if key != "AIRFLOW__CORE__UNIT_TEST_MODE" and key not in AWS_CREDENTIAL_VARIABLES}  # fmt: skip
     env.update(
         {
             "AIRFLOW_HOME": str(paths.airflow_home),
@@ -157,6 +181,8 @@ def airflow_env(
             "AIRFLOW__MNIST_PIPELINE__RETRY_DELAY_SECONDS": str(LOCAL_RETRY_DELAY_SECONDS),
             "MNIST_PIPELINE_STATE_DIR": str(paths.state_dir),
             "MNIST_PIPELINE_ALERT_TOPIC_ARN": alert_topic_arn,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             "NO_PROXY": "127.0.0.1,localhost",
         }
     )
@@ -263,24 +289,36 @@ def _free_or_other_port(port: int) -> int:
     return processes.free_port(HOST)
 
 
-def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started, str]:
-    """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses and, unless one
-    is configured, the topic its notifications go to; returns their process records, URLs and the topic's ARN."""
-    from cli.local_aws import LOCAL_CREDENTIALS, start_moto_server
+def stack_principals(paths: StackPaths, config: PipelineConfig) -> dict:
+    """The local AWS's principals for this stack, with the shipped policies filled for its bucket and prefix."""
+    from cli.local_aws import config_blanks, principals
 
-    moto, aws_endpoint = start_moto_server(HOST, log_path=paths.logs / "local-aws.log",
-                                           state_file=paths.local_aws_state)  # fmt: skip
-    moto_record = processes.record_of(moto.pid, paths.logs / "local-aws.log")
+    return principals(stack_keys(paths), config_blanks(config))
+
+
+def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, str, launch.Started, str]:
+    """The local AWS and the local SageMaker service (behind it), with the bucket the pipeline uses and its policy
+    and, unless one is configured, the topic its notifications go to; returns their process records, URLs and the
+    topic's ARN."""
+    from cli.local_aws import setup_bucket, write_private
+    from cli.local_aws import start_local_aws as start_aws
+
+    spec = stack_principals(paths, config)
+    write_private(paths.principals, spec)
+    keys = stack_keys(paths)
+    process, aws_endpoint = start_aws(paths.principals, host=HOST, region=config.region,
+                                      log_path=paths.logs / "local-aws.log", state_file=paths.local_aws_state,
+                                      decision_log=paths.decisions)  # fmt: skip
+    moto_record = processes.record_of(process.pid, paths.logs / "local-aws.log")
     try:
-        s3 = _local_aws_client("s3", aws_endpoint, config)
-        if config.bucket not in {bucket["Name"] for bucket in s3.list_buckets()["Buckets"]}:
-            s3.create_bucket(Bucket=config.bucket)
+        # What a person does once on AWS, as the account's administrator: the bucket, its policy, the topic.
+        setup_bucket(aws_endpoint, keys.admin, config)
         if not config.alert_topic_arn:  # the runs' notifications go to a topic in the local AWS (idempotent)
-            sns = _local_aws_client("sns", aws_endpoint, config)
+            sns = _local_aws_client("sns", aws_endpoint, config, keys.admin)
             config = dataclasses.replace(config, alert_topic_arn=sns.create_topic(Name=ALERT_TOPIC)["TopicArn"])
         sagemaker = launch.start(
-            paths.sagemaker, aws_endpoint, credentials=LOCAL_CREDENTIALS, region=config.region, cpus=config.cpus,
-            metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
+            paths.sagemaker, aws_endpoint, credentials=keys.sagemaker.environment(), region=config.region,
+            cpus=config.cpus, metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
         )  # fmt: skip
     except BaseException:
         processes.stop([moto_record])
@@ -309,7 +347,8 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
 
     moto, aws_endpoint, sagemaker, alert_topic_arn = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
-    connection = connection_uri(aws_endpoint, config.region, sagemaker.url, sagemaker.runtime_url)
+    connection = connection_uri(aws_endpoint, stack_keys(paths).pipeline, config.region, sagemaker.url,
+                                sagemaker.runtime_url)  # fmt: skip
     state = {
         "airflow_url": api_url,
         "aws_endpoint": aws_endpoint,
@@ -392,23 +431,20 @@ def use_stack_connection(config: PipelineConfig) -> None:
 
 
 def local_client(state: dict, service: str, config: PipelineConfig):
-    """A boto3 client of the running stack: SageMaker's two APIs at the local SageMaker service, the other services
-    at the local AWS."""
+    """A boto3 client of the running stack, signing as the pipeline does (its connection's keys): SageMaker's two
+    APIs at the local SageMaker service, the other services at the local AWS."""
     url = {"sagemaker": state["sagemaker_endpoint"], "sagemaker-runtime": state["sagemaker_runtime_endpoint"]}.get(
         service, state["aws_endpoint"]
     )
-    return _local_aws_client(service, url, config)
+    return _local_aws_client(service, url, config, stack_keys(stack_paths(config)).pipeline)
 
 
-def _local_aws_client(service: str, endpoint_url: str, config: PipelineConfig):
-    """A boto3 client of ``service`` at ``endpoint_url``, with the local stack's credentials."""
+def _local_aws_client(service: str, endpoint_url: str, config: PipelineConfig, key):
+    """A boto3 client of ``service`` at ``endpoint_url``, signing with ``key`` (a cli.local_aws.Key)."""
     import boto3
 
-    from cli.local_aws import LOCAL_CREDENTIALS
-
     return boto3.client(service, endpoint_url=endpoint_url, region_name=config.region,
-                        aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+                        aws_access_key_id=key.access_key_id, aws_secret_access_key=key.secret_access_key)  # fmt: skip
 
 
 # --- the command line ----------------------------------------------------------------------------------------------

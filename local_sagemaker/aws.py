@@ -1,12 +1,16 @@
-"""The AWS services the local SageMaker service itself uses: S3 for data and artifacts, CloudWatch Logs for job
-logs, CloudWatch for alarms. Plain boto3, configured by the standard environment (``AWS_ENDPOINT_URL`` points
-them at the local AWS), as SageMaker's own machines would reach the real ones."""
+"""The AWS services the local SageMaker service uses: S3 for data and artifacts, CloudWatch Logs for job logs,
+CloudWatch for alarms, STS for its execution roles. Plain boto3, configured by the standard environment
+(``AWS_ENDPOINT_URL`` points them at the local AWS), as SageMaker's own machines would reach the real ones.
+
+``client`` signs with the service's own credential, for what SageMaker does as itself (assuming roles, watching
+alarms); a job's data, artifacts and log are reached with its execution role's (local_sagemaker.roles)."""
 
 from __future__ import annotations
 
 import base64
 import functools
 import hashlib
+import os
 import re
 import threading
 from pathlib import PurePosixPath
@@ -19,7 +23,8 @@ MANIFEST = "SHA256SUMS"  # a content-addressed dataset's `sha256sum` listing of 
 
 
 @functools.cache
-def _session():
+def session():
+    """The service's own boto3 session."""
     import boto3
 
     return boto3.session.Session()
@@ -35,7 +40,13 @@ def client(service: str):
 def _client(service: str):
     from botocore.config import Config
 
-    return _session().client(service, config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+    return session().client(service, config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def endpoint_environment() -> dict[str, str]:
+    """Where AWS is for the service's own processes: its endpoint settings and region, never its credentials."""
+    names = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+    return {key: value for key, value in os.environ.items() if key in names or key.startswith("AWS_ENDPOINT_URL_")}
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -54,9 +65,9 @@ def safe_relative(key: str, prefix: str) -> PurePosixPath:
     return relative
 
 
-def put_verified(bucket: str, key: str, body: bytes) -> None:
-    """Put ``body`` and read back the SHA-256 S3 stored: a body damaged on the way is removed, never kept."""
-    s3 = client("s3")
+def put_verified(s3, bucket: str, key: str, body: bytes) -> None:
+    """Put ``body`` with the ``s3`` client and read back the SHA-256 S3 stored: a body damaged on the way is
+    removed, never kept."""
     sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
     s3.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256)
     stored = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")

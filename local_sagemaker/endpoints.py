@@ -28,11 +28,12 @@ import threading
 import time
 from pathlib import Path
 
-from local_sagemaker import alarms, model_servers, processes
+from local_sagemaker import alarms, aws, model_servers, processes
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.roles import Roles
 from local_sagemaker.runtime import Router, Target
 from local_sagemaker.store import Store, now
 
@@ -48,8 +49,11 @@ BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
 
 class Endpoints:
     def __init__(self, store: Store, models: Models, router: Router, state_dir: Path, *, workers: int,
-                 metrics_interval: float, region: str, account: str):  # fmt: skip
+                 metrics_interval: float, region: str, account: str, roles: Roles, service_url: str):  # fmt: skip
+        """``roles``: the execution roles the model servers run as (their models'); ``service_url``: where the
+        servers ask for their role's credentials."""
         self.store, self.models, self.router = store, models, router
+        self.roles, self.service_url = roles, service_url
         self.fleets_dir = Path(state_dir).resolve() / "endpoint-fleets"
         self.logs_dir = Path(state_dir) / "logs" / "endpoints"
         self.workers, self.metrics_interval = workers, metrics_interval
@@ -155,23 +159,40 @@ class Endpoints:
 
     # -- fleets ----------------------------------------------------------------------------------------------------
 
-    def _model_dir(self, endpoint: str, config: str, variant: str, model_data_url: str) -> Path:
-        return model_servers.model_dir(self.fleets_dir / endpoint / config / variant, model_data_url)
-
     def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
-                      image: str) -> dict:  # fmt: skip
+                      image: str, role: str) -> dict:  # fmt: skip
+        """Start one model server as the execution role ``role``; its record (the process, and what starts it again)."""
         log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
-        record, url = model_servers.start(
-            model_dir, name=endpoint, variant=variant["VariantName"], workers=self.workers,
-            metrics_interval=self.metrics_interval, environment=environment, log_path=log_path,
-            stopping=self._stopping,
-        )  # fmt: skip
+        aws_environment = {**aws.endpoint_environment(),
+                           **self.roles.process_environment(role, self.arn(endpoint), self.service_url)}  # fmt: skip
+        try:
+            record, url = model_servers.start(
+                model_dir, name=endpoint, variant=variant["VariantName"], workers=self.workers,
+                metrics_interval=self.metrics_interval, environment=environment, aws_environment=aws_environment,
+                log_path=log_path, stopping=self._stopping,
+            )  # fmt: skip
+        except BaseException:
+            self.roles.forget(aws_environment)
+            raise
         return {
             **record, "url": url, "variant": variant["VariantName"], "config": config,
             "model_dir": str(model_dir), "environment": environment, "image": image,
             "weight": float(variant.get("InitialVariantWeight", 1.0)),
             "instances": int(variant.get("InitialInstanceCount", 1)),
+            "role": role, "credentials_token": aws_environment["AWS_CONTAINER_AUTHORIZATION_TOKEN"],
         }  # fmt: skip
+
+    def _role(self, config_name: str, variant_name: str) -> str:
+        """The execution role of the model a variant of an endpoint config serves."""
+        config = self.models.endpoint_config(config_name)
+        variant = next(v for v in config["ProductionVariants"] if v["VariantName"] == variant_name)
+        return self.models.model(variant["ModelName"])["ExecutionRoleArn"]
+
+    def _stop(self, servers: list[dict], grace: float) -> None:
+        """Stop model servers; their tokens open their role's credentials no more."""
+        processes.stop(servers, grace=grace)
+        for server in servers:
+            self.roles.forget({"AWS_CONTAINER_AUTHORIZATION_TOKEN": server.get("credentials_token", "")})
 
     def _launch(self, endpoint: str, config_name: str) -> dict:
         """Start the fleet of ``config_name``; returns it once every server answers /ping."""
@@ -181,19 +202,17 @@ class Endpoints:
             for variant in config["ProductionVariants"]:
                 model = self.models.model(variant["ModelName"])
                 container = model.get("PrimaryContainer") or model["Containers"][0]
-                model_dir = self._model_dir(endpoint, config_name, variant["VariantName"], container["ModelDataUrl"])
-                servers.append(
-                    self._start_server(
-                        endpoint,
-                        config_name,
-                        variant,
-                        model_dir,
-                        container.get("Environment", {}),
-                        container.get("Image", ""),
-                    )
-                )
+                role = model["ExecutionRoleArn"]
+                try:
+                    s3 = self.roles.session(role, self.arn(endpoint)).client("s3")
+                except ValidationException as error:
+                    raise LaunchFailed(error.message) from None
+                model_dir = model_servers.model_dir(self.fleets_dir / endpoint / config_name / variant["VariantName"],
+                                                    container["ModelDataUrl"], s3)  # fmt: skip
+                servers.append(self._start_server(endpoint, config_name, variant, model_dir,
+                                                  container.get("Environment", {}), container.get("Image", ""), role))  # fmt: skip
         except BaseException as error:
-            processes.stop(servers, grace=5)
+            self._stop(servers, grace=5)
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
                 raise
             raise LaunchFailed(f"{type(error).__name__}: {error}") from error
@@ -209,7 +228,7 @@ class Endpoints:
             return
         urls = {server["url"] for server in fleet["servers"]}
         processes.wait_until(lambda: self.router.idle(urls), DRAIN_TIMEOUT, interval=0.02)
-        processes.stop(fleet["servers"], grace=10)
+        self._stop(fleet["servers"], grace=10)
 
     def _set_local(self, name: str, **local) -> None:
         with self.store.lock:
@@ -356,7 +375,7 @@ class Endpoints:
         """Bring one endpoint back as its record says; returns the servers it now runs on."""
         name, local = record["EndpointName"], record["Local"]
         if local["pending"]:  # an update a stop interrupted: its fleet never took over
-            processes.stop(local["pending"]["servers"], grace=5)
+            self._stop(local["pending"]["servers"], grace=5)
             self._set_local(name, pending=None)
         status = record["EndpointStatus"]
         if status == "Deleting":
@@ -370,16 +389,20 @@ class Endpoints:
         servers = []
         try:
             for server in fleet["servers"]:
-                if processes.live(server) is not None and processes.healthy(server["url"]):
-                    servers.append(server)  # adopted: it outlived the service that started it
+                adoptable = "credentials_token" in server  # a server of before the roles took the service's keys
+                if adoptable and processes.live(server) is not None and processes.healthy(server["url"]):
+                    # Adopted: it outlived the service that started it, and keeps its way to its role's credentials.
+                    self.roles.adopt(server["credentials_token"], server["role"], self.arn(name))
+                    servers.append(server)
                     continue
-                processes.stop([server], grace=5)
+                self._stop([server], grace=5)
                 variant = {"VariantName": server["variant"], "InitialVariantWeight": server["weight"],
                            "InitialInstanceCount": server["instances"]}  # fmt: skip
                 servers.append(self._start_server(name, fleet["config"], variant, Path(server["model_dir"]),
-                                                  server["environment"], server["image"]))  # fmt: skip
+                                                  server["environment"], server["image"],
+                                                  server.get("role") or self._role(fleet["config"], server["variant"])))  # fmt: skip
         except LaunchFailed as failed:
-            processes.stop(servers, grace=5)
+            self._stop(servers, grace=5)
             self.store.update(
                 KIND,
                 name,

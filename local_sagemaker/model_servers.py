@@ -8,7 +8,6 @@ by its container contract, ``GET /ping`` and ``POST /invocations``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
@@ -27,15 +26,16 @@ class LaunchFailed(Exception):
     """A model server could not come up; the message is the FailureReason."""
 
 
-def model_dir(directory: Path, model_data_url: str) -> Path:
-    """``model_data_url`` (a model.tar.gz in S3) unpacked into ``directory``, once: a directory unpacked whole
-    before is used as it is. The archive is checked against the SHA-256 its key names, if it names one."""
+def model_dir(directory: Path, model_data_url: str, s3) -> Path:
+    """``model_data_url`` (a model.tar.gz in S3, read with the model's role's ``s3`` client) unpacked into
+    ``directory``, once: a directory unpacked whole before is used as it is. The archive is checked against the
+    SHA-256 its key names, if it names one."""
     if (directory / ".complete").is_file():
         return directory
     shutil.rmtree(directory, ignore_errors=True)
     try:
         bucket, key = aws.split_s3_uri(model_data_url)
-        body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as error:
         raise LaunchFailed(f"cannot read the model artifact {model_data_url}: {error}") from None
     try:
@@ -49,20 +49,21 @@ def model_dir(directory: Path, model_data_url: str) -> Path:
 
 
 def start(model: Path, *, name: str, variant: str, workers: int, metrics_interval: float | None,
-          environment: Mapping[str, str], log_path: Path, stopping: threading.Event) -> tuple[dict, str]:  # fmt: skip
+          environment: Mapping[str, str], aws_environment: Mapping[str, str], log_path: Path,
+          stopping: threading.Event) -> tuple[dict, str]:  # fmt: skip
     """Start a server for the model directory ``model`` and wait until it answers /ping; returns its process record
     and URL. ``name`` and ``variant`` are the EndpointName and VariantName it reports (metrics every
-    ``metrics_interval`` seconds; None: none). LaunchFailed, with the end of its log, if it exits, does not answer
-    in time, or ``stopping`` is set first; nothing is left running then."""
+    ``metrics_interval`` seconds; None: none); ``environment`` the container's, ``aws_environment`` how it reaches
+    AWS as the model's role. LaunchFailed, with the end of its log, if it exits, does not answer in time, or
+    ``stopping`` is set first; nothing is left running then."""
     port = processes.free_port(HOST)
     command = [
         sys.executable, "-m", "inference.serve", "--model-dir", str(model), "--host", HOST, "--port", str(port),
         "--endpoint-name", name, "--variant-name", variant, "--workers", str(workers),
     ]  # fmt: skip
     command += ["--no-metrics"] if metrics_interval is None else ["--metrics-interval", str(metrics_interval)]
-    # The container's own environment and the service's AWS settings (where CloudWatch is), nothing else.
-    aws_env = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
-    env = processes.allowed_env({**environment, **aws_env, "PYTHONUNBUFFERED": "1"})
+    # The container's own environment and its role's way to AWS, nothing else (never the service's credentials).
+    env = processes.allowed_env({**environment, **aws_environment, "PYTHONUNBUFFERED": "1"})
     process, record = processes.spawn(command, env=env, log_path=log_path)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + START_TIMEOUT

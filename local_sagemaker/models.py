@@ -8,16 +8,19 @@ from collections.abc import Callable
 
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
 
 MODELS, CONFIGS = "models", "endpoint-configs"
 
 
 class Models:
-    def __init__(self, store: Store, region: str, account: str, packages: Callable[[str], dict] | None = None):
-        """``packages``: a model package version's record by its ARN (the registry's), for containers that name
-        one (ModelPackageName) instead of an image and an artifact."""
-        self.store, self.region, self.account = store, region, account
+    def __init__(self, store: Store, region: str, account: str, *, roles: Roles,
+                 packages: Callable[[str], dict] | None = None):  # fmt: skip
+        """``roles``: the execution roles models name, checked when a model is created; ``packages``: a model
+        package version's record by its ARN (the registry's), for containers that name one (ModelPackageName)
+        instead of an image and an artifact."""
+        self.store, self.region, self.account, self.roles = store, region, account, roles
         self.packages = packages
 
     def _arn(self, kind: str, name: str) -> str:
@@ -36,6 +39,9 @@ class Models:
             raise ValidationException(
                 f"Model {name}: its container has no ModelDataUrl (this local service serves model.tar.gz artifacts)"
             )
+        if not request.get("ExecutionRoleArn"):
+            raise ValidationException(f"Model {name}: ExecutionRoleArn is required (its servers act as that role)")
+        self.roles.check(request["ExecutionRoleArn"], self._arn("model", name))
         with self.store.lock:
             if self.store.get(MODELS, name) is not None:
                 raise ValidationException(f'Cannot create already existing model "{self._arn("model", name)}".')

@@ -26,8 +26,10 @@ from botocore.model import OperationModel, ServiceModel, Shape
 from botocore.utils import parse_to_aware_datetime
 from botocore.validate import ParamValidator
 
+from local_aws import LOCAL_ACCOUNT
+
 CONTENT_TYPE = "application/x-amz-json-1.1"
-DEFAULT_REGION, DEFAULT_ACCOUNT = "us-east-1", "000000000000"
+DEFAULT_REGION, DEFAULT_ACCOUNT = "us-east-1", LOCAL_ACCOUNT
 
 
 # -- errors ------------------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ import uuid
 
 import httptools
 
+from local_aws import errors, sigv4
+from local_aws.permissions import Requirement
+from local_sagemaker.access import Access, AccessDenied, NotCached
+
 log = logging.getLogger(__name__)
 
 # InvokeEndpoint accepts at most 6 MB of payload.
@@ -247,6 +251,7 @@ class _Request:
     body: bytes
     refused: InvokeError | None
     keep_alive: bool
+    fields: dict[str, str]  # every header field by lower-case name (what the signature covers)
 
 
 class _Client(asyncio.Protocol):
@@ -263,6 +268,7 @@ class _Client(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._url, self._headers, self._body, self._size, self._header_bytes = b"", {}, [], 0, 0
+        self._fields: dict[str, str] = {}
         self._refused: InvokeError | None = None
 
     # asyncio.Protocol
@@ -301,7 +307,9 @@ class _Client(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value))
-        kept = _KEPT_REQUEST_HEADERS.get(name.decode("latin-1").lower())
+        lower, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        self._fields[lower] = f"{self._fields[lower]},{text}" if lower in self._fields else text
+        kept = _KEPT_REQUEST_HEADERS.get(lower)
         if kept:
             self._headers[kept] = value.decode("latin-1")
         elif name.lower() == b"content-length" and value.isdigit() and int(value) > MAX_PAYLOAD_BYTES:
@@ -324,7 +332,7 @@ class _Client(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = _Request(self.parser.get_method(), self._url, self._headers, b"".join(self._body), self._refused,
-                           self.parser.should_keep_alive())  # fmt: skip
+                           self.parser.should_keep_alive(), self._fields)  # fmt: skip
         self._reset()
         self.pending.append(request)
         if self.busy:
@@ -375,8 +383,8 @@ class _Client(asyncio.Protocol):
 class Runtime:
     """The runtime API's server: requests in, forwarded to the model server the router picks, answers out."""
 
-    def __init__(self, router: Router, account: str):
-        self.router, self.account = router, account
+    def __init__(self, router: Router, account: str, access: Access, region: str):
+        self.router, self.account, self.access, self.region = router, account, access, region
         self.upstreams = Upstreams()
         self.clients: set[_Client] = set()
         self.server: asyncio.Server | None = None
@@ -394,7 +402,10 @@ class Runtime:
             await self.server.wait_closed()
 
     async def invoke(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
-        path = request.url.split(b"?", 1)[0]
+        path, _, query = request.url.partition(b"?")
+        if request.refused is not None:  # its body was never kept: there is nothing to check a signature against
+            raise request.refused
+        await self._authenticate_and_authorize(request, path.decode("latin-1"), query.decode("latin-1"))
         match = INVOCATIONS_PATH.fullmatch(path.decode("latin-1"))
         if match is None or request.method != b"POST":
             raise InvokeError(404, "UnknownOperationException",
@@ -404,8 +415,6 @@ class Runtime:
             raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{name}' at "
                                 "'endpointName' failed to satisfy constraint: Member must satisfy regular "
                                 "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # fmt: skip
-        if request.refused is not None:
-            raise request.refused
         variant = request.headers.get(TARGET_VARIANT)
         target = self.router.pick(name, variant)
         if target is None:
@@ -437,6 +446,35 @@ class Runtime:
                    if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)]  # fmt: skip
         headers.append(("x-Amzn-Invoked-Production-Variant", target.variant))
         return reply.status, headers, reply.body
+
+    async def _authenticate_and_authorize(self, request: _Request, path: str, query: str) -> None:
+        """InvokeError as AWS answers unless the request is signed by a principal that may invoke its endpoint. The
+        caches answer a steady stream of requests in the event loop; a miss asks the local AWS from a thread."""
+        signed = sigv4.Request(request.method.decode("latin-1"), path, query, request.fields, request.body)
+        match = INVOCATIONS_PATH.fullmatch(path)
+        name = urllib.parse.unquote(match.group(1)).lower() if match else "*"
+        needed = [Requirement("sagemaker:InvokeEndpoint",
+                              f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name}")]  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                principal = self.access.authenticate(signed, fetch=False)
+            except NotCached:
+                principal = await loop.run_in_executor(None, self.access.authenticate, signed)
+            if match is None:
+                return
+            try:
+                self.access.authorize(principal, needed, fetch=False)
+            except NotCached:
+                await loop.run_in_executor(None, self.access.authorize, principal, needed)
+        except sigv4.AuthError as error:
+            raise InvokeError(*errors.describe("rest-json", error)) from None
+        except AccessDenied as error:
+            raise InvokeError(403, "AccessDeniedException", error.message) from None
+        except (OSError, RuntimeError) as error:  # the local AWS, which IAM is, did not answer
+            log.warning("IAM could not be asked about an invocation: %s", error)
+            raise InvokeError(503, "ServiceUnavailable", "IAM could not be asked whether the caller may invoke the "
+                              "endpoint; try again") from None  # fmt: skip
 
 
 def _too_large(what: str) -> InvokeError:

@@ -28,11 +28,15 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from local_aws import errors, sigv4
 from local_sagemaker import protocol
+from local_sagemaker.access import Access
 from local_sagemaker.endpoints import Endpoints
 from local_sagemaker.experiments import Experiments
 from local_sagemaker.models import Models
+from local_sagemaker.permissions import requirements
 from local_sagemaker.registry import Registry
+from local_sagemaker.roles import CREDENTIALS_PATH, Roles
 from local_sagemaker.runtime import Router, Runtime
 from local_sagemaker.store import Store
 from local_sagemaker.tags import Tags
@@ -45,28 +49,34 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8090
 DEFAULT_RUNTIME_PORT = 8091
 DEFAULT_REGION = "us-east-1"
-ACCOUNT = "000000000000"  # the account id of every local ARN
+ACCOUNT = protocol.DEFAULT_ACCOUNT  # the account id of every local ARN
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # far above any control-plane request; InvokeEndpoint checks its own 6 MB
 
 
 class Service:
     """The service's state and its operations: SageMaker operation name → handler(params) → result."""
 
-    def __init__(self, state_dir: Path, *, cpus: int, metrics_interval: float, region: str = DEFAULT_REGION,
-                 workers: int | None = None):  # fmt: skip
+    def __init__(self, state_dir: Path, *, aws_endpoint_url: str, service_url: str, cpus: int,
+                 metrics_interval: float, region: str = DEFAULT_REGION, workers: int | None = None):  # fmt: skip
+        """``aws_endpoint_url``: the local AWS, whose IAM decides who may call; ``service_url``: this control plane's
+        own URL, where the jobs' processes get their role's credentials."""
         self.store = Store(state_dir)
+        self.region = region
+        self.access = Access(aws_endpoint_url, region)
+        self.roles = Roles(region, ACCOUNT)
         self.router = Router()
         self.registry = Registry(self.store, region, ACCOUNT)
-        self.models = Models(self.store, region, ACCOUNT, packages=self.registry.package)
+        self.models = Models(self.store, region, ACCOUNT, roles=self.roles, packages=self.registry.package)
         self.experiments = Experiments(self.store, region, ACCOUNT)
         self.tags = Tags(self.store)
-        self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT,
-                                     on_change=self.experiments.record_training_job)  # fmt: skip
+        self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT, roles=self.roles,
+                                     service_url=service_url, on_change=self.experiments.record_training_job)  # fmt: skip
         self.tuning = TuningJobs(self.store, self.training, region, ACCOUNT)
         self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
-                                   metrics_interval=metrics_interval, region=region, account=ACCOUNT)  # fmt: skip
+                                   metrics_interval=metrics_interval, region=region, account=ACCOUNT,
+                                   roles=self.roles, service_url=service_url)  # fmt: skip
         self.transform = TransformJobs(self.store, self.models, state_dir, cpus=workers or cpus, region=region,
-                                       account=ACCOUNT)  # fmt: skip
+                                       account=ACCOUNT, roles=self.roles, service_url=service_url)  # fmt: skip
         self.operations = {
             "CreateTrainingJob": self.training.create,
             "DescribeTrainingJob": lambda p: self.training.describe(p["TrainingJobName"]),
@@ -112,6 +122,14 @@ class Service:
             "ListTags": self.tags.list,
             "DeleteTags": self.tags.delete,
         }
+        self.implemented = frozenset(self.operations)
+
+    def call(self, request: sigv4.Request, body: bytes) -> bytes:
+        """One control-plane request: who signed it, what it asks, whether IAM allows it; the answer's body."""
+        principal = self.access.authenticate(request)
+        operation, params = protocol.parse_request(request.headers.get("x-amz-target"), body, self.implemented)
+        self.access.authorize(principal, requirements(operation, params, region=self.region, account=ACCOUNT))
+        return protocol.serialize_response(operation, self.operations[operation](params))
 
     def start(self) -> None:
         self.endpoints.recover()
@@ -127,17 +145,18 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
     """The control plane's app; the runtime's server starts and stops with it, in the same event loop (the
     routes it follows are the service's)."""
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sagemaker-api")
-    implemented = frozenset(service.operations)
 
     async def control_plane(request: web.Request) -> web.Response:
+        body = await request.read()
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        fields = {name.lower(): ",".join(request.headers.getall(name)) for name in request.headers}
+        signed = sigv4.Request(request.method, raw_path, raw_query, fields, body)
         try:
-            operation, params = protocol.parse_request(
-                request.headers.get("X-Amz-Target"), await request.read(), implemented
-            )
-            handler = service.operations[operation]
-            result = await asyncio.get_running_loop().run_in_executor(executor, handler, params)
-            return web.Response(body=protocol.serialize_response(operation, result),
-                                headers=protocol.response_headers())  # fmt: skip
+            result = await asyncio.get_running_loop().run_in_executor(executor, service.call, signed, body)
+            return web.Response(body=result, headers=protocol.response_headers())
+        except sigv4.AuthError as error:
+            status, headers, body = errors.auth_failure("json", error)
+            return web.Response(status=status, headers=dict(headers), body=body)
         except protocol.SageMakerError as error:
             status, headers, body = protocol.error_response(error)
         except Exception as error:  # a bug: SageMaker's answer for it, and the traceback in the service's log
@@ -147,12 +166,20 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
             )
         return web.Response(status=status, headers=headers, body=body)
 
+    async def credentials(request: web.Request) -> web.Response:
+        # botocore's container provider sends the token it was given as the Authorization header.
+        token = request.headers.get("Authorization", "")
+        answer = await asyncio.get_running_loop().run_in_executor(executor, service.roles.for_token, token)
+        if answer is None:
+            return web.json_response({"message": "No credentials for this token"}, status=403)
+        return web.json_response(answer)
+
     async def ping(request: web.Request) -> web.Response:
         ready = service.endpoints.ready.is_set()
         return web.json_response({"status": "Healthy" if ready else "Recovering"}, status=200 if ready else 503)
 
     async def lifecycle(app: web.Application):
-        runtime = Runtime(service.router, ACCOUNT)
+        runtime = Runtime(service.router, ACCOUNT, service.access, service.region)
         await runtime.start(runtime_host, runtime_port)
         service.start()
         yield
@@ -163,6 +190,7 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app.router.add_post("/", control_plane)
     app.router.add_get("/ping", ping)
+    app.router.add_get(CREDENTIALS_PATH, credentials)
     app.cleanup_ctx.append(lifecycle)
     return app
 
@@ -179,8 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = Service(args.state_dir, cpus=args.cpus or len(os.sched_getaffinity(0)),
-                      metrics_interval=args.metrics_interval, region=args.region)  # fmt: skip
+    aws_endpoint_url = os.environ.get("AWS_ENDPOINT_URL")
+    if not aws_endpoint_url:
+        parser.error("AWS_ENDPOINT_URL must name the local AWS: its IAM decides who may call this service")
+    service = Service(args.state_dir, aws_endpoint_url=aws_endpoint_url, service_url=f"http://{args.host}:{args.port}",
+                      cpus=args.cpus or len(os.sched_getaffinity(0)), metrics_interval=args.metrics_interval,
+                      region=args.region)  # fmt: skip
     log.info("Local SageMaker service on http://%s:%d, its runtime on http://%s:%d, state in %s", args.host,
              args.port, args.host, args.runtime_port, args.state_dir)  # fmt: skip
     # uvloop: the runtime's raw protocols spend their time in the event loop and the transports, where uvloop

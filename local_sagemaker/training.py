@@ -26,12 +26,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from local_sagemaker import aws, processes
 from local_sagemaker.archives import ArchiveError, pack, unpack
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ResourceInUse, ValidationException, not_found
+from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,20 @@ class Cores:
 
 
 def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperParameters") -> None:
-    """ValidationException unless ``hyperparameters`` name a script-mode job's code, which is all this service runs."""
+    """ValidationException unless ``hyperparameters`` name a script-mode job's code, which is all this service runs:
+    its sourcedir, and an entry point that is a file inside it."""
     for key in ("sagemaker_program", "sagemaker_submit_directory"):
         if key not in hyperparameters:
             raise ValidationException(
                 f"{what} lack {key}: this local service runs script-mode jobs (the SageMaker "
                 "framework containers' contract: sagemaker_program and sagemaker_submit_directory)"
             )
+    program = hyperparameters["sagemaker_program"]
+    path = PurePosixPath(program)
+    if (not path.parts or path.is_absolute() or ".." in path.parts or program.startswith("-")
+            or any(character in program for character in "\\\0\n")):  # fmt: skip
+        raise ValidationException(f"{what}: sagemaker_program {program!r} must name a file inside the job's code "
+                                  "(a relative path, without '..')")  # fmt: skip
 
 
 def user_args(hyperparameters: Mapping[str, str]) -> list[str]:
@@ -148,10 +156,11 @@ def _gpu_count() -> int:
 
 def host_environments(
     *, job_name: str, ml_dir: Path, code_dir: Path, program: str, hyperparameters: Mapping[str, str],
-    channels: Mapping[str, Path], instance_count: int, cpus: int, region: str,
+    channels: Mapping[str, Path], instance_count: int, cpus: int, region: str, aws: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]]:  # fmt: skip
     """The environment of each host's process: what the SageMaker training toolkit sets, plus loopback DDP, over an
-    allow-listed base (never the service's own credentials or anything of Airflow's)."""
+    allow-listed base (never the service's own credentials or anything of Airflow's); ``aws``: how the job's role
+    reaches AWS (its credentials endpoint and where AWS is)."""
     hosts = [f"algo-{i + 1}" for i in range(instance_count)]
     hps = {key: _decoded(value) for key, value in hyperparameters.items() if not key.startswith("sagemaker_")}
     gpus_per_host = _gpu_count() // instance_count
@@ -162,6 +171,7 @@ def host_environments(
             "PYTHONPATH": str(code_dir),
             "OMP_NUM_THREADS": str(threads),
             "AWS_REGION": region,
+            **(aws or {}),
             "SM_HOSTS": json.dumps(hosts),
             "SM_NUM_CPUS": str(threads),
             "SM_NUM_GPUS": str(gpus_per_host),
@@ -205,10 +215,12 @@ def host_environments(
 
 class LogStreams:
     """A job's log lines to CloudWatch Logs, one stream per host, in batches: a job's log never waits on Logs.
-    ``group``: training jobs' by default (transform jobs log the same way to theirs)."""
+    ``logs``: a CloudWatch Logs client of the job's role; ``group``: training jobs' by default (transform jobs log the
+    same way to theirs)."""
 
-    def __init__(self, job_name: str, hosts: list[str], group: str = LOG_GROUP):
+    def __init__(self, job_name: str, hosts: list[str], logs, group: str = LOG_GROUP):
         epoch = int(time.time())
+        self.logs = logs
         self.group = group
         self.streams = {host: f"{job_name}/{host}-{epoch}" for host in hosts}
         self.pending: dict[str, list[dict]] = {host: [] for host in hosts}
@@ -218,7 +230,7 @@ class LogStreams:
 
     def _create(self) -> None:
         try:
-            logs = aws.client("logs")
+            logs = self.logs
             with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
                 logs.create_log_group(logGroupName=self.group)
             for stream in self.streams.values():
@@ -246,7 +258,7 @@ class LogStreams:
             batch, self.pending[host] = events, []
             try:
                 for start in range(0, len(batch), 5000):
-                    aws.client("logs").put_log_events(
+                    self.logs.put_log_events(
                         logGroupName=self.group, logStreamName=self.streams[host], logEvents=batch[start : start + 5000]
                     )
             except Exception as error:
@@ -266,9 +278,12 @@ class _Running:
 
 
 class TrainingJobs:
-    def __init__(self, store: Store, state_dir: Path, cpus: int, region: str, account: str,
-                 on_change: Callable[[dict], None] | None = None):  # fmt: skip
+    def __init__(self, store: Store, state_dir: Path, cpus: int, region: str, account: str, *, roles: Roles,
+                 service_url: str, on_change: Callable[[dict], None] | None = None):  # fmt: skip
+        """``roles``: the execution roles the jobs run as; ``service_url``: where their processes ask for the role's
+        credentials."""
         self.store = store
+        self.roles, self.service_url = roles, service_url
         self.jobs_dir = Path(state_dir) / "job-dirs"
         self.cores = Cores(cpus)
         self.region, self.account = region, account
@@ -294,6 +309,7 @@ class TrainingJobs:
         TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
         check_script_mode(request.get("HyperParameters", {}))
+        self.roles.check(request["RoleArn"], self.arn(name))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
                 raise ResourceInUse(f"Training job names must be unique within an AWS account and region, and a "
@@ -411,27 +427,32 @@ class TrainingJobs:
             count = int(record["ResourceConfig"]["InstanceCount"])
             cores = self.cores.acquire(name, count, running.stop)
             self._transition(name, "Downloading", "Downloading input data")
+            try:
+                role = self.roles.session(record["RoleArn"], record["TrainingJobArn"])
+            except ValidationException as error:  # its role cannot be assumed any more
+                raise JobFailed(f"ClientError: {error.message}") from None
+            s3 = role.client("s3")
             hyperparameters = record["HyperParameters"]
             uri = hyperparameters["sagemaker_submit_directory"]
             try:
-                code = self._get(uri, "sagemaker_submit_directory")
+                code = self._get(s3, uri, "sagemaker_submit_directory")
                 if address := aws.content_address(uri):  # code is run only as the key that names it says
                     aws.check_digest(code, address, f"sagemaker_submit_directory {uri}")
                 unpack(code, ml_dir / "code", uri)
             except (ArchiveError, ValueError) as error:
                 raise JobFailed(f"ClientError: {error}: refused") from None
             channels = {
-                channel["ChannelName"]: self._download_channel(channel, ml_dir / "input" / "data" / channel["ChannelName"])
+                channel["ChannelName"]: self._download_channel(s3, channel, ml_dir / "input" / "data" / channel["ChannelName"])
                 for channel in record.get("InputDataConfig", [])
             }  # fmt: skip
             self._check_stop(running)
             self._transition(name, "Training", "Training image download completed. Training in progress.",
                              TrainingStartTime=now())  # fmt: skip
-            metrics = self._train(record, ml_dir, channels, count, cores, running)
+            metrics = self._train(record, ml_dir, channels, count, cores, running, role)
             self._transition(name, "Uploading", "Uploading generated training model")
             output = f"{record['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{name}/output"
-            aws.put_verified(*aws.split_s3_uri(f"{output}/model.tar.gz"), pack(ml_dir / "model"))
-            aws.put_verified(*aws.split_s3_uri(f"{output}/output.tar.gz"), pack(ml_dir / "output" / "data"))
+            aws.put_verified(s3, *aws.split_s3_uri(f"{output}/model.tar.gz"), pack(ml_dir / "model"))
+            aws.put_verified(s3, *aws.split_s3_uri(f"{output}/output.tar.gz"), pack(ml_dir / "output" / "data"))
             moment = now()
             self._finish(
                 name, "Completed", "Completed",
@@ -458,15 +479,15 @@ class TrainingJobs:
             raise JobStopped()
 
     @staticmethod
-    def _get(uri: str, what: str) -> bytes:
+    def _get(s3, uri: str, what: str) -> bytes:
         try:
             bucket, key = aws.split_s3_uri(uri)
-            return aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as error:
             raise JobFailed(f"ClientError: cannot read {what} {uri}: {error}") from None
 
     @staticmethod
-    def _download_channel(channel: Mapping, target: Path) -> Path:
+    def _download_channel(s3, channel: Mapping, target: Path) -> Path:
         """Every object under an S3Prefix channel's prefix, into ``target``, keeping relative paths.
 
         A prefix with a manifest (SHA256SUMS) yields only the files it lists, each checked against its SHA-256, and
@@ -478,7 +499,6 @@ class TrainingJobs:
         if source is None:
             raise JobFailed(f"ClientError: channel {name}: only S3DataSource channels run here")
         bucket, prefix = aws.split_s3_uri(source["S3Uri"])
-        s3 = aws.client("s3")
         keys = [
             item["Key"]
             for part in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -518,7 +538,8 @@ class TrainingJobs:
                  ", each checked against its manifest" if listed is not None else "")  # fmt: skip
         return target
 
-    def _train(self, record: dict, ml_dir: Path, channels: dict, count: int, cores: int, running: _Running) -> dict:
+    def _train(self, record: dict, ml_dir: Path, channels: dict, count: int, cores: int, running: _Running,
+               role: RoleSession) -> dict:  # fmt: skip
         """Run the entry point on ``count`` hosts; the final metrics, or JobFailed / JobStopped."""
         name = record["TrainingJobName"]
         hyperparameters = record["HyperParameters"]
@@ -531,12 +552,14 @@ class TrainingJobs:
         definitions = record["AlgorithmSpecification"].get("MetricDefinitions", [])
         patterns = {definition["Name"]: re.compile(definition["Regex"]) for definition in definitions}
         program = hyperparameters["sagemaker_program"]
+        aws_environment = {**aws.endpoint_environment(),
+                           **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url)}  # fmt: skip
         environments = host_environments(
             job_name=name, ml_dir=ml_dir, code_dir=ml_dir / "code", program=program, hyperparameters=hyperparameters,
-            channels=channels, instance_count=count, cpus=cores, region=self.region,
+            channels=channels, instance_count=count, cpus=cores, region=self.region, aws=aws_environment,
         )  # fmt: skip
         hosts = [env["SM_CURRENT_HOST"] for env in environments]
-        streams = LogStreams(name, hosts)
+        streams = LogStreams(name, hosts, role.client("logs"))
         command = [sys.executable, program, *user_args(hyperparameters)]
         metrics: dict[str, float] = {}
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
@@ -561,8 +584,12 @@ class TrainingJobs:
         outcome: JobStopped | JobFailed | None = None
         try:
             for env in environments:
-                if not (ml_dir / "code" / program).is_file():
-                    raise JobFailed(f"ClientError: the entry point {program} is not in sagemaker_submit_directory")
+                code = (ml_dir / "code").resolve()
+                entry_point = (code / program).resolve()
+                if not entry_point.is_relative_to(code) or not entry_point.is_file():
+                    raise JobFailed(
+                        f"ClientError: the entry point {program} is not a file in sagemaker_submit_directory"
+                    )
                 process, started = processes.spawn(command, env=env, cwd=ml_dir / "code", stdout=-1)
                 running.processes.append(process)
                 running.records.append(started)
@@ -603,6 +630,7 @@ class TrainingJobs:
                     show(host, line)
             streams.flush(force=True)
             disk_log.close()
+            self.roles.forget(aws_environment)
         if outcome:
             raise outcome
         code = next((c for c in own_codes if c), 0)

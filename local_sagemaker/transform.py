@@ -44,6 +44,7 @@ from local_sagemaker.listing import filtered, page
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ResourceInUse, ValidationException
+from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.runtime import Reply, Upstreams
 from local_sagemaker.store import Store, now
 from local_sagemaker.training import LogStreams
@@ -129,6 +130,7 @@ class _Running:
 
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     servers: list = dataclasses.field(default_factory=list)
+    environments: list = dataclasses.field(default_factory=list)  # its servers' ways to their role's credentials
     shutdown: bool = False  # stopped by the service's own stop, not by StopTransformJob
     thread: threading.Thread | None = None
 
@@ -180,8 +182,12 @@ def _model_message(reply: Reply) -> str:
 
 
 class TransformJobs:
-    def __init__(self, store: Store, models: Models, state_dir: Path, *, cpus: int, region: str, account: str):
+    def __init__(self, store: Store, models: Models, state_dir: Path, *, cpus: int, region: str, account: str,
+                 roles: Roles, service_url: str):  # fmt: skip
+        """``roles``: the execution roles the jobs run as (their models'); ``service_url``: where their model servers
+        ask for the role's credentials."""
         self.store, self.models = store, models
+        self.roles, self.service_url = roles, service_url
         self.jobs_dir = Path(state_dir).resolve() / "transform-job-dirs"
         self.cpus = max(1, cpus)
         self.region, self.account = region, account
@@ -327,7 +333,15 @@ class TransformJobs:
         # take turns on them.
         count = min(int(record["TransformResources"]["InstanceCount"]), self.cpus)
         instances = [f"i-{secrets.token_hex(9)[:17]}" for _ in range(count)]
-        streams = LogStreams(name, instances, group=LOG_GROUP)
+        try:
+            model = self.models.model(record["ModelName"])
+            role = self.roles.session(model["ExecutionRoleArn"], record["TransformJobArn"])
+        except ValidationException as error:  # the model is gone, or its role cannot be assumed any more
+            self._finish(name, "Failed", f"ClientError: {error.message}")
+            self.running.pop(name, None)
+            return
+        s3 = role.client("s3")
+        streams = LogStreams(name, instances, role.client("logs"), group=LOG_GROUP)
 
         def say(line: str, instance: str = instances[0]) -> None:
             streams.add(instance, line)
@@ -335,14 +349,14 @@ class TransformJobs:
         self._set(name, TransformStartTime=now())
         status, reason = "Failed", None
         try:
-            objects = self._download(record, work / "input", running, say)
-            plan, urls = self._start_servers(name, record, work, instances, running, say)
+            objects = self._download(s3, record, work / "input", running, say)
+            plan, urls = self._start_servers(name, record, work, instances, running, say, role)
             for index, instance in enumerate(instances):
                 say(f"Transforming {len(objects[index :: len(instances)])} objects", instance)
             streams.flush(force=True)  # the log shows the phase has begun
             figures = self._transform(running, urls, objects, plan)
             failed = [obj for obj in objects if not obj.succeeded]
-            self._upload(record, [obj for obj in objects if obj.succeeded], running, say)
+            self._upload(s3, record, [obj for obj in objects if obj.succeeded], running, say)
             images = self._images([obj for obj in objects if obj.succeeded])
             seconds = figures["transform_seconds"]
             figures = {
@@ -370,6 +384,8 @@ class TransformJobs:
         finally:
             # Done only once nothing of it runs and its log is written: whoever waits for the status may rely on it.
             processes.stop(running.servers, grace=5)
+            for environment in running.environments:
+                self.roles.forget(environment)
             for instance in instances:  # the container's own log, as SageMaker shows it in the instance's stream
                 for line in processes.log_tail(work / "logs" / f"{instance}.log", 200).splitlines():
                     streams.add(instance, line)
@@ -383,11 +399,11 @@ class TransformJobs:
         if running.stop.is_set():
             raise JobStopped()
 
-    def _inputs(self, record: dict) -> list[tuple[str, str, str]]:
+    @staticmethod
+    def _inputs(s3, record: dict) -> list[tuple[str, str, str]]:
         """(bucket, key, name) of each input object, ``name`` its key relative to the prefix."""
         source = record["TransformInput"]["DataSource"]["S3DataSource"]
         uri = source["S3Uri"]
-        s3 = aws.client("s3")
         try:
             if source["S3DataType"] == "ManifestFile":
                 bucket, key = aws.split_s3_uri(uri)
@@ -410,10 +426,9 @@ class TransformJobs:
             raise JobFailed(f"ClientError: no objects to transform under {uri}")
         return inputs
 
-    def _download(self, record: dict, directory: Path, running: _Running, say) -> list[_Object]:
-        inputs = self._inputs(record)
+    def _download(self, s3, record: dict, directory: Path, running: _Running, say) -> list[_Object]:
+        inputs = self._inputs(s3, record)
         directory.mkdir(parents=True, exist_ok=True)
-        s3 = aws.client("s3")
 
         def fetch(index: int) -> _Object:
             self._check_stop(running)
@@ -433,22 +448,25 @@ class TransformJobs:
         return objects
 
     def _start_servers(self, name: str, record: dict, work: Path, instances: list[str], running: _Running,
-                       say) -> tuple[_Plan, list[str]]:  # fmt: skip
+                       say, role: RoleSession) -> tuple[_Plan, list[str]]:  # fmt: skip
         """One model server per instance, started together; the plan of the requests, with the defaults settled
         (and written into the record, as SageMaker shows what ran)."""
         model = self.models.model(record["ModelName"])
         container = model.get("PrimaryContainer") or model["Containers"][0]
         try:
-            model_dir = model_servers.model_dir(work / "model", container["ModelDataUrl"])
+            model_dir = model_servers.model_dir(work / "model", container["ModelDataUrl"], role.client("s3"))
         except LaunchFailed as error:
             raise JobFailed(f"ClientError: {error}") from None
         self._check_stop(running)
         environment = {**container.get("Environment", {}), **record.get("Environment", {})}
         workers = max(1, self.cpus // len(instances))
+        aws_environment = {**aws.endpoint_environment(),
+                           **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url)}  # fmt: skip
+        running.environments.append(aws_environment)
         with ThreadPoolExecutor(len(instances), thread_name_prefix="transform-server") as pool:
             futures = [
                 pool.submit(model_servers.start, model_dir, name=name, variant=instance, workers=workers,
-                            metrics_interval=None, environment=environment,
+                            metrics_interval=None, environment=environment, aws_environment=aws_environment,
                             log_path=work / "logs" / f"{instance}.log", stopping=running.stop)
                 for instance in instances
             ]  # fmt: skip
@@ -502,7 +520,7 @@ class TransformJobs:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_transform(running, urls, objects, plan))
 
-    def _upload(self, record: dict, objects: list[_Object], running: _Running, say) -> None:
+    def _upload(self, s3, record: dict, objects: list[_Object], running: _Running, say) -> None:
         output = record["TransformOutput"]["S3OutputPath"].rstrip("/")
         separator = b"\n" if record["TransformOutput"].get("AssembleWith", "None") == "Line" else b""
 
@@ -510,7 +528,7 @@ class TransformJobs:
             self._check_stop(running)  # a stopped job writes no more output
             replies = [obj.replies[index] for index in range(len(obj.replies))]
             body = b"".join(reply + separator for reply in replies)
-            aws.put_verified(*aws.split_s3_uri(f"{output}/{obj.name}.out"), body)
+            aws.put_verified(s3, *aws.split_s3_uri(f"{output}/{obj.name}.out"), body)
 
         began = time.monotonic()
         with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="transform-s3") as pool:

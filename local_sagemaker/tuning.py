@@ -394,6 +394,7 @@ class TuningJobs:
     def create(self, request: dict) -> dict:
         name = request["HyperParameterTuningJobName"]
         plan(request)  # refused here, before anything starts
+        self.training.roles.check(request["TrainingJobDefinition"]["RoleArn"], self.arn(name))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
                 raise ResourceInUse(f"Hyperparameter tuning job names must be unique within an AWS account and "

@@ -36,7 +36,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from tasks.config import PUBLIC_MNIST_MIRRORS, PipelineConfig, comma_list, load_config
 from tasks.hooks import s3_hook
-from tasks.s3 import UploadError, put_verified, stored_difference
+from tasks.s3 import UploadError, put_once, stored_difference
 from training.mnist_idx import MNIST_FILES
 
 log = logging.getLogger(__name__)
@@ -387,9 +387,10 @@ def dataset_sha256(directory: str | os.PathLike) -> str:
 def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None = None) -> str:
     """Store the four files under s3://<bucket>/<prefix>/datasets/mnist/<sha256>/ and return that URI.
 
-    Skips (and logs so) when the complete dataset is already there. Each object is sent with its SHA-256 and MD5
-    (S3 rejects a body that does not match) and read back: an object whose stored checksums differ is removed and
-    the upload fails. The manifest goes last, so an interrupted upload never looks complete.
+    Skips (and logs so) when the complete dataset is already there. Each object is written once (tasks.s3.put_once:
+    with its SHA-256 and MD5, which S3 checks, and only where nothing is) and checked as stored. The manifest goes
+    last, so an interrupted upload never looks complete; the files it left are reused by the next attempt. A key of
+    the dataset that holds another body is an error naming it: nothing there is deleted or replaced.
     """
 
     config = config or load_config()
@@ -405,33 +406,30 @@ def upload_dataset(directory: str | os.PathLike, config: PipelineConfig | None =
     if len(intact) == len(objects):
         log.info("%s already holds this dataset with matching checksums: skipping the upload", uri)
         return uri
-    if MANIFEST in intact:  # a file went missing or changed under a complete dataset: mark it incomplete first
-        client.delete_object(Bucket=bucket, Key=key_prefix + MANIFEST)
-        intact.remove(MANIFEST)
     if intact:
         log.info("%s: reusing %s, stored intact by an earlier attempt", uri, ", ".join(sorted(intact)))
-
-    written = []
-    try:
-        for name, body in objects.items():
-            if name not in intact:
-                put_verified(client, bucket, key_prefix + name, body)
-                written.append(name)
-    except BaseException:
-        # Best effort: what this attempt wrote is of no use without the manifest. (A killed process cannot clean
-        # up; its leftovers never count as a dataset, and the next attempt reuses them.)
-        if written:
-            with contextlib.suppress(Exception):
-                hook.delete_objects(bucket, [key_prefix + name for name in written])
-        raise
+    written = [
+        name
+        for name, body in objects.items()
+        if name not in intact and put_once(client, bucket, key_prefix + name, body)
+    ]
     log.info("%s: uploaded and verified %s", uri, ", ".join(written))
     return uri
 
 
 def _ensure_bucket(hook, config: PipelineConfig) -> None:
-    # The bucket is the deployment's (on a laptop, `mnist-pipeline up` makes it): a run never creates one.
-    if not hook.check_for_bucket(config.bucket):
-        raise UploadError(
-            f"S3 bucket {config.bucket!r} does not exist or connection {config.aws_conn_id!r} may not use it: "
-            "create it, or set `bucket` in the mnist_pipeline configuration"
-        )
+    """UploadError naming the bucket unless the pipeline may use its prefix there. The bucket is the deployment's
+    (on a laptop, `mnist-pipeline up` makes it): a run never creates one. Asked by listing the prefix, not with
+    HeadBucket: S3 authorizes that as s3:ListBucket on the whole bucket, which the pipeline's policy does not grant."""
+    from botocore.exceptions import ClientError
+
+    prefix = f"{config.prefix.strip('/')}/"
+    try:
+        hook.conn.list_objects_v2(Bucket=config.bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as error:
+        code = error.response["Error"]["Code"]
+        if code == "NoSuchBucket":
+            raise UploadError(f"S3 bucket {config.bucket!r} does not exist: create it, or set `bucket` in the "
+                              "mnist_pipeline configuration") from None  # fmt: skip
+        raise UploadError(f"connection {config.aws_conn_id!r} may not list s3://{config.bucket}/{prefix} "
+                          f"({code}: {error.response['Error']['Message']})") from None  # fmt: skip

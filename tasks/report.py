@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,19 +61,20 @@ def job_outputs(model_data_url: str, config: PipelineConfig) -> dict:
     import numpy as np
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from tasks.archives import members, read_archive
+
     bucket, key = S3Hook.parse_s3_url(f"{model_data_url.rsplit('/', 1)[0]}/output.tar.gz")
-    s3 = s3_hook(config)
     found = {"metrics": None, "misclassified": None}
-    if not s3.check_for_key(key, bucket):
+    body = read_archive(config, bucket, key)
+    if body is None:
         return found
-    body = s3.conn.get_object(Bucket=bucket, Key=key)["Body"].read()
-    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
-        names = {Path(name).name: name for name in archive.getnames()}
-        if "metrics.json" in names:
-            found["metrics"] = json.load(archive.extractfile(names["metrics.json"]))
-        if "misclassified.npz" in names:
-            with np.load(io.BytesIO(archive.extractfile(names["misclassified.npz"]).read())) as arrays:
-                found["misclassified"] = {name: arrays[name] for name in arrays.files}
+    files = members(body, f"s3://{bucket}/{key}", wanted={"metrics.json", "misclassified.npz"})
+    if "metrics.json" in files:
+        found["metrics"] = json.loads(files["metrics.json"])
+    if "misclassified.npz" in files:
+        # allow_pickle off: arrays only, whatever the file claims to hold.
+        with np.load(io.BytesIO(files["misclassified.npz"]), allow_pickle=False) as arrays:
+            found["misclassified"] = {name: arrays[name] for name in arrays.files}
     return found
 
 

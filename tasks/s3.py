@@ -2,7 +2,8 @@
 
 A content-addressed key names its body's SHA-256 (`<s3_root>/<kind>/<sha256>/<file>`): whoever uses the object
 checks the body against the key before running or trusting it, so a planted or damaged object is refused by name.
-The pipeline's training code, datasets and models are stored this way.
+The pipeline's training code, datasets and models are stored this way, each written once (`If-None-Match: *`, as
+the bucket's policy demands there) and never deleted or replaced.
 
 Airflow hooks are imported inside the functions: DAG files import modules that import this one.
 """
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 class UploadError(RuntimeError):
     """An object could not be stored in S3 intact; the message names the bucket or object."""
+
+
+class ContentAddressError(UploadError):
+    """A content-addressed key holds another body than the one it names; the message names the object."""
 
 
 def stored_difference(client, bucket: str, key: str, body: bytes) -> str | None:
@@ -74,21 +79,42 @@ def put_verified(client, bucket: str, key: str, body: bytes) -> None:
 def put_content_addressed(config: PipelineConfig, kind: str, filename: str, body: bytes) -> str:
     """Store ``body`` at ``<s3_root>/<kind>/<sha256>/<filename>`` unless it is there intact; return its S3 URI.
 
-    Whatever else sits at that address (planted, or damaged) is replaced, never used.
+    Whatever else sits at that address is an error naming it (ContentAddressError): it is never used, nor replaced.
     """
     digest = hashlib.sha256(body).hexdigest()
     key = f"{config.prefix.strip('/')}/{kind}/{digest}/{filename}"
     uri = f"s3://{config.bucket}/{key}"
-    client = s3_hook(config).conn
-    difference = stored_difference(client, config.bucket, key, body)
-    if difference is None:
+    if put_once(s3_hook(config).conn, config.bucket, key, body):
+        log.info("Stored %s (%d bytes)", uri, len(body))
+    else:
         log.info("%s is already in S3, intact", uri)
-        return uri
-    if difference != "missing":
-        log.warning("%s does not hold the body its key names (%s): replacing it", uri, difference)
-    put_verified(client, config.bucket, key, body)
-    log.info("Stored %s (%d bytes)", uri, len(body))
     return uri
+
+
+def put_once(client, bucket: str, key: str, body: bytes) -> bool:
+    """Write ``body`` at ``key`` unless an object is there (``If-None-Match: *``, which the bucket's policy demands
+    under the content-addressed prefixes), with its MD5 and SHA-256 (S3 refuses a body that does not match them).
+    True when written, False when the very same body was there already; ContentAddressError naming the object
+    when something else is: content-addressed objects are written once, never deleted nor replaced."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*", **checksums(body))
+        written = True
+    except ClientError as exc:
+        # 412: an object is there already; 409: another writer's conditional put of it is under way.
+        if exc.response["ResponseMetadata"]["HTTPStatusCode"] not in (409, 412):
+            raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
+        written = False
+    except BotoCoreError as exc:  # a broken connection
+        raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
+    difference = stored_difference(client, bucket, key, body)
+    if difference is not None:
+        raise ContentAddressError(
+            f"s3://{bucket}/{key} does not hold the body its address names ({difference}): it is left as it is, "
+            "neither used nor replaced; remove it by hand once you know how it came there"
+        )
+    return written
 
 
 def read_object(config: PipelineConfig, uri: str) -> bytes:

@@ -6,23 +6,27 @@ the `metrics.json` the training script leaves in the job's `output.tar.gz` (Sage
 dir there). The highest accuracy wins; a tie goes to the model with fewer parameters.
 Accuracies returned are fractions (0.9714), as in metrics.json.
 
+The winner's model.tar.gz is published under its SHA-256 only if it holds exactly the files the job made: the
+training script names each file's SHA-256 in the job's own log (training/contract.py), which only the job's role
+may write. A model.tar.gz put there by anyone else fails selection, naming the job and the object.
+
 Imported by the DAG at parse time: airflow hooks are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
 import math
-import tarfile
 from collections.abc import Iterable, Mapping
 
 from tasks.config import PipelineConfig
-from tasks.hooks import s3_hook
 from tasks.training_jobs import ACCURACY_METRIC
 
 log = logging.getLogger(__name__)
+
+TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"  # SageMaker's, where each host of a job logs to a stream of its own
 
 
 class SelectionError(RuntimeError):
@@ -33,16 +37,15 @@ def output_metrics(description: Mapping, config: PipelineConfig) -> dict | None:
     """metrics.json from the job's output.tar.gz (next to model.tar.gz), or None when the job left none."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from tasks.archives import members, read_archive
+
     model_uri = description["ModelArtifacts"]["S3ModelArtifacts"]
     bucket, key = S3Hook.parse_s3_url(f"{model_uri.rsplit('/', 1)[0]}/output.tar.gz")
-    s3 = s3_hook(config)
-    if not s3.check_for_key(key, bucket):
+    body = read_archive(config, bucket, key)
+    if body is None:
         return None
-    body = s3.conn.get_object(Bucket=bucket, Key=key)["Body"].read()
-    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
-        # At the archive's root, whether packed as "metrics.json" or "./metrics.json".
-        member = next((m for m in archive.getmembers() if m.isfile() and m.name.lstrip("./") == "metrics.json"), None)
-        return json.load(archive.extractfile(member)) if member else None
+    found = members(body, f"s3://{bucket}/{key}", wanted={"metrics.json"})  # at the root, as "metrics.json" or "./"
+    return json.loads(found["metrics.json"]) if "metrics.json" in found else None
 
 
 def trial(description: Mapping, metrics: Mapping | None) -> dict:
@@ -134,23 +137,67 @@ def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig, tuning:
             trials.append(trial(description, output_metrics(description, config)))
         trials.sort(key=lambda t: t["hidden_channels"])
     best = best_of(trials)
-    best = {**best, **publish_model(best["model_data_url"], config)}
+    best = {**best, **publish_model(best["model_data_url"], config, best["training_job_name"])}
     if tuning:
         best["tuning_job_name"] = tuning["Tuning"]["HyperParameterTuningJobName"]
     log_report({**best, "trials": trials})
     return {**best, "trials": trials}
 
 
-def publish_model(model_data_url: str, config: PipelineConfig) -> dict:
-    """Copy the chosen job's model.tar.gz to ``<s3_root>/models/<sha256>/model.tar.gz``, the address everything
-    after selection uses: SageMaker models, endpoints, the champion. The model and the inference code packed in it
-    then run only as the SHA-256 its key names, whatever is written later where the job left it."""
-    from tasks.s3 import put_content_addressed, read_object
+def publish_model(model_data_url: str, config: PipelineConfig, job_name: str) -> dict:
+    """Copy the model.tar.gz of training job ``job_name`` to ``<s3_root>/models/<sha256>/model.tar.gz``, the address
+    everything after selection uses: SageMaker models, endpoints, the champion. The model and the inference code
+    packed in it then run only as the SHA-256 its key names, whatever is written later where the job left it. It is
+    published only if it holds exactly the files the job made (``made_files``); SelectionError otherwise."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    body = read_object(config, model_data_url)
+    from tasks.archives import ArchiveError, members, read_archive
+    from tasks.s3 import put_content_addressed
+
+    bucket, key = S3Hook.parse_s3_url(model_data_url)
+    try:
+        body = read_archive(config, bucket, key)
+        if body is None:
+            raise SelectionError(f"training job {job_name} left no model at {model_data_url}")
+        held = {name: hashlib.sha256(data).hexdigest() for name, data in members(body, model_data_url).items()}
+    except ArchiveError as error:
+        raise SelectionError(f"training job {job_name}: {error}") from None
+    made = made_files(config, job_name)
+    if held != made:
+        differ = sorted(name for name in held.keys() | made.keys() if held.get(name) != made.get(name))
+        raise SelectionError(f"{model_data_url} does not hold the files training job {job_name} made (its log names "
+                             f"their SHA-256); these differ: {', '.join(differ)}. Not published.")  # fmt: skip
     published = put_content_addressed(config, "models", "model.tar.gz", body)
     log.info("Model %s published as %s", model_data_url, published)
     return {"model_data_url": published, "training_model_data_url": model_data_url}
+
+
+def made_files(config: PipelineConfig, job_name: str) -> dict[str, str]:
+    """The files training job ``job_name`` made (relative path → SHA-256), as its first host's log names them."""
+    from tasks.hooks import hook
+    from training.contract import MODEL_FILES_LINE
+
+    logs = hook(config, "logs").conn
+    streams = logs.describe_log_streams(logGroupName=TRAINING_LOG_GROUP, logStreamNamePrefix=f"{job_name}/algo-1-")
+    for stream in streams["logStreams"]:
+        token = None
+        while True:
+            page = logs.get_log_events(logGroupName=TRAINING_LOG_GROUP, logStreamName=stream["logStreamName"],
+                                       startFromHead=True, **({"nextToken": token} if token else {}))  # fmt: skip
+            for event in page["events"]:
+                if MODEL_FILES_LINE in event["message"]:
+                    try:
+                        return json.loads(event["message"].split(MODEL_FILES_LINE, 1)[1])
+                    except ValueError:
+                        raise SelectionError(
+                            f"training job {job_name}: its log's model files line is not JSON"
+                        ) from None
+            # At the end of a stream CloudWatch Logs gives the same token back.
+            if not page["events"] or page.get("nextForwardToken") in (None, token):
+                break
+            token = page["nextForwardToken"]
+    raise SelectionError(f"training job {job_name}: its log names no model files ({MODEL_FILES_LINE!r}), so nothing "
+                         "tells its model.tar.gz from another: not published")  # fmt: skip
 
 
 def log_report(best: Mapping) -> None:

@@ -89,6 +89,13 @@ class RequestRefused(ValueError):
     """A run's training requests are outside what the configuration allows; the message names the param."""
 
 
+def dataset_digest(training_data_uri: str) -> dict[str, str]:
+    """The hyperparameter by which the training script checks its channel (training/channel.py): the SHA-256 a
+    content-addressed dataset's prefix names (`.../datasets/mnist/<sha256>/`), if it names one."""
+    last = training_data_uri.rstrip("/").rsplit("/", 1)[-1]
+    return {"dataset_sha256": last} if re.fullmatch(r"[0-9a-f]{64}", last) else {}
+
+
 def build_training_job_request(
     *,
     job_name: str,
@@ -127,6 +134,7 @@ def build_training_job_request(
         },
         "HyperParameters": {
             **{key: str(value) for key, value in hyperparameters.items()},
+            **dataset_digest(training_data_uri),
             "sagemaker_program": ENTRY_POINT,
             "sagemaker_submit_directory": sourcedir_uri,
             "sagemaker_region": region,

@@ -1,5 +1,11 @@
-"""Shared fixtures: an isolated Airflow home, the local AWS (moto server on loopback), the local SageMaker service
-and small MNIST files."""
+"""Shared fixtures: an isolated Airflow home, the local AWS (moto behind its IAM gateway, on loopback), the local
+SageMaker service and small MNIST files.
+
+Every request the tests make is signed and authorized. The tests act as the local account's administrator (the
+environment's keys, and the ``aws_default`` connection), so that they may make any bucket they like; the jobs they
+start run as the pipeline's execution role, with its shipped trust policy, and beside its shipped permissions one
+that reaches the tests' buckets (cli.local_aws.scratch_principals). The shipped policies themselves are proven whole
+on a stack (tests/test_policies.py), and request by request in tests/test_local_iam.py."""
 
 from __future__ import annotations
 
@@ -22,8 +28,6 @@ os.environ.update(
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
         "MNIST_PIPELINE_STATE_DIR": str(_SESSION_HOME / "state"),
-        "AWS_ACCESS_KEY_ID": "local",
-        "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
@@ -47,17 +51,46 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
+def _execution_role() -> str:
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig().role_arn  # the configuration's default: the scratch account's execution role
+
+
+EXECUTION_ROLE = _execution_role()
+
+
+def _keys():
+    from cli.local_aws import StackKeys
+
+    return StackKeys.new()
+
+
+KEYS = _keys()
+os.environ.update(KEYS.admin.environment())  # the tests' own boto3 clients sign as the administrator
+
+
+def start_test_aws(directory: Path, **options):
+    """A local AWS of the tests' principals (cli.local_aws.scratch_principals); returns (process, endpoint URL)."""
+    from cli.local_aws import start_scratch_aws
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return start_scratch_aws(directory, KEYS, **options)
+
+
 @pytest.fixture(scope="session")
 def local_aws():
-    """moto in server mode on 127.0.0.1; the `aws_default` connection points at it. Yields the endpoint URL."""
-    from cli.local_aws import connection_uri, start_moto_server
+    """The local AWS on 127.0.0.1; the `aws_default` connection points at it, signing as the administrator. Yields
+    the endpoint URL."""
+    from cli.local_aws import connection_uri
 
-    process, endpoint_url = start_moto_server()
+    process, endpoint_url = start_test_aws(_SESSION_HOME / "local-aws", log_path=_SESSION_HOME / "local-aws.log",
+                                           decision_log=_SESSION_HOME / "iam-decisions.jsonl")  # fmt: skip
     try:
-        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url)
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url, KEYS.admin)
         yield endpoint_url
     finally:
-        process.kill()
+        process.terminate()
         process.wait()
 
 
@@ -66,14 +99,14 @@ def local_sagemaker_service(local_aws):
     """The local SageMaker service on 127.0.0.1, backed by the session's local AWS; from here on the `aws_default`
     connection sends `sagemaker` and `sagemaker-runtime` to it, as the local stack's does. Yields its
     ``launch.Started`` (process record, control-plane URL, runtime URL)."""
-    from cli.local_aws import LOCAL_CREDENTIALS, connection_uri
+    from cli.local_aws import connection_uri
     from local_sagemaker import launch
 
     started = launch.start(
-        _SESSION_HOME / "sagemaker", local_aws, credentials=LOCAL_CREDENTIALS, cpus=2, metrics_interval=1
+        _SESSION_HOME / "sagemaker", local_aws, credentials=KEYS.sagemaker.environment(), cpus=2, metrics_interval=1
     )
     try:
-        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, sagemaker_endpoint=started.url,
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, KEYS.admin, sagemaker_endpoint=started.url,
                                                                 runtime_endpoint=started.runtime_url)  # fmt: skip
         # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
         os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"

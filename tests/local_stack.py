@@ -24,7 +24,8 @@ from training.mnist_idx import load_mnist
 
 DEADLINE_SECONDS = 15
 # Variables of the test session that must not leak into the stack: it has its own home, connection and config.
-_NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE")
+_NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE",
+                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -56,6 +57,24 @@ class Stack:
     def password(self) -> str:
         return json.loads(self.paths.passwords.read_text())[USERNAME]
 
+    @property
+    def keys(self):
+        """The stack's keys (cli.local_aws.StackKeys): the administrator's, the pipeline's, the SageMaker service's."""
+        from cli.local_aws import StackKeys
+
+        return StackKeys.load(self.paths.credentials)
+
+    def client(self, service: str, key=None):
+        """A boto3 client of the stack, signing as the pipeline (or with ``key``): SageMaker at the local SageMaker
+        service, the rest at the local AWS."""
+        import boto3
+
+        key = key or self.keys.pipeline
+        url = {"sagemaker": self.state["sagemaker_endpoint"],
+               "sagemaker-runtime": self.state["sagemaker_runtime_endpoint"]}.get(service, self.state["aws_endpoint"])  # fmt: skip
+        return boto3.client(service, endpoint_url=url, region_name="us-east-1", aws_access_key_id=key.access_key_id,
+                            aws_secret_access_key=key.secret_access_key)  # fmt: skip
+
     def api(self) -> httpx.Client:
         # As patient as the client below: an API server just started again (`up` after `down`) answers slowly.
         token = httpx.post(f"{self.url}/auth/token", json={"username": USERNAME, "password": self.password}, timeout=30)
@@ -77,6 +96,14 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
     global _shared
     if _shared is not None and not _shared.stopped:
         return _shared
+    _shared = start_stack(request, mnist_dir)
+    request.config.add_cleanup(stop_shared)  # cleanups run last in, first out
+    return _shared
+
+
+def start_stack(request, mnist_dir: Path) -> Stack:
+    """A new stack of its own state directory (removed at the session's end), set up for the MNIST files in
+    ``mnist_dir``; whoever starts it stops it."""
     state_dir = Path(tempfile.mkdtemp(prefix="mnist-stack-"))
     md5sums = state_dir / "mnist.md5"
     md5sums.write_text("".join(f"{_md5(path)}  {path.name}\n" for path in sorted(mnist_dir.glob("*-ubyte.gz"))))
@@ -105,8 +132,6 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
         stack.down()
         raise AssertionError(f"`mnist-pipeline up` failed ({result.returncode}):\n{stack.up_output}")
     request.config.add_cleanup(lambda: shutil.rmtree(state_dir, ignore_errors=True))
-    request.config.add_cleanup(stop_shared)  # cleanups run last in, first out
-    _shared = stack
     return stack
 
 

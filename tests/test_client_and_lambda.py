@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mnist_client import Client, PredictionError, predict
+from tests.conftest import EXECUTION_ROLE
 from tests.endpoint_helpers import model_artifacts, pack
 from training.mnist_idx import load_mnist
 
@@ -28,7 +29,7 @@ def endpoint(local_sagemaker, local_sagemaker_runtime, local_aws, small_mnist, t
     archive = pack(built["good"], tmp_path_factory.mktemp("client-artifact") / "model.tar.gz")
     s3.upload_file(str(archive), BUCKET, "good/model.tar.gz")
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    sagemaker.create_model(ModelName=ENDPOINT, ExecutionRoleArn="arn:aws:iam::000000000000:role/test",
+    sagemaker.create_model(ModelName=ENDPOINT, ExecutionRoleArn=EXECUTION_ROLE,
                            PrimaryContainer={"Image": "pytorch-inference",
                                              "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"})  # fmt: skip
     sagemaker.create_endpoint_config(EndpointConfigName=ENDPOINT, ProductionVariants=[

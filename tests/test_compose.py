@@ -55,7 +55,9 @@ def services(env_file) -> dict:
 def test_the_example_env_ships_no_secret_and_compose_refuses_it():
     """.env.example as it is: every secret empty, and compose will not start on it, naming what to set."""
     secrets = ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY",
-               "AIRFLOW_FERNET_KEY")  # fmt: skip
+               "AIRFLOW_FERNET_KEY", "PIPELINE_AWS_ACCESS_KEY_ID", "PIPELINE_AWS_SECRET_ACCESS_KEY",
+               "LOCAL_AWS_ADMIN_ACCESS_KEY_ID", "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY", "LOCAL_SAGEMAKER_AWS_ACCESS_KEY_ID",
+               "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY")  # fmt: skip
     example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
                    if "=" in line and not line.startswith("#"))  # fmt: skip
     assert {name: example[name] for name in secrets} == dict.fromkeys(secrets, "")
@@ -120,16 +122,28 @@ def test_services_and_health_checks(services):
         }, name
     assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     init = " ".join(services["airflow-init"]["command"])
-    assert "airflow db migrate" in init and "create_bucket(Bucket=os.environ['MNIST_PIPELINE_BUCKET'])" in init
-    # The local SageMaker service sees the local AWS and nothing of Airflow's; the local AWS refuses browsers.
+    assert "airflow db migrate" in init and "python -m cli.local_aws setup --endpoint-url http://local-aws:5000" in init
+    # The local SageMaker service sees the local AWS and its own key, nothing of Airflow's; Airflow signs with the
+    # pipeline's key; the administrator's reach only the local AWS and the one-shot init.
     sagemaker = services["local-sagemaker"]
     assert sagemaker["environment"]["AWS_ENDPOINT_URL"] == "http://local-aws:5000"
     assert not [key for key in sagemaker["environment"] if key.startswith("AIRFLOW")]
     assert sagemaker["entrypoint"] == ["python", "-m", "local_sagemaker"]
-    assert services["local-aws"]["environment"]["MOTO_DISABLE_GLOBAL_CORS"] == "true"
+    keys = {service: {value for key, value in services[service]["environment"].items() if "ACCESS_KEY" in key}
+            for service in services if "environment" in services[service]}  # fmt: skip
+    admin = services["local-aws"]["environment"]["LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY"]
+    assert sorted(service for service, values in keys.items() if admin in values) == ["airflow-init", "local-aws"]
+    pipeline = services["local-aws"]["environment"]["PIPELINE_AWS_SECRET_ACCESS_KEY"]
+    assert all(services[name]["environment"]["AWS_SECRET_ACCESS_KEY"] == pipeline for name in AIRFLOW_SERVICES)
+    assert (
+        sagemaker["environment"]["AWS_SECRET_ACCESS_KEY"]
+        == keys["local-aws"]
+        .intersection({services["local-aws"]["environment"]["LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY"]})
+        .pop()
+    )
     # The local AWS keeps its state in a volume of its own: moto's recording, replayed at start.
     local_aws = services["local-aws"]
-    assert local_aws["entrypoint"] == ["python", "-m", "cli.local_aws"]
+    assert local_aws["entrypoint"] == ["python", "-m", "cli.local_aws"] and local_aws["command"][0] == "serve"
     state_file = local_aws["command"][local_aws["command"].index("--state-file") + 1]
     assert any(state_file.startswith(f"{target}/") for target, source in mounts(local_aws).items()
                if not source.startswith("/")), mounts(local_aws)  # fmt: skip

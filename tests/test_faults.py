@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import boto3
 import psutil
 import pytest
 
@@ -70,7 +69,7 @@ def training_processes(job_name: str) -> list[psutil.Process]:
 
 
 def training_jobs(stack, job_name: str) -> list[dict]:
-    sagemaker = boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])
+    sagemaker = stack.client("sagemaker")
     summaries = sagemaker.list_training_jobs(NameContains=job_name, MaxResults=100)["TrainingJobSummaries"]
     return sorted(summaries, key=lambda job: job["CreationTime"])
 
@@ -108,8 +107,8 @@ def test_a_training_task_marked_failed_stops_its_job_within_30_s(stack, small_mn
 def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
     """`mnist-pipeline down` and `up` while a job trains: the local AWS and the local SageMaker service restart with
     their state, the run then fails cleanly or completes, and nothing of before is lost or left running."""
-    sagemaker = lambda: boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])  # noqa: E731
-    s3 = lambda: boto3.client("s3", endpoint_url=stack.state["aws_endpoint"])  # noqa: E731
+    sagemaker = lambda: stack.client("sagemaker")  # noqa: E731
+    s3 = lambda: stack.client("s3", stack.keys.admin)  # noqa: E731
     from tasks.config import load_config
 
     bucket = load_config().bucket

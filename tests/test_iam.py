@@ -1,72 +1,134 @@
-"""The IAM policies shipped for AWS, linted with parliament (the policy linter from PyPI) and held to least privilege:
-no finding, PassRole only for the execution role and only to SageMaker, S3 only under the pipeline's prefix."""
+"""The IAM policies shipped for AWS (iam/), as `mnist-pipeline iam render` fills them: linted with parliament (the
+policy linter from PyPI) and held to least privilege: no finding, PassRole only for the execution role and only to
+SageMaker, S3 only under the pipeline's prefix, the bucket's content-addressed prefixes written once."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
 
+from cli.iam import POLICIES, Blanks, render
 from tests.conftest import ROOT
 
-PLACEHOLDERS = {"${Region}": "eu-west-1", "${AccountId}": "123456789012", "${Bucket}": "mnist-pipeline",
-                "${Prefix}": "mnist-sweep", "${ExecutionRoleName}": "mnist-pipeline-sagemaker",
-                "${AlertTopicName}": "mnist-pipeline-alerts"}  # fmt: skip
-POLICIES = ("iam/airflow-policy.json", "iam/sagemaker-execution-role-policy.json", "mnist_lambda/iam-policy.json")
+BLANKS = Blanks(
+    account="123456789012",
+    region="eu-west-1",
+    bucket="mnist-pipeline",
+    prefix="mnist-sweep",
+    role="mnist-pipeline-sagemaker",
+    principal="arn:aws:iam::123456789012:user/mnist-pipeline",
+    topic="mnist-pipeline-alerts",
+)
+IDENTITY_POLICIES = ("airflow-policy", "sagemaker-execution-role-policy")
 
 
-def filled(path: str) -> str:
-    text = (ROOT / path).read_text()
-    for placeholder, value in PLACEHOLDERS.items():
-        text = text.replace(placeholder, value)
-    assert "${" not in text, f"{path}: a placeholder without a value"
-    return text
+def statements(name: str) -> list[dict]:
+    return render(name, BLANKS)["Statement"]
 
 
-def statements(path: str) -> list[dict]:
-    return json.loads(filled(path))["Statement"]
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
-@pytest.mark.parametrize("path", POLICIES)
-def test_parliament_finds_nothing(path):
+@pytest.mark.parametrize("name", [*POLICIES, "lambda"])
+def test_parliament_finds_nothing(name):
     with warnings.catch_warnings():  # parliament still imports pkg_resources
         warnings.simplefilter("ignore")
         from parliament import analyze_policy_string
 
-    findings = analyze_policy_string(filled(path)).findings
-    assert [(finding.issue, finding.detail) for finding in findings] == []
+    if name == "lambda":
+        policy = (ROOT / "mnist_lambda/iam-policy.json").read_text()
+        policy = policy.replace("${Region}", BLANKS.region).replace("${AccountId}", BLANKS.account)
+    else:
+        policy = json.dumps(render(name, BLANKS))
+    findings = [(finding.issue, finding.detail) for finding in analyze_policy_string(policy).findings]
+    if name == "sagemaker-execution-role-trust":  # parliament reads it as an identity policy: a trust policy has none
+        findings.remove(("MALFORMED", "Statement contains neither Resource nor NotResource"))
+    assert findings == []
 
 
-@pytest.mark.parametrize("path", POLICIES)
-def test_only_allows_and_no_wildcard_actions(path):
-    for statement in statements(path):
+@pytest.mark.parametrize("name", IDENTITY_POLICIES)
+def test_identity_policies_only_allow_and_name_no_wildcard_action(name):
+    for statement in statements(name):
         assert statement["Effect"] == "Allow" and not {"NotAction", "NotResource", "NotPrincipal"} & set(statement)
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        assert not [action for action in actions if "*" in action], statement
+        assert not [action for action in as_list(statement["Action"]) if "*" in action], statement
 
 
 def test_the_airflow_principal_passes_only_the_execution_role_and_only_to_sagemaker():
-    [passing] = [s for s in statements("iam/airflow-policy.json") if s["Action"] == "iam:PassRole"]
+    [passing] = [s for s in statements("airflow-policy") if s["Action"] == "iam:PassRole"]
     assert passing["Resource"] == "arn:aws:iam::123456789012:role/mnist-pipeline-sagemaker"
     assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
 
 
-@pytest.mark.parametrize("path", ["iam/airflow-policy.json", "iam/sagemaker-execution-role-policy.json"])
-def test_s3_only_under_the_pipelines_prefix(path):
-    for statement in statements(path):
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+@pytest.mark.parametrize("name", IDENTITY_POLICIES)
+def test_s3_only_under_the_pipelines_prefix(name):
+    for statement in statements(name):
+        actions = as_list(statement["Action"])
         if not any(action.startswith("s3:") for action in actions):
             continue
-        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        resources = as_list(statement["Resource"])
         if actions == ["s3:ListBucket"]:
             assert resources == ["arn:aws:s3:::mnist-pipeline"]
-            assert all(p.startswith("mnist-sweep/") for p in statement["Condition"]["StringLike"]["s3:prefix"])
+            condition = statement["Condition"]
+            # A listing of the prefix, or HeadBucket (which carries no prefix), the provider's check of a bucket.
+            assert condition == {"Null": {"s3:prefix": "true"}} or all(
+                prefix.startswith("mnist-sweep/") for prefix in condition["StringLike"]["s3:prefix"]
+            ), statement
         else:
             assert all(r.startswith("arn:aws:s3:::mnist-pipeline/mnist-sweep/") for r in resources), resources
 
 
 def test_the_execution_role_trusts_only_sagemaker_of_this_account():
-    [trust] = json.loads(filled("iam/sagemaker-execution-role-trust.json"))["Statement"]
+    [trust] = statements("sagemaker-execution-role-trust")
     assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
     assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+
+
+def test_the_bucket_policy_only_denies_and_makes_the_content_addresses_write_once():
+    found = {statement["Sid"]: statement for statement in statements("bucket-policy")}
+    assert {statement["Effect"] for statement in found.values()} == {"Deny"}
+    once = found["ContentAddressedObjectsAreWrittenOnce"]
+    assert once["Condition"] == {"StringNotEquals": {"s3:if-none-match": "*"}}
+    assert (
+        sorted(once["Resource"])
+        == sorted(found["ContentAddressedObjectsAreNeverDeleted"]["Resource"])
+        == sorted(
+            f"arn:aws:s3:::mnist-pipeline/mnist-sweep/{kind}/*"
+            for kind in ("code", "datasets", "models", "model-quality")
+        )
+    )
+
+
+def test_render_prints_every_policy_and_refuses_what_it_cannot_fill():
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "iam",
+        "render",
+        "--account",
+        "123456789012",
+        "--region",
+        "eu-west-1",
+        "--bucket",
+        "b",
+        "--prefix",
+        "p",
+        "--role",
+        "r",
+    ]
+    printed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert [line.split(".json")[0] for line in printed.splitlines() if line.startswith("# ")] == [
+        f"# {name}" for name in POLICIES
+    ]
+    assert "${" not in printed and "arn:aws:s3:::b/p/training-jobs/*" in printed
+    alone = subprocess.run(
+        [*command, "--policy", "bucket-policy"], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(alone.stdout)["Statement"][0]["Sid"] == "ContentAddressedObjectsAreWrittenOnce"
+    bad = subprocess.run([*command[:6], "12", *command[7:]], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--account must be a 12-digit AWS account id, not '12'" in bad.stderr

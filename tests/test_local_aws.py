@@ -1,6 +1,6 @@
 """The local AWS keeps its state in a file across restarts, and answers no cross-origin browser request.
 
-Real moto server processes on 127.0.0.1, killed (SIGKILL, as a crash would) and started again on the same file.
+Real local AWS processes on 127.0.0.1, killed (SIGKILL, as a crash would) and started again on the same file.
 """
 
 from __future__ import annotations
@@ -21,22 +21,25 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from cli.local_aws import start_moto_server
 from tasks.s3 import checksums
+from tests.conftest import start_test_aws
 
 MiB = 1024 * 1024
 BUCKET = "local-aws-state"
 
 
 class Server:
-    """moto servers started one after another on one state file, as `mnist-pipeline up` after a crash would."""
+    """Local AWS servers started one after another on one state file, as `mnist-pipeline up` after a crash would."""
 
     def __init__(self, state_file):
         self.state_file = state_file
+        self.log = state_file.parent / "local-aws.log"
         self.process = None
 
     def start(self) -> str:
-        self.process, endpoint_url = start_moto_server(state_file=self.state_file)
+        self.log.unlink(missing_ok=True)
+        self.process, endpoint_url = start_test_aws(self.state_file.parent, state_file=self.state_file,
+                                                    log_path=self.log)  # fmt: skip
         return endpoint_url
 
     def kill(self) -> None:
@@ -172,7 +175,7 @@ def test_restarts_record_new_requests_but_not_the_replayed_ones(server):
     assert stored(client) == {"first": b"1" * 10_000, "second": b"2" * 10_000}
 
 
-def test_a_request_cut_short_by_a_crash_is_skipped(server, caplog):
+def test_a_request_cut_short_by_a_crash_is_skipped(server):
     client = s3(server.start())
     client.create_bucket(Bucket=BUCKET)
     put_verified(client, "kept", b"kept")
@@ -183,15 +186,14 @@ def test_a_request_cut_short_by_a_crash_is_skipped(server, caplog):
 
     client = s3(server.start())
     assert stored(client) == {"kept": b"kept"}
-    assert "local-aws.jsonl:3: skipping a recorded request that cannot be read" in caplog.text
+    assert "local-aws.jsonl:3: skipping a recorded request that cannot be read" in server.log.read_text()
     put_verified(client, "after", b"after")  # not glued to the torn line: it was dropped before recording went on
-    caplog.clear()
     client = s3(server.restart())
     assert stored(client) == {"after": b"after", "kept": b"kept"}
-    assert "skipping" not in caplog.text
+    assert "skipping" not in server.log.read_text()
 
 
-def test_concurrent_uploads_are_recorded_whole(server, caplog):
+def test_concurrent_uploads_are_recorded_whole(server):
     client = s3(server.start())
     client.create_bucket(Bucket=BUCKET)
     # Over 8 KiB each: moto writes such a request in two writes, which other requests' would otherwise split.
@@ -200,13 +202,13 @@ def test_concurrent_uploads_are_recorded_whole(server, caplog):
         list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=bodies[key]), bodies))
 
     client = s3(server.restart())
-    assert "skipping" not in caplog.text
+    assert "skipping" not in server.log.read_text()
     assert stored(client) == bodies
 
 
 @pytest.fixture(scope="module")
-def local_aws_without_state():
-    process, endpoint_url = start_moto_server()
+def local_aws_without_state(tmp_path_factory):
+    process, endpoint_url = start_test_aws(tmp_path_factory.mktemp("local-aws"))
     yield endpoint_url
     process.kill()
     process.wait()
@@ -232,21 +234,25 @@ def test_cross_origin_requests_get_no_cors_headers(local_aws_without_state, meth
 
 
 def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
-    """`python -m cli.local_aws`, as docker-compose runs it: in the foreground, stopped by SIGTERM, started again."""
+    """`python -m local_aws`, as docker-compose runs it: in the foreground, stopped by SIGTERM, started again."""
     import signal
     import subprocess
     import sys
 
+    from cli.local_aws import scratch_principals
     from local_sagemaker.processes import free_port
+    from tests.conftest import KEYS
 
     port, state_file, ready = free_port(), tmp_path / "volume" / "local-aws.jsonl", tmp_path / "ready"
     url = f"http://127.0.0.1:{port}"
+    principals = tmp_path / "principals.json"
+    principals.write_text(json.dumps(scratch_principals(KEYS)))
 
     def serve() -> subprocess.Popen:
         """Started, and ready as the compose health check sees it: answering, with its state back."""
-        process = subprocess.Popen([sys.executable, "-m", "cli.local_aws", "--port", str(port), "--state-file",
-                                    str(state_file), "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen([sys.executable, "-m", "local_aws", "--principals", str(principals),
+                                    "--port", str(port), "--state-file", str(state_file), "--ready-file", str(ready)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 60
         while not ready.exists():
             assert process.poll() is None and time.monotonic() < deadline, "the local AWS did not become ready"
@@ -262,6 +268,6 @@ def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
         assert not ready.exists()
         process = serve()
         assert stored(s3(url)) == {"summary.json": b'{"accuracy": 0.99}'}
-    finally:  # SIGTERM: it stops its moto server first (a SIGKILL would leave that running)
+    finally:  # SIGTERM: it stops its IAM evaluator first (a SIGKILL would leave that running)
         process.terminate()
         process.wait(timeout=30)

@@ -24,6 +24,8 @@ import pytest
 from cli.local_aws import connection_uri
 from tasks.config import load_config
 from tasks.mnist_data import MANIFEST, UploadError, dataset_sha256, upload_dataset
+from tasks.s3 import ContentAddressError
+from tests.conftest import KEYS
 from training.mnist_idx import MNIST_FILES, load_mnist, write_idx
 
 TRAIN_IMAGES = MNIST_FILES["train_images"]
@@ -56,7 +58,8 @@ class FaultyProxy(BaseHTTPRequestHandler):
             if self.corrupt_suffix and self.path.split("?")[0].endswith(self.corrupt_suffix):
                 body = body[:1000] + bytes([body[1000] ^ 0xFF]) + body[1001:]
         upstream = http.client.HTTPConnection(self.upstream, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect", "connection")}
+        # The Host the client signed goes on as it was.
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
         upstream.request(self.command, self.path, body=body, headers=headers)
         response = upstream.getresponse()
         payload = response.read()
@@ -85,7 +88,7 @@ def proxy(local_aws, monkeypatch):
     FaultyProxy.released.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FaultyProxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    connection = json.loads(connection_uri(f"http://127.0.0.1:{server.server_port}"))
+    connection = json.loads(connection_uri(f"http://127.0.0.1:{server.server_port}", KEYS.admin))
     connection["extra"]["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
     monkeypatch.setenv("AIRFLOW_CONN_S3_PROXY", json.dumps(connection))
     yield FaultyProxy
@@ -146,7 +149,8 @@ def test_an_interrupted_upload_leaves_no_dataset_and_a_rerun_completes_it(small_
     proxy.puts_allowed = 2  # the connection dies on the third file
     with pytest.raises(UploadError, match=r"t10k-images-idx3-ubyte\.gz: upload failed: Connection was closed"):
         upload_dataset(small_mnist, dataclasses.replace(config, aws_conn_id="s3_proxy"))
-    assert stored(s3, config.bucket) == {}, "what the failed attempt wrote was removed"
+    leftovers = stored(s3, config.bucket)
+    assert len(leftovers) == 2 and MANIFEST not in leftovers, "two files and no manifest: not a dataset"
 
     uri = upload_dataset(small_mnist, config)
     assert set(stored(s3, config.bucket)) == {*MNIST_FILES.values(), MANIFEST}
@@ -184,11 +188,23 @@ def test_a_dataset_without_its_manifest_is_completed_not_skipped(small_mnist, co
     assert MANIFEST in stored(s3, config.bucket, prefix)
 
 
-def test_a_corrupted_transfer_is_detected_and_removed(small_mnist, config, s3, proxy):
+def test_a_corrupted_transfer_is_refused_and_stores_nothing(small_mnist, config, s3, proxy):
     proxy.corrupt_suffix = MNIST_FILES["test_images"]  # the third object: two are written before it
-    with pytest.raises(UploadError, match=r"t10k-images-idx3-ubyte\.gz: corrupted in transfer \(stored MD5 \(ETag\)"):
+    # S3 refuses a body that is not the one signed (its x-amz-content-sha256), before it is stored.
+    with pytest.raises(UploadError, match=r"t10k-images-idx3-ubyte\.gz: upload failed: .*XAmzContentSHA256Mismatch"):
         upload_dataset(small_mnist, dataclasses.replace(config, aws_conn_id="s3_proxy"))
-    assert stored(s3, config.bucket) == {}, "the bad object and the rest of the attempt are gone"
+    leftovers = stored(s3, config.bucket)
+    assert MNIST_FILES["test_images"] not in leftovers and MANIFEST not in leftovers
+    assert upload_dataset(small_mnist, config).endswith(f"/{dataset_sha256(small_mnist)}/")
+
+
+def test_another_body_at_a_datasets_address_is_an_error_naming_it_and_is_left_alone(small_mnist, config, s3):
+    prefix = f"mnist-sweep/datasets/mnist/{dataset_sha256(small_mnist)}/"
+    s3.put_object(Bucket=config.bucket, Key=prefix + MNIST_FILES["train_labels"], Body=b"planted")
+    with pytest.raises(ContentAddressError, match=rf"{prefix}{MNIST_FILES['train_labels']} does not hold the body"):
+        upload_dataset(small_mnist, config)
+    assert stored(s3, config.bucket, prefix)[MNIST_FILES["train_labels"]] == b"planted"
+    assert MANIFEST not in stored(s3, config.bucket, prefix), "never a dataset"
 
 
 def test_a_missing_bucket_is_an_error_naming_it(small_mnist, config, s3):

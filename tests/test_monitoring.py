@@ -246,3 +246,21 @@ def test_a_deployment_whose_check_never_finished_is_undone_after_the_run(local_c
     assert "never finished" in undone["failures"][0]
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
     assert undo_unchecked(local_config, None, None) is None  # nothing deployed, nothing to undo
+
+
+def test_the_check_reads_its_test_files_as_the_dataset_s_manifest_says(local_config, local_aws, small_mnist):
+    """From S3 (the training channel), the test files are checked against SHA256SUMS, and it against its address."""
+    from tasks.mnist_data import upload_dataset
+    from training.channel import ChannelError
+
+    uri = upload_dataset(small_mnist, local_config)
+    images, labels = load_test_images(local_config, uri, 10)
+    assert images.shape == (10, 28, 28) and len(labels) == 10
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    boto3.client("s3", endpoint_url=local_aws).put_object(
+        Bucket=bucket,
+        Key=f"{prefix}{MNIST_FILES['test_labels']}",
+        Body=(small_mnist / MNIST_FILES["train_labels"]).read_bytes(),
+    )
+    with pytest.raises(ChannelError, match=f"{MNIST_FILES['test_labels']}: its SHA-256 is .*, SHA256SUMS says"):
+        load_test_images(local_config, uri, 10)

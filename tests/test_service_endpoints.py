@@ -18,11 +18,13 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from tests.conftest import EXECUTION_ROLE
 from tests.endpoint_helpers import model_artifacts, pack
+from tests.signing import raw_request
 from training.mnist_idx import load_mnist
 
 BUCKET = "service-endpoints"
-ROLE = "arn:aws:iam::000000000000:role/test"
+ROLE = EXECUTION_ROLE
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +268,12 @@ def test_delete_stops_the_servers(sagemaker, local_sagemaker, body, local_sagema
 
 def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagemaker, body, tmp_path):
     """A service of its own on a state directory of its own: stopped cleanly, then killed, then started again."""
-    from cli.local_aws import LOCAL_CREDENTIALS
     from local_sagemaker import launch, processes
+    from tests.conftest import KEYS
 
     def start():
-        return launch.start(tmp_path / "state", local_aws, credentials=LOCAL_CREDENTIALS, cpus=1, metrics_interval=1)
+        return launch.start(tmp_path / "state", local_aws, credentials=KEYS.sagemaker.environment(), cpus=1,
+                            metrics_interval=1)  # fmt: skip
 
     started = start()
     client = boto3.client("sagemaker", endpoint_url=started.url)
@@ -363,9 +366,10 @@ class Raw:
         self.buffer += data
 
 
-def invocation(name: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST /endpoints/{name}/invocations HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body  # fmt: skip
+def invocation(name: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
+    """A signed InvokeEndpoint request, as bytes."""
+    headers = {"Host": "runtime", "Content-Type": "application/json", "Content-Length": str(len(body)), **(extra or {})}
+    return raw_request("POST", f"/endpoints/{name}/invocations", headers, body)
 
 
 def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker, local_sagemaker_runtime, body):
@@ -396,9 +400,9 @@ def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker
     for request, status, code, message in (
         (invocation("no_such!name", body), 400, "ValidationError", "failed to satisfy constraint"),
         (invocation("absent", body), 400, "ValidationError", "Endpoint absent of account"),
-        (b"GET /endpoints/digits/invocations HTTP/1.1\r\nHost: runtime\r\n\r\n", 404, "UnknownOperationException",
+        (raw_request("GET", "/endpoints/digits/invocations", {"Host": "runtime"}, b""), 404, "UnknownOperationException",
          "POST /endpoints/{EndpointName}/invocations"),
-        (invocation("digits", body, "X-Amzn-SageMaker-Target-Variant: Absent\r\n"), 400, "ValidationError",
+        (invocation("digits", body, {"X-Amzn-SageMaker-Target-Variant": "Absent"}), 400, "ValidationError",
          "Variant Absent not found for endpoint digits"),
     ):  # fmt: skip
         raw.send(request)
@@ -412,6 +416,6 @@ def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker
     assert raw.closed()
 
     closing = Raw(local_sagemaker_runtime)  # Connection: close is honoured
-    closing.send(invocation("digits", body, "Connection: close\r\n"))
+    closing.send(invocation("digits", body, {"Connection": "close"}))
     assert closing.reply()[0] == 200 and closing.closed()
     assert probabilities(runtime(local_sagemaker_runtime), "digits", body)  # and the runtime serves on

@@ -6,6 +6,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from local_sagemaker import protocol
+from tests.conftest import EXECUTION_ROLE
 
 GROUP = "registry-digits"
 
@@ -123,7 +124,7 @@ def test_what_is_wrong_is_named(sagemaker):
 def test_tags_are_added_listed_and_deleted_by_arn(sagemaker):
     """Tags on a group and on an endpoint config (the pipeline keeps a deployment's test accuracy there)."""
     group_arn = sagemaker.describe_model_package_group(ModelPackageGroupName=GROUP)["ModelPackageGroupArn"]
-    sagemaker.create_model(ModelName="tagged", ExecutionRoleArn="arn:aws:iam::000000000000:role/r",
+    sagemaker.create_model(ModelName="tagged", ExecutionRoleArn=EXECUTION_ROLE,
                            PrimaryContainer={"Image": "i", "ModelDataUrl": "s3://bucket/m/model.tar.gz"})  # fmt: skip
     sagemaker.create_endpoint_config(
         EndpointConfigName="tagged",

@@ -19,6 +19,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tasks.training_jobs import build_sourcedir, build_training_job_request
+from tests.conftest import EXECUTION_ROLE
 from tests.job_helpers import put_script
 
 BUCKET = "service-training"
@@ -74,7 +75,7 @@ def request(name: str, mode: str = "ok", **overrides) -> dict:
         "training_data_uri": f"s3://{BUCKET}/data/",
         "sourcedir_uri": f"s3://{BUCKET}/code/sourcedir.tar.gz",
         "output_uri": f"s3://{BUCKET}/training-jobs",
-        "role_arn": "arn:aws:iam::000000000000:role/test",
+        "role_arn": EXECUTION_ROLE,
         "region": "us-east-1",
         "instance_type": "ml.m5.xlarge",
         "instance_count": 1,
@@ -206,6 +207,22 @@ def test_a_malformed_request_gets_sagemakers_error(clients, local_sagemaker):
         unchecked.create_training_job(**bad)
     assert caught.value.response["Error"]["Code"] == "ValidationException"
     assert "at 'trainingJobName' failed to satisfy constraint" in caught.value.response["Error"]["Message"]
+
+
+@pytest.mark.parametrize("program", ["../../../../bin/evil.py", "/tmp/evil.py", "code/../../evil.py", "-c"])
+def test_the_entry_point_must_be_a_file_inside_the_jobs_code(clients, program):
+    sagemaker, _, _ = clients
+    bad = request(f"outside-{abs(hash(program)) % 1000}")
+    bad["HyperParameters"]["sagemaker_program"] = program
+    with pytest.raises(ClientError) as caught:
+        sagemaker.create_training_job(**bad)
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert (
+        f"sagemaker_program {program!r} must name a file inside the job's code"
+        in caught.value.response["Error"]["Message"]
+    )
+    with pytest.raises(ClientError):
+        sagemaker.describe_training_job(TrainingJobName=bad["TrainingJobName"])  # nothing was made
 
 
 def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnist):

@@ -20,11 +20,12 @@ from PIL import Image
 
 from inference.artifact import load_handler
 from local_sagemaker import protocol
+from tests.conftest import EXECUTION_ROLE
 
 pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 BUCKET = "service-transform"
-ROLE = "arn:aws:iam::000000000000:role/test"
+ROLE = EXECUTION_ROLE
 MODEL = "transform-digits"
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
 TERMINAL = ("Completed", "Failed", "Stopped")
@@ -379,14 +380,16 @@ def test_a_killed_transform_task_stops_its_job(sagemaker, s3, inputs, test_set):
 
 def test_a_job_running_when_the_service_stopped_is_failed_at_restart(tmp_path):
     from local_sagemaker.models import Models
+    from local_sagemaker.roles import Roles
     from local_sagemaker.store import Store, now
     from local_sagemaker.transform import KIND, SERVICE_STOPPED, TransformJobs
 
     store = Store(tmp_path)
     for name, status in (("running", "InProgress"), ("stopping", "Stopping"), ("completed", "Completed")):
         store.put(KIND, name, {"TransformJobName": name, "TransformJobStatus": status, "CreationTime": now()})
-    TransformJobs(store, Models(store, "us-east-1", "000000000000"), tmp_path, cpus=1, region="us-east-1",
-                  account="000000000000")  # fmt: skip
+    roles = Roles("us-east-1", "000000000000")
+    TransformJobs(store, Models(store, "us-east-1", "000000000000", roles=roles), tmp_path, cpus=1, region="us-east-1",
+                  account="000000000000", roles=roles, service_url="http://127.0.0.1:9")  # fmt: skip
     running, stopping, completed = (Store(tmp_path).get(KIND, name) for name in ("running", "stopping", "completed"))
     assert (running["TransformJobStatus"], running["FailureReason"]) == ("Failed", SERVICE_STOPPED)
     assert stopping["TransformJobStatus"] == "Stopped" and "TransformEndTime" in stopping

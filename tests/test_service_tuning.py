@@ -23,6 +23,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 
 from local_sagemaker import protocol, tuning
 from tasks.training_jobs import METRIC_DEFINITIONS
+from tests.conftest import EXECUTION_ROLE
 from tests.job_helpers import put_script
 
 BUCKET = "service-tuning"
@@ -92,7 +93,7 @@ def request(name: str, strategy: str, ranges: dict, *, jobs: int | None = None, 
                 "TrainingInputMode": "File",
                 "MetricDefinitions": [dict(d) for d in METRIC_DEFINITIONS],
             },
-            "RoleArn": "arn:aws:iam::000000000000:role/test",
+            "RoleArn": EXECUTION_ROLE,
             "OutputDataConfig": {"S3OutputPath": f"s3://{BUCKET}/jobs"},
             "ResourceConfig": {"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 1},
             "StoppingCondition": {"MaxRuntimeInSeconds": 120},
@@ -542,6 +543,7 @@ def test_completion_rules():
 
 def test_a_tuning_job_running_when_the_service_stopped_fails_on_restart(tmp_path):
     """Its training jobs went with the service; the records stay, the tuning job Failed with the reason."""
+    from local_sagemaker.roles import Roles
     from local_sagemaker.store import Store, now
     from local_sagemaker.training import TrainingJobs
 
@@ -554,8 +556,9 @@ def test_a_tuning_job_running_when_the_service_stopped_fails_on_restart(tmp_path
                                                      "ObjectiveStatus": "Pending"}}}  # fmt: skip
     store.put(tuning.KIND, "tune-restart", record)
     reopened = Store(tmp_path)  # as the service's next start reads it
-    restarted = tuning.TuningJobs(reopened, TrainingJobs(reopened, tmp_path, 1, "us-east-1", "0" * 12), "us-east-1",
-                                  "0" * 12)  # fmt: skip
+    training = TrainingJobs(reopened, tmp_path, 1, "us-east-1", "0" * 12, roles=Roles("us-east-1", "0" * 12),
+                            service_url="http://127.0.0.1:9")  # fmt: skip
+    restarted = tuning.TuningJobs(reopened, training, "us-east-1", "0" * 12)
     described = validated("DescribeHyperParameterTuningJob", restarted.describe("tune-restart"))
     assert described["HyperParameterTuningJobStatus"] == "Failed"
     assert described["FailureReason"].startswith("InternalServerError: the local SageMaker service stopped")

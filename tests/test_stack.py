@@ -110,7 +110,6 @@ def test_airflow_waits_for_a_busy_database_rather_than_failing(stack):
 def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_path):
     import io
 
-    import boto3
     import numpy as np
     from PIL import Image
 
@@ -118,14 +117,13 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
     from tasks.config import load_config
     from training.mnist_idx import MNIST_FILES, read_idx
 
-    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"])
+    admin = stack.keys.admin
+    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"], admin)
     # Digits waiting in the batch input: the new champion's asset event has mnist_batch_predict classify them.
     array = io.BytesIO()
     np.save(array, read_idx(small_mnist / MNIST_FILES["test_images"])[:30])
     bucket, prefix = default_input_uri(load_config()).removeprefix("s3://").split("/", 1)
-    boto3.client("s3", endpoint_url=stack.state["aws_endpoint"]).put_object(
-        Bucket=bucket, Key=f"{prefix}waiting.npy", Body=array.getvalue()
-    )
+    stack.client("s3").put_object(Bucket=bucket, Key=f"{prefix}waiting.npy", Body=array.getvalue())
 
     # Settings that learn the small digits in two short epochs, so the gate and the monitoring check pass.
     conf = {"mnist_mirror": str(small_mnist), "epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32}
@@ -175,7 +173,7 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
 
     # The run took longer than this stack's deadline: the triggerer told the alert topic.
     assert int(re.search(r"success in (\d+) s", output).group(1)) > DEADLINE_SECONDS
-    [late] = read_alerts(stack.state["aws_endpoint"], alerts, event="deadline_missed", run_id=run_id)
+    [late] = read_alerts(stack.state["aws_endpoint"], alerts, event="deadline_missed", run_id=run_id, key=admin)
     assert late["Subject"] == "MNIST: mnist_sweep run past its deadline"
     assert f"mnist_sweep run {run_id} is still running at its deadline" in late["Message"], late["Message"]
 
@@ -195,11 +193,12 @@ def wait_for_run(api, dag_id: str, run_type: str, timeout: float) -> dict:
 
 
 def test_a_failed_run_is_told_to_the_alert_topic(stack):
-    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"])
+    alerts = subscribe_queue(stack.state["aws_endpoint"], stack.state["alert_topic_arn"], stack.keys.admin)
     result = stack.cli("run", "--param", "mnist_mirror=http://169.254.169.254/latest/", timeout=240)
     assert result.returncode == 1, result.stdout + result.stderr
     run_id = re.search(r"Triggered mnist_sweep run (\S+):", result.stdout).group(1)
-    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, timeout=90, event="run_failed", run_id=run_id)
+    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, timeout=90, event="run_failed", run_id=run_id,
+                          key=stack.keys.admin)  # fmt: skip
     assert alert["Subject"] == "MNIST: mnist_sweep run failed"
     message = alert["Message"]
     assert f"mnist_sweep run {run_id} failed (last task: download)." in message, message
@@ -249,9 +248,7 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
         status = stack.cli("status")
         log = (stack.paths.logs / "local-sagemaker.log").read_text()[-4000:]
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
-        import boto3
-
-        sagemaker = boto3.client("sagemaker", endpoint_url=stack.state["sagemaker_endpoint"])
+        sagemaker = stack.client("sagemaker")
         [approved] = sagemaker.list_model_packages(ModelPackageGroupName="mnist-classifier",
                                                    ModelApprovalStatus="Approved")["ModelPackageSummaryList"]  # fmt: skip
         version = sagemaker.describe_model_package(ModelPackageName=approved["ModelPackageArn"])

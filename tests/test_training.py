@@ -7,6 +7,7 @@ trains the seed network on the official MNIST files.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -220,6 +221,48 @@ def test_bad_data_file_is_named(train_module, tmp_path, small_mnist, monkeypatch
     assert not (tmp_path / "job" / "model").exists()
 
 
+def _with_manifest(source: Path, target: Path) -> str:
+    """A copy of ``source`` with its SHA256SUMS, as the pipeline uploads a dataset; the manifest's SHA-256."""
+    shutil.copytree(source, target)
+    lines = "".join(
+        f"{hashlib.sha256((target / name).read_bytes()).hexdigest()}  {name}\n" for name in sorted(MNIST_FILES.values())
+    )
+    (target / "SHA256SUMS").write_text(lines)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["file", "manifest", "unlisted", "no manifest"])
+def test_the_script_trains_only_on_the_dataset_its_job_names(
+    train_module, tmp_path, small_mnist, monkeypatch, caplog, one_thread, damage
+):
+    """On SageMaker nothing else checks the channel: the script holds it to its SHA256SUMS, and the manifest to the
+    dataset_sha256 the pipeline passes."""
+    digest = _with_manifest(small_mnist, tmp_path / "data")
+    manifest = tmp_path / "data" / "SHA256SUMS"
+    labels = tmp_path / "data" / MNIST_FILES["train_labels"]
+    if damage == "file":  # a file swapped for another, its manifest left as it was
+        labels.write_bytes((tmp_path / "data" / MNIST_FILES["test_labels"]).read_bytes())
+        expected = f"{labels}: its SHA-256 is"
+    elif damage == "manifest":  # the files and a manifest that agree, but not the dataset the job names
+        expected = f"{manifest}: its SHA-256 is"
+        digest = "0" * 64
+    elif damage == "unlisted":
+        manifest.write_text(
+            "".join(line for line in manifest.read_text().splitlines(True) if MNIST_FILES["train_labels"] not in line)
+        )
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        expected = f"{manifest}: lists no {MNIST_FILES['train_labels']}"
+    else:
+        manifest.unlink()
+        expected = f"{manifest}: missing; the dataset {digest} comes with its manifest"
+    for key, value in job_env(tmp_path / "data", tmp_path / "job").items():
+        monkeypatch.setenv(key, value)
+    code = train_module.main(["--num_threads", str(torch.get_num_threads()), "--dataset_sha256", digest])
+    assert code == 1
+    assert expected in (tmp_path / "job" / "failure").read_text()  # SageMaker's FailureReason
+    assert not (tmp_path / "job" / "model").exists()
+
+
 # -- a whole run: log lines, artifact, metrics -------------------------------------------------------------------
 
 
@@ -231,6 +274,17 @@ def finished_run(request, small_mnist, tmp_path_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((job / "output" / "metrics.json").read_text())
     return {"job": job, "log": result.stdout, "metrics": metrics, "data": load_mnist(small_mnist)}
+
+
+def test_the_log_names_each_file_of_the_model_by_its_sha256(finished_run):
+    from training.contract import MODEL_FILES_LINE
+
+    [line] = [line for line in finished_run["log"].splitlines() if MODEL_FILES_LINE in line]
+    named = json.loads(line.split(MODEL_FILES_LINE, 1)[1])
+    model_dir = finished_run["job"] / "model"
+    assert named == {path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+                     for path in model_dir.rglob("*") if path.is_file()}  # fmt: skip
+    assert set(named) == {"code/inference.py", "code/models.py", "model.pth", "model_config.json"}
 
 
 def test_log_lines_parse_with_the_seed_metric_definitions(finished_run):

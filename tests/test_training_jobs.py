@@ -235,15 +235,16 @@ def test_kms_and_vpc_are_optional_settings_of_the_request():
     assert (config.vpc_subnets, config.vpc_security_groups) == (("subnet-1", "subnet-2"), ("sg-1",))
 
 
-def test_a_planted_object_at_the_codes_address_is_replaced_not_used(local_aws, tmp_path):
-    import hashlib
+def test_a_planted_object_at_the_codes_address_is_refused_by_name_and_left_alone(local_aws, tmp_path):
+    from tasks.s3 import ContentAddressError
 
     config = load_config(bucket="planted-code", state_dir=str(tmp_path))
     s3 = boto3.client("s3", endpoint_url=local_aws)
     s3.create_bucket(Bucket=config.bucket)
     uri = upload_sourcedir(config)
+    assert upload_sourcedir(config) == uri  # there, intact: nothing written
     key = uri.removeprefix(f"s3://{config.bucket}/")
     s3.put_object(Bucket=config.bucket, Key=key, Body=b"someone else's code")
-    assert upload_sourcedir(config) == uri
-    stored = s3.get_object(Bucket=config.bucket, Key=key)["Body"].read()
-    assert hashlib.sha256(stored).hexdigest() == key.split("/")[-2] and stored == build_sourcedir()
+    with pytest.raises(ContentAddressError, match=rf"{key} does not hold the body its address names"):
+        upload_sourcedir(config)
+    assert s3.get_object(Bucket=config.bucket, Key=key)["Body"].read() == b"someone else's code"

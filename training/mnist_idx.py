@@ -22,6 +22,9 @@ MNIST_FILES = {
 }
 
 _UBYTE = 0x08
+# What a file may decompress to: the official training images are 47 MB, so a file over this is not MNIST but a
+# decompression bomb, refused before it takes the memory.
+MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 # Magic numbers of the official files: 0x0000 (two zero bytes), type 0x08 (ubyte), number of dimensions.
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -37,10 +40,21 @@ def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     if path.suffix != ".gz":
         return raw
+    parts, size = [], 0
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+        while raw:  # gzip members one after another, as gzip.decompress reads them
+            stream = zlib.decompressobj(wbits=31)
+            part = stream.decompress(raw, MAX_DECOMPRESSED_BYTES - size + 1)
+            size += len(part)
+            if size > MAX_DECOMPRESSED_BYTES:
+                raise IdxFormatError(f"{path}: decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes")
+            if not stream.eof:
+                raise IdxFormatError(f"{path}: not a complete gzip stream (it ends inside a member)")
+            parts.append(part)
+            raw = stream.unused_data.lstrip(b"\x00")  # gzip pads between members with zeros at most
+    except zlib.error as exc:
         raise IdxFormatError(f"{path}: not a complete gzip stream ({exc})") from exc
+    return b"".join(parts)
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:

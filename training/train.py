@@ -16,6 +16,7 @@ SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS make it one rank of DistributedDataPar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -26,15 +27,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import channel
 import models
 import numpy as np
 import torch
 import torch.distributed as dist
 from augment import Augmentation
 from cluster import Cluster, ClusterError, init_process_group
+from contract import MODEL_FILES_LINE
 from engine import MEAN, STD, Shard, evaluate, to_tensors, train_epoch
 from memory import keep_freed_memory
-from mnist_idx import IdxFormatError, load_mnist
+from mnist_idx import MNIST_FILES, IdxFormatError, load_mnist
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger("train")
@@ -91,6 +94,12 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
 
 
+def _sha256(text: str) -> str:
+    if not (len(text) == 64 and all(c in "0123456789abcdef" for c in text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 in lower-case hex")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -120,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads for this job, all processes of the host together (default: $SM_NUM_CPUS)")  # fmt: skip
     run.add_argument("--log_interval", type=_ranged(int, 1), default=100, help="batches between loss lines")
     run.add_argument("--data_dir", default=env.get("SM_CHANNEL_TRAINING", "data"), help="default: $SM_CHANNEL_TRAINING")
+    run.add_argument("--dataset_sha256", default=None, type=_sha256,
+                     help="the SHA-256 of the channel's SHA256SUMS: the dataset the job must train on (the pipeline "
+                     "names it; by hand, a SHA256SUMS that is there is checked anyway)")  # fmt: skip
     run.add_argument("--model_dir", default=env.get("SM_MODEL_DIR", "artifacts/model"), help="default: $SM_MODEL_DIR")
     run.add_argument("--output_data_dir", default=env.get("SM_OUTPUT_DATA_DIR", "artifacts/output"),
                      help="default: $SM_OUTPUT_DATA_DIR")  # fmt: skip
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.multiprocessing.spawn(run, args=(args, cluster), nprocs=cluster.processes_per_host)
         else:
             run(0, args, cluster)
-    except IdxFormatError as exc:
+    except (IdxFormatError, channel.ChannelError) as exc:
         log.error("bad training data: %s", exc)
         report_failure(f"bad training data: {exc}")
         return 1
@@ -182,7 +194,10 @@ def run(local_rank: int, args: argparse.Namespace, cluster: Cluster) -> None:
         torch.set_flush_denormal(True)  # denormal floats late in training are slow on x86 CPUs
     else:
         torch.backends.cudnn.benchmark = True  # batches keep one shape: find the fastest kernels once
-    data = load_mnist(args.data_dir)  # before joining the group: a rank with bad data must not leave others waiting
+    # Before joining the group: a rank with bad data must not leave others waiting.
+    if channel.verify(args.data_dir, args.dataset_sha256, list(MNIST_FILES.values())):
+        log.info("Training data: every file checked against %s/%s", args.data_dir, channel.MANIFEST)
+    data = load_mnist(args.data_dir)
     distributed = cluster.world_size > 1
     if distributed:
         init_process_group(cluster, local_rank, args.backend)
@@ -339,6 +354,11 @@ def save_model(args, network: torch.nn.Module, kwargs: dict, hyperparameters: di
     _write_json(model_dir / "model_config.json", config)
     for source, name in ((find_handler(), "inference.py"), (HERE / "models.py", "models.py")):
         _write_atomic(model_dir / "code" / name, lambda stream, source=source: stream.write(source.read_bytes()))
+    # What this job made, in its own log (which only its role may write): selection publishes the model.tar.gz in
+    # its output only if it holds these very files.
+    digests = {path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+               for path in sorted(model_dir.rglob("*")) if path.is_file()}  # fmt: skip
+    log.info("%s%s", MODEL_FILES_LINE, json.dumps(digests, sort_keys=True))
 
 
 def save_metrics(args, metrics: dict, test_images: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> None:

@@ -1,0 +1,3 @@
+from local_aws.server import main
+
+main()
