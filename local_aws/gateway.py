@@ -199,6 +199,8 @@ class Gateway:
         return key
 
     def _arn_of(self, kind: str, name: str) -> str | None:
+        from moto.iam.exceptions import IAMException
+
         iam = self.identities.iam
         try:
             if kind == "role":
@@ -207,7 +209,7 @@ class Gateway:
                 return iam.get_user(name).arn
             if kind == "group":
                 return iam.get_group(name).arn
-        except Exception:  # moto's NoSuchEntity: the ARN from the name alone
+        except IAMException:  # not there: the ARN from the name alone
             return None
         return None
 

@@ -45,10 +45,6 @@ class Principal:
     session_policy: str | None = None
     service: str | None = None
 
-    @property
-    def key(self) -> str:
-        return self.arn
-
 
 ANONYMOUS = Principal(arn="anonymous", kind="Anonymous", account="", principal_arn="", user_id="anonymous")
 
@@ -136,7 +132,7 @@ class Identities:
         try:
             record = iam.get_role(name)
             record.assume_role_policy_document = json.dumps(trust)
-        except Exception:  # moto's NoSuchEntity
+        except _not_found():
             record = iam.create_role(name, json.dumps(trust), path, None, "", [], "43200")
         record.policies.clear()
         for policy_name, document in policies.items():
@@ -167,7 +163,7 @@ class Identities:
                 role_name = session.role_arn.split("/")[-1]
                 try:
                     role_id = iam.get_role_by_arn(session.role_arn).id
-                except Exception:  # the role is gone: its sessions sign nothing any more
+                except _not_found():  # the role is gone: its sessions sign nothing any more
                     return None
                 principal = Principal(
                     arn=session.arn,
@@ -197,7 +193,7 @@ class Identities:
         elif principal.kind in ("AssumedRole", "Service"):
             try:
                 role = iam.get_role(principal.role_name)
-            except Exception:
+            except _not_found():
                 return []
             policies = [(f"role/{role.name}/{name}", document) for name, document in role.policies.items()]
             policies += [(arn, _managed_document(policy)) for arn, policy in role.managed_policies.items()]
@@ -209,8 +205,15 @@ class Identities:
         """The trust policy of the role ``role_arn`` names, or None when there is no such role."""
         try:
             return _document(self.iam.get_role_by_arn(role_arn).assume_role_policy_document)
-        except Exception:
+        except _not_found():
             return None
+
+
+def _not_found() -> type[Exception]:
+    """What moto's IAM raises for a user, role or group that is not there."""
+    from moto.iam.exceptions import IAMException
+
+    return IAMException
 
 
 def _managed_document(policy) -> str:

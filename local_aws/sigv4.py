@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import functools
 import hashlib
 import hmac
 import re
@@ -31,7 +32,7 @@ MAX_PRESIGNED_SECONDS = 7 * 24 * 3600
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _AUTHORIZATION = re.compile(r"AWS4-HMAC-SHA256\s+(?P<fields>.*)", re.S)
-_TIMESTAMP = "%Y%m%dT%H%M%SZ"
+_BASIC_TIMESTAMP = re.compile(r"\d{8}T\d{6}Z")
 _SPACES = re.compile(r"\s+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -159,7 +160,7 @@ def verify(
 
     access_key_id, date, scope_region, scope_service = _scope(credential)
     signed_at = _timestamp(timestamp)
-    if date != signed_at.strftime("%Y%m%d"):
+    if date != timestamp[:8]:
         raise AuthError(
             Failure.WRONG_SCOPE,
             f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version "
@@ -209,8 +210,8 @@ def verify(
     canonical = "\n".join(
         (
             request.method.upper(),
-            request.raw_path if s3 else quote(normalize_url_path(request.raw_path), safe="/~"),
-            "&".join(f"{name}={value}" for name, value in sorted(_encoded(query))),
+            request.raw_path if s3 else _canonical_path(request.raw_path),
+            "&".join(f"{name}={value}" for name, value in sorted(_encoded(query))) if query else "",
             "".join(f"{name}:{_SPACES.sub(' ', request.headers[name].strip())}\n" for name in names),
             signed_headers,
             payload,
@@ -232,7 +233,7 @@ def verify(
             "The AWS Access Key Id you provided does not exist in our records.",
             access_key_id=access_key_id,
         )
-    expected = hmac.new(key.signing_key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    expected = hmac.digest(key.signing_key, string_to_sign.encode("utf-8"), "sha256").hex()
     if not hmac.compare_digest(expected, signature):
         raise AuthError(
             Failure.BAD_SIGNATURE,
@@ -288,7 +289,9 @@ def _scope(credential: str) -> tuple[str, str, str, str]:
 
 def _timestamp(value: str) -> datetime.datetime:
     try:
-        return datetime.datetime.strptime(value, _TIMESTAMP).replace(tzinfo=datetime.UTC)
+        if not _BASIC_TIMESTAMP.fullmatch(value):
+            raise ValueError(value)
+        return datetime.datetime.fromisoformat(value)  # ISO 8601's basic format, with its Z
     except ValueError:
         raise AuthError(
             Failure.MALFORMED, f"X-Amz-Date must be in the ISO8601 Long Format \"yyyyMMdd'T'HHmmss'Z'\", not '{value}'"
@@ -329,6 +332,12 @@ def _payload_hash(request: Request, *, s3: bool, presigned: bool) -> str:
             server=actual,
         )
     return declared
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_path(raw_path: str) -> str:
+    """The canonical URI of a path for the services other than S3: dot segments removed, encoded once more."""
+    return quote(normalize_url_path(raw_path), safe="/~")
 
 
 def _query_pairs(raw_query: str) -> list[tuple[str, str]]:

@@ -66,14 +66,13 @@ def safe_relative(key: str, prefix: str) -> PurePosixPath:
 
 
 def put_verified(s3, bucket: str, key: str, body: bytes) -> None:
-    """Put ``body`` with the ``s3`` client and read back the SHA-256 S3 stored: a body damaged on the way is
-    removed, never kept."""
+    """Put ``body`` with the ``s3`` client and its SHA-256 (S3 refuses a body that does not match it, storing
+    nothing), and read back the SHA-256 S3 stored: OSError naming the object if it is not the body's."""
     sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
     s3.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256)
     stored = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
     if stored != sha256:
-        s3.delete_object(Bucket=bucket, Key=key)
-        raise OSError(f"s3://{bucket}/{key}: stored SHA-256 {stored} is not the body's {sha256}; removed")
+        raise OSError(f"s3://{bucket}/{key}: stored SHA-256 {stored} is not the body's {sha256}")
 
 
 def content_address(uri: str) -> str | None:

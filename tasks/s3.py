@@ -62,18 +62,18 @@ def checksums(body: bytes) -> dict[str, str]:
 
 
 def put_verified(client, bucket: str, key: str, body: bytes) -> None:
-    """Put ``body`` with its MD5 and SHA-256 (AWS refuses a body that does not match them), then read the stored
-    checksums back (an emulator may not refuse): an object stored damaged is removed and UploadError raised."""
+    """Put ``body`` with its MD5 and SHA-256 (S3 refuses a body that does not match them, storing nothing), then
+    read the stored checksums back: UploadError naming the object if they are not the body's (the pipeline may not
+    delete, so a damaged object is left for whoever may look into it)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         client.put_object(Bucket=bucket, Key=key, Body=body, **checksums(body))
-    except (ClientError, BotoCoreError) as exc:  # a broken connection; or AWS refusing a mismatched body (BadDigest)
+    except (ClientError, BotoCoreError) as exc:  # a broken connection; or S3 refusing a mismatched body (BadDigest)
         raise UploadError(f"s3://{bucket}/{key}: upload failed: {exc}") from exc
     difference = stored_difference(client, bucket, key, body)
     if difference:
-        client.delete_object(Bucket=bucket, Key=key)
-        raise UploadError(f"s3://{bucket}/{key}: corrupted in transfer ({difference}); the object was removed")
+        raise UploadError(f"s3://{bucket}/{key}: stored other than sent ({difference})")
 
 
 def put_content_addressed(config: PipelineConfig, kind: str, filename: str, body: bytes) -> str:

@@ -12,10 +12,12 @@ role (iam/sagemaker-execution-role-*.json), its bucket has iam/bucket-policy.jso
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -35,9 +37,17 @@ def stack(request, small_mnist) -> Stack:
     stack.down()
 
 
+class Run(NamedTuple):
+    """One command of the `mnist-pipeline` CLI: what it printed, and when it ran."""
+
+    output: str
+    started: datetime.datetime
+    ended: datetime.datetime
+
+
 @pytest.fixture(scope="module")
-def runs(stack, small_mnist) -> dict:
-    """Every kind of run, one after another; what each printed."""
+def runs(stack, small_mnist) -> dict[str, Run]:
+    """Every kind of run, one after another."""
     import numpy as np
 
     from tasks.batch import default_input_uri
@@ -50,9 +60,13 @@ def runs(stack, small_mnist) -> dict:
     stack.client("s3").put_object(Bucket=bucket, Key=f"{prefix}waiting.npy", Body=array.getvalue())
     mirror = {"mnist_mirror": str(small_mnist)}
 
-    def run(conf: dict) -> str:
-        result = stack.cli("run", "--conf", json.dumps({**mirror, **conf}), timeout=600)
-        return result.stdout + result.stderr
+    def cli(*arguments: str) -> Run:
+        started = datetime.datetime.now(datetime.UTC)
+        result = stack.cli(*arguments, timeout=600)
+        return Run(result.stdout + result.stderr, started, datetime.datetime.now(datetime.UTC))
+
+    def run(conf: dict) -> Run:
+        return cli("run", "--conf", json.dumps({**mirror, **conf}))
 
     outputs = {"sweep": run(QUICK)}
     outputs["tune"] = run(
@@ -83,9 +97,8 @@ def runs(stack, small_mnist) -> dict:
         }
     )
     outputs["manual"] = run({**QUICK, "approval": "manual", "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0})
-    version = re.search(r"version (\d+) awaits a person's approval", outputs["manual"])
-    approved = stack.cli("approve", version.group(1) if version else "0", "--reason", "reviewed by the policy test")
-    outputs["approve"] = approved.stdout + approved.stderr
+    version = re.search(r"version (\d+) awaits a person's approval", outputs["manual"].output)
+    outputs["approve"] = cli("approve", version.group(1) if version else "0", "--reason", "reviewed by the policy test")
     outputs["deploy_only"] = run({"deploy_only": True, "bake_seconds": 0})
     return outputs
 
@@ -93,15 +106,15 @@ def runs(stack, small_mnist) -> dict:
 def test_whole_runs_succeed_under_exactly_the_shipped_policies(stack, runs):
     from tests.test_stack import wait_for_run
 
-    assert re.search(r"Run \S+ success in", runs["sweep"]), runs["sweep"][-3000:]
-    assert re.search(r"Run \S+ success in", runs["tune"]), runs["tune"][-3000:]
-    assert "✓ tune success" in runs["tune"]
+    assert re.search(r"Run \S+ success in", runs["sweep"].output), runs["sweep"].output[-3000:]
+    assert re.search(r"Run \S+ success in", runs["tune"].output), runs["tune"].output[-3000:]
+    assert "✓ tune success" in runs["tune"].output
     # The canary's model is the worst there is: its live check fails, the alarm rolls the update back.
-    assert re.search(r"Run \S+ failed in", runs["canary"]), runs["canary"][-3000:]
-    assert "rolls back from" in runs["canary"] and "Rejected" in runs["canary"]
-    assert "awaits a person's approval" in runs["manual"], runs["manual"][-3000:]
-    assert "PendingManualApproval → Approved" in runs["approve"], runs["approve"]
-    assert re.search(r"Run \S+ success in", runs["deploy_only"]), runs["deploy_only"][-3000:]
+    assert re.search(r"Run \S+ failed in", runs["canary"].output), runs["canary"].output[-3000:]
+    assert "rolls back from" in runs["canary"].output and "Rejected" in runs["canary"].output
+    assert "awaits a person's approval" in runs["manual"].output, runs["manual"].output[-3000:]
+    assert "PendingManualApproval → Approved" in runs["approve"].output, runs["approve"].output
+    assert re.search(r"Run \S+ success in", runs["deploy_only"].output), runs["deploy_only"].output[-3000:]
     with stack.api() as api:
         batch = wait_for_run(api, "mnist_batch_predict", run_type="asset_triggered", timeout=240)
         assert batch["state"] == "success", batch
@@ -129,7 +142,42 @@ def test_nothing_anywhere_was_refused(stack, runs):
     assert mentions == []
 
 
-def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, runs):
+class Step(NamedTuple):
+    """A task instance of a DAG run, or a CLI command that is not one (`approve`), and when it ran."""
+
+    name: str
+    started: datetime.datetime
+    ended: datetime.datetime
+
+
+@pytest.fixture(scope="module")
+def steps(stack, runs) -> list[Step]:
+    """Every task instance of every run above (the batch DAG's included), and the `approve` command."""
+    from tests.test_stack import wait_for_run
+
+    tasks = []
+    with stack.api() as api:
+        wait_for_run(api, "mnist_batch_predict", run_type="asset_triggered", timeout=240)
+        while True:  # a page at a time: the API caps its pages at [api] maximum_page_limit
+            page = api.get("/dags/~/dagRuns/~/taskInstances", params={"offset": len(tasks)}).json()
+            tasks += page["task_instances"]
+            if not page["task_instances"] or len(tasks) >= page["total_entries"]:
+                break
+    found = [Step("mnist-pipeline approve", runs["approve"].started, runs["approve"].ended)]
+    for task in tasks:
+        if task["start_date"] and task["end_date"]:
+            index = f"[{task['map_index']}]" if task["map_index"] >= 0 else ""
+            found.append(
+                Step(
+                    f"{task['dag_id']}.{task['task_id']}{index}",
+                    datetime.datetime.fromisoformat(task["start_date"]),
+                    datetime.datetime.fromisoformat(task["end_date"]),
+                )
+            )
+    return found
+
+
+def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, steps):
     from cli.iam import render
     from cli.local_aws import config_blanks
     from local_aws.evaluator import Evaluator
@@ -139,28 +187,40 @@ def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, runs
     decisions = [json.loads(line) for line in stack.paths.decisions.read_text().splitlines()]
     evaluator = Evaluator()
     try:
-        needed = {}
+        refusals = {}
         for name in ("airflow-policy", *ROLE_POLICIES):
             policy = render(name, blanks)
             for index, statement in enumerate(policy["Statement"]):
                 without = {**policy, "Statement": [s for i, s in enumerate(policy["Statement"]) if i != index]}
-                needed[(name, statement.get("Sid", index))] = refused_without(
+                refusals[(name, statement.get("Sid", index))] = refused_without(
                     decisions, name, without, blanks, evaluator
                 )
     finally:
         evaluator.close()
-    unneeded = [key for key, actions in needed.items() if not actions]
-    assert unneeded == [], f"statements no step needs: {unneeded}"
-    for (name, sid), actions in sorted(needed.items()):
-        print(f"{name} {sid}: without it {', '.join(sorted(actions))} would be refused")
+    failing = {}
+    for statement, refused in refusals.items():
+        failing[statement] = {}
+        for decision in refused:
+            at = datetime.datetime.fromisoformat(decision["time"])
+            for step in steps:
+                if step.started <= at <= step.ended:
+                    failing[statement].setdefault(step.name, set()).add(decision["action"])
+    unneeded = [statement for statement, named in failing.items() if not named]
+    assert unneeded == [], f"statements that no step needs: {unneeded}"
+    for (name, sid), named in sorted(failing.items()):
+        # A step is named by when it ran: a request of a job or a model server is named after every step that was
+        # running then, the one that started it among them.
+        print(f"{name} {sid}: without it, refused")
+        for step, actions in sorted(named.items()):
+            print(f"    while {step} ran: {', '.join(sorted(actions))}")
 
 
-def refused_without(decisions: list[dict], name: str, policy: dict, blanks, evaluator) -> set[str]:
-    """The actions of the recorded requests that ``policy`` (iam/<name> with a statement taken out) refuses."""
+def refused_without(decisions: list[dict], name: str, policy: dict, blanks, evaluator) -> list[dict]:
+    """The recorded requests that ``policy`` (iam/<name> with a statement taken out) refuses."""
     from cli.iam import render
 
-    refused = set()
-    seen = set()
+    refused = []
+    seen = {}
     for decision in decisions:
         principal = decision["principal"]
         if name == "sagemaker-execution-role-trust":
@@ -182,11 +242,10 @@ def refused_without(decisions: list[dict], name: str, policy: dict, blanks, eval
         if decision["resource_policy"] and decision["resource_policy"][0] == "bucket":
             simulation["resourcePolicy"] = render("bucket-policy", blanks)
         key = json.dumps(simulation, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        if not evaluator.evaluate(simulation).allowed:
-            refused.add(decision["action"])
+        if key not in seen:
+            seen[key] = evaluator.evaluate(simulation).allowed
+        if not seen[key]:
+            refused.append(decision)
     return refused
 
 
