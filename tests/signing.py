@@ -34,3 +34,25 @@ def raw_request(method: str, path: str, headers: dict[str, str], body: bytes, **
     signed = signed_headers(method, f"http://{headers['Host']}{path}", headers, body, **signing)
     head = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
     return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
+
+
+def unsigned_control_plane_answer(endpoint_url: str) -> tuple[int, str]:
+    """The status and error ``__type`` a SageMaker control plane at ``endpoint_url`` answers ListEndpoints sent with
+    no signature at all."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    target = urlsplit(endpoint_url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+    try:
+        connection.request(
+            "POST",
+            "/",
+            body=b"{}",
+            headers={"X-Amz-Target": "SageMaker.ListEndpoints", "Content-Type": "application/x-amz-json-1.1"},
+        )
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())["__type"]
+    finally:
+        connection.close()

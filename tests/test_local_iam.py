@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from cli.local_aws import Key, connection_uri, setup_bucket
 from tests.conftest import KEYS
-from tests.signing import raw_request
+from tests.signing import raw_request, unsigned_control_plane_answer
 
 BUCKET, PREFIX = "mnist-pipeline", "mnist-sweep"
 ROLE = "arn:aws:iam::000000000000:role/mnist-pipeline-sagemaker"
@@ -149,16 +149,7 @@ def test_an_unknown_key_and_a_missing_signature_are_refused(stack):
 
     # Unsigned: the control plane answers MissingAuthenticationToken; S3 takes it as anonymous, and the bucket's
     # policy allows an anonymous caller nothing.
-    target = urlsplit(stack["sagemaker"])
-    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
-    connection.request(
-        "POST",
-        "/",
-        body=b"{}",
-        headers={"X-Amz-Target": "SageMaker.ListEndpoints", "Content-Type": "application/x-amz-json-1.1"},
-    )
-    answer = connection.getresponse()
-    assert (answer.status, json.loads(answer.read())["__type"]) == (403, "MissingAuthenticationTokenException")
+    assert unsigned_control_plane_answer(stack["sagemaker"]) == (403, "MissingAuthenticationTokenException")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{stack['aws']}/{BUCKET}/{PREFIX}/anything", timeout=10)
     assert refused.value.code == 403 and b"<Code>AccessDenied</Code>" in refused.value.read()

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.local_stack import Stack, start_stack
+from tests.signing import unsigned_control_plane_answer
 
 pytestmark = [pytest.mark.policies, pytest.mark.slow]
 
@@ -177,7 +178,7 @@ def steps(stack, runs) -> list[Step]:
     return found
 
 
-def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, steps):
+def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, runs, steps):
     from cli.iam import render
     from cli.local_aws import config_blanks
     from local_aws.evaluator import Evaluator
@@ -201,18 +202,26 @@ def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, step
     for statement, refused in refusals.items():
         failing[statement] = {}
         for decision in refused:
-            at = datetime.datetime.fromisoformat(decision["time"])
-            for step in steps:
-                if step.started <= at <= step.ended:
-                    failing[statement].setdefault(step.name, set()).add(decision["action"])
+            for step in steps_at(datetime.datetime.fromisoformat(decision["time"]), steps, runs):
+                failing[statement].setdefault(step, set()).add(decision["action"])
     unneeded = [statement for statement, named in failing.items() if not named]
     assert unneeded == [], f"statements that no step needs: {unneeded}"
     for (name, sid), named in sorted(failing.items()):
         # A step is named by when it ran: a request of a job or a model server is named after every step that was
-        # running then, the one that started it among them.
+        # running then, the one that started it among them. A request while no task ran is a DAG-level callback's
+        # (run by the DAG processor once the run has ended), named after the run it follows.
         print(f"{name} {sid}: without it, refused")
         for step, actions in sorted(named.items()):
             print(f"    while {step} ran: {', '.join(sorted(actions))}")
+
+
+def steps_at(at: datetime.datetime, steps: list[Step], runs: dict[str, Run]) -> list[str]:
+    """The steps that were running at ``at``; where none was, the CLI run last started before it."""
+    named = [step.name for step in steps if step.started <= at <= step.ended]
+    if named:
+        return named
+    before = [(run.started, kind) for kind, run in runs.items() if run.started <= at]
+    return [f"the {max(before)[1]} run, after its tasks (a DAG-level callback)"] if before else []
 
 
 def refused_without(decisions: list[dict], name: str, policy: dict, blanks, evaluator) -> list[dict]:
@@ -260,9 +269,6 @@ def request_of(decision: dict, principal: str | None = None) -> dict:
 
 def test_with_only_the_connections_keys_the_stack_refuses_what_aws_would(stack, runs):
     """The stack `up` started, asked with the keys its Airflow connection carries (and a wrong secret, or none)."""
-    import http.client
-    from urllib.parse import urlsplit
-
     import boto3
     from botocore.config import Config
     from botocore.exceptions import ClientError
@@ -293,16 +299,10 @@ def test_with_only_the_connections_keys_the_stack_refuses_what_aws_would(stack, 
             call(client(service, "not-the-secret"))
         assert wrong.value.response["Error"]["Code"] in ("InvalidSignatureException", "SignatureDoesNotMatch")
         call(client(service))  # the right secret
-    target = urlsplit(stack.state["sagemaker_endpoint"])
-    unsigned = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
-    unsigned.request(
-        "POST",
-        "/",
-        body=b"{}",
-        headers={"X-Amz-Target": "SageMaker.ListEndpoints", "Content-Type": "application/x-amz-json-1.1"},
+    assert unsigned_control_plane_answer(stack.state["sagemaker_endpoint"]) == (
+        403,
+        "MissingAuthenticationTokenException",
     )
-    answer = unsigned.getresponse()
-    assert (answer.status, json.loads(answer.read())["__type"]) == (403, "MissingAuthenticationTokenException")
     stack.client("s3", stack.keys.admin).put_object(Bucket=config.bucket, Key="not-the-pipelines/file", Body=b"x")
     with pytest.raises(ClientError) as outside:
         client("s3").get_object(Bucket=config.bucket, Key="not-the-pipelines/file")
