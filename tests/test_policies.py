@@ -208,20 +208,23 @@ def test_each_statement_of_the_identity_and_trust_policies_is_needed(stack, runs
     assert unneeded == [], f"statements that no step needs: {unneeded}"
     for (name, sid), named in sorted(failing.items()):
         # A step is named by when it ran: a request of a job or a model server is named after every step that was
-        # running then, the one that started it among them. A request while no task ran is a DAG-level callback's
-        # (run by the DAG processor once the run has ended), named after the run it follows.
+        # running then, the one that started it among them. The stack evaluates a request once and caches the
+        # decision: the step named is the first that made it.
         print(f"{name} {sid}: without it, refused")
         for step, actions in sorted(named.items()):
             print(f"    while {step} ran: {', '.join(sorted(actions))}")
 
 
 def steps_at(at: datetime.datetime, steps: list[Step], runs: dict[str, Run]) -> list[str]:
-    """The steps that were running at ``at``; where none was, the CLI run last started before it."""
+    """The steps that were running at ``at``. A request while no task ran is a callback's (the triggerer's deadline
+    alert, a failure notification), named after the run that it came during or after."""
     named = [step.name for step in steps if step.started <= at <= step.ended]
     if named:
         return named
-    before = [(run.started, kind) for kind, run in runs.items() if run.started <= at]
-    return [f"the {max(before)[1]} run, after its tasks (a DAG-level callback)"] if before else []
+    if during := [kind for kind, run in runs.items() if run.started <= at <= run.ended]:
+        return [f"the {during[0]} run, outside its tasks (a callback)"]
+    before = [(run.ended, kind) for kind, run in runs.items() if run.ended <= at]
+    return [f"after the {max(before)[1]} run (a callback)"] if before else []
 
 
 def refused_without(decisions: list[dict], name: str, policy: dict, blanks, evaluator) -> list[dict]:
