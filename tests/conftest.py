@@ -167,9 +167,24 @@ def real_mnist() -> Path:
 
 # The files that share one local stack (tests/local_stack.py): under xdist they run on one worker, one stack.
 STACK_FILES = {"tests/test_stack.py", "tests/test_browser.py", "tests/test_faults.py"}
-# The longest scopes (minutes each) start first, so that the many short files fill the other workers meanwhile
-# rather than leaving the longest to run alone at the end.
-FIRST_SCOPES = ("stack", "tests/test_safe_deploy.py", "tests/test_service_endpoints.py", "tests/test_monitoring.py")
+# The long scopes start first, longest first (as measured by `pytest --junitxml` here, the real-data tests included),
+# so that the many short files fill the workers at the end rather than one long file running alone there.
+FIRST_SCOPES = (
+    "stack",
+    "tests/test_safe_deploy.py",
+    "tests/test_service_endpoints.py",
+    "tests/test_training.py",
+    "tests/test_monitoring.py",
+    "tests/test_service_training.py",
+    "tests/test_service_transform.py",
+    "tests/test_tune_dag.py",
+    "tests/test_deployment.py",
+    "tests/test_data_checks.py",
+    "tests/test_batch_dag.py",
+    "tests/test_report.py",
+    "tests/test_serve.py",
+    "tests/test_service_tuning.py",
+)
 
 
 @pytest.hookimpl(optionalhook=True)
