@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -132,3 +133,14 @@ def pack(model_dir: Path, archive: Path) -> Path:
             if "__pycache__" not in path.parts:
                 tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
     return archive
+
+
+def npy_claiming(fields: dict, data: bytes = b"", version: bytes = b"\x01\x00") -> bytes:
+    """An .npy body whose header says ``fields`` (descr, fortran_order, shape), followed by ``data``."""
+    header = repr(fields).encode()
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"  # padded as numpy pads it: to 64 bytes, then \n
+    return b"\x93NUMPY" + version + struct.pack("<H", len(header)) + header + data
+
+
+def npy_fields(descr: str | list = "<f8", shape: object = (1, 784), fortran_order: bool = False) -> dict:
+    return {"descr": descr, "fortran_order": fortran_order, "shape": shape}

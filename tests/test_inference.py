@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from inference.artifact import load_handler
+from tests.endpoint_helpers import npy_claiming, npy_fields
 
 pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
@@ -320,6 +321,41 @@ BAD_REQUESTS = {
     "npy of the wrong shape": ("application/x-npy", npy(np.zeros((3, 5))), "28x28 or 784"),
     "complex npy": ("application/x-npy", npy(np.zeros((1, 784), complex)), "complex"),
     "npy with NaN": ("application/x-npy", npy(np.full((1, 784), np.nan)), "NaN or infinity"),
+    # The header alone must never decide what is allocated: 10^12 float64s declared in 128 bytes.
+    "npy declaring 10^12 elements": (
+        "application/x-npy",
+        npy_claiming(npy_fields(shape=(10**12,))),
+        "declares shape [1000000000000] of float64",
+    ),
+    "npy declaring more than it holds": (
+        "application/x-npy",
+        npy_claiming(npy_fields("|u1", (2, 784)), bytes(784)),
+        "its body holds 784",
+    ),
+    "npy holding more than it declares": (
+        "application/x-npy",
+        npy_claiming(npy_fields("|u1", (1, 784)), bytes(785)),
+        "its body holds 785",
+    ),
+    "npy of negative dimensions": (
+        "application/x-npy",
+        npy_claiming(npy_fields("|u1", (-1, -784)), bytes(784)),
+        "declares shape [-1, -784]",
+    ),
+    "npy of zero-size items": ("application/x-npy", npy_claiming(npy_fields("|V0", (10**12,))), "found dtype |V0"),
+    "npy of records": ("application/x-npy", npy_claiming(npy_fields([("a", "<f4")], (784,)), bytes(3136)), "found"),
+    "npy of strings": ("application/x-npy", npy(np.array([["0"] * 784])), "found strings"),
+    "npy shape not integers": ("application/x-npy", npy_claiming(npy_fields(shape=(2.5,))), "not a numeric .npy"),
+    "npy of an unknown version": (
+        "application/x-npy",
+        npy_claiming(npy_fields(), bytes(6272), b"\x03\x00"),
+        "format version (3, 0)",
+    ),
+    "npy header of a megabyte": (
+        "application/x-npy",
+        b"\x93NUMPY\x02\x00" + struct.pack("<I", 10**6) + b"[" * 10**6,
+        "not a numeric .npy",
+    ),
     "CSV of the wrong width": ("text/csv", "1,2,3\n", "28x28 or 784"),
     "CSV with ragged rows": ("text/csv", ",".join(["0"] * 784) + "\n1,2\n", "CSV must hold"),
     "CSV not numbers": ("text/csv", "a,b,c\n", "CSV must hold"),
@@ -329,6 +365,9 @@ BAD_REQUESTS = {
     "truncated image": ("image/png", truncated_png(), "could not decode"),
     "blank image": ("image/png", blank_png(), "no digit found"),
     "image too large": ("image/png", png_header_claiming(8_000, 8_000), "too large"),
+    "image just above the cap": ("image/png", png_header_claiming(4_000, 3_001), "4000x3001 pixels is too large"),
+    # At the cap the picture is decoded, and this one is damaged.
+    "image at the cap": ("image/png", png_header_claiming(4_000, 3_000), "could not decode"),
     "decompression bomb": ("image/png", png_header_claiming(60_000, 60_000), "too large"),
     "unsupported content type": ("text/plain", b"7", "unsupported content type"),
 }

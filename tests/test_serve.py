@@ -31,7 +31,7 @@ from inference.artifact import ArtifactError, prepare_model_dir, safe_extract
 from inference.serve import Endpoint, server_command
 from local_sagemaker.processes import free_port, wait_for_http
 from tests.conftest import ROOT
-from tests.endpoint_helpers import server_env
+from tests.endpoint_helpers import npy_claiming, npy_fields, server_env
 
 pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
@@ -136,6 +136,8 @@ BAD_REQUESTS = [
     ("application/json", json.dumps({"instances": [[300] * 784]}).encode(), 400, "within 0-255"),
     ("application/json", b"", 400, "empty request body"),
     ("application/x-npy", b"\x93NUMPY\x01\x00 not an array", 400, "not a numeric .npy"),
+    # A header that declares 10^12 float64s: refused as the sender's error, never a MemoryError's 500.
+    ("application/x-npy", npy_claiming(npy_fields(shape=(10**12,))), 400, "declares shape [1000000000000]"),
     ("text/csv", b"a,b\n", 400, "CSV must hold"),
     ("image/jpeg", b"GIF89a not a jpeg", 400, "not a PNG or JPEG"),
     ("application/xml", b"<digit/>", 415, "unsupported content type"),
