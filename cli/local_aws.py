@@ -164,14 +164,10 @@ def start_scratch_aws(directory: Path, keys: StackKeys, **options) -> tuple[subp
 
 
 def write_private(path: Path, data: dict) -> None:
-    """Write JSON readable by this user only, atomically (keys, passwords)."""
-    import os
+    """Write JSON readable by this user only (keys, passwords), atomically and durably."""
+    from local_sagemaker.store import write_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2).encode(), mode=0o600)
 
 
 def start_local_aws(

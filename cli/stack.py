@@ -123,6 +123,13 @@ def read_state(paths: StackPaths) -> dict | None:
         return None
 
 
+def write_state(paths: StackPaths, state: dict) -> None:
+    """Replace stack.json whole: `status`, `down` and the next `up` find the old state or the new one, never half."""
+    from local_sagemaker.store import write_atomically
+
+    write_atomically(paths.state, json.dumps(state, indent=2).encode())
+
+
 def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
     """The UI password and the signing secrets: generated once, kept across `up`s so the login stays the same."""
     from cli.local_aws import write_private
@@ -359,7 +366,7 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
         "username": USERNAME,
         "processes": {"local-aws": moto, "local-sagemaker": sagemaker.record},
     }
-    paths.state.write_text(json.dumps(state, indent=2))
+    write_state(paths, state)
     try:
         env = airflow_env(paths, config, api_url, connection, keys, alert_topic_arn)
         airflow = [sys.executable, "-m", "airflow"]
@@ -368,7 +375,7 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
             raise StackError(f"`airflow db migrate` failed:\n{migrate.stdout[-3000:]}{migrate.stderr[-3000:]}")
         for name in COMPONENTS:
             state["processes"][name] = _spawn_airflow(name, env, paths)
-            paths.state.write_text(json.dumps(state, indent=2))
+            write_state(paths, state)
         _wait_healthy(state, paths, timeout)
         api = api_for(state, paths)
         if (ROOT / "dags" / f"{DAG_ID}.py").exists():
@@ -390,7 +397,7 @@ def _restart_airflow(paths: StackPaths, config: PipelineConfig, names: list[str]
         if old := state["processes"].get(name):
             state.setdefault("retired", []).append(old)
         state["processes"][name] = _spawn_airflow(name, env, paths)
-        paths.state.write_text(json.dumps(state, indent=2))
+        write_state(paths, state)
     _wait_healthy(state, paths, timeout)
     return state
 

@@ -1,8 +1,9 @@
 """The service's records on disk: one JSON file per resource, written atomically, read back at start.
 
 `<state_dir>/<kind>/<name>.json` for each kind (training-jobs, models, endpoint-configs, endpoints, experiments,
-trials, trial-components). Every change goes through `Store.put`, which writes a temporary file, fsyncs it and
-renames it over the record, so a crash leaves the old record or the new one, never half of one. Records are held
+trials, trial-components). Every change goes through `Store.put`, which writes a temporary file, fsyncs it,
+renames it over the record and fsyncs the directory, so a crash leaves the old record or the new one, never half of
+one. Records are held
 in memory too (the service is their only writer), behind one lock: handlers run in threads.
 """
 
@@ -51,6 +52,17 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable: until the directory itself is synced, a power cut may leave it
+    naming the old file, or none, whatever was synced of the file."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _encode(value):

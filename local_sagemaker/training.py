@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from local_sagemaker import aws, processes
 from local_sagemaker.archives import ArchiveError, pack, unpack
 from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ValidationException, not_found
+from local_sagemaker.protocol import ResourceInUse, ResourceLimitExceeded, ValidationException, not_found
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
 
@@ -46,6 +46,9 @@ STARTING_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0  # SIGTERM, then this long before SIGKILL (SageMaker gives 120 s)
 TERMINAL = ("Completed", "Failed", "Stopped")
+# Each instance of a job is a process of its own here: this service's quota of instances per training job, as an
+# AWS account has one per instance type (a tuning job's training jobs count one by one).
+MAX_INSTANCES = 8
 # The loopback interface's name (Linux: lo, macOS: lo0): every local "host" of a job talks over it.
 LOOPBACK_INTERFACE = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
 # What DescribeTrainingJob answers of the request as it was made.
@@ -109,6 +112,22 @@ class Cores:
         with self.condition:
             self.free += count
             self.condition.notify_all()
+
+
+def check_instance_count(resources: Mapping) -> None:
+    """ResourceLimitExceeded past this service's quota, in AWS's words; ValidationException below one instance."""
+    count = resources.get("InstanceCount")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValidationException(
+            f"1 validation error detected: Value {count!r} at 'resourceConfig.instanceCount' failed to satisfy "
+            "constraint: Member must have value greater than or equal to 1"
+        )
+    if count > MAX_INSTANCES:
+        raise ResourceLimitExceeded(
+            f"The account-level service limit '{resources.get('InstanceType', 'instance')} for training job usage' "
+            f"is {MAX_INSTANCES} Instances, with current utilization of 0 Instances and a request delta of {count} "
+            "Instances. Please use AWS Service Quotas to request an increase for this quota."
+        )
 
 
 def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperParameters") -> None:
@@ -309,6 +328,7 @@ class TrainingJobs:
         TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
         check_script_mode(request.get("HyperParameters", {}))
+        check_instance_count(request["ResourceConfig"])
         self.roles.check(request["RoleArn"], self.arn(name))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:

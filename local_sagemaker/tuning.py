@@ -54,7 +54,13 @@ from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException
 from local_sagemaker.store import Store, now
 from local_sagemaker.training import KIND as TRAINING_JOBS
-from local_sagemaker.training import STOP_GRACE_SECONDS, TERMINAL, TrainingJobs, check_script_mode
+from local_sagemaker.training import (
+    STOP_GRACE_SECONDS,
+    TERMINAL,
+    TrainingJobs,
+    check_instance_count,
+    check_script_mode,
+)
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna logs each trial at INFO; the tuner logs its own
@@ -182,6 +188,7 @@ def plan(request: dict) -> Plan:
         )
     static = definition.get("StaticHyperParameters", {})
     check_script_mode(static, "StaticHyperParameters")
+    check_instance_count(definition.get("ResourceConfig", {}))
     space = _space(config.get("ParameterRanges", {}), static)
     strategy, limits = config["Strategy"], config["ResourceLimits"]
     if strategy == "Grid":

@@ -120,3 +120,33 @@ def test_stop_ends_what_outlived_a_dead_group_leader_even_an_unreaped_one():
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
         leader.wait()
+
+
+def test_state_files_are_replaced_whole_and_secrets_are_never_readable_by_others(tmp_path):
+    """The stack's secrets, its stack.json and the service's records: the old file or the new one, nothing between,
+    and no temporary file left, whether the write succeeds or fails."""
+    import json
+    import stat
+
+    from cli.local_aws import write_private
+    from cli.stack import StackPaths, read_state, write_state
+    from local_sagemaker.store import write_atomically
+
+    secret = tmp_path / "stack" / "credentials.json"
+    write_private(secret, {"key": "first"})
+    write_private(secret, {"key": "second"})
+    assert json.loads(secret.read_text()) == {"key": "second"}
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    with pytest.raises(TypeError):
+        write_private(secret, {"key": object()})  # fails before anything is written
+    assert json.loads(secret.read_text()) == {"key": "second"}
+
+    paths = StackPaths(tmp_path)
+    write_state(paths, {"processes": {}})
+    assert read_state(paths) == {"processes": {}}
+
+    record = tmp_path / "records" / "job.json"
+    record.mkdir(parents=True)  # a directory where the file should go: the rename fails
+    with pytest.raises(OSError):
+        write_atomically(record, b"{}")
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["credentials.json", "stack.json"]

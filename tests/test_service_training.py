@@ -225,6 +225,34 @@ def test_the_entry_point_must_be_a_file_inside_the_jobs_code(clients, program):
         sagemaker.describe_training_job(TrainingJobName=bad["TrainingJobName"])  # nothing was made
 
 
+@pytest.mark.parametrize(
+    ("count", "code", "message"),
+    [
+        (
+            9,
+            "ResourceLimitExceeded",
+            "is 8 Instances, with current utilization of 0 Instances and a request delta of 9",
+        ),
+        (100_000, "ResourceLimitExceeded", "a request delta of 100000 Instances"),
+        (0, "ValidationException", "Value 0 at 'resourceConfig.instanceCount' failed to satisfy constraint"),
+    ],
+)
+def test_a_job_of_more_instances_than_the_quota_is_refused_and_nothing_starts(clients, count, code, message):
+    """Each instance is a process here: a request for thousands would fork thousands."""
+    from botocore.config import Config
+
+    sagemaker = boto3.client("sagemaker", endpoint_url=clients[0].meta.endpoint_url,
+                             config=Config(parameter_validation=False))  # as a raw HTTP request could send it  # fmt: skip
+    bad = request(f"instances-{count}")
+    bad["ResourceConfig"]["InstanceCount"] = count
+    with pytest.raises(ClientError) as caught:
+        sagemaker.create_training_job(**bad)
+    assert caught.value.response["Error"]["Code"] == code
+    assert message in caught.value.response["Error"]["Message"]
+    with pytest.raises(ClientError):
+        sagemaker.describe_training_job(TrainingJobName=bad["TrainingJobName"])  # nothing was made
+
+
 def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnist):
     """train.py joins the two local "hosts" into one DDP job (gloo over loopback); the experiment records it."""
     sagemaker, s3, logs = clients
