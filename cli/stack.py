@@ -116,11 +116,29 @@ def stack_paths(config: PipelineConfig | None = None) -> StackPaths:
     return StackPaths(Path((config or load_config()).state_dir))
 
 
-def read_state(paths: StackPaths) -> dict | None:
+def kept_json(path: Path, keys: tuple[str, ...] = ()) -> dict | None:
+    """A JSON object the stack keeps (stack.json, the password, secrets and keys files) with ``keys``; None when it
+    is absent, or when it cannot be read: it is then set aside (renamed, never deleted), saying so, and the caller
+    makes it anew."""
+    from local_sagemaker.store import set_aside
+
     try:
-        return json.loads(paths.state.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        why = str(error)
+    else:
+        if isinstance(data, dict) and all(key in data for key in keys):
+            return data
+        why = f"not a JSON object with {', '.join(keys)}" if keys else "not a JSON object"
+    aside = set_aside(path, why)
+    print(f"{path} cannot be read ({why}): set aside as {aside.name}", file=sys.stderr)
+    return None
+
+
+def read_state(paths: StackPaths) -> dict | None:
+    return kept_json(paths.state, ("processes",))
 
 
 def write_state(paths: StackPaths, state: dict) -> None:
@@ -134,18 +152,26 @@ def _login_and_secrets(paths: StackPaths) -> tuple[str, dict]:
     """The UI password and the signing secrets: generated once, kept across `up`s so the login stays the same."""
     from cli.local_aws import write_private
 
-    if not paths.passwords.exists():
-        write_private(paths.passwords, {USERNAME: secrets.token_urlsafe(12)})
-    if not paths.secrets.exists():
-        write_private(paths.secrets, {"jwt_secret": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32)})
-    return json.loads(paths.passwords.read_text())[USERNAME], json.loads(paths.secrets.read_text())
+    if (passwords := kept_json(paths.passwords, (USERNAME,))) is None:
+        write_private(paths.passwords, passwords := {USERNAME: secrets.token_urlsafe(12)})
+    if (signing := kept_json(paths.secrets, ("jwt_secret", "secret_key"))) is None:
+        signing = {"jwt_secret": secrets.token_urlsafe(32), "secret_key": secrets.token_urlsafe(32)}
+        write_private(paths.secrets, signing)
+    return passwords[USERNAME], signing
+
+
+def ui_password(paths: StackPaths) -> str:
+    """The UI password `up` made."""
+    if (passwords := kept_json(paths.passwords, (USERNAME,))) is None:
+        raise StackError(f"{paths.passwords} is missing or unreadable: `mnist-pipeline up` makes it anew")
+    return passwords[USERNAME]
 
 
 def stack_keys(paths: StackPaths):
     """The keys of the stack's principals (cli.local_aws.StackKeys): made once, kept across `up`s."""
     from cli.local_aws import StackKeys, write_private
 
-    if not paths.credentials.exists():
+    if kept_json(paths.credentials, ("admin", "pipeline", "sagemaker")) is None:
         write_private(paths.credentials, StackKeys.new().as_json())
     return StackKeys.load(paths.credentials)
 
@@ -239,7 +265,7 @@ class AirflowAPI:
 
 
 def api_for(state: dict, paths: StackPaths) -> AirflowAPI:
-    password = json.loads(paths.passwords.read_text())[USERNAME]
+    password = ui_password(paths)
     return AirflowAPI(state["airflow_url"], password, log=paths.logs / "api-server.log")
 
 
@@ -467,7 +493,7 @@ def start_and_tell(console, config: PipelineConfig, port: int = DEFAULT_PORT) ->
     """`up`, telling the user where the UI is and how to log in."""
     with console.status("Starting the local AWS and Airflow (API server, scheduler, DAG processor, triggerer)…"):
         state = up(config, port=port)
-    password = json.loads(stack_paths(config).passwords.read_text())[USERNAME]
+    password = ui_password(stack_paths(config))
     console.print(
         f"[green]Stack running.[/] Airflow UI: [bold]{state['airflow_url']}[/]  login: {USERNAME} / {password}"
     )
@@ -496,10 +522,15 @@ def down_command(args) -> int:
 def status_command(args) -> int:
     from rich.table import Table
 
+    from local_sagemaker.store import set_aside_files
+
     config = load_config()
     paths = stack_paths(config)
     state = read_state(paths)
     console = _console()
+    set_aside = set_aside_files(paths.state_dir)
+    for path in set_aside:
+        console.print(f"[red]Set aside, unreadable:[/] {path} (its service started without it; see its log)")
     if not state:
         console.print("The local stack is not running (start it with: mnist-pipeline up).")
         return 3
@@ -516,7 +547,7 @@ def status_command(args) -> int:
                           endpoint["EndpointConfigName"])  # fmt: skip
     console.print(table)
     console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})  logs: {paths.logs}")
-    return 0 if all(running(paths).values()) else 1
+    return 0 if all(running(paths).values()) and not set_aside else 1
 
 
 # --- run: trigger the sweep and follow it ----------------------------------------------------------------------

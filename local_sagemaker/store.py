@@ -13,10 +13,13 @@ import contextlib
 import copy
 import datetime
 import json
+import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 KINDS = (
     "training-jobs",
@@ -77,6 +80,24 @@ def _decode(value: dict):
     return value
 
 
+# What a file that cannot be read is renamed to: `<name>.unreadable-<UTC time>`, beside where it was.
+UNREADABLE = ".unreadable-"
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename ``path``, which cannot be read, out of the way (never delete it: it may be all that is left of what it
+    recorded), and log both names."""
+    aside = path.with_name(f"{path.name}{UNREADABLE}{now().strftime('%Y%m%dT%H%M%S.%fZ')}")
+    os.replace(path, aside)
+    log.error("%s cannot be read (%s): set aside as %s", path, why, aside.name)
+    return aside
+
+
+def set_aside_files(root: Path) -> list[Path]:
+    """Every file set aside under ``root``."""
+    return sorted(root.rglob(f"*{UNREADABLE}*"))
+
+
 class Store:
     """Records by kind and name. ``get`` and ``items`` return copies: a handler's edits count only once put."""
 
@@ -88,7 +109,17 @@ class Store:
             directory = self.root / kind
             directory.mkdir(parents=True, exist_ok=True)
             for path in sorted(directory.glob("*.json")):
-                self._records[kind][path.stem] = json.loads(path.read_text(), object_hook=_decode)
+                # A record torn by a power cut, or damaged by hand, must not keep the service (and every other
+                # record's endpoint) from starting: it is set aside, named in the log and by `mnist-pipeline status`.
+                try:
+                    record = json.loads(path.read_bytes(), object_hook=_decode)
+                except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a bad $datetime
+                    set_aside(path, str(error))
+                    continue
+                if not isinstance(record, dict):
+                    set_aside(path, f"a JSON {type(record).__name__}, not an object")
+                    continue
+                self._records[kind][path.stem] = record
 
     def _path(self, kind: str, name: str) -> Path:
         # Names reach here only after the API's own name pattern ([a-zA-Z0-9-]); refuse anything else outright.

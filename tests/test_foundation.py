@@ -150,3 +150,41 @@ def test_state_files_are_replaced_whole_and_secrets_are_never_readable_by_others
     with pytest.raises(OSError):
         write_atomically(record, b"{}")
     assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["credentials.json", "stack.json"]
+
+
+def test_a_damaged_file_of_the_stack_is_set_aside_and_made_anew(tmp_path, capsys, monkeypatch):
+    """stack.json, the password, secrets and keys files, torn or damaged: `up` sets each aside (renamed, never
+    deleted), says so, and makes it anew; `status` names what was set aside, the service's records included."""
+    import json
+
+    from cli.stack import USERNAME, StackPaths, _login_and_secrets, read_state, stack_keys, status_command
+
+    paths = StackPaths(tmp_path)
+    damaged = {
+        paths.state: b'{"processes": {"local-aws": {"pid": 12',  # torn by a power cut
+        paths.passwords: b"",
+        paths.secrets: b'{"jwt_secret": "kept"}',  # no secret_key
+        paths.credentials: b"\0" * 16,
+    }
+    paths.root.mkdir(parents=True)
+    for path, content in damaged.items():
+        path.write_bytes(content)
+    record = tmp_path / "sagemaker" / "training-jobs" / "torn.json.unreadable-20261207T000000.000000Z"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(b"{")
+
+    assert read_state(paths) is None
+    password, signing = _login_and_secrets(paths)
+    keys = stack_keys(paths)
+    told = capsys.readouterr().err
+    assert json.loads(paths.passwords.read_text()) == {USERNAME: password}
+    assert json.loads(paths.secrets.read_text()) == signing and set(signing) == {"jwt_secret", "secret_key"}
+    assert keys.pipeline.access_key_id.startswith("AKIA")
+    for path, content in damaged.items():
+        [aside] = path.parent.glob(f"{path.name}.unreadable-*")
+        assert aside.read_bytes() == content
+        assert f"{path} cannot be read" in told
+    monkeypatch.setenv("MNIST_PIPELINE_STATE_DIR", str(tmp_path))
+    assert status_command(None) == 3  # not running: stack.json was set aside
+    shown = capsys.readouterr().out
+    assert "torn.json.unreadable-" in shown and "stack.json.unreadable-" in shown

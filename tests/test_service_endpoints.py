@@ -287,9 +287,25 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
         answer = probabilities(runtime(started.runtime_url), "kept", body)
 
         launch.stop(started.record)  # a clean stop stops the model servers; the next start starts them again
+        # Records a power cut tore, or a hand damaged, while the service was down: each is set aside, named in the
+        # log, and the service starts and serves everything else.
+        state = tmp_path / "state"
+        damaged = {
+            state / "training-jobs" / "torn.json": b'{"TrainingJobName": "torn", "TrainingJobStatus": "InPr',
+            state / "models" / "not-an-object.json": b'["a", "list"]',
+            state / "endpoint-configs" / "not-utf8.json": b"\xff\xfe{}",
+        }
+        for path, content in damaged.items():
+            path.write_bytes(content)
         started = start()
         client = boto3.client("sagemaker", endpoint_url=started.url)
         assert client.describe_endpoint(EndpointName="kept")["EndpointStatus"] == "InService"
+        for path, content in damaged.items():
+            [aside] = path.parent.glob(f"{path.name}.unreadable-*")
+            assert aside.read_bytes() == content and not path.exists()  # renamed, never deleted
+            assert f"{path} cannot be read" in (state / "logs" / "local-sagemaker.log").read_text()
+        with pytest.raises(ClientError, match="Requested resource not found"):
+            client.describe_training_job(TrainingJobName="torn")
         assert probabilities(runtime(started.runtime_url), "kept", body) == answer
         assert client.describe_model(ModelName="kept")["PrimaryContainer"]["ModelDataUrl"].endswith("good/model.tar.gz")
 
