@@ -62,7 +62,10 @@ class StackKeys:
 
     @classmethod
     def load(cls, path: Path) -> StackKeys:
-        data = json.loads(path.read_text())
+        return cls.from_json(json.loads(path.read_text()))
+
+    @classmethod
+    def from_json(cls, data: dict) -> StackKeys:
         return cls(**{name: Key(**data[name]) for name in ("admin", "pipeline", "sagemaker")})
 
     def as_json(self) -> dict:

@@ -171,9 +171,11 @@ def stack_keys(paths: StackPaths):
     """The keys of the stack's principals (cli.local_aws.StackKeys): made once, kept across `up`s."""
     from cli.local_aws import StackKeys, write_private
 
-    if kept_json(paths.credentials, ("admin", "pipeline", "sagemaker")) is None:
-        write_private(paths.credentials, StackKeys.new().as_json())
-    return StackKeys.load(paths.credentials)
+    if (data := kept_json(paths.credentials, ("admin", "pipeline", "sagemaker"))) is not None:
+        return StackKeys.from_json(data)
+    keys = StackKeys.new()
+    write_private(paths.credentials, keys.as_json())
+    return keys
 
 
 def airflow_env(

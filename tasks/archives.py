@@ -38,7 +38,11 @@ def read_archive(config: PipelineConfig, bucket: str, key: str) -> bytes | None:
         raise
     if size > MAX_ARCHIVE_BYTES:
         raise ArchiveError(f"s3://{bucket}/{key}: {size} bytes, over the {MAX_ARCHIVE_BYTES} this pipeline reads")
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_ARCHIVE_BYTES + 1)[: MAX_ARCHIVE_BYTES + 1]
+    # Read within the cap also when the object was replaced by a larger one since HEAD.
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_ARCHIVE_BYTES + 1)
+    if len(body) > MAX_ARCHIVE_BYTES:
+        raise ArchiveError(f"s3://{bucket}/{key}: over the {MAX_ARCHIVE_BYTES} bytes this pipeline reads")
+    return body
 
 
 def members(body: bytes, where: str, wanted: set[str] | None = None) -> dict[str, bytes]:

@@ -37,6 +37,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from tasks.config import PUBLIC_MNIST_MIRRORS, PipelineConfig, comma_list, load_config
 from tasks.hooks import s3_hook
 from tasks.s3 import UploadError, put_once, stored_difference
+from training.channel import MANIFEST
 from training.mnist_idx import MNIST_FILES
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ OFFICIAL_MD5 = {
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 DEFAULT_MIRRORS = PUBLIC_MNIST_MIRRORS
-MANIFEST = "SHA256SUMS"
 TIMEOUT_S = 30.0
 ROUNDS = 3  # times each mirror is tried before a file is given up
 _CHUNK = 1 << 16

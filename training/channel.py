@@ -31,10 +31,8 @@ def verify(directory: str | Path, dataset_sha256: str | None, needed: list[str])
             raise ChannelError(f"{manifest}: missing; the dataset {dataset_sha256} comes with its manifest")
         return False
     body = manifest.read_bytes()
-    if dataset_sha256 and hashlib.sha256(body).hexdigest() != dataset_sha256:
-        raise ChannelError(
-            f"{manifest}: its SHA-256 is {hashlib.sha256(body).hexdigest()}, not the dataset's {dataset_sha256}"
-        )
+    if dataset_sha256 and (actual := hashlib.sha256(body).hexdigest()) != dataset_sha256:
+        raise ChannelError(f"{manifest}: its SHA-256 is {actual}, not the dataset's {dataset_sha256}")
     listed = {}
     for number, line in enumerate(body.decode("utf-8", "replace").splitlines(), 1):
         if not line.strip():
