@@ -193,10 +193,18 @@ class Endpoints:
         processes.stop(servers, grace=grace)
         for server in servers:
             self.roles.forget({"AWS_CONTAINER_AUTHORIZATION_TOKEN": server.get("credentials_token", "")})
+        self.router.forget({server["url"] for server in servers if "url" in server})
 
     def _launch(self, endpoint: str, config_name: str) -> dict:
         """Start the fleet of ``config_name``; returns it once every server answers /ping."""
         config = self.models.endpoint_config(config_name)
+        # What no server of the endpoint uses any more goes first (its operations run one at a time: nothing else
+        # unpacks or starts from its directory meanwhile).
+        local = self._record(endpoint)["Local"]
+        in_use = [
+            server["model_dir"] for fleet in (local["fleet"], local["pending"]) if fleet for server in fleet["servers"]
+        ]
+        model_servers.prune(self.fleets_dir / endpoint, in_use)
         servers: list[dict] = []
         try:
             for variant in config["ProductionVariants"]:
@@ -207,8 +215,8 @@ class Endpoints:
                     s3 = self.roles.session(role, self.arn(endpoint)).client("s3")
                 except ValidationException as error:
                     raise LaunchFailed(error.message) from None
-                model_dir = model_servers.model_dir(self.fleets_dir / endpoint / config_name / variant["VariantName"],
-                                                    container["ModelDataUrl"], s3)  # fmt: skip
+                models_dir = self.fleets_dir / endpoint / "models"
+                model_dir = model_servers.model_dir(models_dir, container["ModelDataUrl"], s3)
                 servers.append(self._start_server(endpoint, config_name, variant, model_dir,
                                                   container.get("Environment", {}), container.get("Image", ""), role))  # fmt: skip
         except BaseException as error:

@@ -14,6 +14,12 @@ Both sides speak HTTP/1.1 through httptools' parser on plain asyncio protocols: 
 invocation, and a general-purpose framework costs here as much CPU per request as the model server itself (see
 bench/results/endpoint.json, `runtime` beside `project`). A body over InvokeEndpoint's 6 MB is refused from its
 declared length, before it is read, or as soon as a chunked one passes the limit; it is never kept.
+
+Being hand-written, it holds itself to what HTTP/1.1 (RFC 9110, 9112) asks of a server: trailer fields never join
+the header section that was signed and routed on; pipelined requests are answered in their order, an error that
+ends the connection included; header bytes are counted as they arrive, not once a field ends; a 100 Continue is
+sent only when the request is acceptable and its turn has come; and a request must arrive whole within a deadline,
+on one of a capped number of connections.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import logging
 import random
 import re
+import resource
 import time
 import urllib.parse
 import uuid
@@ -46,6 +53,14 @@ MAX_HEADER_BYTES = 64 * 1024
 FORWARD_TIMEOUT = 60.0  # SageMaker's own limit for a real-time invocation
 CONNECT_TIMEOUT = 5.0
 IDLE_CLIENT_TIMEOUT = 75.0  # a client connection with no request for this long is closed
+# A request must arrive whole this soon after its first byte: a client that stalls mid-request holds no connection.
+REQUEST_ARRIVAL_TIMEOUT = 60.0
+LINGER_SECONDS = 2.0  # how long a closing connection's late bytes are read and dropped after its last answer
+# Open client connections at most (or half the process's file descriptors, if fewer); past it a client is answered
+# 503 and closed. The listen backlog takes bursts of new connections while the loop is busy.
+MAX_CONNECTIONS = 1024
+LISTEN_BACKLOG = 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request headers the SageMaker runtime passes to the container, and response headers it passes back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
 RETURNED_RESPONSE_HEADERS = ("Content-Type", "X-Amzn-SageMaker-Custom-Attributes", "Server-Timing")
@@ -111,6 +126,13 @@ class Router:
 
     def samples_since(self, urls: set[str], since: float) -> list[Sample]:
         return [sample for url in urls for sample in list(self.samples.get(url, ())) if sample.at >= since]
+
+    def forget(self, urls: set[str]) -> None:
+        """Drop what was kept about servers that are stopped: their URLs are never routed to again."""
+        for url in urls:
+            self.samples.pop(url, None)
+            if not self.in_flight[url]:
+                del self.in_flight[url]
 
 
 class InvokeError(Exception):
@@ -254,16 +276,32 @@ class _Request:
     fields: dict[str, str]  # every header field by lower-case name (what the signature covers)
 
 
+# Where the parser is in the message it reads: none begun, its header section, or what follows it (the body, and
+# a chunked body's trailer section).
+_IDLE, _HEAD, _BODY = range(3)
+
+
 class _Client(asyncio.Protocol):
-    """One client connection: requests parsed as they arrive, answered one after another in their order."""
+    """One client connection: requests parsed as they arrive, answered one after another in their order.
+
+    Everything that ends a connection early (a malformed request, an upgrade, a body past the discard limit, a
+    request that does not arrive in time) is queued behind the requests before it, so that each request gets its
+    own answer, in order, before the one that closes the connection.
+    """
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.pending: collections.deque[_Request] = collections.deque()
-        self.busy = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.pending: collections.deque[_Request | InvokeError] = collections.deque()
+        self.busy = False  # whether a task answers the pending requests
+        self.broken = False  # whether the connection's last answer is queued: nothing more is read from it
+        self.state = _IDLE
+        self.timer: asyncio.TimerHandle | None = None  # the idle timer, or the current request's arrival deadline
+        self.writable: asyncio.Future | None = None  # while the client does not read its answers
+        self._continue_due = False  # a 100 Continue held back until the answers before it are written
+        self._progress = False  # whether the parser reported anything from the bytes fed last
+        self._unreported = 0  # bytes fed since the parser last reported anything: a field it buffers whole
         self._reset()
 
     def _reset(self) -> None:
@@ -274,79 +312,138 @@ class _Client(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if len(self.runtime.clients) >= self.runtime.max_connections:
+            self.broken = True
+            full = f"The runtime has {len(self.runtime.clients)} connections open, its most; try again."
+            transport.write(_response(*_error(InvokeError(503, "ServiceUnavailable", full)), close=True))
+            transport.close()
+            return
         self.runtime.clients.add(self)
-        self._arm_idle_timer()
+        self._arm(IDLE_CLIENT_TIMEOUT)
 
     def connection_lost(self, exc) -> None:
         self.runtime.clients.discard(self)
-        if self.idle_timer:
-            self.idle_timer.cancel()
+        self.broken = True
+        self._disarm()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.broken:  # its answer is written or queued: what follows is not read, only discarded
+            return
+        self._progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._answer_and_close(InvokeError(400, "ValidationError", "Protocol upgrades are not supported."))
+            self._finish(_UPGRADE)
+            return
         except httptools.HttpParserError as error:
             # An exception in a callback comes back as HttpParserCallbackError, the callback's own as its context.
             cause = error.__context__ if isinstance(error, httptools.HttpParserCallbackError) else error
-            if isinstance(cause, InvokeError):
-                self._answer_and_close(cause)
-            else:
-                self._answer_and_close(InvokeError(400, "ValidationError", f"Malformed HTTP request: {cause}"))
+            if not isinstance(cause, InvokeError):
+                cause = InvokeError(400, "ValidationError", f"Malformed HTTP request: {cause}")
+            self._finish(cause)
+            return
+        # httptools buffers a field until it ends and says nothing meanwhile: count what it holds as it arrives.
+        self._unreported = 0 if self._progress else self._unreported + len(data)
+        if self._unreported > MAX_HEADER_BYTES and self.state != _IDLE:
+            self._finish(_fields_too_large(self.state))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._reset()
-        if self.idle_timer:
-            self.idle_timer.cancel()
+        self.state, self._progress = _HEAD, True
+        if not self.busy:  # a pipelined request's deadline starts once the answers before it are written
+            self._arm(REQUEST_ARRIVAL_TIMEOUT)
 
     def on_url(self, url: bytes) -> None:
+        self._progress = True
         self._url += url
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._progress = True
         self._count_header_bytes(len(name) + len(value))
+        if self.state == _BODY:  # a trailer field: kept apart from the header section, that is, not kept at all
+            return
         lower, text = name.decode("latin-1").lower(), value.decode("latin-1")
         self._fields[lower] = f"{self._fields[lower]},{text}" if lower in self._fields else text
         kept = _KEPT_REQUEST_HEADERS.get(lower)
         if kept:
-            self._headers[kept] = value.decode("latin-1")
-        elif name.lower() == b"content-length" and value.isdigit() and int(value) > MAX_PAYLOAD_BYTES:
+            self._headers[kept] = text
+        elif lower == "content-length" and value.isdigit() and int(value) > MAX_PAYLOAD_BYTES:
             self._refused = _too_large(f"Request payload of {int(value)} bytes exceeds")
-        elif name.lower() == b"expect" and value.lower() == b"100-continue":
+        elif lower == "expect" and value.lower() == b"100-continue":
             self._headers["Expect"] = "100-continue"
 
     def on_headers_complete(self) -> None:
-        if self._headers.pop("Expect", None) and self._refused is None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.state, self._progress = _BODY, True
+        if self._headers.pop("Expect", None):
+            if self._refused is not None:
+                raise self._refused  # its final status now, in order, and the body it announced is never read
+            if self.busy:
+                self._continue_due = True
+            else:
+                self.transport.write(CONTINUE)
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+
+    def on_chunk_complete(self) -> None:
+        self._progress = True
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         self._size += len(body)
         if self._refused is None and self._size > MAX_PAYLOAD_BYTES:
             self._refused, self._body = _too_large("Request payload exceeds"), []
         if self._refused is None:
             self._body.append(body)
         elif self._size > DISCARD_LIMIT_BYTES:
-            self._answer_and_close(self._refused)
+            raise self._refused
 
     def on_message_complete(self) -> None:
+        self._progress = True
+        if self.parser.should_upgrade():
+            raise _UPGRADE
         request = _Request(self.parser.get_method(), self._url, self._headers, b"".join(self._body), self._refused,
                            self.parser.should_keep_alive(), self._fields)  # fmt: skip
         self._reset()
-        self.pending.append(request)
+        self.state, self._continue_due = _IDLE, False
+        self._queue(request)
+
+    # answering
+    def _queue(self, item: _Request | InvokeError) -> None:
+        self.pending.append(item)
         if self.busy:
             self.transport.pause_reading()  # a pipelining client waits for its answers
         else:
+            self._disarm()
             self.busy = True
             asyncio.get_running_loop().create_task(self._answer_pending())
 
-    # answering
+    def _finish(self, error: InvokeError) -> None:
+        """Queue the connection's last answer behind the requests before it; nothing more is read."""
+        if not self.broken:
+            self.broken = True
+            self._queue(error)
+
     async def _answer_pending(self) -> None:
         while self.pending:
-            request = self.pending.popleft()
+            item = self.pending.popleft()
+            if isinstance(item, InvokeError):
+                self._write(_response(*_error(item), close=True))
+                self._close_after_answer()
+                return
             try:
-                status, headers, body = await self.runtime.invoke(request)
+                status, headers, body = await self.runtime.invoke(item)
             except InvokeError as error:
                 status, headers, body = _error(error)
             except Exception as error:  # a bug: the runtime keeps serving, and the log has the traceback
@@ -356,28 +453,67 @@ class _Client(asyncio.Protocol):
                 )
             if self.transport.is_closing():
                 return
-            self.transport.write(_response(status, headers, body, close=not request.keep_alive))
-            if not request.keep_alive:
-                self.transport.close()
+            self._write(_response(status, headers, body, close=not item.keep_alive))
+            if not item.keep_alive:
+                self._close_after_answer()
                 return
+            if self.writable is not None and not self.writable.done():
+                # A client that does not read its answers gets no more of them, and its requests are not read.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.writable), IDLE_CLIENT_TIMEOUT)
+                except TimeoutError:
+                    self.transport.abort()
+                    return
+                if self.transport.is_closing():
+                    return
         self.busy = False
+        if self._continue_due:
+            self._continue_due = False
+            self._write(CONTINUE)
         self.transport.resume_reading()
-        self._arm_idle_timer()
+        self._arm(REQUEST_ARRIVAL_TIMEOUT if self.state != _IDLE else IDLE_CLIENT_TIMEOUT)
 
-    def _answer_and_close(self, error: InvokeError) -> None:
+    def _write(self, data: bytes) -> None:
         if not self.transport.is_closing():
-            self.transport.write(_response(*_error(error), close=True))
+            self.transport.write(data)
+
+    def _close_after_answer(self) -> None:
+        """End the connection once its last answer is out. Our side closes first, and what the client still sends
+        is read and dropped for a moment: a socket closed with unread bytes is reset, and the reset may destroy
+        the answer before the client reads it."""
+        self.broken = True
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self._arm(LINGER_SECONDS)
+        else:
             self.transport.close()
 
     def _count_header_bytes(self, size: int) -> None:
         self._header_bytes += size
         if self._header_bytes > MAX_HEADER_BYTES:
-            raise InvokeError(431, "ValidationError", f"Request headers exceed {MAX_HEADER_BYTES} bytes.")
+            raise _fields_too_large(self.state)
 
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timer:
-            self.idle_timer.cancel()
-        self.idle_timer = asyncio.get_running_loop().call_later(IDLE_CLIENT_TIMEOUT, self.transport.close)
+    def _arm(self, seconds: float) -> None:
+        """(Re)start the connection's one timer: when it runs out, the connection is closed, or, while a request
+        is arriving, answered 408 in its turn."""
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.broken or self.state == _IDLE:
+            self.transport.abort()  # idle, or lingering after its last answer: nothing is lost
+        else:
+            late = f"The request did not arrive whole within {REQUEST_ARRIVAL_TIMEOUT:g} seconds of its first byte."
+            self._finish(InvokeError(408, "RequestTimeout", late))
 
 
 class Runtime:
@@ -388,9 +524,13 @@ class Runtime:
         self.upstreams = Upstreams()
         self.clients: set[_Client] = set()
         self.server: asyncio.Server | None = None
+        # Each client connection is a file descriptor, and so is each connection on to a model server.
+        self.max_connections = min(MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.get_running_loop().create_server(lambda: _Client(self), host, port)
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _Client(self), host, port, backlog=LISTEN_BACKLOG
+        )
 
     async def close(self) -> None:
         if self.server is not None:
@@ -475,6 +615,15 @@ class Runtime:
             log.warning("IAM could not be asked about an invocation: %s", error)
             raise InvokeError(503, "ServiceUnavailable", "IAM could not be asked whether the caller may invoke the "
                               "endpoint; try again") from None  # fmt: skip
+
+
+_UPGRADE = InvokeError(400, "ValidationError", "Protocol upgrades are not supported.")
+
+
+def _fields_too_large(state: int) -> InvokeError:
+    if state == _BODY:
+        return InvokeError(400, "ValidationError", f"Chunk framing and trailer fields exceed {MAX_HEADER_BYTES} bytes.")
+    return InvokeError(431, "ValidationError", f"Request headers exceed {MAX_HEADER_BYTES} bytes.")
 
 
 def _too_large(what: str) -> InvokeError:
