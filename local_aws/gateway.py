@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from urllib.parse import unquote
 
-from local_aws import errors, sigv4
+from local_aws import authority, errors, sigv4
 from local_aws.authorizer import Authorizer, denial_message
 from local_aws.evaluator import EvaluatorError
 from local_aws.identities import ANONYMOUS, Identities, Principal
@@ -39,7 +39,6 @@ from local_aws.permissions import Requirement, requirements
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024 * 1024  # what one request may carry here (S3's own PutObject limit is 5 GB)
-AUTHORITY_SERVICE = "iam"  # the signing name of the authority's own calls
 _SCOPE = re.compile(r"Credential=[^/\s,]+/\d{8}/[^/\s,]+/([^/\s,]+)/aws4_request")
 _QUERY_SCOPE = re.compile(
     r"X-Amz-Credential=[^&]*?(?:%2F|/)\d{8}(?:%2F|/)[^&%/]+(?:%2F|/)([^&%/]+)(?:%2F|/)aws4_request"
@@ -77,7 +76,7 @@ class Gateway:
             return _respond(start_response, *errors.s3_error(400, "EntityTooLarge", str(error)))
         headers = _headers(environ)
         request = sigv4.Request(environ["REQUEST_METHOD"], raw_path, raw_query, headers, body)
-        if raw_path.startswith("/_local/iam/"):
+        if raw_path.startswith(authority.PREFIX):
             return self._authority(request, start_response)
         return self._serve(environ, request, start_response)
 
@@ -217,7 +216,7 @@ class Gateway:
 
     def _authority(self, request: sigv4.Request, start_response: Callable) -> Iterable[bytes]:
         try:
-            verified = sigv4.verify(request, service=AUTHORITY_SERVICE, region=self.region, lookup=self._key)
+            verified = sigv4.verify(request, service=authority.SERVICE, region=self.region, lookup=self._key)
         except sigv4.AuthError as error:
             return _respond(start_response, *errors.auth_failure("json", error))
         caller: Principal = verified.principal
@@ -230,9 +229,9 @@ class Gateway:
             )
         try:
             question = json.loads(request.body)
-            if request.raw_path == "/_local/iam/signing-key":
+            if request.raw_path == authority.SIGNING_KEY_PATH:
                 answer = self._signing_key(question)
-            elif request.raw_path == "/_local/iam/authorize":
+            elif request.raw_path == authority.AUTHORIZE_PATH:
                 answer = self._decide(question)
             else:
                 return _respond(start_response, *errors.json_error(404, "UnknownOperationException", "No such call."))

@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 
-from local_aws import sigv4
+from local_aws import authority, sigv4
 from local_aws.identities import Principal
 from local_aws.permissions import Requirement
 from local_sagemaker.protocol import SageMakerError
@@ -28,7 +28,6 @@ KEY_SECONDS = 60.0
 UNKNOWN_KEY_SECONDS = 2.0  # an access key IAM does not know: asked again this soon (it may be a new one)
 DECISION_SECONDS = 2.0
 SIGNING_NAME = "sagemaker"
-AUTHORITY_SIGNING_NAME = "iam"  # local_aws.gateway.AUTHORITY_SERVICE
 _ENTRIES = 50_000
 
 
@@ -81,7 +80,7 @@ class Access:
 
     def _fetch_key(self, access_key_id: str, date: str, region: str, service: str) -> sigv4.Key | None:
         answer = self._ask(
-            "/_local/iam/signing-key",
+            authority.SIGNING_KEY_PATH,
             {"access_key_id": access_key_id, "date": date, "region": region, "service": service},
         )
         if not answer["known"]:
@@ -108,7 +107,7 @@ class Access:
         if not fetch:
             raise NotCached()
         answer = self._ask(
-            "/_local/iam/authorize",
+            authority.AUTHORIZE_PATH,
             {
                 "principal": principal.__dict__,
                 "requirements": [
@@ -154,7 +153,7 @@ class Access:
             data=body,
             headers={"Content-Type": "application/json", "Host": self._host},
         )
-        SigV4Auth(self.credentials.get_frozen_credentials(), AUTHORITY_SIGNING_NAME, self.region).add_auth(request)
+        SigV4Auth(self.credentials.get_frozen_credentials(), authority.SERVICE, self.region).add_auth(request)
         for attempt in range(2):
             connection = getattr(self._local, "connection", None)
             if connection is None:

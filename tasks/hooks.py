@@ -25,13 +25,17 @@ def _hook(kind: str, aws_conn_id: str, region: str, _definition: str | None):
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         return S3Hook(aws_conn_id=aws_conn_id, region_name=region)
+    if kind == "logs":
+        from airflow.providers.amazon.aws.hooks.logs import AwsLogsHook
+
+        return AwsLogsHook(aws_conn_id=aws_conn_id, region_name=region)
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
     return AwsBaseHook(aws_conn_id=aws_conn_id, client_type=kind, region_name=region)
 
 
 def hook(config: PipelineConfig, kind: str):
-    """The process's hook of ``kind`` ("sagemaker", "s3", or a boto3 client type such as "cloudwatch")."""
+    """The process's hook of ``kind`` ("sagemaker", "s3", "logs", or a boto3 client type such as "cloudwatch")."""
     definition = os.environ.get(f"AIRFLOW_CONN_{config.aws_conn_id.upper()}")
     return _hook(kind, config.aws_conn_id, config.region, definition)
 

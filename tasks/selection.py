@@ -177,25 +177,15 @@ def made_files(config: PipelineConfig, job_name: str) -> dict[str, str]:
     from tasks.hooks import hook
     from training.contract import MODEL_FILES_LINE
 
-    logs = hook(config, "logs").conn
-    streams = logs.describe_log_streams(logGroupName=TRAINING_LOG_GROUP, logStreamNamePrefix=f"{job_name}/algo-1-")
+    logs = hook(config, "logs")
+    streams = logs.conn.describe_log_streams(logGroupName=TRAINING_LOG_GROUP, logStreamNamePrefix=f"{job_name}/algo-1-")
     for stream in streams["logStreams"]:
-        token = None
-        while True:
-            page = logs.get_log_events(logGroupName=TRAINING_LOG_GROUP, logStreamName=stream["logStreamName"],
-                                       startFromHead=True, **({"nextToken": token} if token else {}))  # fmt: skip
-            for event in page["events"]:
-                if MODEL_FILES_LINE in event["message"]:
-                    try:
-                        return json.loads(event["message"].split(MODEL_FILES_LINE, 1)[1])
-                    except ValueError:
-                        raise SelectionError(
-                            f"training job {job_name}: its log's model files line is not JSON"
-                        ) from None
-            # At the end of a stream CloudWatch Logs gives the same token back.
-            if not page["events"] or page.get("nextForwardToken") in (None, token):
-                break
-            token = page["nextForwardToken"]
+        for event in logs.get_log_events(TRAINING_LOG_GROUP, stream["logStreamName"]):
+            if MODEL_FILES_LINE in event["message"]:
+                try:
+                    return json.loads(event["message"].split(MODEL_FILES_LINE, 1)[1])
+                except ValueError:
+                    raise SelectionError(f"training job {job_name}: its log's model files line is not JSON") from None
     raise SelectionError(f"training job {job_name}: its log names no model files ({MODEL_FILES_LINE!r}), so nothing "
                          "tells its model.tar.gz from another: not published")  # fmt: skip
 
