@@ -36,11 +36,13 @@ import resource
 import time
 import urllib.parse
 import uuid
+from collections.abc import AsyncIterator
 
 import httptools
 
 from local_aws import errors, sigv4
 from local_aws.permissions import Requirement
+from local_sagemaker import eventstream
 from local_sagemaker.access import Access, AccessDenied, NotCached
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,23 @@ RETURNED_RESPONSE_HEADERS = ("Content-Type", "X-Amzn-SageMaker-Custom-Attributes
 TARGET_VARIANT = "X-Amzn-SageMaker-Target-Variant"
 MODEL_ERROR = 424  # InvokeEndpoint's status when the container answered an error
 HANDLER_TIMING = re.compile(r"handler;dur=([0-9.]+)")
-INVOCATIONS_PATH = re.compile(r"/endpoints/([^/]+)/invocations")
+# InvokeEndpoint and InvokeEndpointWithResponseStream: the path's last part names the operation, and its IAM action.
+STREAM_OPERATION = "invocations-response-stream"
+INVOCATIONS_PATH = re.compile(rf"/endpoints/([^/]+)/(invocations|{STREAM_OPERATION})")
+ACTIONS = {"invocations": "sagemaker:InvokeEndpoint", STREAM_OPERATION: "sagemaker:InvokeEndpointWithResponseStream"}
+ROUTES = "POST /endpoints/{EndpointName}/invocations and /invocations-response-stream"
+STREAM_ACCEPT = "X-Amzn-SageMaker-Accept"
+EVENT_STREAM = "application/vnd.amazon.eventstream"
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # botocore's EndpointName pattern and length
 SAMPLES_KEPT = 100_000  # per server: enough for any alarm period at local request rates
 
-_KEPT_REQUEST_HEADERS = {name.lower(): name for name in (*FORWARDED_REQUEST_HEADERS, TARGET_VARIANT)}
+_KEPT_REQUEST_HEADERS = {name.lower(): name for name in (*FORWARDED_REQUEST_HEADERS, TARGET_VARIANT, STREAM_ACCEPT)}
 _KEPT_RESPONSE_HEADERS = {name.lower(): name for name in (*RETURNED_RESPONSE_HEADERS, "x-amzn-ErrorType")}
+# A response stream's own headers: the model's content type under another name, since its body is the event stream.
+_STREAMED_RESPONSE_HEADERS = {
+    "content-type": "X-Amzn-SageMaker-Content-Type",
+    "x-amzn-sagemaker-custom-attributes": "X-Amzn-SageMaker-Custom-Attributes",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +172,10 @@ class _Upstream(asyncio.Protocol):
         self.reply: asyncio.Future | None = None
         self.answered = False  # whether any byte of an answer to the current request has arrived
         self.closed = False
+        # Where a 2xx answer goes as it arrives, when the caller streams it: ("head", status, headers), then each
+        # piece of its body, then None; the reply resolves at the end, as ever.
+        self.stream: asyncio.Queue | None = None
+        self._streaming = False
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
 
@@ -173,15 +190,26 @@ class _Upstream(asyncio.Protocol):
             self._fail(ConnectionError(f"the model server's answer is not HTTP: {error}"))
 
     def on_message_begin(self) -> None:
-        self._headers, self._body = {}, []
+        self._headers, self._body, self._streaming = {}, [], False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if self.stream is not None and 200 <= status < 300:
+            self._streaming = True
+            self.stream.put_nowait(("head", status, self._headers))
+
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if self._streaming:
+            self.stream.put_nowait(body)
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._streaming:
+            self.stream.put_nowait(None)
         reply, self.reply = self.reply, None
         if not self.parser.should_keep_alive():
             self.closed = True
@@ -209,9 +237,12 @@ class Upstreams:
         self._idle: dict[str, list[_Upstream]] = collections.defaultdict(list)
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
 
-    async def send(self, url: str, head: bytes, body: bytes, timeout: float = FORWARD_TIMEOUT) -> Reply:
+    async def send(
+        self, url: str, head: bytes, body: bytes, timeout: float = FORWARD_TIMEOUT, stream: asyncio.Queue | None = None
+    ) -> Reply:
         """``head``: the request line and headers up to (not including) Host and Content-Length; ``timeout``: the
-        seconds an answer may take (InvokeEndpoint's limit unless the caller has its own, as transform jobs do)."""
+        seconds an answer may take (InvokeEndpoint's limit unless the caller has its own, as transform jobs do);
+        ``stream``: where a 2xx answer goes as it arrives (_Upstream.stream), its reply's body then empty."""
         host, port, host_header = self._address(url)
         data = b"".join((head, host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
         for attempt in range(2):
@@ -219,7 +250,7 @@ class Upstreams:
             if upstream is None:
                 upstream, reused = await self._connect(host, port), False
             loop = asyncio.get_running_loop()
-            upstream.reply, upstream.answered = loop.create_future(), False
+            upstream.reply, upstream.answered, upstream.stream = loop.create_future(), False, stream
             upstream.transport.write(data)
             timer = loop.call_later(timeout, upstream._fail, TimeoutError(f"no answer in {timeout:g} s"))
             try:
@@ -232,6 +263,7 @@ class Upstreams:
                 raise
             finally:
                 timer.cancel()
+                upstream.stream = None
             if not upstream.closed:
                 self._idle[url].append(upstream)
             return reply
@@ -451,27 +483,54 @@ class _Client(asyncio.Protocol):
                 status, headers, body = _error(
                     InvokeError(500, "InternalFailure", f"the local runtime failed: {type(error).__name__}")
                 )
-            if self.transport.is_closing():
+            if isinstance(body, _EventStream):
+                try:
+                    if not await self._write_stream(status, headers, body, close=not item.keep_alive):
+                        return
+                finally:
+                    body.close()
+            elif self.transport.is_closing():
                 return
-            self._write(_response(status, headers, body, close=not item.keep_alive))
+            else:
+                self._write(_response(status, headers, body, close=not item.keep_alive))
             if not item.keep_alive:
                 self._close_after_answer()
                 return
-            if self.writable is not None and not self.writable.done():
-                # A client that does not read its answers gets no more of them, and its requests are not read.
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.writable), IDLE_CLIENT_TIMEOUT)
-                except TimeoutError:
-                    self.transport.abort()
-                    return
-                if self.transport.is_closing():
-                    return
+            if not await self._drained():
+                return
         self.busy = False
         if self._continue_due:
             self._continue_due = False
             self._write(CONTINUE)
         self.transport.resume_reading()
         self._arm(REQUEST_ARRIVAL_TIMEOUT if self.state != _IDLE else IDLE_CLIENT_TIMEOUT)
+
+    async def _write_stream(
+        self, status: int, headers: list[tuple[str, str]], events: _EventStream, close: bool
+    ) -> bool:
+        """Write a response stream's events as they come, each an HTTP chunk; False if the client went away."""
+        if self.transport.is_closing():
+            return False
+        self._write(_response(status, headers, None, close=close))
+        async for event in events.events():
+            if self.transport.is_closing():
+                return False
+            self._write(b"%x\r\n%s\r\n" % (len(event), event))
+            if not await self._drained():
+                return False
+        self._write(b"0\r\n\r\n")
+        return not self.transport.is_closing()
+
+    async def _drained(self) -> bool:
+        """Wait while the client does not read what was written (it gets nothing more, and its requests are not
+        read meanwhile); False once the connection is gone, or was dropped for not reading in time."""
+        if self.writable is not None and not self.writable.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self.writable), IDLE_CLIENT_TIMEOUT)
+            except TimeoutError:
+                self.transport.abort()
+                return False
+        return not self.transport.is_closing()
 
     def _write(self, data: bytes) -> None:
         if not self.transport.is_closing():
@@ -516,6 +575,52 @@ class _Client(asyncio.Protocol):
             self._finish(InvokeError(408, "RequestTimeout", late))
 
 
+class _EventStream:
+    """InvokeEndpointWithResponseStream's body: the model server's 2xx answer as it arrives, each piece a
+    PayloadPart event. A failure on the way ends the stream with a ModelStreamError event, as SageMaker ends it.
+    ``close`` (always called, also when the client went away first) ends the request to the model server."""
+
+    def __init__(self, runtime: Runtime, name: str, target: Target, started: float, upstream_headers: dict[str, str],
+                 stream: asyncio.Queue, sending: asyncio.Future):  # fmt: skip
+        self.runtime, self.name, self.target, self.started = runtime, name, target, started
+        self.upstream_headers, self.stream, self.sending = upstream_headers, stream, sending
+        self.closed = False
+
+    def headers(self) -> list[tuple[str, str]]:
+        headers = [("Content-Type", EVENT_STREAM), ("x-Amzn-Invoked-Production-Variant", self.target.variant)]
+        for lower, canonical in _STREAMED_RESPONSE_HEADERS.items():
+            if lower in self.upstream_headers:
+                headers.append((canonical, self.upstream_headers[lower]))
+        return headers
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                piece = asyncio.ensure_future(self.stream.get())
+                await asyncio.wait((piece, self.sending), return_when=asyncio.FIRST_COMPLETED)
+                if not piece.done():  # the answer ended, or failed, with nothing more queued
+                    piece.cancel()
+                    if self.stream.empty():
+                        await self.sending  # raises its failure
+                        break
+                    continue
+                if piece.result() is None:
+                    break
+                if piece.result():
+                    yield eventstream.event("PayloadPart", piece.result())
+            self.runtime._sample(self.target, self.started, 200, self.upstream_headers, b"")
+        except (OSError, TimeoutError) as error:
+            self.runtime._unanswered(self.name, self.target, self.started, error)
+            broke = f"Endpoint {self.name}: its model server's answer broke off: {type(error).__name__}: {error}"
+            yield eventstream.exception("ModelStreamError", {"Message": broke, "ErrorCode": "ModelStreamError"})
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sending.cancel()
+            self.runtime.router.in_flight[self.target.url] -= 1
+
+
 class Runtime:
     """The runtime API's server: requests in, forwarded to the model server the router picks, answers out."""
 
@@ -541,16 +646,17 @@ class Runtime:
         if self.server is not None:
             await self.server.wait_closed()
 
-    async def invoke(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def invoke(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes | AsyncIterator[bytes]]:
+        """The answer to ``request``: status, headers, and its body, or for a response stream the body's framed
+        events as they come."""
         path, _, query = request.url.partition(b"?")
         if request.refused is not None:  # its body was never kept: there is nothing to check a signature against
             raise request.refused
         await self._authenticate_and_authorize(request, path.decode("latin-1"), query.decode("latin-1"))
         match = INVOCATIONS_PATH.fullmatch(path.decode("latin-1"))
         if match is None or request.method != b"POST":
-            raise InvokeError(404, "UnknownOperationException",
-                                "The runtime answers only POST /endpoints/{EndpointName}/invocations.")  # fmt: skip
-        name = urllib.parse.unquote(match.group(1))
+            raise InvokeError(404, "UnknownOperationException", f"The runtime answers only {ROUTES}.")
+        name, streamed = urllib.parse.unquote(match.group(1)), match.group(2) == STREAM_OPERATION
         if not ENDPOINT_NAME.fullmatch(name):
             raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{name}' at "
                                 "'endpointName' failed to satisfy constraint: Member must satisfy regular "
@@ -565,27 +671,49 @@ class Runtime:
         for header in FORWARDED_REQUEST_HEADERS:
             if header in request.headers:
                 head.append(f"{header}: {request.headers[header]}\r\n".encode("latin-1"))
+        if streamed and STREAM_ACCEPT in request.headers:  # a response stream names its Accept apart
+            head.append(f"Accept: {request.headers[STREAM_ACCEPT]}\r\n".encode("latin-1"))
         started = time.perf_counter()
-        samples = self.router.samples[target.url]
+        stream = asyncio.Queue() if streamed else None
         self.router.in_flight[target.url] += 1
+        sending = asyncio.ensure_future(self.upstreams.send(target.url, b"".join(head), request.body, stream=stream))
+        handed_over = False
         try:
-            reply = await self.upstreams.send(target.url, b"".join(head), request.body)
+            if stream is not None:
+                first = asyncio.ensure_future(stream.get())
+                await asyncio.wait((sending, first), return_when=asyncio.FIRST_COMPLETED)
+                if first.done():  # a 2xx answer has begun: its body goes on as events
+                    _, status, upstream_headers = first.result()
+                    handed_over = True
+                    events = _EventStream(self, name, target, started, upstream_headers, stream, sending)
+                    return status, events.headers(), events
+                first.cancel()
+            reply = await sending
         except (OSError, TimeoutError) as error:
-            samples.append(Sample(time.time(), 503, None, _us(started)))
-            raise InvokeError(503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: "
-                                f"{type(error).__name__}") from None  # fmt: skip
+            raise self._unanswered(name, target, started, error) from None
         finally:
-            self.router.in_flight[target.url] -= 1
-        total_us = _us(started)
-        timing = HANDLER_TIMING.search(reply.headers.get("server-timing", ""))
-        model_us = float(timing.group(1)) * 1000 if timing else None
-        # The metrics count what the container answered: a ModelError (424) carries the container's own status.
-        counted = _original_status(reply.body) if reply.status == MODEL_ERROR else reply.status
-        samples.append(Sample(time.time(), counted, model_us, total_us - (model_us or 0)))
+            if not handed_over:
+                sending.cancel()
+                self.router.in_flight[target.url] -= 1
+        self._sample(target, started, reply.status, reply.headers, reply.body)
         headers = [(canonical, reply.headers[lower]) for lower, canonical in _KEPT_RESPONSE_HEADERS.items()
                    if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)]  # fmt: skip
         headers.append(("x-Amzn-Invoked-Production-Variant", target.variant))
         return reply.status, headers, reply.body
+
+    def _sample(self, target: Target, started: float, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Keep the answer's status and latencies for the alarms."""
+        total_us = _us(started)
+        timing = HANDLER_TIMING.search(headers.get("server-timing", ""))
+        model_us = float(timing.group(1)) * 1000 if timing else None
+        # The metrics count what the container answered: a ModelError (424) carries the container's own status.
+        counted = _original_status(body) if status == MODEL_ERROR else status
+        self.router.samples[target.url].append(Sample(time.time(), counted, model_us, total_us - (model_us or 0)))
+
+    def _unanswered(self, name: str, target: Target, started: float, error: BaseException) -> InvokeError:
+        self.router.samples[target.url].append(Sample(time.time(), 503, None, _us(started)))
+        return InvokeError(503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: "
+                           f"{type(error).__name__}")  # fmt: skip
 
     async def _authenticate_and_authorize(self, request: _Request, path: str, query: str) -> None:
         """InvokeError as AWS answers unless the request is signed by a principal that may invoke its endpoint. The
@@ -593,7 +721,7 @@ class Runtime:
         signed = sigv4.Request(request.method.decode("latin-1"), path, query, request.fields, request.body)
         match = INVOCATIONS_PATH.fullmatch(path)
         name = urllib.parse.unquote(match.group(1)).lower() if match else "*"
-        needed = [Requirement("sagemaker:InvokeEndpoint",
+        needed = [Requirement(ACTIONS[match.group(2)] if match else ACTIONS["invocations"],
                               f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name}")]  # fmt: skip
         loop = asyncio.get_running_loop()
         try:
@@ -639,13 +767,14 @@ def _error(error: InvokeError) -> tuple[int, list[tuple[str, str]], bytes]:
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 
 
-def _response(status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", f"Content-Length: {len(body)}",
-             f"x-amzn-RequestId: {uuid.uuid4()}"]  # fmt: skip
+def _response(status: int, headers: list[tuple[str, str]], body: bytes | None, *, close: bool) -> bytes:
+    """A response's bytes; without a ``body``, its head only, for a body sent chunked after it."""
+    length = f"Content-Length: {len(body)}" if body is not None else "Transfer-Encoding: chunked"
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", length, f"x-amzn-RequestId: {uuid.uuid4()}"]
     lines += [f"{name}: {value}" for name, value in headers]
     if close:
         lines.append("Connection: close")
-    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b"")
 
 
 def _original_status(content: bytes) -> int:

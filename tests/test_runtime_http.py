@@ -227,3 +227,43 @@ def test_connections_past_the_cap_are_answered_503(short_runtime):
         again.sock.recv(1)
     for raw in (*held, again):
         raw.sock.close()
+
+
+def test_a_response_stream_carries_the_models_answer_as_botocore_reads_it(endpoint, body, local_sagemaker_runtime):
+    client = boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime)
+    whole = json.loads(
+        client.invoke_endpoint(EndpointName=endpoint, Body=body, ContentType="application/json")["Body"].read()
+    )
+    streamed = client.invoke_endpoint_with_response_stream(
+        EndpointName=endpoint, Body=body, ContentType="application/json", Accept="application/json"
+    )
+    assert streamed["InvokedProductionVariant"] == "AllTraffic"
+    assert streamed["ContentType"] == "application/json"
+    parts = [event["PayloadPart"]["Bytes"] for event in streamed["Body"]]
+    assert parts and json.loads(b"".join(parts)) == whole
+    with pytest.raises(client.exceptions.ValidationError, match="Endpoint absent of account"):
+        client.invoke_endpoint_with_response_stream(EndpointName="absent", Body=body, ContentType="application/json")
+
+
+def test_an_error_inside_a_stream_is_what_botocore_raises():
+    """The framing of an error event, read by botocore's own event-stream parser as boto3 reads a response."""
+    from botocore.eventstream import EventStream
+    from botocore.exceptions import EventStreamError
+    from botocore.parsers import EventStreamJSONParser
+
+    from local_sagemaker import eventstream
+
+    model = boto3.client("sagemaker-runtime", region_name="us-east-1").meta.service_model
+    shape = model.operation_model("InvokeEndpointWithResponseStream").output_shape.members["Body"]
+    framed = eventstream.event("PayloadPart", b'{"predictions": ') + eventstream.exception(
+        "ModelStreamError", {"Message": "the model server's answer broke off", "ErrorCode": "ModelStreamError"}
+    )
+
+    class Raw:
+        def stream(self):
+            yield framed
+
+    events = iter(EventStream(Raw(), shape, EventStreamJSONParser(), "InvokeEndpointWithResponseStream"))
+    assert next(events) == {"PayloadPart": {"Bytes": b'{"predictions": '}}
+    with pytest.raises(EventStreamError, match=r"ModelStreamError.*broke off"):
+        next(events)
