@@ -144,6 +144,13 @@ SCRATCH_ROLE_POLICY = {
             ],
             "Resource": "*",
         },
+        {
+            # Asynchronous inference tells its outcome to the endpoint config's topics, as the model's role.
+            "Sid": "AsyncInferenceNotifications",
+            "Effect": "Allow",
+            "Action": "sns:Publish",
+            "Resource": "*",
+        },
     ],
 }
 

@@ -70,10 +70,14 @@ TARGET_VARIANT = "X-Amzn-SageMaker-Target-Variant"
 MODEL_ERROR = 424  # InvokeEndpoint's status when the container answered an error
 HANDLER_TIMING = re.compile(r"handler;dur=([0-9.]+)")
 # InvokeEndpoint and InvokeEndpointWithResponseStream: the path's last part names the operation, and its IAM action.
-STREAM_OPERATION = "invocations-response-stream"
-INVOCATIONS_PATH = re.compile(rf"/endpoints/([^/]+)/(invocations|{STREAM_OPERATION})")
-ACTIONS = {"invocations": "sagemaker:InvokeEndpoint", STREAM_OPERATION: "sagemaker:InvokeEndpointWithResponseStream"}
-ROUTES = "POST /endpoints/{EndpointName}/invocations and /invocations-response-stream"
+STREAM_OPERATION, ASYNC_OPERATION = "invocations-response-stream", "async-invocations"
+INVOCATIONS_PATH = re.compile(rf"/endpoints/([^/]+)/(invocations|{STREAM_OPERATION}|{ASYNC_OPERATION})")
+ACTIONS = {
+    "invocations": "sagemaker:InvokeEndpoint",
+    STREAM_OPERATION: "sagemaker:InvokeEndpointWithResponseStream",
+    ASYNC_OPERATION: "sagemaker:InvokeEndpointAsync",
+}
+ROUTES = "POST /endpoints/{EndpointName}/invocations, /invocations-response-stream and /async-invocations"
 STREAM_ACCEPT = "X-Amzn-SageMaker-Accept"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # botocore's EndpointName pattern and length
@@ -627,6 +631,8 @@ class Runtime:
     def __init__(self, router: Router, account: str, access: Access, region: str):
         self.router, self.account, self.access, self.region = router, account, access, region
         self.upstreams = Upstreams()
+        # InvokeEndpointAsync's queue (local_sagemaker.async_inference), where the service gives the runtime one.
+        self.asynchronous = None
         self.clients: set[_Client] = set()
         self.server: asyncio.Server | None = None
         # Each client connection is a file descriptor, and so is each connection on to a model server.
@@ -642,6 +648,8 @@ class Runtime:
             self.server.close()
         for client in list(self.clients):
             client.transport.close()
+        if self.asynchronous is not None:
+            await self.asynchronous.close()
         self.upstreams.close()
         if self.server is not None:
             await self.server.wait_closed()
@@ -661,6 +669,10 @@ class Runtime:
             raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{name}' at "
                                 "'endpointName' failed to satisfy constraint: Member must satisfy regular "
                                 "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # fmt: skip
+        if match.group(2) == ASYNC_OPERATION:
+            if self.asynchronous is None:
+                raise InvokeError(404, "UnknownOperationException", "This runtime serves no asynchronous inference.")
+            return await self.asynchronous.accept(name, request.fields, request.body)
         variant = request.headers.get(TARGET_VARIANT)
         target = self.router.pick(name, variant)
         if target is None:

@@ -5,7 +5,8 @@
   (local_sagemaker.protocol); errors come back as SageMaker's (ValidationException, ResourceInUse, ...).
 - ``GET /ping``: 200 once the endpoints the records name serve again after a start, 503 until then.
 - On the runtime port, ``POST /endpoints/{EndpointName}/invocations``: InvokeEndpoint (local_sagemaker.runtime),
-  as AWS keeps it on a host of its own (``runtime.sagemaker``).
+  as AWS keeps it on a host of its own (``runtime.sagemaker``); beside it InvokeEndpointWithResponseStream and
+  InvokeEndpointAsync (local_sagemaker.async_inference).
 
 The handlers run in a thread pool: they read and write records and start threads for the long work (jobs,
 fleets), and the event loop stays free for the runtime's requests.
@@ -31,6 +32,7 @@ from aiohttp import web
 from local_aws import errors, sigv4
 from local_sagemaker import protocol
 from local_sagemaker.access import Access
+from local_sagemaker.async_inference import AsyncInvocations
 from local_sagemaker.endpoints import Endpoints
 from local_sagemaker.experiments import Experiments
 from local_sagemaker.models import Models
@@ -180,8 +182,11 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
 
     async def lifecycle(app: web.Application):
         runtime = Runtime(service.router, ACCOUNT, service.access, service.region)
+        runtime.asynchronous = AsyncInvocations(service.store, service.models, service.roles, service.router,
+                                                runtime.upstreams, service.endpoints.arn, service.region)  # fmt: skip
         await runtime.start(runtime_host, runtime_port)
         service.start()
+        runtime.asynchronous.recover()
         yield
         await runtime.close()
         await asyncio.get_running_loop().run_in_executor(None, service.stop)

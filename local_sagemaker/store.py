@@ -33,6 +33,7 @@ KINDS = (
     "model-packages",
     "transform-jobs",
     "hyper-parameter-tuning-jobs",
+    "async-invocations",
 )
 
 

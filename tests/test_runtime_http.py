@@ -17,6 +17,7 @@ import time
 
 import boto3
 import pytest
+from botocore.config import Config
 
 from local_sagemaker import runtime as runtime_module
 from tests.conftest import EXECUTION_ROLE
@@ -267,3 +268,99 @@ def test_an_error_inside_a_stream_is_what_botocore_raises():
     assert next(events) == {"PayloadPart": {"Bytes": b'{"predictions": '}}
     with pytest.raises(EventStreamError, match=r"ModelStreamError.*broke off"):
         next(events)
+
+
+@pytest.fixture(scope="module")
+def async_endpoint(endpoint, local_sagemaker, local_aws) -> dict:
+    """An endpoint of the same model with an AsyncInferenceConfig, whose outcomes are told to a topic that a queue
+    hears: its name, the output and failure prefixes, and the queue's URL."""
+    sns, sqs = boto3.client("sns", endpoint_url=local_aws), boto3.client("sqs", endpoint_url=local_aws)
+    topic = sns.create_topic(Name="async-outcomes")["TopicArn"]
+    queue = sqs.create_queue(QueueName="async-outcomes")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn, Attributes={"RawMessageDelivery": "true"})
+    name = "http-async"
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": endpoint, "InitialInstanceCount": 1}],
+        AsyncInferenceConfig={
+            "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 2},
+            "OutputConfig": {
+                "S3OutputPath": f"s3://{BUCKET}/async/out",
+                "S3FailurePath": f"s3://{BUCKET}/async/failed",
+                "NotificationConfig": {"SuccessTopic": topic, "ErrorTopic": topic},
+            },
+        },
+    )
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    assert settled(sagemaker, name)["EndpointStatus"] == "InService"
+    yield {"name": name, "queue": queue}
+    sagemaker.delete_endpoint(EndpointName=name)
+
+
+def stored(s3, uri: str, timeout: float = 60) -> bytes:
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            assert time.monotonic() < deadline, f"nothing at {uri}"
+            time.sleep(0.2)
+
+
+def test_async_inference_puts_each_outcome_where_it_said_and_tells_the_topic(
+    async_endpoint, endpoint, body, local_aws, local_sagemaker_runtime
+):
+    s3, sqs = boto3.client("s3", endpoint_url=local_aws), boto3.client("sqs", endpoint_url=local_aws)
+    client = boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime)
+    name = async_endpoint["name"]
+    whole = json.loads(
+        client.invoke_endpoint(EndpointName=endpoint, Body=body, ContentType="application/json")["Body"].read()
+    )
+    s3.put_object(Bucket=BUCKET, Key="async/in/one.json", Body=body)
+
+    from_s3 = client.invoke_endpoint_async(
+        EndpointName=name, InputLocation=f"s3://{BUCKET}/async/in/one.json", ContentType="application/json",
+        InferenceId="from-s3",
+    )  # fmt: skip
+    assert from_s3["InferenceId"] == "from-s3"
+    assert from_s3["OutputLocation"] == f"s3://{BUCKET}/async/out/from-s3.out"
+    assert from_s3["FailureLocation"] == f"s3://{BUCKET}/async/failed/from-s3-error.out"
+    inline = client.invoke_endpoint_async(EndpointName=name, Body=body, ContentType="application/json",
+                                          S3OutputPathExtension="inline", Filename="answer.json")  # fmt: skip
+    assert inline["OutputLocation"] == f"s3://{BUCKET}/async/out/inline/answer.json"
+    broken = client.invoke_endpoint_async(EndpointName=name, Body=b"{not json", ContentType="application/json")
+
+    assert json.loads(stored(s3, from_s3["OutputLocation"])) == whole
+    assert json.loads(stored(s3, inline["OutputLocation"])) == whole
+    assert "predictions" not in stored(s3, broken["FailureLocation"]).decode()
+    told = {}
+    deadline = time.monotonic() + 30
+    while len(told) < 3 and time.monotonic() < deadline:
+        for message in sqs.receive_message(QueueUrl=async_endpoint["queue"], MaxNumberOfMessages=10).get(
+            "Messages", []
+        ):
+            notice = json.loads(message["Body"])
+            told[notice["inferenceId"]] = notice
+    assert told["from-s3"]["invocationStatus"] == "Completed"
+    assert told["from-s3"]["responseParameters"]["sageMakerOutputLocation"] == from_s3["OutputLocation"]
+    assert told["from-s3"]["requestParameters"]["inputLocation"] == f"s3://{BUCKET}/async/in/one.json"
+    assert told[broken["InferenceId"]]["invocationStatus"] == "Failed"
+    assert told[broken["InferenceId"]]["eventName"] == "InferenceResult"
+
+    # What botocore would refuse before sending, sent anyway: the runtime refuses it too.
+    unchecked = boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime,
+                             config=Config(parameter_validation=False))  # fmt: skip
+    for call, message in (
+        (lambda: client.invoke_endpoint_async(EndpointName=endpoint, Body=body), "not an asynchronous inference"),
+        (lambda: client.invoke_endpoint_async(EndpointName=name), "exactly one of Body and InputLocation"),
+        (lambda: client.invoke_endpoint_async(EndpointName=name, InputLocation="nowhere"), "inputLocation"),
+        (
+            lambda: unchecked.invoke_endpoint_async(EndpointName=name, Body=body, RequestTTLSeconds=5),
+            "requestTTLSeconds",
+        ),
+    ):
+        with pytest.raises(client.exceptions.ValidationError, match=message):
+            call()
