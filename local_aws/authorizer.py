@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from local_aws.evaluator import Decision, Evaluator
+from local_aws.evaluator import Decision, Evaluator, literal
 from local_aws.identities import Principal
 from local_aws.permissions import Requirement
 
@@ -157,13 +157,18 @@ class Authorizer:
             return cached
         with self._lock:
             generation = self._generation
+        # An S3 ARN names the bucket and the key the request gives, and a key may hold a `*`: the name of one object,
+        # never a pattern. (Elsewhere a `*` stands where the request names no resource: local_aws.permissions.)
+        resource = (
+            literal(requirement.resource) if requirement.resource.startswith("arn:aws:s3:::") else requirement.resource
+        )
         simulation = {
             "request": {
                 "principal": principal.service
                 if as_service
                 else ({"type": "Anonymous"} if principal.kind == "Anonymous" else principal.arn),
                 "action": requirement.action,
-                "resource": {"resource": requirement.resource, "accountId": self.account},
+                "resource": {"resource": resource, "accountId": self.account},
                 "contextVariables": context,
             },
             "identityPolicies": identity,

@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 PROGRAM = Path(__file__).resolve().parent / "iam_simulate" / "evaluate.mjs"
 TIMEOUT_SECONDS = 30.0
+# iam-simulate reads a `*` in a request's resource as a wildcard, and allows the request when it would allow it on
+# some resource of that shape: a policy on `bucket/prefix/*` would allow `bucket/*`. AWS reads the name of the
+# resource literally. Each `*` of a name goes to the evaluator as this private-use character instead, which a policy's
+# `*` and `?` match as any character and nothing else names. (A policy's `${*}`, a literal asterisk, does not match
+# it: the one difference from AWS.)
+LITERAL = "\ue000"
+
+
+def literal(resource: str) -> str:
+    """``resource``, a resource's name, as the evaluator is to read it: every `*` in it a character of the name."""
+    return resource.replace("*", LITERAL)
 
 
 class EvaluatorError(RuntimeError):
@@ -37,12 +48,16 @@ class EvaluatorError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """The evaluator's answer: ``result`` is Allowed, ExplicitlyDenied or ImplicitlyDenied; ``grants`` the statements
-    that allowed it, ``denials`` what denied it (policy type, and for an explicit deny the statement)."""
+    that allowed it, ``denials`` what denied it (policy type, and for an explicit deny the statement);
+    ``missing_context_keys`` the keys that conditions of the statements applying to the request read and the request
+    lacks; ``boundary`` the permissions boundary's own decision, where one was given."""
 
     result: str
     grants: tuple[dict, ...] = ()
     denials: tuple[dict, ...] = ()
     ignored_context_keys: tuple[str, ...] = ()
+    missing_context_keys: tuple[str, ...] = ()
+    boundary: str | None = None
     cacheable: bool = True  # False where a policy reads a key whose value changes with each request (the time)
 
     @property
@@ -79,7 +94,12 @@ class Evaluator:
         if "error" in answer:
             raise EvaluatorError(f"the IAM evaluator refused the request: {answer['error']}")
         return Decision(
-            answer["result"], tuple(answer["grants"]), tuple(answer["denials"]), tuple(answer["ignoredContextKeys"])
+            answer["result"],
+            tuple(answer["grants"]),
+            tuple(answer["denials"]),
+            tuple(answer["ignoredContextKeys"]),
+            tuple(answer["missingContextKeys"]),
+            answer["boundary"],
         )
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ Beside the AWS APIs, on the same port:
 - ``POST /_local/iam/signing-key`` and ``POST /_local/iam/authorize``: how a local stand-in for another AWS service
   (the local SageMaker service) checks its own callers, signed with that service's credential: the key derived
   for one day, region and service (never the secret), and a decision with AWS's message.
-moto's own API (``/moto-api/``: resets, state dumps with every secret) is not served.
+moto's own API (``/moto-api/``: resets, state dumps with every secret) is not served. IAM's SimulatePrincipalPolicy,
+which moto does not have, is answered here by the same evaluation (local_aws.simulate).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from local_aws.evaluator import EvaluatorError
 from local_aws.identities import ANONYMOUS, Identities, Principal
 from local_aws.operations import UnknownOperation, identify, signing_name
 from local_aws.permissions import Requirement, requirements
+from local_aws.simulate import Simulator
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Gateway:
 
     def __init__(self, app: Callable, identities: Identities, authorizer: Authorizer, *, region: str):
         self.app, self.identities, self.authorizer, self.region = app, identities, authorizer, region
+        self.simulator = Simulator(identities, authorizer.evaluator)
         self.ready = threading.Event()
         self._keys: dict[tuple[str, str, str, str], tuple[sigv4.Key, float]] = {}
         self._key_lock = threading.Lock()
@@ -140,6 +143,8 @@ class Gateway:
                     query_code="AuthorizationError" if call.service == "sns" else "AccessDenied",
                 ),
             )
+        if (call.service, call.operation) == ("iam", "SimulatePrincipalPolicy"):  # moto has no policy simulator
+            return _respond(start_response, *self.simulator.answer(call.params))
         return self._forward(environ, request, call, start_response)
 
     def _forward(self, environ: dict, request: sigv4.Request, call, start_response: Callable) -> Iterable[bytes]:

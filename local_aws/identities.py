@@ -180,26 +180,28 @@ class Identities:
 
     def identity_policies(self, principal: Principal) -> list[dict]:
         """The principal's identity-based policies, each as iam-simulate takes it: {"name", "policy"}."""
-        iam = self.iam
         if principal.kind == "User":
-            user = iam.users.get(principal.name)
-            if user is None:
-                return []
-            policies = [(f"user/{user.name}/{name}", document) for name, document in user.policies.items()]
-            policies += [(arn, _managed_document(policy)) for arn, policy in user.managed_policies.items()]
-            for group in iam.get_groups_for_user(user.name):
-                policies += [(f"group/{group.name}/{name}", doc) for name, doc in group.policies.items()]
-                policies += [(arn, _managed_document(policy)) for arn, policy in group.managed_policies.items()]
+            found = self.entity_policies("user", principal.name)
         elif principal.kind in ("AssumedRole", "Service"):
-            try:
-                role = iam.get_role(principal.role_name)
-            except _not_found():
-                return []
-            policies = [(f"role/{role.name}/{name}", document) for name, document in role.policies.items()]
-            policies += [(arn, _managed_document(policy)) for arn, policy in role.managed_policies.items()]
+            found = self.entity_policies("role", principal.role_name)
         else:
-            return []
-        return [{"name": name, "policy": _document(document)} for name, document in policies]
+            found = None
+        return found[1] if found is not None else []
+
+    def entity_policies(self, kind: str, name: str) -> tuple[str, list[dict]] | None:
+        """The ARN and the identity-based policies of the ``kind`` (user, group, role) named ``name``, each policy as
+        iam-simulate takes it ({"name", "policy"}; a user's include its groups'); None when there is no such entity."""
+        iam = self.iam
+        try:
+            entity = {"user": iam.get_user, "group": iam.get_group, "role": iam.get_role}[kind](name)
+        except _not_found():
+            return None
+        policies = [(f"{kind}/{entity.name}/{policy}", document) for policy, document in entity.policies.items()]
+        policies += [(arn, _managed_document(policy)) for arn, policy in entity.managed_policies.items()]
+        for group in iam.get_groups_for_user(entity.name) if kind == "user" else ():
+            policies += [(f"group/{group.name}/{policy}", document) for policy, document in group.policies.items()]
+            policies += [(arn, _managed_document(policy)) for arn, policy in group.managed_policies.items()]
+        return entity.arn, [{"name": label, "policy": _document(document)} for label, document in policies]
 
     def trust_policy(self, role_arn: str) -> dict | None:
         """The trust policy of the role ``role_arn`` names, or None when there is no such role."""

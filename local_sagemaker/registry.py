@@ -22,6 +22,11 @@ CREATED_BY = {"UserProfileName": "local", "DomainId": "local"}
 PACKAGE_FIELDS = ("ModelPackageDescription", "InferenceSpecification", "ModelMetrics", "MetadataProperties",
                   "CustomerMetadataProperties", "Domain", "Task", "SamplePayloadUrl", "SourceUri")  # fmt: skip
 PACKAGE_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[^:]+:\d{12}:model-package/([^/]+)/(\d+)")
+# What ListModelPackages says of a version, as SageMaker does: a version is named by its group and number, so its
+# summary has no ModelPackageName (that is an unversioned package's); DescribeModelPackage, whose answer requires
+# one, gives the group's name there. Clients (the SDK's ModelPackage.get_all) then describe each version by its ARN.
+SUMMARY_FIELDS = ("ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn", "ModelPackageDescription",
+                  "CreationTime", "ModelPackageStatus", "ModelApprovalStatus", "ModelPackageRegistrationType")  # fmt: skip
 
 
 class Registry:
@@ -155,16 +160,14 @@ class Registry:
         return {"ModelPackageArn": record["ModelPackageArn"]}
 
     def list_packages(self, params: dict) -> dict:
-        if params.get("ModelPackageType") == "Unversioned":
-            records = []
-        else:
-            records = filtered(self._packages(params.get("ModelPackageGroupName")), params, "ModelPackageName")
+        """As SageMaker lists them: a group's versions when a group is named, otherwise only the packages of
+        ModelPackageType, which is Unversioned unless given (this registry keeps versions only)."""
+        group = params.get("ModelPackageGroupName")
+        kind = params.get("ModelPackageType") or ("Versioned" if group else "Unversioned")
+        records = [] if kind == "Unversioned" else filtered(self._packages(group), params, "ModelPackageName")
         if status := params.get("ModelApprovalStatus"):
             records = [r for r in records if r["ModelApprovalStatus"] == status]
         summaries, token = page(records, params, {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
                                 default_sort="CreationTime", default_order="Ascending")  # fmt: skip
-        keys = ("ModelPackageName", "ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn",
-                "ModelPackageDescription", "CreationTime", "ModelPackageStatus", "ModelApprovalStatus",
-                "ModelPackageRegistrationType")  # fmt: skip
-        answer = {"ModelPackageSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
+        answer = {"ModelPackageSummaryList": [{k: r[k] for k in SUMMARY_FIELDS if k in r} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})

@@ -380,3 +380,213 @@ def test_every_decision_is_logged_with_its_reasons(stack):
     assert allowed and all(
         grant["policyIdentifier"] == "user/mnist-pipeline/airflow-policy" for d in allowed for grant in d["grants"]
     )
+
+
+# -- IAM's policy simulator ------------------------------------------------------------------------------------------
+
+
+def simulate(stack, key: Key = KEYS.admin, **request) -> list[dict]:
+    answer = client("iam", stack["aws"], key).simulate_principal_policy(**request)
+    assert answer["IsTruncated"] is False
+    return answer["EvaluationResults"]
+
+
+def test_the_policy_simulator_answers_with_the_policies_the_stack_enforces(stack):
+    """What the SDK's ModelTrainer asks before it stages code: may the role put objects anywhere in the bucket? The
+    name `bucket/*` is read as AWS reads it, literally: the execution role may write under its prefix only."""
+    [result] = simulate(
+        stack,
+        PolicySourceArn=ROLE,
+        ActionNames=["s3:PutObject"],
+        ResourceArns=[
+            f"arn:aws:s3:::{BUCKET}/*",
+            f"arn:aws:s3:::{BUCKET}/{PREFIX}/training-jobs/job/output/model.tar.gz",
+        ],
+    )
+    role_policy = {"SourcePolicyId": "sagemaker-execution-role-policy", "SourcePolicyType": "role"}
+    assert (result["EvalActionName"], result["EvalResourceName"], result["EvalDecision"]) == (
+        "s3:PutObject",
+        "arn:${Partition}:s3:::${BucketName}/${ObjectName}",
+        "implicitDeny",
+    )
+    assert [(r["EvalResourceDecision"], r["MatchedStatements"]) for r in result["ResourceSpecificResults"]] == [
+        ("implicitDeny", []),
+        ("allowed", [role_policy]),
+    ]
+
+    # The same reading where the stack enforces it: a key named `*` is not under the pipeline's prefix.
+    [result] = simulate(
+        stack,
+        PolicySourceArn=PIPELINE,
+        ActionNames=["s3:PutObject"],
+        ResourceArns=[f"arn:aws:s3:::{BUCKET}/*", f"arn:aws:s3:::{BUCKET}/{PREFIX}/runs/a*b"],
+    )
+    assert [r["EvalResourceDecision"] for r in result["ResourceSpecificResults"]] == ["implicitDeny", "allowed"]
+    s3 = client("s3", stack["aws"])
+    with pytest.raises(ClientError) as caught:
+        s3.put_object(Bucket=BUCKET, Key="*", Body=b"outside the prefix")
+    assert error(caught)[0] == "AccessDenied"
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/a*b", Body=b"inside it")
+
+    # No resources: `*`, which only a statement on every resource matches; a condition's key the request does not
+    # give is missing, and with it the statement applies.
+    results = simulate(stack, PolicySourceArn=ROLE, ActionNames=["s3:GetObject", "cloudwatch:PutMetricData"])
+    assert [(r["EvalResourceName"], r["EvalDecision"], r["MissingContextValues"]) for r in results] == [
+        ("*", "implicitDeny", []),
+        ("*", "implicitDeny", ["cloudwatch:namespace"]),
+    ]
+    namespace = {
+        "ContextKeyName": "cloudwatch:namespace",
+        "ContextKeyValues": ["AWS/SageMaker"],
+        "ContextKeyType": "string",
+    }
+    [result] = simulate(
+        stack, PolicySourceArn=ROLE, ActionNames=["cloudwatch:PutMetricData"], ContextEntries=[namespace]
+    )
+    assert (result["EvalDecision"], result["MatchedStatements"], result["MissingContextValues"]) == (
+        "allowed",
+        [role_policy],
+        [],
+    )
+
+
+def test_the_policy_simulator_weighs_given_policies_resource_policies_and_boundaries(stack):
+    key = f"arn:aws:s3:::{BUCKET}/{PREFIX}/runs/report.md"
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Action": "s3:GetObject", "Resource": key, "Principal": {"AWS": PIPELINE}}],
+    }
+    [result] = simulate(
+        stack,
+        PolicySourceArn=PIPELINE,
+        ActionNames=["s3:GetObject"],
+        ResourceArns=[key],
+        ResourcePolicy=json.dumps(deny),
+    )
+    assert (result["EvalDecision"], result["MatchedStatements"]) == (
+        "explicitDeny",
+        [{"SourcePolicyId": "ResourcePolicy", "SourcePolicyType": "resource"}],
+    )
+    del deny["Statement"][0]["Principal"]
+    [result] = simulate(
+        stack,
+        PolicySourceArn=PIPELINE,
+        ActionNames=["s3:GetObject"],
+        ResourceArns=[key],
+        PolicyInputList=[json.dumps(deny)],
+    )
+    assert (result["EvalDecision"], result["MatchedStatements"]) == (
+        "explicitDeny",
+        [{"SourcePolicyId": "PolicyInputList.1", "SourcePolicyType": "none"}],
+    )
+
+    # A permissions boundary that does not allow the action caps what the identity's policies allow.
+    listing = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]}
+    [result] = simulate(
+        stack,
+        PolicySourceArn=PIPELINE,
+        ActionNames=["s3:GetObject"],
+        ResourceArns=[key],
+        PermissionsBoundaryPolicyInputList=[json.dumps(listing)],
+    )
+    assert (result["EvalDecision"], result["PermissionsBoundaryDecisionDetail"]) == (
+        "implicitDeny",
+        {"AllowedByPermissionsBoundary": False},
+    )
+
+
+def test_the_policy_simulator_refuses_what_iam_refuses(stack):
+    iam = client("iam", stack["aws"], KEYS.admin)
+    for source, answer in (
+        ("arn:aws:iam::000000000000:role/absent", ("NoSuchEntity", "The role with name absent cannot be found.")),
+        (
+            "arn:aws:sts::000000000000:assumed-role/mnist-pipeline-sagemaker/test",
+            (
+                "InvalidInput",
+                "Invalid Entity Arn: arn:aws:sts::000000000000:assumed-role/mnist-pipeline-sagemaker/test",
+            ),
+        ),
+    ):
+        with pytest.raises(ClientError) as caught:
+            iam.simulate_principal_policy(PolicySourceArn=source, ActionNames=["s3:GetObject"])
+        assert error(caught) == answer
+    with pytest.raises(ClientError) as caught:
+        iam.simulate_principal_policy(
+            PolicySourceArn=ROLE,
+            ActionNames=["s3:GetObject"],
+            ContextEntries=[
+                {"ContextKeyName": "aws:SourceIp", "ContextKeyValues": ["not an address"], "ContextKeyType": "ip"}
+            ],
+        )
+    assert error(caught)[0] == "InvalidInput" and "aws:SourceIp" in error(caught)[1]
+    maybe = {"Version": "2012-10-17", "Statement": [{"Effect": "Maybe", "Action": "s3:*", "Resource": "*"}]}
+    with pytest.raises(ClientError) as caught:
+        iam.simulate_principal_policy(
+            PolicySourceArn=ROLE, ActionNames=["s3:GetObject"], PolicyInputList=[json.dumps(maybe)]
+        )
+    assert error(caught)[0] == "InvalidInput" and "Statement[0].Effect" in error(caught)[1]
+
+    # The caller must itself be allowed to simulate the principal's policies: the pipeline's user is not.
+    with pytest.raises(ClientError) as caught:
+        client("iam", stack["aws"]).simulate_principal_policy(PolicySourceArn=ROLE, ActionNames=["s3:GetObject"])
+    assert error(caught) == (
+        "AccessDenied",
+        f"User: {PIPELINE} is not authorized to perform: iam:SimulatePrincipalPolicy on resource: {ROLE} because no "
+        "identity-based policy allows the iam:SimulatePrincipalPolicy action",
+    )
+
+
+def test_the_sdks_role_check_is_answered_as_on_aws(stack, monkeypatch):
+    """ModelTrainer(role=...) validates the role first (sagemaker.core's resolve_and_validate_role): it simulates the
+    actions a training role needs on every resource. The shipped execution role lacks most (ECR, VPC networking, and
+    PutMetricData outside a namespace), as it would on AWS; a role that has them passes; and a caller that may not
+    simulate (the pipeline's user) gets the role back unverified."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_IAM", stack["aws"])
+    from sagemaker.core.helper.iam_role_resolver import RoleValidationError, resolve_and_validate_role
+    from sagemaker.core.helper.session_helper import Session
+
+    def session(key: Key) -> Session:
+        return Session(
+            boto_session=boto3.Session(
+                aws_access_key_id=key.access_key_id,
+                aws_secret_access_key=key.secret_access_key,
+                region_name="us-east-1",
+            )
+        )
+
+    with pytest.raises(RoleValidationError, match="Missing permissions: cloudwatch:PutMetricData, ec2:"):
+        resolve_and_validate_role(provided_role=ROLE, role_type="training", sagemaker_session=session(KEYS.admin))
+    assert resolve_and_validate_role(provided_role=ROLE, sagemaker_session=session(KEYS.pipeline)) == ROLE
+
+    iam = client("iam", stack["aws"], KEYS.admin)
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}
+        ],
+    }
+    needs = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Resource": "*",
+                "Action": [
+                    "ecr:GetAuthorizationToken",
+                    "cloudwatch:PutMetricData",
+                    "ec2:CreateNetworkInterface*",
+                    "ec2:DeleteNetworkInterface*",
+                    "ec2:Describe*",
+                ],
+            }
+        ],
+    }
+    arn = iam.create_role(RoleName="sdk-training", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    try:
+        iam.put_role_policy(RoleName="sdk-training", PolicyName="training", PolicyDocument=json.dumps(needs))
+        assert resolve_and_validate_role(provided_role=arn, sagemaker_session=session(KEYS.admin)) == arn
+    finally:
+        iam.delete_role_policy(RoleName="sdk-training", PolicyName="training")
+        iam.delete_role(RoleName="sdk-training")

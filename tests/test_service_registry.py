@@ -75,7 +75,16 @@ def test_versions_are_numbered_described_listed_and_approved(sagemaker):
     assert described["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"].endswith("v3.json")
 
     listed = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, SortBy="CreationTime", SortOrder="Descending")
-    assert [p["ModelPackageVersion"] for p in listed["ModelPackageSummaryList"]] == [3, 2, 1]
+    assert [p["ModelPackageVersion"] for p in validated("ListModelPackages", listed)["ModelPackageSummaryList"]] == [
+        3, 2, 1]  # fmt: skip
+    # A version's summary, as SageMaker's: named by its group and number, with no ModelPackageName.
+    assert {key for p in listed["ModelPackageSummaryList"] for key in p} == {
+        "ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn", "ModelPackageDescription", "CreationTime",
+        "ModelPackageStatus", "ModelApprovalStatus", "ModelPackageRegistrationType"}  # fmt: skip
+    # Without a group, SageMaker lists the unversioned packages unless asked for versions (this registry has none).
+    assert sagemaker.list_model_packages()["ModelPackageSummaryList"] == []
+    versions = sagemaker.list_model_packages(ModelPackageType="Versioned", NameContains=GROUP)
+    assert [p["ModelPackageArn"] for p in versions["ModelPackageSummaryList"]] == arns
     approved = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved")
     assert [p["ModelPackageArn"] for p in approved["ModelPackageSummaryList"]] == [arns[0]]
     first = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, MaxResults=2)
@@ -98,6 +107,21 @@ def test_versions_are_numbered_described_listed_and_approved(sagemaker):
     approved = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved",
                                              SortBy="CreationTime", SortOrder="Descending")  # fmt: skip
     assert [p["ModelPackageVersion"] for p in approved["ModelPackageSummaryList"]] == [3, 1]
+
+
+def test_the_sdk_lists_a_groups_versions(sagemaker, monkeypatch):
+    """The SageMaker Python SDK's own ModelPackage.get_all, pointed at the service by the standard variable: it lists
+    the group's versions and describes each by its ARN."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", sagemaker.meta.endpoint_url)
+    from sagemaker.core.resources import ModelPackage
+
+    versions = list(ModelPackage.get_all(model_package_group_name=GROUP, session=boto3.Session()))
+    assert [(v.model_package_version, v.model_approval_status) for v in versions] == [
+        (1, "Approved"), (2, "Rejected"), (3, "Approved")]  # fmt: skip
+    assert {v.model_package_name for v in versions} == {GROUP}, "DescribeModelPackage's: the group's name"
+    assert versions[2].inference_specification.containers[0].model_data_url.endswith("v3/model.tar.gz")
 
 
 def test_what_is_wrong_is_named(sagemaker):

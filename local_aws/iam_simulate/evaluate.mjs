@@ -7,7 +7,12 @@
 //
 //   in:  {"id": 1, "simulation": {request, identityPolicies, sessionPolicy?, resourcePolicy?, ...}}
 //   out: {"id": 1, "result": "Allowed" | "ExplicitlyDenied" | "ImplicitlyDenied", "grants": [...], "denials": [...],
-//         "ignoredContextKeys": [...]}    or    {"id": 1, "error": "what the simulator refused"}
+//         "ignoredContextKeys": [...], "missingContextKeys": [...], "boundary": "Allowed" | ... | null}
+//        or {"id": 1, "error": "what the simulator refused"}
+//
+// missingContextKeys: the context keys that conditions of the statements applying to the request (their action,
+// resource and principal match) read, and the request does not carry; boundary: the permissions boundary's own
+// decision, null where the simulation has none.
 //
 // This file is a separate program from the rest of the project, which only starts it and exchanges JSON with it.
 
@@ -18,6 +23,21 @@ const lines = createInterface({ input: process.stdin, crlfDelay: Infinity })
 
 function answer(message) {
   process.stdout.write(JSON.stringify(message) + '\n')
+}
+
+function missingContextKeys(analysis) {
+  const missing = new Set()
+  const parts = [analysis.identityAnalysis, analysis.resourceAnalysis, analysis.permissionBoundaryAnalysis, analysis.sessionAnalysis]
+  for (const part of parts) {
+    const statements = [...(part?.allowStatements ?? []), ...(part?.denyStatements ?? []), ...(part?.unmatchedStatements ?? [])]
+    for (const { explain } of statements) {
+      if (!explain.actionMatch || !explain.resourceMatch || explain.principalMatch === 'NoMatch') continue
+      for (const condition of explain.conditions ?? []) {
+        if (condition.failedBecauseMissing || condition.matchedBecauseMissing) missing.add(condition.conditionKeyValue)
+      }
+    }
+  }
+  return [...missing].sort()
 }
 
 async function evaluate(id, simulation) {
@@ -36,7 +56,15 @@ async function evaluate(id, simulation) {
       : outcome.results.find((result) => result.analysis.result === outcome.overallResult)
   if (!single && outcome.overallResult === 'ImplicitlyDenied') {
     // No statement of any policy applies to any of the action's resource types.
-    return { id, result: outcome.overallResult, grants: [], denials: [{ policyType: 'identity', denialType: 'Implicit' }], ignoredContextKeys: [] }
+    return {
+      id,
+      result: outcome.overallResult,
+      grants: [],
+      denials: [{ policyType: 'identity', denialType: 'Implicit' }],
+      ignoredContextKeys: [],
+      missingContextKeys: [],
+      boundary: null
+    }
   }
   if (!single) {
     return { id, error: `no ${outcome.resultType} result reached the overall decision ${outcome.overallResult}` }
@@ -47,7 +75,9 @@ async function evaluate(id, simulation) {
     result: analysis.result,
     grants: analysis.result === 'Allowed' ? getGrantReasons(analysis) : [],
     denials: analysis.result === 'Allowed' ? [] : getDenialReasons(analysis),
-    ignoredContextKeys: single.ignoredContextKeys ?? []
+    ignoredContextKeys: single.ignoredContextKeys ?? [],
+    missingContextKeys: missingContextKeys(analysis),
+    boundary: analysis.permissionBoundaryAnalysis?.result ?? null
   }
 }
 
