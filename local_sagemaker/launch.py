@@ -80,12 +80,14 @@ def stop(record: dict) -> None:
 
 
 def stop_strays(state_dir: Path) -> int:
-    """Stop the model servers of ``state_dir`` that still run, recorded or not: after a service that was killed (a
-    clean stop stops them itself). Returns how many there were."""
-    servers = [
-        server
-        for directory in ("endpoint-fleets", "transform-job-dirs")  # endpoints', and transform jobs'
-        for server in processes.running_with("inference.serve", Path(state_dir) / directory)
+    """Stop what a killed service left running under ``state_dir``, recorded or not: the model servers of its
+    endpoints and transform jobs, and the processes of its training jobs (a clean stop stops them itself). Returns
+    how many there were."""
+    state_dir = Path(state_dir)
+    strays = [
+        *processes.running_with("inference.serve", state_dir / "endpoint-fleets"),
+        *processes.running_with("inference.serve", state_dir / "transform-job-dirs"),
+        *processes.running_in(state_dir / "job-dirs", sys.executable),  # each training host runs in its job's code
     ]
-    processes.stop(servers, grace=10)
-    return len(servers)
+    processes.stop(strays, grace=10)
+    return len(strays)

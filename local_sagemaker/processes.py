@@ -102,6 +102,19 @@ def running_with(module: str, directory: Path) -> list[dict]:
     return found
 
 
+def running_in(directory: Path, executable: str) -> list[dict]:
+    """Records of the processes of ``executable`` (their first argument) working in ``directory`` or below it, each
+    with its ``cwd``: a training job's hosts, which run in the job's code directory (as SageMaker's run in
+    /opt/ml/code), for a state directory whose records may have lost them."""
+    prefix = str(Path(directory).resolve()) + os.sep
+    found = []
+    for process in psutil.process_iter(["pid", "cwd", "cmdline", "create_time"]):
+        cwd, cmdline = process.info["cwd"] or "", process.info["cmdline"] or []
+        if cwd.startswith(prefix) and cmdline[:1] == [executable]:
+            found.append({"pid": process.info["pid"], "started": process.info["create_time"], "log": None, "cwd": cwd})
+    return found
+
+
 def _descendants(process: psutil.Process) -> list[psutil.Process]:
     try:
         return process.children(recursive=True)

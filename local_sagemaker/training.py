@@ -314,11 +314,34 @@ class TrainingJobs:
         return f"arn:aws:sagemaker:{self.region}:{self.account}:training-job/{name.lower()}"
 
     def _recover(self) -> None:
-        """A job that was running when the service stopped cannot go on: its processes went with the service."""
-        for record in self.store.items(KIND):
-            if record["TrainingJobStatus"] in ("InProgress", "Stopping"):
-                self._finish(record["TrainingJobName"], "Failed", "Failed",
-                             "InternalServerError: the local SageMaker service stopped while the job ran")  # fmt: skip
+        """A job that was running when the service stopped cannot go on. A crash of the service does not end its
+        processes (each runs in a session of its own), and they would hold their cores and write on: the ones its
+        record names, and those a crash kept out of the record (a host's own interpreter in the job's code
+        directory), are stopped first; then the job ends, Failed saying so (Stopped if a stop had been asked)."""
+        interrupted = [job for job in self.store.items(KIND) if job["TrainingJobStatus"] in ("InProgress", "Stopping")]
+        if not interrupted:
+            return
+        in_job_dirs = processes.running_in(self.jobs_dir, sys.executable)  # recorded or not
+        found = {}
+        for record in interrupted:
+            name = record["TrainingJobName"]
+            code = str((self.jobs_dir / name / "code").resolve())
+            found[name] = [*record.get("Local", {}).get("processes", []), *(p for p in in_job_dirs if p["cwd"] == code)]
+        survivors = {name: sorted({p["pid"] for p in records if processes.live(p)}) for name, records in found.items()}
+        processes.stop([p for records in found.values() for p in records], grace=STOP_GRACE_SECONDS)
+        for record in interrupted:
+            name = record["TrainingJobName"]
+            shutil.rmtree(self.jobs_dir / name / "input" / "data", ignore_errors=True)  # as a job that ends does
+            if pids := survivors[name]:
+                log.warning("Training job %s: stopped its processes %s, which outlived the service", name, pids)
+                what = f"its training processes still running (pids {', '.join(map(str, pids))}) were stopped"
+            else:
+                what = "none of its training processes was running any more"
+            if record["TrainingJobStatus"] == "Stopping":  # as asked, if not by the job's own thread
+                self._finish(name, "Stopped", "Stopped")
+            else:
+                self._finish(name, "Failed", "Failed",
+                             f"InternalServerError: the local SageMaker service restarted while the job ran; {what}")  # fmt: skip
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
@@ -370,6 +393,7 @@ class TrainingJobs:
         if record is None:
             raise not_found("training job", name)
         record.pop("Tags", None)
+        record.pop("Local", None)
         return record
 
     def list(self, params: dict) -> dict:
@@ -613,6 +637,8 @@ class TrainingJobs:
                 process, started = processes.spawn(command, env=env, cwd=ml_dir / "code", stdout=-1)
                 running.processes.append(process)
                 running.records.append(started)
+                # In the job's record at once: a service that crashes from here on finds it and stops it at its start.
+                self.store.update(KIND, name, Local={"processes": running.records})
                 reader = threading.Thread(target=_stream, args=(process, env["SM_CURRENT_HOST"], lines), daemon=True)
                 reader.start()
             open_logs = len(running.processes)

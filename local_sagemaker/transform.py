@@ -198,18 +198,23 @@ class TransformJobs:
         return f"arn:aws:sagemaker:{self.region}:{self.account}:transform-job/{name.lower()}"
 
     def _recover(self) -> None:
-        """A job that was running when the service stopped cannot go on: its model servers went with the service
-        (any a killed service left behind are stopped here)."""
-        for record in self.store.items(KIND):
+        """A job that was running when the service stopped cannot go on. A killed service leaves its model servers
+        running: the ones its record names, and any under the jobs' directories (started, not yet recorded), are
+        stopped before the job ends."""
+        records = self.store.items(KIND)
+        interrupted = [record for record in records if record["TransformJobStatus"] in ("InProgress", "Stopping")]
+        recorded = [server for record in interrupted for server in record.get("Local", {}).get("servers", [])]
+        strays = processes.running_with("inference.serve", self.jobs_dir)
+        if alive := {server["pid"] for server in recorded + strays if processes.live(server)}:
+            log.warning("Stopping %d model servers of transform jobs that no longer run", len(alive))
+        processes.stop(recorded + strays, grace=5)
+        for record in records:
             name = record["TransformJobName"]
             if record["TransformJobStatus"] == "InProgress":
                 self._finish(name, "Failed", SERVICE_STOPPED)
             elif record["TransformJobStatus"] == "Stopping":
                 self._finish(name, "Stopped")
             shutil.rmtree(self.jobs_dir / name / "input", ignore_errors=True)
-        if strays := processes.running_with("inference.serve", self.jobs_dir):
-            log.warning("Stopping %d model servers of transform jobs that no longer run", len(strays))
-            processes.stop(strays, grace=5)
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
@@ -275,7 +280,7 @@ class TransformJobs:
 
     def describe(self, name: str) -> dict:
         record = self._record(name)
-        for key in ("Tags", "LastModifiedTime"):  # kept for ListTags and ListTransformJobs, not answered here
+        for key in ("Tags", "LastModifiedTime", "Local"):  # kept for ListTags, ListTransformJobs and a restart
             record.pop(key, None)
         return record
 
@@ -478,6 +483,8 @@ class TransformJobs:
                 urls.append(url)
             except Exception as error:
                 errors.append(error)
+        # In the job's record: a service that crashes from here on stops them at its next start.
+        self.store.update(KIND, name, Local={"servers": running.servers})
         self._check_stop(running)
         if errors:
             if isinstance(errors[0], LaunchFailed):

@@ -315,7 +315,7 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
         # A server the crash kept out of the records (started, and killed before it was written down).
         fleets = tmp_path / "state" / "endpoint-fleets"
         lost_dir = fleets / "lost" / "lost-config" / "AllTraffic"
-        shutil.copytree(next(fleets.glob("kept/kept/AllTraffic")), lost_dir)
+        shutil.copytree(next(fleets.glob("kept/models/*")), lost_dir)
         port = processes.free_port()
         lost, _ = processes.spawn([sys.executable, "-m", "inference.serve", "--model-dir", str(lost_dir),
                                    "--port", str(port)], env=processes.allowed_env())  # fmt: skip
@@ -435,3 +435,90 @@ def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker
     closing.send(invocation("digits", body, {"Connection": "close"}))
     assert closing.reply()[0] == 200 and closing.closed()
     assert probabilities(runtime(local_sagemaker_runtime), "digits", body)  # and the runtime serves on
+
+
+def test_a_config_made_again_under_its_old_name_serves_its_new_model(sagemaker, local_sagemaker, local_aws, body,
+                                                                     local_sagemaker_runtime):  # fmt: skip
+    """The model directory is named by its archive's SHA-256, not by the endpoint config: a config (and model)
+    deleted and made again under the old name with another artifact serves that artifact, and the same artifact is
+    unpacked once for the endpoint (the directory the previous fleet used is kept, the others go)."""
+    from pathlib import Path
+
+    client = runtime(local_sagemaker_runtime)
+
+    def make(artifact: str) -> None:
+        sagemaker.create_model(ModelName="recycled", ExecutionRoleArn=ROLE, PrimaryContainer={
+            "Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{artifact}/model.tar.gz"})  # fmt: skip
+        sagemaker.create_endpoint_config(EndpointConfigName="recycled", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "recycled", "InitialInstanceCount": 1}])  # fmt: skip
+
+    make("good")
+    sagemaker.create_endpoint(EndpointName="recycled", EndpointConfigName="recycled")
+    assert settled(sagemaker, "recycled")["EndpointStatus"] == "InService"
+    answer_good = probabilities(client, "recycled", body)
+    sagemaker.update_endpoint(EndpointName="recycled", EndpointConfigName="config-shuffled")
+    assert settled(sagemaker, "recycled")["EndpointConfigName"] == "config-shuffled"
+    answer_shuffled = probabilities(client, "recycled", body)
+    assert not np.allclose(answer_shuffled, answer_good, atol=1e-5)
+
+    sagemaker.delete_endpoint_config(EndpointConfigName="recycled")
+    sagemaker.delete_model(ModelName="recycled")
+    make("shuffled")
+    sagemaker.update_endpoint(EndpointName="recycled", EndpointConfigName="recycled")
+    described = settled(sagemaker, "recycled")
+    assert (described["EndpointConfigName"], described.get("FailureReason")) == ("recycled", None)
+    assert np.allclose(probabilities(client, "recycled", body), answer_shuffled, atol=1e-5)
+
+    [server] = [psutil.Process(pid) for pid in server_pids(local_sagemaker, "recycled")]
+    command = server.cmdline()
+    served = Path(command[command.index("--model-dir") + 1])
+    shuffled = boto3.client("s3", endpoint_url=local_aws).get_object(Bucket=BUCKET, Key="shuffled/model.tar.gz")
+    assert served.name == hashlib.sha256(shuffled["Body"].read()).hexdigest()
+    assert [path.name for path in served.parent.iterdir()] == [served.name]  # the good model's directory is gone
+    sagemaker.delete_endpoint(EndpointName="recycled")
+
+
+def test_a_model_directory_is_named_by_its_archives_bytes_and_unpacked_whole(local_aws, tmp_path):
+    """Another archive put where one was never reaches the directory of the first; an archive that cannot be
+    unpacked leaves nothing a later start could serve; prune keeps only the directories in use."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    from local_sagemaker import model_servers
+
+    def archive(content: bytes) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            info = tarfile.TarInfo("model.pth")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        return buffer.getvalue()
+
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket="service-model-dirs")
+    url, endpoint = "s3://service-model-dirs/recycled/model.tar.gz", tmp_path / "endpoint"
+
+    def unpacked(body: bytes) -> Path:
+        s3.put_object(Bucket="service-model-dirs", Key="recycled/model.tar.gz", Body=body)
+        return model_servers.model_dir(endpoint / "models", url, s3)
+
+    first = unpacked(archive(b"first"))
+    assert first.name == hashlib.sha256(archive(b"first")).hexdigest()
+    inode = (first / "model.pth").stat().st_ino
+    assert unpacked(archive(b"first")) == first and (first / "model.pth").stat().st_ino == inode  # unpacked once
+    second = unpacked(archive(b"second"))
+    assert second != first and (second / "model.pth").read_bytes() == b"second"
+    assert (first / "model.pth").read_bytes() == b"first"
+    with pytest.raises(model_servers.LaunchFailed, match=r"not a readable tar\.gz archive"):
+        unpacked(b"not a tar archive")
+    assert sorted(path.name for path in (endpoint / "models").iterdir()) == sorted([first.name, second.name])
+
+    (endpoint / "models" / f".{first.name}.cut-short.unpacking").mkdir()  # what a crash mid-unpack leaves
+    old_layout = endpoint / "a-config" / "AllTraffic"  # a directory of before, that a recorded server still uses
+    shutil.copytree(first, old_layout)
+    shutil.copytree(first, endpoint / "another-config" / "AllTraffic")
+    model_servers.prune(endpoint, [second, str(old_layout)])
+    assert sorted(str(path.relative_to(endpoint)) for path in endpoint.rglob("*") if path.is_dir()) == [
+        "a-config", "a-config/AllTraffic", "models", f"models/{second.name}",
+    ]  # fmt: skip

@@ -6,6 +6,7 @@ directories) and misbehave on purpose; the real train.py runs on two hosts below
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -420,3 +421,61 @@ def _model_file(s3, job: str, name: str) -> bytes:
     archive = s3.get_object(Bucket=BUCKET, Key=f"training-jobs/{job}/output/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         return tar.extractfile(name).read()
+
+
+def test_a_crash_of_the_service_leaves_no_training_process_running(clients, local_aws, tmp_path):
+    """A service of its own, SIGKILLed while two jobs train: their processes outlive it. The next start on the same
+    state directory stops them, the one its record names and the one the crash kept out of its record, and fails
+    both jobs saying why."""
+    import psutil
+
+    from local_sagemaker import launch, processes
+    from local_sagemaker.training import LOG_GROUP
+    from tests.conftest import KEYS
+
+    logs = clients[2]
+    state = tmp_path / "state"
+
+    def start():
+        return launch.start(state, local_aws, credentials=KEYS.sagemaker.environment(), cpus=2, metrics_interval=1)
+
+    started, hosts = start(), {}
+    try:
+        client = boto3.client("sagemaker", endpoint_url=started.url)
+        names = ("crashed-recorded", "crashed-unrecorded")
+        for name in names:
+            client.create_training_job(**request(name, "hang"))
+
+        # Killed once the scripts are quiet: one still printing would die of the broken pipe on its own.
+        def quiet(name: str) -> bool:
+            with contextlib.suppress(logs.exceptions.ResourceNotFoundException):  # until the first job makes it
+                streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{name}/")
+                for stream in streams["logStreams"]:
+                    events = logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"])
+                    return any(event["message"] == "hanging" for event in events["events"])
+            return False
+
+        assert processes.wait_until(lambda: all(quiet(name) for name in names), 60, interval=0.5)
+        # Each host is in its job's record (written as it starts, before it could print).
+        records = {name: json.loads((state / "training-jobs" / f"{name}.json").read_text()) for name in names}
+        hosts = {name: record["Local"]["processes"][0] for name, record in records.items()}
+        processes.live(started.record).kill()
+        psutil.wait_procs([psutil.Process(started.record["pid"])], timeout=10)
+        assert all(processes.live(host) for host in hosts.values()), "a crash does not end the jobs' processes"
+        # A crash between a host's start and its record: the record names no process.
+        path = state / "training-jobs" / "crashed-unrecorded.json"
+        path.write_text(json.dumps({**records["crashed-unrecorded"], "Local": {"processes": []}}))
+
+        started = start()
+        client = boto3.client("sagemaker", endpoint_url=started.url)
+        for name, host in hosts.items():
+            assert processes.live(host) is None, f"{name}'s process outlived the restart"
+            described = client.describe_training_job(TrainingJobName=name)
+            assert (described["TrainingJobStatus"], described["SecondaryStatus"]) == ("Failed", "Failed")
+            assert described["FailureReason"] == (
+                "InternalServerError: the local SageMaker service restarted while the job ran; its training "
+                f"processes still running (pids {host['pid']}) were stopped"
+            )
+    finally:
+        launch.stop(started.record)
+        processes.stop(hosts.values(), grace=1)  # nothing left behind by a failure here

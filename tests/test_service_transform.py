@@ -379,18 +379,26 @@ def test_a_killed_transform_task_stops_its_job(sagemaker, s3, inputs, test_set):
 
 
 def test_a_job_running_when_the_service_stopped_is_failed_at_restart(tmp_path):
+    """A killed service leaves its jobs' model servers running: the ones their records name are stopped at the next
+    start, before the jobs end (a process the record names is a stand-in here: what counts is its pid and start)."""
+    import sys
+
+    from local_sagemaker import processes
     from local_sagemaker.models import Models
     from local_sagemaker.roles import Roles
     from local_sagemaker.store import Store, now
     from local_sagemaker.transform import KIND, SERVICE_STOPPED, TransformJobs
 
     store = Store(tmp_path)
+    server, record = processes.spawn([sys.executable, "-c", "import time; time.sleep(60)"], env=processes.allowed_env())
     for name, status in (("running", "InProgress"), ("stopping", "Stopping"), ("completed", "Completed")):
-        store.put(KIND, name, {"TransformJobName": name, "TransformJobStatus": status, "CreationTime": now()})
+        store.put(KIND, name, {"TransformJobName": name, "TransformJobStatus": status, "CreationTime": now(),
+                               "Local": {"servers": [record] if name == "running" else []}})  # fmt: skip
     roles = Roles("us-east-1", "000000000000")
     TransformJobs(store, Models(store, "us-east-1", "000000000000", roles=roles), tmp_path, cpus=1, region="us-east-1",
                   account="000000000000", roles=roles, service_url="http://127.0.0.1:9")  # fmt: skip
     running, stopping, completed = (Store(tmp_path).get(KIND, name) for name in ("running", "stopping", "completed"))
     assert (running["TransformJobStatus"], running["FailureReason"]) == ("Failed", SERVICE_STOPPED)
+    assert server.poll() is not None, "the server its record names outlived the restart"
     assert stopping["TransformJobStatus"] == "Stopped" and "TransformEndTime" in stopping
     assert completed["TransformJobStatus"] == "Completed" and "TransformEndTime" not in completed
