@@ -30,6 +30,7 @@ from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, Deadl
 
 from tasks.assets import CHAMPION, DATASET
 from tasks.dag_tasks import config_of, configuration
+from tasks.deployment import DEPLOY_TIMEOUT_SECONDS
 from tasks.monitoring import Thresholds
 from tasks.names import DAG_ID
 from tasks.notifications import PipelineNotifier, deadline_missed
@@ -47,10 +48,11 @@ PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fal
 # How long a failed task waits before its retry (a training job a crash ended is started again under a new name).
 RETRY_DELAY = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "retry_delay_seconds", fallback=60))
 # A training job may run MaxRuntimeInSeconds after waiting for its instances; a tuning job runs its jobs a few at a
-# time; deploy and check wait out traffic shifts and the bake (each at most an hour in the form) with room to spare.
+# time; deploy and check wait out traffic shifts and the bake, whose fields the form bounds so that the longest
+# update fits the deploy's timeout (tasks.params checks it as this file parses).
 TRAIN_TIMEOUT = datetime.timedelta(seconds=MAX_RUNTIME_SECONDS) + datetime.timedelta(hours=1)
 TUNE_TIMEOUT = datetime.timedelta(hours=11)
-DEPLOY_TIMEOUT = CHECK_TIMEOUT = datetime.timedelta(hours=3)
+DEPLOY_TIMEOUT = CHECK_TIMEOUT = datetime.timedelta(seconds=DEPLOY_TIMEOUT_SECONDS)
 DAGRUN_TIMEOUT = datetime.timedelta(hours=12)
 # A run still going after this long (from when it was queued) alerts the topic, well before the timeout ends it.
 DEADLINE = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "deadline_seconds", fallback=4 * 3600))
@@ -183,17 +185,17 @@ def candidate(settings: dict, registered: str | None, params: dict) -> dict:
 def deploy(settings: dict, choice: dict, params: dict, run_id: str) -> dict:
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from tasks.deployment import RolledBack, deploy
+    from tasks.deployment import RolledBack, deploy, traffic_of
+    from tasks.monitoring import alarm_thresholds
 
     if not choice["deploy"]:
         raise AirflowSkipException(f"Nothing to deploy: {choice['reason']}")
-    traffic = {"traffic_shift": params["traffic_shift"], "percent": params["traffic_percent"],
-               "wait_seconds": params["traffic_wait_seconds"], "bake_seconds": params["bake_seconds"]}  # fmt: skip
-    alarms = {"max_5xx_errors": params["max_5xx_errors"], "max_p99_latency_ms": params["alarm_p99_model_latency_ms"]}
+    alarms = alarm_thresholds(Thresholds.from_params(params))
     try:
         return deploy(choice["model"], previous_endpoint_config_name=choice["previous_endpoint_config_name"],
                       endpoint_name=params["endpoint_name"], run_id=run_id, config=config_of(settings),
-                      check_interval=SAGEMAKER_CHECK_INTERVAL, traffic=traffic, alarm_thresholds=alarms)  # fmt: skip
+                      check_interval=SAGEMAKER_CHECK_INTERVAL, traffic=traffic_of(params),
+                      alarm_thresholds=alarms)  # fmt: skip
     except RolledBack as error:  # the previous model serves: a retry would only roll out the same model again
         raise AirflowFailException(str(error)) from error
 
@@ -201,6 +203,7 @@ def deploy(settings: dict, choice: dict, params: dict, run_id: str) -> dict:
 @task(execution_timeout=CHECK_TIMEOUT, on_failure_callback=PipelineNotifier("check_failed"), outlets=[CHAMPION])
 def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, outlet_events) -> dict:
     """The monitoring check; passed, its version is Approved: the champion, and an event of the champion asset."""
+    from tasks.deployment import traffic_of, update_seconds
     from tasks.monitoring import MonitoringCheckFailed, check_endpoint
 
     model = choice["model"]
@@ -214,7 +217,7 @@ def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, ou
             samples=params["smoke_requests"],
             metrics_timeout=params["metrics_timeout"],
             check_interval=SAGEMAKER_CHECK_INTERVAL,
-            settle_timeout=params["bake_seconds"] + params["traffic_wait_seconds"] * 100 + 600,
+            settle_timeout=update_seconds(**traffic_of(params)),  # every wait on the update ends within it
             version=model["model_package_arn"],
         )
     except MonitoringCheckFailed as failed:
@@ -227,22 +230,29 @@ def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, ou
     return checked
 
 
-@task
-def report(settings: dict, best, validation, decision, choice, deployment, monitoring, run_id: str) -> dict | None:
+# Before its report, the teardown may wait out an update a failed deploy left running, then undo it.
+@task(execution_timeout=DEPLOY_TIMEOUT)
+def report(settings: dict, best, validation, decision, choice, deployment, monitoring, params: dict,
+           run_id: str) -> dict | None:  # fmt: skip
     """The run's report, whatever happened (tasks the run did not get to are None); first, the undoing of a
-    deployment whose check never finished."""
+    deployment whose check never finished, or of what a deploy that returned nothing left on the endpoint."""
     from airflow.sdk.exceptions import AirflowSkipException
 
+    from tasks.deployment import traffic_of, update_seconds
     from tasks.monitoring import undo_unchecked
     from tasks.report import build_report
 
     if best is None and choice is None:
         raise AirflowSkipException("Nothing was selected or deployed (an earlier task failed): nothing to report")
     config = config_of(settings)
-    # A model deployed and never checked (the check's task killed, or crashed) does not stay serving.
+    # A model deployed and never checked (the check's task killed, or crashed; or the deploy's, after its request)
+    # does not stay serving.
     version = ((choice or {}).get("model") or {}).get("model_package_arn")
-    monitoring = undo_unchecked(config, deployment, monitoring, check_interval=SAGEMAKER_CHECK_INTERVAL,
-                                version=version) or monitoring  # fmt: skip
+    undone = undo_unchecked(
+        config, deployment, monitoring, choice=choice, endpoint_name=params["endpoint_name"], run_id=run_id,
+        check_interval=SAGEMAKER_CHECK_INTERVAL, settle_timeout=update_seconds(**traffic_of(params)), version=version,
+    )  # fmt: skip
+    monitoring = undone or monitoring
     return build_report(run_id, best, validation=validation, gate=decision, choice=choice, deployment=deployment,
                         monitoring=monitoring, config=config)  # fmt: skip
 

@@ -82,9 +82,49 @@ def sagemaker_deploy_requests(
 
 
 TRAFFIC_SHIFTS = ("all_at_once", "canary", "linear")
-# UpdateEndpoint's bound on a whole blue/green update: SageMaker's smallest allowed value, ample for one model.
+# The endpoint statuses of a change under way, which ends by itself.
+BUSY = ("Creating", "Updating", "RollingBack", "SystemUpdating")
+# How long a new fleet may take to come up, and the margin of each wait on the endpoint: SageMaker's smallest
+# MaximumExecutionTimeoutInSeconds, ample for one model.
 MAX_UPDATE_SECONDS = 600
 MAX_EXECUTION_SECONDS = 28_800  # the API's upper bound
+# The deploy task's execution_timeout (dags/mnist_sweep.py). The form bounds the traffic params (tasks.params) so
+# that the longest deploy they allow (deploy_seconds) fits in it: a timeout that ended the task mid-update would
+# leave the update running unwatched by the task (the run's teardown then undoes it: tasks.monitoring).
+DEPLOY_TIMEOUT_SECONDS = 3 * 3600
+# The form's bounds on the traffic params. A step of 10-50% of the fleet is what SageMaker allows a linear shift
+# (and a canary at most 50%): ten steps at most, each held at most MAX_TRAFFIC_WAIT_SECONDS.
+MIN_TRAFFIC_PERCENT, MAX_TRAFFIC_PERCENT = 10, 50
+MAX_TRAFFIC_WAIT_SECONDS = 600
+MAX_BAKE_SECONDS = 1800
+
+
+def traffic_of(params: Mapping) -> dict:
+    """``deployment_config``'s traffic arguments from a run's params (the form's traffic fields)."""
+    return {"traffic_shift": params["traffic_shift"], "percent": params["traffic_percent"],
+            "wait_seconds": params["traffic_wait_seconds"], "bake_seconds": params["bake_seconds"]}  # fmt: skip
+
+
+def traffic_steps(traffic_shift: str, percent: int) -> int:
+    """How many times the traffic moves: once all at once, twice for a canary, once per ``percent`` linearly."""
+    if traffic_shift not in TRAFFIC_SHIFTS:
+        raise ValueError(f"traffic_shift {traffic_shift!r} is not one of {', '.join(TRAFFIC_SHIFTS)}")
+    return {"all_at_once": 1, "canary": 2, "linear": -(-100 // max(percent, 1))}[traffic_shift]
+
+
+def update_seconds(traffic_shift: str = "all_at_once", *, percent: int = 20, wait_seconds: int = 0,
+                   bake_seconds: int = 0) -> int:  # fmt: skip
+    """The longest a blue/green update with these settings may run: its new fleet launched, each step but the last
+    held ``wait_seconds``, the last one baked. It is the update's MaximumExecutionTimeoutInSeconds: SageMaker rolls
+    back an update still running then, so every wait on the update ends within it."""
+    waits = (traffic_steps(traffic_shift, percent) - 1) * wait_seconds
+    return min(MAX_EXECUTION_SECONDS, MAX_UPDATE_SECONDS + waits + bake_seconds)
+
+
+def deploy_seconds(params: Mapping) -> int:
+    """The longest the deploy task may run with a run's ``params``: an earlier update settling first, then this
+    run's update, waited for until it ends at the latest, with a poll's margin (``deploy``'s own waits)."""
+    return _deploy_timeout(None) + _deploy_timeout(deployment_config(**traffic_of(params)))
 
 
 def deployment_config(
@@ -109,8 +149,8 @@ def deployment_config(
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": routing,
             "TerminationWaitInSeconds": bake_seconds,
-            "MaximumExecutionTimeoutInSeconds": min(
-                MAX_EXECUTION_SECONDS, MAX_UPDATE_SECONDS + wait_seconds * 100 // max(percent, 1) + bake_seconds
+            "MaximumExecutionTimeoutInSeconds": update_seconds(
+                traffic_shift, percent=percent, wait_seconds=wait_seconds, bake_seconds=bake_seconds
             ),
         }
     }
@@ -151,7 +191,8 @@ def deploy(
     ``endpoint_name``, where ``previous_endpoint_config_name`` served before this run (what a rollback restores).
 
     An update moves traffic as ``traffic`` says (``deployment_config``'s arguments; default all at once), guarded
-    by the endpoint's alarms, made or updated first with ``alarm_thresholds`` (``put_alarms``' arguments).
+    by the endpoint's alarms, made or updated first with ``alarm_thresholds`` (``put_alarms``' arguments; default:
+    the monitoring check's default thresholds).
 
     CreateModel and CreateEndpointConfig unless this run made them already, then CreateEndpoint, or UpdateEndpoint
     (blue/green: the old config serves until the new one is InService) unless the endpoint serves this run's config
@@ -182,7 +223,11 @@ def deploy(
         log.info("Creating endpoint %s with config %s", endpoint_name, config_name)
         hook.create_endpoint(requests["endpoint"], wait_for_completion=False)
     elif serving != config_name:
-        alarms = put_alarms(config, endpoint_name, **(alarm_thresholds or {}))
+        if alarm_thresholds is None:
+            from tasks import monitoring  # here: the check imports this module
+
+            alarm_thresholds = monitoring.alarm_thresholds(monitoring.Thresholds())
+        alarms = put_alarms(config, endpoint_name, **alarm_thresholds)
         update = deployment_config(**(traffic or {}), alarms=alarms)
         log.info("Updating endpoint %s from config %s to %s: %s", endpoint_name, serving, config_name, update)
         hook.update_endpoint(
@@ -226,6 +271,12 @@ def serving_endpoint_config(config: PipelineConfig, endpoint_name: str) -> str |
         raise
 
 
+def updating_to(described: Mapping, config_name: str) -> bool:
+    """Whether DescribeEndpoint shows an update to ``config_name`` under way: its traffic moving, or baking."""
+    pending = described.get("PendingDeploymentSummary") or {}
+    return described["EndpointStatus"] == "Updating" and pending.get("EndpointConfigName") == config_name
+
+
 def baking(described: Mapping, config_name: str) -> bool:
     """Whether DescribeEndpoint shows ``config_name`` taking all traffic in its bake (the old fleet still kept)."""
     pending = described.get("PendingDeploymentSummary") or {}
@@ -245,7 +296,7 @@ def _deploy_timeout(update: Mapping | None) -> float:
     return update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"] + MAX_UPDATE_SECONDS
 
 
-def _poll_endpoint(hook, endpoint_name: str, done, timeout: float, delay: float) -> dict:
+def poll_endpoint(hook, endpoint_name: str, done, timeout: float, delay: float) -> dict:
     """DescribeEndpoint every ``delay`` seconds until ``done(description)``; returns that description, or raises
     TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -262,7 +313,7 @@ def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: fl
     """Poll the endpoint until it settles (InService, on whichever config) or ``config_name`` bakes with all the
     traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
     failed = ("Failed", "OutOfService", "Deleting")
-    described = _poll_endpoint(
+    described = poll_endpoint(
         hook, endpoint_name,
         lambda d: d["EndpointStatus"] in ("InService", *failed) or baking(d, config_name),
         timeout, check_interval,
@@ -275,6 +326,5 @@ def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: fl
 
 def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
     """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
-    busy = ("Creating", "Updating", "RollingBack", "SystemUpdating")
-    return _poll_endpoint(sagemaker_hook(config), endpoint_name, lambda d: d["EndpointStatus"] not in busy, timeout,
+    return poll_endpoint(sagemaker_hook(config), endpoint_name, lambda d: d["EndpointStatus"] not in BUSY, timeout,
                           delay)  # fmt: skip

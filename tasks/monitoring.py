@@ -7,9 +7,13 @@
 2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
    invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
    local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
-3. Pass: wait for the bake to end (an alarm may still roll the update back), then approve the model's registry
+3. Judge on what the check can attribute: its own load (its requests, its errors, 4xx included, its accuracy and
+   latency), and the endpoint's 5XX rate, which decides only over a minimum of invocations. Anyone can send the
+   endpoint a request that fails: a 4XX is the caller's error, and a few 5XX among few requests cannot tell a
+   failing model from a few bad callers, so those are reported and decide nothing.
+4. Pass: wait for the bake to end (an alarm may still roll the update back), then approve the model's registry
    version (it is the champion from now on: tasks.registry) and create or update the endpoint's alarms (5XX
-   errors, p99 model latency).
+   error rate, p99 model latency).
    Fail: roll back, reject the version, and fail the task, without retries, naming every failed threshold with its
    observed value.
    During the bake, setting the update's rollback alarm to ALARM makes SageMaker itself switch back to the old
@@ -17,7 +21,9 @@
    config, or DeleteEndpoint when this deployment created the endpoint.
 
 `deployment` is what the deploy step returns (tasks.deployment.deploy): endpoint_name, endpoint_config_name,
-model_data_url, previous_endpoint_config_name, created, deployment_config, baking.
+model_data_url, previous_endpoint_config_name, created, deployment_config, baking. A deploy that returned nothing
+(it failed, or its timeout ended it, after its CreateEndpoint or UpdateEndpoint) is found from the endpoint's own
+state at the end of the run, and undone when what serves, or what the endpoint is updating to, is this run's.
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from pathlib import Path
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
-from tasks.alarms import put_alarms
+from tasks.alarms import alarm_names, put_alarms
 from tasks.config import PipelineConfig
-from tasks.deployment import baking, wait_settled
+from tasks.deployment import baking, updating_to, wait_settled
 from tasks.hooks import s3_hook, sagemaker_hook
 from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
 
@@ -75,11 +81,16 @@ class Thresholds:
     min_live_accuracy: float = 0.9
     # Live accuracy on held-out images may fall this far below the model's test accuracy, no further.
     max_accuracy_drop: float = 0.05
-    max_error_rate: float = 0.0  # failed smoke requests / sent
+    # Failed smoke requests / sent. The load sends only valid requests: its own 4xx are errors too.
+    max_error_rate: float = 0.0
     max_p99_latency_ms: float = 1000.0  # client side, round trip included
     max_model_latency_ms: float = 200.0  # CloudWatch ModelLatency Average over the window
-    max_5xx_errors: int = 0
-    max_4xx_errors: int = 0  # the smoke load sends only valid requests
+    # The endpoint's 5XX rate (CloudWatch Invocation5XXErrors / Invocations: everyone's requests), judged only over
+    # at least min_rate_requests invocations; the errors alarm holds the same rate per minute. The load's own
+    # errors fail it at max_error_rate already: this catches failures the load did not meet, without letting a
+    # few bad requests from anyone veto a deployment.
+    max_5xx_rate: float = 0.05
+    min_rate_requests: int = 100
     # Under a smoke load the CPU is busy by design, and SageMaker counts 100% per core: not checked by default.
     max_cpu_utilization: float | None = None
     max_memory_utilization: float | None = 90.0
@@ -90,6 +101,12 @@ class Thresholds:
     def from_params(cls, params: dict) -> Thresholds:
         """The thresholds among ``params`` (a DAG run's params, say); defaults for the rest."""
         return cls(**{field.name: params[field.name] for field in dataclasses.fields(cls) if field.name in params})
+
+
+def alarm_thresholds(thresholds: Thresholds) -> dict:
+    """The endpoint's alarms' thresholds (``tasks.alarms.put_alarms``' keywords) from the check's."""
+    return {"max_5xx_rate": thresholds.max_5xx_rate, "min_requests": thresholds.min_rate_requests,
+            "max_p99_latency_ms": thresholds.alarm_p99_model_latency_ms}  # fmt: skip
 
 
 # --- the smoke load -----------------------------------------------------------------------------------------------
@@ -232,7 +249,14 @@ def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.dat
             figures[key] = max(series)
         else:
             figures[key] = sum(series) / len(series)
+    figures["invocation_5xx_rate"] = error_rate(figures)
     return figures
+
+
+def error_rate(figures: dict) -> float | None:
+    """The endpoint's 5XX rate among CloudWatch ``figures`` (None without invocations)."""
+    invocations = figures["invocations"] or 0
+    return (figures["invocation_5xx_errors"] or 0) / invocations if invocations else None
 
 
 def wait_for_metrics(
@@ -277,13 +301,29 @@ def evaluate(load: dict, metrics: dict, thresholds: Thresholds, test_accuracy: f
             f"CloudWatch Invocations {metrics['invocations'] or 0:g} < {load['requests']} requests sent "
             f"(after waiting {metrics['waited_s']} s)"
         )
-    above("CloudWatch Invocation5XXErrors", metrics["invocation_5xx_errors"], thresholds.max_5xx_errors)
-    above("CloudWatch Invocation4XXErrors", metrics["invocation_4xx_errors"], thresholds.max_4xx_errors)
+    rate, invocations = error_rate(metrics), metrics["invocations"] or 0
+    if rate is not None and invocations >= thresholds.min_rate_requests and rate > thresholds.max_5xx_rate:
+        failures.append(f"CloudWatch 5XX rate {rate:.4g} > {thresholds.max_5xx_rate:.4g} "
+                        f"({metrics['invocation_5xx_errors']:g} of {invocations:g} invocations)")  # fmt: skip
     latency = metrics["model_latency_average_us"]
     above("CloudWatch ModelLatency average ms", latency and latency / 1000, thresholds.max_model_latency_ms)
     above("CloudWatch CPUUtilization", metrics["cpu_utilization"], thresholds.max_cpu_utilization)
     above("CloudWatch MemoryUtilization", metrics["memory_utilization"], thresholds.max_memory_utilization)
     return failures
+
+
+def unjudged(metrics: dict, thresholds: Thresholds) -> list[str]:
+    """The figures reported and not judged, each saying why (``evaluate``'s reasons for leaving them out)."""
+    notes = []
+    if client_errors := metrics["invocation_4xx_errors"]:
+        notes.append(f"CloudWatch Invocation4XXErrors {client_errors:g}: client errors (the load's own count among "
+                     "its errors)")  # fmt: skip
+    invocations = metrics["invocations"] or 0
+    if metrics["invocation_5xx_errors"] and 0 < invocations < thresholds.min_rate_requests:
+        notes.append(f"CloudWatch 5XX rate {error_rate(metrics):.4g} ({metrics['invocation_5xx_errors']:g} of "
+                     f"{invocations:g} invocations): too few invocations to judge (at least "
+                     f"{thresholds.min_rate_requests})")  # fmt: skip
+    return notes
 
 
 # --- pass: alarms; fail: rollback -----------------------------------------------------------------------------------
@@ -335,11 +375,12 @@ def ready_for_check(config: PipelineConfig, deployment: dict) -> str | None:
 
 
 def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: float, delay: float) -> dict | None:
-    """Roll back an update still baking by setting its rollback alarm to ALARM, as an operator stops a blue/green
-    update on SageMaker; returns the rollback's outcome, or None when the update was no longer under way."""
+    """Roll back an update still under way (its traffic moving, or baking) by setting its rollback alarm to ALARM,
+    as an operator stops a blue/green update on SageMaker; returns the rollback's outcome, or None when the update
+    was no longer under way."""
     name, failed = deployment["endpoint_name"], deployment["endpoint_config_name"]
     alarms = ((deployment.get("deployment_config") or {}).get("AutoRollbackConfiguration") or {}).get("Alarms")
-    if not alarms or not baking(sagemaker_hook(config).describe_endpoint(name), failed):
+    if not alarms or not updating_to(sagemaker_hook(config).describe_endpoint(name), failed):
         return None
     _cloudwatch(config).set_alarm_state(AlarmName=alarms[0]["AlarmName"], StateValue="ALARM",
                                         StateReason=reason[:1023])  # fmt: skip
@@ -407,6 +448,7 @@ def check_endpoint(
             metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)
             log.info("CloudWatch figures of endpoint %s: %s", name, metrics)
             failures = evaluate(load, metrics, thresholds, test_accuracy)
+            result["notes"] = unjudged(metrics, thresholds)
             if not failures and deployment.get("baking"):
                 log.info("Endpoint %s passed its check while baking: waiting for the bake to end", name)
                 described = wait_settled(config, name, settle_timeout, check_interval)
@@ -436,15 +478,59 @@ def check_endpoint(
     record_verdict(config, version, passed=True, reason=f"passed its monitoring check on {name} ({config_name}): "
                    f"live accuracy {load['live_accuracy']:.4f}")  # fmt: skip
     result["champion"] = version
-    result["alarms"] = put_alarms(
-        config,
-        name,
-        max_5xx_errors=thresholds.max_5xx_errors,
-        max_p99_latency_ms=thresholds.alarm_p99_model_latency_ms,
-        alarm_actions=alarm_actions,
-    )
+    result["alarms"] = put_alarms(config, name, **alarm_thresholds(thresholds), alarm_actions=alarm_actions)
     log.info("Endpoint %s passed its monitoring check: %s", name, config_name)
     return result
+
+
+def unfinished_deployment(
+    config: PipelineConfig, choice: dict | None, endpoint_name: str, run_id: str, *, settle_timeout: float,
+    check_interval: int,
+) -> dict | None:  # fmt: skip
+    """What a deploy that returned nothing (it failed, or its timeout ended it) left of this run on the endpoint, as
+    ``deploy`` would have described it; None when the endpoint serves, and is updating to, nothing of this run's.
+
+    This run's endpoint config is known by its name (the run's: tasks.deployment.endpoint_config_name). What was
+    there before is the candidate's ``previous_endpoint_config_name``, fixed before the run changed anything: the
+    rollback's target, or none, when this run created the endpoint. An update still launching its fleet does not
+    yet say which config it brings, so the endpoint is first polled until it settles or shows one."""
+    from botocore.exceptions import ClientError
+
+    from tasks.deployment import BUSY, endpoint_config_name, poll_endpoint
+
+    if not (choice or {}).get("deploy"):
+        return None
+    ours = endpoint_config_name(endpoint_name, run_id)
+    try:
+        described = poll_endpoint(
+            sagemaker_hook(config), endpoint_name,
+            lambda d: d["EndpointStatus"] not in BUSY or updating_to(d, ours),
+            settle_timeout, check_interval,
+        )  # fmt: skip
+    except ClientError as error:
+        if "Could not find endpoint" in str(error):
+            return None
+        raise
+    if described["EndpointStatus"] == "Deleting" or not (
+        updating_to(described, ours) or described["EndpointConfigName"] == ours
+    ):
+        log.info("Endpoint %s serves %s and is updating to nothing of this run's (%s): nothing to undo",
+                 endpoint_name, described["EndpointConfigName"], ours)  # fmt: skip
+        return None
+    previous = choice.get("previous_endpoint_config_name")
+    return {
+        "endpoint_name": endpoint_name,
+        "endpoint_config_name": ours,
+        "model_data_url": (choice.get("model") or {}).get("model_data_url"),
+        "previous_endpoint_config_name": previous,
+        "created": previous is None,
+        # Every update this pipeline sends is guarded by the endpoint's alarms (tasks.deployment.deploy): setting
+        # one to ALARM stops it, and the fleet it replaces serves again.
+        "deployment_config": {
+            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": name} for name in alarm_names(endpoint_name)]}
+        },
+        "baking": baking(described, ours),
+    }  # fmt: skip
 
 
 def undo_unchecked(
@@ -452,23 +538,38 @@ def undo_unchecked(
     deployment: dict | None,
     monitoring: dict | None,
     *,
+    choice: dict | None = None,
+    endpoint_name: str | None = None,
+    run_id: str | None = None,
     check_interval: int = 15,
     settle_timeout: float = 3600.0,
     version: str | None = None,
 ) -> dict | None:
     """After the run (its teardown): a deployment whose check never finished (its task killed or crashed, so that
-    its own rollback could not run) is undone as a failed check is, and its ``version`` rejected. Returns what the check would have reported
-    (``passed`` False, the failure, the rollback), or None when there was nothing to undo."""
-    if deployment is None or (monitoring and (monitoring.get("passed") or monitoring.get("rollback"))):
+    its own rollback could not run) is undone as a failed check is, and its ``version`` rejected. So is what a
+    deploy that returned nothing (``deployment`` None: it failed, or its timeout ended it, after its request) left
+    serving or updating on ``endpoint_name`` under this run's config (``unfinished_deployment``, from the
+    candidate ``choice`` and the ``run_id``); nothing else on the endpoint is touched. Returns what the check would
+    have reported (``passed`` False, the failure, the rollback), or None when there was nothing to undo."""
+    if monitoring and (monitoring.get("passed") or monitoring.get("rollback")):
+        return None
+    if deployment is not None:
+        failure = "the monitoring check never finished (its task was killed, or crashed)"
+    elif endpoint_name and run_id:
+        deployment = unfinished_deployment(config, choice, endpoint_name, run_id, settle_timeout=settle_timeout,
+                                           check_interval=check_interval)  # fmt: skip
+        failure = "the deploy task returned nothing (it failed, or its timeout ended it) after it changed the endpoint"
+    if deployment is None:
         return None
     name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
-    failure = "the monitoring check never finished (its task was killed, or crashed)"
     verdict = f"Deployment of endpoint {name} (config {config_name}) was not checked: {failure}"
     log.warning("%s: undoing it", verdict)
     from tasks.registry import record_verdict
 
-    undone = undo(config, deployment, verdict, settle_timeout, check_interval)
-    record_verdict(config, version, passed=False, reason=verdict)
+    try:
+        undone = undo(config, deployment, verdict, settle_timeout, check_interval)
+    finally:  # undone or not, the version must never be served again
+        record_verdict(config, version, passed=False, reason=verdict)
     log.warning("Endpoint %s: %s", name, _rollback_outcome(undone))
     return {"endpoint_name": name, "endpoint_config_name": config_name, "passed": False, "failures": [failure],
             "load": None, "cloudwatch": None, "rollback": undone}  # fmt: skip

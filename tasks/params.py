@@ -10,6 +10,14 @@ from airflow.sdk import Param
 from airflow.sdk.configuration import conf
 
 from tasks.batch import TRANSFORM_INSTANCE_TYPE
+from tasks.deployment import (
+    DEPLOY_TIMEOUT_SECONDS,
+    MAX_BAKE_SECONDS,
+    MAX_TRAFFIC_PERCENT,
+    MAX_TRAFFIC_WAIT_SECONDS,
+    MIN_TRAFFIC_PERCENT,
+    deploy_seconds,
+)
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT, PRECISIONS
@@ -21,8 +29,16 @@ SECTION_DATA, SECTION_GATE, SECTION_CHECK = "Data and deployment", "Gate and app
 # The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
 # metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
 DEFAULT_BAKE_SECONDS = conf.getint("mnist_pipeline", "bake_seconds", fallback=600)
+if not 0 <= DEFAULT_BAKE_SECONDS <= MAX_BAKE_SECONDS:  # else every run would be refused for its default
+    raise ValueError(f"[mnist_pipeline] bake_seconds {DEFAULT_BAKE_SECONDS} is outside the form's 0-{MAX_BAKE_SECONDS}")
 
 
+# The bound the traffic fields keep, named in their descriptions: the longest update they allow (the most linear
+# steps, each waited the longest, then the longest bake) fits the deploy task's timeout (longest_deploy_seconds).
+TRAFFIC_BOUND = (
+    f"Bounded so that the longest update, {100 // MIN_TRAFFIC_PERCENT} linear steps each held {MAX_TRAFFIC_WAIT_SECONDS}"
+    f" s and a {MAX_BAKE_SECONDS} s bake, fits the deploy task's {DEPLOY_TIMEOUT_SECONDS // 3600} h timeout."
+)
 ENDPOINT_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}(?!\n)$"  # matched whole, a trailing newline too
 INSTANCE_TYPE_PATTERN = (
     r"^ml\.[a-z0-9]+\.[a-z0-9]+(?!\n)$"  # (?!\n): Python's $ would also match before a final newline
@@ -201,29 +217,32 @@ PARAMS = {
     "traffic_percent": Param(
         20,
         type="integer",
-        minimum=1,
-        maximum=100,
+        minimum=MIN_TRAFFIC_PERCENT,
+        maximum=MAX_TRAFFIC_PERCENT,
         title="Canary size / linear step (%)",
-        description="Share of capacity the canary takes first, or each linear step adds (1-100).",
+        description=f"Share of capacity the canary takes first, or each linear step adds ({MIN_TRAFFIC_PERCENT}-"
+        f"{MAX_TRAFFIC_PERCENT}, as SageMaker allows a linear step: at most {100 // MIN_TRAFFIC_PERCENT} steps).",
         section=SECTION_DATA,
     ),
     "traffic_wait_seconds": Param(
         10,
         type="integer",
         minimum=0,
-        maximum=3600,
+        maximum=MAX_TRAFFIC_WAIT_SECONDS,
         title="Wait between shifts (s)",
-        description="How long the canary or each linear step takes traffic before the next (0-3600).",
+        description="How long the canary or each linear step takes traffic before the next (0-"
+        f"{MAX_TRAFFIC_WAIT_SECONDS}). {TRAFFIC_BOUND}",
         section=SECTION_DATA,
     ),
     "bake_seconds": Param(
         DEFAULT_BAKE_SECONDS,
         type="integer",
         minimum=0,
-        maximum=3600,
+        maximum=MAX_BAKE_SECONDS,
         title="Bake time (s)",
         description="How long the old model is kept, under the alarms, once all traffic has moved: the monitoring "
-        "check runs meanwhile, and a failed check switches back to it at once (0-3600).",
+        f"check runs meanwhile, and a failed check switches back to it at once (0-{MAX_BAKE_SECONDS}). "
+        f"{TRAFFIC_BOUND}",
         section=SECTION_DATA,
     ),
     "min_test_accuracy": Param(
@@ -272,8 +291,11 @@ CHECK_PARAMS = {
                            "included.", 1, 60_000),
     "max_model_latency_ms": ("number", "Maximum model latency (ms)", "CloudWatch ModelLatency, average over the "
                              "load.", 1, 60_000),
-    "max_5xx_errors": ("integer", "Maximum 5XX errors", "CloudWatch Invocation5XXErrors over the load.", 0, 100_000),
-    "max_4xx_errors": ("integer", "Maximum 4XX errors", "CloudWatch Invocation4XXErrors over the load.", 0, 100_000),
+    "max_5xx_rate": ("number", "Maximum 5XX rate", "CloudWatch Invocation5XXErrors / Invocations over the load, "
+                     "everyone's requests (4XX are callers' errors: reported, not judged); the errors alarm holds it "
+                     "per minute.", 0, 1),
+    "min_rate_requests": ("integer", "Minimum requests for the 5XX rate", "Below this many invocations (over the "
+                          "load; per minute for the alarm) the 5XX rate is reported and decides nothing.", 1, 1_000_000),
     "max_cpu_utilization": (["null", "number"], "Maximum CPU utilization (%)", "CloudWatch CPUUtilization, 100 per "
                             "core; empty: not checked (a smoke load keeps the CPU busy by design).", 0, 10_000),
     "max_memory_utilization": (["null", "number"], "Maximum memory utilization (%)", "CloudWatch "
@@ -297,6 +319,37 @@ PARAMS.update(
         for name, (kind, title, description, low, high) in CHECK_PARAMS.items()
     }
 )
+
+
+def longest_deploy_seconds(params: dict = PARAMS) -> int:
+    """The longest the deploy task may run on any values the form's traffic fields accept (each shift, every step
+    size, the longest wait and bake): tasks.deployment.deploy_seconds at the fields' own bounds."""
+    schema = {name: params[name].schema for name in ("traffic_shift", "traffic_percent", "traffic_wait_seconds",
+                                                      "bake_seconds")}  # fmt: skip
+    percents = range(schema["traffic_percent"]["minimum"], schema["traffic_percent"]["maximum"] + 1)
+    return max(
+        deploy_seconds(
+            {
+                "traffic_shift": shift,
+                "traffic_percent": percent,
+                "traffic_wait_seconds": schema["traffic_wait_seconds"]["maximum"],
+                "bake_seconds": schema["bake_seconds"]["maximum"],
+            }
+        )
+        for shift in schema["traffic_shift"]["enum"]
+        for percent in percents
+    )
+
+
+def check_traffic_bounds(params: dict = PARAMS, timeout: int = DEPLOY_TIMEOUT_SECONDS) -> None:
+    """ValueError when the form's traffic fields allow a deploy longer than the deploy task's ``timeout``: its
+    timeout would end it mid-update."""
+    if (longest := longest_deploy_seconds(params)) > timeout:
+        raise ValueError(f"The traffic fields allow a deploy of {longest} s, longer than the deploy task's timeout "
+                         f"of {timeout} s: narrow their bounds")  # fmt: skip
+
+
+check_traffic_bounds()  # as the DAGs parse: a form out of bounds fails to load, naming why
 
 # The batch predictions DAG's form (dags/mnist_batch_predict.py).
 SECTION_INPUT, SECTION_JOB = "Input and model", "Transform job (SageMaker)"

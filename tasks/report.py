@@ -248,6 +248,8 @@ def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
         return ["No monitoring check ran for this run."]
     lines = [f"**{'Passed' if monitoring.get('passed') else 'Failed'}** (endpoint `{monitoring['endpoint_name']}`)."]
     lines += [f"- failed: {failure}" for failure in monitoring.get("failures", [])]
+    # Figures the verdict leaves out, and why: others' client errors, a 5XX rate over too few invocations.
+    lines += [f"- reported, not judged: {note}" for note in monitoring.get("notes", [])]
     if monitoring.get("rollback"):
         rollback = monitoring["rollback"]
         lines.append(f"- rollback: {rollback['action']}, serving now: `{rollback.get('endpoint_config_name')}`")

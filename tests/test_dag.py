@@ -20,7 +20,7 @@ PARAMS = ("search", "tune_strategy", "tune_max_jobs", "tune_max_parallel", "tune
           "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "traffic_shift", "traffic_percent",
           "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
           "accuracy_tolerance", "smoke_requests", "metrics_timeout", "min_live_accuracy", "max_accuracy_drop",
-          "max_error_rate", "max_p99_latency_ms", "max_model_latency_ms", "max_5xx_errors", "max_4xx_errors",
+          "max_error_rate", "max_p99_latency_ms", "max_model_latency_ms", "max_5xx_rate", "min_rate_requests",
           "max_cpu_utilization", "max_memory_utilization", "alarm_p99_model_latency_ms")  # fmt: skip
 
 
@@ -100,6 +100,37 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     assert [asset.name for asset in dag.get_task("monitor").outlets] == ["mnist_champion"]
 
 
+def test_the_longest_update_the_form_allows_fits_the_deploy_task_s_timeout(dag):
+    """A deploy the task's timeout ended mid-update would leave the update running unwatched: the traffic fields'
+    own bounds (each shift, every step size, the longest wait and bake) keep the longest deploy inside it, the form
+    says so, and a form that did not would not load."""
+    from airflow.sdk import Param
+
+    from tasks.deployment import DEPLOY_TIMEOUT_SECONDS, deploy_seconds, traffic_of, update_seconds
+    from tasks.params import PARAMS, check_traffic_bounds, longest_deploy_seconds
+
+    timeout = dag.get_task("deploy").execution_timeout.total_seconds()
+    assert timeout == DEPLOY_TIMEOUT_SECONDS == 3 * 3600
+    # The worst case: ten linear steps of 10%, nine waits of 600 s and a 1800 s bake after the fleet's launch (600),
+    # waited for after an earlier update settles (1800), with a poll's margin (600).
+    worst = {"traffic_shift": "linear", "traffic_percent": 10, "traffic_wait_seconds": 600, "bake_seconds": 1800}
+    assert update_seconds(**traffic_of(worst)) == 600 + 9 * 600 + 1800 == 7800
+    assert longest_deploy_seconds() == deploy_seconds(worst) == 1800 + 7800 + 600 <= timeout
+    for name in ("traffic_wait_seconds", "bake_seconds"):
+        assert "fits the deploy task's 3 h timeout" in dag.params.get_param(name).description, name
+    # The run's teardown, which undoes what a failed deploy left, may wait for the update to end.
+    assert dag.get_task("report").execution_timeout.total_seconds() >= update_seconds(**traffic_of(worst))
+
+    # Wider bounds would not fit, and the form would not load.
+    check_traffic_bounds()
+    wider = {**PARAMS, "traffic_wait_seconds": Param(10, type="integer", minimum=0, maximum=3600)}
+    # 34,800 s of update, capped at SageMaker's 28,800, between the same 1800 s and 600 s.
+    with pytest.raises(ValueError, match=r"allow a deploy of 31200 s, longer than the deploy task's timeout of 10800"):
+        check_traffic_bounds(wider)
+    finer = {**PARAMS, "traffic_percent": Param(20, type="integer", minimum=1, maximum=100)}
+    assert longest_deploy_seconds(finer) == 31200 > timeout  # 100 steps of 1%
+
+
 def test_failures_and_late_runs_are_told_to_the_alert_topic():
     """As the DAG file defines it (the dag fixture drops the deadline, for dag.test()): SNS on a failed run, a failed
     check, a failed deployment, and a deadline alert well before the run's timeout."""
@@ -164,7 +195,11 @@ def test_schedule_comes_from_configuration(monkeypatch):
         ({"accuracy_tolerance": -0.01}, "accuracy_tolerance"),
         ({"smoke_requests": 0}, "smoke_requests"),
         ({"max_error_rate": 1.5}, "max_error_rate"),
-        ({"max_5xx_errors": 0.5}, "max_5xx_errors"),
+        ({"max_5xx_rate": 1.5}, "max_5xx_rate"),
+        ({"min_rate_requests": 0}, "min_rate_requests"),
+        ({"traffic_percent": 5}, "traffic_percent"),  # SageMaker's linear steps are 10-50% of the fleet
+        ({"traffic_wait_seconds": 601}, "traffic_wait_seconds"),
+        ({"bake_seconds": 1801}, "bake_seconds"),
         ({"search": "grid"}, "search"),
         ({"tune_strategy": "Annealing"}, "tune_strategy"),
         ({"tune_lr": [0.1]}, "tune_lr"),  # a range is [low, high]

@@ -7,7 +7,10 @@ publishing metrics to the local CloudWatch (moto server), artifacts in the local
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import threading
+import time
 import uuid
 
 import boto3
@@ -16,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from tasks.alarms import put_alarms
 from tasks.config import load_config
-from tasks.deployment import deploy
+from tasks.deployment import RolledBack, deploy
 from tasks.gate import gate
 from tasks.monitoring import (
     MonitoringCheckFailed,
@@ -27,6 +30,9 @@ from tasks.monitoring import (
     rollback,
     runtime_client,
     smoke_load,
+    undo_unchecked,
+    unfinished_deployment,
+    unjudged,
 )
 from tasks.registry import champion, describe
 from tests.endpoint_helpers import model_artifacts, pack
@@ -53,10 +59,11 @@ def sagemaker(local_sagemaker):
     return boto3.client("sagemaker", endpoint_url=local_sagemaker)
 
 
-def serve(config, endpoint: str, uploaded: dict, kind: str, previous: str | None = None, bake_seconds: int = 0) -> dict:
-    """What the DAG's deploy task does: the ``kind`` model under a run of its own, created or updated on
-    ``endpoint`` (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
-    run = f"run-{uuid.uuid4().hex[:8]}"
+def serve(config, endpoint: str, uploaded: dict, kind: str, previous: str | None = None, bake_seconds: int = 0,
+          run: str | None = None) -> dict:  # fmt: skip
+    """What the DAG's deploy task does: the ``kind`` model under a run of its own (``run``, or a new one), created
+    or updated on ``endpoint`` (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
+    run = run or f"run-{uuid.uuid4().hex[:8]}"
     best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded[kind],
             "test_accuracy": uploaded["test_accuracy"]}  # fmt: skip
     return deploy(best, previous_endpoint_config_name=previous, endpoint_name=endpoint, run_id=run, config=config,
@@ -80,20 +87,28 @@ def uploaded(local_config, local_aws, small_mnist, tmp_path_factory) -> dict:
     return uris
 
 
+def send_bad_requests(config, endpoint: str, count: int) -> None:
+    """``count`` requests the model refuses (a body that is no JSON), as anyone may send them."""
+    client = runtime_client(config)
+    for _ in range(count):
+        with pytest.raises(ClientError, match="ModelError"):
+            client.invoke_endpoint(EndpointName=endpoint, Body=b"{not json", ContentType="application/json")
+
+
 def test_evaluate_names_each_failed_threshold_with_its_value():
     load = {"requests": 50, "live_accuracy": 0.42, "error_rate": 0.1, "p99_ms": 1500.0}
     metrics = {
         "invocations": 40.0, "invocation_4xx_errors": 0.0, "invocation_5xx_errors": 5.0, "waited_s": 30.0,
         "model_latency_average_us": 250_000.0, "cpu_utilization": 180.0, "memory_utilization": 95.5,
     }  # fmt: skip
-    failures = evaluate(load, metrics, Thresholds(max_cpu_utilization=150.0), test_accuracy=0.97)
+    failures = evaluate(load, metrics, Thresholds(max_cpu_utilization=150.0, min_rate_requests=40), test_accuracy=0.97)
     assert failures == [
         "live accuracy 0.4200 < 0.9000",
         "live accuracy vs test accuracy 0.4200 < 0.9200",
         "smoke error rate 0.1 > 0",
         "smoke p99 latency ms 1500 > 1000",
         "CloudWatch Invocations 40 < 50 requests sent (after waiting 30.0 s)",
-        "CloudWatch Invocation5XXErrors 5 > 0",
+        "CloudWatch 5XX rate 0.125 > 0.05 (5 of 40 invocations)",
         "CloudWatch ModelLatency average ms 250 > 200",
         "CloudWatch CPUUtilization 180 > 150",
         "CloudWatch MemoryUtilization 95.5 > 90",
@@ -106,6 +121,40 @@ def test_evaluate_names_each_failed_threshold_with_its_value():
     assert evaluate(healthy, quiet, from_params, test_accuracy=0.97) == ["live accuracy 0.9700 < 0.9900"]
 
 
+def test_a_stranger_s_bad_requests_do_not_veto_a_deployment_but_a_real_failure_rate_does():
+    """The verdict rests on what the check can attribute: its own load, and the endpoint's 5XX rate over enough
+    invocations. Anyone can send requests that fail: 4XX are theirs, and a handful of 5XX among few invocations
+    (or a few among many) cannot tell a failing model from a few bad callers."""
+    healthy = {"requests": 200, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0}
+    quiet = {"invocations": 200.0, "invocation_4xx_errors": 0.0, "invocation_5xx_errors": 0.0, "waited_s": 1.0,
+             "model_latency_average_us": 900.0, "cpu_utilization": 50.0, "memory_utilization": 3.0}  # fmt: skip
+    thresholds = Thresholds()
+    assert (thresholds.max_5xx_rate, thresholds.min_rate_requests) == (0.05, 100)
+    assert evaluate(healthy, quiet, thresholds, test_accuracy=0.97) == [] and unjudged(quiet, thresholds) == []
+
+    # Strangers' 4XX beside the load, and a handful of their 5XX: 5 of 230 invocations is 2%, under the 5%.
+    strangers = {**quiet, "invocations": 230.0, "invocation_4xx_errors": 25.0, "invocation_5xx_errors": 5.0}
+    assert evaluate(healthy, strangers, thresholds, test_accuracy=0.97) == []
+    assert unjudged(strangers, thresholds) == [
+        "CloudWatch Invocation4XXErrors 25: client errors (the load's own count among its errors)"
+    ]
+    # A short load: 6 5XX of 60 invocations is 10%, but too few invocations to judge a rate.
+    short = {**healthy, "requests": 50}
+    few = {**quiet, "invocations": 60.0, "invocation_5xx_errors": 6.0}
+    assert evaluate(short, few, thresholds, test_accuracy=0.97) == []
+    assert unjudged(few, thresholds) == [
+        "CloudWatch 5XX rate 0.1 (6 of 60 invocations): too few invocations to judge (at least 100)"
+    ]
+
+    # A real failure rate fails it, whoever's requests met it; so does the load's own error, a 4XX included.
+    failing = {**quiet, "invocations": 250.0, "invocation_5xx_errors": 40.0}
+    assert evaluate(healthy, failing, thresholds, test_accuracy=0.97) == [
+        "CloudWatch 5XX rate 0.16 > 0.05 (40 of 250 invocations)"
+    ]
+    refused = {**healthy, "error_rate": 1 / 200}
+    assert evaluate(refused, strangers, thresholds, test_accuracy=0.97) == ["smoke error rate 0.005 > 0"]
+
+
 def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
     local_config, uploaded, local_aws, sagemaker, local_sagemaker
 ):
@@ -115,8 +164,17 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
                 for kind in ("good", "shuffled")}  # fmt: skip
 
     good = serve(local_config, name, uploaded, "good")
+    # A stranger's bad requests as the check starts, in the minute its CloudWatch window begins with: 4XX, theirs.
+    if time.time() % 60 > 50:
+        time.sleep(60 - time.time() % 60)
+    stranger = threading.Thread(target=send_bad_requests, args=(local_config, name, 10))
+    stranger.start()
     passed = check_endpoint(local_config, good, uploaded["test_data"], accuracy, **CHECK, version=versions["good"])
+    stranger.join()
     assert passed["passed"] is True and passed["failures"] == []
+    assert passed["cloudwatch"]["invocation_4xx_errors"] == 10 and passed["notes"] == [
+        "CloudWatch Invocation4XXErrors 10: client errors (the load's own count among its errors)"
+    ]
     assert passed["load"]["errors"] == 0 and passed["load"]["requests"] == 100
     assert passed["load"]["live_accuracy"] == pytest.approx(accuracy)  # all 100 held-out images, as in training
     assert passed["load"]["p50_ms"] <= passed["load"]["p99_ms"]
@@ -133,7 +191,8 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
     by_name = {alarm["AlarmName"]: alarm for alarm in alarms["MetricAlarms"]}
     assert set(by_name) == {"mon-invocation-5xx-errors", "mon-model-latency-p99"} == set(passed["alarms"])
     assert by_name["mon-model-latency-p99"]["ExtendedStatistic"] == "p99"
-    assert {"Name": "EndpointName", "Value": name} in by_name["mon-invocation-5xx-errors"]["Dimensions"]
+    for query in by_name["mon-invocation-5xx-errors"]["Metrics"][:2]:  # the 5XX errors and the invocations
+        assert {"Name": "EndpointName", "Value": name} in query["MetricStat"]["Metric"]["Dimensions"]
 
     # The gate now measures new models against this champion.
     refused = gate(local_config, name, accuracy - 0.02, min_test_accuracy=0.5, tolerance=0.005)
@@ -184,14 +243,15 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
 def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created(local_config, uploaded, sagemaker):
     name = "mon-new"
     deployment = serve(local_config, name, uploaded, "raising")
+    # 20 requests are enough to judge the endpoint's 5XX rate here.
+    judged = dataclasses.replace(CHECK["thresholds"], min_rate_requests=20)
     with pytest.raises(MonitoringCheckFailed) as failed:
-        check_endpoint(
-            local_config, deployment, uploaded["test_data"], uploaded["test_accuracy"], **{**CHECK, "samples": 20}
-        )
+        check_endpoint(local_config, deployment, uploaded["test_data"], uploaded["test_accuracy"],
+                       **{**CHECK, "samples": 20, "thresholds": judged})  # fmt: skip
     message = str(failed.value)
     assert "live accuracy 0.0000 < 0.9000" in message
     assert "smoke error rate 1 > 0" in message
-    assert "CloudWatch Invocation5XXErrors 20 > 0" in message
+    assert "CloudWatch 5XX rate 1 > 0.05 (20 of 20 invocations)" in message
     assert message.endswith("The endpoint, which this deployment created, was deleted.")
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
     with pytest.raises(ClientError, match="Could not find endpoint"):
@@ -202,12 +262,20 @@ def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created
 def test_alarms_are_created_then_updated(local_config, local_aws):
     name = f"sm-{uuid.uuid4().hex[:8]}"
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
-    put_alarms(local_config, name, max_5xx_errors=0, max_p99_latency_ms=100)
-    put_alarms(local_config, name, max_5xx_errors=3, max_p99_latency_ms=40)
+    put_alarms(local_config, name, max_5xx_rate=0.05, min_requests=100, max_p99_latency_ms=100)
+    put_alarms(local_config, name, max_5xx_rate=0.2, min_requests=30, max_p99_latency_ms=40)
     alarms = {alarm["AlarmName"]: alarm for alarm in cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]}
     assert sorted(alarms) == [f"{name}-invocation-5xx-errors", f"{name}-model-latency-p99"]
     errors, latency = alarms[f"{name}-invocation-5xx-errors"], alarms[f"{name}-model-latency-p99"]
-    assert (errors["MetricName"], errors["Statistic"], errors["Threshold"]) == ("Invocation5XXErrors", "Sum", 3.0)
+    # The errors alarm is a rate: metric math over the minute's 5XX errors and invocations, from 30 invocations.
+    assert errors["Threshold"] == 0.2 and "MetricName" not in errors
+    queries = {query["Id"]: query for query in errors["Metrics"]}
+    assert queries["error_rate"]["Expression"] == "IF(invocations >= 30, FILL(errors, 0) / invocations, 0)"
+    assert [query["Id"] for query in errors["Metrics"] if query["ReturnData"]] == ["error_rate"]
+    for query_id, metric in (("errors", "Invocation5XXErrors"), ("invocations", "Invocations")):
+        stat = queries[query_id]["MetricStat"]
+        assert (stat["Metric"]["MetricName"], stat["Stat"], stat["Period"]) == (metric, "Sum", 60)
+        assert {"Name": "EndpointName", "Value": name} in stat["Metric"]["Dimensions"]
     assert (latency["MetricName"], latency["ExtendedStatistic"], latency["Threshold"]) == (
         "ModelLatency",
         "p99",
@@ -232,16 +300,65 @@ def test_a_check_that_cannot_finish_undoes_the_deployment(local_config, uploaded
     assert champion(local_config, name) is None
 
 
-def test_a_deployment_whose_check_never_finished_is_undone_after_the_run(local_config, uploaded, sagemaker):
-    """The run's teardown: the check's task was killed before it could roll back (monitoring None), so the
-    endpoint this deployment created is deleted; a checked deployment is left alone."""
-    from tasks.monitoring import undo_unchecked
-
-    name = "mon-unchecked"
-    deployment = serve(local_config, name, uploaded, "good")
-    assert undo_unchecked(local_config, deployment, {"passed": True}, check_interval=1) is None
+def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploaded, sagemaker, local_sagemaker):
+    """The run's teardown. A deployment whose check never finished (its task killed before it could roll back:
+    monitoring None) is undone; a checked one is left alone. A deploy that returned nothing (it failed, or its
+    timeout ended it, after its request) leaves no deployment to undo from: the teardown finds this run's config on
+    the endpoint (by the run's name for it) and undoes it from the candidate's previous_endpoint_config_name (an
+    update under way is stopped and the old fleet serves again; an endpoint the run created is deleted), and the
+    version is Rejected. What the run did not make is left alone."""
+    name, accuracy, first_run = "mon-unchecked", uploaded["test_accuracy"], f"run-{uuid.uuid4().hex[:8]}"
+    first = serve(local_config, name, uploaded, "good", run=first_run)  # created by its run, checked
+    assert undo_unchecked(local_config, first, {"passed": True}, check_interval=1) is None
     assert sagemaker.describe_endpoint(EndpointName=name)["EndpointStatus"] == "InService"
-    undone = undo_unchecked(local_config, deployment, None, check_interval=1)
+
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    version = register(local_config, local_sagemaker, name, uploaded["shuffled"], accuracy, run_id=run)
+    best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded["shuffled"],
+            "test_accuracy": accuracy}  # fmt: skip
+    choice = {"deploy": True, "model": {**best, "model_package_arn": version},
+              "previous_endpoint_config_name": first["endpoint_config_name"]}  # fmt: skip
+    teardown = {"choice": choice, "endpoint_name": name, "check_interval": 1, "settle_timeout": 120.0,
+                "version": version}  # fmt: skip
+    # Another run's teardown: nothing of it on the endpoint, nothing touched.
+    assert undo_unchecked(local_config, None, None, **teardown, run_id="run-elsewhere") is None
+
+    # This run's deploy sends its UpdateEndpoint (linear steps held ten minutes each) and is still waiting on it:
+    # as far as the run knows it returned nothing, as when its task is killed.
+    def deploying() -> None:
+        with pytest.raises(RolledBack):
+            deploy(best, previous_endpoint_config_name=first["endpoint_config_name"], endpoint_name=name, run_id=run,
+                   config=local_config, check_interval=1,
+                   traffic={"traffic_shift": "linear", "percent": 50, "wait_seconds": 600})  # fmt: skip
+
+    deploying_thread = threading.Thread(target=deploying)
+    deploying_thread.start()
+    deadline = time.monotonic() + 120
+    while "PendingDeploymentSummary" not in sagemaker.describe_endpoint(EndpointName=name):
+        assert time.monotonic() < deadline, "the update never showed its new fleet"
+        time.sleep(0.2)
+    undone = undo_unchecked(local_config, None, None, **teardown, run_id=run)
+    deploying_thread.join(timeout=60)
+    assert not deploying_thread.is_alive()
+    assert undone["passed"] is False and "the deploy task returned nothing" in undone["failures"][0]
+    assert undone["rollback"] == {"action": "restored", "endpoint_name": name,
+                                  "endpoint_config_name": first["endpoint_config_name"],
+                                  "by": f"alarm {name}-invocation-5xx-errors"}  # fmt: skip
+    described = sagemaker.describe_endpoint(EndpointName=name)
+    assert (described["EndpointStatus"], described["EndpointConfigName"]) == (
+        "InService",
+        first["endpoint_config_name"],
+    )
+    rejected = describe(local_config, version)
+    assert rejected["ModelApprovalStatus"] == "Rejected" and "returned nothing" in rejected["ApprovalDescription"]
+    assert undo_unchecked(local_config, None, None, **teardown, run_id=run) is None  # undone once
+
+    # The first run's endpoint, found the same way had its deploy returned nothing: created by it, so deleted.
+    found = unfinished_deployment(local_config, {**choice, "previous_endpoint_config_name": None}, name, first_run,
+                                  settle_timeout=60, check_interval=1)  # fmt: skip
+    assert (found["endpoint_config_name"], found["created"]) == (first["endpoint_config_name"], True)
+    # Its check never finished: undone from what its deploy returned.
+    undone = undo_unchecked(local_config, first, None, check_interval=1)
     assert undone["passed"] is False and undone["rollback"]["action"] == "deleted"
     assert "never finished" in undone["failures"][0]
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})

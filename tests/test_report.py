@@ -137,14 +137,22 @@ def test_jobs_without_outputs_still_get_a_report(sweep):
 
 def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
     _, best, validation = sweep
-    failures = ["live accuracy 0.1000 < min_live_accuracy 0.9000", "5XX errors 12 > max_5xx_errors 0"]
+    failures = ["live accuracy 0.1000 < 0.9000", "CloudWatch 5XX rate 0.06 > 0.05 (12 of 200 invocations)"]
+    notes = ["CloudWatch Invocation4XXErrors 7: client errors (the load's own count among its "
+             "errors)"]  # fmt: skip
     monitoring = {
         "endpoint_name": "mnist-classifier",
         "passed": False,
         "failures": failures,
+        "notes": notes,
         "rollback": {"action": "restored", "endpoint_name": "mnist-classifier", "endpoint_config_name": "cfg-old"},
         "load": {"requests": 200, "errors": 12, "live_accuracy": 0.1, "p50_ms": 3.0, "p99_ms": 9.5},
-        "cloudwatch": {"invocations": 200, "invocation_5xx_errors": 12},
+        "cloudwatch": {
+            "invocations": 200,
+            "invocation_4xx_errors": 7,
+            "invocation_5xx_errors": 12,
+            "invocation_5xx_rate": 0.06,
+        },
     }
     deployment = {"endpoint_name": "mnist-classifier", "endpoint_config_name": "cfg-new"}
     model = {"model_package_arn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3",
@@ -163,4 +171,5 @@ def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
     for failure in failures:
         assert f"- failed: {failure}" in markdown
     assert "serving now: `cfg-old`" in markdown
-    assert "| invocation 5xx errors | 12 |" in markdown
+    assert f"- reported, not judged: {notes[0]}" in markdown
+    assert "| invocation 5xx errors | 12 |" in markdown and "| invocation 5xx rate | 0.06 |" in markdown

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 import sys
@@ -179,12 +180,13 @@ def test_a_model_that_is_not_what_its_key_names_never_runs(sagemaker, local_sage
 def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
     sagemaker, local_sagemaker, local_aws, body, local_sagemaker_runtime
 ):
+    """The pipeline's own errors alarm (tasks.alarms): metric math, the minute's 5XX rate over a minimum of
+    invocations, evaluated by the service over the canary's answers."""
+    from tasks.alarms import alarm_requests
+
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
-    cloudwatch.put_metric_alarm(
-        AlarmName="digits-5xx", Namespace="AWS/SageMaker", MetricName="Invocation5XXErrors", Statistic="Sum",
-        Dimensions=[{"Name": "EndpointName", "Value": "digits"}, {"Name": "VariantName", "Value": "AllTraffic"}],
-        Period=60, EvaluationPeriods=1, Threshold=0, ComparisonOperator="GreaterThanThreshold",
-    )  # fmt: skip
+    requests = alarm_requests("digits", max_5xx_rate=0.05, min_requests=10, max_p99_latency_ms=60_000)
+    cloudwatch.put_metric_alarm(**requests["digits-invocation-5xx-errors"])
     serving = settled(sagemaker, "digits")["EndpointConfigName"]
     canary = {
         "BlueGreenUpdatePolicy": {
@@ -192,16 +194,19 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
                                             "WaitIntervalInSeconds": 30},
             "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 600,
         },
-        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-5xx"}]},
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-invocation-5xx-errors"}]},
     }  # fmt: skip
     with Load(local_sagemaker_runtime, "digits", body) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-raising", DeploymentConfig=canary)
         described = settled(sagemaker, "digits")
     assert described["EndpointConfigName"] == serving
-    assert "Alarm digits-5xx fired" in described["FailureReason"]
+    fired = re.search(r"Alarm digits-invocation-5xx-errors fired: 5XX error rate \(IF\(invocations >= 10, "
+                      r"FILL\(errors, 0\) / invocations, 0\); errors (\d+), invocations (\d+)\) 1 "
+                      r"GreaterThanThreshold 0\.05", described["FailureReason"])  # fmt: skip
+    assert fired and fired[1] == fired[2] and int(fired[2]) >= 10, described["FailureReason"]  # not under 10
     assert load.failures and all("ModelError" in failure for failure in load.failures)  # the canary's share only
     assert len(load.answers) > len(load.failures)
-    [alarm] = cloudwatch.describe_alarms(AlarmNames=["digits-5xx"])["MetricAlarms"]
+    [alarm] = cloudwatch.describe_alarms(AlarmNames=["digits-invocation-5xx-errors"])["MetricAlarms"]
     assert alarm["StateValue"] == "ALARM"
     # Back on the old fleet alone: every request succeeds again.
     assert probabilities(runtime(local_sagemaker_runtime), "digits", body)
@@ -230,6 +235,104 @@ def test_a_linear_shift_whose_alarm_stays_quiet_completes(
     assert load.failures == []
     assert described["EndpointConfigName"] == "config-good" and "FailureReason" not in described
     assert described["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "LINEAR"
+
+
+def test_metric_math_is_parsed_strictly_and_evaluated_as_cloudwatch_would():
+    """The service's evaluator of metric-math alarms, on the pipeline's own errors alarm: a rate only from its
+    minimum of invocations, no data where there were none; and every expression it cannot evaluate refused, naming
+    what, never run as code."""
+    from local_sagemaker.alarms import (
+        MetricMathError,
+        evaluate,
+        evaluate_expression,
+        math_value,
+        metric_math,
+        parse_expression,
+    )
+    from local_sagemaker.protocol import ValidationException
+    from local_sagemaker.runtime import Sample
+    from tasks.alarms import alarm_requests
+
+    alarm = alarm_requests("digits", max_5xx_rate=0.05, min_requests=20, max_p99_latency_ms=100)
+    alarm = alarm["digits-invocation-5xx-errors"]
+    now = time.time()
+
+    def answered(ok: int, failed: int, refused: int = 0):
+        samples = [Sample(now, 200, 1.0, 1.0)] * ok + [Sample(now, 500, 1.0, 1.0)] * failed
+        return lambda start: samples + [Sample(now, 400, None, 1.0)] * refused
+
+    # A few bad requests among few: not a rate yet. A handful among many: under the threshold. No traffic: no data.
+    assert evaluate(alarm, "digits", answered(ok=2, failed=5, refused=10), now - 60) is None
+    assert math_value(alarm, "digits", answered(ok=95, failed=3, refused=30), now - 60)[0] == 3 / 128
+    assert evaluate(alarm, "digits", answered(ok=95, failed=3, refused=30), now - 60) is None
+    assert evaluate(alarm, "digits", answered(ok=0, failed=0), now - 60) is None
+    value, described = math_value(alarm, "digits", answered(ok=15, failed=15), now - 60)
+    assert value == 0.5 and described.endswith("errors 15, invocations 30)")
+
+    tree = parse_expression("IF(m2 >= 20, FILL(m1, 0) / m2, -1 * 2 + 3)")
+    assert evaluate_expression(tree, {"m1": None, "m2": 40.0}.get) == 0
+    assert evaluate_expression(tree, {"m1": 4.0, "m2": 10.0}.get) == 1
+    assert evaluate_expression(tree, {"m1": 4.0, "m2": None}.get) is None
+    assert evaluate_expression(parse_expression("m1 / m2"), {"m1": 1.0, "m2": 0.0}.get) is None
+    for expression, refusal in (
+        ("SUM(METRICS())", "function SUM is not evaluated by this service (only IF, FILL)"),
+        ("m1 ^ 2", "'^' at position 3 is not metric math this service evaluates"),
+        ("m1 > 1 AND m2 > 1", "the logical operator AND is not evaluated by this service"),
+        ("m1 || m2", "'|' at position 3 is not metric math"),
+        ("__import__('os').system('x')", '"\'" at position 11 is not metric math'),
+        ("IF(m1, 2)", "IF takes 3 arguments, not 2"),
+        ("m1 < m2 < 3", "comparisons do not chain"),
+        ("(m1 + 2", "the expression ends too early"),
+        ("m1 m2", "unexpected 'm2' at position 3"),
+        ("", "the expression is empty"),
+    ):
+        with pytest.raises(MetricMathError) as caught:
+            parse_expression(expression)
+        assert refusal in str(caught.value), expression
+
+    def with_queries(*queries) -> dict:
+        return {**alarm, "Metrics": [*alarm["Metrics"][:2], *queries]}
+
+    for queries, refusal in (
+        ([{"Id": "e1", "Expression": "STDDEV(errors)", "ReturnData": True}],
+         "expression e1 (STDDEV(errors)): function STDDEV is not evaluated"),
+        ([{"Id": "e1", "Expression": "errors / calls", "ReturnData": True}],
+         "expression e1 names calls, which no metric query of the alarm is"),
+        ([{"Id": "e1", "Expression": "e2", "ReturnData": True}, {"Id": "e2", "Expression": "e1 + 1", "ReturnData": False}],
+         "its expressions refer to each other in a cycle: e1 -> e2 -> e1"),
+        ([{"Id": "e1", "Expression": "errors", "ReturnData": True}, {"Id": "e2", "Expression": "errors"}],
+         "exactly one metric query must have ReturnData true, not 2"),
+        ([{"Id": "e1", "Expression": "errors", "ReturnData": True},
+          {"Id": "m3", "MetricStat": {**alarm["Metrics"][0]["MetricStat"], "Stat": "IQM"}, "ReturnData": False}],
+         "metric query m3: statistic 'IQM' is not evaluated"),
+    ):  # fmt: skip
+        with pytest.raises(ValidationException, match=re.escape(refusal)):
+            metric_math(with_queries(*queries))
+
+
+def test_an_alarm_the_service_cannot_evaluate_is_refused_when_the_update_is_asked(sagemaker, local_aws):
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
+    metric = {"Namespace": "AWS/SageMaker", "MetricName": "Invocations",
+              "Dimensions": [{"Name": "EndpointName", "Value": "digits"}]}  # fmt: skip
+    cloudwatch.put_metric_alarm(
+        AlarmName="digits-anomaly", EvaluationPeriods=1, Threshold=0, ComparisonOperator="GreaterThanThreshold",
+        Metrics=[{"Id": "m1", "MetricStat": {"Metric": metric, "Period": 60, "Stat": "Sum"}, "ReturnData": False},
+                 {"Id": "e1", "Expression": "ANOMALY_DETECTION_BAND(m1, 2)", "ReturnData": True}],
+    )  # fmt: skip
+    serving = settled(sagemaker, "digits")["EndpointConfigName"]
+    with pytest.raises(ClientError) as caught:
+        sagemaker.update_endpoint(
+            EndpointName="digits", EndpointConfigName="config-shuffled",
+            DeploymentConfig={"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-anomaly"}]}},
+        )  # fmt: skip
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert caught.value.response["Error"]["Message"] == (
+        "Alarm digits-anomaly: expression e1 (ANOMALY_DETECTION_BAND(m1, 2)): function ANOMALY_DETECTION_BAND is not "
+        "evaluated by this service (only IF, FILL)"
+    )
+    described = sagemaker.describe_endpoint(EndpointName="digits")
+    assert (described["EndpointStatus"], described["EndpointConfigName"]) == ("InService", serving)
+    cloudwatch.delete_alarms(AlarmNames=["digits-anomaly"])
 
 
 def test_errors_are_sagemakers(sagemaker, local_sagemaker, body, local_sagemaker_runtime):
