@@ -9,7 +9,7 @@ predictions, and the `summarize` task's return value).
 
 **When:** each time `mnist_sweep` makes a new champion (the `mnist_champion` asset: this run then predicts with the
 version that event names), and whenever triggered by hand. **Model:** empty, the champion; else a version number of
-the endpoint's registry group, or a version's ARN.
+the endpoint's registry group, or a version's ARN; an Approved version only.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def resolve_model(settings: dict, params: dict, triggering_asset_events) -> dict
     """The version to predict with, and its SageMaker model (made from the version unless it exists)."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.batch import resolve_model
+    from tasks.batch import VersionNotApproved, resolve_model
     from tasks.registry import VersionNotFound
 
     events = [event.extra for event in triggering_asset_events[CHAMPION]] if triggering_asset_events else []
     try:
         return resolve_model(config_of(settings), params["endpoint_name"], params["model"], events)
-    except (VersionNotFound, LookupError) as missing:  # asking again finds the same registry
-        raise AirflowFailException(str(missing)) from missing
+    except (VersionNotFound, VersionNotApproved, LookupError) as refused:  # asking again finds the same registry
+        raise AirflowFailException(str(refused)) from refused
 
 
 @task
@@ -49,6 +49,7 @@ def transform_requests(settings: dict, model: dict, params: dict, run_id: str, d
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from tasks.batch import NothingToPredict, default_input_uri, transform_requests
+    from tasks.training_jobs import RequestRefused
 
     config = config_of(settings)
     input_uri = params["input_uri"] or default_input_uri(config)
@@ -56,6 +57,8 @@ def transform_requests(settings: dict, model: dict, params: dict, run_id: str, d
         return transform_requests(config, input_uri, model, run_id, instance_type=params["instance_type"],
                                   max_concurrent=params["max_concurrent_transforms"],
                                   max_payload_mb=params["max_payload_mb"], precision=params["precision"])  # fmt: skip
+    except RequestRefused as refused:  # the same params would be refused again
+        raise AirflowFailException(str(refused)) from refused
     except NothingToPredict as nothing:
         if dag_run.run_type == "asset_triggered" and not params["input_uri"]:
             raise AirflowSkipException(f"A new champion, and nothing to predict yet: {nothing}") from nothing
@@ -97,7 +100,8 @@ def mnist_batch_predict():
         region_name=settings["region"],
         check_interval=SAGEMAKER_CHECK_INTERVAL,
         max_ingestion_time=int(TRANSFORM_TIMEOUT.total_seconds()),
-        # A retry finds its failed predecessor's job under the same name: start a new one, suffixed with the time.
+        # A retry follows its predecessor's job when it runs or completed (TransformOperator); after one that failed
+        # or was stopped, the name is taken: the new job's is suffixed with the time.
         action_if_job_exists="timestamp",
         execution_timeout=TRANSFORM_TIMEOUT,
         map_index_template="{{ task.config['TransformInput']['ContentType'] }}",

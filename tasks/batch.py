@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformOperator
@@ -22,7 +23,8 @@ from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformO
 from tasks.config import PipelineConfig
 from tasks.hooks import s3_hook, sagemaker_hook, stop_when_killed
 from tasks.names import PRECISION_VARIABLE
-from tasks.training_jobs import sagemaker_name
+from tasks.training_jobs import check_instance_type, sagemaker_name
+from tasks.training_operator import MAX_JOB_NAME, TIMESTAMP_DIGITS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,67 @@ TRANSFORM_INSTANCE_TYPE = "ml.m5.large"
 
 
 class TransformOperator(SageMakerTransformOperator):
-    """SageMakerTransformOperator that stops its transform job when killed (the provider's leaves it running)."""
+    """SageMakerTransformOperator made safe to kill and to retry:
+
+    - killed (marked failed, timed out, cleared), it stops its transform job, where the provider's leaves it running;
+    - a retry looks for the jobs of earlier tries of its request, under the request's name or the provider's
+      timestamped variants of it (``action_if_job_exists="timestamp"``), newest first. One that is InProgress is
+      waited for and one that Completed is the result, rather than a second job predicting the same files; one that
+      is Stopping is waited out; only when they all ended Failed or Stopped does the provider start another;
+    - a job that ends Stopped fails the task (the provider's wait counts only Failed as failure).
+    """
+
+    def execute(self, context):
+        transform = self.config.get("Transform", self.config)
+        earlier = self.earlier_jobs(transform["TransformJobName"], transform["ModelName"])
+        for job in earlier:
+            name, status = job["TransformJobName"], job["TransformJobStatus"]
+            if status in ("InProgress", "Completed"):
+                self.log.info("Transform job %s of an earlier try is %s: %s, not starting another", name, status,
+                              "waiting for it" if status == "InProgress" else "its predictions stand")  # fmt: skip
+                transform["TransformJobName"] = name  # what on_kill stops, should this try be killed too
+                self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job,
+                                       self.check_interval, self.max_ingestion_time)  # fmt: skip
+                return self._ended_well(self.serialize_result(name))
+        for job in earlier:
+            if job["TransformJobStatus"] == "Stopping":  # it ends Stopped: start the next one once it has
+                self.hook.check_status(job["TransformJobName"], "TransformJobStatus", self.hook.describe_transform_job,
+                                       self.check_interval, self.max_ingestion_time)  # fmt: skip
+        if earlier:
+            ended = ", ".join(f"{job['TransformJobName']} {job['TransformJobStatus']}" for job in earlier)
+            self.log.info("Transform jobs of earlier tries ended (%s): starting another", ended)
+        return self._ended_well(super().execute(context))
+
+    def execute_complete(self, context, event=None):
+        return self._ended_well(super().execute_complete(context, event))
+
+    def earlier_jobs(self, name: str, model_name: str) -> list[dict]:
+        """The transform jobs named ``name`` or as the provider renames it on a collision, newest first, that run
+        ``model_name`` (a job of another model is not this request's, e.g. after the champion changed)."""
+        stem = name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]
+        renamed = re.compile(re.escape(stem) + rf"-\d{{{TIMESTAMP_DIGITS}}}")
+        paginator = self.hook.conn.get_paginator("list_transform_jobs")
+        pages = paginator.paginate(NameContains=stem, SortBy="CreationTime", SortOrder="Descending")
+        names = [job["TransformJobName"] for page in pages for job in page["TransformJobSummaries"]
+                 if job["TransformJobName"] == name or renamed.fullmatch(job["TransformJobName"])]  # fmt: skip
+        jobs = [self.hook.describe_transform_job(found) for found in names]
+        return [job for job in jobs if job["ModelName"] == model_name]
+
+    @staticmethod
+    def _ended_well(result: dict) -> dict:
+        transform = result["Transform"]
+        if transform["TransformJobStatus"] != "Completed":
+            raise RuntimeError(f"SageMaker transform job {transform['TransformJobName']} ended "
+                               f"{transform['TransformJobStatus']}: {transform.get('FailureReason', '')}")  # fmt: skip
+        return result
 
     def on_kill(self) -> None:
         name = self.config.get("Transform", self.config).get("TransformJobName")
         stop_when_killed(self, "transform job", name, lambda: self.hook.conn.stop_transform_job(TransformJobName=name))
+
+
+class VersionNotApproved(ValueError):
+    """The version asked for (or named by the champion's asset event) is not Approved; the message names it."""
 
 
 class NothingToPredict(ValueError):
@@ -62,12 +120,13 @@ def resolve_model(
     config: PipelineConfig, endpoint_name: str, model: str | None, triggered_by: Iterable[Mapping]
 ) -> dict:
     """The registry version to predict with: ``model`` (a version number of the endpoint's group, or an ARN) when
-    given, else the one the champion asset event that triggered this run names, else the champion. Makes its
-    SageMaker model (CreateModel from the version: its ModelPackageName) unless it exists; returns the version
-    (tasks.registry.as_model) and ``model_name``."""
+    given, else the one the champion asset event that triggered this run names, else the champion. Only an Approved
+    version predicts (VersionNotApproved otherwise): one Rejected since, or still waiting for a person, is refused
+    however it was named. Makes its SageMaker model (CreateModel from the version: its ModelPackageName) unless it
+    exists; returns the version (tasks.registry.as_model) and ``model_name``."""
     from botocore.exceptions import ClientError
 
-    from tasks.registry import as_model, champion, describe, find_version
+    from tasks.registry import APPROVED, as_model, champion, describe, find_version
 
     events = [event for event in triggered_by if event.get("model_package_arn")]
     if model:
@@ -80,6 +139,11 @@ def resolve_model(
         raise LookupError(f"endpoint {endpoint_name} has no champion (no Approved version serves it): give the "
                           f"model param a version of registry group {endpoint_name}")  # fmt: skip
     group = version["model_package_arn"].rsplit("/", 2)[-2]
+    if version["approval"] != APPROVED:
+        source = "the model param" if model else "the champion asset event" if events else "the registry"
+        raise VersionNotApproved(f"version {version['version']} of {group} ({version['model_package_arn']}), named by "
+                                 f"{source}, is {version['approval']}: batch predictions use {APPROVED} versions "
+                                 "only")  # fmt: skip
     name = sagemaker_name(group, f"v{version['version']}")
     hook = sagemaker_hook(config)
     try:
@@ -112,11 +176,13 @@ def input_files(config: PipelineConfig, input_uri: str) -> tuple[dict[str, list[
 def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, run_id: str, *, instance_type: str,
                        max_concurrent: int, max_payload_mb: int, precision: str = "float32") -> list[dict]:  # fmt: skip
     """One CreateTransformJob request per kind of file under ``input_uri``, each over a manifest of its files, its
-    model server computing in ``precision``. NothingToPredict when there is none."""
+    model server computing in ``precision``. NothingToPredict when there is none; RequestRefused (nothing written)
+    for an ``instance_type`` the configuration does not allow."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     from tasks.s3 import put_verified
 
+    check_instance_type(instance_type, config)
     kinds, skipped = input_files(config, input_uri)
     if skipped:
         log.warning("Not predicted (not .npy, .csv, .json, .png or .jpg): %s", ", ".join(skipped[:20]))

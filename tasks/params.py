@@ -370,8 +370,9 @@ BATCH_PARAMS = {
         pattern=r"^([0-9]{1,9}|arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[^/\n]+/[0-9]+)(?!\n)$",
         maxLength=256,
         title="Model version",
-        description="A version number of the endpoint's registry group, or a model package version ARN; empty: the "
-        "champion (the version the champion asset names, when it triggered the run).",
+        description="A version number of the endpoint's registry group, or a model package version ARN, Approved "
+        "(a Rejected or pending version is refused); empty: the champion (the version the champion asset names, "
+        "when it triggered the run).",
         section=SECTION_INPUT,
     ),
     "endpoint_name": Param(
@@ -387,7 +388,8 @@ BATCH_PARAMS = {
         type="string",
         pattern=INSTANCE_TYPE_PATTERN,
         title="Transform instance type",
-        description="SageMaker instance type of each transform job. Locally: this machine.",
+        description="SageMaker instance type of each transform job, one the allowed_instance_types setting allows. "
+        "Locally: this machine.",
         section=SECTION_JOB,
     ),
     "max_concurrent_transforms": Param(

@@ -171,13 +171,18 @@ def build_training_job_request(
     return request
 
 
-def check_resources(params: Mapping[str, object], config: PipelineConfig, jobs_at_once: int | None = None) -> None:
-    """Refuse an instance type or a number of instances the configuration does not allow, naming the param.
-    ``jobs_at_once``: the jobs that run together (a tuner's parallel jobs); a sweep's are its hidden_channels."""
-    instance_type, count = str(params["instance_type"]), int(params["instance_count"])
+def check_instance_type(instance_type: str, config: PipelineConfig) -> None:
+    """Refuse an instance type the configuration does not allow (the trigger forms' `instance_type`), naming it."""
     if instance_type not in config.instance_types:
         raise RequestRefused(f"instance_type {instance_type} is not allowed here: one of "
                              f"{', '.join(config.instance_types)} (the allowed_instance_types setting)")  # fmt: skip
+
+
+def check_resources(params: Mapping[str, object], config: PipelineConfig, jobs_at_once: int | None = None) -> None:
+    """Refuse an instance type or a number of instances the configuration does not allow, naming the param.
+    ``jobs_at_once``: the jobs that run together (a tuner's parallel jobs); a sweep's are its hidden_channels."""
+    check_instance_type(str(params["instance_type"]), config)
+    count = int(params["instance_count"])
     jobs, what = (jobs_at_once, "tune_max_parallel") if jobs_at_once else (len(params["hidden_channels"]),
                                                                           "hidden_channels values")  # fmt: skip
     total = count * jobs

@@ -19,6 +19,7 @@ from tests.registry_helpers import register
 pytest_plugins = ["tests.model_artifact"]  # the model_tarball and test_set fixtures
 
 GROUP = "batch-local"
+BIG_INSTANCE = "ml.p4d.24xlarge"  # a valid type, not one the configuration allows
 
 
 def parse_batch_dag():
@@ -59,7 +60,14 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         config = load_config()
         s3 = boto3.client("s3", endpoint_url=local_aws)
         s3.upload_file(str(model_tarball), config.bucket, "models/m/model.tar.gz")
-        version = register(config, local_sagemaker, GROUP, f"s3://{config.bucket}/models/m/model.tar.gz", 0.97)
+        model_data_url = f"s3://{config.bucket}/models/m/model.tar.gz"
+        sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+        # Version 1 Approved (the one that predicts), 2 Rejected, 3 waiting for a person.
+        version = register(config, local_sagemaker, GROUP, model_data_url, 0.97)
+        sagemaker.update_model_package(ModelPackageArn=version, ModelApprovalStatus="Approved")
+        rejected = register(config, local_sagemaker, GROUP, model_data_url, 0.96)
+        sagemaker.update_model_package(ModelPackageArn=rejected, ModelApprovalStatus="Rejected")
+        pending = register(config, local_sagemaker, GROUP, model_data_url, 0.95)
         prefix = f"{config.prefix}/incoming"
         files, expected = {}, []
 
@@ -80,10 +88,12 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         common = {"endpoint_name": GROUP, "input_uri": f"s3://{config.bucket}/{prefix}/"}
         dag = parse_batch_dag()
         yield {
-            "config": config, "version": version, "expected": expected, "files": files, "prefix": prefix,
+            "config": config, "aws": local_aws, "version": version, "rejected": rejected, "pending": pending,
+            "expected": expected, "files": files, "prefix": prefix,
             "given": dag.test(run_conf={**common, "model": "1", "max_concurrent_transforms": 2,
                                         "precision": "bfloat16"}),
             "no_champion": parse_batch_dag().test(run_conf=common),
+            "big_instance": parse_batch_dag().test(run_conf={**common, "model": "1", "instance_type": BIG_INSTANCE}),
         }  # fmt: skip
 
 
@@ -148,3 +158,118 @@ def test_without_a_model_and_no_champion_the_run_fails_saying_so(batch):
     found = states(run)
     assert str(run.state) == "failed" and found["resolve_model"] == ["failed"], found
     assert found["transform"] == ["upstream_failed"]
+
+
+def test_an_instance_type_the_configuration_does_not_allow_fails_the_run_at_once(batch):
+    """The batch DAG's instance_type is held to allowed_instance_types by the sweep's own check, before any request
+    is made or anything written, and the task is not retried: the same params would be refused again."""
+    from tasks.batch import output_uri, transform_requests
+    from tasks.training_jobs import RequestRefused
+
+    run = batch["big_instance"]
+    found = states(run)
+    assert str(run.state) == "failed" and found["transform_requests"] == ["failed"], found
+    [attempt] = [ti for ti in run.get_task_instances() if ti.task_id == "transform_requests"]
+    assert attempt.try_number == 1  # failed for good, no retry
+    [model] = xcoms(batch["given"].run_id, "resolve_model")
+    config = batch["config"]
+    with pytest.raises(RequestRefused, match=rf"^instance_type {BIG_INSTANCE} is not allowed here: one of ml\.m5"):
+        transform_requests(config, f"s3://{config.bucket}/{batch['prefix']}/", model, "refused-run",
+                           instance_type=BIG_INSTANCE, max_concurrent=1, max_payload_mb=6)  # fmt: skip
+    output = output_uri(config, "refused-run").split("/", 3)[3]
+    written = boto3.client("s3", endpoint_url=batch["aws"]).list_objects_v2(Bucket=config.bucket, Prefix=output)
+    assert written["KeyCount"] == 0
+
+
+def test_only_an_approved_version_predicts_however_it_is_named(batch):
+    """A version Rejected (rolled back, say) or still PendingManualApproval is refused, asked for by number or by
+    ARN, or named by a champion asset event; the error names the version and its status."""
+    from tasks.batch import VersionNotApproved, resolve_model
+
+    config = batch["config"]
+    for arn, status in ((batch["rejected"], "Rejected"), (batch["pending"], "PendingManualApproval")):
+        number = arn.rsplit("/", 1)[1]
+        for model, events in ((number, []), (arn, []), (None, [{"model_package_arn": arn}])):
+            with pytest.raises(VersionNotApproved) as refused:
+                resolve_model(config, GROUP, model, events)
+            assert f"version {number} of {GROUP} ({arn})" in str(refused.value), refused.value
+            assert f"is {status}: batch predictions use Approved versions only" in str(refused.value)
+    assert resolve_model(config, GROUP, "1", [])["model_package_arn"] == batch["version"]
+
+
+def transform_request(batch, label: str) -> dict:
+    """The DAG's request for one PNG, under a run id of its own."""
+    from tasks.batch import TRANSFORM_INSTANCE_TYPE, transform_requests
+
+    config = batch["config"]
+    prefix = f"{batch['prefix']}-retry"
+    s3 = boto3.client("s3", endpoint_url=batch["aws"])
+    s3.put_object(Bucket=config.bucket, Key=f"{prefix}/one.png", Body=batch["files"]["one.png"])
+    [model] = xcoms(batch["given"].run_id, "resolve_model")
+    input_uri = f"s3://{config.bucket}/{prefix}/"
+    [request] = transform_requests(config, input_uri, model, f"retry-{label}", instance_type=TRANSFORM_INSTANCE_TYPE,
+                                   max_concurrent=1, max_payload_mb=6)  # fmt: skip
+    return request
+
+
+def transform_operator(request: dict):
+    """The DAG's transform task as a retry runs it (no XCom here: no task instance to push to)."""
+    import copy
+
+    from tasks.batch import TransformOperator
+
+    return TransformOperator(task_id="transform", config=copy.deepcopy(request), aws_conn_id="aws_default",
+                             region_name="us-east-1", check_interval=1, action_if_job_exists="timestamp",
+                             do_xcom_push=False)  # fmt: skip
+
+
+def jobs_named(sagemaker, name: str) -> list[str]:
+    return sorted(job["TransformJobName"] for job in sagemaker.list_transform_jobs(NameContains=name)[
+        "TransformJobSummaries"])  # fmt: skip
+
+
+def test_a_retry_follows_the_transform_job_an_earlier_try_left_running_or_completed(batch, local_sagemaker):
+    """A try killed before its on_kill could run leaves its job InProgress: the retry waits for it and passes on its
+    result, and so does a retry after it Completed; also when the job is the provider's timestamped one, started by
+    an earlier retry after the first job was stopped. No second job predicts the same files."""
+    from tasks.training_operator import MAX_JOB_NAME, TIMESTAMP_DIGITS
+
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    running, stopped = transform_request(batch, "running"), transform_request(batch, "renamed")
+    sagemaker.create_transform_job(**running)
+    sagemaker.create_transform_job(**stopped)
+    sagemaker.stop_transform_job(TransformJobName=stopped["TransformJobName"])
+    renamed = f"{stopped['TransformJobName'][: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]}-1700000000"
+    sagemaker.create_transform_job(**{**stopped, "TransformJobName": renamed})
+
+    for request, followed in ((running, running["TransformJobName"]), (stopped, renamed)):
+        result = transform_operator(request).execute({})["Transform"]
+        assert (result["TransformJobName"], result["TransformJobStatus"]) == (followed, "Completed")
+    assert jobs_named(sagemaker, running["TransformJobName"]) == [running["TransformJobName"]]
+    assert jobs_named(sagemaker, stopped["TransformJobName"]) == sorted([stopped["TransformJobName"], renamed])
+    # A retry after the job completed: its predictions stand, nothing starts.
+    again = transform_operator(running).execute({})["Transform"]
+    assert again["TransformJobName"] == running["TransformJobName"]
+    assert jobs_named(sagemaker, running["TransformJobName"]) == [running["TransformJobName"]]
+
+
+def test_a_retry_starts_another_transform_job_only_after_a_stopped_one(batch, local_sagemaker):
+    """Its earlier try's job Stopped (or Failed): the retry starts another, under the provider's timestamped name.
+    A job that ends Stopped fails the task, where the provider's wait would pass it on."""
+    import re
+
+    from tasks.batch import TransformOperator
+
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    request = transform_request(batch, "stopped")
+    name = request["TransformJobName"]
+    sagemaker.create_transform_job(**request)
+    sagemaker.stop_transform_job(TransformJobName=name)
+    result = transform_operator(request).execute({})["Transform"]
+    assert re.fullmatch(rf"{re.escape(name)}-\d{{10}}", result["TransformJobName"]), result["TransformJobName"]
+    assert result["TransformJobStatus"] == "Completed"
+    assert jobs_named(sagemaker, name) == sorted([name, result["TransformJobName"]])
+    stopped = sagemaker.describe_transform_job(TransformJobName=name)
+    assert stopped["TransformJobStatus"] == "Stopped"
+    with pytest.raises(RuntimeError, match=f"SageMaker transform job {name} ended Stopped"):
+        TransformOperator._ended_well({"Transform": stopped})

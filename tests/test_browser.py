@@ -131,6 +131,15 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
     assert "hidden_channels" in header and "last acc" in header, header
     for value in HIDDEN_CHANNELS:
         assert frame.get_by_role("cell", name=str(value), exact=True).count() >= 1
+    # Its figures load under the view's sandbox: the page keeps its origin, so the session cookie goes with them.
+    figures = frame.locator("img")
+    assert figures.count() >= 1
+    deadline = time.monotonic() + 30
+    while not all(figures.nth(i).evaluate("img => img.complete") for i in range(figures.count())):
+        assert time.monotonic() < deadline, "the report's figures did not load"
+        time.sleep(0.5)
+    widths = [figures.nth(i).evaluate("img => img.naturalWidth") for i in range(figures.count())]
+    assert 0 not in widths, f"a figure of the report was refused: {widths}"
     page.screenshot(path=SCREENSHOTS / "7-sweep-report-in-the-ui.png", full_page=True)
 
     # Behind Airflow's authentication: without the session (logged out), the report is refused.
@@ -139,5 +148,7 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
     report = f"{stack.url}/mnist-reports/mnist_sweep/{quote(run_id, safe='')}/report/report.html"
     assert httpx.get(report).status_code == 401
     cookies = {cookie["name"]: cookie["value"] for cookie in page.context.cookies()}
-    assert httpx.get(report, cookies=cookies).status_code == 200, "the browser's session is what lets it in"
+    answer = httpx.get(report, cookies=cookies)
+    assert answer.status_code == 200, "the browser's session is what lets it in"
+    assert "sandbox" in answer.headers["content-security-policy"]
     assert httpx.get(report.replace("report.html", "..%2F..%2Fstack.json"), cookies=cookies).status_code == 404

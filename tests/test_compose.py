@@ -97,6 +97,19 @@ def mounts(service: dict) -> dict[str, str]:
     return found
 
 
+def writable(service: dict) -> dict[str, str]:
+    """The mounts a service may write to: container path -> host path or volume name (short syntax: no ":ro")."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            if "ro" not in "".join(mode).split(","):
+                found[target] = source
+        elif not volume.get("read_only"):
+            found[volume["target"]] = volume.get("source")
+    return found
+
+
 def ports(service: dict) -> list[tuple[str, int]]:
     """(host address:published port, container port) pairs, from the short or long port syntax."""
     found = []
@@ -196,3 +209,27 @@ def test_missing_secrets_are_named(tmp_path):
     result = compose_config(str(empty))
     assert result.returncode != 0
     assert re.search(r"set (POSTGRES_PASSWORD|AIRFLOW_\w+) in \.env", result.stderr), result.stderr
+
+
+def test_the_checkout_is_mounted_read_only_and_what_the_services_write_is_in_volumes(services):
+    """The checkout is Airflow's DAG folder: no container writes to it, least of all the local SageMaker service and
+    the local AWS, which run training and model code. Every service writes only to named volumes, and the state of
+    each (the pipeline's state directory, the local AWS's recording and decision log, the local SageMaker service's
+    records) lies in one of them."""
+    project = {name for name, service in services.items() if "/opt/airflow/project" in mounts(service)}
+    assert project == set(services) - {"postgres"}
+    for name, service in services.items():
+        assert "/opt/airflow/project" not in writable(service), name
+        bound = {target: source for target, source in writable(service).items() if source.startswith((".", "/"))}
+        assert bound == {}, f"{name} may write to the host's {bound}"
+
+    def in_a_volume(name: str, path: str) -> bool:
+        return any(path == target or path.startswith(f"{target}/") for target in writable(services[name]))
+
+    local_aws, sagemaker = services["local-aws"]["command"], services["local-sagemaker"]["command"]
+    for option in ("--state-file", "--decision-log"):
+        assert in_a_volume("local-aws", local_aws[local_aws.index(option) + 1]), option
+    assert in_a_volume("local-sagemaker", sagemaker[sagemaker.index("--state-dir") + 1])
+    for name in AIRFLOW_SERVICES:
+        assert in_a_volume(name, services[name]["environment"]["MNIST_PIPELINE_STATE_DIR"]), name
+        assert in_a_volume(name, "/opt/airflow/logs"), name

@@ -1,0 +1,159 @@
+"""The "Sweep report" view (ui/report_view.py), mounted from its plugin by Airflow's own code (the API server's
+init_plugins; the rest of the API, seconds to build, is left out), authenticated with Airflow's own tokens, reading
+runs from the metadata database and files from the run's directory and the local S3.
+
+Hostile cases: another DAG's id in the path, a run of another DAG, files planted in S3 under a run's prefix (a
+script, an SVG, an HTML page), and paths that climb out of a run. The browser test (tests/test_browser.py) opens the
+view from a real run's page."""
+
+from __future__ import annotations
+
+import datetime
+
+import boto3
+import pytest
+
+from tasks.names import BATCH_DAG_ID, DAG_ID
+
+BUCKET = "report-view"
+SWEEP_RUN = "manual__report-view"
+BATCH_RUN = "asset_triggered__report-view"  # a run of the batch DAG only
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def directives(policy: str) -> dict[str, list[str]]:
+    parsed = {}
+    for directive in filter(None, (part.strip() for part in policy.split(";"))):
+        name, *values = directive.split()
+        parsed[name] = values
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def view(local_aws, airflow_db, tmp_path_factory):
+    """Airflow's API app with the plugin, a run of each DAG, the sweep run's report on disk, and files planted in S3
+    under both runs' prefixes. Yields the client and the headers of each kind of user."""
+    from airflow.api_fastapi.app import get_auth_manager, init_auth_manager, init_plugins
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from tasks.config import load_config
+    from tasks.report import run_directory, run_s3_uri
+
+    state = tmp_path_factory.mktemp("report-view")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MNIST_PIPELINE_BUCKET", BUCKET)
+        patch.setenv("MNIST_PIPELINE_STATE_DIR", str(state))
+        config = load_config()
+        s3 = boto3.client("s3", endpoint_url=local_aws)
+        s3.create_bucket(Bucket=BUCKET)
+        now = datetime.datetime.now(datetime.UTC)
+        with create_session() as session:
+            for dag_id, run_id in ((DAG_ID, SWEEP_RUN), (BATCH_DAG_ID, BATCH_RUN)):
+                session.add(DagRun(dag_id=dag_id, run_id=run_id, run_type=run_id.split("__")[0], run_after=now,
+                                   state="success"))  # fmt: skip
+        report = run_directory(config, SWEEP_RUN) / "report"
+        report.mkdir(parents=True)
+        (report / "report.html").write_text("<h1>Sweep report</h1><img src='curves.png'>")
+        (report / "curves.png").write_bytes(PNG)
+        (state / "secret.html").write_text("not a report")
+        (report / "link.html").symlink_to(state / "secret.html")
+        planted = {"evil.js": b"alert(1)", "evil.svg": b"<svg onload='alert(1)'/>", "evil.html": b"<script>1</script>",
+                   "report.html": b"<h1>planted</h1>", "evil": b"no suffix"}  # fmt: skip
+        for run_id in (SWEEP_RUN, BATCH_RUN):
+            bucket, prefix = run_s3_uri(config, run_id).removeprefix("s3://").split("/", 1)
+            for name, body in planted.items():
+                s3.put_object(Bucket=bucket, Key=f"{prefix}/report/{name}", Body=body)
+        api = FastAPI()
+        init_plugins(api)
+        init_auth_manager(api)
+        client = TestClient(api)
+        token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
+        nobody = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))
+        yield {"client": client, "admin": {"Authorization": f"Bearer {token}"},
+               "nobody": {"Authorization": f"Bearer {nobody}"}}  # fmt: skip
+        with create_session() as session:
+            for run_id in (SWEEP_RUN, BATCH_RUN):
+                session.delete(session.scalars(select(DagRun).where(DagRun.run_id == run_id)).one())
+
+
+def get(view, path: str, who: str = "admin"):
+    return view["client"].get(f"/mnist-reports/{path}", headers=view.get(who, {}))
+
+
+def test_the_sweep_report_is_served_sandboxed_to_those_who_may_read_the_runs(view):
+    from urllib.parse import quote
+
+    run = quote(SWEEP_RUN, safe="")
+    answer = get(view, f"{DAG_ID}/{run}/report/report.html")
+    assert answer.status_code == 200, answer.text
+    assert answer.text == "<h1>Sweep report</h1><img src='curves.png'>"  # the local copy wins over S3's
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    policy = directives(answer.headers["content-security-policy"])
+    # Sandboxed without allow-scripts, and no source of scripts: nothing runs, whatever the page holds.
+    assert "allow-scripts" not in policy["sandbox"] and policy["default-src"] == ["'none'"]
+    assert not {"script-src", "script-src-elem", "script-src-attr", "connect-src", "object-src"} & set(policy)
+    assert policy["img-src"] == ["'self'"] and policy["frame-ancestors"] == ["'self'"]
+    image = get(view, f"{DAG_ID}/{run}/report/curves.png")
+    assert (image.status_code, image.headers["content-type"], image.content) == (200, "image/png", PNG)
+    assert "sandbox" in image.headers["content-security-policy"]
+
+    assert get(view, f"{DAG_ID}/{run}/report/report.html", who="anonymous").status_code == 401
+    assert get(view, f"{DAG_ID}/{run}/report/report.html", who="nobody").status_code == 403
+
+
+def test_only_runs_of_the_sweep_dag_are_served(view):
+    from urllib.parse import quote
+
+    # Another DAG's id, with a report planted under its run's prefix: the view serves the sweep DAG's only.
+    answer = get(view, f"{BATCH_DAG_ID}/{quote(BATCH_RUN, safe='')}/report/report.html")
+    assert answer.status_code == 404 and f"reports are kept for the runs of {DAG_ID}" in answer.json()["detail"]
+    # The sweep DAG's id with the batch DAG's run: a report is found by run id, so the run must be the sweep's.
+    answer = get(view, f"{DAG_ID}/{quote(BATCH_RUN, safe='')}/report/report.html")
+    assert answer.status_code == 404 and answer.json()["detail"] == f"{DAG_ID} has no run {BATCH_RUN!r}"
+    assert get(view, f"{DAG_ID}/manual__never/report/report.html").status_code == 404
+
+
+def test_files_planted_in_s3_are_served_only_as_the_types_the_report_writes(view):
+    from urllib.parse import quote
+
+    run = quote(SWEEP_RUN, safe="")
+    for name in ("evil.js", "evil.svg", "evil"):
+        answer = get(view, f"{DAG_ID}/{run}/report/{name}")
+        assert answer.status_code == 404, name
+        assert answer.json()["detail"].startswith(f"{name!r} is not served: a run's report is served as"), name
+        assert ".js" not in answer.json()["detail"].split("served as ")[1].split()
+    # HTML is a type the report writes: the planted page comes from S3, under the same sandbox, its script inert.
+    answer = get(view, f"{DAG_ID}/{run}/report/evil.html")
+    assert answer.status_code == 200 and answer.content == b"<script>1</script>"
+    assert directives(answer.headers["content-security-policy"])["default-src"] == ["'none'"]
+    assert get(view, f"{DAG_ID}/{run}/summary/report.html").json()["detail"] == (
+        "a run stores report and validation, not 'summary'"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "..%2F..%2Fsecret.html",  # a separator encoded, as a browser sends it untouched
+        "report%2F..%2F..%2F..%2Fsecret.html",
+        "%2E%2E/%2E%2E/secret.html",  # dots encoded: decoded before routing
+        "..%5C..%5Csecret.html",  # a backslash
+        "%2Fetc%2Fpasswd.html",  # absolute
+        "report.html%00.png",  # a NUL byte
+        "link.html",  # a link under the run's directory to a file outside it
+        ".",
+    ],
+)
+def test_paths_that_leave_the_run_are_refused(view, path):
+    from urllib.parse import quote
+
+    answer = view["client"].get(f"/mnist-reports/{DAG_ID}/{quote(SWEEP_RUN, safe='')}/report/{path}",
+                                headers=view["admin"])  # fmt: skip
+    assert answer.status_code == 404, (path, answer.text)
+    assert answer.json()["detail"].startswith(("no such file in a run's report", f"run {SWEEP_RUN} has no report/"))
