@@ -15,16 +15,15 @@ import collections
 import json
 import logging
 import posixpath
-import re
 from collections.abc import Iterable, Mapping
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformOperator
 
 from tasks.config import PipelineConfig
+from tasks.earlier_jobs import TRANSFORM, job_to_follow
 from tasks.hooks import s3_hook, sagemaker_hook, stop_when_killed
 from tasks.names import PRECISION_VARIABLE
 from tasks.training_jobs import check_instance_type, sagemaker_name
-from tasks.training_operator import MAX_JOB_NAME, TIMESTAMP_DIGITS
 
 log = logging.getLogger(__name__)
 
@@ -44,48 +43,29 @@ class TransformOperator(SageMakerTransformOperator):
     """SageMakerTransformOperator made safe to kill and to retry:
 
     - killed (marked failed, timed out, cleared), it stops its transform job, where the provider's leaves it running;
-    - a retry looks for the jobs of earlier tries of its request, under the request's name or the provider's
-      timestamped variants of it (``action_if_job_exists="timestamp"``), newest first. One that is InProgress is
-      waited for and one that Completed is the result, rather than a second job predicting the same files; one that
-      is Stopping is waited out; only when they all ended Failed or Stopped does the provider start another;
+    - a retry follows the transform job of its request an earlier try started (``tasks.earlier_jobs``, as training
+      and tuning do), under the request's name or the provider's timestamped variants of it
+      (``action_if_job_exists="timestamp"``): one InProgress is waited for and one that Completed is the result,
+      rather than a second job predicting the same files; one that is Stopping is waited out; only when they all
+      ended Failed or Stopped does the provider start another. A job of the same name that runs another model is
+      not this request's (e.g. after the champion changed);
     - a job that ends Stopped fails the task (the provider's wait counts only Failed as failure).
     """
 
     def execute(self, context):
         transform = self.config.get("Transform", self.config)
-        earlier = self.earlier_jobs(transform["TransformJobName"], transform["ModelName"])
-        for job in earlier:
-            name, status = job["TransformJobName"], job["TransformJobStatus"]
-            if status in ("InProgress", "Completed"):
-                self.log.info("Transform job %s of an earlier try is %s: %s, not starting another", name, status,
-                              "waiting for it" if status == "InProgress" else "its predictions stand")  # fmt: skip
-                transform["TransformJobName"] = name  # what on_kill stops, should this try be killed too
-                self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job,
-                                       self.check_interval, self.max_ingestion_time)  # fmt: skip
-                return self._ended_well(self.serialize_result(name))
-        for job in earlier:
-            if job["TransformJobStatus"] == "Stopping":  # it ends Stopped: start the next one once it has
-                self.hook.check_status(job["TransformJobName"], "TransformJobStatus", self.hook.describe_transform_job,
-                                       self.check_interval, self.max_ingestion_time)  # fmt: skip
-        if earlier:
-            ended = ", ".join(f"{job['TransformJobName']} {job['TransformJobStatus']}" for job in earlier)
-            self.log.info("Transform jobs of earlier tries ended (%s): starting another", ended)
-        return self._ended_well(super().execute(context))
+        earlier = job_to_follow(self, TRANSFORM, transform["TransformJobName"],
+                                lambda job: job["ModelName"] == transform["ModelName"])  # fmt: skip
+        if earlier is None:
+            return self._ended_well(super().execute(context))
+        name = transform["TransformJobName"] = earlier["TransformJobName"]  # what on_kill stops, if killed too
+        if earlier["TransformJobStatus"] == "InProgress":
+            self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job, self.check_interval,
+                                   self.max_ingestion_time)  # fmt: skip
+        return self._ended_well(self.serialize_result(name))
 
     def execute_complete(self, context, event=None):
         return self._ended_well(super().execute_complete(context, event))
-
-    def earlier_jobs(self, name: str, model_name: str) -> list[dict]:
-        """The transform jobs named ``name`` or as the provider renames it on a collision, newest first, that run
-        ``model_name`` (a job of another model is not this request's, e.g. after the champion changed)."""
-        stem = name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]
-        renamed = re.compile(re.escape(stem) + rf"-\d{{{TIMESTAMP_DIGITS}}}")
-        paginator = self.hook.conn.get_paginator("list_transform_jobs")
-        pages = paginator.paginate(NameContains=stem, SortBy="CreationTime", SortOrder="Descending")
-        names = [job["TransformJobName"] for page in pages for job in page["TransformJobSummaries"]
-                 if job["TransformJobName"] == name or renamed.fullmatch(job["TransformJobName"])]  # fmt: skip
-        jobs = [self.hook.describe_transform_job(found) for found in names]
-        return [job for job in jobs if job["ModelName"] == model_name]
 
     @staticmethod
     def _ended_well(result: dict) -> dict:

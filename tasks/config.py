@@ -52,8 +52,9 @@ class PipelineConfig:
     # machine's), and seconds between its endpoint servers' CloudWatch puts (a burst's end flushes them at once).
     local_cpus: int = 0
     metrics_interval: int = 10
-    # What one trigger-form submission may start: the training instance types (comma-separated) and the instances of
-    # a whole run (hidden_channels values x instance_count), so that a typo cannot start a hundred GPU instances.
+    # What one trigger-form submission may start, so that a typo cannot start a hundred GPU instances: the instance
+    # types (comma-separated) of its training, tuning and batch transform jobs, and the training instances of a whole
+    # run (instance_count x the hidden_channels values, or x tune_max_parallel when it tunes).
     allowed_instance_types: str = (
         "ml.m5.large,ml.m5.xlarge,ml.m5.2xlarge,ml.c5.xlarge,ml.c5.2xlarge,ml.g4dn.xlarge,ml.g5.xlarge"
     )

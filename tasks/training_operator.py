@@ -5,9 +5,12 @@
   training job (StopTrainingJob), where the provider's operator has no ``on_kill`` and leaves the job running.
 - A job that ended Stopped fails its task whether or not ``print_log`` is on (without it the provider's wait
   passes a stopped job on as trained).
-- A retry that finds a job of an earlier try still InProgress, under the task's deterministic name or the
-  provider's timestamped variant of it, waits for that job instead of starting a second one (which would train, and
-  on AWS bill, twice).
+- A retry follows the training job of its request that an earlier try started (`tasks.earlier_jobs`), under the
+  task's deterministic name or the provider's timestamped variant of it: InProgress, it waits for that job instead of
+  starting a second one (which would train, hold the sweep member's cores and on AWS bill twice); Completed, the job
+  is the result; Stopping, it is waited out. Only after each ended Failed or Stopped does the provider start another
+  (``action_if_job_exists="timestamp"``). A job of the same name with other hyperparameters, code or data (the run's
+  earlier tasks cleared and run again) is not this request's.
 
 With ``print_log`` the provider's hook asks for the job's status at most every 30 s, whatever ``check_interval``
 says: a guard against DescribeTrainingJob throttling on AWS, where jobs take minutes and the interval is 30 s
@@ -18,17 +21,16 @@ provider would with the same interval; everything else is the provider's own cod
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 
 from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator
 
+from tasks.earlier_jobs import TRAINING, data_read, job_to_follow
 from tasks.hooks import stop_when_killed
 
 # The provider's pause between DescribeTrainingJob calls while it tails the job's log (hooks/sagemaker.py).
 PROVIDER_DESCRIBE_SECONDS = 30
-# The provider's name for a job whose name is taken: the name, cut to fit, a dash and ten digits of epoch seconds.
-MAX_JOB_NAME, TIMESTAMP_DIGITS = 63, 10
 
 
 class TrainingLogHook(SageMakerHook):
@@ -55,26 +57,33 @@ class TrainingLogHook(SageMakerHook):
 
 
 class TrainingOperator(SageMakerTrainingOperator):
-    """SageMakerTrainingOperator with TrainingLogHook (no 30 s lag), ``on_kill`` and retries that adopt a running
-    job: the same requests, waits and log otherwise."""
+    """SageMakerTrainingOperator with TrainingLogHook (no 30 s lag), ``on_kill`` and retries that follow the job of
+    an earlier try: the same requests, waits and log otherwise."""
 
     aws_hook_class = TrainingLogHook
 
     def execute(self, context):
-        running = self.running_job(self.config["TrainingJobName"])
-        if running is None:
+        earlier = job_to_follow(self, TRAINING, self.config["TrainingJobName"], self.same_request)
+        if earlier is None:
             return self._ended_well(super().execute(context))
-        self.log.info("Training job %s of an earlier try is still InProgress: waiting for it, not starting another",
-                      running)  # fmt: skip
-        self.config["TrainingJobName"] = running  # what on_kill stops, should this try be killed too
+        name = self.config["TrainingJobName"] = earlier["TrainingJobName"]  # what on_kill stops, if killed too
+        if earlier["TrainingJobStatus"] != "InProgress":
+            return self._ended_well(self.serialize_result(name))
         if self.print_log:
-            self.hook.check_training_status_with_log(running, self.hook.non_terminal_states,
+            self.hook.check_training_status_with_log(name, self.hook.non_terminal_states,
                                                      self.hook.training_failed_states, True, self.check_interval,
                                                      self.max_ingestion_time)  # fmt: skip
         else:
-            self.hook.check_status(running, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
+            self.hook.check_status(name, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
                                    self.max_ingestion_time)  # fmt: skip
-        return self._ended_well(self.serialize_result(running))
+        return self._ended_well(self.serialize_result(name))
+
+    def same_request(self, job: Mapping) -> bool:
+        """Whether ``job`` trains what this task's request does: the same hyperparameters (the code's content-addressed
+        archive among them) on the same data."""
+        hyperparameters, data = job.get("HyperParameters", {}), data_read(job.get("InputDataConfig", []))
+        return (hyperparameters, data) == (self.config.get("HyperParameters", {}),
+                                           data_read(self.config.get("InputDataConfig", [])))  # fmt: skip
 
     def _ended_well(self, result: dict) -> dict:
         # Without print_log the provider's wait counts only Failed as failure: a job Stopped (by StopTrainingJob or
@@ -85,17 +94,6 @@ class TrainingOperator(SageMakerTrainingOperator):
             raise RuntimeError(f"SageMaker training job {training['TrainingJobName']} ended "
                                f"{training['TrainingJobStatus']}: {reason}")  # fmt: skip
         return result
-
-    def running_job(self, name: str) -> str | None:
-        """The InProgress job named ``name``, or as the provider renames it on a collision, if there is one."""
-        renamed = re.compile(re.escape(name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]) + rf"-\d{{{TIMESTAMP_DIGITS}}}")
-        paginator = self.hook.conn.get_paginator("list_training_jobs")
-        for page in paginator.paginate(NameContains=name[: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1],
-                                       StatusEquals="InProgress"):  # fmt: skip
-            for job in page["TrainingJobSummaries"]:
-                if job["TrainingJobName"] == name or renamed.fullmatch(job["TrainingJobName"]):
-                    return job["TrainingJobName"]
-        return None
 
     def on_kill(self) -> None:
         name = self.config.get("TrainingJobName")

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
 
 from tasks.config import PipelineConfig
+from tasks.earlier_jobs import TUNING, data_read, job_to_follow, timestamped
 from tasks.hooks import sagemaker_hook, stop_when_killed
 from tasks.training_jobs import (
     ACCURACY_METRIC,
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("Bayesian", "Random", "Grid", "Hyperband")
 OBJECTIVE = {"Type": "Maximize", "MetricName": ACCURACY_METRIC}
-MAX_TUNING_JOB_NAME = 32  # SageMaker's limit: its training jobs add "-NNN-xxxxxxxx"
 # What TrainingJobDefinition takes of a CreateTrainingJob request (the rest is the tuner's, or the job's own name).
 DEFINITION_KEYS = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
                    "StoppingCondition", "VpcConfig", "EnableNetworkIsolation")  # fmt: skip
@@ -48,30 +48,50 @@ class TuningOperator(SageMakerTuningOperator):
     """SageMakerTuningOperator made safe to kill and to retry:
 
     - killed (marked failed, timed out), it stops its tuning job, where the provider's leaves it running;
-    - a retry that finds the tuning job of an earlier try still InProgress (or Completed) follows it rather than
-      failing on the name it took; one that ended Stopped or Failed is tuned again, under the name suffixed with the
-      time, as the sweep's training jobs are;
+    - a retry follows the tuning job of its request an earlier try started (``tasks.earlier_jobs``, as training and
+      transform do), under the request's name or the name suffixed with the time that an earlier retry took: one
+      InProgress is followed to its end, one Completed is the result, one Stopping is waited out; only when each
+      ended Stopped or Failed is the search started again, under the name suffixed with the time (the provider's
+      operator would fail on the name taken). A tuning job of the same name whose training jobs run other code or
+      read other data is not this request's;
     - a tuning job that ends Stopped fails the task (the provider's wait passes it on, its jobs half done).
     """
 
     def execute(self, context):
+        name = self.config["HyperParameterTuningJobName"]
+        earlier = job_to_follow(self, TUNING, name, self.same_request)
+        if earlier is None:
+            if self.name_taken(name):
+                self.config["HyperParameterTuningJobName"] = timestamped(name, TUNING)
+                self.log.info("Tuning as %s: %s is taken", self.config["HyperParameterTuningJobName"], name)
+            return self._ended_well(super().execute(context))
+        name = self.config["HyperParameterTuningJobName"] = earlier["HyperParameterTuningJobName"]  # for on_kill
+        if earlier["HyperParameterTuningJobStatus"] == "InProgress":
+            earlier = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
+                                             self.check_interval, self.max_ingestion_time)  # fmt: skip
+        return self._ended_well({"Tuning": serialize(earlier)})
+
+    def same_request(self, job: Mapping) -> bool:
+        """Whether ``job`` runs the training jobs of this task's request: the same static hyperparameters (the code's
+        content-addressed archive among them) on the same data. Its ranges come from the run's params, and so does its
+        name."""
+
+        def trains(request: Mapping) -> tuple:
+            definition = request["TrainingJobDefinition"]
+            return definition.get("StaticHyperParameters", {}), data_read(definition.get("InputDataConfig", []))
+
+        return trains(job) == trains(self.config)
+
+    def name_taken(self, name: str) -> bool:
         from botocore.exceptions import ClientError
 
-        name = self.config["HyperParameterTuningJobName"]
         try:
-            status = self.hook.describe_tuning_job(name)["HyperParameterTuningJobStatus"]
-        except ClientError:
-            status = None  # not started yet: the usual path
-        if status in (None, "Stopped", "Failed"):
-            if status:
-                self.config["HyperParameterTuningJobName"] = retry_name(name)
-                self.log.info("Tuning job %s of an earlier try ended %s: tuning again as %s", name, status,
-                              self.config["HyperParameterTuningJobName"])  # fmt: skip
-            return self._ended_well(super().execute(context))
-        self.log.info("Tuning job %s of an earlier try is %s: following it, not starting another", name, status)
-        description = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
-                                             self.check_interval, self.max_ingestion_time)  # fmt: skip
-        return self._ended_well({"Tuning": serialize(description)})
+            self.hook.describe_tuning_job(name)
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ResourceNotFound":
+                return False
+            raise
+        return True
 
     @staticmethod
     def _ended_well(result: dict) -> dict:
@@ -87,17 +107,9 @@ class TuningOperator(SageMakerTuningOperator):
                          lambda: self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name))  # fmt: skip
 
 
-def retry_name(name: str) -> str:
-    """A tuning job name for another try: cut to fit, a dash and ten digits of epoch seconds."""
-    import time
-
-    digits = str(int(time.time()))
-    return f"{name[: MAX_TUNING_JOB_NAME - len(digits) - 1]}-{digits}"
-
-
 def tuning_job_name(run_id: str) -> str:
     """Deterministic per run (a retry asks for the same name), within SageMaker's 32 characters."""
-    return sagemaker_name(run_id, max_length=MAX_TUNING_JOB_NAME, unique_by=run_id)
+    return sagemaker_name(run_id, max_length=TUNING.max_name, unique_by=run_id)
 
 
 def parameter_ranges(params: Mapping) -> tuple[dict, set[str]]:

@@ -232,14 +232,14 @@ def test_a_retry_follows_the_transform_job_an_earlier_try_left_running_or_comple
     """A try killed before its on_kill could run leaves its job InProgress: the retry waits for it and passes on its
     result, and so does a retry after it Completed; also when the job is the provider's timestamped one, started by
     an earlier retry after the first job was stopped. No second job predicts the same files."""
-    from tasks.training_operator import MAX_JOB_NAME, TIMESTAMP_DIGITS
+    from tasks.earlier_jobs import TRANSFORM, timestamped
 
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     running, stopped = transform_request(batch, "running"), transform_request(batch, "renamed")
     sagemaker.create_transform_job(**running)
     sagemaker.create_transform_job(**stopped)
     sagemaker.stop_transform_job(TransformJobName=stopped["TransformJobName"])
-    renamed = f"{stopped['TransformJobName'][: MAX_JOB_NAME - TIMESTAMP_DIGITS - 1]}-1700000000"
+    renamed = timestamped(stopped["TransformJobName"], TRANSFORM, 1700000000)
     sagemaker.create_transform_job(**{**stopped, "TransformJobName": renamed})
 
     for request, followed in ((running, running["TransformJobName"]), (stopped, renamed)):

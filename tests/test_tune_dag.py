@@ -87,3 +87,51 @@ def test_a_tuning_run_searches_selects_and_registers_the_best_trial(tuned, local
         assert f"hidden_channels={trial['tuned']['hidden_channels']}, lr={trial['tuned']['lr']}" in row
         assert f"{100 * trial['objective']:.2f}%" in row
         assert ("stopped early" if trial["stopped_early"] else trial["status"]) in row
+
+
+def test_a_tune_retry_after_its_tuning_job_completed_passes_that_job_on(tuned, local_sagemaker):
+    """The try failed after its tuning job completed (its worker lost): the retry's result is that job, as the
+    DAG's request names it; no second search starts (tasks.earlier_jobs)."""
+    from tasks.earlier_jobs import TIMESTAMP_DIGITS, TUNING
+    from tasks.tuning import TuningOperator, tuning_job_name
+
+    [request] = xcoms(tuned.run_id, "tuning_request")
+    name = tuning_job_name(tuned.run_id)
+    result = TuningOperator(task_id="tune", config=request, aws_conn_id="aws_default", check_interval=1).execute({})
+    assert (result["Tuning"]["HyperParameterTuningJobName"], result["Tuning"]["HyperParameterTuningJobStatus"]) == (
+        name, "Completed",
+    )  # fmt: skip
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    stem = name[: TUNING.max_name - TIMESTAMP_DIGITS - 1]
+    listed = sagemaker.list_hyper_parameter_tuning_jobs(NameContains=stem)["HyperParameterTuningJobSummaries"]
+    assert [job["HyperParameterTuningJobName"] for job in listed] == [name]
+
+
+def test_a_tune_retry_follows_the_tuning_job_an_earlier_retry_started_under_its_timestamped_name(
+    local_sagemaker, local_aws
+):
+    """The first try's tuning job was stopped, a retry started another under the name suffixed with the time, and
+    was lost too: the next retry follows that one, rather than the first name's, which would search a third time.
+    (The stand-in training script of test_service_tuning: seconds a job.)"""
+    from tasks.earlier_jobs import TUNING, timestamped
+    from tasks.tuning import TuningOperator
+    from tests.job_helpers import put_script
+    from tests.test_service_tuning import BUCKET, SCRIPT, operator_request
+
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=BUCKET)  # in us-east-1, again is no error: test_service_tuning may have made it
+    put_script(s3, BUCKET, "code/sourcedir.tar.gz", SCRIPT)
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    first, renamed = "tune-retried", timestamped("tune-retried", TUNING, 1700000000)
+    sagemaker.create_hyper_parameter_tuning_job(**operator_request(first))
+    sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=first)
+    sagemaker.create_hyper_parameter_tuning_job(**operator_request(renamed))  # the lost retry's
+
+    retry = TuningOperator(task_id="tune", config=operator_request(first), aws_conn_id="aws_default", check_interval=1)
+    result = retry.execute({})["Tuning"]
+    assert (result["HyperParameterTuningJobName"], result["HyperParameterTuningJobStatus"]) == (renamed, "Completed")
+    listed = sagemaker.list_hyper_parameter_tuning_jobs(NameContains=first)["HyperParameterTuningJobSummaries"]
+    assert sorted(job["HyperParameterTuningJobName"] for job in listed) == [first, renamed]
+    assert sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=first)[
+        "HyperParameterTuningJobStatus"
+    ] in ("Stopping", "Stopped")  # fmt: skip
