@@ -83,11 +83,14 @@ def stop_strays(state_dir: Path) -> int:
     """Stop what a killed service left running under ``state_dir``, recorded or not: the model servers of its
     endpoints and transform jobs, and the processes of its training jobs (a clean stop stops them itself). Returns
     how many there were."""
+    # The service's own modules take a quarter of a second to import, which only a clean-up needs to pay.
+    from local_sagemaker.training import running_hosts
+
     state_dir = Path(state_dir)
     strays = [
         *processes.running_with("inference.serve", state_dir / "endpoint-fleets"),
         *processes.running_with("inference.serve", state_dir / "transform-job-dirs"),
-        *processes.running_in(state_dir / "job-dirs", sys.executable),  # each training host runs in its job's code
+        *running_hosts(state_dir / "job-dirs"),
     ]
     processes.stop(strays, grace=10)
     return len(strays)

@@ -3,8 +3,9 @@ StopTrainingJob.
 
 A job goes Starting (waiting for free cores) → Downloading (``sagemaker_submit_directory`` unpacked into the job's
 code directory, each S3 channel into ``input/data/<channel>``) → Training (``sagemaker_program`` with the
-SageMaker ``SM_*`` environment and the hyperparameters as ``--key value``; one process per instance, loopback DDP
-when there are several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output
+SageMaker ``SM_*`` environment and the hyperparameters as ``--key value``, decoded as the training toolkit decodes
+them; or the job's own ContainerEntrypoint and ContainerArguments, as local_sagemaker.container runs them; one
+process per instance, each with its /opt/ml, loopback DDP when there are several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output
 data directory under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped
 (StopTrainingJob, or MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs, group
 ``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``, as the Amazon provider's ``print_log`` reads
@@ -16,20 +17,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
+import os
 import queue
 import re
+import shlex
 import shutil
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
-from local_sagemaker import aws, processes
+from local_sagemaker import aws, container, processes
 from local_sagemaker.archives import ArchiveError, pack, unpack
+from local_sagemaker.container import decoded_value, host_environments, host_roots, user_args
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ResourceInUse, ResourceLimitExceeded, ValidationException, not_found
 from local_sagemaker.roles import Roles, RoleSession
@@ -49,8 +51,6 @@ TERMINAL = ("Completed", "Failed", "Stopped")
 # Each instance of a job is a process of its own here: this service's quota of instances per training job, as an
 # AWS account has one per instance type (a tuning job's training jobs count one by one).
 MAX_INSTANCES = 8
-# The loopback interface's name (Linux: lo, macOS: lo0): every local "host" of a job talks over it.
-LOOPBACK_INTERFACE = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
 # What DescribeTrainingJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TrainingJobName", "HyperParameters", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
@@ -130,106 +130,33 @@ def check_instance_count(resources: Mapping) -> None:
         )
 
 
+def check_code(specification: Mapping, hyperparameters: Mapping[str, str], *,
+               specification_name: str = "AlgorithmSpecification", hyperparameters_name: str = "HyperParameters",
+               ) -> None:  # fmt: skip
+    """ValidationException unless the job names code this service runs: the container's own command
+    (local_sagemaker.container) or, without one, a script-mode job's sourcedir and entry point."""
+    if container.command(specification, specification_name) is None:
+        check_script_mode(hyperparameters, hyperparameters_name)
+
+
 def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperParameters") -> None:
-    """ValidationException unless ``hyperparameters`` name a script-mode job's code, which is all this service runs:
-    its sourcedir, and an entry point that is a file inside it."""
+    """ValidationException unless ``hyperparameters`` name a script-mode job's code, as the training toolkit reads
+    them (JSON-decoded): its sourcedir, and an entry point that is a file inside it."""
     for key in ("sagemaker_program", "sagemaker_submit_directory"):
         if key not in hyperparameters:
             raise ValidationException(
-                f"{what} lack {key}: this local service runs script-mode jobs (the SageMaker "
-                "framework containers' contract: sagemaker_program and sagemaker_submit_directory)"
+                f"{what} lack {key}: this local service runs the SageMaker framework containers' contract: script "
+                "mode (sagemaker_program and sagemaker_submit_directory), or the command in "
+                "AlgorithmSpecification.ContainerEntrypoint and ContainerArguments"
             )
-    program = hyperparameters["sagemaker_program"]
-    path = PurePosixPath(program)
+    program = decoded_value(hyperparameters["sagemaker_program"])
+    path = PurePosixPath(program) if isinstance(program, str) else PurePosixPath()
     if (not path.parts or path.is_absolute() or ".." in path.parts or program.startswith("-")
             or any(character in program for character in "\\\0\n")):  # fmt: skip
         raise ValidationException(f"{what}: sagemaker_program {program!r} must name a file inside the job's code "
                                   "(a relative path, without '..')")  # fmt: skip
-
-
-def user_args(hyperparameters: Mapping[str, str]) -> list[str]:
-    """``--key value`` for each hyperparameter SageMaker passes to the script (not the sagemaker_* ones), sorted."""
-    args = []
-    for key, value in sorted(hyperparameters.items()):
-        if not key.startswith("sagemaker_"):
-            args += [f"--{key}", str(value)]
-    return args
-
-
-def _decoded(value: str):
-    """Hyperparameters as SM_HPS shows them: JSON values decoded, anything else kept as the string."""
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def _gpu_count() -> int:
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return 0
-    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
-    return sum(line.startswith("GPU ") for line in listing.splitlines())
-
-
-def host_environments(
-    *, job_name: str, ml_dir: Path, code_dir: Path, program: str, hyperparameters: Mapping[str, str],
-    channels: Mapping[str, Path], instance_count: int, cpus: int, region: str, aws: Mapping[str, str] | None = None,
-) -> list[dict[str, str]]:  # fmt: skip
-    """The environment of each host's process: what the SageMaker training toolkit sets, plus loopback DDP, over an
-    allow-listed base (never the service's own credentials or anything of Airflow's); ``aws``: how the job's role
-    reaches AWS (its credentials endpoint and where AWS is)."""
-    hosts = [f"algo-{i + 1}" for i in range(instance_count)]
-    hps = {key: _decoded(value) for key, value in hyperparameters.items() if not key.startswith("sagemaker_")}
-    gpus_per_host = _gpu_count() // instance_count
-    threads = max(1, cpus // instance_count)
-    base = processes.allowed_env(
-        {
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(code_dir),
-            "OMP_NUM_THREADS": str(threads),
-            "AWS_REGION": region,
-            **(aws or {}),
-            "SM_HOSTS": json.dumps(hosts),
-            "SM_NUM_CPUS": str(threads),
-            "SM_NUM_GPUS": str(gpus_per_host),
-            "SM_MODEL_DIR": str(ml_dir / "model"),
-            "SM_OUTPUT_DIR": str(ml_dir / "output"),
-            "SM_OUTPUT_DATA_DIR": str(ml_dir / "output" / "data"),
-            "SM_INPUT_DIR": str(ml_dir / "input"),
-            "SM_INPUT_CONFIG_DIR": str(ml_dir / "input" / "config"),
-            "SM_CHANNELS": json.dumps(sorted(channels)),
-            "SM_HPS": json.dumps(hps),
-            "SM_USER_ENTRY_POINT": program,
-            "SM_MODULE_DIR": hyperparameters.get("sagemaker_submit_directory", str(code_dir)),
-            "SM_USER_ARGS": json.dumps(user_args(hyperparameters)),
-            "SM_NETWORK_INTERFACE_NAME": LOOPBACK_INTERFACE,
-            # The hosts' names resolve only inside SageMaker's network: here every host is a process on loopback,
-            # and the rendezvous and gloo listen on loopback alone (training/cluster.py).
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(processes.free_port()),
-            **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
-            **{f"SM_HP_{key.upper()}": str(value) for key, value in hyperparameters.items()},
-        }
-    )
-    environments = []
-    for index, host in enumerate(hosts):
-        env = {**base, "SM_CURRENT_HOST": host}
-        if gpus_per_host:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * gpus_per_host + g) for g in range(gpus_per_host))
-        env["SM_TRAINING_ENV"] = json.dumps(
-            {
-                "job_name": job_name, "current_host": host, "hosts": hosts, "hyperparameters": hps,
-                "channel_input_dirs": {name: str(path) for name, path in channels.items()},
-                "model_dir": env["SM_MODEL_DIR"], "output_data_dir": env["SM_OUTPUT_DATA_DIR"],
-                "output_dir": env["SM_OUTPUT_DIR"], "input_dir": env["SM_INPUT_DIR"],
-                "module_dir": env["SM_MODULE_DIR"], "user_entry_point": program, "num_cpus": threads,
-                "num_gpus": gpus_per_host, "network_interface_name": "lo",
-            }
-        )  # fmt: skip
-        environments.append(env)
-    return environments
+    if not isinstance(decoded_value(hyperparameters["sagemaker_submit_directory"]), str):
+        raise ValidationException(f"{what}: sagemaker_submit_directory must be an s3://bucket/key URI")
 
 
 class LogStreams:
@@ -321,17 +248,18 @@ class TrainingJobs:
         interrupted = [job for job in self.store.items(KIND) if job["TrainingJobStatus"] in ("InProgress", "Stopping")]
         if not interrupted:
             return
-        in_job_dirs = processes.running_in(self.jobs_dir, sys.executable)  # recorded or not
+        in_job_dirs = running_hosts(self.jobs_dir)  # recorded or not
         found = {}
         for record in interrupted:
             name = record["TrainingJobName"]
-            code = str((self.jobs_dir / name / "code").resolve())
-            found[name] = [*record.get("Local", {}).get("processes", []), *(p for p in in_job_dirs if p["cwd"] == code)]
+            job_dir = str((self.jobs_dir / name).resolve())
+            found[name] = [*record.get("Local", {}).get("processes", []),
+                           *(p for p in in_job_dirs if p["cwd"] == job_dir or p["cwd"].startswith(job_dir + os.sep))]  # fmt: skip
         survivors = {name: sorted({p["pid"] for p in records if processes.live(p)}) for name, records in found.items()}
         processes.stop([p for records in found.values() for p in records], grace=STOP_GRACE_SECONDS)
         for record in interrupted:
             name = record["TrainingJobName"]
-            shutil.rmtree(self.jobs_dir / name / "input" / "data", ignore_errors=True)  # as a job that ends does
+            _drop_channels(self.jobs_dir / name)  # as a job that ends does
             if pids := survivors[name]:
                 log.warning("Training job %s: stopped its processes %s, which outlived the service", name, pids)
                 what = f"its training processes still running (pids {', '.join(map(str, pids))}) were stopped"
@@ -350,7 +278,7 @@ class TrainingJobs:
         """CreateTrainingJob; a tuning job's jobs also name it (``tuning_job_arn``, DescribeTrainingJob's
         TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
-        check_script_mode(request.get("HyperParameters", {}))
+        check_code(request["AlgorithmSpecification"], request.get("HyperParameters", {}))
         check_instance_count(request["ResourceConfig"])
         self.roles.check(request["RoleArn"], self.arn(name))
         with self.store.lock:
@@ -476,23 +404,23 @@ class TrainingJobs:
             except ValidationException as error:  # its role cannot be assumed any more
                 raise JobFailed(f"ClientError: {error.message}") from None
             s3 = role.client("s3")
-            hyperparameters = record["HyperParameters"]
-            uri = hyperparameters["sagemaker_submit_directory"]
-            try:
-                code = self._get(s3, uri, "sagemaker_submit_directory")
-                if address := aws.content_address(uri):  # code is run only as the key that names it says
-                    aws.check_digest(code, address, f"sagemaker_submit_directory {uri}")
-                unpack(code, ml_dir / "code", uri)
-            except (ArchiveError, ValueError) as error:
-                raise JobFailed(f"ClientError: {error}: refused") from None
-            channels = {
-                channel["ChannelName"]: self._download_channel(s3, channel, ml_dir / "input" / "data" / channel["ChannelName"])
-                for channel in record.get("InputDataConfig", [])
-            }  # fmt: skip
+            command = container.command(record["AlgorithmSpecification"])
+            if command is None:  # script mode: the toolkit unpacks the sourcedir into /opt/ml/code
+                uri = decoded_value(record["HyperParameters"]["sagemaker_submit_directory"])
+                try:
+                    code = self._get(s3, uri, "sagemaker_submit_directory")
+                    if address := aws.content_address(uri):  # code is run only as the key that names it says
+                        aws.check_digest(code, address, f"sagemaker_submit_directory {uri}")
+                    unpack(code, ml_dir / "code", uri)
+                except (ArchiveError, ValueError) as error:
+                    raise JobFailed(f"ClientError: {error}: refused") from None
+            channels = [channel["ChannelName"] for channel in record.get("InputDataConfig", [])]
+            for channel in record.get("InputDataConfig", []):
+                self._download_channel(s3, channel, ml_dir / "input" / "data" / channel["ChannelName"])
             self._check_stop(running)
             self._transition(name, "Training", "Training image download completed. Training in progress.",
                              TrainingStartTime=now())  # fmt: skip
-            metrics = self._train(record, ml_dir, channels, count, cores, running, role)
+            metrics = self._train(record, ml_dir, command, channels, count, cores, running, role)
             self._transition(name, "Uploading", "Uploading generated training model")
             output = f"{record['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{name}/output"
             aws.put_verified(s3, *aws.split_s3_uri(f"{output}/model.tar.gz"), pack(ml_dir / "model"))
@@ -513,8 +441,7 @@ class TrainingJobs:
             self.cores.leave(name)  # a job stopped or failed before it got its cores
             if cores:
                 self.cores.release(cores)
-            # The channel copies are the bulk of a job directory and S3 keeps the originals; the rest stays.
-            shutil.rmtree(ml_dir / "input" / "data", ignore_errors=True)
+            _drop_channels(ml_dir)
             self.running.pop(name, None)
 
     @staticmethod
@@ -582,29 +509,35 @@ class TrainingJobs:
                  ", each checked against its manifest" if listed is not None else "")  # fmt: skip
         return target
 
-    def _train(self, record: dict, ml_dir: Path, channels: dict, count: int, cores: int, running: _Running,
-               role: RoleSession) -> dict:  # fmt: skip
-        """Run the entry point on ``count`` hosts; the final metrics, or JobFailed / JobStopped."""
+    def _train(self, record: dict, ml_dir: Path, command: container.Command | None, channels: list[str], count: int,
+               cores: int, running: _Running, role: RoleSession) -> dict:  # fmt: skip
+        """Run the job's code on ``count`` hosts (``command``: the container's; None: script mode's entry point);
+        the final metrics, or JobFailed / JobStopped."""
         name = record["TrainingJobName"]
-        hyperparameters = record["HyperParameters"]
-        for directory in ("model", "output/data", "input/config", "logs"):
-            (ml_dir / directory).mkdir(parents=True, exist_ok=True)
-        (ml_dir / "input/config/hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
-        (ml_dir / "input/config/inputdataconfig.json").write_text(
-            json.dumps({channel: {"TrainingInputMode": "File"} for channel in channels})
-        )
+        hyperparameters = record.get("HyperParameters", {})  # a container's command may have none
+        roots = host_roots(ml_dir.resolve(), count)
+        if command is not None and not container.PLAIN.fullmatch(str(roots[0])):
+            raise JobFailed(f"InternalServerError: the job's directory {roots[0]} holds characters a shell would "
+                            "split or expand, so it cannot stand for /opt/ml in the container's command")  # fmt: skip
+        container.lay_out(record, roots, channels, command)
         definitions = record["AlgorithmSpecification"].get("MetricDefinitions", [])
         patterns = {definition["Name"]: re.compile(definition["Regex"]) for definition in definitions}
-        program = hyperparameters["sagemaker_program"]
+        program = decoded_value(hyperparameters["sagemaker_program"]) if command is None else None
         aws_environment = {**aws.endpoint_environment(),
                            **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url)}  # fmt: skip
         environments = host_environments(
-            job_name=name, ml_dir=ml_dir, code_dir=ml_dir / "code", program=program, hyperparameters=hyperparameters,
-            channels=channels, instance_count=count, cpus=cores, region=self.region, aws=aws_environment,
+            job_name=name, job_arn=record["TrainingJobArn"], roots=roots, program=program,
+            hyperparameters=hyperparameters, channels=channels, cpus=cores, region=self.region, aws=aws_environment,
+            environment=record.get("Environment"),
         )  # fmt: skip
         hosts = [env["SM_CURRENT_HOST"] for env in environments]
         streams = LogStreams(name, hosts, role.client("logs"))
-        command = [sys.executable, program, *user_args(hyperparameters)]
+        if command is None:
+            commands = [[sys.executable, program, *user_args(hyperparameters)]] * count
+            workdirs = [root / "code" for root in roots]
+        else:
+            commands = [command.argv_for(root) for root in roots]
+            workdirs = roots
         metrics: dict[str, float] = {}
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         disk_log = open(ml_dir / "logs" / "job.log", "a")  # noqa: SIM115 - closed in finally
@@ -621,20 +554,24 @@ class TrainingJobs:
                         if running.on_metric:
                             running.on_metric(name, metric, metrics[metric])
 
-        show(hosts[0], f"Invoking script with the following command: {' '.join(command[1:])}")
+        if command is None:
+            show(hosts[0], f"Invoking script with the following command: {shlex.join(commands[0][1:])}")
+        else:
+            show(hosts[0], f"Running the container's command: {shlex.join(command.argv)}")
         max_runtime = record.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
         deadline = time.monotonic() + max_runtime if max_runtime else None
         lines: queue.Queue = queue.Queue()
         outcome: JobStopped | JobFailed | None = None
         try:
-            for env in environments:
+            if program is not None:
                 code = (ml_dir / "code").resolve()
                 entry_point = (code / program).resolve()
                 if not entry_point.is_relative_to(code) or not entry_point.is_file():
                     raise JobFailed(
                         f"ClientError: the entry point {program} is not a file in sagemaker_submit_directory"
                     )
-                process, started = processes.spawn(command, env=env, cwd=ml_dir / "code", stdout=-1)
+            for env, argv, workdir in zip(environments, commands, workdirs, strict=True):
+                process, started = processes.spawn(argv, env=env, cwd=workdir, stdout=-1)
                 running.processes.append(process)
                 running.records.append(started)
                 # In the job's record at once: a service that crashes from here on finds it and stops it at its start.
@@ -679,12 +616,30 @@ class TrainingJobs:
             self.roles.forget(aws_environment)
         if outcome:
             raise outcome
-        code = next((c for c in own_codes if c), 0)
-        if code:
-            failure_file = ml_dir / "output" / "failure"
+        failed = next((index for index, code in enumerate(own_codes) if code), None)
+        if failed is not None:
+            code = own_codes[failed]
+            failure_file = roots[failed] / "output" / "failure"
             failure = failure_file.read_text().strip() if failure_file.is_file() else f"exit code {code}"
             raise JobFailed(f"AlgorithmError: {failure}\nLast {len(tail)} lines of the log:\n" + "\n".join(tail))
         return metrics
+
+
+def _drop_channels(ml_dir: Path) -> None:
+    """The channel copies are the bulk of a job's directory and S3 keeps the originals; the rest stays."""
+    for root in (ml_dir, *sorted((ml_dir / "hosts").glob("algo-*"))):
+        shutil.rmtree(root / "input" / "data", ignore_errors=True)
+
+
+def running_hosts(jobs_dir: Path) -> list[dict]:
+    """Records (each with its ``cwd``) of the processes working in a training job's directory under ``jobs_dir``,
+    recorded or not: what a service that was killed left running. A host runs in its job's directory (script mode's
+    entry point in its code, a container's command in its /opt/ml), started as the service's Python or as a
+    container's shell, whose scripts find python3 first on PATH, beside the service's interpreter."""
+    python = Path(sys.executable)
+    executables = [str(python), str(python.with_name("python3")), str(python.with_name("python"))]
+    executables += [path for path in map(shutil.which, container.SHELLS) if path]
+    return [p for executable in dict.fromkeys(executables) for p in processes.running_in(jobs_dir, executable)]
 
 
 def _stream(process, host: str, lines: queue.Queue) -> None:

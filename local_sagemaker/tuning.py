@@ -50,6 +50,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from local_sagemaker.container import decoded_value
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException
 from local_sagemaker.store import Store, now
@@ -58,8 +59,8 @@ from local_sagemaker.training import (
     STOP_GRACE_SECONDS,
     TERMINAL,
     TrainingJobs,
+    check_code,
     check_instance_count,
-    check_script_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,9 @@ def plan(request: dict) -> Plan:
             "objective from the training jobs' logs through them"
         )
     static = definition.get("StaticHyperParameters", {})
-    check_script_mode(static, "StaticHyperParameters")
+    check_code(definition["AlgorithmSpecification"], static,
+               specification_name="TrainingJobDefinition.AlgorithmSpecification",
+               hyperparameters_name="StaticHyperParameters")  # fmt: skip
     check_instance_count(definition.get("ResourceConfig", {}))
     space = _space(config.get("ParameterRanges", {}), static)
     strategy, limits = config["Strategy"], config["ResourceLimits"]
@@ -230,9 +233,10 @@ def plan(request: dict) -> Plan:
 
 
 def _epochs(value) -> int | None:
-    """A job's epochs as its hyperparameters give them, or None when they give none (or not as a number)."""
+    """A job's epochs as its hyperparameters give them to its script (decoded as the training toolkit decodes them,
+    then printed), or None when they give none (or not as a whole number)."""
     try:
-        return int(value) if value is not None else None
+        return int(str(decoded_value(value))) if value is not None else None
     except ValueError:
         return None
 
@@ -240,11 +244,11 @@ def _epochs(value) -> int | None:
 def _static_epochs(static: dict) -> int | None:
     for key in EPOCH_KEYS:
         if key in static:
-            try:
-                return int(static[key])
-            except ValueError:
+            epochs = _epochs(static[key])
+            if epochs is None:
                 raise ValidationException(f"StaticHyperParameters {key}={static[key]!r} is not a whole number of "
-                                          "epochs, which Hyperband takes as MaxResource") from None  # fmt: skip
+                                          "epochs, which Hyperband takes as MaxResource")  # fmt: skip
+            return epochs
     return None
 
 

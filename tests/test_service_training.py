@@ -10,6 +10,8 @@ import contextlib
 import datetime
 import io
 import json
+import shutil
+import sys
 import tarfile
 import textwrap
 import time
@@ -137,6 +139,139 @@ def test_a_job_runs_as_sagemaker_runs_it(clients, tmp_path):
     assert stream["logStreamName"].startswith("svc-ok/algo-1-")
     events = logs.get_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream["logStreamName"])
     assert any("Test Accuracy: 97.14%;" in event["message"] for event in events["events"])
+
+
+def test_json_encoded_hyperparameters_are_decoded_as_the_training_toolkit_decodes_them(clients):
+    """The SDK's framework estimators (and much user code) send each value JSON-encoded ("\\"train.py\\""): SageMaker's
+    training toolkit decodes every value that parses and keeps the rest as given, so such a job trains there."""
+    sagemaker, s3, _ = clients
+    sent = request("svc-json")
+    sent["HyperParameters"] = {
+        **{key: json.dumps(value) for key, value in sent["HyperParameters"].items()},  # sagemaker_program too
+        "lr": "0.001", "layers": "[4, 8]", "options": '{"b": 2, "a": "x"}', "name": "not json", "x": "1",
+    }  # fmt: skip
+    sagemaker.create_training_job(**sent)
+    described = wait(sagemaker, "svc-json")
+    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
+    assert described["HyperParameters"] == sent["HyperParameters"]  # answered as sent
+    model = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-json/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(model)) as archive:
+        seen = json.load(archive.extractfile("seen.json"))
+    # The toolkit's arguments: sorted, a one-letter key as -x, a mapping as k=v pairs, the sagemaker_* ones left out.
+    assert seen["argv"] == ["--epochs", "2", "--layers", "[4, 8]", "--lr", "0.001", "--mode", "ok",
+                            "--name", "not json", "--options", "a=x,b=2", "-x", "1"]  # fmt: skip
+    env = seen["env"]
+    assert (env["SM_HP_MODE"], env["SM_HP_LAYERS"], env["SM_HP_OPTIONS"]) == ("ok", "[4,8]", '{"a":"x","b":2}')
+    assert json.loads(env["SM_HPS"]) == {"epochs": "2", "mode": "ok", "lr": 0.001, "layers": [4, 8],
+                                         "options": {"b": 2, "a": "x"}, "name": "not json", "x": 1}  # fmt: skip
+    assert not [key for key in env if key.startswith("SM_HP_SAGEMAKER")]
+
+
+CONTAINER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    # The paths a container's script spells: /opt/ml is where the service put this host's.
+    config = {name: json.load(open(f"/opt/ml/input/config/{name}.json"))
+              for name in ("resourceconfig", "hyperparameters", "inputdataconfig")}
+    host = config["resourceconfig"]["current_host"]
+    seen = {"config": config, "argv": sys.argv[1:], "python": sys.executable, "cwd": os.getcwd(),
+            "data": sorted(os.listdir("/opt/ml/input/data/training")),
+            "env": {k: os.environ.get(k) for k in ("SM_CURRENT_HOST", "SAGEMAKER_BASE_DIR", "SM_MODEL_DIR",
+                                                   "TRAINING_JOB_NAME", "TRAINING_JOB_ARN", "GREETING")}}
+    with open(os.path.join(sys.argv[2], f"{host}.json"), "w") as out:
+        json.dump(seen, out)
+    print("Test Accuracy: 50.00%;", flush=True)
+    """
+)
+
+
+def test_a_containers_command_runs_on_each_host_with_its_own_opt_ml(clients):
+    """ContainerEntrypoint and ContainerArguments, as a framework image runs them: the command as given (its Python
+    the service's own), each host's /opt/ml a directory of the job's, mapped in the command and in the script's
+    channel, with the config files SageMaker writes there; the model directory shared, as uploaded."""
+    sagemaker, s3, _ = clients
+    s3.put_object(Bucket=BUCKET, Key="container/code/run.py", Body=CONTAINER_SCRIPT.encode())
+    sent = request("svc-container", instance_count=2)
+    sent["AlgorithmSpecification"] |= {"ContainerEntrypoint": ["/usr/local/bin/python3", "-u"],
+                                       "ContainerArguments": ["/opt/ml/input/data/code/run.py", "--out", "/opt/ml/model"]}  # fmt: skip
+    del sent["HyperParameters"]  # none at all, not even sagemaker_program: the command is the code
+    sent["InputDataConfig"].append({"ChannelName": "code", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/container/code/"}}})  # fmt: skip
+    sent["Environment"] = {"GREETING": "hello"}
+    sagemaker.create_training_job(**sent)
+    described = wait(sagemaker, "svc-container")
+    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
+    model = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-container/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(model)) as archive:
+        assert sorted(archive.getnames()) == ["algo-1.json", "algo-2.json"]
+        seen = {host: json.load(archive.extractfile(f"{host}.json")) for host in ("algo-1", "algo-2")}
+    bases = {host: s["env"]["SAGEMAKER_BASE_DIR"] for host, s in seen.items()}
+    assert len(set(bases.values())) == 2 and not any(base.startswith("/opt/ml") for base in bases.values())
+    for host, s in seen.items():
+        assert s["config"]["resourceconfig"]["current_host"] == s["env"]["SM_CURRENT_HOST"] == host
+        assert s["config"]["resourceconfig"]["hosts"] == ["algo-1", "algo-2"]
+        assert s["config"]["hyperparameters"] == {}
+        assert s["config"]["inputdataconfig"]["code"]["TrainingInputMode"] == "File"
+        assert s["argv"] == ["--out", f"{bases[host]}/model"] and s["cwd"] == str(Path(bases[host]).resolve())
+        assert s["python"] == sys.executable  # the image's python3 is the service's interpreter, not the host's
+        assert s["data"] == ["sub", "train-images-idx3-ubyte.gz"]
+        assert s["env"]["TRAINING_JOB_NAME"] == "svc-container" and s["env"]["GREETING"] == "hello"
+        assert s["env"]["TRAINING_JOB_ARN"] == described["TrainingJobArn"]
+    assert {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}["test:accuracy"] == 50.0
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        (["/usr/bin/curl", "http://example.com"], "'/usr/bin/curl' is neither an interpreter of a framework image"),
+        (["python3", "-c", "print(1)"], "'-c' is not a script under /opt/ml"),
+        (["python3", "train.py"], "'train.py' is not a script under /opt/ml"),
+        (["python3", "/opt/ml/input/../../../etc/passwd"], "is not a script under /opt/ml"),
+        (["bash", "-c", "curl http://example.com"], "'curl' is not a script under /opt/ml"),
+        (["/bin/sh", "-c", "/opt/ml/input/data/code/run.sh; rm -rf /"], "the -c line holds ';'"),
+        (["bash", "-c", "/opt/ml/input/data/code/run.sh | tee /tmp/x"], "the -c line holds '|'"),
+        (["bash", "-c", "/opt/ml/input/data/code/$(whoami)"], "the -c line holds"),
+        (["bash", "-c", "chmod 777 /opt/ml/input/data/code/run.sh"], "chmod may only make a script executable"),
+        (["bash", "-c", "'unclosed"], "the -c line cannot be read"),
+    ],
+)
+def test_a_container_command_may_run_only_the_jobs_scripts(command, why):
+    """The service runs a job's command on its own machine: a request may name only scripts the job brings, run by a
+    framework image's interpreters, never a program of the host (unit: no stack)."""
+    from local_sagemaker.container import command as container_command
+    from local_sagemaker.protocol import ValidationException
+
+    with pytest.raises(ValidationException) as caught:
+        container_command({"ContainerEntrypoint": command[:1], "ContainerArguments": command[1:]})
+    assert why in caught.value.message and "runs only a script under /opt/ml" in caught.value.message
+
+
+def test_the_sdks_command_runs_as_given_with_opt_ml_mapped(tmp_path):
+    """ModelTrainer's command and driver channel, mapped for a host whose /opt/ml is ``tmp_path`` (unit)."""
+    from local_sagemaker.container import command as container_command
+    from local_sagemaker.container import map_files
+
+    sdk = {"ContainerEntrypoint": ["/bin/bash"], "ContainerArguments": [
+        "-c", "chmod +x /opt/ml/input/data/sm_drivers/sm_train.sh && /opt/ml/input/data/sm_drivers/sm_train.sh"]}  # fmt: skip
+    parsed = container_command(sdk)
+    assert parsed.channels() == {"sm_drivers"}
+    script = f"{tmp_path}/input/data/sm_drivers/sm_train.sh"
+    assert parsed.argv_for(tmp_path) == [shutil.which("bash"), "-c", f"chmod +x {script} && {script}"]
+    assert container_command({"ContainerArguments": ["/opt/ml/input/data/code/run"]}).argv_for(tmp_path) == [
+        f"{tmp_path}/input/data/code/run"
+    ]  # a script alone runs by itself, as an image's entrypoint runs its arguments
+    assert container_command({"TrainingImage": "x"}) is None  # script mode
+    drivers = tmp_path / "input" / "data" / "sm_drivers"
+    drivers.mkdir(parents=True)
+    (drivers / "env.py").write_text('MODEL = "/opt/ml/model"\nOTHER = ["/opt/mlflow", "/x/opt/ml/y", "/opt/ml"]\n')
+    (drivers / "data.bin").write_bytes(b"\x00\x01 nothing to map")
+    copy = tmp_path / "copy.py"
+    copy.hardlink_to(drivers / "env.py")
+    assert map_files(drivers, tmp_path) == 1
+    assert (drivers / "env.py").read_text() == (
+        f'MODEL = "{tmp_path}/model"\nOTHER = ["/opt/mlflow", "/x/opt/ml/y", "{tmp_path}"]\n'
+    )
+    assert copy.read_text().startswith('MODEL = "/opt/ml/model"')  # a hard-linked copy keeps its own
 
 
 def test_names_are_unique_and_missing_jobs_are_named(clients):

@@ -10,6 +10,7 @@ job at a time (MaxParallelTrainingJobs 1).
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import statistics
 import textwrap
@@ -68,9 +69,17 @@ SCRIPT = inspect.getsource(accuracy) + textwrap.dedent(
 
 
 def request(name: str, strategy: str, ranges: dict, *, jobs: int | None = None, parallel: int = 2,
-            epochs: int = 2, pause: float = 0.1, **config) -> dict:  # fmt: skip
-    """A CreateHyperParameterTuningJob request for the stand-in; ``config``: more HyperParameterTuningJobConfig."""
+            epochs: int = 2, pause: float = 0.1, encoded: bool = False, **config) -> dict:  # fmt: skip
+    """A CreateHyperParameterTuningJob request for the stand-in; ``config``: more HyperParameterTuningJobConfig;
+    ``encoded``: each static hyperparameter JSON-encoded (``"\\"train.py\\""``), as the SDK's framework estimators
+    send them and the training toolkit decodes them."""
     limits = {"MaxParallelTrainingJobs": parallel} | ({"MaxNumberOfTrainingJobs": jobs} if jobs else {})
+    static = {
+        "epochs": str(epochs),
+        "pause": str(pause),
+        "sagemaker_program": "train.py",
+        "sagemaker_submit_directory": f"s3://{BUCKET}/code/sourcedir.tar.gz",
+    }
     return {
         "HyperParameterTuningJobName": name,
         "HyperParameterTuningJobConfig": {
@@ -82,12 +91,7 @@ def request(name: str, strategy: str, ranges: dict, *, jobs: int | None = None, 
             **config,
         },
         "TrainingJobDefinition": {
-            "StaticHyperParameters": {
-                "epochs": str(epochs),
-                "pause": str(pause),
-                "sagemaker_program": "train.py",
-                "sagemaker_submit_directory": f"s3://{BUCKET}/code/sourcedir.tar.gz",
-            },
+            "StaticHyperParameters": {key: json.dumps(value) for key, value in static.items()} if encoded else static,
             "AlgorithmSpecification": {
                 "TrainingImage": "stand-in",
                 "TrainingInputMode": "File",
@@ -163,6 +167,7 @@ TUNING_JOBS = {
         pause=0.4,
         StrategyConfig={"HyperbandStrategyConfig": {"MinResource": 1}},
         RandomSeed=7,  # draws that give bracket 0 a job worse than an earlier one (Hyperband's random is the seed's)
+        encoded=True,  # MaxResource is then the decoded '"3"', the code the decoded sourcedir's
     ),
     # MaxResource below the script's epochs: the job is stopped once it has had them.
     "tune-budget": request(
