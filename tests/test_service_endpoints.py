@@ -589,19 +589,10 @@ def test_a_config_made_again_under_its_old_name_serves_its_new_model(sagemaker, 
 def test_a_model_directory_is_named_by_its_archives_bytes_and_unpacked_whole(local_aws, tmp_path):
     """Another archive put where one was never reaches the directory of the first; an archive that cannot be
     unpacked leaves nothing a later start could serve; prune keeps only the directories in use."""
-    import io
-    import tarfile
     from pathlib import Path
 
     from local_sagemaker import model_servers
-
-    def archive(content: bytes) -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            info = tarfile.TarInfo("model.pth")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-        return buffer.getvalue()
+    from tests.test_local_aws import tarball
 
     s3 = boto3.client("s3", endpoint_url=local_aws)
     s3.create_bucket(Bucket="service-model-dirs")
@@ -611,11 +602,13 @@ def test_a_model_directory_is_named_by_its_archives_bytes_and_unpacked_whole(loc
         s3.put_object(Bucket="service-model-dirs", Key="recycled/model.tar.gz", Body=body)
         return model_servers.model_dir(endpoint / "models", url, s3)
 
-    first = unpacked(archive(b"first"))
-    assert first.name == hashlib.sha256(archive(b"first")).hexdigest()
+    # One archive of the bytes, kept: gzip stamps the second it was made, so two packings may differ.
+    first_archive = tarball(b"first")
+    first = unpacked(first_archive)
+    assert first.name == hashlib.sha256(first_archive).hexdigest()
     inode = (first / "model.pth").stat().st_ino
-    assert unpacked(archive(b"first")) == first and (first / "model.pth").stat().st_ino == inode  # unpacked once
-    second = unpacked(archive(b"second"))
+    assert unpacked(first_archive) == first and (first / "model.pth").stat().st_ino == inode  # unpacked once
+    second = unpacked(tarball(b"second"))
     assert second != first and (second / "model.pth").read_bytes() == b"second"
     assert (first / "model.pth").read_bytes() == b"first"
     with pytest.raises(model_servers.LaunchFailed, match=r"not a readable tar\.gz archive"):
