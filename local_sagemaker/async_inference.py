@@ -47,6 +47,8 @@ class AsyncInvocations:
         self.store, self.models, self.roles, self.router, self.upstreams = store, models, roles, router, upstreams
         self.endpoint_arn, self.region = endpoint_arn, region
         self._slots: dict[str, asyncio.Semaphore] = {}
+        # One role session per role and endpoint: each holds its boto3 clients, which cost a service model to make.
+        self._sessions: dict[tuple[str, str], object] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def recover(self) -> None:
@@ -132,6 +134,12 @@ class AsyncInvocations:
         except SageMakerError as error:
             raise InvokeError(400, "ValidationError", error.message) from None
 
+    def _session(self, role_arn: str, source_arn: str):
+        key = (role_arn, source_arn)
+        if key not in self._sessions:
+            self._sessions[key] = self.roles.session(role_arn, source_arn)
+        return self._sessions[key]
+
     def _start(self, record: dict) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(record))
         self._tasks.add(task)
@@ -142,7 +150,7 @@ class AsyncInvocations:
         loop = asyncio.get_running_loop()
         source = self.endpoint_arn(record["Endpoint"])
         try:
-            role = await loop.run_in_executor(None, self.roles.session, record["Role"], source)  # asks STS
+            role = await loop.run_in_executor(None, self._session, record["Role"], source)  # asks STS
         except Exception as error:  # the role cannot be assumed: nothing can be read or written as it
             log.error("Async inference %s of endpoint %s dropped: its role %s cannot be assumed: %s",
                       record["InferenceId"], record["Endpoint"], record["Role"], error)  # fmt: skip
