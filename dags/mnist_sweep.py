@@ -7,13 +7,14 @@ Trains MNIST classifiers on SageMaker, picks the most accurate, and serves it on
 (content-addressed; the `mnist_dataset` asset) → **search**: `sweep` trains one job per `hidden_channels` value in
 parallel, `tune` runs one SageMaker hyperparameter tuning job over the ranges of the Tuning section → select the best
 by test accuracy → **gate** against the champion → **register** it as a version of the model registry group named
-after the endpoint → deploy (create, or update blue/green) → **monitoring check** (smoke load and CloudWatch
-figures; a failure rolls back) → report.
+after the endpoint → (approval `manual`: **review** by a person) → deploy (create, or update blue/green) →
+**monitoring check** (smoke load and CloudWatch figures; a failure rolls back) → report.
 
 **The champion** is the latest Approved version the endpoint serves. With approval `auto`, a version that passes
 its check is Approved (and becomes the `mnist_champion` asset, which schedules `mnist_batch_predict`); one that
-fails is Rejected. With `manual`, the version waits for a person (`mnist-pipeline approve VERSION`); the next run, or
-a `deploy_only` run, serves it.
+fails is Rejected. With `manual`, the run waits for a person in this UI (Browse → Required Actions, or the `review`
+task): Approve deploys and checks the version, Reject rejects it, no answer within `approval_timeout` leaves it
+PendingManualApproval (then `mnist-pipeline approve VERSION` and a `deploy_only` run serve it).
 
 **Where it runs** is the AWS connection's business (`aws_conn_id` in the `mnist_pipeline` configuration): every step
 talks SageMaker, S3 and CloudWatch through the Amazon provider, to AWS or to the local SageMaker service and local
@@ -36,6 +37,7 @@ from tasks.names import DAG_ID
 from tasks.notifications import PipelineNotifier, deadline_missed
 from tasks.params import PARAMS
 from tasks.registry import RegisterModelVersionOperator
+from tasks.review import MAX_TIMEOUT_MINUTES, ReviewOperator
 from tasks.training_jobs import MAX_RUNTIME_SECONDS
 from tasks.training_operator import TrainingOperator
 from tasks.tuning import TuningOperator
@@ -53,7 +55,8 @@ RETRY_DELAY = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "retry_de
 TRAIN_TIMEOUT = datetime.timedelta(seconds=MAX_RUNTIME_SECONDS) + datetime.timedelta(hours=1)
 TUNE_TIMEOUT = datetime.timedelta(hours=11)
 DEPLOY_TIMEOUT = CHECK_TIMEOUT = datetime.timedelta(seconds=DEPLOY_TIMEOUT_SECONDS)
-DAGRUN_TIMEOUT = datetime.timedelta(hours=12)
+# A run may wait for a person's approval as long as the form allows, on top of the rest.
+DAGRUN_TIMEOUT = datetime.timedelta(hours=12) + datetime.timedelta(minutes=MAX_TIMEOUT_MINUTES)
 # A run still going after this long (from when it was queued) alerts the topic, well before the timeout ends it.
 DEADLINE = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "deadline_seconds", fallback=4 * 3600))
 
@@ -172,6 +175,12 @@ def registration(settings: dict, best: dict, dataset_uri: str, run_id: str) -> d
     return registration(best, dataset_uri, run_id, config_of(settings))
 
 
+@task.branch
+def choose_review(params: dict) -> str | None:
+    """With approval manual a person decides in the UI; with auto, the monitoring check does."""
+    return "review" if params["approval"] == "manual" else None
+
+
 @task(trigger_rule="none_failed")
 def candidate(settings: dict, registered: str | None, params: dict) -> dict:
     """What this run serves: its own version (approval auto), or one a person approved since the champion."""
@@ -232,7 +241,7 @@ def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, ou
 
 # Before its report, the teardown may wait out an update a failed deploy left running, then undo it.
 @task(execution_timeout=DEPLOY_TIMEOUT)
-def report(settings: dict, best, validation, decision, choice, deployment, monitoring, params: dict,
+def report(settings: dict, best, validation, decision, reviewed, choice, deployment, monitoring, params: dict,
            run_id: str) -> dict | None:  # fmt: skip
     """The run's report, whatever happened (tasks the run did not get to are None); first, the undoing of a
     deployment whose check never finished, or of what a deploy that returned nothing left on the endpoint."""
@@ -254,7 +263,7 @@ def report(settings: dict, best, validation, decision, choice, deployment, monit
     )  # fmt: skip
     monitoring = undone or monitoring
     return build_report(run_id, best, validation=validation, gate=decision, choice=choice, deployment=deployment,
-                        monitoring=monitoring, config=config)  # fmt: skip
+                        monitoring=monitoring, approval=reviewed, config=config)  # fmt: skip
 
 
 @dag(
@@ -314,15 +323,20 @@ def mnist_sweep():
         task_id="register", package_group_name="{{ params.endpoint_name }}", image_uri=version["image_uri"],
         model_url=version["model_url"], extras=version["extras"], **aws,
     )  # fmt: skip
+    # Approval manual: a person answers in the UI (Browse → Required Actions); the task waits holding no slot.
+    review = ReviewOperator(
+        task_id="review", settings=settings, model_package_arn=register.output, best=best, validation=validation,
+        gate=decision, notifiers=[PipelineNotifier("approval_waiting")],
+    )  # fmt: skip
     choice = candidate(settings, register.output)
     deployment = deploy(settings, choice)
     checked = monitor(settings, deployment, choice)
     # A teardown: it runs whatever happened, and a failed check still fails the run.
-    report(settings, best, validation, decision, choice, deployment, checked).as_teardown()
+    report(settings, best, validation, decision, review.output, choice, deployment, checked).as_teardown()
 
     chain(start, [data_dir, choice])
     chain(validation, dataset_uri, search, [requests, tuning])
-    chain(decision, choose_register(decision), version, register)
+    chain(decision, choose_register(decision), version, register, choose_review(), review, choice)
 
 
 mnist_sweep()

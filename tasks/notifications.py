@@ -1,9 +1,11 @@
 """Telling people: a failed run, a failed monitoring check with its rollback, a rollback during the traffic shift,
-and a run past its deadline go to an SNS topic through the Amazon provider's SnsNotifier.
+a run past its deadline, and a version waiting for a person's approval go to an SNS topic through the Amazon
+provider's SnsNotifier.
 
 The topic is the configuration's `alert_topic_arn` (read when the notification is sent; empty: none is sent), on
 the pipeline's AWS connection: on AWS a topic people subscribe to (e-mail, chat, a pager); on this machine a
-topic in the local AWS. Each message names the run, what failed, its figures and where the report is.
+topic in the local AWS. Each message names the run, what failed (or what waits, with the link that answers it in
+the Airflow UI), its figures and where the report is.
 
 Imported by the DAG at parse time: light, the provider's notifier aside.
 """
@@ -19,7 +21,7 @@ from tasks.names import DAG_ID
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("run_failed", "check_failed", "deploy_failed", "deadline_missed")
+EVENTS = ("run_failed", "check_failed", "deploy_failed", "deadline_missed", "approval_waiting")
 
 
 def report_location(config: PipelineConfig, run_id: str) -> str:
@@ -36,6 +38,23 @@ def _ui_link(run_id: str) -> str:
 
     base = conf.get("api", "base_url", fallback="").rstrip("/")
     return f"{base}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}" if base else ""
+
+
+def _answer_link(context) -> str:
+    """Where a person answers the human-in-the-loop task of ``context`` in the Airflow UI ("" without the UI's
+    address, [api] base_url)."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    try:
+        return HITLOperator.generate_link_to_ui_from_context(context=context)
+    except ValueError:  # no base_url configured: the message says where to look instead
+        return ""
+
+
+def _when(moment: str | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromisoformat(moment).strftime("%Y-%m-%d %H:%M UTC") if moment else "its deadline"
 
 
 def _pulled(context, task_id: str):
@@ -75,6 +94,24 @@ def compose(event: str, context, config: PipelineConfig) -> tuple[str, str]:
         error = context.get("exception")
         lines = [f"The deployment of {DAG_ID} run {run_id} failed: {type(error).__name__ if error else ''}: {error}"]
         subject = "MNIST: deployment failed"
+    elif event == "approval_waiting":
+        request = getattr(context.get("task"), "request", None) or {}  # tasks.review.ReviewOperator's
+        endpoint, version = request.get("endpoint_name", "?"), request.get("version", "?")
+        champion = request.get("champion_accuracy")
+        figures = f"test accuracy {100 * request['test_accuracy']:.2f}%" if request.get("test_accuracy") else ""
+        figures += f" (the champion's: {100 * champion:.2f}%)" if champion is not None else " (no champion)"
+        link = _answer_link(context)
+        answer = (
+            f"Approve or reject it: {link}"
+            if link
+            else "Approve or reject it in the Airflow UI: Browse → Required Actions."
+        )
+        lines = [
+            f"Version {version} of {endpoint}, from {DAG_ID} run {run_id}, waits for a person's approval: {figures}.",
+            answer,
+            f"No answer by {_when(request.get('deadline'))}: it stays PendingManualApproval and is not deployed.",
+        ]
+        subject = f"MNIST: version {version} of {endpoint} awaits approval"
     elif event == "deadline_missed":
         deadline = context.get("deadline") or {}
         state = run.get("state", "running") if isinstance(run, dict) else "running"

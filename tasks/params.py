@@ -22,6 +22,7 @@ from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT, PRECISIONS
 from tasks.registry import APPROVAL_MODES
+from tasks.review import DEFAULT_TIMEOUT_MINUTES, MAX_TIMEOUT_MINUTES
 from tasks.tuning import STRATEGIES
 
 SECTION_SWEEP, SECTION_TUNING, SECTION_RESOURCES = "Sweep", "Tuning (search: tune)", "Resources (SageMaker)"
@@ -270,8 +271,20 @@ PARAMS = {
         enum=list(APPROVAL_MODES),
         title="Approval",
         description="auto: the registered version is deployed, then Approved when its monitoring check passes "
-        "(Rejected when it fails). manual: it is registered PendingManualApproval and not deployed; a person "
-        "approves it (mnist-pipeline approve VERSION), and the next run or a deploy-only run serves it.",
+        "(Rejected when it fails). manual: the run waits for a person in the Airflow UI (Browse → Required "
+        "Actions): Approve deploys and checks it, Reject rejects it; approved outside the UI (mnist-pipeline "
+        "approve VERSION), the next run or a deploy-only run serves it.",
+        section=SECTION_GATE,
+    ),
+    "approval_timeout": Param(
+        DEFAULT_TIMEOUT_MINUTES,
+        type="integer",
+        minimum=1,
+        maximum=MAX_TIMEOUT_MINUTES,
+        title="Approval timeout (minutes)",
+        description=f"approval manual: how long the run waits for a person's answer (1-{MAX_TIMEOUT_MINUTES}, 7 "
+        "days). No answer by then: the version stays PendingManualApproval, nothing is deployed, and the run ends "
+        "(not failed), its review task skipped saying why.",
         section=SECTION_GATE,
     ),
 }

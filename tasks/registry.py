@@ -5,9 +5,10 @@ is approved to serve next.
 - **The champion** of an endpoint is the latest Approved version whose model the endpoint serves now (models are
   content-addressed, so "serves" is an exact comparison of the artifact's S3 URI). Nothing else decides the gate.
 - **Approval.** A version is registered PendingManualApproval. With approval `auto` the monitoring check is its
-  verdict: Approved once it passed (it serves), Rejected when it failed (it was rolled back). With `manual` a person
-  approves it (``mnist-pipeline approve VERSION``, or the registry on AWS); the next run, or a deploy-only run,
-  then serves the latest Approved version newer than the champion (``approved_to_serve``).
+  verdict: Approved once it passed (it serves), Rejected when it failed (it was rolled back). With `manual` the run
+  asks a person in the Airflow UI (tasks/review.py): approved there, it is deployed and checked as with `auto`.
+  Approved outside the UI (``mnist-pipeline approve VERSION``, or the registry on AWS), the next run, or a
+  deploy-only run, serves the latest Approved version newer than the champion (``approved_to_serve``).
 
 The version is created by the provider's SageMakerRegisterModelVersionOperator (the DAG's `register` task) from
 the request built here; everything else goes through the provider's SageMakerHook. The DAG imports this module at
@@ -120,6 +121,7 @@ def as_model(description: Mapping) -> dict:
         "model_package_arn": description["ModelPackageArn"],
         "version": description["ModelPackageVersion"],
         "approval": description["ModelApprovalStatus"],
+        "approval_description": description.get("ApprovalDescription", ""),  # who decided, when, why
         "model_data_url": container["ModelDataUrl"],
         "test_accuracy": float(metadata["test_accuracy"]),
         "hidden_channels": int(metadata["hidden_channels"]),
@@ -196,9 +198,10 @@ def choose_model(
     """What this run deploys, from the registry: ``{"deploy", "reason", "model", "previous_endpoint_config_name"}``
     (``model``: ``as_model``'s, or None).
 
-    With approval ``auto``, the version this run ``registered`` (the gate let it through); otherwise, or when the
-    gate refused this run's model, the latest version a person Approved since the champion was deployed, if any.
-    With ``manual``, this run's version waits for a person."""
+    With approval ``auto``, the version this run ``registered`` (the gate let it through). With ``manual``, that
+    version once a person approved it (in the Airflow UI as the run waited, or outside it meanwhile). Otherwise, or
+    when the gate refused this run's model, the latest version a person Approved since the champion was deployed,
+    if any; else nothing, and the reason says where this run's version stands (Rejected, or awaiting a person)."""
     from tasks.deployment import serving_endpoint_config
 
     if approval not in APPROVAL_MODES:
@@ -206,15 +209,19 @@ def choose_model(
     if not enabled:
         return {"deploy": False, "reason": "the deploy param is off for this run", "model": None}
     current = champion(config, endpoint_name)
+    own = as_model(describe(config, registered)) if registered else None
     model, reason = None, ""
-    if registered and approval == "auto":
-        model = as_model(describe(config, registered))
-        reason = f"this run's model, version {model['version']}, which the gate let through"
+    if own and approval == "auto":
+        model, reason = own, f"this run's model, version {own['version']}, which the gate let through"
+    elif own and own["approval"] == APPROVED:  # by a person: in the UI as the run waited, or outside it meanwhile
+        model = own
+        reason = f"this run's model, version {own['version']}, approved by a person ({own['approval_description']})"
     elif model := approved_to_serve(config, endpoint_name, current):
         reason = f"version {model['version']} (from run {model['run_id']}), approved since the champion was deployed"
-    elif registered:
-        version = as_model(describe(config, registered))["version"]
-        reason = f"version {version} awaits a person's approval (mnist-pipeline approve {version})"
+    elif own and own["approval"] == REJECTED:
+        reason = f"version {own['version']} was rejected ({own['approval_description']})"
+    elif own:
+        reason = f"version {own['version']} awaits a person's approval (mnist-pipeline approve {own['version']})"
     else:
         reason = "this run registered no version, and none was approved since the champion was deployed"
     log.info("Deployment to %s: %s", endpoint_name, reason)

@@ -32,6 +32,12 @@ from tasks.names import DAG_ID
 log = logging.getLogger(__name__)
 
 MISCLASSIFIED_SHOWN = 40
+# Where the project's Airflow plugin serves each run's report (ui/report_view.py): <prefix>/<dag_id>/<run_id>/report/.
+REPORT_VIEW_PREFIX = "/mnist-reports"
+# The files of a run's report, by what each holds: write_report writes these, and the report view (ui/report_view.py)
+# serves these and nothing else of a run's report/, whatever else may have been put there.
+REPORT_FILES = {"markdown": "report.md", "html": "report.html", "summary": "summary.json", "curves": "curves.png",
+                "confusion_matrix": "confusion_matrix.png", "misclassified": "misclassified.png"}  # fmt: skip
 CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".html": "text/html; charset=utf-8", ".png": "image/png",
                  ".json": "application/json", ".css": "text/css", ".js": "text/javascript"}  # fmt: skip
 
@@ -203,8 +209,11 @@ def _deployment_verdict(choice: Mapping | None, deployment: Mapping | None, moni
 
 
 def _verdict(best: Mapping | None, gate: Mapping | None, choice: Mapping | None, deployment: Mapping | None,
-             monitoring: Mapping | None) -> str:  # fmt: skip
-    deployed = _deployment_verdict(choice, deployment, monitoring)
+             monitoring: Mapping | None, approval: Mapping | None = None) -> str:  # fmt: skip
+    if approval and approval.get("waiting"):
+        deployed = f"version {approval['version']} waits for a reviewer's approval in the Airflow UI."
+    else:
+        deployed = _deployment_verdict(choice, deployment, monitoring)
     if best is None:
         return f"Deploy-only run: {deployed}"
     winner = f"**hidden_channels {best['hidden_channels']}** won with {_percent(best['test_accuracy'])} test accuracy"
@@ -298,6 +307,22 @@ def _trial_table(trials: list[Mapping], best_job: str) -> list[str]:
     return _table(header, cells)
 
 
+def _approval_lines(approval: Mapping) -> list[str]:
+    """A person's review in the Airflow UI (tasks/review.py's outcome): waiting, their answer, or none in time."""
+    if approval.get("waiting"):
+        title = "Awaiting approval"
+    elif approval.get("timed_out"):
+        title = "No answer"
+    else:
+        title = {"Approve": "Approved", "Reject": "Rejected"}.get(approval.get("answer"), approval["status"])
+    lines = [f"**{title}**: {approval['summary']}", ""]
+    rows = [["version", f"{approval['version']} (`{approval['model_package_arn']}`)"],
+            ["status in the registry", approval["status"]]]  # fmt: skip
+    rows += [[name, str(approval[key])] for name, key in (("answered by", "by"), ("at", "at"), ("comment", "comment"),
+                                                          ("waits until", "deadline")) if approval.get(key)]  # fmt: skip
+    return lines + _table(["review", "value"], rows)
+
+
 def _choice_lines(choice: Mapping | None) -> list[str]:
     if choice is None:
         return ["No deployment was chosen (a task before it failed)."]
@@ -323,28 +348,35 @@ def render_markdown(context: Mapping) -> str:
             early = sum(1 for trial in best["trials"] if trial.get("stopped_early"))
             jobs += f" of tuning job `{best['tuning_job_name']}` ({early} stopped early)"
         lines += [f"{jobs} · best job `{best['training_job_name']}`", ""]
-    lines += [_verdict(best, context["gate"], context["choice"], context["deployment"], context["monitoring"])]
+    lines += [_verdict(best, context["gate"], context["choice"], context["deployment"], context["monitoring"],
+                       context.get("approval"))]  # fmt: skip
     if best is not None:
         lines += [
             "", "## Trials", "", *_trial_table(best["trials"], best["training_job_name"]), "",
             f"Best model: `{best['model_data_url']}`",
         ]  # fmt: skip
     if context["curves"]:
-        lines += ["", "## Learning curves", "", "![loss and accuracy per epoch](curves.png)"]
+        lines += ["", "## Learning curves", "", f"![loss and accuracy per epoch]({REPORT_FILES['curves']})"]
     if context["best_metrics"]:
         per_class = context["best_metrics"].get("per_class_accuracy") or []
         lines += ["", f"## The best model (hidden_channels {best['hidden_channels']})", ""]
         if per_class:
             lines += _table([str(digit) for digit in range(10)], [[_percent(a) for a in per_class]])
             lines.append("")
-        lines.append("![confusion matrix](confusion_matrix.png)")
+        lines.append(f"![confusion matrix]({REPORT_FILES['confusion_matrix']})")
         if context["misclassified_shown"]:
             total = context["misclassified_total"]
             lines += ["", f"{context['misclassified_shown']} of its {total} misclassified test digits "
-                      "(true→predicted):", "", "![misclassified digits](misclassified.png)"]  # fmt: skip
+                      "(true→predicted):", "",
+                      f"![misclassified digits]({REPORT_FILES['misclassified']})"]  # fmt: skip
     if best is not None:
         lines += ["", "## Data validation", "", *_validation_lines(context["validation"], context["data_docs_link"])]
         lines += ["", "## Gate", "", *_gate_lines(context["gate"])]
+    if context.get("approval"):
+        lines += ["", "## Approval", "", *_approval_lines(context["approval"])]
+    if (context.get("approval") or {}).get("waiting"):
+        lines += ["", "## Deployment", "", "Decided once the review above is answered."]
+        return "\n".join(lines) + "\n"
     lines += ["", "## Deployment", "", *_choice_lines(context["choice"])]
     lines += ["", "## Monitoring check", "", *_monitoring_lines(context["monitoring"])]
     return "\n".join(lines) + "\n"
@@ -380,21 +412,25 @@ def write_report(directory: Path, context: Mapping, best_outputs: Mapping, histo
     """Render every file of the report into ``directory`` (which must exist and be empty)."""
     context = dict(context)
     tuning = bool(context["best"] and context["best"].get("tuning_job_name"))
-    context["curves"] = plot_curves(histories, directory / "curves.png", "trial" if tuning else "hidden_channels")
+    context["curves"] = plot_curves(
+        histories, directory / REPORT_FILES["curves"], "trial" if tuning else "hidden_channels"
+    )
     metrics = best_outputs["metrics"]
     context["best_metrics"] = metrics
     if metrics and metrics.get("confusion_matrix"):
-        plot_confusion_matrix(metrics["confusion_matrix"], directory / "confusion_matrix.png")
+        plot_confusion_matrix(metrics["confusion_matrix"], directory / REPORT_FILES["confusion_matrix"])
     misclassified = best_outputs["misclassified"]
     context["misclassified_total"] = len(misclassified["labels"]) if misclassified else 0
     context["misclassified_shown"] = (
-        plot_misclassified(misclassified, directory / "misclassified.png") if misclassified else 0
+        plot_misclassified(misclassified, directory / REPORT_FILES["misclassified"]) if misclassified else 0
     )
     markdown_text = render_markdown(context)
-    (directory / "report.md").write_text(markdown_text)
-    (directory / "report.html").write_text(render_html(markdown_text, f"Report {context['run_id']}"))
-    (directory / "summary.json").write_text(
-        json.dumps({key: context[key] for key in ("dag_id", "run_id", "best", "choice")}, indent=2, default=str)
+    (directory / REPORT_FILES["markdown"]).write_text(markdown_text)
+    (directory / REPORT_FILES["html"]).write_text(render_html(markdown_text, f"Report {context['run_id']}"))
+    (directory / REPORT_FILES["summary"]).write_text(
+        json.dumps(
+            {key: context.get(key) for key in ("dag_id", "run_id", "best", "choice", "approval")}, indent=2, default=str
+        )
     )
 
 
@@ -435,6 +471,7 @@ def build_report(
     choice: Mapping | None = None,
     deployment: Mapping | None = None,
     monitoring: Mapping | None = None,
+    approval: Mapping | None = None,
     config: PipelineConfig | None = None,
     dag_id: str = DAG_ID,
 ) -> dict:
@@ -444,7 +481,8 @@ def build_report(
     ``best`` is the selection's answer (tasks.selection.select_best: the best job and ``trials``; None in a
     deploy-only run); ``validation`` the data check's summary; ``gate``, ``choice`` (what to deploy:
     tasks.registry.choose_model), ``deployment`` and ``monitoring`` what those steps returned, or None when they
-    did not run. Idempotent: a retry replaces the run's report.
+    did not run; ``approval`` a person's review with approval manual (tasks.review.outcome: written while it waits,
+    then again with the answer). Idempotent: a retry replaces the run's report.
     """
     config = config or load_config()
     run_dir = run_directory(config, run_id)
@@ -459,7 +497,7 @@ def build_report(
     data_docs = validation_dir / "index.html"
     context = {
         "dag_id": dag_id, "run_id": run_id, "best": best, "validation": validation, "gate": gate, "choice": choice,
-        "deployment": deployment, "monitoring": monitoring,
+        "deployment": deployment, "monitoring": monitoring, "approval": approval,
         "data_docs_link": "../validation/index.html" if data_docs.is_file() else None,
     }  # fmt: skip
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as scratch:
@@ -472,13 +510,13 @@ def build_report(
     s3_root = run_s3_uri(config, run_id)
     if data_docs.is_file():
         upload_directory(validation_dir, f"{s3_root}/validation", config)
-    upload_directory(run_dir / "report", f"{s3_root}/report", config, last="report.html")
+    upload_directory(run_dir / "report", f"{s3_root}/report", config, last=REPORT_FILES["html"])
     locations = {
         "directory": str(run_dir / "report"),
-        "markdown": str(run_dir / "report" / "report.md"),
-        "html": str(run_dir / "report" / "report.html"),
+        "markdown": str(run_dir / "report" / REPORT_FILES["markdown"]),
+        "html": str(run_dir / "report" / REPORT_FILES["html"]),
         "s3_uri": f"{s3_root}/report/",
-        "html_s3_uri": f"{s3_root}/report/report.html",
+        "html_s3_uri": f"{s3_root}/report/{REPORT_FILES['html']}",
     }
     log.info("Report: %s (local) and %s", locations["html"], locations["html_s3_uri"])
     return locations

@@ -15,7 +15,7 @@ from tests.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
 
 HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
 PARAMS = ("search", "tune_strategy", "tune_max_jobs", "tune_max_parallel", "tune_lr", "tune_dropout", "tune_epochs",
-          "tune_batch_size", "tune_early_stopping", "tune_target_accuracy", "deploy_only", "approval",
+          "tune_batch_size", "tune_early_stopping", "tune_target_accuracy", "deploy_only", "approval", "approval_timeout",
           "hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
           "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "traffic_shift", "traffic_percent",
           "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
@@ -84,12 +84,15 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     # What the gate lets through is registered (a model package version); the registry says what to deploy.
     assert upstream("registration") == {"choose_register", "select_best", "upload"}
     assert upstream("register") == {"registration"}
-    assert upstream("candidate") == {"plan", "register"}
+    # Approval manual: a person answers in the UI before anything is chosen; auto: the review is skipped.
+    assert upstream("choose_review") == {"register"}
+    assert upstream("review") == {"choose_review", "register", "select_best", "validate", "gate"}
+    assert upstream("candidate") == {"plan", "register", "review"}
     assert dag.get_task("candidate").trigger_rule == "none_failed"  # after a refusal or a deploy-only plan too
     assert upstream("deploy") == {"candidate"}
     assert upstream("monitor") == {"deploy", "candidate"}
     report = dag.get_task("report")
-    assert upstream("report") == {"validate", "select_best", "gate", "candidate", "deploy", "monitor"}
+    assert upstream("report") == {"validate", "select_best", "gate", "review", "candidate", "deploy", "monitor"}
     # A teardown runs after its upstream whatever their state, and leaves the run's state to them: the monitoring
     # check is what a run ends with.
     assert report.is_teardown and not report.on_failure_fail_dagrun
@@ -129,6 +132,24 @@ def test_the_longest_update_the_form_allows_fits_the_deploy_task_s_timeout(dag):
         check_traffic_bounds(wider)
     finer = {**PARAMS, "traffic_percent": Param(20, type="integer", minimum=1, maximum=100)}
     assert longest_deploy_seconds(finer) == 31200 > timeout  # 100 steps of 1%
+
+
+def test_the_review_is_the_providers_human_in_the_loop_operator_and_the_run_outlasts_its_wait(dag):
+    """Approve or Reject, a comment, the alert topic told; the form's longest approval_timeout fits in the run's
+    timeout, so that a run nobody answers ends by the review's timeout (skipped), not by the run's (failed)."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    from tasks.notifications import PipelineNotifier
+
+    review = dag.get_task("review")
+    assert isinstance(review, HITLOperator) and review.options == ["Approve", "Reject"] and not review.multiple
+    assert review.defaults is None  # no answer is no approval: a timeout leaves the version pending
+    assert list(review.serialized_params) == ["comment"]  # the form's own fields stay off the request
+    [notifier] = review.notifiers
+    assert isinstance(notifier, PipelineNotifier) and notifier.event == "approval_waiting"
+    longest = datetime.timedelta(minutes=dag.params.get_param("approval_timeout").schema["maximum"])
+    assert longest == datetime.timedelta(days=7) and dag.dagrun_timeout >= longest + datetime.timedelta(hours=12)
+    assert "stays PendingManualApproval" in dag.params.get_param("approval_timeout").description
 
 
 def test_failures_and_late_runs_are_told_to_the_alert_topic():
@@ -206,6 +227,8 @@ def test_schedule_comes_from_configuration(monkeypatch):
         ({"tune_dropout": [0.1, 0.95]}, "tune_dropout"),
         ({"tune_max_parallel": 0}, "tune_max_parallel"),
         ({"approval": "sometimes"}, "approval"),
+        ({"approval_timeout": 0}, "approval_timeout"),
+        ({"approval_timeout": 7 * 24 * 60 + 1}, "approval_timeout"),  # a week at most
     ],
 )
 def test_invalid_params_are_refused_naming_the_param(dag, conf, param):

@@ -2,13 +2,15 @@
 init_plugins; the rest of the API, seconds to build, is left out), authenticated with Airflow's own tokens, reading
 runs from the metadata database and files from the run's directory and the local S3.
 
-Hostile cases: another DAG's id in the path, a run of another DAG, files planted in S3 under a run's prefix (a
-script, an SVG, an HTML page), and paths that climb out of a run. The browser test (tests/test_browser.py) opens the
+Hostile cases: another DAG's id in the path, a run of another DAG, files planted under a run's report/ (in S3 or
+on disk: a script, an SVG, an HTML page beside the report's) and its validation/, and paths that climb out of a
+run. The browser test (tests/test_browser.py) opens the
 view from a real run's page."""
 
 from __future__ import annotations
 
 import datetime
+from urllib.parse import unquote
 
 import boto3
 import pytest
@@ -60,14 +62,19 @@ def view(local_aws, airflow_db, tmp_path_factory):
         report.mkdir(parents=True)
         (report / "report.html").write_text("<h1>Sweep report</h1><img src='curves.png'>")
         (report / "curves.png").write_bytes(PNG)
-        (state / "secret.html").write_text("not a report")
-        (report / "link.html").symlink_to(state / "secret.html")
+        (report / "planted.html").write_text("<h1>not the report's</h1>")
+        (state / "secret.json").write_text("{}")
+        (report / "summary.json").symlink_to(state / "secret.json")
+        docs = run_directory(config, SWEEP_RUN) / "validation"
+        (docs / "static").mkdir(parents=True)
+        (docs / "index.html").write_text("<h1>Data Docs</h1>")
+        (docs / "static" / "data_docs.css").write_text("h1 {}")
         planted = {"evil.js": b"alert(1)", "evil.svg": b"<svg onload='alert(1)'/>", "evil.html": b"<script>1</script>",
                    "report.html": b"<h1>planted</h1>", "evil": b"no suffix"}  # fmt: skip
         for run_id in (SWEEP_RUN, BATCH_RUN):
             bucket, prefix = run_s3_uri(config, run_id).removeprefix("s3://").split("/", 1)
-            for name, body in planted.items():
-                s3.put_object(Bucket=bucket, Key=f"{prefix}/report/{name}", Body=body)
+            for part, name in ((part, name) for part in ("report", "validation") for name in planted):
+                s3.put_object(Bucket=bucket, Key=f"{prefix}/{part}/{name}", Body=planted[name])
         api = FastAPI()
         init_plugins(api)
         init_auth_manager(api)
@@ -119,22 +126,42 @@ def test_only_runs_of_the_sweep_dag_are_served(view):
     assert get(view, f"{DAG_ID}/manual__never/report/report.html").status_code == 404
 
 
-def test_files_planted_in_s3_are_served_only_as_the_types_the_report_writes(view):
+def test_of_a_runs_report_only_the_files_the_report_writes_are_served(view):
+    """A page planted beside the report, in S3 or on disk, is not served, though the report writes HTML."""
     from urllib.parse import quote
 
+    from tasks.report import REPORT_FILES
+
     run = quote(SWEEP_RUN, safe="")
-    for name in ("evil.js", "evil.svg", "evil"):
+    names = ", ".join(REPORT_FILES.values())
+    for name in ("evil.js", "evil.svg", "evil", "evil.html", "planted.html", "static%2Freport.html"):
         answer = get(view, f"{DAG_ID}/{run}/report/{name}")
         assert answer.status_code == 404, name
-        assert answer.json()["detail"].startswith(f"{name!r} is not served: a run's report is served as"), name
-        assert ".js" not in answer.json()["detail"].split("served as ")[1].split()
-    # HTML is a type the report writes: the planted page comes from S3, under the same sandbox, its script inert.
-    answer = get(view, f"{DAG_ID}/{run}/report/evil.html")
-    assert answer.status_code == 200 and answer.content == b"<script>1</script>"
-    assert directives(answer.headers["content-security-policy"])["default-src"] == ["'none'"]
+        expected = f"{unquote(name)!r} is not served: a run's report is {names}, nothing else"
+        assert answer.json()["detail"] == expected, answer.json()
+    assert get(view, f"{DAG_ID}/{run}/report/report.html").text == "<h1>Sweep report</h1><img src='curves.png'>"
     assert get(view, f"{DAG_ID}/{run}/summary/report.html").json()["detail"] == (
         "a run stores report and validation, not 'summary'"
     )
+
+
+def test_the_data_docs_are_served_as_the_types_the_report_writes_and_never_a_script(view):
+    """validation/ is the great-expectations site (pages of any name): a type rule, not names. A planted page is
+    served, under the same sandbox, its script inert."""
+    from urllib.parse import quote
+
+    run = quote(SWEEP_RUN, safe="")
+    assert get(view, f"{DAG_ID}/{run}/validation/index.html").text == "<h1>Data Docs</h1>"
+    styles = get(view, f"{DAG_ID}/{run}/validation/static/data_docs.css")
+    assert (styles.status_code, styles.headers["content-type"]) == (200, "text/css; charset=utf-8")
+    for name in ("evil.js", "evil.svg", "evil"):
+        answer = get(view, f"{DAG_ID}/{run}/validation/{name}")
+        assert answer.status_code == 404, name
+        assert answer.json()["detail"].startswith(f"{name!r} is not served: a run's validation/ is served as"), name
+        assert ".js" not in answer.json()["detail"].split("served as ")[1].split()
+    answer = get(view, f"{DAG_ID}/{run}/validation/evil.html")
+    assert answer.status_code == 200 and answer.content == b"<script>1</script>"
+    assert directives(answer.headers["content-security-policy"])["default-src"] == ["'none'"]
 
 
 @pytest.mark.parametrize(
@@ -146,7 +173,7 @@ def test_files_planted_in_s3_are_served_only_as_the_types_the_report_writes(view
         "..%5C..%5Csecret.html",  # a backslash
         "%2Fetc%2Fpasswd.html",  # absolute
         "report.html%00.png",  # a NUL byte
-        "link.html",  # a link under the run's directory to a file outside it
+        "summary.json",  # a link under the run's directory, named as a report file, to a file outside it
         ".",
     ],
 )

@@ -7,23 +7,33 @@ One sequence of runs on one endpoint:
 2. a worse model: the gate refuses it against the champion: nothing deployed, the run succeeds, the report says why;
 3. the same bad model let through the gate by its params: deployed blue/green, caught by the monitoring check
    (it answers wrongly), rolled back to run 1's model, which still answers; the run fails naming the threshold;
-4. approval manual: a good model is registered, and waits for a person; nothing is deployed;
-5. a person approves it (`mnist-pipeline approve 3`), and a deploy-only run serves it: it is the champion.
+4. approval manual: a poor model is registered and waits for a person, who rejects it through the Airflow UI's
+   endpoint (the Required Actions page's): Rejected with their reason, the champion still serves;
+5. approval manual again, a good model: the person approves it with a comment: Approved, deployed, checked, the
+   champion;
+6. approval manual, no answer within approval_timeout (1 minute): the version stays PendingManualApproval, the run
+   succeeds without deploying, its review task skipped saying why;
+7. a person approves that version outside the UI (`mnist-pipeline approve 5`), and a deploy-only run serves it.
 Every model the gate let through is a registry version; the champion is an Airflow Asset with its events.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import re
 import tarfile
+import threading
+import time
+from urllib.parse import quote
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from tasks.names import DAG_ID
 from tests.alerts import read_alerts, subscribe_queue
 from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
@@ -34,6 +44,119 @@ GOOD = {"epochs": 3, "optimizer": "adam", "lr": 0.005, "batch_size": 32, "hidden
 BAD = {"epochs": 1, "hidden_channels": [2]}
 # A busy 2-core test machine must not fail a healthy model on latency (the limits have unit tests of their own).
 RELAXED_LATENCY = {"max_p99_latency_ms": 20_000, "max_model_latency_ms": 10_000}
+REVIEWER = "reviewer"  # the Airflow user who answers the review requests
+UI = "http://airflow.test:8080"  # the UI's address ([api] base_url), for the links the request and the alert give
+# The form's approval_timeout at its minimum (minutes): the run that nobody answers waits this long.
+SHORTEST_APPROVAL_TIMEOUT = 1
+
+
+@contextlib.contextmanager
+def reviewing(answer: str | None, comment: str = ""):
+    """While the block runs a sweep whose review waits for a person, answer it as the UI does: ``answer`` (Approve,
+    Reject) and ``comment`` through the Core API's endpoint that the Required Actions page calls, as user REVIEWER;
+    or None, no answer: once its approval_timeout has passed, the scheduler's sweep of timed-out requests (dag.test()
+    runs no scheduler, so this plays its part). Yields what the reviewer saw: the request (``request``, the API's
+    hitlDetails), the run's report at that moment (``report``) and the task's deadline (``trigger_timeout``)."""
+    seen, done, failures = {}, threading.Event(), []
+
+    def review() -> None:
+        try:
+            seen.update(_review(answer, comment, done))
+        except BaseException as error:  # reported by the test, and the waiting run is let go
+            failures.append(error)
+            _fail_waiting_review()
+
+    thread = threading.Thread(target=review, name="reviewer", daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join(timeout=60)
+    if failures:
+        raise failures[0]
+
+
+def _waiting_review(done: threading.Event):
+    """The review task instance that waits for input, once one does (None if ``done`` first)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    while not done.is_set():
+        with create_session() as session:
+            waiting = session.scalars(
+                select(TaskInstance).where(
+                    TaskInstance.dag_id == DAG_ID,
+                    TaskInstance.task_id == "review",
+                    TaskInstance.state == "awaiting_input",
+                )
+            ).first()
+            if waiting is not None:
+                session.expunge(waiting)
+                return waiting
+        time.sleep(0.5)
+    return None
+
+
+def _review(answer: str | None, comment: str, done: threading.Event) -> dict:
+    from airflow.api_fastapi.app import get_auth_manager, init_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.api_fastapi.core_api.routes.public.hitl import task_instances_hitl_router
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tasks.config import load_config
+    from tasks.report import run_directory
+
+    waiting = _waiting_review(done)
+    if waiting is None:
+        raise AssertionError("the run ended before its review asked for anyone's approval")
+    # Airflow's own endpoint, authenticated as Airflow authenticates the UI's requests (the rest of the API, seconds
+    # to build, is left out).
+    api = FastAPI()
+    api.include_router(task_instances_hitl_router, prefix="/api/v2")
+    init_auth_manager(api)
+    token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=REVIEWER, role="admin"))
+    client = TestClient(api, headers={"Authorization": f"Bearer {token}"})
+    url = f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(waiting.run_id, safe='')}/taskInstances/review/-1/hitlDetails"
+    request = client.get(url)
+    assert request.status_code == 200, request.text
+    seen = {"request": request.json(), "trigger_timeout": waiting.trigger_timeout,
+            "report": (run_directory(load_config(), waiting.run_id) / "report" / "report.md").read_text()}  # fmt: skip
+    if answer is not None:
+        answered = client.patch(url, json={"chosen_options": [answer], "params_input": {"comment": comment}})
+        assert answered.status_code == 200, answered.text
+        return seen
+    # No answer: the deadline the request was given (checked by the test) passes. Waiting out even the form's
+    # shortest timeout would cost the suite a minute, so the clock is moved instead: the request's deadline becomes
+    # the present, and the scheduler's sweep of timed-out requests runs as it does on every loop.
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    with create_session() as session:
+        session.execute(
+            update(TaskInstance)
+            .where(TaskInstance.id == waiting.id)
+            .values(trigger_timeout=datetime.datetime.now(datetime.UTC))
+        )
+    time.sleep(0.01)  # the sweep takes deadlines strictly before its own present
+    SchedulerJobRunner(job=Job(), executors=[]).check_awaiting_input_timeouts()
+    return seen
+
+
+def _fail_waiting_review() -> None:
+    """A review nobody will answer (the reviewer's part of the test failed) fails, so that its run ends."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    with create_session() as session:
+        session.execute(update(TaskInstance).where(TaskInstance.dag_id == DAG_ID, TaskInstance.task_id == "review",
+                                                   TaskInstance.state == "awaiting_input").values(state="failed"))  # fmt: skip
 
 
 def served_accuracy(url: str, deployment: dict, images, labels) -> float:
@@ -74,7 +197,9 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
         data = configure(patch, tmp_path_factory.mktemp("safe-local"), small_mnist, "safe-local", local_aws)
         topic = boto3.client("sns", endpoint_url=local_aws).create_topic(Name="safe-local-alerts")["TopicArn"]
         patch.setenv("MNIST_PIPELINE_ALERT_TOPIC_ARN", topic)
+        patch.setenv("AIRFLOW__API__BASE_URL", UI)
         alerts = subscribe_queue(local_aws, topic)
+        approvals = subscribe_queue(local_aws, topic)  # a queue of its own: reading one queue drops what it skips
         common = {**data, **RELAXED_LATENCY, "endpoint_name": ENDPOINT, "metrics_timeout": 120}
         try:
             deployed = observe("deployed", run_sweep({**common, **GOOD}))
@@ -84,14 +209,24 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
             let_through = {**common, **BAD, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "smoke_requests": 50,
                            "bake_seconds": 600}  # fmt: skip
             rolled_back = observe("rolled_back", run_sweep(let_through))
-            # min_test_accuracy 0, tolerance 1: the gate lets it through, the registry's approval decides.
-            manual = run_sweep({**common, **GOOD, "hidden_channels": [16], "approval": "manual",
-                                "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0})  # fmt: skip
-            approved = main(["approve", "3", "--endpoint", ENDPOINT, "--reason", "reviewed by the test"])
+            # min_test_accuracy 0, tolerance 1: the gate lets it through, a person decides.
+            manual = {**common, "approval": "manual", "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0}
+            reviews = {}
+            with reviewing("Reject", "  Misreads\n sevens  ") as reviews["rejected"]:
+                rejected = observe("rejected", run_sweep({**manual, **BAD}))
+            with reviewing("Approve", "Looks good; per-digit accuracy checked") as reviews["approved"]:
+                approved = observe(
+                    "approved", run_sweep({**manual, **GOOD, "hidden_channels": [16], "bake_seconds": 0})
+                )
+            with reviewing(None) as reviews["timed_out"]:
+                timed_out = run_sweep({**manual, **GOOD, "hidden_channels": [16],
+                                       "approval_timeout": SHORTEST_APPROVAL_TIMEOUT})  # fmt: skip
+            approved_outside = main(["approve", "5", "--endpoint", ENDPOINT, "--reason", "reviewed by the test"])
             deploy_only = run_sweep({**common, "deploy_only": True, "bake_seconds": 0})
             yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back,
-                   "manual": manual, "approved": approved, "deploy_only": deploy_only, "alerts": alerts,
-                   "seen": seen}  # fmt: skip
+                   "rejected": rejected, "approved": approved, "timed_out": timed_out, "reviews": reviews,
+                   "approved_outside": approved_outside, "deploy_only": deploy_only, "alerts": alerts,
+                   "approvals": approvals, "seen": seen}  # fmt: skip
         finally:
             sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
             with contextlib.suppress(ClientError):
@@ -253,27 +388,31 @@ def test_each_run_ends_with_a_note_that_says_how_it_went(local_runs):
     def note(run) -> str:
         return summary({task: next(iter(xcoms(run.run_id, task)), None) for task in TASKS}, str(run.state))
 
-    deployed, refused, rolled_back, manual, deploy_only = (
-        note(local_runs[name]) for name in ("deployed", "refused", "rolled_back", "manual", "deploy_only")
+    deployed, refused, rolled_back, rejected, approved, timed_out, deploy_only = (
+        note(local_runs[name])
+        for name in ("deployed", "refused", "rolled_back", "rejected", "approved", "timed_out", "deploy_only")
     )
     assert re.match(r"Winner: hidden_channels 16 \(\S+-hc16-\w+\), test accuracy \d+\.\d\d%\. Deployed version 1 to "
                     rf"{ENDPOINT} \(\S+\); it passed its monitoring check \(live accuracy \d+\.\d%, p99 \d+\.\d ms\) "
                     r"and serves now\. Report: s3://\S+/report/report\.html \(on this machine: /\S+\)\.$", deployed), deployed  # fmt: skip
     assert "Refused by the gate: best test accuracy" in refused and "below the champion's" in refused, refused
     assert "Not deployed: this run registered no version" in refused, refused
-    assert "Not deployed: version 3 awaits a person's approval (mnist-pipeline approve 3)." in manual, manual
-    assert deploy_only.startswith(f"Deploy-only run. Deployed version 3 to {ENDPOINT}"), deploy_only
+    assert f"Not deployed: version 3 was rejected (Rejected by {REVIEWER} in the Airflow UI at " in rejected, rejected
+    assert f"Deployed version 4 to {ENDPOINT}" in approved and "passed its monitoring check" in approved, approved
+    assert "Not deployed: version 5 awaits a person's approval (mnist-pipeline approve 5)." in timed_out, timed_out
+    assert deploy_only.startswith(f"Deploy-only run. Deployed version 5 to {ENDPOINT}"), deploy_only
     assert f"Deployed to {ENDPOINT}, then FAILED its monitoring check (live accuracy" in rolled_back, rolled_back
     assert "rollback: restored." in rolled_back
 
 
 def test_what_the_gate_lets_through_is_registered_and_the_check_approves_or_rejects_it(local_runs, local_sagemaker):
     """The registry group named after the endpoint: run 1's model Approved (it passed and serves), run 3's Rejected
-    (it failed its check); run 2's, refused by the gate, never became a version; run 4's Approved by a person."""
+    (it failed its check); run 2's, refused by the gate, never became a version; the manual runs' as their reviewer
+    (or, for the last, `mnist-pipeline approve`) decided."""
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     versions = sagemaker.list_model_packages(ModelPackageGroupName=ENDPOINT, SortBy="CreationTime",
                                              SortOrder="Ascending")["ModelPackageSummaryList"]  # fmt: skip
-    assert [v["ModelApprovalStatus"] for v in versions] == ["Approved", "Rejected", "Approved"]
+    assert [v["ModelApprovalStatus"] for v in versions] == ["Approved", "Rejected", "Rejected", "Approved", "Approved"]
     [register] = xcoms(local_runs["deployed"].run_id, "register")
     [best] = xcoms(local_runs["deployed"].run_id, "select_best")
     assert register == versions[0]["ModelPackageArn"]
@@ -293,42 +432,155 @@ def test_what_the_gate_lets_through_is_registered_and_the_check_approves_or_reje
     assert "live accuracy" in rejected["ApprovalDescription"]
 
 
-def test_a_manual_approval_waits_for_a_person_then_a_deploy_only_run_serves_it(local_runs, local_sagemaker):
+def _described(local_sagemaker: str, arn: str) -> dict:
+    return boto3.client("sagemaker", endpoint_url=local_sagemaker).describe_model_package(ModelPackageName=arn)
+
+
+def _decided_in_the_ui(status: str, run_id: str, comment: str) -> str:
+    """The ApprovalDescription a reviewer's answer leaves on the version, as a pattern."""
+    return rf"{status} by {REVIEWER} in the Airflow UI at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \({DAG_ID} run {re.escape(run_id)}\): {re.escape(comment)}"  # fmt: skip
+
+
+def test_the_request_shows_the_reviewer_what_they_need_and_the_topic_hears_of_it(local_runs, local_aws):
+    """What a reviewer sees under Browse → Required Actions (the API's view of the request the UI renders): the
+    candidate against the champion, digit by digit, the hyperparameters, the version ARN and the run's report, which
+    is there already; the options and the form; and the alert topic's message with the link that answers it."""
+    run, first = local_runs["rejected"], local_runs["deployed"]
+    seen = local_runs["reviews"]["rejected"]
+    request = seen["request"]
+    [register] = xcoms(run.run_id, "register")
+    [candidate] = xcoms(run.run_id, "select_best")
+    [champion] = xcoms(first.run_id, "select_best")
+    ours, theirs = candidate["test_accuracy"], champion["test_accuracy"]
+    assert request["subject"] == (f"Approve version 3 of {ENDPOINT}? Test accuracy {100 * ours:.2f}% (champion "
+                                  f"version 1: {100 * theirs:.2f}%)")  # fmt: skip
+    assert request["options"] == ["Approve", "Reject"] and request["multiple"] is False and not request["defaults"]
+    assert list(request["params"]) == ["comment"]  # the one form field: the reviewer's words
+    body = request["body"]
+    assert f"| **all digits (test accuracy)** | {100 * ours:.2f}% | {100 * theirs:.2f}% | {100 * (ours - theirs):+.2f} |" in body  # fmt: skip
+    for digit, (mine, other) in enumerate(zip(candidate["per_class_accuracy"], champion["per_class_accuracy"],
+                                              strict=True)):  # fmt: skip
+        assert f"| digit {digit} | {100 * mine:.2f}% | {100 * other:.2f}% | {100 * (mine - other):+.2f} |" in body
+    assert f"- **Version ARN**: `{register}`" in body
+    assert "`epochs=1`" in body and "`hidden_channels=2`" in body  # this run's hyperparameters
+    link = f"{UI}/mnist-reports/{DAG_ID}/{quote(run.run_id, safe='')}/report/report.html"
+    assert f"[open]({link})" in body
+    assert "approval_timeout, 1440 minutes" in body  # the form's default
+    # The report the link opens was written before the request: the trials, and the version waiting.
+    assert "## Trials" in seen["report"] and "**Awaiting approval**: Version 3 waits for a reviewer" in seen["report"]
+    # The request waits as long as the form said (a day by default), from when it was made.
+    waited = seen["trigger_timeout"] - datetime.datetime.fromisoformat(request["created_at"])
+    assert abs(waited - datetime.timedelta(days=1)) < datetime.timedelta(minutes=1), waited
+
+    [alert] = read_alerts(local_aws, local_runs["approvals"], event="approval_waiting", run_id=run.run_id)
+    assert alert["Subject"] == f"MNIST: version 3 of {ENDPOINT} awaits approval"
+    message = alert["Message"]
+    assert f"test accuracy {100 * ours:.2f}% (the champion's: {100 * theirs:.2f}%)" in message
+    answer = f"{UI}/dags/{DAG_ID}/runs/{run.run_id}/tasks/review/required_actions?map_index=-1"
+    assert f"Approve or reject it: {answer}\n" in message, message
+    assert "it stays PendingManualApproval and is not deployed" in message
+
+
+def test_a_person_rejects_a_version_in_the_ui_and_the_champion_keeps_serving(local_runs, local_sagemaker):
+    run, first = local_runs["rejected"], local_runs["deployed"]
+    found = states(run)
+    assert str(run.state) == "success", found
+    assert found["choose_review"] == ["success"] and found["review"] == ["success"]
+    assert found["candidate"] == ["success"] and found["deploy"] == ["skipped"] and found["monitor"] == ["skipped"]
+    [register] = xcoms(run.run_id, "register")
+    described = _described(local_sagemaker, register)
+    # Recorded on the version: who, when, and what they wrote (its white space folded).
+    assert described["ModelApprovalStatus"] == "Rejected"
+    assert re.fullmatch(_decided_in_the_ui("Rejected", run.run_id, "Misreads sevens"), described["ApprovalDescription"])
+    [review] = xcoms(run.run_id, "review")
+    assert (review["answer"], review["by"], review["comment"], review["status"]) == (
+        "Reject", REVIEWER, "Misreads sevens", "Rejected")  # fmt: skip
+    [choice] = xcoms(run.run_id, "candidate")
+    assert (
+        choice["deploy"] is False and choice["reason"] == f"version 3 was rejected ({described['ApprovalDescription']})"
+    )
+    # Run 1's model, the champion, still serves.
+    [deployed] = xcoms(first.run_id, "deploy")
+    after = local_runs["seen"]["rejected"]
+    assert after["serving"] == deployed["endpoint_config_name"] and after["champion"]["version"] == 1
+    report = report_text(run.run_id)
+    assert f"## Approval\n\n**Rejected**: {described['ApprovalDescription']}" in report
+
+
+def test_a_person_approves_a_version_in_the_ui_and_it_is_deployed_and_checked(local_runs, local_sagemaker):
+    run = local_runs["approved"]
+    found = states(run)
+    assert str(run.state) == "success", found
+    assert {task: found[task] for task in ("review", "candidate", "deploy", "monitor", "report")} == {
+        task: ["success"] for task in ("review", "candidate", "deploy", "monitor", "report")
+    }
+    [register] = xcoms(run.run_id, "register")
+    described = _described(local_sagemaker, register)
+    comment = "Looks good; per-digit accuracy checked"
+    # Approved with the reviewer's words, which its passed check keeps.
+    assert described["ModelApprovalStatus"] == "Approved"
+    assert re.fullmatch(_decided_in_the_ui("Approved", run.run_id, comment), described["ApprovalDescription"])
+    [choice] = xcoms(run.run_id, "candidate")
+    assert choice["model"]["model_package_arn"] == register and choice["model"]["version"] == 4
+    assert choice["reason"] == f"this run's model, version 4, approved by a person ({described['ApprovalDescription']})"
+    [check] = xcoms(run.run_id, "monitor")
+    assert check["passed"] is True
+    after = local_runs["seen"]["approved"]
+    assert after["champion"]["version"] == 4 and after["serving"] == check["endpoint_config_name"]
+    [best] = xcoms(run.run_id, "select_best")
+    assert after["accuracy"] == pytest.approx(best["test_accuracy"], abs=0.011)
+    report = report_text(run.run_id)
+    assert f"**Approved**: {described['ApprovalDescription']}" in report
+    assert "passed its monitoring check: it serves now, Approved (the champion)" in report
+
+
+def test_no_answer_in_time_leaves_the_version_pending_then_approved_outside_a_deploy_only_run_serves_it(
+    local_runs, local_sagemaker
+):
     from tasks.registry import champion
 
-    manual, deploy_only = local_runs["manual"], local_runs["deploy_only"]
-    found = states(manual)
-    assert str(manual.state) == "success", found
-    assert found["register"] == ["success"] and found["candidate"] == ["success"]
+    timed_out, deploy_only = local_runs["timed_out"], local_runs["deploy_only"]
+    found = states(timed_out)
+    # Neither failed nor deployed: the review skipped, saying why.
+    assert str(timed_out.state) == "success", found
+    assert found["review"] == ["skipped"] and found["candidate"] == ["success"]
     assert found["deploy"] == ["skipped"] and found["monitor"] == ["skipped"]
-    [choice] = xcoms(manual.run_id, "candidate")
+    waited = local_runs["reviews"]["timed_out"]
+    assert "approval_timeout, 1 minute)" in waited["request"]["body"]
+    deadline = waited["trigger_timeout"] - datetime.datetime.fromisoformat(waited["request"]["created_at"])
+    assert abs(deadline - datetime.timedelta(minutes=SHORTEST_APPROVAL_TIMEOUT)) < datetime.timedelta(seconds=10)
+    [review] = xcoms(timed_out.run_id, "review")
+    why = ("No answer within 1 minute (approval_timeout): version 5 stays PendingManualApproval and is not deployed; "
+           "`mnist-pipeline approve 5` and a deploy-only run can serve it.")  # fmt: skip
+    assert review["timed_out"] is True and review["summary"] == why
+    [register] = xcoms(timed_out.run_id, "register")
+    [choice] = xcoms(timed_out.run_id, "candidate")
     assert (
         choice["deploy"] is False
-        and choice["reason"] == "version 3 awaits a person's approval (mnist-pipeline approve 3)"
+        and choice["reason"] == "version 5 awaits a person's approval (mnist-pipeline approve 5)"
     )
-    assert "nothing deployed: version 3 awaits a person's approval" in report_text(manual.run_id)
+    report = report_text(timed_out.run_id)
+    assert f"**No answer**: {why}" in report and "nothing deployed: version 5 awaits a person's approval" in report
 
-    # `mnist-pipeline approve 3` said yes; the deploy-only run trained nothing and served version 3.
-    assert local_runs["approved"] == 0
+    # `mnist-pipeline approve 5` said yes; the deploy-only run trained nothing and served version 5.
+    assert local_runs["approved_outside"] == 0
     found = states(deploy_only)
     assert str(deploy_only.state) == "success", found
-    for task in ("download", "validate", "upload", "train", "tune", "select_best", "gate", "register"):
+    for task in ("download", "validate", "upload", "train", "tune", "select_best", "gate", "register", "review"):
         assert set(found[task]) == {"skipped"}, task
     assert {task: found[task] for task in ("candidate", "deploy", "monitor", "report")} == {
         task: ["success"] for task in ("candidate", "deploy", "monitor", "report")
     }
     [choice] = xcoms(deploy_only.run_id, "candidate")
-    [register] = xcoms(manual.run_id, "register")
-    assert choice["model"]["model_package_arn"] == register and choice["model"]["version"] == 3
-    assert choice["reason"].startswith(f"version 3 (from run {manual.run_id}), approved since the champion")
+    assert choice["model"]["model_package_arn"] == register and choice["model"]["version"] == 5
+    assert choice["reason"].startswith(f"version 5 (from run {timed_out.run_id}), approved since the champion")
     current = champion(local_runs["config"], ENDPOINT)
-    assert current["version"] == 3 and serving_config(local_sagemaker) == current["endpoint_config_name"]
-    described = boto3.client("sagemaker", endpoint_url=local_sagemaker).describe_model_package(
-        ModelPackageName=register
-    )
-    assert described["ApprovalDescription"] == "reviewed by the test"  # a person's words stay
+    assert current["version"] == 5 and serving_config(local_sagemaker) == current["endpoint_config_name"]
+    assert (
+        _described(local_sagemaker, register)["ApprovalDescription"] == "reviewed by the test"
+    )  # a person's words stay
     report = report_text(deploy_only.run_id)
-    assert report.startswith("# Deployment report") and "Deploy-only run: version 3" in report
+    assert report.startswith("# Deployment report") and "Deploy-only run: version 5" in report
 
 
 def test_the_champion_is_an_asset_whose_events_say_which_version(local_runs):
@@ -338,7 +590,8 @@ def test_the_champion_is_an_asset_whose_events_say_which_version(local_runs):
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    runs = {local_runs[name].run_id: name for name in ("deployed", "refused", "rolled_back", "manual", "deploy_only")}
+    names = ("deployed", "refused", "rolled_back", "rejected", "approved", "timed_out", "deploy_only")
+    runs = {local_runs[name].run_id: name for name in names}
     with create_session() as session:
         rows = session.execute(
             select(AssetModel.name, AssetEvent.source_run_id, AssetEvent.extra)
@@ -346,8 +599,8 @@ def test_the_champion_is_an_asset_whose_events_say_which_version(local_runs):
             .where(AssetEvent.source_run_id.in_(runs))
         ).all()
     champions = sorted((runs[run], extra["version"]) for name, run, extra in rows if name == "mnist_champion")
-    assert champions == [("deploy_only", 3), ("deployed", 1)]
+    assert champions == [("approved", 4), ("deploy_only", 5), ("deployed", 1)]
     datasets = {
         runs[run] for name, run, extra in rows if name == "mnist_dataset" and "/datasets/mnist/" in extra["uri"]
     }
-    assert datasets == {"deployed", "refused", "rolled_back", "manual"}
+    assert datasets == set(names) - {"deploy_only"}

@@ -8,8 +8,10 @@ connection, exactly where tasks/report.py put them: `<state_dir or s3_root>/runs
 What is served, and how, assumes that whoever can write to the bucket may have put anything under a run's prefix:
 - only the sweep DAG's reports, and only for a run that Airflow's database knows as a run of it (a report is found
   by run id alone, and run ids are unique per DAG only);
-- only the types the report writes (tasks.report.CONTENT_TYPES) and never a script, each as its own type, never
-  guessed from the body;
+- of a run's report/, only the files the report writes (tasks.report.REPORT_FILES, by name): a page planted beside
+  them is not served; of its validation/ (the great-expectations Data Docs, a site of many generated pages), only
+  the types the report writes (tasks.report.CONTENT_TYPES) and never a script; each as its own type, never guessed
+  from the body;
 - under a Content-Security-Policy that sandboxes the page and lets nothing run: this is Airflow's origin. The
   report itself needs only its own images and styles. The great-expectations Data Docs load their scripts, fonts
   and stylesheets from CDNs: none of that loads here, and they show as plain HTML (their tables and verdicts, their
@@ -29,9 +31,9 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from tasks.names import DAG_ID
-from tasks.report import CONTENT_TYPES
+from tasks.report import CONTENT_TYPES, REPORT_FILES, REPORT_VIEW_PREFIX
 
-URL_PREFIX = "/mnist-reports"
+URL_PREFIX = REPORT_VIEW_PREFIX
 PARTS = ("report", "validation")  # what a run stores: its report, and the Data Docs of its data checks
 # What a run's files are served as: the types the report writes, less any a browser would run as a script.
 SERVED_TYPES = {suffix: kind for suffix, kind in CONTENT_TYPES.items() if "javascript" not in kind}
@@ -59,11 +61,16 @@ def _relative(path: str) -> PurePosixPath:
     return relative
 
 
-def _served_type(relative: PurePosixPath) -> str:
+def _served_type(part: str, relative: PurePosixPath) -> str:
+    """The content type ``relative`` is served as, or 404: under report/ a file the report writes, under
+    validation/ a file of a type it writes."""
+    if part == "report" and str(relative) not in REPORT_FILES.values():
+        names = ", ".join(REPORT_FILES.values())
+        raise HTTPException(404, f"{str(relative)!r} is not served: a run's report is {names}, nothing else")
     kind = SERVED_TYPES.get(relative.suffix)
     if kind is None:
         served = ", ".join(sorted(SERVED_TYPES))
-        raise HTTPException(404, f"{relative.name!r} is not served: a run's report is served as {served} files only")
+        raise HTTPException(404, f"{relative.name!r} is not served: a run's {part}/ is served as {served} files only")
     return kind
 
 
@@ -107,6 +114,6 @@ def run_file(dag_id: str, run_id: str, part: str, path: str, session: SessionDep
     if part not in PARTS:
         raise HTTPException(404, f"a run stores {' and '.join(PARTS)}, not {part!r}")
     relative = _relative(path)
-    kind = _served_type(relative)
+    kind = _served_type(part, relative)
     _check_run(session, run_id)
     return Response(_read(run_id, part, relative), media_type=kind, headers=HEADERS)
