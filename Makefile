@@ -51,6 +51,12 @@ test-policies: venv tools
 test-browser: venv tools
 	$(BIN)/pytest -m browser -n 0
 
+# The proofs that take minutes, apart from `make test` to keep it under ten: the sweep's safety paths end to end
+# (tests/test_safe_deploy.py), the seed recipe on the official MNIST, and drift on real traffic (tests/test_drift.py,
+# whose figures it prints). CI runs them after `make test`.
+test-long: venv tools
+	$(BIN)/pytest -m long -n 0 -s
+
 # Faults on the real local stack (tests/test_faults.py, minutes each): CI runs them after `make test`.
 test-faults: venv tools
 	$(BIN)/pytest -m fault -n 0
@@ -69,6 +75,7 @@ bench: venv tools
 	$(BIN)/python bench/bench_endpoint.py --out bench/results/endpoint.json
 	$(BIN)/python bench/bench_transform.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/transform.json
 	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json
+	$(BIN)/python bench/bench_drift.py --out bench/results/drift.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts local_aws/iam_simulate/node_modules

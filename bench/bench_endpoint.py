@@ -11,6 +11,11 @@ its API, serving the same artifact), every request signed (SigV4, by the pipelin
 by the runtime as AWS does. Targets: >= 5,000 req/s with p99 <= 10 ms at 8 connections, and at least half of the
 server's own `project.c8` in the same run.
 
+`runtime_capture`: the same at 8 connections, to a second endpoint of the same service whose config captures every
+invocation's input and output (DataCaptureConfig at 100%, InputAndOutput, JSON) to the local S3, run in turn with
+the first endpoint (CAPTURE_PAIRS pairs of runs, so that both meet the same moments of a shared machine), and the
+capture's counts after them (local_sagemaker.capture). Target: the median of the pairs' ratios at least 0.9.
+
     python bench/bench_endpoint.py --out bench/results/endpoint.json [--model-dir DIR] [--duration 10]
 
 Without --model-dir it serves an untrained seed_cnn (hidden_channels 10): serving speed does not depend on the
@@ -45,6 +50,16 @@ from local_sagemaker.processes import free_port, wait_for_http  # noqa: E402
 
 TARGETS = {"c8_rps": 3500, "c8_p99_ms": 10.0, "batch1000_ms": 50.0}
 RUNTIME_TARGETS = {"c8_rps": 5000, "c8_p99_ms": 10.0, "c8_share_of_project": 0.5}
+CAPTURE_TARGETS = {"c8_share_of_runtime": 0.9}
+CAPTURE_PAIRS = 3
+# The capture endpoint's DataCaptureConfig: every invocation, both sides, its JSON bodies as JSON text.
+DATA_CAPTURE = {
+    "EnableCapture": True,
+    "InitialSamplingPercentage": 100,
+    "DestinationS3Uri": "s3://bench/capture",
+    "CaptureOptions": [{"CaptureMode": "InputAndOutput"}],
+    "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+}
 CONNECTIONS = (8, 64)
 
 
@@ -130,7 +145,7 @@ def measure(wrk: str, url: str, body_path: Path, seconds: int, headers: Path | N
     return {f"c{n}": wrk_run(wrk, url, body_path, n, seconds, headers) for n in CONNECTIONS}
 
 
-def signature(url: str, body_path: Path, key, directory: Path) -> Path:
+def signature(url: str, body_path: Path, key, directory: Path, name: str = "signature") -> Path:
     """A file of the SigV4 headers of InvokeEndpoint at ``url`` with the body in ``body_path``, signed with ``key``
     as boto3 signs it: valid for 15 minutes, as any signed request is (the runtime checks each one again)."""
     from botocore.auth import SigV4Auth
@@ -141,7 +156,7 @@ def signature(url: str, body_path: Path, key, directory: Path) -> Path:
     request = AWSRequest("POST", url, data=body_path.read_bytes(),
                          headers={"Content-Type": "application/json", "Host": netloc})  # fmt: skip
     SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "sagemaker", "us-east-1").add_auth(request)
-    path = directory / "signature.headers"
+    path = directory / f"{name}.headers"
     path.write_text("".join(f"{name}: {value}\n" for name, value in request.headers.items()
                             if name.lower() in ("authorization", "x-amz-date")))  # fmt: skip
     return path
@@ -149,7 +164,8 @@ def signature(url: str, body_path: Path, key, directory: Path) -> Path:
 
 @contextlib.contextmanager
 def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int | None, keys: StackKeys):
-    """The local SageMaker service with one endpoint serving ``model_dir``; yields its InvokeEndpoint URL."""
+    """The local SageMaker service with two endpoints serving ``model_dir``, ``bench`` and ``bench-capture`` (its
+    config with DATA_CAPTURE); yields the service and the InvokeEndpoint URL of each by name."""
     import boto3
 
     from local_sagemaker import launch
@@ -172,13 +188,52 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
             ExecutionRoleArn=PipelineConfig().role_arn,  # the scratch account's execution role
             PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": "s3://bench/model.tar.gz"},
         )
-        sagemaker.create_endpoint_config(EndpointConfigName="bench", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}])  # fmt: skip
-        sagemaker.create_endpoint(EndpointName="bench", EndpointConfigName="bench")
-        sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="bench", WaiterConfig={"Delay": 1})
-        yield f"{started.runtime_url}/endpoints/bench/invocations"
+        variants = [{"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}]
+        sagemaker.create_endpoint_config(EndpointConfigName="bench", ProductionVariants=variants)
+        sagemaker.create_endpoint_config(EndpointConfigName="bench-capture", ProductionVariants=variants,
+                                         DataCaptureConfig=DATA_CAPTURE)  # fmt: skip
+        names = ("bench", "bench-capture")
+        for name in names:
+            sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+        for name in names:
+            sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig={"Delay": 1})
+        yield started, {name: f"{started.runtime_url}/endpoints/{name}/invocations" for name in names}
     finally:
         launch.stop(started.record)
+
+
+def capture_run(wrk: str, service_url: str, urls: dict[str, str], body_path: Path, seconds: int,
+                headers: dict[str, Path]) -> dict:  # fmt: skip
+    """c8 runs against ``bench`` and ``bench-capture`` in turn, CAPTURE_PAIRS times, so that both see the same
+    moments of a shared machine; the median run of each and the median of the pairs' ratios. Then the capture's
+    counts once it has written all it took (or 30 s have passed): every request answered must be a record written,
+    none dropped."""
+    from local_sagemaker.capture import COUNTS_PATH
+
+    wrk_run(wrk, urls["bench-capture"], body_path, 8, 2, headers["bench-capture"])  # warm-up
+    pairs = [
+        {name: wrk_run(wrk, urls[name], body_path, 8, seconds, headers[name]) for name in ("bench", "bench-capture")}
+        for _ in range(CAPTURE_PAIRS)
+    ]
+    deadline = time.monotonic() + 30
+    while True:
+        counts = httpx.get(f"{service_url}{COUNTS_PATH}").json().get("bench-capture", {})
+        dropped = sum(counts.get("Dropped", {}).values())
+        if counts.get("Written", 0) + dropped >= counts.get("Captured", 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    def median_run(name: str) -> dict:
+        return sorted((pair[name] for pair in pairs), key=lambda run: run["rps"])[len(pairs) // 2]
+
+    ratios = [round(pair["bench-capture"]["rps"] / pair["bench"]["rps"], 3) for pair in pairs]
+    return {
+        "c8": median_run("bench-capture"),
+        "runtime_c8": median_run("bench"),
+        "c8_ratios": ratios,
+        "c8_ratio": statistics.median(ratios),
+        "capture_counts": counts,
+    }
 
 
 def main() -> None:
@@ -224,14 +279,18 @@ def main() -> None:
             with running(reference, port, env, scratch / "reference.log") as url:
                 results["reference"] = measure(wrk, f"{url}/invocations", single, args.duration)
                 results["reference"]["batch1000"] = batch_ms(url, batch)
-            with runtime_endpoint(model_dir, moto_url, scratch, args.workers, keys) as url:
+            with runtime_endpoint(model_dir, moto_url, scratch, args.workers, keys) as (service, urls):
+                url = urls["bench"]
                 results["runtime"] = measure(wrk, url, single, args.duration,
                                              signature(url, single, keys.pipeline, scratch))  # fmt: skip
+                signed = {name: signature(url, single, keys.pipeline, scratch, name) for name, url in urls.items()}
+                results["runtime_capture"] = capture_run(wrk, service.url, urls, single, args.duration, signed)
         finally:
             moto.terminate()
             moto.wait()
 
     project, reference, runtime = results["project"], results["reference"], results["runtime"]
+    capture = results["runtime_capture"]
     # The server's own time where it says it (the project's), else the round trip (the reference's).
     project["batch1000_ms"] = project["batch1000"]["server_ms"]
     reference["batch1000_ms"] = reference["batch1000"]["round_trip_ms"]
@@ -244,7 +303,8 @@ def main() -> None:
         "runtime_share_of_project": {
             f"c{n}_rps": round(runtime[f"c{n}"]["rps"] / project[f"c{n}"]["rps"], 2) for n in CONNECTIONS
         },
-        "targets": {**TARGETS, "runtime": RUNTIME_TARGETS},
+        "runtime_capture_share_of_runtime": {"c8_rps": round(capture["c8_ratio"], 2)},
+        "targets": {**TARGETS, "runtime": RUNTIME_TARGETS, "runtime_capture": CAPTURE_TARGETS},
         "meets_targets": {
             "c8_rps": project["c8"]["rps"] >= TARGETS["c8_rps"],
             "c8_p99_ms": project["c8"]["p99_ms"] <= TARGETS["c8_p99_ms"],
@@ -254,6 +314,9 @@ def main() -> None:
                 "c8_p99_ms": runtime["c8"]["p99_ms"] <= RUNTIME_TARGETS["c8_p99_ms"],
                 "c8_share_of_project": runtime["c8"]["rps"]
                 >= RUNTIME_TARGETS["c8_share_of_project"] * project["c8"]["rps"],
+            },
+            "runtime_capture": {
+                "c8_share_of_runtime": capture["c8_ratio"] >= CAPTURE_TARGETS["c8_share_of_runtime"],
             },
         },
         # Other work on the machine shows here: the figures are only as quiet as the machine was.

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(commands, "run", "cli.stack:run_command", "trigger the sweep on the local stack and follow it")
     run.add_argument("--conf", default=None, help="params as a JSON object, e.g. '{\"hidden_channels\": [4, 8]}'")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one param (JSON value)")
+    drift = _command(commands, "drift", "cli.drift:drift_command", "run the drift check of an endpoint's captured "
+                     "inputs on the local stack")  # fmt: skip
+    drift.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
+    drift.add_argument("--min-requests", type=int, default=None, help="fewer since the last check: not judged")
     predict = _command(commands, "predict", "cli.stack:predict_command", "ask the endpoint which digits images show")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG pictures of single digits")
     predict.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")

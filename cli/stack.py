@@ -880,6 +880,10 @@ def demo_command(args) -> int:
             f"Endpoint {summary['endpoint']['name']}: {image.name} (a {label}) → {result['digit']} "
             f"with {100 * result['confidence']:.1f}% confidence. Try: mnist-pipeline predict {image}"
         )
+        from tasks.deployment import capture_destination
+
+        console.print(f"Its inputs and answers are captured in {capture_destination(config)}/{summary['endpoint']['name']}/: "
+                      "check them for drift with `mnist-pipeline drift`")  # fmt: skip
     console.print(f"The stack stays up for you to explore: {state['airflow_url']}  (stop it: make down)")
     print(json.dumps(summary))
     return 0

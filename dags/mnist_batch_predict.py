@@ -14,6 +14,7 @@ the endpoint's registry group, or a version's ARN; an Approved version only.
 
 from __future__ import annotations
 
+import copy
 import datetime
 
 from airflow.sdk import dag, task
@@ -88,7 +89,9 @@ def summarize(settings: dict, transformed, model: dict, params: dict, run_id: st
     },
     dagrun_timeout=datetime.timedelta(hours=6),
     tags=["mnist", "sagemaker", "batch-transform"],
-    params=BATCH_PARAMS,
+    # Its own copy: a run's conf (dag.test) sets the values of the Param objects, which must not become the next
+    # parse's defaults in the same process.
+    params=copy.deepcopy(BATCH_PARAMS),
 )
 def mnist_batch_predict():
     settings = configuration()

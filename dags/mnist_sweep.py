@@ -23,13 +23,14 @@ AWS that `mnist-pipeline up` starts. Every field of the form has bounds; the REA
 
 from __future__ import annotations
 
+import copy
 import datetime
 
 from airflow.sdk import chain, dag, task
 from airflow.sdk.configuration import conf
 from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
 
-from tasks.assets import CHAMPION, DATASET
+from tasks.assets import CHAMPION, DATASET, DRIFT
 from tasks.dag_tasks import config_of, configuration
 from tasks.deployment import DEPLOY_TIMEOUT_SECONDS
 from tasks.monitoring import Thresholds
@@ -61,11 +62,19 @@ DAGRUN_TIMEOUT = datetime.timedelta(hours=12) + datetime.timedelta(minutes=MAX_T
 DEADLINE = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "deadline_seconds", fallback=4 * 3600))
 
 
-def _schedule() -> str | None:
+def _schedule():
+    """The configuration's schedule; with retrain_on_drift, a drift that mnist_drift finds also starts a run."""
     from tasks.config import load_config
 
-    schedule = load_config().schedule.strip()
-    return None if schedule.lower() in ("", "none") else schedule
+    config = load_config()
+    cron = None if config.schedule.strip().lower() in ("", "none") else config.schedule.strip()
+    if not config.retrains_on_drift:
+        return cron
+    if cron is None:
+        return DRIFT
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=DRIFT)
 
 
 def _refusing(build, *args, **kwargs):
@@ -204,7 +213,7 @@ def deploy(settings: dict, choice: dict, params: dict, run_id: str) -> dict:
         return deploy(choice["model"], previous_endpoint_config_name=choice["previous_endpoint_config_name"],
                       endpoint_name=params["endpoint_name"], run_id=run_id, config=config_of(settings),
                       check_interval=SAGEMAKER_CHECK_INTERVAL, traffic=traffic_of(params),
-                      alarm_thresholds=alarms)  # fmt: skip
+                      alarm_thresholds=alarms, capture_percent=params["capture_percentage"])  # fmt: skip
     except RolledBack as error:  # the previous model serves: a retry would only roll out the same model again
         raise AirflowFailException(str(error)) from error
 
@@ -288,7 +297,9 @@ def report(settings: dict, best, validation, decision, reviewed, choice, deploym
         reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=DEADLINE, callback=AsyncCallback(deadline_missed)
     ),
     tags=["mnist", "sagemaker", "training", "sweep"],
-    params=PARAMS,
+    # Its own copy: a run's conf (dag.test) sets the values of the Param objects, which must not become the next
+    # parse's defaults in the same process.
+    params=copy.deepcopy(PARAMS),
 )
 def mnist_sweep():
     settings = configuration()

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from local_sagemaker import alarms, aws, model_servers, processes
+from local_sagemaker import alarms, aws, capture, model_servers, processes
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
@@ -100,6 +100,10 @@ class Endpoints:
         fleet = local["fleet"]
         if fleet:
             record["ProductionVariants"] = [self._variant_summary(server) for server in fleet["servers"]]
+        # The data capture of the config the endpoint serves (or, while it is created, is to serve).
+        record["DataCaptureConfig"] = capture.summary(
+            fleet.get("data_capture") if fleet else self._data_capture(record["EndpointConfigName"])
+        )
         if pending := local["pending"]:
             # The new fleet's stage, as SageMaker shows it: ActivatingTraffic while traffic moves, then Baking.
             stage = {"Status": pending.get("stage", "ActivatingTraffic"), "StartTime": pending.get("stage_at", now())}
@@ -224,11 +228,24 @@ class Endpoints:
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
                 raise
             raise LaunchFailed(f"{type(error).__name__}: {error}") from error
-        return {"config": config_name, "servers": servers, "started_at": now()}
+        # The config's data capture, kept with its fleet: a config may be deleted, or made again under its name,
+        # while the fleet serves it.
+        data_capture = config.get("DataCaptureConfig")
+        return {"config": config_name, "servers": servers, "started_at": now(), "data_capture": data_capture}
+
+    def _data_capture(self, config_name: str) -> dict | None:
+        try:
+            return self.models.endpoint_config(config_name).get("DataCaptureConfig")
+        except ValidationException:  # deleted
+            return None
 
     @staticmethod
     def _targets(fleet: dict, share: float = 1.0) -> list[Target]:
-        return [Target(s["url"], s["variant"], fleet["config"], s["weight"] * share) for s in fleet["servers"]]
+        return [
+            Target(s["url"], s["variant"], fleet["config"], s["weight"] * share,
+                   capture.settings(fleet.get("data_capture"), s.get("role")))
+            for s in fleet["servers"]
+        ]  # fmt: skip
 
     def _retire(self, fleet: dict | None) -> None:
         """Wait until nothing is in flight to ``fleet`` (routed away already), then stop its servers."""
@@ -394,6 +411,8 @@ class Endpoints:
                 self._create(name)
             return (self._record(name)["Local"]["fleet"] or {}).get("servers", [])
         fleet = local["fleet"]
+        if "data_capture" not in fleet:  # recorded before fleets kept their config's data capture
+            fleet["data_capture"] = self._data_capture(fleet["config"])
         servers = []
         try:
             for server in fleet["servers"]:

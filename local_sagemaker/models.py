@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from local_sagemaker import capture
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.protocol import ValidationException, not_found
 from local_sagemaker.roles import Roles
@@ -91,6 +92,8 @@ class Models:
         variants = [variant["VariantName"] for variant in request["ProductionVariants"]]
         if len(set(variants)) != len(variants):
             raise ValidationException(f"Endpoint config {name}: variant names must be unique, got {variants}")
+        if request.get("DataCaptureConfig"):
+            capture.check(request["DataCaptureConfig"])
         with self.store.lock:
             if self.store.get(CONFIGS, name) is not None:
                 arn = self._arn("endpoint-config", name)

@@ -42,7 +42,7 @@ import httptools
 
 from local_aws import errors, sigv4
 from local_aws.permissions import Requirement
-from local_sagemaker import eventstream
+from local_sagemaker import capture, eventstream
 from local_sagemaker.access import Access, AccessDenied, NotCached
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class Target:
     variant: str
     config: str
     weight: float
+    capture: capture.Settings | None = None  # the config's data capture for this variant (local_sagemaker.capture)
 
 
 @dataclasses.dataclass
@@ -633,6 +634,8 @@ class Runtime:
         self.upstreams = Upstreams()
         # InvokeEndpointAsync's queue (local_sagemaker.async_inference), where the service gives the runtime one.
         self.asynchronous = None
+        # Data capture (local_sagemaker.capture.DataCapture), where the service gives the runtime one.
+        self.capture: capture.DataCapture | None = None
         self.clients: set[_Client] = set()
         self.server: asyncio.Server | None = None
         # Each client connection is a file descriptor, and so is each connection on to a model server.
@@ -650,6 +653,8 @@ class Runtime:
             client.transport.close()
         if self.asynchronous is not None:
             await self.asynchronous.close()
+        if self.capture is not None:
+            await self.capture.close()
         self.upstreams.close()
         if self.server is not None:
             await self.server.wait_closed()
@@ -708,6 +713,8 @@ class Runtime:
                 sending.cancel()
                 self.router.in_flight[target.url] -= 1
         self._sample(target, started, reply.status, reply.headers, reply.body)
+        if target.capture is not None and self.capture is not None and 200 <= reply.status < 300:
+            self.capture.record(name, target.capture, target.variant, request, reply)
         headers = [(canonical, reply.headers[lower]) for lower, canonical in _KEPT_RESPONSE_HEADERS.items()
                    if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)]  # fmt: skip
         headers.append(("x-Amzn-Invoked-Production-Variant", target.variant))

@@ -4,6 +4,7 @@
   Each request is validated against botocore's own service model and each answer shaped by it
   (local_sagemaker.protocol); errors come back as SageMaker's (ValidationException, ResourceInUse, ...).
 - ``GET /ping``: 200 once the endpoints the records name serve again after a start, 503 until then.
+- ``GET /_local/data-capture``: the data capture's counts per endpoint (local_sagemaker.capture).
 - On the runtime port, ``POST /endpoints/{EndpointName}/invocations``: InvokeEndpoint (local_sagemaker.runtime),
   as AWS keeps it on a host of its own (``runtime.sagemaker``); beside it InvokeEndpointWithResponseStream and
   InvokeEndpointAsync (local_sagemaker.async_inference).
@@ -33,6 +34,7 @@ from local_aws import errors, sigv4
 from local_sagemaker import protocol
 from local_sagemaker.access import Access
 from local_sagemaker.async_inference import AsyncInvocations
+from local_sagemaker.capture import COUNTS_PATH, DataCapture
 from local_sagemaker.endpoints import Endpoints
 from local_sagemaker.experiments import Experiments
 from local_sagemaker.models import Models
@@ -147,6 +149,7 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
     """The control plane's app; the runtime's server starts and stops with it, in the same event loop (the
     routes it follows are the service's)."""
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sagemaker-api")
+    capture = DataCapture(service.roles, service.endpoints.arn)
 
     async def control_plane(request: web.Request) -> web.Response:
         body = await request.read()
@@ -180,10 +183,15 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
         ready = service.endpoints.ready.is_set()
         return web.json_response({"status": "Healthy" if ready else "Recovering"}, status=200 if ready else 503)
 
+    async def capture_counts(request: web.Request) -> web.Response:
+        return web.json_response(capture.counts())
+
     async def lifecycle(app: web.Application):
         runtime = Runtime(service.router, ACCOUNT, service.access, service.region)
         runtime.asynchronous = AsyncInvocations(service.store, service.models, service.roles, service.router,
                                                 runtime.upstreams, service.endpoints.arn, service.region)  # fmt: skip
+        runtime.capture = capture
+        capture.start()
         await runtime.start(runtime_host, runtime_port)
         service.start()
         runtime.asynchronous.recover()
@@ -195,6 +203,7 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app.router.add_post("/", control_plane)
     app.router.add_get("/ping", ping)
+    app.router.add_get(COUNTS_PATH, capture_counts)
     app.router.add_get(CREDENTIALS_PATH, credentials)
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -25,6 +25,10 @@ PUBLIC_MNIST_MIRRORS = (
 )
 
 
+# The bounds of retrain_interval_hours: an hour to thirty days between drift-triggered retraining runs.
+MIN_RETRAIN_HOURS, MAX_RETRAIN_HOURS = 1, 720
+
+
 def comma_list(setting: str) -> tuple[str, ...]:
     """The entries of a comma-separated setting, stripped, empty ones left out."""
     return tuple(part.strip() for part in setting.split(",") if part.strip())
@@ -73,10 +77,24 @@ class PipelineConfig:
     kms_key_id: str = ""
     subnets: str = ""
     security_group_ids: str = ""
+    # The drift check (dags/mnist_drift.py): its schedule (a cron string, a preset, or "none"); whether a drift it
+    # finds schedules a retraining run of the sweep ("true" or "false"); and at most how often (hours, 1-720).
+    drift_schedule: str = "@hourly"
+    retrain_on_drift: str = "false"
+    retrain_interval_hours: int = 24
 
     def __post_init__(self):
         if not self.bucket:
             raise ValueError("mnist_pipeline bucket must not be empty")
+        if self.retrain_on_drift.strip().lower() not in ("true", "false"):
+            raise ConfigError(f"mnist_pipeline retrain_on_drift must be true or false, got {self.retrain_on_drift!r}")
+        if not MIN_RETRAIN_HOURS <= self.retrain_interval_hours <= MAX_RETRAIN_HOURS:
+            raise ConfigError(f"mnist_pipeline retrain_interval_hours must be {MIN_RETRAIN_HOURS}-{MAX_RETRAIN_HOURS}, "
+                              f"got {self.retrain_interval_hours}")  # fmt: skip
+
+    @property
+    def retrains_on_drift(self) -> bool:
+        return self.retrain_on_drift.strip().lower() == "true"
 
     @property
     def s3_root(self) -> str:

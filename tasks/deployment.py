@@ -23,6 +23,32 @@ from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 log = logging.getLogger(__name__)
 
 ENDPOINT_INSTANCE_TYPE = "ml.m5.large"
+# Data capture: the share of invocations whose input and output the endpoint keeps (the form's capture_percentage),
+# under <s3_root>/capture/<endpoint>/<variant>/yyyy/mm/dd/hh/, where the drift check (mnist_drift) reads them.
+DEFAULT_CAPTURE_PERCENT = 100
+CAPTURE_PREFIX = "capture"
+# How capture writes each body: the JSON requests and answers as their text, the rest (.npy, images) in base64.
+CAPTURE_CONTENT_TYPES = {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]}
+
+
+def capture_destination(config: PipelineConfig) -> str:
+    return f"{config.s3_root}/{CAPTURE_PREFIX}"
+
+
+def data_capture_config(config: PipelineConfig, percent: int) -> dict | None:
+    """The endpoint config's DataCaptureConfig: inputs and outputs, ``percent`` of the invocations; None for 0."""
+    if not percent:
+        return None
+    capture = {
+        "EnableCapture": True,
+        "InitialSamplingPercentage": percent,
+        "DestinationS3Uri": capture_destination(config),
+        "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        "CaptureContentTypeHeader": CAPTURE_CONTENT_TYPES,
+    }
+    if config.kms_key_id:
+        capture["KmsKeyId"] = config.kms_key_id
+    return capture
 
 
 def endpoint_config_name(endpoint_name: str, run_id: str) -> str:
@@ -51,9 +77,10 @@ def inference_container(model_data_url: str, config: PipelineConfig) -> dict:
 
 
 def sagemaker_deploy_requests(
-    best: Mapping, *, endpoint_name: str, run_id: str, config: PipelineConfig
+    best: Mapping, *, endpoint_name: str, run_id: str, config: PipelineConfig, capture_percent: int = 0
 ) -> dict[str, dict]:
-    """The three requests that serve ``best`` (selection's answer) on ``endpoint_name``."""
+    """The three requests that serve ``best`` (selection's answer) on ``endpoint_name``, capturing
+    ``capture_percent`` of its invocations."""
     model_name = best["training_job_name"]  # unique per run and a record of where the model came from
     config_name = endpoint_config_name(endpoint_name, run_id)
     tags = [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}]
@@ -75,6 +102,7 @@ def sagemaker_deploy_requests(
                     "InitialVariantWeight": 1.0,
                 }
             ],
+            **({"DataCaptureConfig": capture} if (capture := data_capture_config(config, capture_percent)) else {}),
             "Tags": tags,
         },
         "endpoint": {"EndpointName": endpoint_name, "EndpointConfigName": config_name, "Tags": tags},
@@ -186,6 +214,7 @@ def deploy(
     check_interval: int = 30,
     traffic: Mapping | None = None,
     alarm_thresholds: Mapping | None = None,
+    capture_percent: int = 0,
 ) -> dict:
     """Serve ``best`` (selection's answer, or a registry version as tasks.registry.as_model gives it) on
     ``endpoint_name``, where ``previous_endpoint_config_name`` served before this run (what a rollback restores).
@@ -203,7 +232,9 @@ def deploy(
     from tasks.alarms import put_alarms
 
     hook = sagemaker_hook(config)
-    requests = sagemaker_deploy_requests(best, endpoint_name=endpoint_name, run_id=run_id, config=config)
+    requests = sagemaker_deploy_requests(
+        best, endpoint_name=endpoint_name, run_id=run_id, config=config, capture_percent=capture_percent
+    )
     model_name = requests["model"]["ModelName"]
     config_name = requests["endpoint_config"]["EndpointConfigName"]
     if _exists(hook.describe_model, model_name):

@@ -2,6 +2,7 @@
 
 DAG_ID = "mnist_sweep"  # the sweep DAG (dags/mnist_sweep.py)
 BATCH_DAG_ID = "mnist_batch_predict"  # the batch predictions DAG (dags/mnist_batch_predict.py)
+DRIFT_DAG_ID = "mnist_drift"  # the drift check (dags/mnist_drift.py)
 DEFAULT_ENDPOINT = "mnist-classifier"
 VARIANT_NAME = "AllTraffic"  # the variant name SageMaker gives a single-variant endpoint config
 ENDPOINT_NAMESPACE = "AWS/SageMaker"  # the invocation metrics of endpoints

@@ -1,4 +1,4 @@
-"""The DAGs' trigger forms (the sweep's PARAMS, the batch predictions' BATCH_PARAMS): every field typed, titled
+"""The DAGs' trigger forms (the sweep's PARAMS, the batch predictions' BATCH_PARAMS, the drift check's DRIFT_PARAMS): every field typed, titled
 and bounded, in sections. Light: the DAGs import it at parse time (Airflow's Param, the configuration, and the
 defaults of the modules that own them)."""
 
@@ -11,6 +11,7 @@ from airflow.sdk.configuration import conf
 
 from tasks.batch import TRANSFORM_INSTANCE_TYPE
 from tasks.deployment import (
+    DEFAULT_CAPTURE_PERCENT,
     DEPLOY_TIMEOUT_SECONDS,
     MAX_BAKE_SECONDS,
     MAX_TRAFFIC_PERCENT,
@@ -18,6 +19,7 @@ from tasks.deployment import (
     MIN_TRAFFIC_PERCENT,
     deploy_seconds,
 )
+from tasks.drift import DEFAULT_MAX_REQUESTS, DEFAULT_MIN_REQUESTS, MAX_REQUESTS_BOUNDS, MIN_REQUESTS_BOUNDS
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
 from tasks.names import DEFAULT_ENDPOINT, PRECISIONS
@@ -246,6 +248,16 @@ PARAMS = {
         f"{TRAFFIC_BOUND}",
         section=SECTION_DATA,
     ),
+    "capture_percentage": Param(
+        DEFAULT_CAPTURE_PERCENT,
+        type="integer",
+        minimum=0,
+        maximum=100,
+        title="Data capture (%)",
+        description="Share of the endpoint's invocations whose input and output it keeps in S3 (<s3_root>/capture/), "
+        "where the drift check (mnist_drift) reads them (0-100; 0: none).",
+        section=SECTION_DATA,
+    ),
     "min_test_accuracy": Param(
         DEFAULT_MIN_TEST_ACCURACY,
         type="number",
@@ -432,5 +444,39 @@ BATCH_PARAMS = {
         "per second on CPUs with AMX or AVX-512 BF16 (others compute float32), probabilities within about a "
         "hundredth, a label in 10,000 may change.",
         section=SECTION_JOB,
+    ),
+}
+
+# The drift check's form (dags/mnist_drift.py).
+SECTION_DRIFT = "Drift check"
+DRIFT_PARAMS = {
+    "endpoint_name": Param(
+        DEFAULT_ENDPOINT,
+        type="string",
+        pattern=ENDPOINT_PATTERN,
+        title="Endpoint name",
+        description="The endpoint whose data capture is checked (<s3_root>/capture/<endpoint>/): what its "
+        "invocations sent since the last check.",
+        section=SECTION_DRIFT,
+    ),
+    "min_requests": Param(
+        DEFAULT_MIN_REQUESTS,
+        type="integer",
+        minimum=MIN_REQUESTS_BOUNDS[0],
+        maximum=MIN_REQUESTS_BOUNDS[1],
+        title="Minimum requests",
+        description=f"Fewer captured requests than this since the last check: not enough data, nothing judged and "
+        f"nothing changed ({MIN_REQUESTS_BOUNDS[0]}-{MIN_REQUESTS_BOUNDS[1]}).",
+        section=SECTION_DRIFT,
+    ),
+    "max_requests": Param(
+        DEFAULT_MAX_REQUESTS,
+        type="integer",
+        minimum=MAX_REQUESTS_BOUNDS[0],
+        maximum=MAX_REQUESTS_BOUNDS[1],
+        title="Maximum requests",
+        description=f"At most this many captured requests are read by one check (whole capture files, oldest "
+        f"first); the rest waits for the next ({MAX_REQUESTS_BOUNDS[0]}-{MAX_REQUESTS_BOUNDS[1]}).",
+        section=SECTION_DRIFT,
     ),
 }

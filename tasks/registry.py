@@ -68,6 +68,8 @@ def registration(best: Mapping, dataset_uri: str, run_id: str, config: PipelineC
         "dataset_sha256": dataset_uri.rstrip("/").rsplit("/", 1)[-1],  # its content address
         "parameters": str(best.get("parameters")),
         "per_class_accuracy": json.dumps(best.get("per_class_accuracy")),  # digits 0-9, from its metrics.json
+        # Its mean probability for its own answers on the test set, which the drift check holds served inputs to.
+        "test_confidence": json.dumps(best.get("test_confidence")),
         "hyperparameters": hyperparameters[:METADATA_VALUE_LIMIT],
     }
     statistics = {  # the shape of SageMaker Model Monitor's model quality statistics
@@ -128,7 +130,19 @@ def as_model(description: Mapping) -> dict:
         "training_job_name": metadata["training_job"],
         "dataset_uri": metadata["dataset"],
         "run_id": metadata.get("run_id"),
+        # None for a version registered before the metric existed: the drift check then judges no confidence.
+        "test_confidence": _fraction(metadata.get("test_confidence")),
     }
+
+
+def _fraction(text: str | None) -> float | None:
+    """A metadata value that should hold a fraction; None where it is missing or is not one (metadata can be edited
+    by anyone who may update the version)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 1.0 else None
 
 
 def served_model(config: PipelineConfig, endpoint_config_name: str) -> str:

@@ -25,6 +25,7 @@ def summarize_trial(metrics: Mapping, name: str | None = None) -> dict:
         "accuracy_avg": statistics.fmean(accuracies),
         "test_accuracy": metrics.get("test_accuracy", accuracies[-1]),
         "test_loss": metrics.get("test_loss"),
+        "test_confidence": metrics.get("test_confidence"),
         "train_loss": metrics.get("train_loss"),
         "seconds": metrics.get("wall_seconds"),
         "parameters": metrics.get("parameters"),

@@ -15,7 +15,7 @@ from training.mnist_idx import load_mnist
 DAG_FILE = ROOT / "dags" / "mnist_sweep.py"
 
 
-def parse_dag():
+def parse_dag(dag_id: str = "mnist_sweep"):
     from airflow.dag_processing.dagbag import DagBag
 
     with pytest.MonkeyPatch.context() as patch:
@@ -25,7 +25,7 @@ def parse_dag():
         patch.setenv("AIRFLOW__MNIST_PIPELINE__BAKE_SECONDS", "10")
         bag = DagBag(str(DAG_FILE.parent))
     assert bag.import_errors == {}
-    dag = bag.dags["mnist_sweep"]
+    dag = bag.dags[dag_id]
     # dag.test() cannot create a run of a DAG with a deadline alert (Airflow 3.3.2: it looks the alert up by its
     # definition instead of its id). The stack tests run the DAG as written, deadline and all.
     dag.deadline = None

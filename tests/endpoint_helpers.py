@@ -48,9 +48,10 @@ def model_artifacts(data_dir: Path, root: Path) -> dict:
     }
 
 
-def train_artifact(model_dir: Path, data_dir: Path, hidden_channels: int = 10, seed: int = 0, epochs: int = 5) -> float:
-    """Train seed_cnn on ``data_dir`` for a few seconds and write its artifact into ``model_dir``; returns its
-    test accuracy."""
+def train_artifact(model_dir: Path, data_dir: Path, hidden_channels: int = 10, seed: int = 0, epochs: int = 5,
+                   limit: int | None = None) -> float:  # fmt: skip
+    """Train seed_cnn on ``data_dir`` (its first ``limit`` training images) for a few seconds and write its artifact
+    into ``model_dir``; returns its test accuracy."""
     import torch
     import torch.nn.functional as F
 
@@ -67,10 +68,10 @@ def train_artifact(model_dir: Path, data_dir: Path, hidden_channels: int = 10, s
 
     # The synthetic digits sit anywhere in the frame; MNIST's, like the pictures the handler converts, are
     # centred by mass. Train on both.
-    raw = data["train_images"]
+    raw = data["train_images"][:limit]
     centred = np.stack([handler.mnist_normalize(image.astype(np.float32)) for image in raw])
     images = normalized(np.concatenate([raw, centred]))
-    labels = torch.from_numpy(np.tile(data["train_labels"], 2).astype("int64"))
+    labels = torch.from_numpy(np.tile(data["train_labels"][:limit], 2).astype("int64"))
     # SGD with momentum by hand: torch.optim imports torch._dynamo, seconds of CPU for nothing here.
     parameters = list(network.parameters())
     velocities = [torch.zeros_like(p) for p in parameters]

@@ -125,9 +125,9 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
         page.get_by_text(f"hidden_channels={value}", exact=True).first.wait_for(timeout=30_000)
     page.screenshot(path=SCREENSHOTS / "6-sweep-members-by-name.png", full_page=True)
 
-    # The run's report inside the UI: the "Sweep report" view on the run's page (the project's Airflow plugin).
+    # The run's report inside the UI: the "Run report" view on the run's page (the project's Airflow plugin).
     page.goto(f"{stack.url}/dags/mnist_sweep/runs/{run_id}")
-    page.get_by_role("tab", name="Sweep report").or_(page.get_by_role("link", name="Sweep report")).first.click()
+    page.get_by_role("tab", name="Run report").or_(page.get_by_role("link", name="Run report")).first.click()
     frame = page.frame_locator("iframe").first
     frame.get_by_role("table").first.wait_for(timeout=30_000)
     header = frame.get_by_role("table").first.inner_text()

@@ -17,7 +17,7 @@ HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
 PARAMS = ("search", "tune_strategy", "tune_max_jobs", "tune_max_parallel", "tune_lr", "tune_dropout", "tune_epochs",
           "tune_batch_size", "tune_early_stopping", "tune_target_accuracy", "deploy_only", "approval", "approval_timeout",
           "hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
-          "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "traffic_shift", "traffic_percent",
+          "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "capture_percentage", "traffic_shift", "traffic_percent",
           "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
           "accuracy_tolerance", "smoke_requests", "metrics_timeout", "min_live_accuracy", "max_accuracy_drop",
           "max_error_rate", "max_p99_latency_ms", "max_model_latency_ms", "max_5xx_rate", "min_rate_requests",
@@ -228,6 +228,8 @@ def test_schedule_comes_from_configuration(monkeypatch):
         ({"tune_max_parallel": 0}, "tune_max_parallel"),
         ({"approval": "sometimes"}, "approval"),
         ({"approval_timeout": 0}, "approval_timeout"),
+        ({"capture_percentage": 101}, "capture_percentage"),
+        ({"capture_percentage": -1}, "capture_percentage"),
         ({"approval_timeout": 7 * 24 * 60 + 1}, "approval_timeout"),  # a week at most
     ],
 )

@@ -4,7 +4,8 @@ role (iam/sagemaker-execution-role-*.json), its bucket has iam/bucket-policy.jso
 
 1. Whole runs succeed and nothing anywhere was refused: a sweep that deploys (its champion's asset event has the
    batch DAG classify the digits waiting in its input), a tuning run, a canary whose monitoring check fails and rolls
-   it back, a run that registers for a person's approval, `mnist-pipeline approve`, and a deploy-only run.
+   it back, a run that registers for a person's approval, `mnist-pipeline approve`, a deploy-only run, and a drift
+   check of what the endpoint captured meanwhile.
 2. Every statement of the identity and trust policies is needed: each of the stack's recorded authorization requests
    is evaluated again by the same evaluator with that one statement taken out, and some request a named step made
    must then be refused, naming its action.
@@ -103,6 +104,10 @@ def runs(stack, small_mnist) -> dict[str, Run]:
     version = re.search(r"version (\d+) awaits a person's approval", outputs["manual"].output)
     outputs["approve"] = cli("approve", version.group(1) if version else "0", "--reason", "reviewed by the policy test")
     outputs["deploy_only"] = run({"deploy_only": True, "bake_seconds": 0})
+    # The endpoint captured every invocation above (as the execution role), and these digits, enough for a window
+    # that is judged: the drift check reads them, judges them and publishes its figures.
+    stack.invoke_all(np.concatenate([read_idx(small_mnist / MNIST_FILES["test_images"])] * 5))
+    outputs["drift"] = cli("drift")
     return outputs
 
 
@@ -118,6 +123,7 @@ def test_whole_runs_succeed_under_exactly_the_shipped_policies(stack, runs):
     assert "awaits a person's approval" in runs["manual"].output, runs["manual"].output[-3000:]
     assert "PendingManualApproval → Approved" in runs["approve"].output, runs["approve"].output
     assert re.search(r"Run \S+ success in", runs["deploy_only"].output), runs["deploy_only"].output[-3000:]
+    assert re.search(r"^(no )?drift: ", runs["drift"].output, re.MULTILINE), runs["drift"].output[-3000:]
     with stack.api() as api:
         batch = wait_for_run(api, "mnist_batch_predict", run_type="asset_triggered", timeout=240)
         assert batch["state"] == "success", batch

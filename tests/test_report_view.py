@@ -141,7 +141,7 @@ def test_of_a_runs_report_only_the_files_the_report_writes_are_served(view):
         assert answer.json()["detail"] == expected, answer.json()
     assert get(view, f"{DAG_ID}/{run}/report/report.html").text == "<h1>Sweep report</h1><img src='curves.png'>"
     assert get(view, f"{DAG_ID}/{run}/summary/report.html").json()["detail"] == (
-        "a run stores report and validation, not 'summary'"
+        f"a run of {DAG_ID} stores report and validation, not 'summary'"
     )
 
 

@@ -37,6 +37,9 @@ from tasks.names import DAG_ID
 from tests.alerts import read_alerts, subscribe_queue
 from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
+# Minutes of runs one after another: `make test-long`, run by .ci/run.
+pytestmark = [pytest.mark.long, pytest.mark.slow]
+
 ENDPOINT = "safe-local"
 # Learns the small digits in three short epochs: hidden_channels 16 reaches > 0.9, 2 stays below it.
 GOOD = {"epochs": 3, "optimizer": "adam", "lr": 0.005, "batch_size": 32, "hidden_channels": [2, 16]}

@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -227,6 +228,32 @@ def test_the_new_champion_had_the_batch_dag_classify_the_waiting_digits(stack):
     assert summary["images"] == 30 and summary["version"] == 1 and sum(summary["counts"].values()) == 30
 
 
+def test_drift_in_the_captured_traffic_starts_a_retraining_run_that_says_why(stack, small_mnist):
+    """The sweep deployed with capture on (capture_percentage 100 by default): its digits and the smoke load's are
+    no drift; inverted digits are, and the drift's asset event starts a retraining run of mnist_sweep (this stack
+    has retrain_on_drift), whose note says why."""
+    from training.mnist_idx import MNIST_FILES, read_idx
+
+    images = np.concatenate([read_idx(small_mnist / MNIST_FILES["test_images"])] * 5)  # 500: a window judged
+    clean = _drift_check(stack, images)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "no drift: No drift in " in clean.stdout, clean.stdout
+    assert re.search(r"Report: s3://\S+/drift-runs/\S+/report/report.html \(on this machine: ", clean.stdout)
+    drift = _drift_check(stack, 255 - images)
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert "drift: Drift in 500 requests to mnist-classifier: " in drift.stdout, drift.stdout
+    with stack.api() as api:
+        retraining = wait_for_run(api, "mnist_sweep", run_type="asset_triggered", timeout=600)
+        checked = api.get("/dags/mnist_drift/dagRuns", params={"order_by": "-run_after"}).json()["dag_runs"][0]
+    assert retraining["note"].startswith("Retraining because of drift: Drift in 500 requests to mnist-classifier: ")
+    assert checked["note"].startswith("Drift in 500 requests") and "Asked for retraining" in checked["note"]
+
+
+def _drift_check(stack, images):
+    stack.invoke_all(images)
+    return stack.cli("drift", timeout=300)
+
+
 def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
 
     processes = stack_processes(stack)
@@ -249,8 +276,9 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
         log = (stack.paths.logs / "local-sagemaker.log").read_text()[-4000:]
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
         sagemaker = stack.client("sagemaker")
-        [approved] = sagemaker.list_model_packages(ModelPackageGroupName="mnist-classifier",
-                                                   ModelApprovalStatus="Approved")["ModelPackageSummaryList"]  # fmt: skip
+        # The newest Approved version: the drift's retraining run may have made a second.
+        approved, *_ = sagemaker.list_model_packages(ModelPackageGroupName="mnist-classifier", ModelApprovalStatus="Approved",
+                                                     SortBy="CreationTime", SortOrder="Descending")["ModelPackageSummaryList"]  # fmt: skip
         version = sagemaker.describe_model_package(ModelPackageName=approved["ModelPackageArn"])
         config_name = sagemaker.describe_endpoint(EndpointName="mnist-classifier")["EndpointConfigName"]
         variant = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"][0]

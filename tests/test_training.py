@@ -532,6 +532,7 @@ def test_trial_summary_and_table():
 
 @pytest.mark.real_data
 @pytest.mark.slow
+@pytest.mark.long
 def test_seed_settings_reach_96_percent_on_mnist(tmp_path, real_mnist):
     result = run_train(real_mnist, tmp_path / "job", "--hidden_channels", "10", SM_NUM_CPUS=str(os.cpu_count()))
     assert result.returncode == 0, result.stdout + result.stderr

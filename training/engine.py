@@ -110,6 +110,8 @@ def train_epoch(
 class Evaluation:
     loss: float
     accuracy: float
+    # The mean probability the model gives its own answer: the drift check compares served inputs' with it.
+    confidence: float
     predictions: torch.Tensor  # on the CPU
     confusion: np.ndarray  # [true digit, predicted digit] counts
 
@@ -129,17 +131,21 @@ def evaluate(
 ) -> Evaluation:
     model.eval()
     loss = torch.zeros((), device=images.device)
+    confidence = torch.zeros((), device=images.device)
     predictions = []
     for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
         output = model(x.contiguous(memory_format=memory_format))
         loss += F.nll_loss(output, y, reduction="sum")
-        predictions.append(output.argmax(dim=1))
+        top = output.max(dim=1)  # log-probabilities: the model ends in log_softmax
+        confidence += top.values.float().exp().sum()
+        predictions.append(top.indices)
     predicted = torch.cat(predictions)
     classes = 10
     confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
     return Evaluation(
         loss=loss.item() / len(labels),
         accuracy=(predicted == labels).sum().item() / len(labels),
+        confidence=confidence.item() / len(labels),
         predictions=predicted.cpu(),
         confusion=confusion.cpu().numpy(),
     )

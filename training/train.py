@@ -280,6 +280,7 @@ def train(
         "hidden_channels": args.hidden_channels,
         "test_accuracy": evaluation.accuracy,
         "test_loss": evaluation.loss,
+        "test_confidence": evaluation.confidence,
         "train_loss": result.train_loss,
         "history": history,
         "per_class_accuracy": evaluation.per_class_accuracy,

@@ -1,17 +1,18 @@
-"""The "Sweep report" view on each run's page: the report and the Data Docs a run of the sweep DAG stored, served
+"""The "Run report" view on each run's page: the report (and Data Docs) a run of the sweep or drift DAG stored, served
 behind Airflow's own authentication and permissions (the logged-in UI's session cookie, or a bearer token; the user
 must be allowed to read the DAG's runs).
 
 Files come from the run's directory on this machine when it is there, else from S3 through the pipeline's AWS
-connection, exactly where tasks/report.py put them: `<state_dir or s3_root>/runs/<run>/{report,validation}/...`.
+connection, exactly where tasks/report.py put them: `<state_dir or s3_root>/runs/<run>/{report,validation}/...`
+(a drift check's, tasks/drift.py: `<state_dir or s3_root>/drift-runs/<run>/report/...`).
 
 What is served, and how, assumes that whoever can write to the bucket may have put anything under a run's prefix:
-- only the sweep DAG's reports, and only for a run that Airflow's database knows as a run of it (a report is found
-  by run id alone, and run ids are unique per DAG only);
-- of a run's report/, only the files the report writes (tasks.report.REPORT_FILES, by name): a page planted beside
-  them is not served; of its validation/ (the great-expectations Data Docs, a site of many generated pages), only
-  the types the report writes (tasks.report.CONTENT_TYPES) and never a script; each as its own type, never guessed
-  from the body;
+- only the sweep and drift DAGs' reports, and only for a run that Airflow's database knows as a run of it (a report
+  is found by run id alone, and run ids are unique per DAG only);
+- of a run's report/, only the files the report writes (tasks.report.REPORT_FILES, tasks.drift.DRIFT_REPORT_FILES,
+  by name): a page planted beside them is not served; of its validation/ (the great-expectations Data Docs, a site
+  of many generated pages), only the types the report writes (tasks.report.CONTENT_TYPES) and never a script; each
+  as its own type, never guessed from the body;
 - under a Content-Security-Policy that sandboxes the page and lets nothing run: this is Airflow's origin. The
   report itself needs only its own images and styles. The great-expectations Data Docs load their scripts, fonts
   and stylesheets from CDNs: none of that loads here, and they show as plain HTML (their tables and verdicts, their
@@ -30,11 +31,17 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from tasks.names import DAG_ID
-from tasks.report import CONTENT_TYPES, REPORT_FILES, REPORT_VIEW_PREFIX
+from tasks import drift, report
+from tasks.names import DAG_ID, DRIFT_DAG_ID
+from tasks.report import CONTENT_TYPES, REPORT_VIEW_PREFIX
 
 URL_PREFIX = REPORT_VIEW_PREFIX
-PARTS = ("report", "validation")  # what a run stores: its report, and the Data Docs of its data checks
+# Per DAG: what a run stores (a sweep its report and the Data Docs of its data checks; a drift check its report),
+# the files of its report, and where its folder is on this machine and in S3.
+LAYOUTS = {
+    DAG_ID: (("report", "validation"), report.REPORT_FILES, report.run_directory, report.run_s3_uri),
+    DRIFT_DAG_ID: (("report",), drift.DRIFT_REPORT_FILES, drift.run_directory, drift.run_s3_uri),
+}
 # What a run's files are served as: the types the report writes, less any a browser would run as a script.
 SERVED_TYPES = {suffix: kind for suffix, kind in CONTENT_TYPES.items() if "javascript" not in kind}
 # `sandbox` without allow-scripts: no script runs, whatever the page says, and no form, popup or top navigation
@@ -61,11 +68,12 @@ def _relative(path: str) -> PurePosixPath:
     return relative
 
 
-def _served_type(part: str, relative: PurePosixPath) -> str:
+def _served_type(dag_id: str, part: str, relative: PurePosixPath) -> str:
     """The content type ``relative`` is served as, or 404: under report/ a file the report writes, under
     validation/ a file of a type it writes."""
-    if part == "report" and str(relative) not in REPORT_FILES.values():
-        names = ", ".join(REPORT_FILES.values())
+    files = LAYOUTS[dag_id][1]
+    if part == "report" and str(relative) not in files.values():
+        names = ", ".join(files.values())
         raise HTTPException(404, f"{str(relative)!r} is not served: a run's report is {names}, nothing else")
     kind = SERVED_TYPES.get(relative.suffix)
     if kind is None:
@@ -74,18 +82,18 @@ def _served_type(part: str, relative: PurePosixPath) -> str:
     return kind
 
 
-def _check_run(session, run_id: str) -> None:
-    if session.scalar(select(DagRun.id).where(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id)) is None:
-        raise HTTPException(404, f"{DAG_ID} has no run {run_id!r}")
+def _check_run(session, dag_id: str, run_id: str) -> None:
+    if session.scalar(select(DagRun.id).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)) is None:
+        raise HTTPException(404, f"{dag_id} has no run {run_id!r}")
 
 
-def _read(run_id: str, part: str, relative: PurePosixPath) -> bytes:
+def _read(dag_id: str, run_id: str, part: str, relative: PurePosixPath) -> bytes:
     from botocore.exceptions import ClientError
 
     from tasks.config import load_config
-    from tasks.report import run_directory, run_s3_uri
     from tasks.s3 import read_object
 
+    _, _, run_directory, run_s3_uri = LAYOUTS[dag_id]
     config = load_config()
     directory = (run_directory(config, run_id) / part).resolve()
     local = directory / relative
@@ -109,11 +117,12 @@ def _read(run_id: str, part: str, relative: PurePosixPath) -> bytes:
     dependencies=[Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.RUN))],
 )
 def run_file(dag_id: str, run_id: str, part: str, path: str, session: SessionDep) -> Response:
-    if dag_id != DAG_ID:
-        raise HTTPException(404, f"reports are kept for the runs of {DAG_ID}, not of {dag_id!r}")
-    if part not in PARTS:
-        raise HTTPException(404, f"a run stores {' and '.join(PARTS)}, not {part!r}")
+    if dag_id not in LAYOUTS:
+        raise HTTPException(404, f"reports are kept for the runs of {' and '.join(LAYOUTS)}, not of {dag_id!r}")
+    parts = LAYOUTS[dag_id][0]
+    if part not in parts:
+        raise HTTPException(404, f"a run of {dag_id} stores {' and '.join(parts)}, not {part!r}")
     relative = _relative(path)
-    kind = _served_type(part, relative)
-    _check_run(session, run_id)
-    return Response(_read(run_id, part, relative), media_type=kind, headers=HEADERS)
+    kind = _served_type(dag_id, part, relative)
+    _check_run(session, dag_id, run_id)
+    return Response(_read(dag_id, run_id, part, relative), media_type=kind, headers=HEADERS)

@@ -1,4 +1,5 @@
-"""The run's note: when a sweep run ends, one paragraph on it where ops teams look first, the run's page.
+"""The run's note: when a sweep or drift check run ends, one paragraph on it where ops teams look first, the run's
+page.
 
 The Task SDK gives a task no call that writes the note, so a listener does it, in the scheduler, as it records the
 run's end: the winner and its accuracy, whether it was deployed and why not, the monitoring check's result, and
@@ -11,11 +12,12 @@ import logging
 
 from airflow.listeners import hookimpl
 
-from tasks.names import DAG_ID
+from tasks.names import DAG_ID, DRIFT_DAG_ID
 
 log = logging.getLogger(__name__)
 
 TASKS = ("select_best", "gate", "candidate", "deploy", "monitor", "report")
+DRIFT_TASKS = ("check_capture", "alert")
 NOTE_LIMIT = 1000  # the note column's size
 
 
@@ -53,18 +55,42 @@ def summary(results: dict, state: str) -> str:
         parts.append(f"Deployed to {deployment['endpoint_name']}; its monitoring check did not finish.")
     if report:
         parts.append(f"Report: {report.get('html_s3_uri')} (on this machine: {report.get('html')}).")
-    text = " ".join(parts)
+    return _bounded(" ".join(parts))
+
+
+def drift_summary(results: dict, state: str) -> str:
+    """The paragraph for a drift check's run: its verdict and figures, what it did about a drift, its report."""
+    result, alerted = results.get("check_capture"), results.get("alert")
+    if not result:
+        return f"Drift check {state}: the capture was not read (see the failed task)."
+    parts = [result["summary"]]
+    if result["verdict"] == "drift":
+        parts.append("Asked for retraining (an mnist_drift asset event)." if alerted else
+                     "Told the topic; no retraining asked: one was asked within retrain_interval_hours.")  # fmt: skip
+    parts.append(f"Report: {result['report']}.")
+    return _bounded(" ".join(parts))
+
+
+def retraining_reason(events) -> str:
+    """Why a sweep run started, when drift did: the drift check's summary of the window that asked for it."""
+    for event in events:
+        if event.asset.name == "mnist_drift" and (event.extra or {}).get("summary"):
+            return f"Retraining because of drift: {event.extra['summary']} "
+    return ""
+
+
+def _bounded(text: str) -> str:
     return text if len(text) <= NOTE_LIMIT else text[: NOTE_LIMIT - 1] + "…"
 
 
-def _results(dag_run, session) -> dict:
+def _results(dag_run, session, tasks: tuple[str, ...] = TASKS) -> dict:
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
     rows = session.scalars(
         select(XComModel).where(
             XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id, XComModel.key == "return_value",
-            XComModel.task_id.in_(TASKS), XComModel.map_index == -1,
+            XComModel.task_id.in_(tasks), XComModel.map_index == -1,
         )
     )  # fmt: skip
     return {row.task_id: XComModel.deserialize_value(row) for row in rows}
@@ -73,13 +99,17 @@ def _results(dag_run, session) -> dict:
 def _write(dag_run) -> None:
     from sqlalchemy.orm import object_session
 
-    if dag_run.dag_id != DAG_ID:
+    if dag_run.dag_id not in (DAG_ID, DRIFT_DAG_ID):
         return
     session = object_session(dag_run)
     if session is None:  # not the scheduler's own object: nothing to write it through
         return
     try:
-        dag_run.note = summary(_results(dag_run, session), str(dag_run.state))
+        if dag_run.dag_id == DRIFT_DAG_ID:
+            dag_run.note = drift_summary(_results(dag_run, session, DRIFT_TASKS), str(dag_run.state))
+        else:
+            reason = retraining_reason(dag_run.consumed_asset_events)
+            dag_run.note = _bounded(reason + summary(_results(dag_run, session), str(dag_run.state)))
     except Exception:  # a note is a courtesy: it must never break the scheduler's handling of the run
         log.exception("Could not write the note of %s %s", dag_run.dag_id, dag_run.run_id)
 
