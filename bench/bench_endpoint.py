@@ -77,8 +77,13 @@ def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
 
     kwargs = {"hidden_channels": hidden_channels, "kernel_size": 5, "dropout": 0.2}
     torch.save(build_model("seed_cnn", **kwargs).state_dict(), directory / "model.pth")
-    config = {"architecture": "seed_cnn", "kwargs": kwargs, "normalization": {"mean": 0.1307, "std": 0.3081},
-              "input_shape": [1, 28, 28], "num_classes": 10}  # fmt: skip
+    config = {
+        "architecture": "seed_cnn",
+        "kwargs": kwargs,
+        "normalization": {"mean": 0.1307, "std": 0.3081},
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+    }
     (directory / "model_config.json").write_text(json.dumps(config))
     add_code(directory)
     return directory
@@ -87,8 +92,9 @@ def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
 @contextlib.contextmanager
 def running(command: list[str], port: int, env: dict, log_path: Path):
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         try:
             wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=180, process=process)
@@ -101,8 +107,21 @@ def running(command: list[str], port: int, env: dict, log_path: Path):
 
 
 def wrk_run(wrk: str, url: str, body_path: Path, connections: int, seconds: int, headers: Path | None = None) -> dict:
-    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(ROOT / "bench" / "post.lua"),
-               url, "--", str(body_path), "application/json", *([str(headers)] if headers else [])]  # fmt: skip
+    command = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(ROOT / "bench" / "post.lua"),
+        url,
+        "--",
+        str(body_path),
+        "application/json",
+        *([str(headers)] if headers else []),
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
     errors = sum(result["errors"].values())
@@ -153,12 +172,18 @@ def signature(url: str, body_path: Path, key, directory: Path, name: str = "sign
     from botocore.credentials import Credentials
 
     netloc = url.split("/")[2]
-    request = AWSRequest("POST", url, data=body_path.read_bytes(),
-                         headers={"Content-Type": "application/json", "Host": netloc})  # fmt: skip
+    request = AWSRequest(
+        "POST", url, data=body_path.read_bytes(), headers={"Content-Type": "application/json", "Host": netloc}
+    )
     SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "sagemaker", "us-east-1").add_auth(request)
     path = directory / f"{name}.headers"
-    path.write_text("".join(f"{name}: {value}\n" for name, value in request.headers.items()
-                            if name.lower() in ("authorization", "x-amz-date")))  # fmt: skip
+    path.write_text(
+        "".join(
+            f"{name}: {value}\n"
+            for name, value in request.headers.items()
+            if name.lower() in ("authorization", "x-amz-date")
+        )
+    )
     return path
 
 
@@ -179,8 +204,13 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
             if "__pycache__" not in path.parts:
                 tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
     s3.upload_file(str(archive), "bench", "model.tar.gz")
-    started = launch.start(scratch / "sagemaker", moto_url, credentials=keys.sagemaker.environment(),
-                           cpus=workers or 0, metrics_interval=10)  # fmt: skip
+    started = launch.start(
+        scratch / "sagemaker",
+        moto_url,
+        credentials=keys.sagemaker.environment(),
+        cpus=workers or 0,
+        metrics_interval=10,
+    )
     try:
         sagemaker = boto3.client("sagemaker", endpoint_url=started.url)
         sagemaker.create_model(
@@ -190,8 +220,9 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
         )
         variants = [{"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}]
         sagemaker.create_endpoint_config(EndpointConfigName="bench", ProductionVariants=variants)
-        sagemaker.create_endpoint_config(EndpointConfigName="bench-capture", ProductionVariants=variants,
-                                         DataCaptureConfig=DATA_CAPTURE)  # fmt: skip
+        sagemaker.create_endpoint_config(
+            EndpointConfigName="bench-capture", ProductionVariants=variants, DataCaptureConfig=DATA_CAPTURE
+        )
         names = ("bench", "bench-capture")
         for name in names:
             sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
@@ -202,8 +233,9 @@ def runtime_endpoint(model_dir: Path, moto_url: str, scratch: Path, workers: int
         launch.stop(started.record)
 
 
-def capture_run(wrk: str, service_url: str, urls: dict[str, str], body_path: Path, seconds: int,
-                headers: dict[str, Path]) -> dict:  # fmt: skip
+def capture_run(
+    wrk: str, service_url: str, urls: dict[str, str], body_path: Path, seconds: int, headers: dict[str, Path]
+) -> dict:
     """c8 runs against ``bench`` and ``bench-capture`` in turn, CAPTURE_PAIRS times, so that both see the same
     moments of a shared machine; the median run of each and the median of the pairs' ratios. Then the capture's
     counts once it has written all it took (or 30 s have passed): every request answered must be a record written,
@@ -265,8 +297,17 @@ def main() -> None:
         load_before = os.getloadavg()
         try:
             port = free_port()
-            project = [sys.executable, "-m", "inference.serve", "--model-dir", str(model_dir), "--port", str(port),
-                       "--endpoint-name", "bench"]  # fmt: skip
+            project = [
+                sys.executable,
+                "-m",
+                "inference.serve",
+                "--model-dir",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--endpoint-name",
+                "bench",
+            ]
             if args.workers:
                 project += ["--workers", str(args.workers)]
             with running(project, port, env, scratch / "project.log") as url:
@@ -274,15 +315,22 @@ def main() -> None:
                 results["project"]["batch1000"] = batch_ms(url, batch)
                 results["project"]["batch1000_npy"] = batch_ms(url, npy_batch.getvalue(), "application/x-npy")
             port = free_port()
-            reference = [sys.executable, str(ROOT / "bench" / "reference_server.py"), "--model-dir", str(model_dir),
-                         "--port", str(port)]  # fmt: skip
+            reference = [
+                sys.executable,
+                str(ROOT / "bench" / "reference_server.py"),
+                "--model-dir",
+                str(model_dir),
+                "--port",
+                str(port),
+            ]
             with running(reference, port, env, scratch / "reference.log") as url:
                 results["reference"] = measure(wrk, f"{url}/invocations", single, args.duration)
                 results["reference"]["batch1000"] = batch_ms(url, batch)
             with runtime_endpoint(model_dir, moto_url, scratch, args.workers, keys) as (service, urls):
                 url = urls["bench"]
-                results["runtime"] = measure(wrk, url, single, args.duration,
-                                             signature(url, single, keys.pipeline, scratch))  # fmt: skip
+                results["runtime"] = measure(
+                    wrk, url, single, args.duration, signature(url, single, keys.pipeline, scratch)
+                )
                 signed = {name: signature(url, single, keys.pipeline, scratch, name) for name, url in urls.items()}
                 results["runtime_capture"] = capture_run(wrk, service.url, urls, single, args.duration, signed)
         finally:

@@ -57,10 +57,12 @@ def main() -> None:
     finally:
         stack.down(config)
     tasks = sorted(
-        ({"task_id": ti["task_id"], "map_index": ti["map_index"], "state": ti["state"], "seconds": _seconds(ti)}
-         for ti in tis),
+        (
+            {"task_id": ti["task_id"], "map_index": ti["map_index"], "state": ti["state"], "seconds": _seconds(ti)}
+            for ti in tis
+        ),
         key=lambda task: (task["task_id"], task["map_index"]),
-    )  # fmt: skip
+    )
     by_task = {task["task_id"]: task["seconds"] for task in tasks if task["map_index"] < 0}
     result = {
         "state": outcome["state"],
@@ -75,8 +77,14 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({key: result[key] for key in ("state", "sweep_seconds", "monitor_seconds", "training_seconds",
-                                                   "best", "cpus")}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                key: result[key]
+                for key in ("state", "sweep_seconds", "monitor_seconds", "training_seconds", "best", "cpus")
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,28 +70,50 @@ def labels_of(body: bytes) -> list[int]:
     return found
 
 
-def run_job(sagemaker, s3, logs, name: str, prefix: str, content_type: str, outputs: list[str],
-            environment: dict[str, str] | None = None, **settings) -> dict:  # fmt: skip
+def run_job(
+    sagemaker,
+    s3,
+    logs,
+    name: str,
+    prefix: str,
+    content_type: str,
+    outputs: list[str],
+    environment: dict[str, str] | None = None,
+    **settings,
+) -> dict:
     """One transform job over ``prefix``; its figures, and the labels of ``outputs`` (keys under its output path)."""
     sagemaker.create_transform_job(
         Environment=environment or {},
-        TransformJobName=name, ModelName="bench",
-        TransformInput={"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}"}},
-                        "ContentType": content_type, "SplitType": settings.pop("SplitType", "None")},
+        TransformJobName=name,
+        ModelName="bench",
+        TransformInput={
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}"}},
+            "ContentType": content_type,
+            "SplitType": settings.pop("SplitType", "None"),
+        },
         TransformOutput={"S3OutputPath": f"s3://{BUCKET}/out/{name}/", "Accept": "application/json"},
-        TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 1}, **settings,
-    )  # fmt: skip
+        TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 1},
+        **settings,
+    )
     while (described := sagemaker.describe_transform_job(TransformJobName=name))["TransformJobStatus"] in (
-        "InProgress", "Stopping"):  # fmt: skip
+        "InProgress",
+        "Stopping",
+    ):
         time.sleep(0.2)
     if described["TransformJobStatus"] != "Completed":
         sys.exit(f"bench_transform: job {name} {described['TransformJobStatus']}: {described.get('FailureReason')}")
     (stream,) = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{name}/")["logStreams"]
     events = logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"], startFromHead=True)
-    (figures,) = [json.loads(event["message"].removeprefix("Figures: ")) for event in events["events"]
-                  if event["message"].startswith("Figures: ")]  # fmt: skip
-    labels = [label for key in outputs
-              for label in labels_of(s3.get_object(Bucket=BUCKET, Key=f"out/{name}/{key}")["Body"].read())]  # fmt: skip
+    (figures,) = [
+        json.loads(event["message"].removeprefix("Figures: "))
+        for event in events["events"]
+        if event["message"].startswith("Figures: ")
+    ]
+    labels = [
+        label
+        for key in outputs
+        for label in labels_of(s3.get_object(Bucket=BUCKET, Key=f"out/{name}/{key}")["Body"].read())
+    ]
     return {
         "images": figures["images"],
         "requests": figures["requests"],
@@ -99,10 +121,12 @@ def run_job(sagemaker, s3, logs, name: str, prefix: str, content_type: str, outp
         "images_per_second": figures["images_per_second"],
         "end_to_end_seconds": figures["end_to_end_seconds"],
         "describe_seconds": round((described["TransformEndTime"] - described["CreationTime"]).total_seconds(), 2),
-        "settings": {key: described.get(key)
-                     for key in ("MaxConcurrentTransforms", "MaxPayloadInMB", "BatchStrategy", "Environment")},
+        "settings": {
+            key: described.get(key)
+            for key in ("MaxConcurrentTransforms", "MaxPayloadInMB", "BatchStrategy", "Environment")
+        },
         "labels": labels,
-    }  # fmt: skip
+    }
 
 
 def invoke_all(url: str, bodies: list[bytes], threads: int) -> tuple[float, list[list[int]]]:
@@ -119,12 +143,16 @@ def invoke_all(url: str, bodies: list[bytes], threads: int) -> tuple[float, list
 
     # A client per thread, made and used once before the clock starts: no set-up, and the server's first request
     # of this kind, in the figure.
-    clients = [boto3.client("sagemaker-runtime", endpoint_url=url, config=Config(retries={"total_max_attempts": 1}))
-               for _ in range(threads)]  # fmt: skip
+    clients = [
+        boto3.client("sagemaker-runtime", endpoint_url=url, config=Config(retries={"total_max_attempts": 1}))
+        for _ in range(threads)
+    ]
     for client in clients:
         work(client, range(1))
-    workers = [threading.Thread(target=work, args=(client, range(start, len(bodies), threads)))
-               for start, client in enumerate(clients)]  # fmt: skip
+    workers = [
+        threading.Thread(target=work, args=(client, range(start, len(bodies), threads)))
+        for start, client in enumerate(clients)
+    ]
     began = time.perf_counter()
     for worker in workers:
         worker.start()
@@ -134,8 +162,10 @@ def invoke_all(url: str, bodies: list[bytes], threads: int) -> tuple[float, list
 
 
 def endpoint_figures(sagemaker, runtime_url: str, images: np.ndarray) -> dict:
-    sagemaker.create_endpoint_config(EndpointConfigName="bench", ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}])  # fmt: skip
+    sagemaker.create_endpoint_config(
+        EndpointConfigName="bench",
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "bench", "InitialInstanceCount": 1}],
+    )
     sagemaker.create_endpoint(EndpointName="bench", EndpointConfigName="bench")
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="bench", WaiterConfig={"Delay": 1})
     figures = {}
@@ -145,9 +175,12 @@ def endpoint_figures(sagemaker, runtime_url: str, images: np.ndarray) -> dict:
     ):
         seconds, answers = invoke_all(runtime_url, bodies, threads)
         figures[kind] = {
-            "requests": len(bodies), "threads": threads, "seconds": round(seconds, 3),
-            "images_per_second": round(len(images) / seconds), "labels": [label for answer in answers for label in answer],
-        }  # fmt: skip
+            "requests": len(bodies),
+            "threads": threads,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(images) / seconds),
+            "labels": [label for answer in answers for label in answer],
+        }
     return figures
 
 
@@ -207,29 +240,57 @@ def main() -> None:
             rows = io.StringIO()
             np.savetxt(rows, images.reshape(len(images), -1), fmt="%d", delimiter=",")
             s3.put_object(Bucket=BUCKET, Key="in/csv/test.csv", Body=rows.getvalue().encode())
-            started = launch.start(scratch / "sagemaker", moto_url, credentials=keys.sagemaker.environment(),
-                                   metrics_interval=10)  # fmt: skip
+            started = launch.start(
+                scratch / "sagemaker", moto_url, credentials=keys.sagemaker.environment(), metrics_interval=10
+            )
             try:
                 sagemaker = boto3.client("sagemaker", endpoint_url=started.url)
                 logs = boto3.client("logs", endpoint_url=moto_url)
                 sagemaker.create_model(
-                    ModelName="bench", ExecutionRoleArn=PipelineConfig().role_arn,  # the scratch account's role
-                    PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/model/model.tar.gz"},
-                )  # fmt: skip
+                    ModelName="bench",
+                    ExecutionRoleArn=PipelineConfig().role_arn,  # the scratch account's role
+                    PrimaryContainer={
+                        "Image": "pytorch-inference",
+                        "ModelDataUrl": f"s3://{BUCKET}/model/model.tar.gz",
+                    },
+                )
                 # Each layout several times, the median kept: one run's figure depends on what else the machine does.
                 # The two precisions take turns, so that a busy spell slows both.
                 npy_jobs = {precision: [] for precision in handler.PRECISIONS}
                 for run in range(args.repeats):
                     for precision, jobs in npy_jobs.items():
-                        jobs.append(run_job(sagemaker, s3, logs, f"bench-npy-{precision}-{run}", "in/npy/",
-                                            "application/x-npy", [f"part-{i:02d}.npy.out" for i in range(NPY_PARTS)],
-                                            {handler.PRECISION_VARIABLE: precision}, MaxConcurrentTransforms=4))  # fmt: skip
+                        jobs.append(
+                            run_job(
+                                sagemaker,
+                                s3,
+                                logs,
+                                f"bench-npy-{precision}-{run}",
+                                "in/npy/",
+                                "application/x-npy",
+                                [f"part-{i:02d}.npy.out" for i in range(NPY_PARTS)],
+                                {handler.PRECISION_VARIABLE: precision},
+                                MaxConcurrentTransforms=4,
+                            )
+                        )
                 npy_job, npy_bf16_job = (median_job(jobs) for jobs in npy_jobs.values())
-                csv_job = median_job([
-                    run_job(sagemaker, s3, logs, f"bench-csv-{run}", "in/csv/", "text/csv", ["test.csv.out"],
-                            SplitType="Line", BatchStrategy="MultiRecord", MaxPayloadInMB=6, MaxConcurrentTransforms=2)
-                    for run in range(args.repeats)
-                ])  # fmt: skip
+                csv_job = median_job(
+                    [
+                        run_job(
+                            sagemaker,
+                            s3,
+                            logs,
+                            f"bench-csv-{run}",
+                            "in/csv/",
+                            "text/csv",
+                            ["test.csv.out"],
+                            SplitType="Line",
+                            BatchStrategy="MultiRecord",
+                            MaxPayloadInMB=6,
+                            MaxConcurrentTransforms=2,
+                        )
+                        for run in range(args.repeats)
+                    ]
+                )
                 endpoint = endpoint_figures(sagemaker, started.runtime_url, images)
             finally:
                 launch.stop(started.record)
@@ -241,9 +302,13 @@ def main() -> None:
     reference = endpoint["single"]["labels"]
     agreement = {
         name: round(float(np.mean(np.array(figures.pop("labels")) == reference)), 4)
-        for name, figures in (("transform_npy", npy_job), ("transform_npy_bfloat16", npy_bf16_job),
-                              ("transform_csv", csv_job), ("endpoint_batch1000", endpoint["batch1000"]))
-    }  # fmt: skip
+        for name, figures in (
+            ("transform_npy", npy_job),
+            ("transform_npy_bfloat16", npy_bf16_job),
+            ("transform_csv", csv_job),
+            ("endpoint_batch1000", endpoint["batch1000"]),
+        )
+    }
     endpoint["single"].pop("labels")
     best = max(npy_job["images_per_second"], npy_bf16_job["images_per_second"], csv_job["images_per_second"])
     report = {

@@ -67,8 +67,10 @@ def fresh() -> dict[str, str]:
 
     from cli.local_aws import KEY_VARIABLES, Key
 
-    values = {name: secrets.token_urlsafe(32) for name in ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD",
-                                                            "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")}  # fmt: skip
+    values = {
+        name: secrets.token_urlsafe(32)
+        for name in ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")
+    }
     for identity, secret in KEY_VARIABLES.values():
         key = Key.new()
         values.update({identity: key.access_key_id, secret: key.secret_access_key})

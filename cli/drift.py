@@ -24,8 +24,10 @@ def run_check(conf: dict, console, timeout: float = TIMEOUT_SECONDS) -> dict:
     run = api.request("POST", f"/dags/{DRIFT_DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
     run_id = run["dag_run_id"]
     path = f"/dags/{DRIFT_DAG_ID}/dagRuns/{_quote(run_id)}"
-    console.print(f"Triggered {DRIFT_DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DRIFT_DAG_ID}/runs/"
-                  f"{_quote(run_id)}")  # fmt: skip
+    console.print(
+        f"Triggered {DRIFT_DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DRIFT_DAG_ID}/runs/"
+        f"{_quote(run_id)}"
+    )
     deadline = time.monotonic() + timeout
     while (run := api.get(path))["state"] not in ("success", "failed"):
         if time.monotonic() > deadline:
@@ -51,8 +53,9 @@ def drift_command(args) -> int:
         return 2
     result = outcome["result"]
     if outcome["state"] != "success" or not isinstance(result, dict):
-        console.print(f"[red]{DRIFT_DAG_ID} run {outcome['run_id']} {outcome['state']}[/]: see its tasks' logs in "
-                      "the Airflow UI")  # fmt: skip
+        console.print(
+            f"[red]{DRIFT_DAG_ID} run {outcome['run_id']} {outcome['state']}[/]: see its tasks' logs in the Airflow UI"
+        )
         return 1
     color = {"drift": "red", "no drift": "green"}.get(result["verdict"], "yellow")
     console.print(f"[{color}]{result['verdict']}[/]: {result['summary']}")

@@ -288,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m cli.local_aws", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the local AWS in the foreground (then: python -m local_aws's options)",
-                        add_help=False)  # fmt: skip
+    commands.add_parser(
+        "serve", help="run the local AWS in the foreground (then: python -m local_aws's options)", add_help=False
+    )
     setup = commands.add_parser("setup", help="make the bucket and its policy, as the account's administrator")
     setup.add_argument("--endpoint-url", required=True)
     args, options = parser.parse_known_args(argv)

@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(commands, "run", "cli.stack:run_command", "trigger the sweep on the local stack and follow it")
     run.add_argument("--conf", default=None, help="params as a JSON object, e.g. '{\"hidden_channels\": [4, 8]}'")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one param (JSON value)")
-    drift = _command(commands, "drift", "cli.drift:drift_command", "run the drift check of an endpoint's captured "
-                     "inputs on the local stack")  # fmt: skip
+    drift = _command(
+        commands,
+        "drift",
+        "cli.drift:drift_command",
+        "run the drift check of an endpoint's captured inputs on the local stack",
+    )
     drift.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     drift.add_argument("--min-requests", type=int, default=None, help="fewer since the last check: not judged")
     predict = _command(commands, "predict", "cli.stack:predict_command", "ask the endpoint which digits images show")
@@ -76,30 +80,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     iam = commands.add_parser("iam", help="the IAM policies the pipeline ships, for AWS")
     iam_commands = iam.add_subparsers(dest="iam_command", required=True, metavar="COMMAND")
-    render = _command(iam_commands, "render", "cli.iam:render_command",
-                      "print the shipped policies filled in for an account, ready for `aws iam put-role-policy`")  # fmt: skip
+    render = _command(
+        iam_commands,
+        "render",
+        "cli.iam:render_command",
+        "print the shipped policies filled in for an account, ready for `aws iam put-role-policy`",
+    )
     render.add_argument("--account", required=True, help="the AWS account id (12 digits)")
     render.add_argument("--region", required=True, help="the region the pipeline runs in")
     render.add_argument("--bucket", required=True, help="the bucket the pipeline keeps its data in")
     render.add_argument("--prefix", required=True, help="the key prefix the pipeline owns in the bucket")
     render.add_argument("--role", required=True, help="the SageMaker execution role's name")
-    render.add_argument("--principal", default=None,
-                        help="the ARN of the principal Airflow runs as (default: user/mnist-pipeline of the account)")  # fmt: skip
+    render.add_argument(
+        "--principal",
+        default=None,
+        help="the ARN of the principal Airflow runs as (default: user/mnist-pipeline of the account)",
+    )
     render.add_argument("--topic", default="mnist-pipeline-alerts", help="the notifications' SNS topic name")
     render.add_argument("--policy", default=None, help="print only this policy (e.g. airflow-policy)")
 
-    models = _command(commands, "models", "cli.registry:models_command",
-                      "list an endpoint's model versions in the registry, the champion marked")  # fmt: skip
+    models = _command(
+        commands,
+        "models",
+        "cli.registry:models_command",
+        "list an endpoint's model versions in the registry, the champion marked",
+    )
     models.add_argument(
         "--endpoint", default=DEFAULT_ENDPOINT, help=f"its registry group (default: {DEFAULT_ENDPOINT})"
     )
     models.add_argument("--json", action="store_true", help="print the versions as JSON")
-    for name, verb in (("approve", "approve a model version: the next run (or a deploy-only run) serves it"),
-                       ("reject", "reject a model version: no run serves it")):  # fmt: skip
+    for name, verb in (
+        ("approve", "approve a model version: the next run (or a deploy-only run) serves it"),
+        ("reject", "reject a model version: no run serves it"),
+    ):
         decide = _command(commands, name, f"cli.registry:{name}_command", verb)
         decide.add_argument("version", metavar="VERSION", help="the version's number in the group, or its ARN")
-        decide.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
-                            help=f"the endpoint whose registry group holds it (default: {DEFAULT_ENDPOINT})")  # fmt: skip
+        decide.add_argument(
+            "--endpoint",
+            default=DEFAULT_ENDPOINT,
+            help=f"the endpoint whose registry group holds it (default: {DEFAULT_ENDPOINT})",
+        )
         decide.add_argument("--reason", default=None, help="why (the version's ApprovalDescription)")
     return parser
 

@@ -33,26 +33,44 @@ def models_command(args) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Airflow's hooks log to stdout
             champion = registry.champion(config, args.endpoint)
-            described = [registry.describe(config, s["ModelPackageArn"])
-                         for s in registry.versions(config, args.endpoint)]  # fmt: skip
+            described = [
+                registry.describe(config, s["ModelPackageArn"]) for s in registry.versions(config, args.endpoint)
+            ]
     except (ClientError, BotoCoreError) as error:
         console.print(f"[red]error:[/] {error}")
         return 1
     rows = [
-        {**registry.as_model(description), "champion": bool(champion) and champion["version"] == description[
-            "ModelPackageVersion"], "created": description["CreationTime"].isoformat(timespec="seconds")}
+        {
+            **registry.as_model(description),
+            "champion": bool(champion) and champion["version"] == description["ModelPackageVersion"],
+            "created": description["CreationTime"].isoformat(timespec="seconds"),
+        }
         for description in described
-    ]  # fmt: skip
+    ]
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = Table("version", "status", "test accuracy", "hidden_channels", "run", "created",
-                  title=f"Model registry group {args.endpoint}")  # fmt: skip
+    table = Table(
+        "version",
+        "status",
+        "test accuracy",
+        "hidden_channels",
+        "run",
+        "created",
+        title=f"Model registry group {args.endpoint}",
+    )
     table.add_column("training job", overflow="fold")
     for row in rows:
         status = row["approval"] + (" · champion" if row["champion"] else "")
-        table.add_row(str(row["version"]), status, f"{100 * row['test_accuracy']:.2f}%", str(row["hidden_channels"]),
-                      row["run_id"] or "-", row["created"][:16], row["training_job_name"])  # fmt: skip
+        table.add_row(
+            str(row["version"]),
+            status,
+            f"{100 * row['test_accuracy']:.2f}%",
+            str(row["hidden_channels"]),
+            row["run_id"] or "-",
+            row["created"][:16],
+            row["training_job_name"],
+        )
     console.print(table if rows else f"Group {args.endpoint} has no versions yet.")
     return 0
 
@@ -76,11 +94,15 @@ def _decide(args, status: str) -> int:
     except (ClientError, BotoCoreError) as error:
         console.print(f"[red]error:[/] {error}")
         return 1
-    console.print(f"Version {version['ModelPackageVersion']} of {args.endpoint} ({version['ModelPackageArn']}): "
-                  f"{version['ModelApprovalStatus']} → [bold]{status}[/].")  # fmt: skip
+    console.print(
+        f"Version {version['ModelPackageVersion']} of {args.endpoint} ({version['ModelPackageArn']}): "
+        f"{version['ModelApprovalStatus']} → [bold]{status}[/]."
+    )
     if status == registry.APPROVED:
-        console.print("The next run of mnist_sweep serves it, or now: mnist-pipeline run --param deploy_only=true"
-                      + (f" --param endpoint_name={args.endpoint}" if args.endpoint != DEFAULT_ENDPOINT else ""))  # fmt: skip
+        console.print(
+            "The next run of mnist_sweep serves it, or now: mnist-pipeline run --param deploy_only=true"
+            + (f" --param endpoint_name={args.endpoint}" if args.endpoint != DEFAULT_ENDPOINT else "")
+        )
     return 0
 
 

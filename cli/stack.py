@@ -50,8 +50,14 @@ LOCAL_CHECK_INTERVAL = 2
 LOCAL_BAKE_SECONDS = 20
 ALERT_TOPIC = DEFAULT_TOPIC  # the local AWS's topic for the runs' notifications
 # The variables through which boto3 would find credentials of its own, none of which Airflow's processes inherit.
-AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN")  # fmt: skip
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+)
 LOCAL_RETRY_DELAY_SECONDS = 5  # a local job a crash ended starts again at once: no instances to wait for
 
 
@@ -183,8 +189,11 @@ def airflow_env(
 ) -> dict:
     port = api_url.rsplit(":", 1)[1]
     # Airflow reaches AWS through its connection alone: no credentials of the shell's, none of the stack's.
-    env = {key: value for key, value in os.environ.items()
-           if key != "AIRFLOW__CORE__UNIT_TEST_MODE" and key not in AWS_CREDENTIAL_VARIABLES}  # fmt: skip
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "AIRFLOW__CORE__UNIT_TEST_MODE" and key not in AWS_CREDENTIAL_VARIABLES
+    }
     env.update(
         {
             "AIRFLOW_HOME": str(paths.airflow_home),
@@ -341,9 +350,14 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
     spec = stack_principals(paths, config)
     write_private(paths.principals, spec)
     keys = stack_keys(paths)
-    process, aws_endpoint = start_aws(paths.principals, host=HOST, region=config.region,
-                                      log_path=paths.logs / "local-aws.log", state_file=paths.local_aws_state,
-                                      decision_log=paths.decisions)  # fmt: skip
+    process, aws_endpoint = start_aws(
+        paths.principals,
+        host=HOST,
+        region=config.region,
+        log_path=paths.logs / "local-aws.log",
+        state_file=paths.local_aws_state,
+        decision_log=paths.decisions,
+    )
     moto_record = processes.record_of(process.pid, paths.logs / "local-aws.log")
     try:
         # What a person does once on AWS, as the account's administrator: the bucket, its policy, the topic.
@@ -352,9 +366,14 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
             sns = _local_aws_client("sns", aws_endpoint, config, keys.admin)
             config = dataclasses.replace(config, alert_topic_arn=sns.create_topic(Name=ALERT_TOPIC)["TopicArn"])
         sagemaker = launch.start(
-            paths.sagemaker, aws_endpoint, credentials=keys.sagemaker.environment(), region=config.region,
-            cpus=config.cpus, metrics_interval=config.metrics_interval, log_path=paths.logs / "local-sagemaker.log",
-        )  # fmt: skip
+            paths.sagemaker,
+            aws_endpoint,
+            credentials=keys.sagemaker.environment(),
+            region=config.region,
+            cpus=config.cpus,
+            metrics_interval=config.metrics_interval,
+            log_path=paths.logs / "local-sagemaker.log",
+        )
     except BaseException:
         processes.stop([moto_record])
         raise
@@ -382,8 +401,9 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
 
     moto, aws_endpoint, sagemaker, alert_topic_arn = start_local_aws(paths, config)
     api_url = f"http://{HOST}:{_free_or_other_port(port)}"
-    connection = connection_uri(aws_endpoint, stack_keys(paths).pipeline, config.region, sagemaker.url,
-                                sagemaker.runtime_url)  # fmt: skip
+    connection = connection_uri(
+        aws_endpoint, stack_keys(paths).pipeline, config.region, sagemaker.url, sagemaker.runtime_url
+    )
     state = {
         "airflow_url": api_url,
         "aws_endpoint": aws_endpoint,
@@ -478,8 +498,13 @@ def _local_aws_client(service: str, endpoint_url: str, config: PipelineConfig, k
     """A boto3 client of ``service`` at ``endpoint_url``, signing with ``key`` (a cli.local_aws.Key)."""
     import boto3
 
-    return boto3.client(service, endpoint_url=endpoint_url, region_name=config.region,
-                        aws_access_key_id=key.access_key_id, aws_secret_access_key=key.secret_access_key)  # fmt: skip
+    return boto3.client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=config.region,
+        aws_access_key_id=key.access_key_id,
+        aws_secret_access_key=key.secret_access_key,
+    )
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
@@ -545,8 +570,11 @@ def status_command(args) -> int:
         for summary in sagemaker.list_endpoints(MaxResults=100)["Endpoints"]:
             endpoint = sagemaker.describe_endpoint(EndpointName=summary["EndpointName"])
             color = "green" if endpoint["EndpointStatus"] == "InService" else "red"
-            table.add_row(f"endpoint {endpoint['EndpointName']}", f"[{color}]{endpoint['EndpointStatus']}[/]",
-                          endpoint["EndpointConfigName"])  # fmt: skip
+            table.add_row(
+                f"endpoint {endpoint['EndpointName']}",
+                f"[{color}]{endpoint['EndpointStatus']}[/]",
+                endpoint["EndpointConfigName"],
+            )
     console.print(table)
     console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})  logs: {paths.logs}")
     return 0 if all(running(paths).values()) and not set_aside else 1
@@ -637,8 +665,9 @@ class SweepTable:
         if self.sagemaker is None or not name:
             return name, fallback
         try:
-            jobs = self.sagemaker.list_training_jobs(NameContains=name, SortBy="CreationTime", SortOrder="Descending",
-                                                     MaxResults=1)["TrainingJobSummaries"]  # fmt: skip
+            jobs = self.sagemaker.list_training_jobs(
+                NameContains=name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
+            )["TrainingJobSummaries"]
         except Exception:  # the table is a view: an unreachable service shows the task's state instead
             return name, fallback
         return (jobs[0]["TrainingJobName"], jobs[0]["TrainingJobStatus"]) if jobs else (name, fallback)
@@ -650,22 +679,30 @@ class SweepTable:
             return
         try:
             jobs = self.sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
-                HyperParameterTuningJobName=tuning_job_name(self.run_id), SortBy="CreationTime",
-                SortOrder="Ascending", MaxResults=100,
-            )["TrainingJobSummaries"]  # fmt: skip
+                HyperParameterTuningJobName=tuning_job_name(self.run_id),
+                SortBy="CreationTime",
+                SortOrder="Ascending",
+                MaxResults=100,
+            )["TrainingJobSummaries"]
         except Exception:  # not created yet, or the service is unreachable: the table is a view
             return
         for index, job in enumerate(jobs):
             tuned = ", ".join(f"{key}={value}" for key, value in sorted(job.get("TunedHyperParameters", {}).items()))
             objective = (job.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
-            self.rows[index] = (tuned, job["TrainingJobStatus"], "-", f"{objective:.2f}%" if objective else "",
-                                job["TrainingJobName"])  # fmt: skip
+            self.rows[index] = (
+                tuned,
+                job["TrainingJobStatus"],
+                "-",
+                f"{objective:.2f}%" if objective else "",
+                job["TrainingJobName"],
+            )
 
     def update(self, tis: list[dict]) -> None:
         from tasks.training_jobs import METRIC_DEFINITIONS
 
-        if any(ti["task_id"] == TUNING_TASK and ti["state"] not in (None, "skipped", "scheduled", "queued")
-               for ti in tis):  # fmt: skip
+        if any(
+            ti["task_id"] == TUNING_TASK and ti["state"] not in (None, "skipped", "scheduled", "queued") for ti in tis
+        ):
             self._tuner_rows()
             return
         accuracy = re.compile(next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == "test:accuracy"))
@@ -705,8 +742,13 @@ def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0, sagemaker=N
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     reported: set[str] = set()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     progress = Progress(*columns, console=console)
     sweep = SweepTable(api, run_id, sagemaker)
     bar = progress.add_task("queued", total=None)
@@ -794,8 +836,10 @@ def run_command(args) -> int:
     if outcome["best"]:
         print_sweep(console, outcome["best"])
     if choice := outcome["choice"]:
-        console.print(f"Deployment: {'version ' + str(choice['model']['version']) + ', ' if choice['deploy'] else ''}"
-                      f"{choice['reason']}")  # fmt: skip
+        console.print(
+            f"Deployment: {'version ' + str(choice['model']['version']) + ', ' if choice['deploy'] else ''}"
+            f"{choice['reason']}"
+        )
     if isinstance(outcome["report"], dict) and outcome["report"].get("html"):
         console.print(f"Report: {outcome['report']['html']}")
     seconds = f" in {outcome['seconds']:.0f} s" if outcome["seconds"] is not None else ""
@@ -882,8 +926,10 @@ def demo_command(args) -> int:
         )
         from tasks.deployment import capture_destination
 
-        console.print(f"Its inputs and answers are captured in {capture_destination(config)}/{summary['endpoint']['name']}/: "
-                      "check them for drift with `mnist-pipeline drift`")  # fmt: skip
+        console.print(
+            f"Its inputs and answers are captured in {capture_destination(config)}/{summary['endpoint']['name']}/: "
+            "check them for drift with `mnist-pipeline drift`"
+        )
     console.print(f"The stack stays up for you to explore: {state['airflow_url']}  (stop it: make down)")
     print(json.dumps(summary))
     return 0

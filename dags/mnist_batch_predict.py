@@ -55,9 +55,16 @@ def transform_requests(settings: dict, model: dict, params: dict, run_id: str, d
     config = config_of(settings)
     input_uri = params["input_uri"] or default_input_uri(config)
     try:
-        return transform_requests(config, input_uri, model, run_id, instance_type=params["instance_type"],
-                                  max_concurrent=params["max_concurrent_transforms"],
-                                  max_payload_mb=params["max_payload_mb"], precision=params["precision"])  # fmt: skip
+        return transform_requests(
+            config,
+            input_uri,
+            model,
+            run_id,
+            instance_type=params["instance_type"],
+            max_concurrent=params["max_concurrent_transforms"],
+            max_payload_mb=params["max_payload_mb"],
+            precision=params["precision"],
+        )
     except RequestRefused as refused:  # the same params would be refused again
         raise AirflowFailException(str(refused)) from refused
     except NothingToPredict as nothing:

@@ -46,8 +46,13 @@ def check_capture(settings: dict, params: dict, run_id: str) -> dict:
     """The window since the last check, judged; its report written and the capture position moved past it."""
     from tasks.drift import check
 
-    return check(config_of(settings), params["endpoint_name"], run_id, min_requests=params["min_requests"],
-                 max_requests=params["max_requests"])  # fmt: skip
+    return check(
+        config_of(settings),
+        params["endpoint_name"],
+        run_id,
+        min_requests=params["min_requests"],
+        max_requests=params["max_requests"],
+    )
 
 
 @task(inlets=[DRIFT], outlets=[DRIFT])
@@ -66,11 +71,14 @@ def alert(settings: dict, result: dict, run_id: str, inlet_events, outlet_events
     last = events[-1].timestamp if events else None
     now = datetime.datetime.now(datetime.UTC)
     if not retraining_due(config, last, now):
-        raise AirflowSkipException(f"{result['summary']} Told the topic; no new asset event: the last was at "
-                                   f"{last:%Y-%m-%d %H:%M} UTC, within retrain_interval_hours "
-                                   f"({config.retrain_interval_hours}).")  # fmt: skip
-    outlet_events[DRIFT].extra = {key: result[key] for key in ("endpoint_name", "verdict", "reasons", "figures",
-                                                                "requests", "report", "summary")}  # fmt: skip
+        raise AirflowSkipException(
+            f"{result['summary']} Told the topic; no new asset event: the last was at "
+            f"{last:%Y-%m-%d %H:%M} UTC, within retrain_interval_hours "
+            f"({config.retrain_interval_hours})."
+        )
+    outlet_events[DRIFT].extra = {
+        key: result[key] for key in ("endpoint_name", "verdict", "reasons", "figures", "requests", "report", "summary")
+    }
     return {"asset_event": True, "retrain_on_drift": config.retrains_on_drift}
 
 

@@ -139,16 +139,28 @@ def choose_search(params: dict) -> str:
 def training_requests(settings: dict, dataset_uri: str, params: dict, dag_run) -> list[dict]:
     from tasks.training_jobs import sweep_requests
 
-    return _refusing(sweep_requests, params, config=config_of(settings), dag_id=dag_run.dag_id, run_id=dag_run.run_id,
-                     dataset_uri=dataset_uri)  # fmt: skip
+    return _refusing(
+        sweep_requests,
+        params,
+        config=config_of(settings),
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        dataset_uri=dataset_uri,
+    )
 
 
 @task
 def tuning_request(settings: dict, dataset_uri: str, params: dict, dag_run) -> dict:
     from tasks.tuning import tuning_request
 
-    return _refusing(tuning_request, params, config=config_of(settings), dag_id=dag_run.dag_id, run_id=dag_run.run_id,
-                     dataset_uri=dataset_uri)  # fmt: skip
+    return _refusing(
+        tuning_request,
+        params,
+        config=config_of(settings),
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        dataset_uri=dataset_uri,
+    )
 
 
 @task(trigger_rule="none_failed_min_one_success")  # after the sweep's jobs or the tuner, whichever ran
@@ -167,8 +179,13 @@ def select_best(settings: dict, trained, tuned) -> dict:
 def gate(settings: dict, best: dict, params: dict) -> dict:
     from tasks.gate import gate
 
-    return gate(config_of(settings), params["endpoint_name"], best["test_accuracy"],
-                min_test_accuracy=params["min_test_accuracy"], tolerance=params["accuracy_tolerance"])  # fmt: skip
+    return gate(
+        config_of(settings),
+        params["endpoint_name"],
+        best["test_accuracy"],
+        min_test_accuracy=params["min_test_accuracy"],
+        tolerance=params["accuracy_tolerance"],
+    )
 
 
 @task.branch
@@ -195,8 +212,13 @@ def candidate(settings: dict, registered: str | None, params: dict) -> dict:
     """What this run serves: its own version (approval auto), or one a person approved since the champion."""
     from tasks.registry import choose_model
 
-    return choose_model(config_of(settings), params["endpoint_name"], enabled=params["deploy"],
-                        approval=params["approval"], registered=registered)  # fmt: skip
+    return choose_model(
+        config_of(settings),
+        params["endpoint_name"],
+        enabled=params["deploy"],
+        approval=params["approval"],
+        registered=registered,
+    )
 
 
 @task(execution_timeout=DEPLOY_TIMEOUT, on_failure_callback=PipelineNotifier("deploy_failed"))
@@ -210,10 +232,17 @@ def deploy(settings: dict, choice: dict, params: dict, run_id: str) -> dict:
         raise AirflowSkipException(f"Nothing to deploy: {choice['reason']}")
     alarms = alarm_thresholds(Thresholds.from_params(params))
     try:
-        return deploy(choice["model"], previous_endpoint_config_name=choice["previous_endpoint_config_name"],
-                      endpoint_name=params["endpoint_name"], run_id=run_id, config=config_of(settings),
-                      check_interval=SAGEMAKER_CHECK_INTERVAL, traffic=traffic_of(params),
-                      alarm_thresholds=alarms, capture_percent=params["capture_percentage"])  # fmt: skip
+        return deploy(
+            choice["model"],
+            previous_endpoint_config_name=choice["previous_endpoint_config_name"],
+            endpoint_name=params["endpoint_name"],
+            run_id=run_id,
+            config=config_of(settings),
+            check_interval=SAGEMAKER_CHECK_INTERVAL,
+            traffic=traffic_of(params),
+            alarm_thresholds=alarms,
+            capture_percent=params["capture_percentage"],
+        )
     except RolledBack as error:  # the previous model serves: a retry would only roll out the same model again
         raise AirflowFailException(str(error)) from error
 
@@ -250,8 +279,9 @@ def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, ou
 
 # Before its report, the teardown may wait out an update a failed deploy left running, then undo it.
 @task(execution_timeout=DEPLOY_TIMEOUT)
-def report(settings: dict, best, validation, decision, reviewed, choice, deployment, monitoring, params: dict,
-           run_id: str) -> dict | None:  # fmt: skip
+def report(
+    settings: dict, best, validation, decision, reviewed, choice, deployment, monitoring, params: dict, run_id: str
+) -> dict | None:
     """The run's report, whatever happened (tasks the run did not get to are None); first, the undoing of a
     deployment whose check never finished, or of what a deploy that returned nothing left on the endpoint."""
     from airflow.sdk.exceptions import AirflowSkipException
@@ -267,12 +297,28 @@ def report(settings: dict, best, validation, decision, reviewed, choice, deploym
     # does not stay serving.
     version = ((choice or {}).get("model") or {}).get("model_package_arn")
     undone = undo_unchecked(
-        config, deployment, monitoring, choice=choice, endpoint_name=params["endpoint_name"], run_id=run_id,
-        check_interval=SAGEMAKER_CHECK_INTERVAL, settle_timeout=update_seconds(**traffic_of(params)), version=version,
-    )  # fmt: skip
+        config,
+        deployment,
+        monitoring,
+        choice=choice,
+        endpoint_name=params["endpoint_name"],
+        run_id=run_id,
+        check_interval=SAGEMAKER_CHECK_INTERVAL,
+        settle_timeout=update_seconds(**traffic_of(params)),
+        version=version,
+    )
     monitoring = undone or monitoring
-    return build_report(run_id, best, validation=validation, gate=decision, choice=choice, deployment=deployment,
-                        monitoring=monitoring, approval=reviewed, config=config)  # fmt: skip
+    return build_report(
+        run_id,
+        best,
+        validation=validation,
+        gate=decision,
+        choice=choice,
+        deployment=deployment,
+        monitoring=monitoring,
+        approval=reviewed,
+        config=config,
+    )
 
 
 @dag(
@@ -323,22 +369,32 @@ def mnist_sweep():
         execution_timeout=TRAIN_TIMEOUT,
     ).expand(config=requests)
     tuning = tuning_request(settings, dataset_uri)
-    tune = TuningOperator(task_id="tune", config=tuning, **aws, check_interval=SAGEMAKER_CHECK_INTERVAL,
-                          execution_timeout=TUNE_TIMEOUT)  # fmt: skip
+    tune = TuningOperator(
+        task_id="tune", config=tuning, **aws, check_interval=SAGEMAKER_CHECK_INTERVAL, execution_timeout=TUNE_TIMEOUT
+    )
     best = select_best(settings, train.output, tune.output)
 
     decision = gate(settings, best)
     # Every model the gate lets through becomes a version in the registry group named after its endpoint.
     version = registration(settings, best, dataset_uri)
     register = RegisterModelVersionOperator(
-        task_id="register", package_group_name="{{ params.endpoint_name }}", image_uri=version["image_uri"],
-        model_url=version["model_url"], extras=version["extras"], **aws,
-    )  # fmt: skip
+        task_id="register",
+        package_group_name="{{ params.endpoint_name }}",
+        image_uri=version["image_uri"],
+        model_url=version["model_url"],
+        extras=version["extras"],
+        **aws,
+    )
     # Approval manual: a person answers in the UI (Browse → Required Actions); the task waits holding no slot.
     review = ReviewOperator(
-        task_id="review", settings=settings, model_package_arn=register.output, best=best, validation=validation,
-        gate=decision, notifiers=[PipelineNotifier("approval_waiting")],
-    )  # fmt: skip
+        task_id="review",
+        settings=settings,
+        model_package_arn=register.output,
+        best=best,
+        validation=validation,
+        gate=decision,
+        notifiers=[PipelineNotifier("approval_waiting")],
+    )
     choice = candidate(settings, register.output)
     deployment = deploy(settings, choice)
     checked = monitor(settings, deployment, choice)

@@ -189,8 +189,10 @@ def _supported(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{PRECISION_VARIABLE}={precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "bfloat16" and (device.type != "cpu" or not bfloat16_native()):
-        log.warning("serving float32: %s asks for bfloat16, which pays only on a CPU that computes it natively",
-                    PRECISION_VARIABLE)  # fmt: skip
+        log.warning(
+            "serving float32: %s asks for bfloat16, which pays only on a CPU that computes it natively",
+            PRECISION_VARIABLE,
+        )
         return "float32"
     return precision
 

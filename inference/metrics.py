@@ -76,9 +76,13 @@ class InvocationStats:
             summary[3] = max(summary[3], high)
 
     def record(self, status: int, model_us: float | None, overhead_us: float) -> None:
-        samples = {"Invocations": 1, "Invocation4XXErrors": int(400 <= status < 500),
-                   "Invocation5XXErrors": int(status >= 500), "ModelLatency": model_us,
-                   "OverheadLatency": overhead_us}  # fmt: skip
+        samples = {
+            "Invocations": 1,
+            "Invocation4XXErrors": int(400 <= status < 500),
+            "Invocation5XXErrors": int(status >= 500),
+            "ModelLatency": model_us,
+            "OverheadLatency": overhead_us,
+        }
         for name, value in samples.items():
             if value is not None:
                 self.add(name, 1, value, value, value)
@@ -89,10 +93,15 @@ class InvocationStats:
 
     def metric_data(self, dimensions: list[dict], timestamp: datetime) -> list[dict]:
         return [
-            {"MetricName": name, "Dimensions": dimensions, "Timestamp": timestamp, "Unit": UNITS[name],
-             "StatisticValues": dict(zip(_STATISTICS, summary, strict=True))}
+            {
+                "MetricName": name,
+                "Dimensions": dimensions,
+                "Timestamp": timestamp,
+                "Unit": UNITS[name],
+                "StatisticValues": dict(zip(_STATISTICS, summary, strict=True)),
+            }
             for name, summary in self.summaries.items()
-        ]  # fmt: skip
+        ]
 
 
 class StatsSender:
@@ -160,8 +169,10 @@ class MetricsPublisher(threading.Thread):
 
     def __init__(self, endpoint_name: str, variant_name: str, interval: float):
         super().__init__(name="cloudwatch-metrics", daemon=True)
-        self.dimensions = [{"Name": "EndpointName", "Value": endpoint_name},
-                           {"Name": "VariantName", "Value": variant_name}]  # fmt: skip
+        self.dimensions = [
+            {"Name": "EndpointName", "Value": endpoint_name},
+            {"Name": "VariantName", "Value": variant_name},
+        ]
         self.interval = interval
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(("127.0.0.1", 0))
@@ -264,8 +275,18 @@ class MetricsPublisher(threading.Thread):
         self._processes = current
         memory = 100.0 * rss / psutil.virtual_memory().total
         return [
-            {"MetricName": "CPUUtilization", "Dimensions": self.dimensions, "Timestamp": timestamp,
-             "Value": cpu, "Unit": "Percent"},
-            {"MetricName": "MemoryUtilization", "Dimensions": self.dimensions, "Timestamp": timestamp,
-             "Value": memory, "Unit": "Percent"},
-        ]  # fmt: skip
+            {
+                "MetricName": "CPUUtilization",
+                "Dimensions": self.dimensions,
+                "Timestamp": timestamp,
+                "Value": cpu,
+                "Unit": "Percent",
+            },
+            {
+                "MetricName": "MemoryUtilization",
+                "Dimensions": self.dimensions,
+                "Timestamp": timestamp,
+                "Value": memory,
+                "Unit": "Percent",
+            },
+        ]

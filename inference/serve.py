@@ -72,8 +72,21 @@ def server_command(
     variant_name: str = DEFAULT_VARIANT,
 ) -> list[str]:
     """The command line that serves ``model`` (for starting the server as a detached process)."""
-    command = [sys.executable, "-m", "inference.serve", "--model-dir", str(model), "--host", host,
-               "--port", str(port), "--endpoint-name", endpoint_name, "--variant-name", variant_name]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "inference.serve",
+        "--model-dir",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--endpoint-name",
+        endpoint_name,
+        "--variant-name",
+        variant_name,
+    ]
     if workers:
         command += ["--workers", str(workers)]
     command += ["--no-metrics"] if metrics_interval is None else ["--metrics-interval", str(metrics_interval)]
@@ -248,17 +261,22 @@ def create_app(settings: Settings):
         """The sagemaker-runtime InvokeEndpoint API; a model error becomes a ModelError as AWS returns it."""
         if name != settings.endpoint_name:
             message = f"Endpoint {name} not found (this server is {settings.endpoint_name})."
-            return await _respond(send, 400, json.dumps({"message": message}).encode(),
-                                  headers={"x-amzn-ErrorType": "ValidationError"})  # fmt: skip
+            return await _respond(
+                send, 400, json.dumps({"message": message}).encode(), headers={"x-amzn-ErrorType": "ValidationError"}
+            )
         status, payload, content_type, timing = await invoke(headers, receive)
         if status == 200:
-            return await _respond(send, 200, payload, content_type,
-                                  {"x-Amzn-Invoked-Production-Variant": settings.variant_name, **timing})  # fmt: skip
+            return await _respond(
+                send, 200, payload, content_type, {"x-Amzn-Invoked-Production-Variant": settings.variant_name, **timing}
+            )
         original = json.loads(payload)["error"]
-        error = {"message": f"Received {'client' if status < 500 else 'server'} error ({status}) from model with "
-                            f"message \"{original}\".",
-                 "OriginalStatusCode": status, "OriginalMessage": original,
-                 "LogStreamArn": f"local:{settings.endpoint_name}"}  # fmt: skip
+        error = {
+            "message": f"Received {'client' if status < 500 else 'server'} error ({status}) from model with "
+            f'message "{original}".',
+            "OriginalStatusCode": status,
+            "OriginalMessage": original,
+            "LogStreamArn": f"local:{settings.endpoint_name}",
+        }
         await _respond(send, 424, json.dumps(error).encode(), headers={"x-amzn-ErrorType": "ModelError"})
 
     async def lifespan(receive, send) -> None:
@@ -355,8 +373,9 @@ def serve(
             access_log=False,
             log_level="warning",
         )
-        log.info("serving %s as endpoint %s on http://%s:%d with %d process(es)", model, endpoint_name, host,
-                 port, workers)  # fmt: skip
+        log.info(
+            "serving %s as endpoint %s on http://%s:%d with %d process(es)", model, endpoint_name, host, port, workers
+        )
         try:
             if workers == 1:
                 server = uvicorn.Server(config)

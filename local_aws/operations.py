@@ -146,8 +146,9 @@ def _s3_call(method: str, raw_path: str, raw_query: str, headers: Mapping[str, s
     # must be what is served, so it is neither.
     if len({markers for _, markers in best}) > 1:
         names = ", ".join(operation for operation, _ in best)
-        raise UnknownOperation(f"{method} on an S3 {level} with these parameters could be any of {names}", "s3",
-                               "InvalidRequest")  # fmt: skip
+        raise UnknownOperation(
+            f"{method} on an S3 {level} with these parameters could be any of {names}", "s3", "InvalidRequest"
+        )
     params = {"Bucket": bucket, "Key": key, "query": query, "headers": headers, "body": body}
     return Call("s3", "rest-xml", best[0][0], params)
 

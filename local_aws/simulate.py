@@ -308,8 +308,11 @@ def _context(params: Mapping[str, str]) -> dict[str, str | list[str]]:
     ContextKeyType."""
     entries: dict[int, dict] = {}
     for key, value in params.items():
-        match = re.fullmatch(r"ContextEntries\.member\.(\d+)\.(ContextKeyName|ContextKeyType|ContextKeyValues)"
-                             r"(?:\.member\.(\d+))?", key)  # fmt: skip
+        match = re.fullmatch(
+            r"ContextEntries\.member\.(\d+)\.(ContextKeyName|ContextKeyType|ContextKeyValues)"
+            r"(?:\.member\.(\d+))?",
+            key,
+        )
         if match is None:
             continue
         entry = entries.setdefault(int(match[1]), {"values": []})

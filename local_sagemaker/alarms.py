@@ -111,8 +111,10 @@ def tokenize(expression: str) -> list[tuple[str, str, int]]:
             if not rest:  # trailing blanks
                 break
             at = len(expression) - len(rest)
-            raise MetricMathError(f"{rest[0]!r} at position {at} is not metric math this service evaluates "
-                                  f"(operators + - * / < <= > >= == !=, functions {', '.join(FUNCTIONS)})")  # fmt: skip
+            raise MetricMathError(
+                f"{rest[0]!r} at position {at} is not metric math this service evaluates "
+                f"(operators + - * / < <= > >= == !=, functions {', '.join(FUNCTIONS)})"
+            )
         kind = match.lastgroup
         tokens.append((kind, match[kind], match.start(kind)))
         position = match.end()
@@ -163,8 +165,9 @@ class _Parser:
         if self.peek() in RELATIONS:
             node = ("relation", self.take()[1], node, self.additive())
             if self.peek() in RELATIONS:
-                raise MetricMathError(f"comparisons do not chain: {self.peek()!r} at position "
-                                      f"{self.tokens[self.index][2]}")  # fmt: skip
+                raise MetricMathError(
+                    f"comparisons do not chain: {self.peek()!r} at position {self.tokens[self.index][2]}"
+                )
         return node
 
     def additive(self):
@@ -197,8 +200,7 @@ class _Parser:
             raise self.unexpected((kind, text, position))
         if self.peek() == "(":
             if text not in FUNCTIONS:
-                raise MetricMathError(f"function {text} is not evaluated by this service (only "
-                                      f"{', '.join(FUNCTIONS)})")  # fmt: skip
+                raise MetricMathError(f"function {text} is not evaluated by this service (only {', '.join(FUNCTIONS)})")
             self.take()
             arguments = [self.comparison()]
             while self.peek() == ",":
@@ -263,31 +265,38 @@ def metric_math(alarm: dict) -> tuple[dict[str, object], str]:
     parsed: dict[str, object] = {}
     for query in queries:
         if ("Expression" in query) == ("MetricStat" in query):
-            raise ValidationException(f"Alarm {name}: metric query {query['Id']} must have exactly one of "
-                                      "MetricStat and Expression")  # fmt: skip
+            raise ValidationException(
+                f"Alarm {name}: metric query {query['Id']} must have exactly one of MetricStat and Expression"
+            )
         if "MetricStat" in query:
             stat = query["MetricStat"].get("Stat", "")
             if stat not in STATISTICS and not PERCENTILE.fullmatch(stat):
-                raise ValidationException(f"Alarm {name}: metric query {query['Id']}: statistic {stat!r} is not "
-                                          "evaluated by this service")  # fmt: skip
+                raise ValidationException(
+                    f"Alarm {name}: metric query {query['Id']}: statistic {stat!r} is not evaluated by this service"
+                )
             continue
         try:
             parsed[query["Id"]] = tree = parse_expression(query["Expression"])
         except MetricMathError as error:
-            raise ValidationException(f"Alarm {name}: expression {query['Id']} ({query['Expression']}): "
-                                      f"{error}") from None  # fmt: skip
+            raise ValidationException(
+                f"Alarm {name}: expression {query['Id']} ({query['Expression']}): {error}"
+            ) from None
         if unknown := names_in(tree) - set(ids):
-            raise ValidationException(f"Alarm {name}: expression {query['Id']} names {', '.join(sorted(unknown))}, "
-                                      "which no metric query of the alarm is")  # fmt: skip
+            raise ValidationException(
+                f"Alarm {name}: expression {query['Id']} names {', '.join(sorted(unknown))}, "
+                "which no metric query of the alarm is"
+            )
     returned = [query["Id"] for query in queries if query.get("ReturnData", True)]
     if len(returned) != 1:
-        raise ValidationException(f"Alarm {name}: exactly one metric query must have ReturnData true, not "
-                                  f"{len(returned)}: {returned}")  # fmt: skip
+        raise ValidationException(
+            f"Alarm {name}: exactly one metric query must have ReturnData true, not {len(returned)}: {returned}"
+        )
 
     def visit(query_id: str, path: tuple[str, ...]) -> None:
         if query_id in path:
-            raise ValidationException(f"Alarm {name}: its expressions refer to each other in a cycle: "
-                                      f"{' -> '.join((*path, query_id))}")  # fmt: skip
+            raise ValidationException(
+                f"Alarm {name}: its expressions refer to each other in a cycle: {' -> '.join((*path, query_id))}"
+            )
         for child in names_in(parsed[query_id]) & parsed.keys():  # expressions it uses; metrics end a path
             visit(child, (*path, query_id))
 
@@ -312,8 +321,9 @@ def describe(names: list[str]) -> list[dict]:
         if alarm.get("Metrics"):
             metric_math(alarm)
         if alarm.get("ComparisonOperator") not in COMPARISONS:
-            raise ValidationException(f"Alarm {alarm['AlarmName']}: comparison {alarm.get('ComparisonOperator')} "
-                                      "is not evaluated here")  # fmt: skip
+            raise ValidationException(
+                f"Alarm {alarm['AlarmName']}: comparison {alarm.get('ComparisonOperator')} is not evaluated here"
+            )
     return found
 
 
@@ -342,9 +352,14 @@ def _from_cloudwatch(metric: dict, stat: str, period: int, start: float) -> floa
     end = datetime.datetime.now(datetime.UTC)
     begin = max(datetime.datetime.fromtimestamp(start, datetime.UTC), end - datetime.timedelta(seconds=period))
     points = aws.client("cloudwatch").get_metric_statistics(
-        Namespace=metric["Namespace"], MetricName=metric["MetricName"], Dimensions=metric.get("Dimensions", []),
-        StartTime=begin, EndTime=end, Period=max(60, int(period)), Statistics=[stat],
-    )["Datapoints"]  # fmt: skip
+        Namespace=metric["Namespace"],
+        MetricName=metric["MetricName"],
+        Dimensions=metric.get("Dimensions", []),
+        StartTime=begin,
+        EndTime=end,
+        Period=max(60, int(period)),
+        Statistics=[stat],
+    )["Datapoints"]
     values = [point[stat] for point in points if stat in point]
     return statistic(values, "Maximum" if stat != "Sum" else "Sum") if values else None
 
@@ -377,13 +392,15 @@ def math_value(alarm: dict, endpoint: str, samples: Callable[[float], list[Sampl
                 values[query_id] = evaluate_expression(trees[query_id], value_of)
             else:
                 stat = query["MetricStat"]
-                values[query_id] = metric_value(stat["Metric"], stat["Stat"], stat["Period"], endpoint, samples,
-                                                since)  # fmt: skip
+                values[query_id] = metric_value(stat["Metric"], stat["Stat"], stat["Period"], endpoint, samples, since)
         return values[query_id]
 
     value = value_of(returned)
-    inputs = ", ".join(f"{key} {'no data' if values[key] is None else f'{values[key]:g}'}" for key in queries
-                       if key in values and key != returned)  # fmt: skip
+    inputs = ", ".join(
+        f"{key} {'no data' if values[key] is None else f'{values[key]:g}'}"
+        for key in queries
+        if key in values and key != returned
+    )
     label = queries[returned].get("Label") or returned
     described = f"{label} ({queries[returned].get('Expression', returned)}; {inputs})"
     return value, described
@@ -407,8 +424,9 @@ def evaluate(alarm: dict, endpoint: str, samples: Callable[[float], list[Sample]
         return None
     message = f"Alarm {alarm['AlarmName']} fired: {reason}"
     try:
-        aws.client("cloudwatch").set_alarm_state(AlarmName=alarm["AlarmName"], StateValue="ALARM",
-                                                 StateReason=message[:1023])  # fmt: skip
+        aws.client("cloudwatch").set_alarm_state(
+            AlarmName=alarm["AlarmName"], StateValue="ALARM", StateReason=message[:1023]
+        )
     except Exception as error:  # the rollback matters, the alarm's state in CloudWatch less
         log.warning("Could not set alarm %s to ALARM: %s", alarm["AlarmName"], error)
     return message

@@ -42,8 +42,16 @@ RETRY_SECONDS = 5.0  # an endpoint that is being updated, or whose servers do no
 class AsyncInvocations:
     """Accepts InvokeEndpointAsync requests and serves them in the runtime's event loop."""
 
-    def __init__(self, store: Store, models, roles: Roles, router: Router, upstreams: Upstreams,
-                 endpoint_arn: Callable[[str], str], region: str):  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        models,
+        roles: Roles,
+        router: Router,
+        upstreams: Upstreams,
+        endpoint_arn: Callable[[str], str],
+        region: str,
+    ):
         self.store, self.models, self.roles, self.router, self.upstreams = store, models, roles, router, upstreams
         self.endpoint_arn, self.region = endpoint_arn, region
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -70,25 +78,43 @@ class AsyncInvocations:
         config = await loop.run_in_executor(None, self._config, target.config) if target else None
         asynchronous = (config or {}).get("AsyncInferenceConfig")
         if target is None or not asynchronous:
-            raise InvokeError(400, "ValidationError", f"Endpoint {name} is not an asynchronous inference endpoint: "
-                              "its endpoint configuration has no AsyncInferenceConfig.")  # fmt: skip
+            raise InvokeError(
+                400,
+                "ValidationError",
+                f"Endpoint {name} is not an asynchronous inference endpoint: "
+                "its endpoint configuration has no AsyncInferenceConfig.",
+            )
         location = fields.get("x-amzn-sagemaker-inputlocation")
         if bool(location) == bool(body):
             raise InvokeError(400, "ValidationError", "Provide exactly one of Body and InputLocation.")
         if len(body) > MAX_INLINE_BYTES:
-            raise InvokeError(400, "ValidationError", f"1 validation error detected: Value at 'body' failed to "
-                              f"satisfy constraint: Member must have length less than or equal to {MAX_INLINE_BYTES}")  # fmt: skip
+            raise InvokeError(
+                400,
+                "ValidationError",
+                f"1 validation error detected: Value at 'body' failed to "
+                f"satisfy constraint: Member must have length less than or equal to {MAX_INLINE_BYTES}",
+            )
         if location:
             _s3_uri(location, "inputLocation")
-        ttl = _bounded(fields, "x-amzn-sagemaker-requestttlseconds", "requestTTLSeconds", DEFAULT_TTL_SECONDS,
-                       TTL_BOUNDS)  # fmt: skip
-        timeout = _bounded(fields, "x-amzn-sagemaker-invocationtimeoutseconds", "invocationTimeoutSeconds",
-                           DEFAULT_TIMEOUT_SECONDS, TIMEOUT_BOUNDS)  # fmt: skip
+        ttl = _bounded(
+            fields, "x-amzn-sagemaker-requestttlseconds", "requestTTLSeconds", DEFAULT_TTL_SECONDS, TTL_BOUNDS
+        )
+        timeout = _bounded(
+            fields,
+            "x-amzn-sagemaker-invocationtimeoutseconds",
+            "invocationTimeoutSeconds",
+            DEFAULT_TIMEOUT_SECONDS,
+            TIMEOUT_BOUNDS,
+        )
         inference_id = fields.get("x-amzn-sagemaker-inference-id") or str(uuid.uuid4())
         if len(inference_id) > INFERENCE_ID_LIMIT or not inference_id.isprintable():
-            raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{inference_id}' at "
-                              f"'inferenceId' failed to satisfy constraint: Member must have length less than or "
-                              f"equal to {INFERENCE_ID_LIMIT}")  # fmt: skip
+            raise InvokeError(
+                400,
+                "ValidationError",
+                f"1 validation error detected: Value '{inference_id}' at "
+                f"'inferenceId' failed to satisfy constraint: Member must have length less than or "
+                f"equal to {INFERENCE_ID_LIMIT}",
+            )
         output = asynchronous["OutputConfig"]
         extension = fields.get("x-amzn-sagemaker-s3outputpathextension", "").strip("/")
         directory = "/".join(part for part in (output["S3OutputPath"].rstrip("/"), extension) if part)
@@ -118,8 +144,11 @@ class AsyncInvocations:
         }
         await loop.run_in_executor(None, self.store.put, KIND, record["Key"], record)
         self._start(record)
-        answer = [("X-Amzn-SageMaker-OutputLocation", output_uri), ("X-Amzn-SageMaker-FailureLocation", failure_uri),
-                  ("Content-Type", "application/json")]  # fmt: skip
+        answer = [
+            ("X-Amzn-SageMaker-OutputLocation", output_uri),
+            ("X-Amzn-SageMaker-FailureLocation", failure_uri),
+            ("Content-Type", "application/json"),
+        ]
         return 202, answer, json.dumps({"InferenceId": inference_id}).encode()
 
     def _config(self, name: str) -> dict | None:
@@ -152,8 +181,13 @@ class AsyncInvocations:
         try:
             role = await loop.run_in_executor(None, self._session, record["Role"], source)  # asks STS
         except Exception as error:  # the role cannot be assumed: nothing can be read or written as it
-            log.error("Async inference %s of endpoint %s dropped: its role %s cannot be assumed: %s",
-                      record["InferenceId"], record["Endpoint"], record["Role"], error)  # fmt: skip
+            log.error(
+                "Async inference %s of endpoint %s dropped: its role %s cannot be assumed: %s",
+                record["InferenceId"],
+                record["Endpoint"],
+                record["Role"],
+                error,
+            )
             await loop.run_in_executor(None, self.store.delete, KIND, record["Key"])
             return
         try:
@@ -180,17 +214,26 @@ class AsyncInvocations:
             try:
                 body = await loop.run_in_executor(None, _read, role.client("s3"), record["InputLocation"])
             except Exception as error:
-                return False, "application/json", _failure(f"The input {record['InputLocation']} could not be "
-                                                           f"read as {record['Role']}: {error}")  # fmt: skip
+                return (
+                    False,
+                    "application/json",
+                    _failure(f"The input {record['InputLocation']} could not be read as {record['Role']}: {error}"),
+                )
         head = [f"POST /endpoints/{record['Endpoint']}/invocations HTTP/1.1\r\n"]
-        for header, value in (("Content-Type", record["ContentType"]), ("Accept", record["Accept"]),
-                              ("X-Amzn-SageMaker-Custom-Attributes", record["CustomAttributes"])):  # fmt: skip
+        for header, value in (
+            ("Content-Type", record["ContentType"]),
+            ("Accept", record["Accept"]),
+            ("X-Amzn-SageMaker-Custom-Attributes", record["CustomAttributes"]),
+        ):
             if value:
                 head.append(f"{header}: {value}\r\n")
         while True:
             if time.time() > record["ExpiresAt"]:
-                return False, "application/json", _failure("Request expired: it waited longer than its "
-                                                           "RequestTTLSeconds in the queue.")  # fmt: skip
+                return (
+                    False,
+                    "application/json",
+                    _failure("Request expired: it waited longer than its RequestTTLSeconds in the queue."),
+                )
             target = self.router.pick(record["Endpoint"], record["Variant"]) or self.router.pick(
                 record["Endpoint"], None
             )
@@ -199,11 +242,15 @@ class AsyncInvocations:
                 continue
             self.router.in_flight[target.url] += 1
             try:
-                reply = await self.upstreams.send(target.url, "".join(head).encode("latin-1"), body,
-                                                  timeout=record["TimeoutSeconds"])  # fmt: skip
+                reply = await self.upstreams.send(
+                    target.url, "".join(head).encode("latin-1"), body, timeout=record["TimeoutSeconds"]
+                )
             except TimeoutError:
-                return False, "application/json", _failure(f"The model did not answer within "
-                                                           f"{record['TimeoutSeconds']} seconds.")  # fmt: skip
+                return (
+                    False,
+                    "application/json",
+                    _failure(f"The model did not answer within {record['TimeoutSeconds']} seconds."),
+                )
             except OSError:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
@@ -218,10 +265,16 @@ class AsyncInvocations:
         role.client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
         topic = record["Notifications"].get("SuccessTopic" if succeeded else "ErrorTopic")
         if topic:
-            role.client("sns").publish(TopicArn=topic, Message=json.dumps(self._notification(record, succeeded,
-                                                                                             content_type, body)))  # fmt: skip
-        log.info("Async inference %s of endpoint %s: %s at %s", record["InferenceId"], record["Endpoint"],
-                 "done" if succeeded else "failed", uri)  # fmt: skip
+            role.client("sns").publish(
+                TopicArn=topic, Message=json.dumps(self._notification(record, succeeded, content_type, body))
+            )
+        log.info(
+            "Async inference %s of endpoint %s: %s at %s",
+            record["InferenceId"],
+            record["Endpoint"],
+            "done" if succeeded else "failed",
+            uri,
+        )
 
     def _notification(self, record: dict, succeeded: bool, content_type: str, body: bytes) -> dict:
         """SageMaker's message for an async inference's outcome."""
@@ -270,9 +323,13 @@ def _s3_uri(value: str, field: str) -> None:
     try:
         aws.split_s3_uri(value)
     except ValueError:
-        raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{value}' at '{field}' "
-                          "failed to satisfy constraint: Member must satisfy regular expression pattern: "
-                          "^(https|s3)://([^/]+)/?(.*)$") from None  # fmt: skip
+        raise InvokeError(
+            400,
+            "ValidationError",
+            f"1 validation error detected: Value '{value}' at '{field}' "
+            "failed to satisfy constraint: Member must satisfy regular expression pattern: "
+            "^(https|s3)://([^/]+)/?(.*)$",
+        ) from None
 
 
 def _bounded(headers: dict[str, str], header: str, field: str, default: int, bounds: tuple[int, int]) -> int:
@@ -281,6 +338,10 @@ def _bounded(headers: dict[str, str], header: str, field: str, default: int, bou
         return default
     low, high = bounds
     if not text.isdigit() or not low <= int(text) <= high:
-        raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{text}' at '{field}' failed "
-                          f"to satisfy constraint: Member must have value between {low} and {high}")  # fmt: skip
+        raise InvokeError(
+            400,
+            "ValidationError",
+            f"1 validation error detected: Value '{text}' at '{field}' failed "
+            f"to satisfy constraint: Member must have value between {low} and {high}",
+        )
     return int(text)

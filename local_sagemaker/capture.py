@@ -101,15 +101,18 @@ def check(config: dict) -> None:
     try:
         aws.split_s3_uri(uri)
     except ValueError:
-        raise ValidationException(f"DataCaptureConfig.DestinationS3Uri '{uri}' is not an S3 URI of the form "
-                                  "s3://bucket/prefix") from None  # fmt: skip
+        raise ValidationException(
+            f"DataCaptureConfig.DestinationS3Uri '{uri}' is not an S3 URI of the form s3://bucket/prefix"
+        ) from None
     modes = [option["CaptureMode"] for option in config["CaptureOptions"]]
     inputs = sum(MODES[mode][0] for mode in modes)
     outputs = sum(MODES[mode][1] for mode in modes)
     if inputs > 1 or outputs > 1:
-        raise ValidationException(f"DataCaptureConfig.CaptureOptions [{', '.join(modes)}] capture the "
-                                  f"{'input' if inputs > 1 else 'output'} more than once: give each of Input and "
-                                  "Output at most once (InputAndOutput is both)")  # fmt: skip
+        raise ValidationException(
+            f"DataCaptureConfig.CaptureOptions [{', '.join(modes)}] capture the "
+            f"{'input' if inputs > 1 else 'output'} more than once: give each of Input and "
+            "Output at most once (InputAndOutput is both)"
+        )
 
 
 def settings(config: dict | None, role: str | None) -> Settings | None:
@@ -163,8 +166,15 @@ class _Record:
 class DataCapture:
     """The runtime's data capture: ``record`` in the request path, a writer task in its event loop."""
 
-    def __init__(self, roles, endpoint_arn: Callable[[str], str], *, put: Callable | None = None,
-                 buffer_records: int = BUFFER_RECORDS, buffer_bytes: int = BUFFER_BYTES):  # fmt: skip
+    def __init__(
+        self,
+        roles,
+        endpoint_arn: Callable[[str], str],
+        *,
+        put: Callable | None = None,
+        buffer_records: int = BUFFER_RECORDS,
+        buffer_bytes: int = BUFFER_BYTES,
+    ):
         """``roles``: local_sagemaker.roles.Roles, whose sessions write as the models' roles; ``endpoint_arn``: an
         endpoint's ARN by name, the resource the roles are assumed for; ``put(role_arn, source_arn, bucket, key,
         body)``: where objects go, if not to S3 as the role."""
@@ -210,12 +220,27 @@ class DataCapture:
         if self._closing or self._held_records >= self.buffer_records or self._held_bytes + size > self.buffer_bytes:
             reason = "ServiceStopped" if self._closing else "BufferFull"
             counts[reason] += 1
-            self._log_drop(endpoint, 1, reason, f"its buffer holds {self._held_records} records of "
-                           f"{self._held_bytes} bytes, the most it may")  # fmt: skip
+            self._log_drop(
+                endpoint,
+                1,
+                reason,
+                f"its buffer holds {self._held_records} records of {self._held_bytes} bytes, the most it may",
+            )
             return
-        self._buffer.append(_Record(endpoint, variant, settings, time.time(), request.headers.get("Content-Type"),
-                                    body_in, reply.headers.get("content-type"), body_out,
-                                    request.fields.get("x-amzn-sagemaker-inference-id"), size))  # fmt: skip
+        self._buffer.append(
+            _Record(
+                endpoint,
+                variant,
+                settings,
+                time.time(),
+                request.headers.get("Content-Type"),
+                body_in,
+                reply.headers.get("content-type"),
+                body_out,
+                request.fields.get("x-amzn-sagemaker-inference-id"),
+                size,
+            )
+        )
         self._held_records += 1
         self._held_bytes += size
         self._buffered_bytes += size
@@ -297,8 +322,15 @@ class DataCapture:
         if now - self._logged.get(endpoint, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
             return
         self._logged[endpoint] = now
-        log.warning("Data capture of endpoint %s: %d records dropped (%s): %s; so far %s (its drops are logged at "
-                    "most once a minute)", endpoint, records, reason, detail, self.counts().get(endpoint))  # fmt: skip
+        log.warning(
+            "Data capture of endpoint %s: %d records dropped (%s): %s; so far %s (its drops are logged at "
+            "most once a minute)",
+            endpoint,
+            records,
+            reason,
+            detail,
+            self.counts().get(endpoint),
+        )
 
     # -- observing and stopping --------------------------------------------------------------------------------------
 
@@ -327,8 +359,11 @@ class DataCapture:
                 self._task.cancel()
                 for endpoint, records in left.items():
                     self._counts[endpoint]["ServiceStopped"] += records
-                log.warning("Data capture: %d records were not written within %g s of the stop",
-                            sum(left.values()), CLOSE_SECONDS)  # fmt: skip
+                log.warning(
+                    "Data capture: %d records were not written within %g s of the stop",
+                    sum(left.values()),
+                    CLOSE_SECONDS,
+                )
         self._executor.shutdown(wait=False, cancel_futures=True)
         for endpoint, counts in self.counts().items():
             log.info("Data capture of endpoint %s: %s", endpoint, counts)
@@ -364,8 +399,10 @@ async def _encode(records: list[_Record]) -> bytes:
         if record.output is not None:
             sides.append(b'"endpointOutput":' + _side(record.output_type, record.output, b"OUTPUT", record.settings))
         inference_id = b',"inferenceId":' + _quoted(record.inference_id) if record.inference_id else b""
-        lines.append(b'{"captureData":{%b},"eventMetadata":{"eventId":"%b"%b,"inferenceTime":"%b"},"eventVersion":"0"}\n'
-                     % (b",".join(sides), str(uuid.uuid4()).encode(), inference_id, _time(int(record.at))))  # fmt: skip
+        lines.append(
+            b'{"captureData":{%b},"eventMetadata":{"eventId":"%b"%b,"inferenceTime":"%b"},"eventVersion":"0"}\n'
+            % (b",".join(sides), str(uuid.uuid4()).encode(), inference_id, _time(int(record.at)))
+        )
     return b"".join(lines)
 
 

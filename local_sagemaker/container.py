@@ -93,10 +93,12 @@ class Command:
             return [executable, *(map_text(word, root) for word in self.argv[1:])]
         c_index = self.argv.index("-c")
         line = " && ".join(
-            " ".join(shlex.quote(_executable(word, python) if index == 0 and _interpreter(word) else map_text(word, root))
-                     for index, word in enumerate(command))
+            " ".join(
+                shlex.quote(_executable(word, python) if index == 0 and _interpreter(word) else map_text(word, root))
+                for index, word in enumerate(command)
+            )
             for command in self.line
-        )  # fmt: skip
+        )
         return [executable, *self.argv[1:c_index], "-c", line, *(map_text(w, root) for w in self.argv[c_index + 2 :])]
 
 
@@ -108,8 +110,10 @@ def command(specification: Mapping, what: str = "AlgorithmSpecification") -> Com
         return None
 
     def refuse(why: str):
-        raise ValidationException(f"{what}: ContainerEntrypoint and ContainerArguments {argv!r}: {why}. This local "
-                                  f"SageMaker service runs processes on its own machine, and runs only {ALLOWED}")  # fmt: skip
+        raise ValidationException(
+            f"{what}: ContainerEntrypoint and ContainerArguments {argv!r}: {why}. This local "
+            f"SageMaker service runs processes on its own machine, and runs only {ALLOWED}"
+        )
 
     if any(not isinstance(word, str) or "\0" in word or "\n" in word for word in argv):
         refuse("a word holds a NUL or a newline")
@@ -270,10 +274,18 @@ def host_roots(ml_dir: Path, count: int) -> list[Path]:
 
 
 def host_environments(
-    *, job_name: str, job_arn: str, roots: Sequence[Path], program: str | None, hyperparameters: Mapping[str, str],
-    channels: Sequence[str], cpus: int, region: str, aws: Mapping[str, str] | None = None,
+    *,
+    job_name: str,
+    job_arn: str,
+    roots: Sequence[Path],
+    program: str | None,
+    hyperparameters: Mapping[str, str],
+    channels: Sequence[str],
+    cpus: int,
+    region: str,
+    aws: Mapping[str, str] | None = None,
     environment: Mapping[str, str] | None = None,
-) -> list[dict[str, str]]:  # fmt: skip
+) -> list[dict[str, str]]:
     """The environment of each host's process (``roots``: their /opt/ml): what SageMaker and its training toolkit
     set, plus loopback DDP, over an allow-listed base (never the service's own credentials or anything of
     Airflow's) and the request's Environment; ``program``: a script-mode job's entry point (None: the container's
@@ -330,15 +342,22 @@ def host_environments(
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * gpus_per_host + g) for g in range(gpus_per_host))
         env["SM_TRAINING_ENV"] = json.dumps(
             {
-                "job_name": job_name, "current_host": host, "hosts": hosts, "hyperparameters": hps,
+                "job_name": job_name,
+                "current_host": host,
+                "hosts": hosts,
+                "hyperparameters": hps,
                 "channel_input_dirs": {name: env[f"SM_CHANNEL_{name.upper()}"] for name in channels},
-                "model_dir": env["SM_MODEL_DIR"], "output_data_dir": env["SM_OUTPUT_DATA_DIR"],
-                "output_dir": env["SM_OUTPUT_DIR"], "input_dir": env["SM_INPUT_DIR"],
-                "input_config_dir": env["SM_INPUT_CONFIG_DIR"], "num_cpus": threads, "num_gpus": gpus_per_host,
+                "model_dir": env["SM_MODEL_DIR"],
+                "output_data_dir": env["SM_OUTPUT_DATA_DIR"],
+                "output_dir": env["SM_OUTPUT_DIR"],
+                "input_dir": env["SM_INPUT_DIR"],
+                "input_config_dir": env["SM_INPUT_CONFIG_DIR"],
+                "num_cpus": threads,
+                "num_gpus": gpus_per_host,
                 "network_interface_name": LOOPBACK_INTERFACE,
                 **({"module_dir": env["SM_MODULE_DIR"], "user_entry_point": program} if program is not None else {}),
             }
-        )  # fmt: skip
+        )
         environments.append(env)
     return environments
 
@@ -377,11 +396,19 @@ def lay_out(record: Mapping, roots: list[Path], channels: list[str], command: Co
         (config / "hyperparameters.json").write_text(json.dumps(record.get("HyperParameters", {}), indent=2))
         (config / "inputdataconfig.json").write_text(json.dumps(input_config, indent=2))
         group = {"instance_group_name": "homogeneousCluster", "instance_type": instance_type, "hosts": hosts}
-        (config / "resourceconfig.json").write_text(json.dumps({
-            "current_host": host, "current_instance_type": instance_type,
-            "current_group_name": "homogeneousCluster", "hosts": hosts, "instance_groups": [group],
-            "network_interface_name": LOOPBACK_INTERFACE,
-        }, indent=2))  # fmt: skip
+        (config / "resourceconfig.json").write_text(
+            json.dumps(
+                {
+                    "current_host": host,
+                    "current_instance_type": instance_type,
+                    "current_group_name": "homogeneousCluster",
+                    "hosts": hosts,
+                    "instance_groups": [group],
+                    "network_interface_name": LOOPBACK_INTERFACE,
+                },
+                indent=2,
+            )
+        )
     for name in sorted(command.channels() & set(channels)) if command else ():
         for root in roots:
             changed = map_files(root / "input" / "data" / name, root)

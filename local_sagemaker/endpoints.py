@@ -48,8 +48,20 @@ BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
 
 
 class Endpoints:
-    def __init__(self, store: Store, models: Models, router: Router, state_dir: Path, *, workers: int,
-                 metrics_interval: float, region: str, account: str, roles: Roles, service_url: str):  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        models: Models,
+        router: Router,
+        state_dir: Path,
+        *,
+        workers: int,
+        metrics_interval: float,
+        region: str,
+        account: str,
+        roles: Roles,
+        service_url: str,
+    ):
         """``roles``: the execution roles the model servers run as (their models'); ``service_url``: where the
         servers ask for their role's credentials."""
         self.store, self.models, self.router = store, models, router
@@ -79,11 +91,20 @@ class Endpoints:
             if self.store.get(KIND, name) is not None:
                 raise ValidationException(f'Cannot create already existing endpoint "{self.arn(name)}".')
             created = now()
-            self.store.put(KIND, name, {
-                "EndpointName": name, "EndpointArn": self.arn(name), "EndpointConfigName": config_name,
-                "EndpointStatus": "Creating", "CreationTime": created, "LastModifiedTime": created,
-                "Tags": request.get("Tags", []), "Local": {"fleet": None, "pending": None},
-            })  # fmt: skip
+            self.store.put(
+                KIND,
+                name,
+                {
+                    "EndpointName": name,
+                    "EndpointArn": self.arn(name),
+                    "EndpointConfigName": config_name,
+                    "EndpointStatus": "Creating",
+                    "CreationTime": created,
+                    "LastModifiedTime": created,
+                    "Tags": request.get("Tags", []),
+                    "Local": {"fleet": None, "pending": None},
+                },
+            )
         self._background(self._create, name)
         return {"EndpointArn": self.arn(name)}
 
@@ -143,8 +164,9 @@ class Endpoints:
                 raise ValidationException(f'Cannot update in-progress endpoint "{self.arn(name)}".')
             self.models.endpoint_config(config_name)
             if record["EndpointConfigName"] == config_name:
-                raise ValidationException(f"Endpoint {name} already uses endpoint config {config_name}: "
-                                          "nothing to update")  # fmt: skip
+                raise ValidationException(
+                    f"Endpoint {name} already uses endpoint config {config_name}: nothing to update"
+                )
             names = [a["AlarmName"] for a in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
             watched = alarms.describe(names)
             self.store.update(KIND, name, EndpointStatus="Updating", LastModifiedTime=now(), FailureReason=None)
@@ -163,28 +185,43 @@ class Endpoints:
 
     # -- fleets ----------------------------------------------------------------------------------------------------
 
-    def _start_server(self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict,
-                      image: str, role: str) -> dict:  # fmt: skip
+    def _start_server(
+        self, endpoint: str, config: str, variant: dict, model_dir: Path, environment: dict, image: str, role: str
+    ) -> dict:
         """Start one model server as the execution role ``role``; its record (the process, and what starts it again)."""
         log_path = self.logs_dir / f"{endpoint}--{config}--{variant['VariantName']}.log"
-        aws_environment = {**aws.endpoint_environment(),
-                           **self.roles.process_environment(role, self.arn(endpoint), self.service_url)}  # fmt: skip
+        aws_environment = {
+            **aws.endpoint_environment(),
+            **self.roles.process_environment(role, self.arn(endpoint), self.service_url),
+        }
         try:
             record, url = model_servers.start(
-                model_dir, name=endpoint, variant=variant["VariantName"], workers=self.workers,
-                metrics_interval=self.metrics_interval, environment=environment, aws_environment=aws_environment,
-                log_path=log_path, stopping=self._stopping,
-            )  # fmt: skip
+                model_dir,
+                name=endpoint,
+                variant=variant["VariantName"],
+                workers=self.workers,
+                metrics_interval=self.metrics_interval,
+                environment=environment,
+                aws_environment=aws_environment,
+                log_path=log_path,
+                stopping=self._stopping,
+            )
         except BaseException:
             self.roles.forget(aws_environment)
             raise
         return {
-            **record, "url": url, "variant": variant["VariantName"], "config": config,
-            "model_dir": str(model_dir), "environment": environment, "image": image,
+            **record,
+            "url": url,
+            "variant": variant["VariantName"],
+            "config": config,
+            "model_dir": str(model_dir),
+            "environment": environment,
+            "image": image,
             "weight": float(variant.get("InitialVariantWeight", 1.0)),
             "instances": int(variant.get("InitialInstanceCount", 1)),
-            "role": role, "credentials_token": aws_environment["AWS_CONTAINER_AUTHORIZATION_TOKEN"],
-        }  # fmt: skip
+            "role": role,
+            "credentials_token": aws_environment["AWS_CONTAINER_AUTHORIZATION_TOKEN"],
+        }
 
     def _role(self, config_name: str, variant_name: str) -> str:
         """The execution role of the model a variant of an endpoint config serves."""
@@ -221,8 +258,17 @@ class Endpoints:
                     raise LaunchFailed(error.message) from None
                 models_dir = self.fleets_dir / endpoint / "models"
                 model_dir = model_servers.model_dir(models_dir, container["ModelDataUrl"], s3)
-                servers.append(self._start_server(endpoint, config_name, variant, model_dir,
-                                                  container.get("Environment", {}), container.get("Image", ""), role))  # fmt: skip
+                servers.append(
+                    self._start_server(
+                        endpoint,
+                        config_name,
+                        variant,
+                        model_dir,
+                        container.get("Environment", {}),
+                        container.get("Image", ""),
+                        role,
+                    )
+                )
         except BaseException as error:
             self._stop(servers, grace=5)
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
@@ -242,10 +288,15 @@ class Endpoints:
     @staticmethod
     def _targets(fleet: dict, share: float = 1.0) -> list[Target]:
         return [
-            Target(s["url"], s["variant"], fleet["config"], s["weight"] * share,
-                   capture.settings(fleet.get("data_capture"), s.get("role")))
+            Target(
+                s["url"],
+                s["variant"],
+                fleet["config"],
+                s["weight"] * share,
+                capture.settings(fleet.get("data_capture"), s.get("role")),
+            )
             for s in fleet["servers"]
-        ]  # fmt: skip
+        ]
 
     def _retire(self, fleet: dict | None) -> None:
         """Wait until nothing is in flight to ``fleet`` (routed away already), then stop its servers."""
@@ -267,8 +318,9 @@ class Endpoints:
         try:
             fleet = self._launch(name, config_name)
         except LaunchFailed as failed:
-            self.store.update(KIND, name, EndpointStatus="Failed", FailureReason=str(failed)[:1024],
-                              LastModifiedTime=now())  # fmt: skip
+            self.store.update(
+                KIND, name, EndpointStatus="Failed", FailureReason=str(failed)[:1024], LastModifiedTime=now()
+            )
             log.warning("Endpoint %s failed: %s", name, failed)
             return
         self._set_local(name, fleet=fleet)
@@ -282,8 +334,9 @@ class Endpoints:
             new = self._launch(name, config_name)
         except LaunchFailed as failed:
             reason = f"Failed to update endpoint {name} to config {config_name}: {failed}"
-            self.store.update(KIND, name, EndpointStatus="InService", FailureReason=reason[:1024],
-                              LastModifiedTime=now())  # fmt: skip
+            self.store.update(
+                KIND, name, EndpointStatus="InService", FailureReason=reason[:1024], LastModifiedTime=now()
+            )
             log.warning("%s", reason)
             return
         self._set_local(name, pending=new)
@@ -298,8 +351,14 @@ class Endpoints:
             self._retire(old)
             with self.store.lock:
                 self._set_local(name, fleet=new, pending=None)
-                self.store.update(KIND, name, EndpointConfigName=config_name, EndpointStatus="InService",
-                                  LastDeploymentConfig=deployment or None, LastModifiedTime=now())  # fmt: skip
+                self.store.update(
+                    KIND,
+                    name,
+                    EndpointConfigName=config_name,
+                    EndpointStatus="InService",
+                    LastDeploymentConfig=deployment or None,
+                    LastModifiedTime=now(),
+                )
             log.info("Endpoint %s updated to config %s", name, config_name)
             return
         log.warning("Endpoint %s: rolling back the update to %s: %s", name, config_name, reason)
@@ -347,8 +406,9 @@ class Endpoints:
         share = size["Value"] / 100 if size["Type"] == "CAPACITY_PERCENT" else size["Value"] / instances
         return min(1.0, max(share, 0.01))
 
-    def _bake(self, name: str, urls: set[str], watched: list[dict], hold: float, deadline: float,
-              update_started: float) -> str | None:  # fmt: skip
+    def _bake(
+        self, name: str, urls: set[str], watched: list[dict], hold: float, deadline: float, update_started: float
+    ) -> str | None:
         """Hold this step for ``hold`` seconds under the alarms; the reason to roll back, if any."""
         since = time.time()
         end = time.monotonic() + hold
@@ -390,8 +450,11 @@ class Endpoints:
             # Servers no record names (started by a service killed before it could write them down) serve nothing.
             strays = [s for s in processes.running_with("inference.serve", self.fleets_dir) if s["pid"] not in recorded]
             if strays:
-                log.warning("Stopping %d model servers no endpoint record names: %s", len(strays),
-                            ", ".join(str(s["pid"]) for s in strays))  # fmt: skip
+                log.warning(
+                    "Stopping %d model servers no endpoint record names: %s",
+                    len(strays),
+                    ", ".join(str(s["pid"]) for s in strays),
+                )
                 processes.stop(strays, grace=5)
         finally:
             self.ready.set()
@@ -423,11 +486,22 @@ class Endpoints:
                     servers.append(server)
                     continue
                 self._stop([server], grace=5)
-                variant = {"VariantName": server["variant"], "InitialVariantWeight": server["weight"],
-                           "InitialInstanceCount": server["instances"]}  # fmt: skip
-                servers.append(self._start_server(name, fleet["config"], variant, Path(server["model_dir"]),
-                                                  server["environment"], server["image"],
-                                                  server.get("role") or self._role(fleet["config"], server["variant"])))  # fmt: skip
+                variant = {
+                    "VariantName": server["variant"],
+                    "InitialVariantWeight": server["weight"],
+                    "InitialInstanceCount": server["instances"],
+                }
+                servers.append(
+                    self._start_server(
+                        name,
+                        fleet["config"],
+                        variant,
+                        Path(server["model_dir"]),
+                        server["environment"],
+                        server["image"],
+                        server.get("role") or self._role(fleet["config"], server["variant"]),
+                    )
+                )
         except LaunchFailed as failed:
             self._stop(servers, grace=5)
             self.store.update(

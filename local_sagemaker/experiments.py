@@ -34,8 +34,12 @@ class Experiments:
             if self.store.get(EXPERIMENTS, name):
                 raise ValidationException(f"Experiment {name} already exists.")
             moment = now()
-            record = {**request, "ExperimentArn": self._arn("experiment", name), "CreationTime": moment,
-                      "LastModifiedTime": moment}  # fmt: skip
+            record = {
+                **request,
+                "ExperimentArn": self._arn("experiment", name),
+                "CreationTime": moment,
+                "LastModifiedTime": moment,
+            }
             self.store.put(EXPERIMENTS, name, record)
         return {"ExperimentArn": record["ExperimentArn"]}
 
@@ -51,8 +55,12 @@ class Experiments:
             if self.store.get(TRIALS, name):
                 raise ValidationException(f"Trial {name} already exists.")
             moment = now()
-            record = {**request, "TrialArn": self._arn("experiment-trial", name), "CreationTime": moment,
-                      "LastModifiedTime": moment}  # fmt: skip
+            record = {
+                **request,
+                "TrialArn": self._arn("experiment-trial", name),
+                "CreationTime": moment,
+                "LastModifiedTime": moment,
+            }
             self.store.put(TRIALS, name, record)
         return {"TrialArn": record["TrialArn"]}
 
@@ -75,10 +83,24 @@ class Experiments:
             records = [r for r in records if trials & set(r["Trials"])]
         if source := params.get("SourceArn"):
             records = [r for r in records if r.get("Source", {}).get("SourceArn") == source]
-        summaries, token = page(records, params, {"Name": "TrialComponentName", "CreationTime": "CreationTime"},
-                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
-        keys = ("TrialComponentName", "TrialComponentArn", "DisplayName", "TrialComponentSource", "Status",
-                "StartTime", "EndTime", "CreationTime", "LastModifiedTime")  # fmt: skip
+        summaries, token = page(
+            records,
+            params,
+            {"Name": "TrialComponentName", "CreationTime": "CreationTime"},
+            default_sort="CreationTime",
+            default_order="Descending",
+        )
+        keys = (
+            "TrialComponentName",
+            "TrialComponentArn",
+            "DisplayName",
+            "TrialComponentSource",
+            "Status",
+            "StartTime",
+            "EndTime",
+            "CreationTime",
+            "LastModifiedTime",
+        )
         rows = [{k: r[k] for k in keys if k in r} | {"TrialComponentSource": r["Source"]} for r in summaries]
         return {"TrialComponentSummaries": rows} | ({"NextToken": token} if token else {})
 
@@ -88,8 +110,13 @@ class Experiments:
         if not trial or self.store.get(TRIALS, trial) is None:
             return
         name = f"{job['TrainingJobName']}-aws-training-job"
-        status = {"InProgress": "InProgress", "Stopping": "Stopping", "Completed": "Completed",
-                  "Failed": "Failed", "Stopped": "Stopped"}[job["TrainingJobStatus"]]  # fmt: skip
+        status = {
+            "InProgress": "InProgress",
+            "Stopping": "Stopping",
+            "Completed": "Completed",
+            "Failed": "Failed",
+            "Stopped": "Stopped",
+        }[job["TrainingJobStatus"]]
         parameters = {}
         for key, value in job.get("HyperParameters", {}).items():
             try:
@@ -98,17 +125,26 @@ class Experiments:
                 parameters[key] = {"StringValue": value}
         with self.store.lock:
             record = self.store.get(COMPONENTS, name) or {
-                "TrialComponentName": name, "TrialComponentArn": self._arn("experiment-trial-component", name),
+                "TrialComponentName": name,
+                "TrialComponentArn": self._arn("experiment-trial-component", name),
                 "DisplayName": (job.get("ExperimentConfig") or {}).get("TrialComponentDisplayName") or name,
                 "Source": {"SourceArn": job["TrainingJobArn"], "SourceType": "SageMakerTrainingJob"},
-                "CreationTime": job["CreationTime"], "Trials": [trial],
-            }  # fmt: skip
+                "CreationTime": job["CreationTime"],
+                "Trials": [trial],
+            }
             record.update(
-                Status={"PrimaryStatus": status, **({"Message": job["FailureReason"]} if "FailureReason" in job else {})},
-                Parameters=parameters, LastModifiedTime=job["LastModifiedTime"],
-                InputArtifacts={c["ChannelName"]: {"Value": c["DataSource"]["S3DataSource"]["S3Uri"]}
-                                for c in job.get("InputDataConfig", []) if "S3DataSource" in c["DataSource"]},
-            )  # fmt: skip
+                Status={
+                    "PrimaryStatus": status,
+                    **({"Message": job["FailureReason"]} if "FailureReason" in job else {}),
+                },
+                Parameters=parameters,
+                LastModifiedTime=job["LastModifiedTime"],
+                InputArtifacts={
+                    c["ChannelName"]: {"Value": c["DataSource"]["S3DataSource"]["S3Uri"]}
+                    for c in job.get("InputDataConfig", [])
+                    if "S3DataSource" in c["DataSource"]
+                },
+            )
             if "TrainingStartTime" in job:
                 record["StartTime"] = job["TrainingStartTime"]
             if "TrainingEndTime" in job:
@@ -117,8 +153,16 @@ class Experiments:
                 record["OutputArtifacts"] = {"SageMaker.ModelArtifact": {"Value": artifacts["S3ModelArtifacts"]}}
             if final := job.get("FinalMetricDataList"):
                 record["Metrics"] = [
-                    {"MetricName": m["MetricName"], "SourceArn": job["TrainingJobArn"], "TimeStamp": m["Timestamp"],
-                     "Last": m["Value"], "Max": m["Value"], "Min": m["Value"], "Avg": m["Value"], "Count": 1}
+                    {
+                        "MetricName": m["MetricName"],
+                        "SourceArn": job["TrainingJobArn"],
+                        "TimeStamp": m["Timestamp"],
+                        "Last": m["Value"],
+                        "Max": m["Value"],
+                        "Min": m["Value"],
+                        "Avg": m["Value"],
+                        "Count": 1,
+                    }
                     for m in final
-                ]  # fmt: skip
+                ]
             self.store.put(COMPONENTS, name, record)

@@ -56,12 +56,28 @@ def start(
     port = port or processes.free_port(HOST)
     runtime_port = runtime_port or processes.free_port(HOST)
     command = [
-        sys.executable, "-m", "local_sagemaker", "--state-dir", str(state_dir), "--host", HOST, "--port", str(port),
-        "--runtime-port", str(runtime_port), "--cpus", str(cpus), "--metrics-interval", str(metrics_interval), "--region", region,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "local_sagemaker",
+        "--state-dir",
+        str(state_dir),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--runtime-port",
+        str(runtime_port),
+        "--cpus",
+        str(cpus),
+        "--metrics-interval",
+        str(metrics_interval),
+        "--region",
+        region,
+    ]
     log_path = log_path or Path(state_dir) / "logs" / "local-sagemaker.log"
-    process, record = processes.spawn(command, env=service_env(aws_endpoint_url, region, credentials),
-                                      log_path=log_path)  # fmt: skip
+    process, record = processes.spawn(
+        command, env=service_env(aws_endpoint_url, region, credentials), log_path=log_path
+    )
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + timeout
     while True:

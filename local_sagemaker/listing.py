@@ -25,9 +25,11 @@ def _offset(token: str) -> int:
 
 
 TIME_FILTERS = (
-    ("CreationTimeAfter", "CreationTime", True), ("CreationTimeBefore", "CreationTime", False),
-    ("LastModifiedTimeAfter", "LastModifiedTime", True), ("LastModifiedTimeBefore", "LastModifiedTime", False),
-)  # fmt: skip
+    ("CreationTimeAfter", "CreationTime", True),
+    ("CreationTimeBefore", "CreationTime", False),
+    ("LastModifiedTimeAfter", "LastModifiedTime", True),
+    ("LastModifiedTimeBefore", "LastModifiedTime", False),
+)
 
 
 def filtered(records: list[dict], params: dict, name_key: str, status_key: str | None = None) -> list[dict]:
@@ -43,8 +45,9 @@ def filtered(records: list[dict], params: dict, name_key: str, status_key: str |
     return records
 
 
-def page(records: list[dict], params: dict, sort_by: dict[str, str], default_sort: str,
-         default_order: str = "Ascending") -> tuple[list[dict], str | None]:  # fmt: skip
+def page(
+    records: list[dict], params: dict, sort_by: dict[str, str], default_sort: str, default_order: str = "Ascending"
+) -> tuple[list[dict], str | None]:
     """One page of ``records``, sorted by ``params["SortBy"]`` (a key of ``sort_by``: API name → record field) and
     ``SortOrder``; returns the page and the next token (None on the last page)."""
     field = sort_by[params.get("SortBy") or default_sort]

@@ -97,9 +97,18 @@ def prune(root: Path, keep: Iterable[Path]) -> None:
         walk(root)
 
 
-def start(model: Path, *, name: str, variant: str, workers: int, metrics_interval: float | None,
-          environment: Mapping[str, str], aws_environment: Mapping[str, str], log_path: Path,
-          stopping: threading.Event) -> tuple[dict, str]:  # fmt: skip
+def start(
+    model: Path,
+    *,
+    name: str,
+    variant: str,
+    workers: int,
+    metrics_interval: float | None,
+    environment: Mapping[str, str],
+    aws_environment: Mapping[str, str],
+    log_path: Path,
+    stopping: threading.Event,
+) -> tuple[dict, str]:
     """Start a server for the model directory ``model`` and wait until it answers /ping; returns its process record
     and URL. ``name`` and ``variant`` are the EndpointName and VariantName it reports (metrics every
     ``metrics_interval`` seconds; None: none); ``environment`` the container's, ``aws_environment`` how it reaches
@@ -107,9 +116,22 @@ def start(model: Path, *, name: str, variant: str, workers: int, metrics_interva
     ``stopping`` is set first; nothing is left running then."""
     port = processes.free_port(HOST)
     command = [
-        sys.executable, "-m", "inference.serve", "--model-dir", str(model), "--host", HOST, "--port", str(port),
-        "--endpoint-name", name, "--variant-name", variant, "--workers", str(workers),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "inference.serve",
+        "--model-dir",
+        str(model),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--endpoint-name",
+        name,
+        "--variant-name",
+        variant,
+        "--workers",
+        str(workers),
+    ]
     command += ["--no-metrics"] if metrics_interval is None else ["--metrics-interval", str(metrics_interval)]
     # The container's own environment and its role's way to AWS, nothing else (never the service's credentials).
     env = processes.allowed_env({**environment, **aws_environment, "PYTHONUNBUFFERED": "1"})
@@ -118,10 +140,14 @@ def start(model: Path, *, name: str, variant: str, workers: int, metrics_interva
     deadline = time.monotonic() + START_TIMEOUT
     while not processes.healthy(url):
         if process.poll() is not None or time.monotonic() > deadline or stopping.is_set():
-            what = (f"exited with status {process.returncode}" if process.poll() is not None
-                    else f"did not answer /ping within {START_TIMEOUT:.0f} s")  # fmt: skip
+            what = (
+                f"exited with status {process.returncode}"
+                if process.poll() is not None
+                else f"did not answer /ping within {START_TIMEOUT:.0f} s"
+            )
             processes.stop([record], grace=5)
-            raise LaunchFailed(f"The model server of variant {variant} {what}; its log ends:\n"
-                               f"{processes.log_tail(log_path, 15)}")  # fmt: skip
+            raise LaunchFailed(
+                f"The model server of variant {variant} {what}; its log ends:\n{processes.log_tail(log_path, 15)}"
+            )
         time.sleep(0.1)
     return record, url

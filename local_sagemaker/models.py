@@ -16,8 +16,9 @@ MODELS, CONFIGS = "models", "endpoint-configs"
 
 
 class Models:
-    def __init__(self, store: Store, region: str, account: str, *, roles: Roles,
-                 packages: Callable[[str], dict] | None = None):  # fmt: skip
+    def __init__(
+        self, store: Store, region: str, account: str, *, roles: Roles, packages: Callable[[str], dict] | None = None
+    ):
         """``roles``: the execution roles models name, checked when a model is created; ``packages``: a model
         package version's record by its ARN (the registry's), for containers that name one (ModelPackageName)
         instead of an image and an artifact."""
@@ -77,8 +78,13 @@ class Models:
 
     def list_models(self, params: dict) -> dict:
         records = filtered(self.store.items(MODELS), params, "ModelName")
-        summaries, token = page(records, params, {"Name": "ModelName", "CreationTime": "CreationTime"},
-                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        summaries, token = page(
+            records,
+            params,
+            {"Name": "ModelName", "CreationTime": "CreationTime"},
+            default_sort="CreationTime",
+            default_order="Descending",
+        )
         keys = ("ModelName", "ModelArn", "CreationTime")
         return {"Models": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
 
@@ -120,8 +126,13 @@ class Models:
 
     def list_endpoint_configs(self, params: dict) -> dict:
         records = filtered(self.store.items(CONFIGS), params, "EndpointConfigName")
-        summaries, token = page(records, params, {"Name": "EndpointConfigName", "CreationTime": "CreationTime"},
-                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
+        summaries, token = page(
+            records,
+            params,
+            {"Name": "EndpointConfigName", "CreationTime": "CreationTime"},
+            default_sort="CreationTime",
+            default_order="Descending",
+        )
         keys = ("EndpointConfigName", "EndpointConfigArn", "CreationTime")
         answer = {"EndpointConfigs": [{k: r[k] for k in keys} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})

@@ -64,9 +64,16 @@ def spawn(
         output = stdout if stdout is not None else subprocess.DEVNULL
     try:
         process = subprocess.Popen(
-            command, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True, text=stdout is not None, errors="replace" if stdout is not None else None,
-        )  # fmt: skip
+            command,
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=stdout is not None,
+            errors="replace" if stdout is not None else None,
+        )
     finally:
         if log_path is not None:
             output.close()

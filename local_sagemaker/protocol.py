@@ -85,8 +85,13 @@ class InternalFailure(SageMakerError):
 
 # A missing resource: SageMaker answers ValidationException (not ResourceNotFound) with these messages; the ARN
 # types they name; SageMaker ARNs carry the name lower-cased.
-_KINDS = {"training job": "training-job", "model": "model", "endpoint config": "endpoint-config",
-          "endpoint configuration": "endpoint-config", "endpoint": "endpoint"}  # fmt: skip
+_KINDS = {
+    "training job": "training-job",
+    "model": "model",
+    "endpoint config": "endpoint-config",
+    "endpoint configuration": "endpoint-config",
+    "endpoint": "endpoint",
+}
 _NOUNS = {"endpoint-config": "endpoint configuration"}
 
 
@@ -252,8 +257,10 @@ def _constraints(value, shape: Shape, path: str, out: list[str]) -> None:
                 values.update(dict.fromkeys(_failures(v, shape.value)))
         for what, failed in (("Map keys", keys), ("Map value", values)):
             if failed:
-                out.append(f"Value {_java(value)} at '{path}' failed to satisfy constraint: "
-                           f"{what} must satisfy constraint: [{', '.join(failed)}]")  # fmt: skip
+                out.append(
+                    f"Value {_java(value)} at '{path}' failed to satisfy constraint: "
+                    f"{what} must satisfy constraint: [{', '.join(failed)}]"
+                )
 
 
 def _failures(value, shape: Shape) -> list[str]:
@@ -329,8 +336,11 @@ def _encode(value, shape: Shape, path: str, strict: bool):
         if strict and unknown:
             raise ValueError(f"{path + '.' if path else ''}{unknown[0]}: not a member of {shape.name}")
         members = shape.members
-        return {k: _encode(v, members[k], f"{path}.{k}".lstrip("."), strict)
-                for k, v in value.items() if k in members and v is not None}  # fmt: skip
+        return {
+            k: _encode(v, members[k], f"{path}.{k}".lstrip("."), strict)
+            for k, v in value.items()
+            if k in members and v is not None
+        }
     if kind == "list":
         return [_encode(v, shape.member, f"{path}[{i}]", strict) for i, v in enumerate(value)]
     if kind == "map":

@@ -19,14 +19,31 @@ from local_sagemaker.store import Store, now
 GROUPS, PACKAGES = "model-package-groups", "model-packages"
 CREATED_BY = {"UserProfileName": "local", "DomainId": "local"}
 # What CreateModelPackage keeps as it was sent (and DescribeModelPackage answers).
-PACKAGE_FIELDS = ("ModelPackageDescription", "InferenceSpecification", "ModelMetrics", "MetadataProperties",
-                  "CustomerMetadataProperties", "Domain", "Task", "SamplePayloadUrl", "SourceUri")  # fmt: skip
+PACKAGE_FIELDS = (
+    "ModelPackageDescription",
+    "InferenceSpecification",
+    "ModelMetrics",
+    "MetadataProperties",
+    "CustomerMetadataProperties",
+    "Domain",
+    "Task",
+    "SamplePayloadUrl",
+    "SourceUri",
+)
 PACKAGE_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[^:]+:\d{12}:model-package/([^/]+)/(\d+)")
 # What ListModelPackages says of a version, as SageMaker does: a version is named by its group and number, so its
 # summary has no ModelPackageName (that is an unversioned package's); DescribeModelPackage, whose answer requires
 # one, gives the group's name there. Clients (the SDK's ModelPackage.get_all) then describe each version by its ARN.
-SUMMARY_FIELDS = ("ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn", "ModelPackageDescription",
-                  "CreationTime", "ModelPackageStatus", "ModelApprovalStatus", "ModelPackageRegistrationType")  # fmt: skip
+SUMMARY_FIELDS = (
+    "ModelPackageGroupName",
+    "ModelPackageVersion",
+    "ModelPackageArn",
+    "ModelPackageDescription",
+    "CreationTime",
+    "ModelPackageStatus",
+    "ModelApprovalStatus",
+    "ModelPackageRegistrationType",
+)
 
 
 class Registry:
@@ -81,10 +98,20 @@ class Registry:
 
     def list_groups(self, params: dict) -> dict:
         records = filtered(self.store.items(GROUPS), params, "ModelPackageGroupName")
-        summaries, token = page(records, params, {"Name": "ModelPackageGroupName", "CreationTime": "CreationTime"},
-                                default_sort="CreationTime", default_order="Descending")  # fmt: skip
-        keys = ("ModelPackageGroupName", "ModelPackageGroupArn", "ModelPackageGroupDescription", "CreationTime",
-                "ModelPackageGroupStatus")  # fmt: skip
+        summaries, token = page(
+            records,
+            params,
+            {"Name": "ModelPackageGroupName", "CreationTime": "CreationTime"},
+            default_sort="CreationTime",
+            default_order="Descending",
+        )
+        keys = (
+            "ModelPackageGroupName",
+            "ModelPackageGroupArn",
+            "ModelPackageGroupDescription",
+            "CreationTime",
+            "ModelPackageGroupStatus",
+        )
         answer = {"ModelPackageGroupSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})
 
@@ -132,8 +159,14 @@ class Registry:
         match = PACKAGE_ARN.fullmatch(name_or_arn)
         record = None
         if match:
-            group = next((r["ModelPackageGroupName"] for r in self.store.items(GROUPS)
-                          if r["ModelPackageGroupName"].lower() == match[1]), None)  # fmt: skip
+            group = next(
+                (
+                    r["ModelPackageGroupName"]
+                    for r in self.store.items(GROUPS)
+                    if r["ModelPackageGroupName"].lower() == match[1]
+                ),
+                None,
+            )
             record = self.store.get(PACKAGES, f"{group}.{int(match[2])}") if group else None
         if record is None:
             raise ValidationException(f"ModelPackage {name_or_arn} does not exist.")
@@ -167,7 +200,12 @@ class Registry:
         records = [] if kind == "Unversioned" else filtered(self._packages(group), params, "ModelPackageName")
         if status := params.get("ModelApprovalStatus"):
             records = [r for r in records if r["ModelApprovalStatus"] == status]
-        summaries, token = page(records, params, {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
-                                default_sort="CreationTime", default_order="Ascending")  # fmt: skip
+        summaries, token = page(
+            records,
+            params,
+            {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
+            default_sort="CreationTime",
+            default_order="Ascending",
+        )
         answer = {"ModelPackageSummaryList": [{k: r[k] for k in SUMMARY_FIELDS if k in r} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})

@@ -450,8 +450,15 @@ class _Client(asyncio.Protocol):
         self._progress = True
         if self.parser.should_upgrade():
             raise _UPGRADE
-        request = _Request(self.parser.get_method(), self._url, self._headers, b"".join(self._body), self._refused,
-                           self.parser.should_keep_alive(), self._fields)  # fmt: skip
+        request = _Request(
+            self.parser.get_method(),
+            self._url,
+            self._headers,
+            b"".join(self._body),
+            self._refused,
+            self.parser.should_keep_alive(),
+            self._fields,
+        )
         self._reset()
         self.state, self._continue_due = _IDLE, False
         self._queue(request)
@@ -585,8 +592,16 @@ class _EventStream:
     PayloadPart event. A failure on the way ends the stream with a ModelStreamError event, as SageMaker ends it.
     ``close`` (always called, also when the client went away first) ends the request to the model server."""
 
-    def __init__(self, runtime: Runtime, name: str, target: Target, started: float, upstream_headers: dict[str, str],
-                 stream: asyncio.Queue, sending: asyncio.Future):  # fmt: skip
+    def __init__(
+        self,
+        runtime: Runtime,
+        name: str,
+        target: Target,
+        started: float,
+        upstream_headers: dict[str, str],
+        stream: asyncio.Queue,
+        sending: asyncio.Future,
+    ):
         self.runtime, self.name, self.target, self.started = runtime, name, target, started
         self.upstream_headers, self.stream, self.sending = upstream_headers, stream, sending
         self.closed = False
@@ -671,9 +686,13 @@ class Runtime:
             raise InvokeError(404, "UnknownOperationException", f"The runtime answers only {ROUTES}.")
         name, streamed = urllib.parse.unquote(match.group(1)), match.group(2) == STREAM_OPERATION
         if not ENDPOINT_NAME.fullmatch(name):
-            raise InvokeError(400, "ValidationError", f"1 validation error detected: Value '{name}' at "
-                                "'endpointName' failed to satisfy constraint: Member must satisfy regular "
-                                "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # fmt: skip
+            raise InvokeError(
+                400,
+                "ValidationError",
+                f"1 validation error detected: Value '{name}' at "
+                "'endpointName' failed to satisfy constraint: Member must satisfy regular "
+                "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",
+            )
         if match.group(2) == ASYNC_OPERATION:
             if self.asynchronous is None:
                 raise InvokeError(404, "UnknownOperationException", "This runtime serves no asynchronous inference.")
@@ -715,8 +734,11 @@ class Runtime:
         self._sample(target, started, reply.status, reply.headers, reply.body)
         if target.capture is not None and self.capture is not None and 200 <= reply.status < 300:
             self.capture.record(name, target.capture, target.variant, request, reply)
-        headers = [(canonical, reply.headers[lower]) for lower, canonical in _KEPT_RESPONSE_HEADERS.items()
-                   if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)]  # fmt: skip
+        headers = [
+            (canonical, reply.headers[lower])
+            for lower, canonical in _KEPT_RESPONSE_HEADERS.items()
+            if lower in reply.headers and (lower != "x-amzn-errortype" or reply.status >= 400)
+        ]
         headers.append(("x-Amzn-Invoked-Production-Variant", target.variant))
         return reply.status, headers, reply.body
 
@@ -731,8 +753,9 @@ class Runtime:
 
     def _unanswered(self, name: str, target: Target, started: float, error: BaseException) -> InvokeError:
         self.router.samples[target.url].append(Sample(time.time(), 503, None, _us(started)))
-        return InvokeError(503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: "
-                           f"{type(error).__name__}")  # fmt: skip
+        return InvokeError(
+            503, "ServiceUnavailable", f"Endpoint {name}: its model server did not answer: {type(error).__name__}"
+        )
 
     async def _authenticate_and_authorize(self, request: _Request, path: str, query: str) -> None:
         """InvokeError as AWS answers unless the request is signed by a principal that may invoke its endpoint. The
@@ -740,8 +763,12 @@ class Runtime:
         signed = sigv4.Request(request.method.decode("latin-1"), path, query, request.fields, request.body)
         match = INVOCATIONS_PATH.fullmatch(path)
         name = urllib.parse.unquote(match.group(1)).lower() if match else "*"
-        needed = [Requirement(ACTIONS[match.group(2)] if match else ACTIONS["invocations"],
-                              f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name}")]  # fmt: skip
+        needed = [
+            Requirement(
+                ACTIONS[match.group(2)] if match else ACTIONS["invocations"],
+                f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name}",
+            )
+        ]
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -760,8 +787,11 @@ class Runtime:
             raise InvokeError(403, "AccessDeniedException", error.message) from None
         except (OSError, RuntimeError) as error:  # the local AWS, which IAM is, did not answer
             log.warning("IAM could not be asked about an invocation: %s", error)
-            raise InvokeError(503, "ServiceUnavailable", "IAM could not be asked whether the caller may invoke the "
-                              "endpoint; try again") from None  # fmt: skip
+            raise InvokeError(
+                503,
+                "ServiceUnavailable",
+                "IAM could not be asked whether the caller may invoke the endpoint; try again",
+            ) from None
 
 
 _UPGRADE = InvokeError(400, "ValidationError", "Protocol upgrades are not supported.")

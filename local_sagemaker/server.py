@@ -60,8 +60,17 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024  # far above any control-plane request; Inv
 class Service:
     """The service's state and its operations: SageMaker operation name → handler(params) → result."""
 
-    def __init__(self, state_dir: Path, *, aws_endpoint_url: str, service_url: str, cpus: int,
-                 metrics_interval: float, region: str = DEFAULT_REGION, workers: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        aws_endpoint_url: str,
+        service_url: str,
+        cpus: int,
+        metrics_interval: float,
+        region: str = DEFAULT_REGION,
+        workers: int | None = None,
+    ):
         """``aws_endpoint_url``: the local AWS, whose IAM decides who may call; ``service_url``: this control plane's
         own URL, where the jobs' processes get their role's credentials."""
         self.store = Store(state_dir)
@@ -73,14 +82,39 @@ class Service:
         self.models = Models(self.store, region, ACCOUNT, roles=self.roles, packages=self.registry.package)
         self.experiments = Experiments(self.store, region, ACCOUNT)
         self.tags = Tags(self.store)
-        self.training = TrainingJobs(self.store, state_dir, cpus, region, ACCOUNT, roles=self.roles,
-                                     service_url=service_url, on_change=self.experiments.record_training_job)  # fmt: skip
+        self.training = TrainingJobs(
+            self.store,
+            state_dir,
+            cpus,
+            region,
+            ACCOUNT,
+            roles=self.roles,
+            service_url=service_url,
+            on_change=self.experiments.record_training_job,
+        )
         self.tuning = TuningJobs(self.store, self.training, region, ACCOUNT)
-        self.endpoints = Endpoints(self.store, self.models, self.router, state_dir, workers=workers or cpus,
-                                   metrics_interval=metrics_interval, region=region, account=ACCOUNT,
-                                   roles=self.roles, service_url=service_url)  # fmt: skip
-        self.transform = TransformJobs(self.store, self.models, state_dir, cpus=workers or cpus, region=region,
-                                       account=ACCOUNT, roles=self.roles, service_url=service_url)  # fmt: skip
+        self.endpoints = Endpoints(
+            self.store,
+            self.models,
+            self.router,
+            state_dir,
+            workers=workers or cpus,
+            metrics_interval=metrics_interval,
+            region=region,
+            account=ACCOUNT,
+            roles=self.roles,
+            service_url=service_url,
+        )
+        self.transform = TransformJobs(
+            self.store,
+            self.models,
+            state_dir,
+            cpus=workers or cpus,
+            region=region,
+            account=ACCOUNT,
+            roles=self.roles,
+            service_url=service_url,
+        )
         self.operations = {
             "CreateTrainingJob": self.training.create,
             "DescribeTrainingJob": lambda p: self.training.describe(p["TrainingJobName"]),
@@ -188,8 +222,15 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
 
     async def lifecycle(app: web.Application):
         runtime = Runtime(service.router, ACCOUNT, service.access, service.region)
-        runtime.asynchronous = AsyncInvocations(service.store, service.models, service.roles, service.router,
-                                                runtime.upstreams, service.endpoints.arn, service.region)  # fmt: skip
+        runtime.asynchronous = AsyncInvocations(
+            service.store,
+            service.models,
+            service.roles,
+            service.router,
+            runtime.upstreams,
+            service.endpoints.arn,
+            service.region,
+        )
         runtime.capture = capture
         capture.start()
         await runtime.start(runtime_host, runtime_port)
@@ -216,20 +257,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the control plane's port")
     parser.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT, help="InvokeEndpoint's port")
     parser.add_argument("--cpus", type=int, default=0, help="cores for training jobs and servers (0: all)")
-    parser.add_argument("--metrics-interval", type=float, default=10.0,
-                        help="seconds between an endpoint server's CloudWatch puts")  # fmt: skip
+    parser.add_argument(
+        "--metrics-interval", type=float, default=10.0, help="seconds between an endpoint server's CloudWatch puts"
+    )
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     aws_endpoint_url = os.environ.get("AWS_ENDPOINT_URL")
     if not aws_endpoint_url:
         parser.error("AWS_ENDPOINT_URL must name the local AWS: its IAM decides who may call this service")
-    service = Service(args.state_dir, aws_endpoint_url=aws_endpoint_url, service_url=f"http://{args.host}:{args.port}",
-                      cpus=args.cpus or len(os.sched_getaffinity(0)), metrics_interval=args.metrics_interval,
-                      region=args.region)  # fmt: skip
-    log.info("Local SageMaker service on http://%s:%d, its runtime on http://%s:%d, state in %s", args.host,
-             args.port, args.host, args.runtime_port, args.state_dir)  # fmt: skip
+    service = Service(
+        args.state_dir,
+        aws_endpoint_url=aws_endpoint_url,
+        service_url=f"http://{args.host}:{args.port}",
+        cpus=args.cpus or len(os.sched_getaffinity(0)),
+        metrics_interval=args.metrics_interval,
+        region=args.region,
+    )
+    log.info(
+        "Local SageMaker service on http://%s:%d, its runtime on http://%s:%d, state in %s",
+        args.host,
+        args.port,
+        args.host,
+        args.runtime_port,
+        args.state_dir,
+    )
     # uvloop: the runtime's raw protocols spend their time in the event loop and the transports, where uvloop
     # halves the service's CPU per invocation (bench/results/endpoint.json).
-    web.run_app(create_app(service, args.host, args.runtime_port), loop=uvloop.new_event_loop(), host=args.host, port=args.port, access_log=None, print=None,
-                shutdown_timeout=5)  # fmt: skip
+    web.run_app(
+        create_app(service, args.host, args.runtime_port),
+        loop=uvloop.new_event_loop(),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=5,
+    )

@@ -13,12 +13,18 @@ from local_sagemaker.store import Store
 
 # The field that holds each kind's ARN.
 ARN_FIELDS = {
-    "training-jobs": "TrainingJobArn", "models": "ModelArn", "endpoint-configs": "EndpointConfigArn",
-    "endpoints": "EndpointArn", "experiments": "ExperimentArn", "trials": "TrialArn",
-    "trial-components": "TrialComponentArn", "model-package-groups": "ModelPackageGroupArn",
-    "model-packages": "ModelPackageArn", "transform-jobs": "TransformJobArn",
+    "training-jobs": "TrainingJobArn",
+    "models": "ModelArn",
+    "endpoint-configs": "EndpointConfigArn",
+    "endpoints": "EndpointArn",
+    "experiments": "ExperimentArn",
+    "trials": "TrialArn",
+    "trial-components": "TrialComponentArn",
+    "model-package-groups": "ModelPackageGroupArn",
+    "model-packages": "ModelPackageArn",
+    "transform-jobs": "TransformJobArn",
     "hyper-parameter-tuning-jobs": "HyperParameterTuningJobArn",
-}  # fmt: skip
+}
 MAX_TAGS = 50
 
 

@@ -53,11 +53,25 @@ TERMINAL = ("Completed", "Failed", "Stopped")
 MAX_INSTANCES = 8
 # What DescribeTrainingJob answers of the request as it was made.
 REQUEST_KEYS = (
-    "TrainingJobName", "HyperParameters", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
-    "OutputDataConfig", "ResourceConfig", "StoppingCondition", "ExperimentConfig", "Environment",
-    "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption", "EnableManagedSpotTraining",
-    "CheckpointConfig", "VpcConfig", "DebugHookConfig", "TensorBoardOutputConfig", "RetryStrategy",
-)  # fmt: skip
+    "TrainingJobName",
+    "HyperParameters",
+    "AlgorithmSpecification",
+    "RoleArn",
+    "InputDataConfig",
+    "OutputDataConfig",
+    "ResourceConfig",
+    "StoppingCondition",
+    "ExperimentConfig",
+    "Environment",
+    "EnableNetworkIsolation",
+    "EnableInterContainerTrafficEncryption",
+    "EnableManagedSpotTraining",
+    "CheckpointConfig",
+    "VpcConfig",
+    "DebugHookConfig",
+    "TensorBoardOutputConfig",
+    "RetryStrategy",
+)
 
 
 class JobStopped(Exception):
@@ -130,9 +144,13 @@ def check_instance_count(resources: Mapping) -> None:
         )
 
 
-def check_code(specification: Mapping, hyperparameters: Mapping[str, str], *,
-               specification_name: str = "AlgorithmSpecification", hyperparameters_name: str = "HyperParameters",
-               ) -> None:  # fmt: skip
+def check_code(
+    specification: Mapping,
+    hyperparameters: Mapping[str, str],
+    *,
+    specification_name: str = "AlgorithmSpecification",
+    hyperparameters_name: str = "HyperParameters",
+) -> None:
     """ValidationException unless the job names code this service runs: the container's own command
     (local_sagemaker.container) or, without one, a script-mode job's sourcedir and entry point."""
     if container.command(specification, specification_name) is None:
@@ -151,10 +169,17 @@ def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperPara
             )
     program = decoded_value(hyperparameters["sagemaker_program"])
     path = PurePosixPath(program) if isinstance(program, str) else PurePosixPath()
-    if (not path.parts or path.is_absolute() or ".." in path.parts or program.startswith("-")
-            or any(character in program for character in "\\\0\n")):  # fmt: skip
-        raise ValidationException(f"{what}: sagemaker_program {program!r} must name a file inside the job's code "
-                                  "(a relative path, without '..')")  # fmt: skip
+    if (
+        not path.parts
+        or path.is_absolute()
+        or ".." in path.parts
+        or program.startswith("-")
+        or any(character in program for character in "\\\0\n")
+    ):
+        raise ValidationException(
+            f"{what}: sagemaker_program {program!r} must name a file inside the job's code "
+            "(a relative path, without '..')"
+        )
     if not isinstance(decoded_value(hyperparameters["sagemaker_submit_directory"]), str):
         raise ValidationException(f"{what}: sagemaker_submit_directory must be an s3://bucket/key URI")
 
@@ -224,8 +249,18 @@ class _Running:
 
 
 class TrainingJobs:
-    def __init__(self, store: Store, state_dir: Path, cpus: int, region: str, account: str, *, roles: Roles,
-                 service_url: str, on_change: Callable[[dict], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        state_dir: Path,
+        cpus: int,
+        region: str,
+        account: str,
+        *,
+        roles: Roles,
+        service_url: str,
+        on_change: Callable[[dict], None] | None = None,
+    ):
         """``roles``: the execution roles the jobs run as; ``service_url``: where their processes ask for the role's
         credentials."""
         self.store = store
@@ -253,8 +288,10 @@ class TrainingJobs:
         for record in interrupted:
             name = record["TrainingJobName"]
             job_dir = str((self.jobs_dir / name).resolve())
-            found[name] = [*record.get("Local", {}).get("processes", []),
-                           *(p for p in in_job_dirs if p["cwd"] == job_dir or p["cwd"].startswith(job_dir + os.sep))]  # fmt: skip
+            found[name] = [
+                *record.get("Local", {}).get("processes", []),
+                *(p for p in in_job_dirs if p["cwd"] == job_dir or p["cwd"].startswith(job_dir + os.sep)),
+            ]
         survivors = {name: sorted({p["pid"] for p in records if processes.live(p)}) for name, records in found.items()}
         processes.stop([p for records in found.values() for p in records], grace=STOP_GRACE_SECONDS)
         for record in interrupted:
@@ -268,13 +305,22 @@ class TrainingJobs:
             if record["TrainingJobStatus"] == "Stopping":  # as asked, if not by the job's own thread
                 self._finish(name, "Stopped", "Stopped")
             else:
-                self._finish(name, "Failed", "Failed",
-                             f"InternalServerError: the local SageMaker service restarted while the job ran; {what}")  # fmt: skip
+                self._finish(
+                    name,
+                    "Failed",
+                    "Failed",
+                    f"InternalServerError: the local SageMaker service restarted while the job ran; {what}",
+                )
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
-    def create(self, request: dict, *, tuning_job_arn: str | None = None,
-               on_metric: Callable[[str, str, float], None] | None = None) -> dict:  # fmt: skip
+    def create(
+        self,
+        request: dict,
+        *,
+        tuning_job_arn: str | None = None,
+        on_metric: Callable[[str, str, float], None] | None = None,
+    ) -> dict:
         """CreateTrainingJob; a tuning job's jobs also name it (``tuning_job_arn``, DescribeTrainingJob's
         TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
@@ -283,8 +329,10 @@ class TrainingJobs:
         self.roles.check(request["RoleArn"], self.arn(name))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(f"Training job names must be unique within an AWS account and region, and a "
-                                    f"training job with this name already exists ({self.arn(name)})")  # fmt: skip
+                raise ResourceInUse(
+                    f"Training job names must be unique within an AWS account and region, and a "
+                    f"training job with this name already exists ({self.arn(name)})"
+                )
             created = now()
             record = {
                 **{key: request[key] for key in REQUEST_KEYS if key in request},
@@ -328,8 +376,15 @@ class TrainingJobs:
         records = filtered(self.store.items(KIND), params, "TrainingJobName", "TrainingJobStatus")
         sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus"}
         summaries, token = page(records, params, sort_by, default_sort="CreationTime")
-        keys = ("TrainingJobName", "TrainingJobArn", "CreationTime", "TrainingEndTime", "LastModifiedTime",
-                "TrainingJobStatus", "SecondaryStatus")  # fmt: skip
+        keys = (
+            "TrainingJobName",
+            "TrainingJobArn",
+            "CreationTime",
+            "TrainingEndTime",
+            "LastModifiedTime",
+            "TrainingJobStatus",
+            "SecondaryStatus",
+        )
         answer = {"TrainingJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})
 
@@ -383,8 +438,14 @@ class TrainingJobs:
         if reason:
             fields["FailureReason"] = reason[:1024]
         message = {"Completed": "Training job completed", "Failed": reason or "Training job failed"}
-        self._transition(name, secondary, message.get(status, reason or "Training job stopped"), status=status,
-                         TrainingEndTime=ended, **fields)  # fmt: skip
+        self._transition(
+            name,
+            secondary,
+            message.get(status, reason or "Training job stopped"),
+            status=status,
+            TrainingEndTime=ended,
+            **fields,
+        )
         log.info("Training job %s: %s%s", name, status, f" ({reason})" if reason else "")
 
     def _run(self, name: str) -> None:
@@ -418,8 +479,9 @@ class TrainingJobs:
             for channel in record.get("InputDataConfig", []):
                 self._download_channel(s3, channel, ml_dir / "input" / "data" / channel["ChannelName"])
             self._check_stop(running)
-            self._transition(name, "Training", "Training image download completed. Training in progress.",
-                             TrainingStartTime=now())  # fmt: skip
+            self._transition(
+                name, "Training", "Training image download completed. Training in progress.", TrainingStartTime=now()
+            )
             metrics = self._train(record, ml_dir, command, channels, count, cores, running, role)
             self._transition(name, "Uploading", "Uploading generated training model")
             output = f"{record['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{name}/output"
@@ -427,9 +489,11 @@ class TrainingJobs:
             aws.put_verified(s3, *aws.split_s3_uri(f"{output}/output.tar.gz"), pack(ml_dir / "output" / "data"))
             moment = now()
             self._finish(
-                name, "Completed", "Completed",
+                name,
+                "Completed",
+                "Completed",
                 FinalMetricDataList=[{"MetricName": k, "Value": v, "Timestamp": moment} for k, v in metrics.items()],
-            )  # fmt: skip
+            )
         except JobStopped as stopped:
             self._finish(name, "Stopped", stopped.secondary, stopped.reason)
         except JobFailed as failed:
@@ -505,31 +569,56 @@ class TrainingJobs:
                 except ValueError as error:
                     destination.unlink()
                     raise JobFailed(f"ClientError: channel {name}: {error}: refused") from None
-        log.info("Channel %s: %d files from %s%s", name, len(list(target.rglob("*"))), source["S3Uri"],
-                 ", each checked against its manifest" if listed is not None else "")  # fmt: skip
+        log.info(
+            "Channel %s: %d files from %s%s",
+            name,
+            len(list(target.rglob("*"))),
+            source["S3Uri"],
+            ", each checked against its manifest" if listed is not None else "",
+        )
         return target
 
-    def _train(self, record: dict, ml_dir: Path, command: container.Command | None, channels: list[str], count: int,
-               cores: int, running: _Running, role: RoleSession) -> dict:  # fmt: skip
+    def _train(
+        self,
+        record: dict,
+        ml_dir: Path,
+        command: container.Command | None,
+        channels: list[str],
+        count: int,
+        cores: int,
+        running: _Running,
+        role: RoleSession,
+    ) -> dict:
         """Run the job's code on ``count`` hosts (``command``: the container's; None: script mode's entry point);
         the final metrics, or JobFailed / JobStopped."""
         name = record["TrainingJobName"]
         hyperparameters = record.get("HyperParameters", {})  # a container's command may have none
         roots = host_roots(ml_dir.resolve(), count)
         if command is not None and not container.PLAIN.fullmatch(str(roots[0])):
-            raise JobFailed(f"InternalServerError: the job's directory {roots[0]} holds characters a shell would "
-                            "split or expand, so it cannot stand for /opt/ml in the container's command")  # fmt: skip
+            raise JobFailed(
+                f"InternalServerError: the job's directory {roots[0]} holds characters a shell would "
+                "split or expand, so it cannot stand for /opt/ml in the container's command"
+            )
         container.lay_out(record, roots, channels, command)
         definitions = record["AlgorithmSpecification"].get("MetricDefinitions", [])
         patterns = {definition["Name"]: re.compile(definition["Regex"]) for definition in definitions}
         program = decoded_value(hyperparameters["sagemaker_program"]) if command is None else None
-        aws_environment = {**aws.endpoint_environment(),
-                           **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url)}  # fmt: skip
+        aws_environment = {
+            **aws.endpoint_environment(),
+            **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url),
+        }
         environments = host_environments(
-            job_name=name, job_arn=record["TrainingJobArn"], roots=roots, program=program,
-            hyperparameters=hyperparameters, channels=channels, cpus=cores, region=self.region, aws=aws_environment,
+            job_name=name,
+            job_arn=record["TrainingJobArn"],
+            roots=roots,
+            program=program,
+            hyperparameters=hyperparameters,
+            channels=channels,
+            cpus=cores,
+            region=self.region,
+            aws=aws_environment,
             environment=record.get("Environment"),
-        )  # fmt: skip
+        )
         hosts = [env["SM_CURRENT_HOST"] for env in environments]
         streams = LogStreams(name, hosts, role.client("logs"))
         if command is None:
@@ -593,8 +682,9 @@ class TrainingJobs:
                     break
                 if deadline and time.monotonic() > deadline:
                     show(hosts[0], f"MaxRuntimeInSeconds ({max_runtime} s) exceeded: stopping the job")
-                    outcome = JobStopped("MaxRuntimeExceeded", f"MaxRuntimeExceeded: the job ran past "
-                                         f"MaxRuntimeInSeconds={max_runtime}")  # fmt: skip
+                    outcome = JobStopped(
+                        "MaxRuntimeExceeded", f"MaxRuntimeExceeded: the job ran past MaxRuntimeInSeconds={max_runtime}"
+                    )
                     break
                 if any(p.poll() not in (None, 0) for p in running.processes):
                     break  # a failed host: its peers would wait for it forever

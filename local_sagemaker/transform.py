@@ -66,10 +66,19 @@ SETTLE_SECONDS = 30.0  # the most a started server's workers may take to finish 
 SERVICE_STOPPED = "InternalServerError: the local SageMaker service stopped while the job ran"
 # What DescribeTransformJob answers of the request as it was made.
 REQUEST_KEYS = (
-    "TransformJobName", "ModelName", "MaxConcurrentTransforms", "ModelClientConfig", "MaxPayloadInMB",
-    "BatchStrategy", "Environment", "TransformInput", "TransformOutput", "TransformResources", "DataProcessing",
+    "TransformJobName",
+    "ModelName",
+    "MaxConcurrentTransforms",
+    "ModelClientConfig",
+    "MaxPayloadInMB",
+    "BatchStrategy",
+    "Environment",
+    "TransformInput",
+    "TransformOutput",
+    "TransformResources",
+    "DataProcessing",
     "ExperimentConfig",
-)  # fmt: skip
+)
 
 
 class JobFailed(Exception):
@@ -140,8 +149,9 @@ def batches(body: bytes, *, split: bool, multi_record: bool, limit: int | None) 
     " lines 3-40") for a Line split. RecordTooLarge for a record over ``limit`` bytes."""
     if not split:
         if limit is not None and len(body) > limit:
-            raise RecordTooLarge("", f"a record (the whole object) of {len(body)} bytes exceeds MaxPayloadInMB "
-                                     f"({limit // MB} MB)")  # fmt: skip
+            raise RecordTooLarge(
+                "", f"a record (the whole object) of {len(body)} bytes exceeds MaxPayloadInMB ({limit // MB} MB)"
+            )
         return [("", body, 1)]
     made: list[tuple[str, bytes, int]] = []
     batch: list[bytes] = []  # the records of the request being filled: lines `first` to `last`, `size` bytes joined
@@ -151,8 +161,9 @@ def batches(body: bytes, *, split: bool, multi_record: bool, limit: int | None) 
         if not record.strip():  # a blank line is no record
             continue
         if limit is not None and len(record) > limit:
-            raise RecordTooLarge(f" line {number}", f"a record of {len(record)} bytes exceeds MaxPayloadInMB "
-                                 f"({limit // MB} MB)")  # fmt: skip
+            raise RecordTooLarge(
+                f" line {number}", f"a record of {len(record)} bytes exceeds MaxPayloadInMB ({limit // MB} MB)"
+            )
         if batch and (not multi_record or (limit is not None and size + 1 + len(record) > limit)):
             made.append(_request(batch, first, last))
             batch = []
@@ -182,8 +193,18 @@ def _model_message(reply: Reply) -> str:
 
 
 class TransformJobs:
-    def __init__(self, store: Store, models: Models, state_dir: Path, *, cpus: int, region: str, account: str,
-                 roles: Roles, service_url: str):  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        models: Models,
+        state_dir: Path,
+        *,
+        cpus: int,
+        region: str,
+        account: str,
+        roles: Roles,
+        service_url: str,
+    ):
         """``roles``: the execution roles the jobs run as (their models'); ``service_url``: where their model servers
         ask for the role's credentials."""
         self.store, self.models = store, models
@@ -224,8 +245,10 @@ class TransformJobs:
         self._check(request)
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(f"Job name must be unique within an AWS account and region, and a job with "
-                                    f"this name already exists ({self.arn(name)})")  # fmt: skip
+                raise ResourceInUse(
+                    f"Job name must be unique within an AWS account and region, and a job with "
+                    f"this name already exists ({self.arn(name)})"
+                )
             created = now()
             record = {
                 **{key: request[key] for key in REQUEST_KEYS if key in request},
@@ -246,8 +269,10 @@ class TransformJobs:
         """What this service cannot run as asked, refused up front rather than ignored."""
         source = request["TransformInput"]["DataSource"]["S3DataSource"]
         if source["S3DataType"] not in ("S3Prefix", "ManifestFile"):
-            raise ValidationException(f"S3DataType {source['S3DataType']} is not supported by this local service: "
-                                      "use S3Prefix or ManifestFile")  # fmt: skip
+            raise ValidationException(
+                f"S3DataType {source['S3DataType']} is not supported by this local service: "
+                "use S3Prefix or ManifestFile"
+            )
         split = request["TransformInput"].get("SplitType", "None")
         if split not in ("None", "Line"):
             raise ValidationException(f"SplitType {split} is not supported by this local service: use None or Line")
@@ -258,17 +283,23 @@ class TransformJobs:
         if payload is not None and payload > MAX_PAYLOAD_MB:
             raise ValidationException(f"MaxPayloadInMB {payload} is over the maximum of {MAX_PAYLOAD_MB} MB")
         if payload and concurrency and payload * concurrency > MAX_PAYLOAD_MB:
-            raise ValidationException(f"MaxConcurrentTransforms * MaxPayloadInMB ({concurrency} * {payload}) is "
-                                      f"over the maximum of {MAX_PAYLOAD_MB} MB")  # fmt: skip
+            raise ValidationException(
+                f"MaxConcurrentTransforms * MaxPayloadInMB ({concurrency} * {payload}) is "
+                f"over the maximum of {MAX_PAYLOAD_MB} MB"
+            )
         # Sent as HTTP headers: Latin-1 without control characters (nothing that could end a header early).
-        for key, value in (("ContentType", request["TransformInput"].get("ContentType", "")),
-                           ("Accept", request["TransformOutput"].get("Accept", ""))):  # fmt: skip
+        for key, value in (
+            ("ContentType", request["TransformInput"].get("ContentType", "")),
+            ("Accept", request["TransformOutput"].get("Accept", "")),
+        ):
             if any(not 32 <= ord(character) <= 255 or character == "\x7f" for character in value):
                 raise ValidationException(f"{key} {value!r} is not a valid HTTP header value")
         processing = request.get("DataProcessing") or {}
         if any(processing.get(key, value) != value for key, value in PASS_THROUGH.items()):
-            raise ValidationException("DataProcessing filters and JoinSource are not supported by this local "
-                                      "service: leave them at $, $ and None")  # fmt: skip
+            raise ValidationException(
+                "DataProcessing filters and JoinSource are not supported by this local "
+                "service: leave them at $, $ and None"
+            )
         if request.get("DataCaptureConfig"):
             raise ValidationException("DataCaptureConfig is not supported by this local service")
 
@@ -288,8 +319,15 @@ class TransformJobs:
         records = filtered(self.store.items(KIND), params, "TransformJobName", "TransformJobStatus")
         sort_by = {"Name": "TransformJobName", "CreationTime": "CreationTime", "Status": "TransformJobStatus"}
         summaries, token = page(records, params, sort_by, default_sort="CreationTime", default_order="Descending")
-        keys = ("TransformJobName", "TransformJobArn", "CreationTime", "TransformEndTime", "LastModifiedTime",
-                "TransformJobStatus", "FailureReason")  # fmt: skip
+        keys = (
+            "TransformJobName",
+            "TransformJobArn",
+            "CreationTime",
+            "TransformEndTime",
+            "LastModifiedTime",
+            "TransformJobStatus",
+            "FailureReason",
+        )
         answer = {"TransformJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
         return answer | ({"NextToken": token} if token else {})
 
@@ -365,16 +403,21 @@ class TransformJobs:
             images = self._images([obj for obj in objects if obj.succeeded])
             seconds = figures["transform_seconds"]
             figures = {
-                "objects": len(objects), "failed_objects": len(failed),
-                "records": sum(obj.records for obj in objects if obj.succeeded), "images": images, **figures,
+                "objects": len(objects),
+                "failed_objects": len(failed),
+                "records": sum(obj.records for obj in objects if obj.succeeded),
+                "images": images,
+                **figures,
                 "images_per_second": round(images / seconds) if images and seconds else None,
                 "end_to_end_seconds": round(time.monotonic() - started, 3),
-            }  # fmt: skip
+            }
             say(f"Figures: {json.dumps(figures)}")
             if failed:
                 kind = "ClientError" if all(obj.client_error for obj in failed) else "AlgorithmError"
-                raise JobFailed(f"{kind}: {len(failed)} of {len(objects)} objects failed: "
-                                + "; ".join(obj.failure or f"{obj.uri}: not transformed" for obj in failed))  # fmt: skip
+                raise JobFailed(
+                    f"{kind}: {len(failed)} of {len(objects)} objects failed: "
+                    + "; ".join(obj.failure or f"{obj.uri}: not transformed" for obj in failed)
+                )
             status = "Completed"
         except JobStopped:
             say("Stopped" + (": the local SageMaker service is stopping" if running.shutdown else ""))
@@ -452,8 +495,9 @@ class TransformJobs:
         say(f"Downloaded {len(objects)} objects ({size} bytes) in {time.monotonic() - began:.2f} s")
         return objects
 
-    def _start_servers(self, name: str, record: dict, work: Path, instances: list[str], running: _Running,
-                       say, role: RoleSession) -> tuple[_Plan, list[str]]:  # fmt: skip
+    def _start_servers(
+        self, name: str, record: dict, work: Path, instances: list[str], running: _Running, say, role: RoleSession
+    ) -> tuple[_Plan, list[str]]:
         """One model server per instance, started together; the plan of the requests, with the defaults settled
         (and written into the record, as SageMaker shows what ran)."""
         model = self.models.model(record["ModelName"])
@@ -465,16 +509,27 @@ class TransformJobs:
         self._check_stop(running)
         environment = {**container.get("Environment", {}), **record.get("Environment", {})}
         workers = max(1, self.cpus // len(instances))
-        aws_environment = {**aws.endpoint_environment(),
-                           **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url)}  # fmt: skip
+        aws_environment = {
+            **aws.endpoint_environment(),
+            **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url),
+        }
         running.environments.append(aws_environment)
         with ThreadPoolExecutor(len(instances), thread_name_prefix="transform-server") as pool:
             futures = [
-                pool.submit(model_servers.start, model_dir, name=name, variant=instance, workers=workers,
-                            metrics_interval=None, environment=environment, aws_environment=aws_environment,
-                            log_path=work / "logs" / f"{instance}.log", stopping=running.stop)
+                pool.submit(
+                    model_servers.start,
+                    model_dir,
+                    name=name,
+                    variant=instance,
+                    workers=workers,
+                    metrics_interval=None,
+                    environment=environment,
+                    aws_environment=aws_environment,
+                    log_path=work / "logs" / f"{instance}.log",
+                    stopping=running.stop,
+                )
                 for instance in instances
-            ]  # fmt: skip
+            ]
         urls, errors = [], []
         for future in futures:
             try:
@@ -564,8 +619,13 @@ def _manifest(body: bytes, uri: str) -> tuple[str, list[str]]:
         document = json.loads(body)
     except ValueError as error:
         raise ValueError(f"the manifest {uri} is not JSON: {error}") from None
-    if not (isinstance(document, list) and document and isinstance(document[0], dict)
-            and isinstance(document[0].get("prefix"), str) and all(isinstance(k, str) for k in document[1:])):  # fmt: skip
+    if not (
+        isinstance(document, list)
+        and document
+        and isinstance(document[0], dict)
+        and isinstance(document[0].get("prefix"), str)
+        and all(isinstance(k, str) for k in document[1:])
+    ):
         raise ValueError(f'the manifest {uri} is not [{{"prefix": "s3://bucket/prefix/"}}, "key", ...]')
     return document[0]["prefix"], document[1:]
 

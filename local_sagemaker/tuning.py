@@ -78,10 +78,20 @@ MAX_RESOURCE = 20000
 MAX_TUNED = 30  # hyperparameters a tuning job may search, all ranges together
 # What a training job takes of TrainingJobDefinition (its hyperparameters are the static ones plus the tuned ones).
 DEFINITION_KEYS = (
-    "AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig", "StoppingCondition",
-    "VpcConfig", "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption", "EnableManagedSpotTraining",
-    "CheckpointConfig", "RetryStrategy", "Environment",
-)  # fmt: skip
+    "AlgorithmSpecification",
+    "RoleArn",
+    "InputDataConfig",
+    "OutputDataConfig",
+    "ResourceConfig",
+    "StoppingCondition",
+    "VpcConfig",
+    "EnableNetworkIsolation",
+    "EnableInterContainerTrafficEncryption",
+    "EnableManagedSpotTraining",
+    "CheckpointConfig",
+    "RetryStrategy",
+    "Environment",
+)
 UNSUPPORTED = {
     "WarmStartConfig": "every tuning job here starts from nothing",
     "TrainingJobDefinitions": "give one TrainingJobDefinition",
@@ -150,14 +160,16 @@ class Plan:
         else:
             sampler = optuna.samplers.RandomSampler(seed=self.seed)
         if self.strategy == "Hyperband":
-            pruner = optuna.pruners.HyperbandPruner(min_resource=self.min_resource, max_resource=self.max_resource,
-                                                    reduction_factor=HYPERBAND_REDUCTION)  # fmt: skip
+            pruner = optuna.pruners.HyperbandPruner(
+                min_resource=self.min_resource, max_resource=self.max_resource, reduction_factor=HYPERBAND_REDUCTION
+            )
         elif self.early_stopping:
             pruner = optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_JOBS, n_warmup_steps=0)
         else:
             pruner = optuna.pruners.NopPruner()
-        return optuna.create_study(study_name=name, direction="maximize" if self.maximize else "minimize",
-                                   sampler=sampler, pruner=pruner)  # fmt: skip
+        return optuna.create_study(
+            study_name=name, direction="maximize" if self.maximize else "minimize", sampler=sampler, pruner=pruner
+        )
 
 
 def plan(request: dict) -> Plan:
@@ -171,9 +183,11 @@ def plan(request: dict) -> Plan:
         raise ValidationException("TrainingJobDefinition is required: this local service runs one definition")
     for key in ("HyperParameterRanges", "TuningObjective", "HyperParameterTuningResourceConfig"):
         if key in definition:
-            raise ValidationException(f"TrainingJobDefinition.{key} is not supported by this local SageMaker "
-                                      "service: give the ranges and the objective in HyperParameterTuningJobConfig, "
-                                      "the instances in ResourceConfig")  # fmt: skip
+            raise ValidationException(
+                f"TrainingJobDefinition.{key} is not supported by this local SageMaker "
+                "service: give the ranges and the objective in HyperParameterTuningJobConfig, "
+                "the instances in ResourceConfig"
+            )
     if "ResourceConfig" not in definition:
         raise ValidationException("TrainingJobDefinition.ResourceConfig is required: it sizes each training job")
     config = request["HyperParameterTuningJobConfig"]
@@ -188,48 +202,71 @@ def plan(request: dict) -> Plan:
             "objective from the training jobs' logs through them"
         )
     static = definition.get("StaticHyperParameters", {})
-    check_code(definition["AlgorithmSpecification"], static,
-               specification_name="TrainingJobDefinition.AlgorithmSpecification",
-               hyperparameters_name="StaticHyperParameters")  # fmt: skip
+    check_code(
+        definition["AlgorithmSpecification"],
+        static,
+        specification_name="TrainingJobDefinition.AlgorithmSpecification",
+        hyperparameters_name="StaticHyperParameters",
+    )
     check_instance_count(definition.get("ResourceConfig", {}))
     space = _space(config.get("ParameterRanges", {}), static)
     strategy, limits = config["Strategy"], config["ResourceLimits"]
     if strategy == "Grid":
         numeric = [r.name for r in space if not isinstance(r.distribution, CategoricalDistribution)]
         if numeric:
-            raise ValidationException(f"The Grid strategy searches categorical ranges only; {', '.join(numeric)} "
-                                      "is a numeric range: give its values as a CategoricalParameterRange")  # fmt: skip
+            raise ValidationException(
+                f"The Grid strategy searches categorical ranges only; {', '.join(numeric)} "
+                "is a numeric range: give its values as a CategoricalParameterRange"
+            )
         size = math.prod(len(r.distribution.choices) for r in space)
         jobs = min(size, limits.get("MaxNumberOfTrainingJobs", size))
     elif "MaxNumberOfTrainingJobs" not in limits:
-        raise ValidationException(f"ResourceLimits.MaxNumberOfTrainingJobs is required with the {strategy} "
-                                  "strategy (only Grid runs as many jobs as its grid has combinations)")  # fmt: skip
+        raise ValidationException(
+            f"ResourceLimits.MaxNumberOfTrainingJobs is required with the {strategy} "
+            "strategy (only Grid runs as many jobs as its grid has combinations)"
+        )
     else:
         jobs = limits["MaxNumberOfTrainingJobs"]
     early_stopping = config.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
-    common = {"strategy": strategy, "space": space, "metric": objective["MetricName"], "jobs": jobs,
-              "maximize": objective["Type"] == "Maximize", "parallel": limits["MaxParallelTrainingJobs"],
-              "seed": config.get("RandomSeed"), "early_stopping": early_stopping,
-              "epochs": _epochs(next((static[key] for key in EPOCH_KEYS if key in static), None))}  # fmt: skip
+    common = {
+        "strategy": strategy,
+        "space": space,
+        "metric": objective["MetricName"],
+        "jobs": jobs,
+        "maximize": objective["Type"] == "Maximize",
+        "parallel": limits["MaxParallelTrainingJobs"],
+        "seed": config.get("RandomSeed"),
+        "early_stopping": early_stopping,
+        "epochs": _epochs(next((static[key] for key in EPOCH_KEYS if key in static), None)),
+    }
     if strategy != "Hyperband":
         if "StrategyConfig" in config:
             raise ValidationException(f"StrategyConfig is for the Hyperband strategy only, not {strategy}")
         return Plan(**common)
     if early_stopping:
-        raise ValidationException("TrainingJobEarlyStoppingType must be Off with the Hyperband strategy, which "
-                                  "stops jobs early itself")  # fmt: skip
+        raise ValidationException(
+            "TrainingJobEarlyStoppingType must be Off with the Hyperband strategy, which stops jobs early itself"
+        )
     hyperband = config.get("StrategyConfig", {}).get("HyperbandStrategyConfig", {})
     epochs = _static_epochs(static)
     max_resource = hyperband.get("MaxResource", epochs)
     if max_resource is None:
-        raise ValidationException("HyperbandStrategyConfig.MaxResource is not given and cannot be inferred: "
-                                  f"StaticHyperParameters have none of {', '.join(EPOCH_KEYS)}")  # fmt: skip
+        raise ValidationException(
+            "HyperbandStrategyConfig.MaxResource is not given and cannot be inferred: "
+            f"StaticHyperParameters have none of {', '.join(EPOCH_KEYS)}"
+        )
     min_resource = hyperband.get("MinResource", 1)
     if not min_resource <= max_resource <= MAX_RESOURCE:
-        raise ValidationException(f"HyperbandStrategyConfig: MinResource {min_resource} and MaxResource "
-                                  f"{max_resource} must satisfy MinResource <= MaxResource <= {MAX_RESOURCE}")  # fmt: skip
-    return Plan(**common, min_resource=min_resource, max_resource=max_resource,
-                stop_at_max=epochs is None or max_resource < epochs)  # fmt: skip
+        raise ValidationException(
+            f"HyperbandStrategyConfig: MinResource {min_resource} and MaxResource "
+            f"{max_resource} must satisfy MinResource <= MaxResource <= {MAX_RESOURCE}"
+        )
+    return Plan(
+        **common,
+        min_resource=min_resource,
+        max_resource=max_resource,
+        stop_at_max=epochs is None or max_resource < epochs,
+    )
 
 
 def _epochs(value) -> int | None:
@@ -246,16 +283,20 @@ def _static_epochs(static: dict) -> int | None:
         if key in static:
             epochs = _epochs(static[key])
             if epochs is None:
-                raise ValidationException(f"StaticHyperParameters {key}={static[key]!r} is not a whole number of "
-                                          "epochs, which Hyperband takes as MaxResource")  # fmt: skip
+                raise ValidationException(
+                    f"StaticHyperParameters {key}={static[key]!r} is not a whole number of "
+                    "epochs, which Hyperband takes as MaxResource"
+                )
             return epochs
     return None
 
 
 def _space(ranges: dict, static: dict) -> tuple[Range, ...]:
     if "AutoParameters" in ranges:
-        raise ValidationException("ParameterRanges.AutoParameters (Autotune's) is not supported by this local "
-                                  "SageMaker service: give Integer, Continuous or Categorical ranges")  # fmt: skip
+        raise ValidationException(
+            "ParameterRanges.AutoParameters (Autotune's) is not supported by this local "
+            "SageMaker service: give Integer, Continuous or Categorical ranges"
+        )
     space = [
         *(_numeric(item, "Integer") for item in ranges.get("IntegerParameterRanges", [])),
         *(_numeric(item, "Continuous") for item in ranges.get("ContinuousParameterRanges", [])),
@@ -279,24 +320,33 @@ def _numeric(item: dict, kind: str) -> Range:
     try:
         low, high = cast(item["MinValue"]), cast(item["MaxValue"])
     except ValueError:
-        raise ValidationException(f"{kind}ParameterRange {name}: MinValue {item['MinValue']!r} and MaxValue "
-                                  f"{item['MaxValue']!r} must be {'integers' if cast is int else 'numbers'}") from None  # fmt: skip
+        raise ValidationException(
+            f"{kind}ParameterRange {name}: MinValue {item['MinValue']!r} and MaxValue "
+            f"{item['MaxValue']!r} must be {'integers' if cast is int else 'numbers'}"
+        ) from None
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
         raise ValidationException(f"{kind}ParameterRange {name}: MinValue {low} must not exceed MaxValue {high}")
     if scaling == "Logarithmic" and low <= 0:
-        raise ValidationException(f"{kind}ParameterRange {name}: Logarithmic scaling works only for ranges of "
-                                  f"values greater than 0, and [{low}, {high}] includes {low}")  # fmt: skip
+        raise ValidationException(
+            f"{kind}ParameterRange {name}: Logarithmic scaling works only for ranges of "
+            f"values greater than 0, and [{low}, {high}] includes {low}"
+        )
     if scaling == "ReverseLogarithmic":
         if kind == "Integer":
-            raise ValidationException(f"IntegerParameterRange {name}: ReverseLogarithmic scaling is for continuous "
-                                      "ranges only")  # fmt: skip
+            raise ValidationException(
+                f"IntegerParameterRange {name}: ReverseLogarithmic scaling is for continuous ranges only"
+            )
         if not (low >= 0 and high < 1):
-            raise ValidationException(f"ContinuousParameterRange {name}: ReverseLogarithmic scaling works only for "
-                                      f"ranges within 0 <= x < 1, and [{low}, {high}] is not")  # fmt: skip
+            raise ValidationException(
+                f"ContinuousParameterRange {name}: ReverseLogarithmic scaling works only for "
+                f"ranges within 0 <= x < 1, and [{low}, {high}] is not"
+            )
         return Range(name, FloatDistribution(1 - high, 1 - low, log=True), reverse=True)
     # Auto is linear here: SageMaker leaves its choice unspecified, and a linear scale assumes nothing.
     log_scale = scaling == "Logarithmic"
-    distribution = IntDistribution(low, high, log=log_scale) if kind == "Integer" else FloatDistribution(low, high, log=log_scale)  # fmt: skip
+    distribution = (
+        IntDistribution(low, high, log=log_scale) if kind == "Integer" else FloatDistribution(low, high, log=log_scale)
+    )
     return Range(name, distribution)
 
 
@@ -395,10 +445,14 @@ class TuningJobs:
             if record["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
                 moment = now()
                 self.store.update(
-                    KIND, record["HyperParameterTuningJobName"], HyperParameterTuningJobStatus="Failed",
+                    KIND,
+                    record["HyperParameterTuningJobName"],
+                    HyperParameterTuningJobStatus="Failed",
                     FailureReason="InternalServerError: the local SageMaker service stopped while the tuning job ran",
-                    HyperParameterTuningEndTime=moment, LastModifiedTime=moment, Jobs=_settled(record["Jobs"]),
-                )  # fmt: skip
+                    HyperParameterTuningEndTime=moment,
+                    LastModifiedTime=moment,
+                    Jobs=_settled(record["Jobs"]),
+                )
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
@@ -408,8 +462,10 @@ class TuningJobs:
         self.training.roles.check(request["TrainingJobDefinition"]["RoleArn"], self.arn(name))
         with self.store.lock:
             if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(f"Hyperparameter tuning job names must be unique within an AWS account and "
-                                    f"region, and a tuning job with this name already exists ({self.arn(name)})")  # fmt: skip
+                raise ResourceInUse(
+                    f"Hyperparameter tuning job names must be unique within an AWS account and "
+                    f"region, and a tuning job with this name already exists ({self.arn(name)})"
+                )
             created = now()
             record = {
                 "HyperParameterTuningJobName": name,
@@ -446,19 +502,32 @@ class TuningJobs:
         return answer
 
     def list(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "HyperParameterTuningJobName",
-                           "HyperParameterTuningJobStatus")  # fmt: skip
-        sort_by = {"Name": "HyperParameterTuningJobName", "Status": "HyperParameterTuningJobStatus",
-                   "CreationTime": "CreationTime"}  # fmt: skip
+        records = filtered(
+            self.store.items(KIND), params, "HyperParameterTuningJobName", "HyperParameterTuningJobStatus"
+        )
+        sort_by = {
+            "Name": "HyperParameterTuningJobName",
+            "Status": "HyperParameterTuningJobStatus",
+            "CreationTime": "CreationTime",
+        }
         shown, token = page(records, params, sort_by, default_sort="Name")
-        keys = ("HyperParameterTuningJobName", "HyperParameterTuningJobArn", "HyperParameterTuningJobStatus",
-                "CreationTime", "HyperParameterTuningEndTime", "LastModifiedTime")  # fmt: skip
+        keys = (
+            "HyperParameterTuningJobName",
+            "HyperParameterTuningJobArn",
+            "HyperParameterTuningJobStatus",
+            "CreationTime",
+            "HyperParameterTuningEndTime",
+            "LastModifiedTime",
+        )
         summaries = [
-            {key: r[key] for key in keys if key in r} | _counters(self._jobs(r))
-            | {"Strategy": r["HyperParameterTuningJobConfig"]["Strategy"],
-               "ResourceLimits": r["HyperParameterTuningJobConfig"]["ResourceLimits"]}
+            {key: r[key] for key in keys if key in r}
+            | _counters(self._jobs(r))
+            | {
+                "Strategy": r["HyperParameterTuningJobConfig"]["Strategy"],
+                "ResourceLimits": r["HyperParameterTuningJobConfig"]["ResourceLimits"],
+            }
             for r in shown
-        ]  # fmt: skip
+        ]
         return {"HyperParameterTuningJobSummaries": summaries} | ({"NextToken": token} if token else {})
 
     def list_training_jobs(self, params: dict) -> dict:
@@ -469,8 +538,12 @@ class TuningJobs:
         summaries = filtered(summaries, params, "TrainingJobName", "TrainingJobStatus")
         if params.get("SortBy") == "FinalObjectiveMetricValue":
             summaries = [s for s in summaries if s["_objective"] is not None]
-        sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus",
-                   "FinalObjectiveMetricValue": "_objective"}  # fmt: skip
+        sort_by = {
+            "Name": "TrainingJobName",
+            "CreationTime": "CreationTime",
+            "Status": "TrainingJobStatus",
+            "FinalObjectiveMetricValue": "_objective",
+        }
         shown, token = page(summaries, params, sort_by, default_sort="Name")
         answer = {"TrainingJobSummaries": [{k: v for k, v in s.items() if k != "_objective"} for s in shown]}
         return answer | ({"NextToken": token} if token else {})
@@ -598,8 +671,15 @@ class TuningJobs:
             search.study.tell(job.trial, state=TrialState.PRUNED)
             job.told, job.stopped_by = True, "early"
             why = "Hyperband" if planned.strategy == "Hyperband" else "behind the median of the completed jobs"
-            log.info("Tuning job %s: stopping %s early at epoch %d (%s %s: %s)", name, job_name, epoch,
-                     planned.metric, value, why)  # fmt: skip
+            log.info(
+                "Tuning job %s: stopping %s early at epoch %d (%s %s: %s)",
+                name,
+                job_name,
+                epoch,
+                planned.metric,
+                value,
+                why,
+            )
             self._stop_job(job_name)
 
     def _ended(self, name: str, search: _Search, job_name: str, job_record: dict) -> None:
@@ -650,8 +730,15 @@ class TuningJobs:
             else:
                 status, fields["FailureReason"] = "Failed", _none_completed(record, jobs)[:1024]
             moment = now()
-            self.store.update(KIND, name, HyperParameterTuningJobStatus=status, HyperParameterTuningEndTime=moment,
-                              LastModifiedTime=moment, Jobs=_settled(record["Jobs"]), **fields)  # fmt: skip
+            self.store.update(
+                KIND,
+                name,
+                HyperParameterTuningJobStatus=status,
+                HyperParameterTuningEndTime=moment,
+                LastModifiedTime=moment,
+                Jobs=_settled(record["Jobs"]),
+                **fields,
+            )
         log.info(
             "Tuning job %s: %s%s", name, status, f" ({fields['FailureReason']})" if "FailureReason" in fields else ""
         )
@@ -686,11 +773,14 @@ def _counters(jobs: list[tuple[dict, dict]]) -> dict:
     objectives = collections.Counter(entry["ObjectiveStatus"] for _, entry in jobs)
     return {
         "TrainingJobStatusCounters": {
-            "Completed": statuses["Completed"], "InProgress": statuses["InProgress"] + statuses["Stopping"],
-            "RetryableError": 0, "NonRetryableError": statuses["Failed"], "Stopped": statuses["Stopped"],
+            "Completed": statuses["Completed"],
+            "InProgress": statuses["InProgress"] + statuses["Stopping"],
+            "RetryableError": 0,
+            "NonRetryableError": statuses["Failed"],
+            "Stopped": statuses["Stopped"],
         },
         "ObjectiveStatusCounters": {key: objectives[key] for key in ("Succeeded", "Pending", "Failed")},
-    }  # fmt: skip
+    }
 
 
 def _best(record: dict, jobs: list[tuple[dict, dict]]) -> dict | None:
@@ -727,8 +817,10 @@ def _completion(record: dict, search: _Search) -> tuple[dict, str | None]:
 
 def _settled(entries: dict) -> dict:
     """The tuner's job entries once it ends: an objective still pending will never be evaluated."""
-    return {name: entry if entry["ObjectiveStatus"] != "Pending" else {**entry, "ObjectiveStatus": "Failed"}
-            for name, entry in entries.items()}  # fmt: skip
+    return {
+        name: entry if entry["ObjectiveStatus"] != "Pending" else {**entry, "ObjectiveStatus": "Failed"}
+        for name, entry in entries.items()
+    }
 
 
 def _none_completed(record: dict, jobs: list[tuple[dict, dict]]) -> str:

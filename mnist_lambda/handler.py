@@ -95,8 +95,9 @@ def _request(event: dict) -> tuple[bytes, str]:
             raise BadRequest(f"the body is not a {content_type.split('/')[1].upper()} picture")
         return body, content_type
     if content_type != JSON:
-        raise BadRequest(f"unsupported content type {content_type or '(none)'}: send application/json, image/png "
-                         "or image/jpeg", 415)  # fmt: skip
+        raise BadRequest(
+            f"unsupported content type {content_type or '(none)'}: send application/json, image/png or image/jpeg", 415
+        )
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as error:

@@ -52,10 +52,16 @@ def alarm_requests(
     }
 
     def query(query_id: str, metric_name: str) -> dict:
-        metric = {"Namespace": ENDPOINT_NAMESPACE, "MetricName": metric_name,
-                  "Dimensions": endpoint_dimensions(endpoint_name)}  # fmt: skip
-        return {"Id": query_id, "MetricStat": {"Metric": metric, "Period": ERRORS_PERIOD_SECONDS, "Stat": "Sum"},
-                "ReturnData": False}  # fmt: skip
+        metric = {
+            "Namespace": ENDPOINT_NAMESPACE,
+            "MetricName": metric_name,
+            "Dimensions": endpoint_dimensions(endpoint_name),
+        }
+        return {
+            "Id": query_id,
+            "MetricStat": {"Metric": metric, "Period": ERRORS_PERIOD_SECONDS, "Stat": "Sum"},
+            "ReturnData": False,
+        }
 
     errors, latency = alarm_names(endpoint_name)
     return {

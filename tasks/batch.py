@@ -54,14 +54,20 @@ class TransformOperator(SageMakerTransformOperator):
 
     def execute(self, context):
         transform = self.config.get("Transform", self.config)
-        earlier = job_to_follow(self, TRANSFORM, transform["TransformJobName"],
-                                lambda job: job["ModelName"] == transform["ModelName"])  # fmt: skip
+        earlier = job_to_follow(
+            self, TRANSFORM, transform["TransformJobName"], lambda job: job["ModelName"] == transform["ModelName"]
+        )
         if earlier is None:
             return self._ended_well(super().execute(context))
         name = transform["TransformJobName"] = earlier["TransformJobName"]  # what on_kill stops, if killed too
         if earlier["TransformJobStatus"] == "InProgress":
-            self.hook.check_status(name, "TransformJobStatus", self.hook.describe_transform_job, self.check_interval,
-                                   self.max_ingestion_time)  # fmt: skip
+            self.hook.check_status(
+                name,
+                "TransformJobStatus",
+                self.hook.describe_transform_job,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
         return self._ended_well(self.serialize_result(name))
 
     def execute_complete(self, context, event=None):
@@ -71,8 +77,10 @@ class TransformOperator(SageMakerTransformOperator):
     def _ended_well(result: dict) -> dict:
         transform = result["Transform"]
         if transform["TransformJobStatus"] != "Completed":
-            raise RuntimeError(f"SageMaker transform job {transform['TransformJobName']} ended "
-                               f"{transform['TransformJobStatus']}: {transform.get('FailureReason', '')}")  # fmt: skip
+            raise RuntimeError(
+                f"SageMaker transform job {transform['TransformJobName']} ended "
+                f"{transform['TransformJobStatus']}: {transform.get('FailureReason', '')}"
+            )
         return result
 
     def on_kill(self) -> None:
@@ -116,21 +124,30 @@ def resolve_model(
     elif current := champion(config, endpoint_name):
         version = current
     else:
-        raise LookupError(f"endpoint {endpoint_name} has no champion (no Approved version serves it): give the "
-                          f"model param a version of registry group {endpoint_name}")  # fmt: skip
+        raise LookupError(
+            f"endpoint {endpoint_name} has no champion (no Approved version serves it): give the "
+            f"model param a version of registry group {endpoint_name}"
+        )
     group = version["model_package_arn"].rsplit("/", 2)[-2]
     if version["approval"] != APPROVED:
         source = "the model param" if model else "the champion asset event" if events else "the registry"
-        raise VersionNotApproved(f"version {version['version']} of {group} ({version['model_package_arn']}), named by "
-                                 f"{source}, is {version['approval']}: batch predictions use {APPROVED} versions "
-                                 "only")  # fmt: skip
+        raise VersionNotApproved(
+            f"version {version['version']} of {group} ({version['model_package_arn']}), named by "
+            f"{source}, is {version['approval']}: batch predictions use {APPROVED} versions "
+            "only"
+        )
     name = sagemaker_name(group, f"v{version['version']}")
     hook = sagemaker_hook(config)
     try:
         hook.describe_model(name)
     except ClientError:
-        hook.create_model({"ModelName": name, "PrimaryContainer": {"ModelPackageName": version["model_package_arn"]},
-                           "ExecutionRoleArn": config.role_arn})  # fmt: skip
+        hook.create_model(
+            {
+                "ModelName": name,
+                "PrimaryContainer": {"ModelPackageName": version["model_package_arn"]},
+                "ExecutionRoleArn": config.role_arn,
+            }
+        )
         log.info("Model %s made from version %s", name, version["model_package_arn"])
     return {**version, "model_name": name}
 
@@ -153,8 +170,17 @@ def input_files(config: PipelineConfig, input_uri: str) -> tuple[dict[str, list[
     return dict(kinds), skipped
 
 
-def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, run_id: str, *, instance_type: str,
-                       max_concurrent: int, max_payload_mb: int, precision: str = "float32") -> list[dict]:  # fmt: skip
+def transform_requests(
+    config: PipelineConfig,
+    input_uri: str,
+    model: Mapping,
+    run_id: str,
+    *,
+    instance_type: str,
+    max_concurrent: int,
+    max_payload_mb: int,
+    precision: str = "float32",
+) -> list[dict]:
     """One CreateTransformJob request per kind of file under ``input_uri``, each over a manifest of its files, its
     model server computing in ``precision``. NothingToPredict when there is none; RequestRefused (nothing written)
     for an ``instance_type`` the configuration does not allow."""
@@ -167,8 +193,10 @@ def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, r
     if skipped:
         log.warning("Not predicted (not .npy, .csv, .json, .png or .jpg): %s", ", ".join(skipped[:20]))
     if not kinds:
-        raise NothingToPredict(f"no .npy, .csv, .json, .png or .jpg file under {input_uri}"
-                               + (f" ({len(skipped)} other files)" if skipped else ""))  # fmt: skip
+        raise NothingToPredict(
+            f"no .npy, .csv, .json, .png or .jpg file under {input_uri}"
+            + (f" ({len(skipped)} other files)" if skipped else "")
+        )
     output = output_uri(config, run_id)
     bucket, output_prefix = S3Hook.parse_s3_url(output)
     client = s3_hook(config).conn
@@ -178,23 +206,30 @@ def transform_requests(config: PipelineConfig, input_uri: str, model: Mapping, r
         manifest_key = f"{output_prefix.rstrip('/')}/manifests/{kind}.manifest"
         manifest = [{"prefix": input_uri if input_uri.endswith("/") else input_uri + "/"}, *files]
         put_verified(client, bucket, manifest_key, json.dumps(manifest).encode())
-        requests.append({
-            "TransformJobName": sagemaker_name(run_id, kind, unique_by=run_id),
-            "ModelName": model["model_name"],
-            "MaxConcurrentTransforms": max_concurrent,
-            "MaxPayloadInMB": max_payload_mb,
-            "BatchStrategy": strategy,
-            "TransformInput": {
-                "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": f"s3://{bucket}/{manifest_key}"}},
-                "ContentType": content_type,
-                "SplitType": split,
-            },
-            "TransformOutput": {"S3OutputPath": f"{output}predictions/", "Accept": "application/json",
-                                "AssembleWith": "Line"},
-            "TransformResources": {"InstanceType": instance_type, "InstanceCount": 1},
-            "Environment": {PRECISION_VARIABLE: precision},
-            "Tags": [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}],
-        })  # fmt: skip
+        requests.append(
+            {
+                "TransformJobName": sagemaker_name(run_id, kind, unique_by=run_id),
+                "ModelName": model["model_name"],
+                "MaxConcurrentTransforms": max_concurrent,
+                "MaxPayloadInMB": max_payload_mb,
+                "BatchStrategy": strategy,
+                "TransformInput": {
+                    "DataSource": {
+                        "S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": f"s3://{bucket}/{manifest_key}"}
+                    },
+                    "ContentType": content_type,
+                    "SplitType": split,
+                },
+                "TransformOutput": {
+                    "S3OutputPath": f"{output}predictions/",
+                    "Accept": "application/json",
+                    "AssembleWith": "Line",
+                },
+                "TransformResources": {"InstanceType": instance_type, "InstanceCount": 1},
+                "Environment": {PRECISION_VARIABLE: precision},
+                "Tags": [{"Key": "project", "Value": "mnist-pipeline"}, {"Key": "run_id", "Value": run_id}],
+            }
+        )
     return requests
 
 
@@ -210,8 +245,9 @@ def _labels(body: bytes, where: str) -> list[int]:
     return labels
 
 
-def summarize(config: PipelineConfig, transforms: Iterable[Mapping], model: Mapping, input_uri: str,
-              run_id: str) -> dict:  # fmt: skip
+def summarize(
+    config: PipelineConfig, transforms: Iterable[Mapping], model: Mapping, input_uri: str, run_id: str
+) -> dict:
     """What the transform jobs predicted: images, the count of each predicted digit, seconds (first job's start to
     the last one's end) and images per second, per kind and in all; written to ``summary.json`` beside the
     predictions, and returned."""
@@ -237,9 +273,16 @@ def summarize(config: PipelineConfig, transforms: Iterable[Mapping], model: Mapp
         starts.append(started)
         ends.append(ended)
         seconds = (ended - started).total_seconds()
-        jobs.append({"job": job["TransformJobName"], "content_type": job["TransformInput"]["ContentType"],
-                     "files": len(manifest) - 1, "images": len(labels), "seconds": round(seconds, 3),
-                     "precision": job.get("Environment", {}).get(PRECISION_VARIABLE, "float32")})  # fmt: skip
+        jobs.append(
+            {
+                "job": job["TransformJobName"],
+                "content_type": job["TransformInput"]["ContentType"],
+                "files": len(manifest) - 1,
+                "images": len(labels),
+                "seconds": round(seconds, 3),
+                "precision": job.get("Environment", {}).get(PRECISION_VARIABLE, "float32"),
+            }
+        )
     images = sum(job["images"] for job in jobs)
     seconds = (max(ends) - min(starts)).total_seconds() if jobs else 0.0
     summary = {
@@ -256,6 +299,12 @@ def summarize(config: PipelineConfig, transforms: Iterable[Mapping], model: Mapp
     bucket, prefix = S3Hook.parse_s3_url(output_uri(config, run_id))
     put_verified(s3_hook(config).conn, bucket, f"{prefix.rstrip('/')}/summary.json", json.dumps(summary).encode())
     summary["summary_uri"] = f"s3://{bucket}/{prefix.rstrip('/')}/summary.json"
-    log.info("Batch predictions of version %s: %d images in %.1f s (%s images/s); digits %s", model["version"],
-             images, seconds, summary["images_per_second"], summary["counts"])  # fmt: skip
+    log.info(
+        "Batch predictions of version %s: %d images in %.1f s (%s images/s); digits %s",
+        model["version"],
+        images,
+        seconds,
+        summary["images_per_second"],
+        summary["counts"],
+    )
     return summary

@@ -87,8 +87,10 @@ def read_position(config: PipelineConfig, endpoint: str) -> tuple[dict, str | No
         if not isinstance(position.get("variants"), dict):
             raise ValueError("no variants object")
     except (ValueError, AttributeError) as error:
-        raise ValueError(f"s3://{config.bucket}/{position_key(config, endpoint)} is not a drift position: {error}; "
-                         "remove it to read the capture from its beginning") from None  # fmt: skip
+        raise ValueError(
+            f"s3://{config.bucket}/{position_key(config, endpoint)} is not a drift position: {error}; "
+            "remove it to read the capture from its beginning"
+        ) from None
     return position, answer["ETag"]
 
 
@@ -134,8 +136,10 @@ def new_objects(config: PipelineConfig, endpoint: str, position: Mapping) -> lis
 def advanced(position: Mapping, objects: Iterable[str], prefix: str) -> dict:
     """The position once ``objects`` are read too: per variant its newest key, and the keys read since the hour
     before that key's hour (the ones a later listing sees again)."""
-    variants = {name: {"after": kept.get("after"), "read": list(kept.get("read", ()))}
-                for name, kept in position["variants"].items()}  # fmt: skip
+    variants = {
+        name: {"after": kept.get("after"), "read": list(kept.get("read", ()))}
+        for name, kept in position["variants"].items()
+    }
     for key in objects:
         variant = key[len(prefix) :].split("/", 1)[0]
         kept = variants.setdefault(variant, {"after": None, "read": []})
@@ -163,12 +167,15 @@ def write_position(config: PipelineConfig, endpoint: str, position: Mapping, eta
     condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     key = position_key(config, endpoint)
     try:
-        s3_hook(config).conn.put_object(Bucket=config.bucket, Key=key, Body=body, ContentType="application/json",
-                                        **condition, **checksums(body))  # fmt: skip
+        s3_hook(config).conn.put_object(
+            Bucket=config.bucket, Key=key, Body=body, ContentType="application/json", **condition, **checksums(body)
+        )
     except ClientError as error:
         if error.response["ResponseMetadata"]["HTTPStatusCode"] in (409, 412):
-            raise PositionMoved(f"s3://{config.bucket}/{key} was moved by another check since this one read it: its "
-                                "window may have been read twice; run the check again") from None  # fmt: skip
+            raise PositionMoved(
+                f"s3://{config.bucket}/{key} was moved by another check since this one read it: its "
+                "window may have been read twice; run the check again"
+            ) from None
         raise
 
 

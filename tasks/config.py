@@ -89,8 +89,10 @@ class PipelineConfig:
         if self.retrain_on_drift.strip().lower() not in ("true", "false"):
             raise ConfigError(f"mnist_pipeline retrain_on_drift must be true or false, got {self.retrain_on_drift!r}")
         if not MIN_RETRAIN_HOURS <= self.retrain_interval_hours <= MAX_RETRAIN_HOURS:
-            raise ConfigError(f"mnist_pipeline retrain_interval_hours must be {MIN_RETRAIN_HOURS}-{MAX_RETRAIN_HOURS}, "
-                              f"got {self.retrain_interval_hours}")  # fmt: skip
+            raise ConfigError(
+                f"mnist_pipeline retrain_interval_hours must be {MIN_RETRAIN_HOURS}-{MAX_RETRAIN_HOURS}, "
+                f"got {self.retrain_interval_hours}"
+            )
 
     @property
     def retrains_on_drift(self) -> bool:
@@ -148,8 +150,9 @@ def _airflow_variable() -> dict:
     except ValueError as error:
         raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} is not JSON: {error}") from None
     if not isinstance(settings, dict):
-        raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} must be a JSON object of settings, "
-                          f"got {type(settings).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"the Airflow Variable {VARIABLE_NAME} must be a JSON object of settings, got {type(settings).__name__}"
+        )
     unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(PipelineConfig)})
     if unknown:
         raise ConfigError(f"the Airflow Variable {VARIABLE_NAME} names unknown settings: {', '.join(unknown)}")

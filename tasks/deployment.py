@@ -129,8 +129,12 @@ MAX_BAKE_SECONDS = 1800
 
 def traffic_of(params: Mapping) -> dict:
     """``deployment_config``'s traffic arguments from a run's params (the form's traffic fields)."""
-    return {"traffic_shift": params["traffic_shift"], "percent": params["traffic_percent"],
-            "wait_seconds": params["traffic_wait_seconds"], "bake_seconds": params["bake_seconds"]}  # fmt: skip
+    return {
+        "traffic_shift": params["traffic_shift"],
+        "percent": params["traffic_percent"],
+        "wait_seconds": params["traffic_wait_seconds"],
+        "bake_seconds": params["bake_seconds"],
+    }
 
 
 def traffic_steps(traffic_shift: str, percent: int) -> int:
@@ -140,8 +144,9 @@ def traffic_steps(traffic_shift: str, percent: int) -> int:
     return {"all_at_once": 1, "canary": 2, "linear": -(-100 // max(percent, 1))}[traffic_shift]
 
 
-def update_seconds(traffic_shift: str = "all_at_once", *, percent: int = 20, wait_seconds: int = 0,
-                   bake_seconds: int = 0) -> int:  # fmt: skip
+def update_seconds(
+    traffic_shift: str = "all_at_once", *, percent: int = 20, wait_seconds: int = 0, bake_seconds: int = 0
+) -> int:
     """The longest a blue/green update with these settings may run: its new fleet launched, each step but the last
     held ``wait_seconds``, the last one baked. It is the update's MaximumExecutionTimeoutInSeconds: SageMaker rolls
     back an update still running then, so every wait on the update ends within it."""
@@ -275,8 +280,13 @@ def deploy(
             f"endpoint {endpoint_name} serves config {described['EndpointConfigName']}, not {config_name}: "
             f"{described.get('FailureReason') or 'the update did not take'}"
         )
-    log.info("Endpoint %s serves %s (hidden_channels %s) with config %s",
-             endpoint_name, model_name, best["hidden_channels"], config_name)  # fmt: skip
+    log.info(
+        "Endpoint %s serves %s (hidden_channels %s) with config %s",
+        endpoint_name,
+        model_name,
+        best["hidden_channels"],
+        config_name,
+    )
     return {
         "endpoint_name": endpoint_name,
         "endpoint_config_name": config_name,
@@ -311,8 +321,11 @@ def updating_to(described: Mapping, config_name: str) -> bool:
 def baking(described: Mapping, config_name: str) -> bool:
     """Whether DescribeEndpoint shows ``config_name`` taking all traffic in its bake (the old fleet still kept)."""
     pending = described.get("PendingDeploymentSummary") or {}
-    statuses = [status["Status"] for variant in pending.get("ProductionVariants", [])
-                for status in variant.get("VariantStatus", [])]  # fmt: skip
+    statuses = [
+        status["Status"]
+        for variant in pending.get("ProductionVariants", [])
+        for status in variant.get("VariantStatus", [])
+    ]
     return (
         described["EndpointStatus"] == "Updating"
         and pending.get("EndpointConfigName") == config_name
@@ -345,17 +358,22 @@ def wait_deployed(hook, endpoint_name: str, config_name: str, check_interval: fl
     traffic; returns its description. Raises naming SageMaker's reason when it fails, and after ``timeout``."""
     failed = ("Failed", "OutOfService", "Deleting")
     described = poll_endpoint(
-        hook, endpoint_name,
+        hook,
+        endpoint_name,
         lambda d: d["EndpointStatus"] in ("InService", *failed) or baking(d, config_name),
-        timeout, check_interval,
-    )  # fmt: skip
+        timeout,
+        check_interval,
+    )
     if described["EndpointStatus"] in failed:
-        raise RuntimeError(f"endpoint {endpoint_name} is {described['EndpointStatus']}: "
-                           f"{described.get('FailureReason', 'no reason given')}")  # fmt: skip
+        raise RuntimeError(
+            f"endpoint {endpoint_name} is {described['EndpointStatus']}: "
+            f"{described.get('FailureReason', 'no reason given')}"
+        )
     return described
 
 
 def wait_settled(config: PipelineConfig, endpoint_name: str, timeout: float, delay: float = 15) -> dict:
     """Poll the endpoint until it is no longer Creating, Updating or RollingBack; returns its description."""
-    return poll_endpoint(sagemaker_hook(config), endpoint_name, lambda d: d["EndpointStatus"] not in BUSY, timeout,
-                          delay)  # fmt: skip
+    return poll_endpoint(
+        sagemaker_hook(config), endpoint_name, lambda d: d["EndpointStatus"] not in BUSY, timeout, delay
+    )

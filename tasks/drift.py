@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 DRIFT_NAMESPACE = "MnistPipeline/Drift"
 RUNS_FOLDER = "drift-runs"
 # The files of a drift check's report, which the report view serves and nothing else of its folder.
-DRIFT_REPORT_FILES = {"markdown": "report.md", "html": "report.html", "summary": "summary.json",
-                      "atypical": "atypical.png"}  # fmt: skip
+DRIFT_REPORT_FILES = {
+    "markdown": "report.md",
+    "html": "report.html",
+    "summary": "summary.json",
+    "atypical": "atypical.png",
+}
 # The form's bounds: how few requests a window needs to be judged, and how many one check reads at most. The
 # thresholds hold no clean window of 500 requests or more past them (data_checks.drift.MIN_REQUESTS, pinned to this
 # by tests/test_drift_stats.py; that module imports numpy, too heavy for the form, which the DAG reads as it parses).
@@ -130,8 +134,12 @@ def _champion(config: PipelineConfig, endpoint: str) -> dict | None:
 def _judge(window, model: Mapping | None, min_requests: int) -> dict:
     from data_checks.drift import drift_report
 
-    return drift_report(window.images, window.probabilities, test_confidence=(model or {}).get("test_confidence"),
-                        min_requests=min_requests)  # fmt: skip
+    return drift_report(
+        window.images,
+        window.probabilities,
+        test_confidence=(model or {}).get("test_confidence"),
+        min_requests=min_requests,
+    )
 
 
 def _summary(config: PipelineConfig, run_id: str) -> dict | None:
@@ -154,8 +162,10 @@ def _move_position(config: PipelineConfig, endpoint: str, summary: Mapping) -> N
     if current == summary["position"]:
         return  # moved already, by this check's first try
     if etag != summary["etag"]:
-        raise capture.PositionMoved(f"the capture position of {endpoint} was moved by another check since this one "
-                                    "read its window; run the check again")  # fmt: skip
+        raise capture.PositionMoved(
+            f"the capture position of {endpoint} was moved by another check since this one "
+            "read its window; run the check again"
+        )
     capture.write_position(config, endpoint, summary["position"], etag)
 
 
@@ -164,15 +174,28 @@ def _publish(config: PipelineConfig, endpoint: str, result: Mapping) -> None:
 
     moment = datetime.datetime.now(datetime.UTC)
     dimensions = [{"Name": "EndpointName", "Value": endpoint}]
-    data = [{"MetricName": "Requests", "Dimensions": dimensions, "Timestamp": moment, "Value": result["requests"],
-             "Unit": "Count"}]  # fmt: skip
+    data = [
+        {
+            "MetricName": "Requests",
+            "Dimensions": dimensions,
+            "Timestamp": moment,
+            "Value": result["requests"],
+            "Unit": "Count",
+        }
+    ]
     data += [
         {"MetricName": _metric_name(name), "Dimensions": dimensions, "Timestamp": moment, "Value": float(value)}
         for name, value in result["figures"].items()
         if value is not None
     ]
-    data.append({"MetricName": "Drift", "Dimensions": dimensions, "Timestamp": moment,
-                 "Value": 1.0 if result["verdict"] == "drift" else 0.0})  # fmt: skip
+    data.append(
+        {
+            "MetricName": "Drift",
+            "Dimensions": dimensions,
+            "Timestamp": moment,
+            "Value": 1.0 if result["verdict"] == "drift" else 0.0,
+        }
+    )
     hook(config, "cloudwatch").conn.put_metric_data(Namespace=DRIFT_NAMESPACE, MetricData=data)
 
 
@@ -209,18 +232,32 @@ def _upload(config: PipelineConfig, run_id: str, summary: Mapping) -> None:
 
 def render_markdown(run_id: str, result: Mapping, shown: int) -> str:
     verdict = {"drift": "**Drift**", "no drift": "**No drift**", "not enough data": "**Not enough data**"}
-    lines = [f"# Drift check of {result['endpoint_name']}", "", f"{DRIFT_DAG_ID} run `{run_id}`.", "",
-             f"{verdict[result['verdict']]}: {result['summary']}", ""]  # fmt: skip
+    lines = [
+        f"# Drift check of {result['endpoint_name']}",
+        "",
+        f"{DRIFT_DAG_ID} run `{run_id}`.",
+        "",
+        f"{verdict[result['verdict']]}: {result['summary']}",
+        "",
+    ]
     lines += [f"- {reason}" for reason in result["reasons"]]
-    lines += ["", "## The window", "", f"- requests read: {result['requests']} ({result['images']} images), from "
-              f"{result['objects']} capture objects", f"- invoked from {result['first'] or '-'} to {result['last'] or '-'}"]  # fmt: skip
+    lines += [
+        "",
+        "## The window",
+        "",
+        f"- requests read: {result['requests']} ({result['images']} images), from {result['objects']} capture objects",
+        f"- invoked from {result['first'] or '-'} to {result['last'] or '-'}",
+    ]
     if result["skipped"]:
         lines.append("- left out: " + ", ".join(f"{count} {reason}" for reason, count in result["skipped"].items()))
     if result["more"]:
         lines.append("- more capture waits: this check read as many requests as max_requests allows")
     model = result["model"]
-    lines.append(f"- model: version {model['version']} (test confidence {model['test_confidence']})"
-                 if model.get("version") else "- model: no champion found (its confidence is not judged)")  # fmt: skip
+    lines.append(
+        f"- model: version {model['version']} (test confidence {model['test_confidence']})"
+        if model.get("version")
+        else "- model: no champion found (its confidence is not judged)"
+    )
     if result["figures"]:
         lines += ["", "## Figures", "", "| figure | value | threshold | past it |", "|---|---:|---:|:---:|"]
         for name, value in result["figures"].items():
@@ -229,8 +266,12 @@ def render_markdown(run_id: str, result: Mapping, shown: int) -> str:
             shown_value = "-" if value is None else f"{value:.4g}"
             lines.append(f"| {name} | {shown_value} | {threshold} | {'yes' if past else ''} |")
     if shown:
-        lines += ["", "## The most atypical inputs", "", f"![the {shown} most atypical inputs]"
-                  f"({DRIFT_REPORT_FILES['atypical']})"]  # fmt: skip
+        lines += [
+            "",
+            "## The most atypical inputs",
+            "",
+            f"![the {shown} most atypical inputs]({DRIFT_REPORT_FILES['atypical']})",
+        ]
     return "\n".join(lines) + "\n"
 
 

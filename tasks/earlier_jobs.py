@@ -66,8 +66,12 @@ def earlier_jobs(hook, kind: JobKind, name: str, same_request: Callable[[Mapping
     pages = hook.conn.get_paginator(kind.list_method).paginate(
         NameContains=stem, SortBy="CreationTime", SortOrder="Descending"
     )
-    names = [kind.name(job) for page in pages for job in page[f"{kind.field}Summaries"]
-             if kind.name(job) == name or variant.fullmatch(kind.name(job))]  # fmt: skip
+    names = [
+        kind.name(job)
+        for page in pages
+        for job in page[f"{kind.field}Summaries"]
+        if kind.name(job) == name or variant.fullmatch(kind.name(job))
+    ]
     describe = getattr(hook, kind.describe_method)
     return [job for job in map(describe, names) if same_request(job)]
 
@@ -81,9 +85,13 @@ def job_to_follow(operator, kind: JobKind, name: str, same_request: Callable[[Ma
         jobs = earlier_jobs(operator.hook, kind, name, same_request)
         for job in jobs:
             if (status := kind.status(job)) in FOLLOWED:
-                operator.log.info("The %s %s of an earlier try is %s: %s, not starting another", kind.noun,
-                                  kind.name(job), status,
-                                  "waiting for it" if status == "InProgress" else "its result stands")  # fmt: skip
+                operator.log.info(
+                    "The %s %s of an earlier try is %s: %s, not starting another",
+                    kind.noun,
+                    kind.name(job),
+                    status,
+                    "waiting for it" if status == "InProgress" else "its result stands",
+                )
                 return job
         stopping = [kind.name(job) for job in jobs if kind.status(job) == "Stopping"]
         if not stopping:

@@ -138,8 +138,10 @@ class MirrorPolicy:
                 raise MirrorRefused(f"MNIST mirror {path} is not under an allowed directory: {roots}")
             return
         if not any(url.startswith(prefix) for prefix in self.prefixes):
-            raise MirrorRefused(f"MNIST mirror {url} is not allowed: use one of {', '.join(self.prefixes)} "
-                                "(the mnist_mirrors_allowed setting)")  # fmt: skip
+            raise MirrorRefused(
+                f"MNIST mirror {url} is not allowed: use one of {', '.join(self.prefixes)} "
+                "(the mnist_mirrors_allowed setting)"
+            )
         if reason := _refused_address(url):
             raise MirrorRefused(f"MNIST mirror refused: {reason}")
 
@@ -214,8 +216,11 @@ def download_mnist(
     ``policy``, redirects go only where it allows.
     """
     config = config or load_config()
-    limits = _Limits(config.mnist_max_file_bytes, time.monotonic() + config.mnist_download_seconds,
-                     urllib.request.build_opener(_AllowedRedirects(policy)) if policy else None)  # fmt: skip
+    limits = _Limits(
+        config.mnist_max_file_bytes,
+        time.monotonic() + config.mnist_download_seconds,
+        urllib.request.build_opener(_AllowedRedirects(policy)) if policy else None,
+    )
     sums = expected_md5(config)
     order = resolve_mirrors(mirrors)
     dest = Path(dest) if dest else default_cache_dir(config)
@@ -429,7 +434,11 @@ def _ensure_bucket(hook, config: PipelineConfig) -> None:
     except ClientError as error:
         code = error.response["Error"]["Code"]
         if code == "NoSuchBucket":
-            raise UploadError(f"S3 bucket {config.bucket!r} does not exist: create it, or set `bucket` in the "
-                              "mnist_pipeline configuration") from None  # fmt: skip
-        raise UploadError(f"connection {config.aws_conn_id!r} may not list s3://{config.bucket}/{prefix} "
-                          f"({code}: {error.response['Error']['Message']})") from None  # fmt: skip
+            raise UploadError(
+                f"S3 bucket {config.bucket!r} does not exist: create it, or set `bucket` in the "
+                "mnist_pipeline configuration"
+            ) from None
+        raise UploadError(
+            f"connection {config.aws_conn_id!r} may not list s3://{config.bucket}/{prefix} "
+            f"({code}: {error.response['Error']['Message']})"
+        ) from None

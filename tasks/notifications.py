@@ -76,9 +76,15 @@ def compose(event: str, context, config: PipelineConfig) -> tuple[str, str]:
         rollback = checked.get("rollback") or {}
         load = checked.get("load") or {}
         figures = ", ".join(
-            f"{name} {round(load[key], 3)}" for name, key in (("live accuracy", "live_accuracy"), ("p99 ms", "p99_ms"),
-                                                   ("errors", "errors"), ("requests", "requests")) if key in load
-        )  # fmt: skip
+            f"{name} {round(load[key], 3)}"
+            for name, key in (
+                ("live accuracy", "live_accuracy"),
+                ("p99 ms", "p99_ms"),
+                ("errors", "errors"),
+                ("requests", "requests"),
+            )
+            if key in load
+        )
         lines = [
             f"The monitoring check of endpoint {endpoint} (config {checked.get('endpoint_config_name', '?')}) failed "
             f"in {DAG_ID} run {run_id}.",
@@ -115,15 +121,19 @@ def compose(event: str, context, config: PipelineConfig) -> tuple[str, str]:
     elif event == "deadline_missed":
         deadline = context.get("deadline") or {}
         state = run.get("state", "running") if isinstance(run, dict) else "running"
-        lines = [f"{DAG_ID} run {run_id} is still {state} at its deadline ({deadline.get('deadline_time', '?')}); "
-                 f"queued at {run.get('queued_at', '?') if isinstance(run, dict) else '?'}. dagrun_timeout ends it "
-                 "later if it does not finish."]  # fmt: skip
+        lines = [
+            f"{DAG_ID} run {run_id} is still {state} at its deadline ({deadline.get('deadline_time', '?')}); "
+            f"queued at {run.get('queued_at', '?') if isinstance(run, dict) else '?'}. dagrun_timeout ends it "
+            "later if it does not finish."
+        ]
         subject = f"MNIST: {DAG_ID} run past its deadline"
     else:
         ti = context.get("ti")
         failed = getattr(ti, "task_id", None)
-        lines = [f"{DAG_ID} run {run_id} failed" + (f" (last task: {failed})" if failed else "") + ".",
-                 f"Reason: {context.get('reason') or 'see the run in the UI'}"]  # fmt: skip
+        lines = [
+            f"{DAG_ID} run {run_id} failed" + (f" (last task: {failed})" if failed else "") + ".",
+            f"Reason: {context.get('reason') or 'see the run in the UI'}",
+        ]
         subject = f"MNIST: {DAG_ID} run failed"
     message = "\n".join(line for line in [*lines, *where] if line)
     return subject[:100], message

@@ -55,9 +55,16 @@ def _optional(kind: str, title: str, description: str, **schema) -> Param:
 
 def _interval(kind: str, title: str, description: str, low: float, high: float) -> Param:
     """A tuning range [low, high], or empty: not tuned (the preset's value, or the field above, holds)."""
-    return Param(None, type=["null", "array"], items={"type": kind, "minimum": low, "maximum": high}, minItems=2,
-                 maxItems=2, title=title, description=f"{description} [low, high], each {low}-{high}; empty: not "
-                 "tuned.", section=SECTION_TUNING)  # fmt: skip
+    return Param(
+        None,
+        type=["null", "array"],
+        items={"type": kind, "minimum": low, "maximum": high},
+        minItems=2,
+        maxItems=2,
+        title=title,
+        description=f"{description} [low, high], each {low}-{high}; empty: not tuned.",
+        section=SECTION_TUNING,
+    )
 
 
 PARAMS = {
@@ -303,32 +310,76 @@ PARAMS = {
 
 # The monitoring check: name → (type, title, description, minimum, maximum). Threshold names are the fields of
 # tasks.monitoring.Thresholds, whose defaults they take.
-# fmt: off
 CHECK_PARAMS = {
     "smoke_requests": ("integer", "Smoke requests", "Held-out test images sent, one request each.", 1, 10_000),
-    "metrics_timeout": ("integer", "CloudWatch wait (s)", "How long to wait for the load's metrics to arrive.",
-                        0, 3600),
+    "metrics_timeout": (
+        "integer",
+        "CloudWatch wait (s)",
+        "How long to wait for the load's metrics to arrive.",
+        0,
+        3600,
+    ),
     "min_live_accuracy": ("number", "Minimum live accuracy", "Accuracy of the answers to the smoke load.", 0, 1),
-    "max_accuracy_drop": ("number", "Maximum accuracy drop",
-                          "How far live accuracy may fall below the model's test accuracy.", 0, 1),
+    "max_accuracy_drop": (
+        "number",
+        "Maximum accuracy drop",
+        "How far live accuracy may fall below the model's test accuracy.",
+        0,
+        1,
+    ),
     "max_error_rate": ("number", "Maximum error rate", "Failed smoke requests / requests sent.", 0, 1),
-    "max_p99_latency_ms": ("number", "Maximum p99 latency (ms)", "Client-side p99 of the smoke load, round trip "
-                           "included.", 1, 60_000),
-    "max_model_latency_ms": ("number", "Maximum model latency (ms)", "CloudWatch ModelLatency, average over the "
-                             "load.", 1, 60_000),
-    "max_5xx_rate": ("number", "Maximum 5XX rate", "CloudWatch Invocation5XXErrors / Invocations over the load, "
-                     "everyone's requests (4XX are callers' errors: reported, not judged); the errors alarm holds it "
-                     "per minute.", 0, 1),
-    "min_rate_requests": ("integer", "Minimum requests for the 5XX rate", "Below this many invocations (over the "
-                          "load; per minute for the alarm) the 5XX rate is reported and decides nothing.", 1, 1_000_000),
-    "max_cpu_utilization": (["null", "number"], "Maximum CPU utilization (%)", "CloudWatch CPUUtilization, 100 per "
-                            "core; empty: not checked (a smoke load keeps the CPU busy by design).", 0, 10_000),
-    "max_memory_utilization": (["null", "number"], "Maximum memory utilization (%)", "CloudWatch "
-                               "MemoryUtilization; empty: not checked.", 0, 100),
-    "alarm_p99_model_latency_ms": ("number", "Alarm: p99 model latency (ms)", "The alarm created on a pass fires "
-                                   "when p99 ModelLatency over 5 minutes exceeds this.", 1, 60_000),
+    "max_p99_latency_ms": (
+        "number",
+        "Maximum p99 latency (ms)",
+        "Client-side p99 of the smoke load, round trip included.",
+        1,
+        60_000,
+    ),
+    "max_model_latency_ms": (
+        "number",
+        "Maximum model latency (ms)",
+        "CloudWatch ModelLatency, average over the load.",
+        1,
+        60_000,
+    ),
+    "max_5xx_rate": (
+        "number",
+        "Maximum 5XX rate",
+        "CloudWatch Invocation5XXErrors / Invocations over the load, everyone's requests (4XX are callers' errors: "
+        "reported, not judged); the errors alarm holds it per minute.",
+        0,
+        1,
+    ),
+    "min_rate_requests": (
+        "integer",
+        "Minimum requests for the 5XX rate",
+        "Below this many invocations (over the load; per minute for the alarm) the 5XX rate is reported and "
+        "decides nothing.",
+        1,
+        1_000_000,
+    ),
+    "max_cpu_utilization": (
+        ["null", "number"],
+        "Maximum CPU utilization (%)",
+        "CloudWatch CPUUtilization, 100 per core; empty: not checked (a smoke load keeps the CPU busy by design).",
+        0,
+        10_000,
+    ),
+    "max_memory_utilization": (
+        ["null", "number"],
+        "Maximum memory utilization (%)",
+        "CloudWatch MemoryUtilization; empty: not checked.",
+        0,
+        100,
+    ),
+    "alarm_p99_model_latency_ms": (
+        "number",
+        "Alarm: p99 model latency (ms)",
+        "The alarm created on a pass fires when p99 ModelLatency over 5 minutes exceeds this.",
+        1,
+        60_000,
+    ),
 }
-# fmt: on
 CHECK_DEFAULTS = {"smoke_requests": 200, "metrics_timeout": 300, **dataclasses.asdict(Thresholds())}
 PARAMS.update(
     {
@@ -349,8 +400,10 @@ PARAMS.update(
 def longest_deploy_seconds(params: dict = PARAMS) -> int:
     """The longest the deploy task may run on any values the form's traffic fields accept (each shift, every step
     size, the longest wait and bake): tasks.deployment.deploy_seconds at the fields' own bounds."""
-    schema = {name: params[name].schema for name in ("traffic_shift", "traffic_percent", "traffic_wait_seconds",
-                                                      "bake_seconds")}  # fmt: skip
+    schema = {
+        name: params[name].schema
+        for name in ("traffic_shift", "traffic_percent", "traffic_wait_seconds", "bake_seconds")
+    }
     percents = range(schema["traffic_percent"]["minimum"], schema["traffic_percent"]["maximum"] + 1)
     return max(
         deploy_seconds(
@@ -370,8 +423,10 @@ def check_traffic_bounds(params: dict = PARAMS, timeout: int = DEPLOY_TIMEOUT_SE
     """ValueError when the form's traffic fields allow a deploy longer than the deploy task's ``timeout``: its
     timeout would end it mid-update."""
     if (longest := longest_deploy_seconds(params)) > timeout:
-        raise ValueError(f"The traffic fields allow a deploy of {longest} s, longer than the deploy task's timeout "
-                         f"of {timeout} s: narrow their bounds")  # fmt: skip
+        raise ValueError(
+            f"The traffic fields allow a deploy of {longest} s, longer than the deploy task's timeout "
+            f"of {timeout} s: narrow their bounds"
+        )
 
 
 check_traffic_bounds()  # as the DAGs parse: a form out of bounds fails to load, naming why

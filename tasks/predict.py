@@ -51,5 +51,7 @@ def predict(paths: list[Path], endpoint_name: str = DEFAULT_ENDPOINT, config: Pi
         predictions = [prediction for body, kind in pictures for prediction in client.invoke(body, kind)]
     except PredictionError as error:
         raise PredictError(str(error)) from None
-    return [{"image": str(path), "digit": p.label, "confidence": p.confidence}
-            for path, p in zip(paths, predictions, strict=True)]  # fmt: skip
+    return [
+        {"image": str(path), "digit": p.label, "confidence": p.confidence}
+        for path, p in zip(paths, predictions, strict=True)
+    ]

@@ -166,8 +166,12 @@ def champion(config: PipelineConfig, endpoint_name: str) -> dict | None:
         description = describe(config, summary["ModelPackageArn"])
         if description["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == artifact:
             return {**as_model(description), "endpoint_config_name": serving}
-    log.warning("Endpoint %s serves %s, which no Approved version of group %s names: it has no champion",
-                endpoint_name, artifact, endpoint_name)  # fmt: skip
+    log.warning(
+        "Endpoint %s serves %s, which no Approved version of group %s names: it has no champion",
+        endpoint_name,
+        artifact,
+        endpoint_name,
+    )
     return None
 
 

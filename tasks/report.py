@@ -36,10 +36,22 @@ MISCLASSIFIED_SHOWN = 40
 REPORT_VIEW_PREFIX = "/mnist-reports"
 # The files of a run's report, by what each holds: write_report writes these, and the report view (ui/report_view.py)
 # serves these and nothing else of a run's report/, whatever else may have been put there.
-REPORT_FILES = {"markdown": "report.md", "html": "report.html", "summary": "summary.json", "curves": "curves.png",
-                "confusion_matrix": "confusion_matrix.png", "misclassified": "misclassified.png"}  # fmt: skip
-CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".html": "text/html; charset=utf-8", ".png": "image/png",
-                 ".json": "application/json", ".css": "text/css", ".js": "text/javascript"}  # fmt: skip
+REPORT_FILES = {
+    "markdown": "report.md",
+    "html": "report.html",
+    "summary": "summary.json",
+    "curves": "curves.png",
+    "confusion_matrix": "confusion_matrix.png",
+    "misclassified": "misclassified.png",
+}
+CONTENT_TYPES = {
+    ".md": "text/markdown; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".css": "text/css",
+    ".js": "text/javascript",
+}
 
 
 def run_name(run_id: str) -> str:
@@ -136,8 +148,15 @@ def plot_confusion_matrix(matrix: list[list[int]], path: Path) -> None:
     image = axes.imshow(counts, cmap="Blues")
     threshold = counts.max() / 2
     for (true, predicted), count in np.ndenumerate(counts):
-        axes.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
-                  color="white" if count > threshold else "black")  # fmt: skip
+        axes.text(
+            predicted,
+            true,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if count > threshold else "black",
+        )
     axes.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.savefig(path, dpi=100)
@@ -208,8 +227,14 @@ def _deployment_verdict(choice: Mapping | None, deployment: Mapping | None, moni
     return f"{what} deployed to {where}, **failed its monitoring check** and was rolled back ({rollback}); Rejected."
 
 
-def _verdict(best: Mapping | None, gate: Mapping | None, choice: Mapping | None, deployment: Mapping | None,
-             monitoring: Mapping | None, approval: Mapping | None = None) -> str:  # fmt: skip
+def _verdict(
+    best: Mapping | None,
+    gate: Mapping | None,
+    choice: Mapping | None,
+    deployment: Mapping | None,
+    monitoring: Mapping | None,
+    approval: Mapping | None = None,
+) -> str:
     if approval and approval.get("waiting"):
         deployed = f"version {approval['version']} waits for a reviewer's approval in the Airflow UI."
     else:
@@ -270,8 +295,9 @@ def _monitoring_lines(monitoring: Mapping | None) -> list[str]:
         ["live accuracy", _percent(load.get("live_accuracy"))],
         ["latency p50 / p99 (ms, client)", latency],
     ]
-    figures += [[name.replace("_", " "), _figure(value)] for name, value in cloudwatch.items()
-                if isinstance(value, int | float)]  # fmt: skip
+    figures += [
+        [name.replace("_", " "), _figure(value)] for name, value in cloudwatch.items() if isinstance(value, int | float)
+    ]
     lines += ["", *_table(["figure", "observed"], figures)]
     if monitoring.get("alarms"):
         lines.append(f"\nAlarms: {', '.join(f'`{alarm}`' for alarm in monitoring['alarms'])}")
@@ -283,8 +309,17 @@ def _trial_table(trials: list[Mapping], best_job: str) -> list[str]:
     the best one in bold."""
     tuning = any("tuned" in trial for trial in trials)
     header = ["trial", "tuned hyperparameters", "objective", "status"] if tuning else []
-    header += ["hidden_channels", "min acc", "max acc", "avg acc", "last acc", "train loss", "test loss", "seconds",
-               "parameters"]  # fmt: skip
+    header += [
+        "hidden_channels",
+        "min acc",
+        "max acc",
+        "avg acc",
+        "last acc",
+        "train loss",
+        "test loss",
+        "seconds",
+        "parameters",
+    ]
     cells = []
     for trial in trials:
         label = trial_label(trial)
@@ -297,10 +332,14 @@ def _trial_table(trials: list[Mapping], best_job: str) -> list[str]:
             row = [label, tuned or "—", _percent(trial.get("objective")), status]
         accuracies = [_percent(trial.get(key)) for key in ("accuracy_min", "accuracy_max", "accuracy_avg")]
         row += [
-            str(trial["hidden_channels"]), *accuracies, _percent(trial["test_accuracy"]),
-            _number(trial.get("train_loss"), ".4f"), _number(trial.get("test_loss"), ".4f"),
-            _number(trial.get("seconds"), ".1f"), _number(trial.get("parameters"), ","),
-        ]  # fmt: skip
+            str(trial["hidden_channels"]),
+            *accuracies,
+            _percent(trial["test_accuracy"]),
+            _number(trial.get("train_loss"), ".4f"),
+            _number(trial.get("test_loss"), ".4f"),
+            _number(trial.get("seconds"), ".1f"),
+            _number(trial.get("parameters"), ","),
+        ]
         if trial["training_job_name"] == best_job:
             row[0] = f"**{row[0]}**"
         cells.append(row)
@@ -316,10 +355,15 @@ def _approval_lines(approval: Mapping) -> list[str]:
     else:
         title = {"Approve": "Approved", "Reject": "Rejected"}.get(approval.get("answer"), approval["status"])
     lines = [f"**{title}**: {approval['summary']}", ""]
-    rows = [["version", f"{approval['version']} (`{approval['model_package_arn']}`)"],
-            ["status in the registry", approval["status"]]]  # fmt: skip
-    rows += [[name, str(approval[key])] for name, key in (("answered by", "by"), ("at", "at"), ("comment", "comment"),
-                                                          ("waits until", "deadline")) if approval.get(key)]  # fmt: skip
+    rows = [
+        ["version", f"{approval['version']} (`{approval['model_package_arn']}`)"],
+        ["status in the registry", approval["status"]],
+    ]
+    rows += [
+        [name, str(approval[key])]
+        for name, key in (("answered by", "by"), ("at", "at"), ("comment", "comment"), ("waits until", "deadline"))
+        if approval.get(key)
+    ]
     return lines + _table(["review", "value"], rows)
 
 
@@ -328,13 +372,19 @@ def _choice_lines(choice: Mapping | None) -> list[str]:
         return ["No deployment was chosen (a task before it failed)."]
     lines = [f"**{'Deploy' if choice['deploy'] else 'Nothing to deploy'}**: {choice['reason']}."]
     if model := choice.get("model"):
-        lines += ["", *_table(["version", "value"], [
-            ["model package", f"`{model['model_package_arn']}`"],
-            ["status before the check", model["approval"]],
-            ["test accuracy", _percent(model["test_accuracy"])],
-            ["training job", f"`{model['training_job_name']}`"],
-            ["from run", f"`{model['run_id']}`"],
-        ])]  # fmt: skip
+        lines += [
+            "",
+            *_table(
+                ["version", "value"],
+                [
+                    ["model package", f"`{model['model_package_arn']}`"],
+                    ["status before the check", model["approval"]],
+                    ["test accuracy", _percent(model["test_accuracy"])],
+                    ["training job", f"`{model['training_job_name']}`"],
+                    ["from run", f"`{model['run_id']}`"],
+                ],
+            ),
+        ]
     return lines
 
 
@@ -348,13 +398,25 @@ def render_markdown(context: Mapping) -> str:
             early = sum(1 for trial in best["trials"] if trial.get("stopped_early"))
             jobs += f" of tuning job `{best['tuning_job_name']}` ({early} stopped early)"
         lines += [f"{jobs} · best job `{best['training_job_name']}`", ""]
-    lines += [_verdict(best, context["gate"], context["choice"], context["deployment"], context["monitoring"],
-                       context.get("approval"))]  # fmt: skip
+    lines += [
+        _verdict(
+            best,
+            context["gate"],
+            context["choice"],
+            context["deployment"],
+            context["monitoring"],
+            context.get("approval"),
+        )
+    ]
     if best is not None:
         lines += [
-            "", "## Trials", "", *_trial_table(best["trials"], best["training_job_name"]), "",
+            "",
+            "## Trials",
+            "",
+            *_trial_table(best["trials"], best["training_job_name"]),
+            "",
             f"Best model: `{best['model_data_url']}`",
-        ]  # fmt: skip
+        ]
     if context["curves"]:
         lines += ["", "## Learning curves", "", f"![loss and accuracy per epoch]({REPORT_FILES['curves']})"]
     if context["best_metrics"]:
@@ -366,9 +428,12 @@ def render_markdown(context: Mapping) -> str:
         lines.append(f"![confusion matrix]({REPORT_FILES['confusion_matrix']})")
         if context["misclassified_shown"]:
             total = context["misclassified_total"]
-            lines += ["", f"{context['misclassified_shown']} of its {total} misclassified test digits "
-                      "(true→predicted):", "",
-                      f"![misclassified digits]({REPORT_FILES['misclassified']})"]  # fmt: skip
+            lines += [
+                "",
+                f"{context['misclassified_shown']} of its {total} misclassified test digits (true→predicted):",
+                "",
+                f"![misclassified digits]({REPORT_FILES['misclassified']})",
+            ]
     if best is not None:
         lines += ["", "## Data validation", "", *_validation_lines(context["validation"], context["data_docs_link"])]
         lines += ["", "## Gate", "", *_gate_lines(context["gate"])]
@@ -496,10 +561,17 @@ def build_report(
     validation_dir = run_dir / "validation"
     data_docs = validation_dir / "index.html"
     context = {
-        "dag_id": dag_id, "run_id": run_id, "best": best, "validation": validation, "gate": gate, "choice": choice,
-        "deployment": deployment, "monitoring": monitoring, "approval": approval,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "best": best,
+        "validation": validation,
+        "gate": gate,
+        "choice": choice,
+        "deployment": deployment,
+        "monitoring": monitoring,
+        "approval": approval,
         "data_docs_link": "../validation/index.html" if data_docs.is_file() else None,
-    }  # fmt: skip
+    }
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as scratch:
         draft = Path(scratch) / "report"
         draft.mkdir()

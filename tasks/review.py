@@ -75,8 +75,16 @@ def report_link(run_id: str, base_url: str = "") -> str:
     return f"{base_url.rstrip('/')}{REPORT_VIEW_PREFIX}/{DAG_ID}/{quote(run_id, safe='')}/report/report.html"
 
 
-def request_text(candidate: Mapping, champion: Mapping | None, hyperparameters: Mapping, params: Mapping, *,
-                 run_id: str, link: str, deadline: datetime.datetime) -> tuple[str, str]:  # fmt: skip
+def request_text(
+    candidate: Mapping,
+    champion: Mapping | None,
+    hyperparameters: Mapping,
+    params: Mapping,
+    *,
+    run_id: str,
+    link: str,
+    deadline: datetime.datetime,
+) -> tuple[str, str]:
     """The request's subject and Markdown body, from the candidate's and the champion's registry descriptions
     (``champion`` None: the endpoint has none) and the run's params."""
     endpoint, number = params["endpoint_name"], candidate["ModelPackageVersion"]
@@ -88,8 +96,14 @@ def request_text(candidate: Mapping, champion: Mapping | None, hyperparameters: 
     )
     subject = f"Approve version {number} of {endpoint}? Test accuracy {_percent(ours['test_accuracy'])} ({versus})"
     header = "champion" + (f" (version {champion['ModelPackageVersion']})" if champion else "")
-    rows = [["**all digits (test accuracy)**", _percent(ours["test_accuracy"]), _percent(theirs["test_accuracy"]),
-             _points(ours["test_accuracy"], theirs["test_accuracy"])]]  # fmt: skip
+    rows = [
+        [
+            "**all digits (test accuracy)**",
+            _percent(ours["test_accuracy"]),
+            _percent(theirs["test_accuracy"]),
+            _points(ours["test_accuracy"], theirs["test_accuracy"]),
+        ]
+    ]
     for digit in range(10):
         mine = ours["per_class"][digit] if digit < len(ours["per_class"]) else None
         other = theirs["per_class"][digit] if digit < len(theirs["per_class"]) else None
@@ -170,24 +184,44 @@ class ReviewOperator(HITLOperator):
         number = candidate["ModelPackageVersion"]
         if candidate["ModelApprovalStatus"] != registry.PENDING:
             # Decided already, outside the UI or by an earlier try of this task: asking again would only confuse.
-            return outcome(candidate, summary=f"Version {number} was {candidate['ModelApprovalStatus']} before the "
-                           f"request was made: {candidate.get('ApprovalDescription') or 'no description'}.")  # fmt: skip
+            return outcome(
+                candidate,
+                summary=f"Version {number} was {candidate['ModelApprovalStatus']} before the "
+                f"request was made: {candidate.get('ApprovalDescription') or 'no description'}.",
+            )
         current = registry.champion(config, params["endpoint_name"])
         champion = registry.describe(config, current["model_package_arn"]) if current else None
         self.response_timeout = datetime.timedelta(minutes=params["approval_timeout"])
         deadline = utcnow() + self.response_timeout
         link = report_link(run_id, conf.get("api", "base_url", fallback="") or "")
-        self.subject, self.body = request_text(candidate, champion, (self.best or {}).get("hyperparameters") or {},
-                                               params, run_id=run_id, link=link, deadline=deadline)  # fmt: skip
-        waiting = outcome(candidate, waiting=True, deadline=deadline.isoformat(), summary=(
-            f"Version {number} waits for a reviewer in the Airflow UI (Browse → Required Actions, or this run's "
-            f"`review` task) until {deadline:%Y-%m-%d %H:%M} UTC; this report is written again when the run "
-            "ends."))  # fmt: skip
+        self.subject, self.body = request_text(
+            candidate,
+            champion,
+            (self.best or {}).get("hyperparameters") or {},
+            params,
+            run_id=run_id,
+            link=link,
+            deadline=deadline,
+        )
+        waiting = outcome(
+            candidate,
+            waiting=True,
+            deadline=deadline.isoformat(),
+            summary=(
+                f"Version {number} waits for a reviewer in the Airflow UI (Browse → Required Actions, or this run's "
+                f"`review` task) until {deadline:%Y-%m-%d %H:%M} UTC; this report is written again when the run "
+                "ends."
+            ),
+        )
         # The report the request links to, there before anyone opens it; the run's last task writes it again.
         build_report(run_id, self.best, validation=self.validation, gate=self.gate, approval=waiting, config=config)
-        self.request = {**waiting, "subject": self.subject, "endpoint_name": params["endpoint_name"],
-                        "test_accuracy": _metadata(candidate)["test_accuracy"],
-                        "champion_accuracy": _metadata(champion)["test_accuracy"] if champion else None}  # fmt: skip
+        self.request = {
+            **waiting,
+            "subject": self.subject,
+            "endpoint_name": params["endpoint_name"],
+            "test_accuracy": _metadata(candidate)["test_accuracy"],
+            "champion_accuracy": _metadata(champion)["test_accuracy"] if champion else None,
+        }
         return super().execute(context)
 
     def execute_complete(self, context, event: dict):
@@ -197,11 +231,19 @@ class ReviewOperator(HITLOperator):
             number, status = candidate["ModelPackageVersion"], candidate["ModelApprovalStatus"]
             waited = minutes(context["params"]["approval_timeout"])
             if status != registry.PENDING:  # decided meanwhile outside the UI (the command line, AWS's console)
-                return outcome(candidate, summary=f"No answer in the Airflow UI within {waited}; meanwhile version "
-                               f"{number} was {status}: {candidate.get('ApprovalDescription') or ''}.")  # fmt: skip
-            timed_out = outcome(candidate, timed_out=True, summary=(
-                f"No answer within {waited} (approval_timeout): version {number} stays PendingManualApproval and "
-                f"is not deployed; `mnist-pipeline approve {number}` and a deploy-only run can serve it."))  # fmt: skip
+                return outcome(
+                    candidate,
+                    summary=f"No answer in the Airflow UI within {waited}; meanwhile version "
+                    f"{number} was {status}: {candidate.get('ApprovalDescription') or ''}.",
+                )
+            timed_out = outcome(
+                candidate,
+                timed_out=True,
+                summary=(
+                    f"No answer within {waited} (approval_timeout): version {number} stays PendingManualApproval and "
+                    f"is not deployed; `mnist-pipeline approve {number}` and a deploy-only run can serve it."
+                ),
+            )
             context["ti"].xcom_push("return_value", timed_out)  # for the report: the task ends skipped
             raise AirflowSkipException(timed_out["summary"])
         answered = super().execute_complete(context, event)  # the provider's checks of the answer
@@ -215,8 +257,14 @@ class ReviewOperator(HITLOperator):
             f"{status} by {who} in the Airflow UI at {when:%Y-%m-%d %H:%M:%S} UTC ({DAG_ID} run {run_id}){said}"
         )
         registry.set_approval(config, self.model_package_arn, status, description)
-        return outcome(registry.describe(config, self.model_package_arn), answer=answer, by=who,
-                       at=when.isoformat(), comment=comment, summary=description)  # fmt: skip
+        return outcome(
+            registry.describe(config, self.model_package_arn),
+            answer=answer,
+            by=who,
+            at=when.isoformat(),
+            comment=comment,
+            summary=description,
+        )
 
 
 def outcome(description: Mapping, **found) -> dict:

@@ -114,9 +114,12 @@ def best_of(trials: Iterable[Mapping]) -> Mapping:
         raise SelectionError("no training job completed with a model to select")
     return min(
         trials,
-        key=lambda t: (-t["test_accuracy"], t["parameters"] if t["parameters"] is not None else math.inf,
-                       t["hidden_channels"]),
-    )  # fmt: skip
+        key=lambda t: (
+            -t["test_accuracy"],
+            t["parameters"] if t["parameters"] is not None else math.inf,
+            t["hidden_channels"],
+        ),
+    )
 
 
 def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig, tuning: Mapping | None = None) -> dict:
@@ -165,8 +168,10 @@ def publish_model(model_data_url: str, config: PipelineConfig, job_name: str) ->
     made = made_files(config, job_name)
     if held != made:
         differ = sorted(name for name in held.keys() | made.keys() if held.get(name) != made.get(name))
-        raise SelectionError(f"{model_data_url} does not hold the files training job {job_name} made (its log names "
-                             f"their SHA-256); these differ: {', '.join(differ)}. Not published.")  # fmt: skip
+        raise SelectionError(
+            f"{model_data_url} does not hold the files training job {job_name} made (its log names "
+            f"their SHA-256); these differ: {', '.join(differ)}. Not published."
+        )
     published = put_content_addressed(config, "models", "model.tar.gz", body)
     log.info("Model %s published as %s", model_data_url, published)
     return {"model_data_url": published, "training_model_data_url": model_data_url}
@@ -186,8 +191,10 @@ def made_files(config: PipelineConfig, job_name: str) -> dict[str, str]:
                     return json.loads(event["message"].split(MODEL_FILES_LINE, 1)[1])
                 except ValueError:
                     raise SelectionError(f"training job {job_name}: its log's model files line is not JSON") from None
-    raise SelectionError(f"training job {job_name}: its log names no model files ({MODEL_FILES_LINE!r}), so nothing "
-                         "tells its model.tar.gz from another: not published")  # fmt: skip
+    raise SelectionError(
+        f"training job {job_name}: its log names no model files ({MODEL_FILES_LINE!r}), so nothing "
+        "tells its model.tar.gz from another: not published"
+    )
 
 
 def log_report(best: Mapping) -> None:
@@ -197,6 +204,9 @@ def log_report(best: Mapping) -> None:
     log.info("Sweep of %d training jobs:\n%s", len(best["trials"]), format_trial_table(best["trials"]))
     log.info(
         "Best: %s (hidden_channels %d): test accuracy %.2f%%, %s parameters, model %s",
-        best["training_job_name"], best["hidden_channels"], 100 * best["test_accuracy"],
-        best["parameters"] if best["parameters"] is not None else "unknown", best["model_data_url"],
-    )  # fmt: skip
+        best["training_job_name"],
+        best["hidden_channels"],
+        100 * best["test_accuracy"],
+        best["parameters"] if best["parameters"] is not None else "unknown",
+        best["model_data_url"],
+    )

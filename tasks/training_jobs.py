@@ -174,8 +174,10 @@ def build_training_job_request(
 def check_instance_type(instance_type: str, config: PipelineConfig) -> None:
     """Refuse an instance type the configuration does not allow (the trigger forms' `instance_type`), naming it."""
     if instance_type not in config.instance_types:
-        raise RequestRefused(f"instance_type {instance_type} is not allowed here: one of "
-                             f"{', '.join(config.instance_types)} (the allowed_instance_types setting)")  # fmt: skip
+        raise RequestRefused(
+            f"instance_type {instance_type} is not allowed here: one of "
+            f"{', '.join(config.instance_types)} (the allowed_instance_types setting)"
+        )
 
 
 def check_resources(params: Mapping[str, object], config: PipelineConfig, jobs_at_once: int | None = None) -> None:
@@ -183,12 +185,17 @@ def check_resources(params: Mapping[str, object], config: PipelineConfig, jobs_a
     ``jobs_at_once``: the jobs that run together (a tuner's parallel jobs); a sweep's are its hidden_channels."""
     check_instance_type(str(params["instance_type"]), config)
     count = int(params["instance_count"])
-    jobs, what = (jobs_at_once, "tune_max_parallel") if jobs_at_once else (len(params["hidden_channels"]),
-                                                                          "hidden_channels values")  # fmt: skip
+    jobs, what = (
+        (jobs_at_once, "tune_max_parallel")
+        if jobs_at_once
+        else (len(params["hidden_channels"]), "hidden_channels values")
+    )
     total = count * jobs
     if total > config.max_instances_per_run:
-        raise RequestRefused(f"instance_count {count} x {jobs} {what} = {total} instances, over the "
-                             f"{config.max_instances_per_run} a run may start (the max_instances_per_run setting)")  # fmt: skip
+        raise RequestRefused(
+            f"instance_count {count} x {jobs} {what} = {total} instances, over the "
+            f"{config.max_instances_per_run} a run may start (the max_instances_per_run setting)"
+        )
 
 
 def sweep_requests(

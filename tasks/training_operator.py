@@ -38,15 +38,17 @@ class TrainingLogHook(SageMakerHook):
 
     describe_interval: float = PROVIDER_DESCRIBE_SECONDS
 
-    def check_training_status_with_log(self, job_name, non_terminal_states, failed_states, wait_for_completion,
-                                       check_interval, max_ingestion_time=None):  # fmt: skip
+    def check_training_status_with_log(
+        self, job_name, non_terminal_states, failed_states, wait_for_completion, check_interval, max_ingestion_time=None
+    ):
         self.describe_interval = min(check_interval, PROVIDER_DESCRIBE_SECONDS)
         return super().check_training_status_with_log(
             job_name, non_terminal_states, failed_states, wait_for_completion, check_interval, max_ingestion_time
         )
 
-    def describe_training_job_with_log(self, job_name, positions, stream_names, instance_count, state,
-                                       last_description, last_describe_job_call):  # fmt: skip
+    def describe_training_job_with_log(
+        self, job_name, positions, stream_names, instance_count, state, last_description, last_describe_job_call
+    ):
         # The provider describes the job once 30 s have passed since its last call to DescribeTrainingJob: showing
         # it that call earlier by the difference makes it describe every describe_interval.
         shifted = last_describe_job_call - (PROVIDER_DESCRIBE_SECONDS - self.describe_interval)
@@ -70,20 +72,28 @@ class TrainingOperator(SageMakerTrainingOperator):
         if earlier["TrainingJobStatus"] != "InProgress":
             return self._ended_well(self.serialize_result(name))
         if self.print_log:
-            self.hook.check_training_status_with_log(name, self.hook.non_terminal_states,
-                                                     self.hook.training_failed_states, True, self.check_interval,
-                                                     self.max_ingestion_time)  # fmt: skip
+            self.hook.check_training_status_with_log(
+                name,
+                self.hook.non_terminal_states,
+                self.hook.training_failed_states,
+                True,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
         else:
-            self.hook.check_status(name, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval,
-                                   self.max_ingestion_time)  # fmt: skip
+            self.hook.check_status(
+                name, "TrainingJobStatus", self.hook.describe_training_job, self.check_interval, self.max_ingestion_time
+            )
         return self._ended_well(self.serialize_result(name))
 
     def same_request(self, job: Mapping) -> bool:
         """Whether ``job`` trains what this task's request does: the same hyperparameters (the code's content-addressed
         archive among them) on the same data."""
         hyperparameters, data = job.get("HyperParameters", {}), data_read(job.get("InputDataConfig", []))
-        return (hyperparameters, data) == (self.config.get("HyperParameters", {}),
-                                           data_read(self.config.get("InputDataConfig", [])))  # fmt: skip
+        return (hyperparameters, data) == (
+            self.config.get("HyperParameters", {}),
+            data_read(self.config.get("InputDataConfig", [])),
+        )
 
     def _ended_well(self, result: dict) -> dict:
         # Without print_log the provider's wait counts only Failed as failure: a job Stopped (by StopTrainingJob or
@@ -91,8 +101,9 @@ class TrainingOperator(SageMakerTrainingOperator):
         training = result["Training"]
         if training["TrainingJobStatus"] in self.hook.training_failed_states:
             reason = training.get("FailureReason") or training.get("SecondaryStatus", "")
-            raise RuntimeError(f"SageMaker training job {training['TrainingJobName']} ended "
-                               f"{training['TrainingJobStatus']}: {reason}")  # fmt: skip
+            raise RuntimeError(
+                f"SageMaker training job {training['TrainingJobName']} ended {training['TrainingJobStatus']}: {reason}"
+            )
         return result
 
     def on_kill(self) -> None:

@@ -34,8 +34,16 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("Bayesian", "Random", "Grid", "Hyperband")
 OBJECTIVE = {"Type": "Maximize", "MetricName": ACCURACY_METRIC}
 # What TrainingJobDefinition takes of a CreateTrainingJob request (the rest is the tuner's, or the job's own name).
-DEFINITION_KEYS = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
-                   "StoppingCondition", "VpcConfig", "EnableNetworkIsolation")  # fmt: skip
+DEFINITION_KEYS = (
+    "AlgorithmSpecification",
+    "RoleArn",
+    "InputDataConfig",
+    "OutputDataConfig",
+    "ResourceConfig",
+    "StoppingCondition",
+    "VpcConfig",
+    "EnableNetworkIsolation",
+)
 # The form's tuning ranges: param → (hyperparameter, range kind, scaling).
 RANGES = {
     "tune_lr": ("lr", "Continuous", "Logarithmic"),
@@ -67,8 +75,13 @@ class TuningOperator(SageMakerTuningOperator):
             return self._ended_well(super().execute(context))
         name = self.config["HyperParameterTuningJobName"] = earlier["HyperParameterTuningJobName"]  # for on_kill
         if earlier["HyperParameterTuningJobStatus"] == "InProgress":
-            earlier = self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
-                                             self.check_interval, self.max_ingestion_time)  # fmt: skip
+            earlier = self.hook.check_status(
+                name,
+                "HyperParameterTuningJobStatus",
+                self.hook.describe_tuning_job,
+                self.check_interval,
+                self.max_ingestion_time,
+            )
         return self._ended_well({"Tuning": serialize(earlier)})
 
     def same_request(self, job: Mapping) -> bool:
@@ -97,14 +110,20 @@ class TuningOperator(SageMakerTuningOperator):
     def _ended_well(result: dict) -> dict:
         tuning = result["Tuning"]
         if tuning.get("HyperParameterTuningJobStatus") == "Stopped":
-            raise RuntimeError(f"SageMaker tuning job {tuning['HyperParameterTuningJobName']} was stopped before it "
-                               "ended: its trials are not a finished search")  # fmt: skip
+            raise RuntimeError(
+                f"SageMaker tuning job {tuning['HyperParameterTuningJobName']} was stopped before it "
+                "ended: its trials are not a finished search"
+            )
         return result
 
     def on_kill(self) -> None:
         name = self.config.get("HyperParameterTuningJobName")
-        stop_when_killed(self, "tuning job", name,
-                         lambda: self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name))  # fmt: skip
+        stop_when_killed(
+            self,
+            "tuning job",
+            name,
+            lambda: self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
+        )
 
 
 def tuning_job_name(run_id: str) -> str:
@@ -116,8 +135,11 @@ def parameter_ranges(params: Mapping) -> tuple[dict, set[str]]:
     """The ParameterRanges of the form's ranges, and the hyperparameters they tune. RequestRefused names a range
     the strategy cannot search, or the absence of any."""
     strategy = params["tune_strategy"]
-    ranges: dict[str, list] = {"IntegerParameterRanges": [], "ContinuousParameterRanges": [],
-                               "CategoricalParameterRanges": []}  # fmt: skip
+    ranges: dict[str, list] = {
+        "IntegerParameterRanges": [],
+        "ContinuousParameterRanges": [],
+        "CategoricalParameterRanges": [],
+    }
     for param, name in (("hidden_channels", "hidden_channels"), ("tune_batch_size", "batch_size")):
         values = params.get(param) or []
         if len(values) > 1:
@@ -126,8 +148,10 @@ def parameter_ranges(params: Mapping) -> tuple[dict, set[str]]:
     if strategy == "Hyperband":
         numeric = [param for param in numeric if param != "tune_epochs"]  # epochs are its resource
     if strategy == "Grid" and numeric:
-        raise RequestRefused(f"the Grid strategy searches lists of values only (hidden_channels, tune_batch_size): "
-                             f"leave {', '.join(numeric)} empty, or choose another strategy")  # fmt: skip
+        raise RequestRefused(
+            f"the Grid strategy searches lists of values only (hidden_channels, tune_batch_size): "
+            f"leave {', '.join(numeric)} empty, or choose another strategy"
+        )
     for param in numeric:
         name, kind, scaling = RANGES[param]
         low, high = params[param]
@@ -137,8 +161,10 @@ def parameter_ranges(params: Mapping) -> tuple[dict, set[str]]:
         ranges[f"{kind}ParameterRanges"].append({"Name": name, **bounds, "ScalingType": scaling})
     tuned = {r["Name"] for kind in ranges.values() for r in kind}
     if not tuned:
-        raise RequestRefused("search tune needs something to search: two or more hidden_channels values, "
-                             "tune_batch_size values, or a tune_lr, tune_dropout or tune_epochs range")  # fmt: skip
+        raise RequestRefused(
+            "search tune needs something to search: two or more hidden_channels values, "
+            "tune_batch_size values, or a tune_lr, tune_dropout or tune_epochs range"
+        )
     return {kind: found for kind, found in ranges.items() if found}, tuned
 
 
@@ -162,8 +188,10 @@ def tuning_config(params: Mapping) -> tuple[dict, dict]:
     }
     if strategy == "Hyperband":
         if not (params.get("tune_epochs") or params.get("epochs")):
-            raise RequestRefused("the Hyperband strategy needs its resource, the epochs: set tune_epochs [min, max] "
-                                 "(or epochs, the maximum)")  # fmt: skip
+            raise RequestRefused(
+                "the Hyperband strategy needs its resource, the epochs: set tune_epochs [min, max] "
+                "(or epochs, the maximum)"
+            )
         low, high = params.get("tune_epochs") or (1, params["epochs"])
         static["epochs"] = high  # every job may run to the maximum resource; Hyperband stops the weak ones early
         config["StrategyConfig"] = {"HyperbandStrategyConfig": {"MinResource": low, "MaxResource": high}}

@@ -27,8 +27,9 @@ def subscribe_queue(aws_endpoint: str, topic_arn: str, key=None) -> str:
     return url
 
 
-def read_alerts(aws_endpoint: str, queue_url: str, wanted: int = 1, timeout: float = 60, event: str = "",
-                run_id: str = "", key=None) -> list[dict]:  # fmt: skip
+def read_alerts(
+    aws_endpoint: str, queue_url: str, wanted: int = 1, timeout: float = 60, event: str = "", run_id: str = "", key=None
+) -> list[dict]:
     """The notifications in the queue (SNS's envelope: Subject, Message, MessageAttributes) of ``event`` about
     ``run_id`` (when given: other runs' alerts may arrive meanwhile), once ``wanted`` have arrived or ``timeout``
     has passed; each message read is removed from the queue."""

@@ -84,8 +84,11 @@ def local_aws():
     the endpoint URL."""
     from cli.local_aws import connection_uri
 
-    process, endpoint_url = start_test_aws(_SESSION_HOME / "local-aws", log_path=_SESSION_HOME / "local-aws.log",
-                                           decision_log=_SESSION_HOME / "iam-decisions.jsonl")  # fmt: skip
+    process, endpoint_url = start_test_aws(
+        _SESSION_HOME / "local-aws",
+        log_path=_SESSION_HOME / "local-aws.log",
+        decision_log=_SESSION_HOME / "iam-decisions.jsonl",
+    )
     try:
         os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(endpoint_url, KEYS.admin)
         yield endpoint_url
@@ -106,8 +109,9 @@ def local_sagemaker_service(local_aws):
         _SESSION_HOME / "sagemaker", local_aws, credentials=KEYS.sagemaker.environment(), cpus=2, metrics_interval=1
     )
     try:
-        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(local_aws, KEYS.admin, sagemaker_endpoint=started.url,
-                                                                runtime_endpoint=started.runtime_url)  # fmt: skip
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = connection_uri(
+            local_aws, KEYS.admin, sagemaker_endpoint=started.url, runtime_endpoint=started.runtime_url
+        )
         # The provider polls jobs and endpoints this often (read when the DAG file is parsed): local ones take seconds.
         os.environ["AIRFLOW__MNIST_PIPELINE__SAGEMAKER_CHECK_INTERVAL"] = "1"
         yield started

@@ -48,8 +48,9 @@ def model_artifacts(data_dir: Path, root: Path) -> dict:
     }
 
 
-def train_artifact(model_dir: Path, data_dir: Path, hidden_channels: int = 10, seed: int = 0, epochs: int = 5,
-                   limit: int | None = None) -> float:  # fmt: skip
+def train_artifact(
+    model_dir: Path, data_dir: Path, hidden_channels: int = 10, seed: int = 0, epochs: int = 5, limit: int | None = None
+) -> float:
     """Train seed_cnn on ``data_dir`` (its first ``limit`` training images) for a few seconds and write its artifact
     into ``model_dir``; returns its test accuracy."""
     import torch
@@ -94,10 +95,15 @@ def train_artifact(model_dir: Path, data_dir: Path, hidden_channels: int = 10, s
         predicted = network(normalized(data["test_images"])).argmax(1).numpy()
     torch.save(network.state_dict(), model_dir / "model.pth")
     accuracy = float((predicted == data["test_labels"]).mean())
-    config = {"architecture": "seed_cnn", "kwargs": kwargs, "normalization": NORMALIZATION,
-              "input_shape": [1, 28, 28], "num_classes": 10,
-              "hyperparameters": {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "momentum": 0.9},
-              "test_accuracy": accuracy}  # fmt: skip
+    config = {
+        "architecture": "seed_cnn",
+        "kwargs": kwargs,
+        "normalization": NORMALIZATION,
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+        "hyperparameters": {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "momentum": 0.9},
+        "test_accuracy": accuracy,
+    }
     (model_dir / "model_config.json").write_text(json.dumps(config))
     return accuracy
 
@@ -109,8 +115,10 @@ def shuffled_copy(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     generator = torch.Generator().manual_seed(0)
     state = torch.load(source / "model.pth", weights_only=True)
-    shuffled = {key: value.flatten()[torch.randperm(value.numel(), generator=generator)].view_as(value)
-                for key, value in state.items()}  # fmt: skip
+    shuffled = {
+        key: value.flatten()[torch.randperm(value.numel(), generator=generator)].view_as(value)
+        for key, value in state.items()
+    }
     torch.save(shuffled, target / "model.pth")
     return target
 

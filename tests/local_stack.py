@@ -25,8 +25,14 @@ from training.mnist_idx import load_mnist
 
 DEADLINE_SECONDS = 15
 # Variables of the test session that must not leak into the stack: it has its own home, connection and config.
-_NOT_INHERITED = ("AIRFLOW_HOME", "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW_CONN_AWS_DEFAULT", "MNIST_CACHE",
-                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # fmt: skip
+_NOT_INHERITED = (
+    "AIRFLOW_HOME",
+    "AIRFLOW__CORE__UNIT_TEST_MODE",
+    "AIRFLOW_CONN_AWS_DEFAULT",
+    "MNIST_CACHE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
 
 
 @dataclasses.dataclass
@@ -39,8 +45,12 @@ class Stack:
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "cli.main", *args],
-            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     @property
     def paths(self) -> StackPaths:
@@ -71,10 +81,17 @@ class Stack:
         import boto3
 
         key = key or self.keys.pipeline
-        url = {"sagemaker": self.state["sagemaker_endpoint"],
-               "sagemaker-runtime": self.state["sagemaker_runtime_endpoint"]}.get(service, self.state["aws_endpoint"])  # fmt: skip
-        return boto3.client(service, endpoint_url=url, region_name="us-east-1", aws_access_key_id=key.access_key_id,
-                            aws_secret_access_key=key.secret_access_key)  # fmt: skip
+        url = {
+            "sagemaker": self.state["sagemaker_endpoint"],
+            "sagemaker-runtime": self.state["sagemaker_runtime_endpoint"],
+        }.get(service, self.state["aws_endpoint"])
+        return boto3.client(
+            service,
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id=key.access_key_id,
+            aws_secret_access_key=key.secret_access_key,
+        )
 
     def invoke_all(self, images, endpoint: str = "mnist-classifier") -> None:
         """Send ``images`` to ``endpoint``, one JSON request each, and wait until its data capture holds them all
@@ -87,13 +104,16 @@ class Stack:
 
         def captured() -> int:
             listing = s3.list_objects_v2(Bucket=config.bucket, Prefix=endpoint_prefix(config, endpoint))
-            return sum(s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
-                       for item in listing.get("Contents", []))  # fmt: skip
+            return sum(
+                s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
+                for item in listing.get("Contents", [])
+            )
 
         before = captured()
         for image in images:
-            runtime.invoke_endpoint(EndpointName=endpoint, ContentType="application/json",
-                                    Body=json.dumps({"instances": [image.tolist()]}))  # fmt: skip
+            runtime.invoke_endpoint(
+                EndpointName=endpoint, ContentType="application/json", Body=json.dumps({"instances": [image.tolist()]})
+            )
         deadline = time.monotonic() + 60
         while captured() < before + len(images):
             assert time.monotonic() < deadline, f"the capture of {len(images)} invocations never reached S3"
@@ -122,8 +142,11 @@ def shared_stack(request, mnist_dir: Path) -> Stack:
         return _shared
     # A drift found in its captured traffic retrains (test_stack), on these MNIST files (the administrator's mirror:
     # a run the asset starts has the form's defaults); no drift check runs but the ones the tests start.
-    retraining = {"MNIST_PIPELINE_RETRAIN_ON_DRIFT": "true", "MNIST_PIPELINE_DRIFT_SCHEDULE": "none",
-                  "MNIST_MIRROR": str(mnist_dir)}  # fmt: skip
+    retraining = {
+        "MNIST_PIPELINE_RETRAIN_ON_DRIFT": "true",
+        "MNIST_PIPELINE_DRIFT_SCHEDULE": "none",
+        "MNIST_MIRROR": str(mnist_dir),
+    }
     _shared = start_stack(request, mnist_dir, retraining)
     request.config.add_cleanup(stop_shared)  # cleanups run last in, first out
     return _shared
@@ -156,8 +179,12 @@ def start_stack(request, mnist_dir: Path, settings: dict[str, str] | None = None
     )
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "up", "--port", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     stack = Stack(state_dir, env, result.stdout + result.stderr)
     if result.returncode != 0:
         stack.down()

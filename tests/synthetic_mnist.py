@@ -15,9 +15,14 @@ from training.mnist_idx import MNIST_FILES, write_idx
 
 # Segments a..g of a seven-segment display: (row0, col0, row1, col1) in a 20x12 glyph box.
 _SEGMENTS = {
-    "a": (0, 0, 2, 12), "b": (0, 10, 10, 12), "c": (10, 10, 20, 12), "d": (18, 0, 20, 12),
-    "e": (10, 0, 20, 2), "f": (0, 0, 10, 2), "g": (9, 0, 11, 12),
-}  # fmt: skip
+    "a": (0, 0, 2, 12),
+    "b": (0, 10, 10, 12),
+    "c": (10, 10, 20, 12),
+    "d": (18, 0, 20, 12),
+    "e": (10, 0, 20, 2),
+    "f": (0, 0, 10, 2),
+    "g": (9, 0, 11, 12),
+}
 _DIGITS = ["abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg"]
 
 

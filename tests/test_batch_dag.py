@@ -40,12 +40,20 @@ def test_the_batch_dag_is_scheduled_on_the_champion_asset_and_bounded():
 
     assert list(dag.timetable.asset_condition.objects) == [CHAMPION]
     transform = dag.get_task("transform")
-    assert type(transform).__name__ == "MappedOperator" and issubclass(transform.operator_class,
-                                                                       SageMakerTransformOperator)  # fmt: skip
+    assert type(transform).__name__ == "MappedOperator" and issubclass(
+        transform.operator_class, SageMakerTransformOperator
+    )
     for task in dag.tasks:
         assert task.execution_timeout is not None and task.retries >= 2, task.task_id
-    for name in ("input_uri", "model", "endpoint_name", "instance_type", "max_concurrent_transforms",
-                 "max_payload_mb", "precision"):  # fmt: skip
+    for name in (
+        "input_uri",
+        "model",
+        "endpoint_name",
+        "instance_type",
+        "max_concurrent_transforms",
+        "max_payload_mb",
+        "precision",
+    ):
         assert dag.params.get_param(name).schema.get("title"), name
 
 
@@ -79,8 +87,11 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         array = io.BytesIO()
         np.save(array, images[:40])
         put("day1/digits.npy", array.getvalue(), labels[:40])
-        put("digits.csv", "".join(",".join(map(str, image.ravel())) + "\n" for image in images[40:60]).encode(),
-            labels[40:60])  # fmt: skip
+        put(
+            "digits.csv",
+            "".join(",".join(map(str, image.ravel())) + "\n" for image in images[40:60]).encode(),
+            labels[40:60],
+        )
         picture = io.BytesIO()
         Image.fromarray(images[60]).save(picture, format="PNG")
         put("one.png", picture.getvalue(), labels[60:61])
@@ -88,13 +99,20 @@ def batch(local_sagemaker, local_aws, small_mnist, airflow_db, model_tarball, te
         common = {"endpoint_name": GROUP, "input_uri": f"s3://{config.bucket}/{prefix}/"}
         dag = parse_batch_dag()
         yield {
-            "config": config, "aws": local_aws, "version": version, "rejected": rejected, "pending": pending,
-            "expected": expected, "files": files, "prefix": prefix,
-            "given": dag.test(run_conf={**common, "model": "1", "max_concurrent_transforms": 2,
-                                        "precision": "bfloat16"}),
+            "config": config,
+            "aws": local_aws,
+            "version": version,
+            "rejected": rejected,
+            "pending": pending,
+            "expected": expected,
+            "files": files,
+            "prefix": prefix,
+            "given": dag.test(
+                run_conf={**common, "model": "1", "max_concurrent_transforms": 2, "precision": "bfloat16"}
+            ),
             "no_champion": parse_batch_dag().test(run_conf=common),
             "big_instance": parse_batch_dag().test(run_conf={**common, "model": "1", "instance_type": BIG_INSTANCE}),
-        }  # fmt: skip
+        }
 
 
 def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_counts_the_digits(
@@ -174,8 +192,15 @@ def test_an_instance_type_the_configuration_does_not_allow_fails_the_run_at_once
     [model] = xcoms(batch["given"].run_id, "resolve_model")
     config = batch["config"]
     with pytest.raises(RequestRefused, match=rf"^instance_type {BIG_INSTANCE} is not allowed here: one of ml\.m5"):
-        transform_requests(config, f"s3://{config.bucket}/{batch['prefix']}/", model, "refused-run",
-                           instance_type=BIG_INSTANCE, max_concurrent=1, max_payload_mb=6)  # fmt: skip
+        transform_requests(
+            config,
+            f"s3://{config.bucket}/{batch['prefix']}/",
+            model,
+            "refused-run",
+            instance_type=BIG_INSTANCE,
+            max_concurrent=1,
+            max_payload_mb=6,
+        )
     output = output_uri(config, "refused-run").split("/", 3)[3]
     written = boto3.client("s3", endpoint_url=batch["aws"]).list_objects_v2(Bucket=config.bucket, Prefix=output)
     assert written["KeyCount"] == 0
@@ -207,8 +232,15 @@ def transform_request(batch, label: str) -> dict:
     s3.put_object(Bucket=config.bucket, Key=f"{prefix}/one.png", Body=batch["files"]["one.png"])
     [model] = xcoms(batch["given"].run_id, "resolve_model")
     input_uri = f"s3://{config.bucket}/{prefix}/"
-    [request] = transform_requests(config, input_uri, model, f"retry-{label}", instance_type=TRANSFORM_INSTANCE_TYPE,
-                                   max_concurrent=1, max_payload_mb=6)  # fmt: skip
+    [request] = transform_requests(
+        config,
+        input_uri,
+        model,
+        f"retry-{label}",
+        instance_type=TRANSFORM_INSTANCE_TYPE,
+        max_concurrent=1,
+        max_payload_mb=6,
+    )
     return request
 
 
@@ -218,14 +250,21 @@ def transform_operator(request: dict):
 
     from tasks.batch import TransformOperator
 
-    return TransformOperator(task_id="transform", config=copy.deepcopy(request), aws_conn_id="aws_default",
-                             region_name="us-east-1", check_interval=1, action_if_job_exists="timestamp",
-                             do_xcom_push=False)  # fmt: skip
+    return TransformOperator(
+        task_id="transform",
+        config=copy.deepcopy(request),
+        aws_conn_id="aws_default",
+        region_name="us-east-1",
+        check_interval=1,
+        action_if_job_exists="timestamp",
+        do_xcom_push=False,
+    )
 
 
 def jobs_named(sagemaker, name: str) -> list[str]:
-    return sorted(job["TransformJobName"] for job in sagemaker.list_transform_jobs(NameContains=name)[
-        "TransformJobSummaries"])  # fmt: skip
+    return sorted(
+        job["TransformJobName"] for job in sagemaker.list_transform_jobs(NameContains=name)["TransformJobSummaries"]
+    )
 
 
 def test_a_retry_follows_the_transform_job_an_earlier_try_left_running_or_completed(batch, local_sagemaker):

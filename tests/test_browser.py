@@ -24,8 +24,15 @@ from tests.local_stack import shared_stack
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOTS = ROOT / "artifacts" / "test-screenshots"
 HIDDEN_CHANNELS = [3, 6]  # not the default list
 
@@ -159,8 +166,16 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
 
 # Approval in the UI: runs of their own endpoint, approval manual; the gate lets any model through to the reviewer.
 REVIEWED_ENDPOINT = "browser-review"
-MANUAL = {"approval": "manual", "endpoint_name": REVIEWED_ENDPOINT, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0,
-          "bake_seconds": 0, "smoke_requests": 50, "max_p99_latency_ms": 20_000, "max_model_latency_ms": 10_000}  # fmt: skip
+MANUAL = {
+    "approval": "manual",
+    "endpoint_name": REVIEWED_ENDPOINT,
+    "min_test_accuracy": 0.0,
+    "accuracy_tolerance": 1.0,
+    "bake_seconds": 0,
+    "smoke_requests": 50,
+    "max_p99_latency_ms": 20_000,
+    "max_model_latency_ms": 10_000,
+}
 # Learns the small digits (test accuracy > 0.9: it passes the check); one epoch of the smallest network does not.
 GOOD = {"epochs": 3, "optimizer": "adam", "lr": 0.005, "batch_size": 32, "hidden_channels": [16]}
 POOR = {"epochs": 1, "hidden_channels": [2]}
@@ -195,16 +210,20 @@ def review_waiting(stack, small_mnist, conf: dict, timeout: float = 420):
 
 def _start_review(stack, small_mnist, conf: dict, timeout: float) -> tuple[str, int]:
     with stack.api() as api:
-        created = api.post("/dags/mnist_sweep/dagRuns",
-                           json={"logical_date": None, "conf": {**MANUAL, **conf, "mnist_mirror": str(small_mnist)}})  # fmt: skip
+        created = api.post(
+            "/dags/mnist_sweep/dagRuns",
+            json={"logical_date": None, "conf": {**MANUAL, **conf, "mnist_mirror": str(small_mnist)}},
+        )
         assert created.status_code == 200, created.text
         run_id = created.json()["dag_run_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             review = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/review").json()
             if review["state"] == "awaiting_input":
-                arn = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/register/xcomEntries/"
-                              "return_value").json()["value"]  # fmt: skip
+                arn = api.get(
+                    f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/register/xcomEntries/"
+                    "return_value"
+                ).json()["value"]
                 return run_id, int(arn.rsplit("/", 1)[1])
             run = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}").json()
             assert run["state"] in ("queued", "running"), f"run {run_id} {run['state']} before its review asked"
@@ -258,12 +277,16 @@ def test_a_version_approved_in_the_ui_is_deployed_and_serves(stack, page, small_
         tis = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances").json()["task_instances"]
     found = {ti["task_id"]: ti["state"] for ti in tis}
     assert run["state"] == "success", found
-    assert {task: found[task] for task in ("review", "deploy", "monitor")} == dict.fromkeys(("review", "deploy",
-                                                                                             "monitor"), "success")  # fmt: skip
+    assert {task: found[task] for task in ("review", "deploy", "monitor")} == dict.fromkeys(
+        ("review", "deploy", "monitor"), "success"
+    )
     described = version_of(stack, version)
     assert described["ModelApprovalStatus"] == "Approved"
-    assert re.fullmatch(rf"Approved by admin in the Airflow UI at [\d-]+ [\d:]+ UTC \(mnist_sweep run "
-                        rf"{re.escape(run_id)}\): {re.escape(comment)}", described["ApprovalDescription"])  # fmt: skip
+    assert re.fullmatch(
+        rf"Approved by admin in the Airflow UI at [\d-]+ [\d:]+ UTC \(mnist_sweep run "
+        rf"{re.escape(run_id)}\): {re.escape(comment)}",
+        described["ApprovalDescription"],
+    )
     # It serves: the endpoint's model is the version's, and it answers.
     _, model = endpoint_model(stack)
     assert model == described["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]

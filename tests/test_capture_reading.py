@@ -38,13 +38,21 @@ def handler():
 def record(image: np.ndarray, label: int, kind: str = "json", moment: str = "2026-12-07T10:00:00Z") -> dict:
     """One captured invocation of ``image`` answered ``label``, as SageMaker's data capture writes it."""
     if kind == "json":
-        sent = {"observedContentType": "application/json", "mode": "INPUT", "encoding": "JSON",
-                "data": json.dumps({"instances": [image.tolist()]})}  # fmt: skip
+        sent = {
+            "observedContentType": "application/json",
+            "mode": "INPUT",
+            "encoding": "JSON",
+            "data": json.dumps({"instances": [image.tolist()]}),
+        }
     else:
         buffer = io.BytesIO()
         np.save(buffer, image[np.newaxis])
-        sent = {"observedContentType": "application/x-npy", "mode": "INPUT", "encoding": "BASE64",
-                "data": base64.b64encode(buffer.getvalue()).decode()}  # fmt: skip
+        sent = {
+            "observedContentType": "application/x-npy",
+            "mode": "INPUT",
+            "encoding": "BASE64",
+            "data": base64.b64encode(buffer.getvalue()).decode(),
+        }
     probabilities = [0.01] * 10
     probabilities[label] = 0.91
     answer = json.dumps({"predictions": [{"label": label, "probabilities": probabilities}]})
@@ -125,12 +133,15 @@ def test_damaged_lines_are_counted_and_left_out_never_fatal(config, handler):
     mismatched["captureData"]["endpointOutput"]["data"] = '{"predictions": []}'
     bad_base64 = record(image, 1, "npy")
     bad_base64["captureData"]["endpointInput"]["data"] = "%%%"
-    put(config, "2026/12/07/10", "00-00-000-y",
-        [b"not json", {"captureData": {}}, wrong_input, mismatched, bad_base64, record(image, 7)])  # fmt: skip
+    put(
+        config,
+        "2026/12/07/10",
+        "00-00-000-y",
+        [b"not json", {"captureData": {}}, wrong_input, mismatched, bad_base64, record(image, 7)],
+    )
     window, _ = read(config, handler)
     assert window.requests == 1 and window.probabilities.argmax(axis=1).tolist() == [7]
-    assert window.skipped == {"not a capture record": 2, "input not decodable": 2,
-                              "output does not match its input": 1}  # fmt: skip
+    assert window.skipped == {"not a capture record": 2, "input not decodable": 2, "output does not match its input": 1}
 
 
 def test_the_position_moves_only_from_where_its_check_read_it(config, handler):

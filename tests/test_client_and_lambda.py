@@ -29,17 +29,25 @@ def endpoint(local_sagemaker, local_sagemaker_runtime, local_aws, small_mnist, t
     archive = pack(built["good"], tmp_path_factory.mktemp("client-artifact") / "model.tar.gz")
     s3.upload_file(str(archive), BUCKET, "good/model.tar.gz")
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    sagemaker.create_model(ModelName=ENDPOINT, ExecutionRoleArn=EXECUTION_ROLE,
-                           PrimaryContainer={"Image": "pytorch-inference",
-                                             "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"})  # fmt: skip
-    sagemaker.create_endpoint_config(EndpointConfigName=ENDPOINT, ProductionVariants=[
-        {"VariantName": "AllTraffic", "ModelName": ENDPOINT, "InitialInstanceCount": 1}])  # fmt: skip
+    sagemaker.create_model(
+        ModelName=ENDPOINT,
+        ExecutionRoleArn=EXECUTION_ROLE,
+        PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"},
+    )
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=ENDPOINT,
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": ENDPOINT, "InitialInstanceCount": 1}],
+    )
     sagemaker.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=ENDPOINT)
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=ENDPOINT, WaiterConfig={"Delay": 1})
     data = load_mnist(small_mnist)
-    yield {"runtime": boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime),
-           "images": data["test_images"], "labels": data["test_labels"], "accuracy": built["test_accuracy"],
-           "url": local_sagemaker_runtime}  # fmt: skip
+    yield {
+        "runtime": boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime),
+        "images": data["test_images"],
+        "labels": data["test_labels"],
+        "accuracy": built["test_accuracy"],
+        "url": local_sagemaker_runtime,
+    }
     sagemaker.delete_endpoint(EndpointName=ENDPOINT)
 
 
@@ -88,7 +96,7 @@ def test_bad_images_are_refused_naming_what_is_wrong(endpoint, tmp_path):
         ([], "give a numpy array, a list of pictures"),
         ([tmp_path / "missing.png"], r"cannot read .*missing\.png"),
         ([b"GIF89a..."], "a picture given as bytes is not a PNG or JPEG picture"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(ValueError, match=message):
             predict(images, ENDPOINT, runtime=runtime)
     with pytest.raises(PredictionError, match="endpoint absent: Endpoint absent of account"):
@@ -110,12 +118,19 @@ def handler(endpoint, monkeypatch):
     return module.handler
 
 
-def rest_event(body: str | None, content_type: str = "application/json", base64_encoded: bool = False,
-               method: str = "POST") -> dict:  # fmt: skip
+def rest_event(
+    body: str | None, content_type: str = "application/json", base64_encoded: bool = False, method: str = "POST"
+) -> dict:
     """An API Gateway REST API (payload 1.0) proxy event."""
-    return {"resource": "/classify", "path": "/classify", "httpMethod": method,
-            "headers": {"Content-Type": content_type}, "body": body, "isBase64Encoded": base64_encoded,
-            "requestContext": {"stage": "prod", "httpMethod": method}}  # fmt: skip
+    return {
+        "resource": "/classify",
+        "path": "/classify",
+        "httpMethod": method,
+        "headers": {"Content-Type": content_type},
+        "body": body,
+        "isBase64Encoded": base64_encoded,
+        "requestContext": {"stage": "prod", "httpMethod": method},
+    }
 
 
 def test_the_lambda_classifies_json_and_pictures(handler, endpoint):
@@ -127,9 +142,14 @@ def test_the_lambda_classifies_json_and_pictures(handler, endpoint):
     assert all(0 < p["confidence"] <= 1 for p in predictions)
 
     picture = base64.b64encode(png(images[0])).decode()
-    http_api = {"version": "2.0", "routeKey": "POST /classify", "headers": {"content-type": "image/png"},
-                "body": picture, "isBase64Encoded": True,
-                "requestContext": {"http": {"method": "POST", "path": "/classify"}}}  # fmt: skip
+    http_api = {
+        "version": "2.0",
+        "routeKey": "POST /classify",
+        "headers": {"content-type": "image/png"},
+        "body": picture,
+        "isBase64Encoded": True,
+        "requestContext": {"http": {"method": "POST", "path": "/classify"}},
+    }
     answer = handler(http_api)
     assert answer["statusCode"] == 200 and len(json.loads(answer["body"])["predictions"]) == 1
 
@@ -149,7 +169,7 @@ def test_bad_events_get_a_4xx_that_says_what_is_wrong(handler, endpoint):
         # The model's own handler refuses a wrong shape: its reason comes back, as a 400.
         (rest_event(json.dumps({"instances": [[1, 2, 3]]})), 400, "each image must be 28x28 or 784 pixel values"),
         ("not an event", 400, "not an API Gateway proxy event"),
-    ):  # fmt: skip
+    ):
         answer = handler(event)
         assert answer["statusCode"] == status, (event if isinstance(event, str) else event.get("body", "")[:50], answer)
         assert message in json.loads(answer["body"])["message"]

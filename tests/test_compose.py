@@ -38,8 +38,10 @@ def env_file(tmp_path_factory) -> str:
     from cli.compose_secrets import fresh
 
     values = fresh()
-    lines = [f"{line}{values[line[:-1]]}" if line.endswith("=") and line[:-1] in values else line
-             for line in (ROOT / ".env.example").read_text().splitlines()]  # fmt: skip
+    lines = [
+        f"{line}{values[line[:-1]]}" if line.endswith("=") and line[:-1] in values else line
+        for line in (ROOT / ".env.example").read_text().splitlines()
+    ]
     path = tmp_path_factory.mktemp("compose") / ".env"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -54,12 +56,24 @@ def services(env_file) -> dict:
 
 def test_the_example_env_ships_no_secret_and_compose_refuses_it():
     """.env.example as it is: every secret empty, and compose will not start on it, naming what to set."""
-    secrets = ("POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY",
-               "AIRFLOW_FERNET_KEY", "PIPELINE_AWS_ACCESS_KEY_ID", "PIPELINE_AWS_SECRET_ACCESS_KEY",
-               "LOCAL_AWS_ADMIN_ACCESS_KEY_ID", "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY", "LOCAL_SAGEMAKER_AWS_ACCESS_KEY_ID",
-               "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY")  # fmt: skip
-    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                   if "=" in line and not line.startswith("#"))  # fmt: skip
+    secrets = (
+        "POSTGRES_PASSWORD",
+        "AIRFLOW_ADMIN_PASSWORD",
+        "AIRFLOW_JWT_SECRET",
+        "AIRFLOW_SECRET_KEY",
+        "AIRFLOW_FERNET_KEY",
+        "PIPELINE_AWS_ACCESS_KEY_ID",
+        "PIPELINE_AWS_SECRET_ACCESS_KEY",
+        "LOCAL_AWS_ADMIN_ACCESS_KEY_ID",
+        "LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY",
+        "LOCAL_SAGEMAKER_AWS_ACCESS_KEY_ID",
+        "LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY",
+    )
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert {name: example[name] for name in secrets} == dict.fromkeys(secrets, "")
     result = compose_config(str(ROOT / ".env.example"))
     assert result.returncode != 0 and "in .env" in result.stderr
@@ -74,9 +88,13 @@ def test_the_init_service_refuses_weak_secrets(services):
     init = services["airflow-init"]
     assert init["command"][-1].startswith("python -m cli.compose_secrets &&")
     assert problems(init["environment"]) == []  # the generated ones pass
-    weak = {**init["environment"], "AIRFLOW__API_AUTH__JWT_SECRET": "replace-me-with-a-random-jwt-secret",
-            "AIRFLOW__CORE__FERNET_KEY": "not-a-fernet-key-but-long-enough", "AIRFLOW_ADMIN_PASSWORD": "admin",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:@postgres/airflow"}  # fmt: skip
+    weak = {
+        **init["environment"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": "replace-me-with-a-random-jwt-secret",
+        "AIRFLOW__CORE__FERNET_KEY": "not-a-fernet-key-but-long-enough",
+        "AIRFLOW_ADMIN_PASSWORD": "admin",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://airflow:@postgres/airflow",
+    }
     assert problems(weak) == [
         "AIRFLOW_JWT_SECRET looks like a placeholder ('replace' in it)",
         "AIRFLOW_ADMIN_PASSWORD is shorter than 16 characters",
@@ -142,8 +160,11 @@ def test_services_and_health_checks(services):
     assert sagemaker["environment"]["AWS_ENDPOINT_URL"] == "http://local-aws:5000"
     assert not [key for key in sagemaker["environment"] if key.startswith("AIRFLOW")]
     assert sagemaker["entrypoint"] == ["python", "-m", "local_sagemaker"]
-    keys = {service: {value for key, value in services[service]["environment"].items() if "ACCESS_KEY" in key}
-            for service in services if "environment" in services[service]}  # fmt: skip
+    keys = {
+        service: {value for key, value in services[service]["environment"].items() if "ACCESS_KEY" in key}
+        for service in services
+        if "environment" in services[service]
+    }
     admin = services["local-aws"]["environment"]["LOCAL_AWS_ADMIN_SECRET_ACCESS_KEY"]
     assert sorted(service for service, values in keys.items() if admin in values) == ["airflow-init", "local-aws"]
     pipeline = services["local-aws"]["environment"]["PIPELINE_AWS_SECRET_ACCESS_KEY"]
@@ -158,8 +179,11 @@ def test_services_and_health_checks(services):
     local_aws = services["local-aws"]
     assert local_aws["entrypoint"] == ["python", "-m", "cli.local_aws"] and local_aws["command"][0] == "serve"
     state_file = local_aws["command"][local_aws["command"].index("--state-file") + 1]
-    assert any(state_file.startswith(f"{target}/") for target, source in mounts(local_aws).items()
-               if not source.startswith("/")), mounts(local_aws)  # fmt: skip
+    assert any(
+        state_file.startswith(f"{target}/")
+        for target, source in mounts(local_aws).items()
+        if not source.startswith("/")
+    ), mounts(local_aws)
 
 
 def test_airflow_wiring(services):

@@ -14,14 +14,53 @@ from tests.conftest import ROOT
 from tests.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
 
 HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
-PARAMS = ("search", "tune_strategy", "tune_max_jobs", "tune_max_parallel", "tune_lr", "tune_dropout", "tune_epochs",
-          "tune_batch_size", "tune_early_stopping", "tune_target_accuracy", "deploy_only", "approval", "approval_timeout",
-          "hidden_channels", "epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size",
-          "instance_type", "instance_count", "mnist_mirror", "deploy", "endpoint_name", "capture_percentage", "traffic_shift", "traffic_percent",
-          "traffic_wait_seconds", "bake_seconds", "min_test_accuracy",
-          "accuracy_tolerance", "smoke_requests", "metrics_timeout", "min_live_accuracy", "max_accuracy_drop",
-          "max_error_rate", "max_p99_latency_ms", "max_model_latency_ms", "max_5xx_rate", "min_rate_requests",
-          "max_cpu_utilization", "max_memory_utilization", "alarm_p99_model_latency_ms")  # fmt: skip
+PARAMS = (
+    "search",
+    "tune_strategy",
+    "tune_max_jobs",
+    "tune_max_parallel",
+    "tune_lr",
+    "tune_dropout",
+    "tune_epochs",
+    "tune_batch_size",
+    "tune_early_stopping",
+    "tune_target_accuracy",
+    "deploy_only",
+    "approval",
+    "approval_timeout",
+    "hidden_channels",
+    "epochs",
+    "preset",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "dropout",
+    "kernel_size",
+    "instance_type",
+    "instance_count",
+    "mnist_mirror",
+    "deploy",
+    "endpoint_name",
+    "capture_percentage",
+    "traffic_shift",
+    "traffic_percent",
+    "traffic_wait_seconds",
+    "bake_seconds",
+    "min_test_accuracy",
+    "accuracy_tolerance",
+    "smoke_requests",
+    "metrics_timeout",
+    "min_live_accuracy",
+    "max_accuracy_drop",
+    "max_error_rate",
+    "max_p99_latency_ms",
+    "max_model_latency_ms",
+    "max_5xx_rate",
+    "min_rate_requests",
+    "max_cpu_utilization",
+    "max_memory_utilization",
+    "alarm_p99_model_latency_ms",
+)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +309,9 @@ def test_sagemaker_sweep_on_aws(airflow_db, real_mnist, monkeypatch):
 def test_nothing_branches_on_where_it_runs():
     """One code path: no backend setting, no local-only module is left for the DAG or the pipeline code to reach."""
     result = subprocess.run(
-        ["grep", "-rnE", r"backend[]\"']{0,2} *(==|!=)|train_\{", "dags", "tasks"], capture_output=True, text=True,
+        ["grep", "-rnE", r"backend[]\"']{0,2} *(==|!=)|train_\{", "dags", "tasks"],
+        capture_output=True,
+        text=True,
         cwd=ROOT,
-    )  # fmt: skip
+    )
     assert result.stdout == ""

@@ -135,16 +135,28 @@ def _dim(a):
 @pytest.mark.parametrize(
     ("damage", "expected_line"),
     [
-        (_duplicate, r"at most 1% of each class's images repeat another of its split: 10 of 20 classes fail "
-                     r"\(e\.g\. train class 0: 0\.\d+"),
+        (
+            _duplicate,
+            r"at most 1% of each class's images repeat another of its split: 10 of 20 classes fail "
+            r"\(e\.g\. train class 0: 0\.\d+",
+        ),
         (_reassign_labels, r"labels agree with pixels .*: \d+ of 20 classes fail \(e\.g\. train class"),
-        (_swap_classes, r"each class looks like its reference digit .*: 2 of 20 classes fail "
-                        r"\(e\.g\. test class 2: 0\.\d+, test class 5: 0\.\d+\)"),
-        (_shift, r"centre of mass is within 1\.0 px of the reference's: 10 of 20 classes fail \(e\.g\. train class 0: 2\.\d+"),
-        (_dim, r"mean intensity is 0\.85\.\.1\.15 of the reference's: 10 of 20 classes fail \(e\.g\. test class 0: 0\.59"),
+        (
+            _swap_classes,
+            r"each class looks like its reference digit .*: 2 of 20 classes fail "
+            r"\(e\.g\. test class 2: 0\.\d+, test class 5: 0\.\d+\)",
+        ),
+        (
+            _shift,
+            r"centre of mass is within 1\.0 px of the reference's: 10 of 20 classes fail \(e\.g\. train class 0: 2\.\d+",
+        ),
+        (
+            _dim,
+            r"mean intensity is 0\.85\.\.1\.15 of the reference's: 10 of 20 classes fail \(e\.g\. test class 0: 0\.59",
+        ),
     ],
     ids=["duplicated-images", "labels-reassigned", "classes-swapped", "shifted", "dimmed"],
-)  # fmt: skip
+)
 def test_statistical_damage_is_rejected(small_mnist, small_reference, tmp_path, damage, expected_line):
     """Damage that every image's own format checks pass: it shows in each class's statistics against the reference."""
     directory = damaged_copy(small_mnist, tmp_path / "damaged", damage)

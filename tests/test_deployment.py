@@ -34,8 +34,11 @@ BEST = {
 
 def test_deploy_requests_pass_the_api_model():
     requests = sagemaker_deploy_requests(BEST, endpoint_name="mnist-classifier", run_id="run-1", config=load_config())
-    for operation, key in (("CreateModel", "model"), ("CreateEndpointConfig", "endpoint_config"),
-                           ("CreateEndpoint", "endpoint")):  # fmt: skip
+    for operation, key in (
+        ("CreateModel", "model"),
+        ("CreateEndpointConfig", "endpoint_config"),
+        ("CreateEndpoint", "endpoint"),
+    ):
         validate_parameters(requests[key], SAGEMAKER.operation_model(operation).input_shape)
     model = requests["model"]
     assert model["ModelName"] == BEST["training_job_name"]
@@ -74,8 +77,14 @@ def _best(run: str, model_data_url: str) -> dict:
 def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, local_sagemaker):
     endpoint, run = f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
     config = load_config()
-    deployed = deploy(_best(run, artifacts["good"]), previous_endpoint_config_name=None, endpoint_name=endpoint, run_id=run, config=config,
-                      check_interval=1)  # fmt: skip
+    deployed = deploy(
+        _best(run, artifacts["good"]),
+        previous_endpoint_config_name=None,
+        endpoint_name=endpoint,
+        run_id=run,
+        config=config,
+        check_interval=1,
+    )
     assert deployed == {
         "endpoint_name": endpoint,
         "endpoint_config_name": endpoint_config_name(endpoint, run),
@@ -86,8 +95,14 @@ def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, loca
         "baking": False,
     }
     # A retry: SageMaker refuses to create a model or an endpoint config twice, and the deploy finds them.
-    again = deploy(_best(run, artifacts["good"]), previous_endpoint_config_name=None, endpoint_name=endpoint, run_id=run, config=config,
-                   check_interval=1)  # fmt: skip
+    again = deploy(
+        _best(run, artifacts["good"]),
+        previous_endpoint_config_name=None,
+        endpoint_name=endpoint,
+        run_id=run,
+        config=config,
+        check_interval=1,
+    )
     assert again == deployed
 
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
@@ -109,13 +124,26 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
         f"run-{uuid.uuid4().hex[:8]}",
     )
     config = load_config()
-    served = deploy(_best(first, artifacts["good"]), previous_endpoint_config_name=None, endpoint_name=endpoint,
-                    run_id=first, config=config, check_interval=1)  # fmt: skip
+    served = deploy(
+        _best(first, artifacts["good"]),
+        previous_endpoint_config_name=None,
+        endpoint_name=endpoint,
+        run_id=first,
+        config=config,
+        check_interval=1,
+    )
     traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 3}
     thresholds = {"max_5xx_rate": 0.05, "min_requests": 100, "max_p99_latency_ms": 5000}
-    updated = deploy(_best(second, artifacts["shuffled"]), previous_endpoint_config_name=served["endpoint_config_name"],
-                     endpoint_name=endpoint, run_id=second, config=config, check_interval=1, traffic=traffic,
-                     alarm_thresholds=thresholds)  # fmt: skip
+    updated = deploy(
+        _best(second, artifacts["shuffled"]),
+        previous_endpoint_config_name=served["endpoint_config_name"],
+        endpoint_name=endpoint,
+        run_id=second,
+        config=config,
+        check_interval=1,
+        traffic=traffic,
+        alarm_thresholds=thresholds,
+    )
     assert updated["created"] is False and updated["previous_endpoint_config_name"] == served["endpoint_config_name"]
     # It returns once the new model takes all the traffic, in its bake (the monitoring check runs then).
     assert updated["baking"] is True
@@ -134,11 +162,14 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
     sent = described["LastDeploymentConfig"]
     assert sent == updated["deployment_config"]
     assert sent["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
-        "Type": "LINEAR", "WaitIntervalInSeconds": 1, "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
-    }  # fmt: skip
+        "Type": "LINEAR",
+        "WaitIntervalInSeconds": 1,
+        "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+    }
     assert [a["AlarmName"] for a in sent["AutoRollbackConfiguration"]["Alarms"]] == [
-        f"{endpoint}-invocation-5xx-errors", f"{endpoint}-model-latency-p99",
-    ]  # fmt: skip
+        f"{endpoint}-invocation-5xx-errors",
+        f"{endpoint}-model-latency-p99",
+    ]
     sagemaker.delete_endpoint(EndpointName=endpoint)
 
 
@@ -165,12 +196,23 @@ def test_a_deploy_whose_update_cannot_come_up_fails_naming_why(artifacts, local_
         f"run-{uuid.uuid4().hex[:8]}",
     )
     config = load_config()
-    served = deploy(_best(first, artifacts["good"]), previous_endpoint_config_name=None, endpoint_name=endpoint,
-                    run_id=first, config=config, check_interval=1)  # fmt: skip
+    served = deploy(
+        _best(first, artifacts["good"]),
+        previous_endpoint_config_name=None,
+        endpoint_name=endpoint,
+        run_id=first,
+        config=config,
+        check_interval=1,
+    )
     with pytest.raises(RolledBack, match=r"serves config .*, not .*: Failed to update endpoint"):
-        deploy(_best(second, "s3://deployment/broken/model.tar.gz"),
-               previous_endpoint_config_name=served["endpoint_config_name"], endpoint_name=endpoint, run_id=second,
-               config=config, check_interval=1)  # fmt: skip
+        deploy(
+            _best(second, "s3://deployment/broken/model.tar.gz"),
+            previous_endpoint_config_name=served["endpoint_config_name"],
+            endpoint_name=endpoint,
+            run_id=second,
+            config=config,
+            check_interval=1,
+        )
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     assert sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == served["endpoint_config_name"]
     sagemaker.delete_endpoint(EndpointName=endpoint)

@@ -37,8 +37,9 @@ def inverted(images: np.ndarray) -> np.ndarray:
 
 
 def rotated(images: np.ndarray, degrees: float = 45) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(image).rotate(degrees, resample=Image.Resampling.BILINEAR))
-                     for image in images])  # fmt: skip
+    return np.stack(
+        [np.asarray(Image.fromarray(image).rotate(degrees, resample=Image.Resampling.BILINEAR)) for image in images]
+    )
 
 
 def shifted(images: np.ndarray, pixels: int = 6) -> np.ndarray:
@@ -85,28 +86,44 @@ def served(local_aws, local_sagemaker, airflow_db, real_mnist, tmp_path_factory)
         data = load_mnist(real_mnist)
         test_images, test_labels = data["test_images"], data["test_labels"]
         handler = load_handler(model_dir)
-        probabilities = handler.predict_fn(torch.from_numpy(test_images.astype(np.float32)[:, None]),
-                                           handler.model_fn(str(model_dir))).numpy()  # fmt: skip
+        probabilities = handler.predict_fn(
+            torch.from_numpy(test_images.astype(np.float32)[:, None]), handler.model_fn(str(model_dir))
+        ).numpy()
         archive = pack(model_dir, directory / "model.tar.gz").read_bytes()
         model_url = put_content_addressed(config, "models", "model.tar.gz", archive)
-        best = {"training_job_name": "drift-real-model", "hidden_channels": 10, "test_accuracy": accuracy,
-                "test_confidence": float(probabilities.max(axis=1).mean()), "model_data_url": model_url,
-                "per_class_accuracy": None, "parameters": None}  # fmt: skip
+        best = {
+            "training_job_name": "drift-real-model",
+            "hidden_channels": 10,
+            "test_accuracy": accuracy,
+            "test_confidence": float(probabilities.max(axis=1).mean()),
+            "model_data_url": model_url,
+            "per_class_accuracy": None,
+            "parameters": None,
+        }
         version = registration(best, f"{config.s3_root}/datasets/mnist/{'0' * 64}/", RUN, config)
         sagemaker = sagemaker_hook(config).conn
         sagemaker.create_model_package_group(ModelPackageGroupName=ENDPOINT)
-        sagemaker.create_model_package(ModelPackageGroupName=ENDPOINT, ModelApprovalStatus="Approved",
-                                       **version["extras"])  # fmt: skip
-        requests = sagemaker_deploy_requests(best, endpoint_name=ENDPOINT, run_id=RUN, config=config,
-                                             capture_percent=100)  # fmt: skip
+        sagemaker.create_model_package(
+            ModelPackageGroupName=ENDPOINT, ModelApprovalStatus="Approved", **version["extras"]
+        )
+        requests = sagemaker_deploy_requests(
+            best, endpoint_name=ENDPOINT, run_id=RUN, config=config, capture_percent=100
+        )
         sagemaker.create_model(**requests["model"])
         sagemaker.create_endpoint_config(**requests["endpoint_config"])
         sagemaker.create_endpoint(**requests["endpoint"])
         try:
-            sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=ENDPOINT,
-                                                             WaiterConfig={"Delay": 1, "MaxAttempts": 120})  # fmt: skip
-            yield {"config": config, "alerts": alerts, "images": test_images, "labels": test_labels,
-                   "confidence": best["test_confidence"], "aws": local_aws}  # fmt: skip
+            sagemaker.get_waiter("endpoint_in_service").wait(
+                EndpointName=ENDPOINT, WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+            )
+            yield {
+                "config": config,
+                "alerts": alerts,
+                "images": test_images,
+                "labels": test_labels,
+                "confidence": best["test_confidence"],
+                "aws": local_aws,
+            }
         finally:
             sagemaker.delete_endpoint(EndpointName=ENDPOINT)
 
@@ -134,15 +151,20 @@ def _captured(config) -> int:
 
     s3 = s3_hook(config).conn
     listing = s3.list_objects_v2(Bucket=config.bucket, Prefix=capture.endpoint_prefix(config, ENDPOINT))
-    return sum(s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
-               for item in listing.get("Contents", []))  # fmt: skip
+    return sum(
+        s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
+        for item in listing.get("Contents", [])
+    )
 
 
 def check(conf: dict | None = None):
     """One run of mnist_drift, whole; returns (run, the check's result)."""
     moment = datetime.datetime.now(datetime.UTC)
-    run = parse_dag("mnist_drift").test(run_conf={"endpoint_name": ENDPOINT, "min_requests": MIN_REQUESTS,
-                                                  **(conf or {})}, logical_date=moment, run_after=moment)  # fmt: skip
+    run = parse_dag("mnist_drift").test(
+        run_conf={"endpoint_name": ENDPOINT, "min_requests": MIN_REQUESTS, **(conf or {})},
+        logical_date=moment,
+        run_after=moment,
+    )
     [result] = xcoms(run.run_id, "check_capture")
     return run, result
 
@@ -173,8 +195,9 @@ def windows(served):
 def test_too_few_requests_are_not_judged_and_move_nothing(windows):
     run, result = windows["too_few"]
     assert result["verdict"] == "not enough data" and result["requests"] == TOO_FEW, result
-    assert result["summary"] == (f"Not enough data: {TOO_FEW} requests to {ENDPOINT} since the last check; nothing "
-                                 "judged.")  # fmt: skip
+    assert result["summary"] == (
+        f"Not enough data: {TOO_FEW} requests to {ENDPOINT} since the last check; nothing judged."
+    )
     assert states(run)["alert"] == ["skipped"]
     # The position stayed: the next check read those again, with the rest of its window.
     assert windows["clean"][1]["requests"] == WINDOW
@@ -188,8 +211,10 @@ def test_official_test_digits_are_no_drift(windows, served):
     assert str(run.state) == "success" and states(run)["alert"] == ["skipped"]
 
 
-@pytest.mark.parametrize(("damage", "figure"), [("inverted", "intensity"), ("rotated", "slant"),
-                                                ("shifted", "centre"), ("thicker", "intensity")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("damage", "figure"),
+    [("inverted", "intensity"), ("rotated", "slant"), ("shifted", "centre"), ("thicker", "intensity")],
+)
 def test_each_damage_is_drift_naming_what_moved(windows, damage, figure):
     run, result = windows[damage]
     assert result["verdict"] == "drift", result
@@ -213,8 +238,11 @@ def test_the_first_drift_asks_for_retraining_the_next_ones_only_tell_the_topic(w
     assert states(first)["alert"] == ["success"]
     assert [states(run)["alert"] for run in later] == [["skipped"]] * len(later)
     with create_session() as session:
-        events = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                                 .where(AssetModel.name == "mnist_drift", AssetEvent.source_run_id == first.run_id)).all()  # fmt: skip
+        events = session.scalars(
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == "mnist_drift", AssetEvent.source_run_id == first.run_id)
+        ).all()
         [event] = events
         extra = event.extra
     assert extra["endpoint_name"] == ENDPOINT and extra["verdict"] == "drift" and extra["reasons"]
@@ -235,6 +263,7 @@ def test_the_report_is_written_and_figures_reach_cloudwatch(windows, served):
     assert "## Figures" in report and "![the 16 most atypical inputs](atypical.png)" in report
     assert (run_directory(served["config"], run.run_id) / "report" / "atypical.png").stat().st_size > 0
     cloudwatch = hook(served["config"], "cloudwatch").conn
-    metrics = cloudwatch.list_metrics(Namespace=DRIFT_NAMESPACE, Dimensions=[{"Name": "EndpointName",
-                                                                             "Value": ENDPOINT}])["Metrics"]  # fmt: skip
+    metrics = cloudwatch.list_metrics(
+        Namespace=DRIFT_NAMESPACE, Dimensions=[{"Name": "EndpointName", "Value": ENDPOINT}]
+    )["Metrics"]
     assert {"Requests", "Drift"} <= {metric["MetricName"] for metric in metrics}

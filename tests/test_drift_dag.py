@@ -42,9 +42,14 @@ def test_the_drift_dag_checks_then_alerts_each_task_bounded(dag):
         assert "pattern" in param.schema or {"minimum", "maximum"} <= set(param.schema), name
 
 
-@pytest.mark.parametrize(("conf", "param"), [({"min_requests": 499}, "min_requests"),
-                                             ({"max_requests": 1_000_001}, "max_requests"),
-                                             ({"endpoint_name": "bad_name"}, "endpoint_name")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("conf", "param"),
+    [
+        ({"min_requests": 499}, "min_requests"),
+        ({"max_requests": 1_000_001}, "max_requests"),
+        ({"endpoint_name": "bad_name"}, "endpoint_name"),
+    ],
+)
 def test_invalid_params_are_refused_naming_the_param(dag, conf, param):
     import copy
 
@@ -73,13 +78,15 @@ def _schedules(cases: list[tuple]) -> list[str]:
 
 
 def test_schedules_come_from_the_configuration():
-    hourly, none, alone, on_drift, both = _schedules([
-        (DRIFT_DAG_FILE, {}),
-        (DRIFT_DAG_FILE, {"drift_schedule": "none"}),
-        (SWEEP_DAG_FILE, {"retrain_on_drift": "false"}),
-        (SWEEP_DAG_FILE, {"retrain_on_drift": "true"}),
-        (SWEEP_DAG_FILE, {"retrain_on_drift": "true", "schedule": "0 3 * * 1"}),
-    ])  # fmt: skip
+    hourly, none, alone, on_drift, both = _schedules(
+        [
+            (DRIFT_DAG_FILE, {}),
+            (DRIFT_DAG_FILE, {"drift_schedule": "none"}),
+            (SWEEP_DAG_FILE, {"retrain_on_drift": "false"}),
+            (SWEEP_DAG_FILE, {"retrain_on_drift": "true"}),
+            (SWEEP_DAG_FILE, {"retrain_on_drift": "true", "schedule": "0 3 * * 1"}),
+        ]
+    )
     assert (hourly, none, alone) == ("'@hourly'", "None", "None")
     # retrain_on_drift: the sweep runs on the drift asset, and on its own schedule too when it has one.
     assert on_drift.startswith("Asset(name='mnist_drift'")
@@ -129,8 +136,11 @@ def test_retraining_is_due_once_per_interval():
 def test_the_notes_say_what_the_check_found_and_why_a_sweep_retrains():
     from ui.run_note import drift_summary, retraining_reason
 
-    found = {"verdict": "drift", "summary": "Drift in 600 requests to e: intensity_ratio is 5.9, above its maximum.",
-             "report": "s3://b/p/drift-runs/r/report/report.html"}  # fmt: skip
+    found = {
+        "verdict": "drift",
+        "summary": "Drift in 600 requests to e: intensity_ratio is 5.9, above its maximum.",
+        "report": "s3://b/p/drift-runs/r/report/report.html",
+    }
     assert drift_summary({"check_capture": found, "alert": {"asset_event": True}}, "success") == (
         f"{found['summary']} Asked for retraining (an mnist_drift asset event). Report: {found['report']}."
     )

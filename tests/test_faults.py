@@ -42,8 +42,9 @@ def wait_for(what: str, probe, timeout: float, interval: float = 0.2):
 
 def trigger(stack, conf: dict, small_mnist) -> str:
     with stack.api() as api:
-        run = api.post("/dags/mnist_sweep/dagRuns", json={"logical_date": None,
-                                                           "conf": {"mnist_mirror": str(small_mnist), **conf}})  # fmt: skip
+        run = api.post(
+            "/dags/mnist_sweep/dagRuns", json={"logical_date": None, "conf": {"mnist_mirror": str(small_mnist), **conf}}
+        )
         assert run.status_code == 200, run.text
         return run.json()["dag_run_id"]
 
@@ -54,8 +55,12 @@ def run_state(stack, run_id: str) -> str:
 
 
 def finished(stack, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
-    return wait_for(f"run {run_id} ends", lambda: (s := run_state(stack, run_id)) in ("success", "failed") and s,
-                    timeout, interval=1)  # fmt: skip
+    return wait_for(
+        f"run {run_id} ends",
+        lambda: (s := run_state(stack, run_id)) in ("success", "failed") and s,
+        timeout,
+        interval=1,
+    )
 
 
 def training_processes(job_name: str) -> list[psutil.Process]:
@@ -113,10 +118,16 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
 
     bucket = load_config().bucket
     objects_before = {o["Key"]: o["ETag"] for o in s3().list_objects_v2(Bucket=bucket).get("Contents", [])}
-    jobs_before = {j["TrainingJobName"]: j["TrainingJobStatus"]
-                   for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
-    versions = lambda: {v["ModelPackageArn"]: v["ModelApprovalStatus"] for v in sagemaker().list_model_packages(  # noqa: E731
-        ModelPackageGroupName="mnist-classifier", MaxResults=100)["ModelPackageSummaryList"]}  # fmt: skip
+    jobs_before = {
+        j["TrainingJobName"]: j["TrainingJobStatus"]
+        for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    }
+    versions = lambda: {  # noqa: E731
+        v["ModelPackageArn"]: v["ModelApprovalStatus"]
+        for v in sagemaker().list_model_packages(ModelPackageGroupName="mnist-classifier", MaxResults=100)[
+            "ModelPackageSummaryList"
+        ]
+    }
     versions_before = versions()
 
     run_id = trigger(stack, {**QUICK, "epochs": 6, "batch_size": 8}, small_mnist)
@@ -135,8 +146,10 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
     # unchanged: a run adds objects (content-addressed, or under its own run), it never rewrites one
     changed = {key for key, etag in objects_before.items() if objects_after[key] != etag}
     assert changed == set(), changed
-    jobs_after = {j["TrainingJobName"]: j["TrainingJobStatus"]
-                  for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]}  # fmt: skip
+    jobs_after = {
+        j["TrainingJobName"]: j["TrainingJobStatus"]
+        for j in sagemaker().list_training_jobs(MaxResults=100)["TrainingJobSummaries"]
+    }
     assert jobs_after.items() >= jobs_before.items(), "every job record of before is there"
     assert versions().items() >= versions_before.items(), "every registry version of before is there, as it was"
     assert jobs_after[job] in ("Failed", "Stopped", "Completed")

@@ -84,8 +84,11 @@ def test_the_variable_is_read_and_a_bad_one_is_an_error_naming_it(monkeypatch):
         ('{"bucket": "b",', "the Airflow Variable mnist_pipeline is not JSON"),
         ('["bucket"]', "must be a JSON object of settings, got list"),
         ('{"buckett": "typo"}', "names unknown settings: buckett"),
-        ('{"local_cpus": "many"}', "the Airflow Variable mnist_pipeline's local_cpus must be a whole number, got 'many'"),
-    ):  # fmt: skip
+        (
+            '{"local_cpus": "many"}',
+            "the Airflow Variable mnist_pipeline's local_cpus must be a whole number, got 'many'",
+        ),
+    ):
         monkeypatch.setenv("AIRFLOW_VAR_MNIST_PIPELINE", value)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config()

@@ -69,8 +69,14 @@ def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
             "model_data_url": MODEL,
             "test_accuracy": 0.97,
         }
-        deployed = deploy(best, previous_endpoint_config_name=None, endpoint_name=name, run_id=name,
-                          config=load_config(), check_interval=1)  # fmt: skip
+        deployed = deploy(
+            best,
+            previous_endpoint_config_name=None,
+            endpoint_name=name,
+            run_id=name,
+            config=load_config(),
+            check_interval=1,
+        )
         return deployed["endpoint_config_name"]
 
     return endpoint

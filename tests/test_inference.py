@@ -66,17 +66,21 @@ def test_every_content_type_and_layout_gives_the_same_answer(handler, model, tes
     bodies = {
         "json, 784 values each": ("application/json", json.dumps({"instances": images.reshape(5, 784).tolist()})),
         "json, 1x28x28 floats": ("application/json", json.dumps({"instances": images[:, None].astype(float).tolist()})),
-        "json bytes with charset": ("application/json; charset=utf-8", json.dumps({"instances": images.tolist()}).encode()),
+        "json bytes with charset": (
+            "application/json; charset=utf-8",
+            json.dumps({"instances": images.tolist()}).encode(),
+        ),
         "npy uint8 batch": ("application/x-npy", npy(images)),
         "npy float32 flat batch": ("application/x-npy", npy(images.reshape(5, 784).astype(np.float32))),
         "csv": ("text/csv", csv),
         "csv bytes": ("text/csv", csv.encode() + b"\n"),
-    }  # fmt: skip
+    }
     for name, (content_type, body) in bodies.items():
         answer = predict(handler, model, body, content_type)
         assert labels_of(answer) == labels_of(expected), name
-        np.testing.assert_allclose([p["probabilities"] for p in answer], [p["probabilities"] for p in expected],
-                                   atol=1e-5, err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            [p["probabilities"] for p in answer], [p["probabilities"] for p in expected], atol=1e-5, err_msg=name
+        )
     single = predict(handler, model, npy(images[0]), "application/x-npy")
     assert labels_of(single) == labels_of(expected)[:1]
 
@@ -108,8 +112,14 @@ def test_pooling_is_rewritten_where_it_is_a_plain_2x2_max_pool(handler):
             self.plain, self.wide = nn.MaxPool2d(2), nn.MaxPool2d(3)
 
         def forward(self, x):
-            return [F.max_pool2d(x, 2), F.max_pool2d(x, kernel_size=(2, 2), stride=2), self.plain(x),
-                    self.wide(x), F.max_pool2d(x, 2, stride=1), F.max_pool2d(x, 2, ceil_mode=True)]  # fmt: skip
+            return [
+                F.max_pool2d(x, 2),
+                F.max_pool2d(x, kernel_size=(2, 2), stride=2),
+                self.plain(x),
+                self.wide(x),
+                F.max_pool2d(x, 2, stride=1),
+                F.max_pool2d(x, 2, ceil_mode=True),
+            ]
 
     rewritten = handler._with_fast_pooling(Pools())
     targets = [node.target for node in rewritten.graph.nodes if node.op in ("call_function", "call_module")]
@@ -401,15 +411,30 @@ def _random_json_bodies(count: int, seed: int = 1):
     def array(depth: int) -> str:
         if depth == 0:
             return str(rng.choice(leaves)) if rng.random() < 0.3 else str(rng.integers(0, 256))
-        items = [array(depth - 1 if rng.random() < 0.95 else int(rng.integers(0, depth + 1)))
-                 for _ in range(int(rng.choice([0, 1, 2, 3])))]  # fmt: skip
+        items = [
+            array(depth - 1 if rng.random() < 0.95 else int(rng.integers(0, depth + 1)))
+            for _ in range(int(rng.choice([0, 1, 2, 3])))
+        ]
         space = str(rng.choice(["", " ", "\n"]))
         return "[" + space + ("," + space).join(items) + space + "]"
 
-    breakages = [lambda s: s, lambda s: s.replace(",", ",,", 1), lambda s: s.replace(",", "", 1),
-                 lambda s: s + "]", lambda s: s[:-1], lambda s: s.replace("7", "7 7", 1), lambda s: s.replace("]", ",]", 1)]  # fmt: skip
-    wrappers = ['{"instances": %s}', ' {\n"instances" :%s}\n', '{"instances": %s, "x": 1}', '{"x": 1, "instances": %s}',
-                "[%s]", '{"instances": %s}{}']  # fmt: skip
+    breakages = [
+        lambda s: s,
+        lambda s: s.replace(",", ",,", 1),
+        lambda s: s.replace(",", "", 1),
+        lambda s: s + "]",
+        lambda s: s[:-1],
+        lambda s: s.replace("7", "7 7", 1),
+        lambda s: s.replace("]", ",]", 1),
+    ]
+    wrappers = [
+        '{"instances": %s}',
+        ' {\n"instances" :%s}\n',
+        '{"instances": %s, "x": 1}',
+        '{"x": 1, "instances": %s}',
+        "[%s]",
+        '{"instances": %s}{}',
+    ]
     for _ in range(count):
         inner = array(int(rng.integers(1, 6)))
         inner = breakages[int(rng.integers(len(breakages)))](inner) if rng.random() < 0.5 else inner
@@ -431,8 +456,13 @@ def test_the_fast_json_path_reads_exactly_what_json_reads_or_leaves_it_to_the_ge
         try:
             document = json.loads(body)
             values = np.array(document["instances"])
-            readable = (list(document) == ["instances"] and values.dtype.kind == "i" and values.size > 0
-                        and values.min() >= 0 and values.max() <= 255)  # fmt: skip
+            readable = (
+                list(document) == ["instances"]
+                and values.dtype.kind == "i"
+                and values.size > 0
+                and values.min() >= 0
+                and values.max() <= 255
+            )
         except (ValueError, KeyError, TypeError):
             readable = False
         if fast is not None:  # taken: it must be exactly what the JSON says
@@ -444,9 +474,28 @@ def test_the_fast_json_path_reads_exactly_what_json_reads_or_leaves_it_to_the_ge
 
 
 # Regular arrays with one place that is not a JSON integer 0-255, or not a number at all.
-NEAR_MISSES = ['[[1, "7", 3]]', "[[1, +7, 3]]", "[[1, 07, 3]]", "[[1, 1100, 3]]", "[[1, 256, 3]]", "[[1, -7, 3]]",
-               "[[1, 7.0, 3]]", "[[1, 7e0, 3]]", "[[1,\x017, 3]]", "[[1,\f7, 3]]", "[[1, true, 3]]", "[[1, [7], 3]]",
-               "[[1, 7 3]]", "[[,,,]]", "[[1,,,1234]]", "[[1, 007, 3]]", "[[1, 7, 3],]", "[[1, 7, 3]]]", "[[1, 7, 3]", "[[1, 7, 3]] x"]  # fmt: skip
+NEAR_MISSES = [
+    '[[1, "7", 3]]',
+    "[[1, +7, 3]]",
+    "[[1, 07, 3]]",
+    "[[1, 1100, 3]]",
+    "[[1, 256, 3]]",
+    "[[1, -7, 3]]",
+    "[[1, 7.0, 3]]",
+    "[[1, 7e0, 3]]",
+    "[[1,\x017, 3]]",
+    "[[1,\f7, 3]]",
+    "[[1, true, 3]]",
+    "[[1, [7], 3]]",
+    "[[1, 7 3]]",
+    "[[,,,]]",
+    "[[1,,,1234]]",
+    "[[1, 007, 3]]",
+    "[[1, 7, 3],]",
+    "[[1, 7, 3]]]",
+    "[[1, 7, 3]",
+    "[[1, 7, 3]] x",
+]
 
 
 @pytest.mark.parametrize("parts", [1, 3])

@@ -38,8 +38,9 @@ class Server:
 
     def start(self) -> str:
         self.log.unlink(missing_ok=True)
-        self.process, endpoint_url = start_test_aws(self.state_file.parent, state_file=self.state_file,
-                                                    log_path=self.log)  # fmt: skip
+        self.process, endpoint_url = start_test_aws(
+            self.state_file.parent, state_file=self.state_file, log_path=self.log
+        )
         return endpoint_url
 
     def kill(self) -> None:
@@ -250,9 +251,23 @@ def test_the_compose_service_keeps_its_state_across_a_stop(tmp_path):
 
     def serve() -> subprocess.Popen:
         """Started, and ready as the compose health check sees it: answering, with its state back."""
-        process = subprocess.Popen([sys.executable, "-m", "local_aws", "--principals", str(principals),
-                                    "--port", str(port), "--state-file", str(state_file), "--ready-file", str(ready)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "local_aws",
+                "--principals",
+                str(principals),
+                "--port",
+                str(port),
+                "--state-file",
+                str(state_file),
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while not ready.exists():
             assert process.poll() is None and time.monotonic() < deadline, "the local AWS did not become ready"

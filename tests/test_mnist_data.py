@@ -253,7 +253,7 @@ def test_the_trigger_forms_mirror_is_held_to_the_allow_list(mirror, small_mnist,
         ("http://169.254.169.254/latest/meta-data/", "is not allowed"),
         (str(outside), f"MNIST mirror {outside} is not under an allowed directory: {small_mnist.resolve()}"),
         (f"{small_mnist}/../../..", "is not under an allowed directory"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(MirrorRefused, match=re.escape(message)):
             allowed_mirrors(entry, config)
     metadata = load_config(mnist_mirrors_allowed="http://169.254.169.254/")

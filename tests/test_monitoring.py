@@ -41,8 +41,13 @@ from training.mnist_idx import MNIST_FILES
 
 # Latency limits far above the defaults: a busy 2-core test machine must not fail a healthy model (the limits
 # themselves are checked in test_evaluate_names_each_failed_threshold_with_its_value).
-CHECK = {"samples": 100, "concurrency": 2, "metrics_timeout": 30.0, "check_interval": 1,
-         "thresholds": Thresholds(max_p99_latency_ms=10_000, max_model_latency_ms=5_000)}  # fmt: skip
+CHECK = {
+    "samples": 100,
+    "concurrency": 2,
+    "metrics_timeout": 30.0,
+    "check_interval": 1,
+    "thresholds": Thresholds(max_p99_latency_ms=10_000, max_model_latency_ms=5_000),
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +64,33 @@ def sagemaker(local_sagemaker):
     return boto3.client("sagemaker", endpoint_url=local_sagemaker)
 
 
-def serve(config, endpoint: str, uploaded: dict, kind: str, previous: str | None = None, bake_seconds: int = 0,
-          run: str | None = None) -> dict:  # fmt: skip
+def serve(
+    config,
+    endpoint: str,
+    uploaded: dict,
+    kind: str,
+    previous: str | None = None,
+    bake_seconds: int = 0,
+    run: str | None = None,
+) -> dict:
     """What the DAG's deploy task does: the ``kind`` model under a run of its own (``run``, or a new one), created
     or updated on ``endpoint`` (an update keeps the old fleet ``bake_seconds`` once all traffic has moved)."""
     run = run or f"run-{uuid.uuid4().hex[:8]}"
-    best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded[kind],
-            "test_accuracy": uploaded["test_accuracy"]}  # fmt: skip
-    return deploy(best, previous_endpoint_config_name=previous, endpoint_name=endpoint, run_id=run, config=config,
-                  check_interval=1, traffic={"bake_seconds": bake_seconds})  # fmt: skip
+    best = {
+        "training_job_name": f"{run}-hc10",
+        "hidden_channels": 10,
+        "model_data_url": uploaded[kind],
+        "test_accuracy": uploaded["test_accuracy"],
+    }
+    return deploy(
+        best,
+        previous_endpoint_config_name=previous,
+        endpoint_name=endpoint,
+        run_id=run,
+        config=config,
+        check_interval=1,
+        traffic={"bake_seconds": bake_seconds},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +121,14 @@ def send_bad_requests(config, endpoint: str, count: int) -> None:
 def test_evaluate_names_each_failed_threshold_with_its_value():
     load = {"requests": 50, "live_accuracy": 0.42, "error_rate": 0.1, "p99_ms": 1500.0}
     metrics = {
-        "invocations": 40.0, "invocation_4xx_errors": 0.0, "invocation_5xx_errors": 5.0, "waited_s": 30.0,
-        "model_latency_average_us": 250_000.0, "cpu_utilization": 180.0, "memory_utilization": 95.5,
-    }  # fmt: skip
+        "invocations": 40.0,
+        "invocation_4xx_errors": 0.0,
+        "invocation_5xx_errors": 5.0,
+        "waited_s": 30.0,
+        "model_latency_average_us": 250_000.0,
+        "cpu_utilization": 180.0,
+        "memory_utilization": 95.5,
+    }
     failures = evaluate(load, metrics, Thresholds(max_cpu_utilization=150.0, min_rate_requests=40), test_accuracy=0.97)
     assert failures == [
         "live accuracy 0.4200 < 0.9000",
@@ -114,8 +142,13 @@ def test_evaluate_names_each_failed_threshold_with_its_value():
         "CloudWatch MemoryUtilization 95.5 > 90",
     ]
     healthy = {"requests": 50, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0}
-    quiet = {**metrics, "invocations": 50.0, "invocation_5xx_errors": 0.0, "model_latency_average_us": 900.0,
-             "memory_utilization": 3.0}  # fmt: skip
+    quiet = {
+        **metrics,
+        "invocations": 50.0,
+        "invocation_5xx_errors": 0.0,
+        "model_latency_average_us": 900.0,
+        "memory_utilization": 3.0,
+    }
     assert evaluate(healthy, quiet, Thresholds(), test_accuracy=0.97) == []
     from_params = Thresholds.from_params({"min_live_accuracy": 0.99, "epochs": 2})  # the DAG's params as they come
     assert evaluate(healthy, quiet, from_params, test_accuracy=0.97) == ["live accuracy 0.9700 < 0.9900"]
@@ -126,8 +159,15 @@ def test_a_stranger_s_bad_requests_do_not_veto_a_deployment_but_a_real_failure_r
     invocations. Anyone can send requests that fail: 4XX are theirs, and a handful of 5XX among few invocations
     (or a few among many) cannot tell a failing model from a few bad callers."""
     healthy = {"requests": 200, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0}
-    quiet = {"invocations": 200.0, "invocation_4xx_errors": 0.0, "invocation_5xx_errors": 0.0, "waited_s": 1.0,
-             "model_latency_average_us": 900.0, "cpu_utilization": 50.0, "memory_utilization": 3.0}  # fmt: skip
+    quiet = {
+        "invocations": 200.0,
+        "invocation_4xx_errors": 0.0,
+        "invocation_5xx_errors": 0.0,
+        "waited_s": 1.0,
+        "model_latency_average_us": 900.0,
+        "cpu_utilization": 50.0,
+        "memory_utilization": 3.0,
+    }
     thresholds = Thresholds()
     assert (thresholds.max_5xx_rate, thresholds.min_rate_requests) == (0.05, 100)
     assert evaluate(healthy, quiet, thresholds, test_accuracy=0.97) == [] and unjudged(quiet, thresholds) == []
@@ -160,8 +200,9 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
 ):
     name, accuracy = "mon", uploaded["test_accuracy"]
     assert gate(local_config, name, accuracy)["deploy"] is True  # no endpoint, no champion yet
-    versions = {kind: register(local_config, local_sagemaker, name, uploaded[kind], accuracy)
-                for kind in ("good", "shuffled")}  # fmt: skip
+    versions = {
+        kind: register(local_config, local_sagemaker, name, uploaded[kind], accuracy) for kind in ("good", "shuffled")
+    }
 
     good = serve(local_config, name, uploaded, "good")
     # A stranger's bad requests as the check starts, in the minute its CloudWatch window begins with: 4XX, theirs.
@@ -202,12 +243,20 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
     wrong = serve(local_config, name, uploaded, "shuffled", previous=good["endpoint_config_name"], bake_seconds=600)
     assert wrong["baking"] is True
     with pytest.raises(MonitoringCheckFailed) as failed:
-        check_endpoint(local_config, wrong, uploaded["test_data"], accuracy, **{**CHECK, "samples": 30},
-                       version=versions["shuffled"])  # fmt: skip
+        check_endpoint(
+            local_config,
+            wrong,
+            uploaded["test_data"],
+            accuracy,
+            **{**CHECK, "samples": 30},
+            version=versions["shuffled"],
+        )
     message = str(failed.value)
     assert re.search(r"failed: live accuracy 0\.\d{4} < 0\.9000; live accuracy vs test accuracy", message)
-    assert message.endswith(f"Rolled back to endpoint config {good['endpoint_config_name']}, which serves again "
-                            f"(the update stopped by its alarm {name}-invocation-5xx-errors).")  # fmt: skip
+    assert message.endswith(
+        f"Rolled back to endpoint config {good['endpoint_config_name']}, which serves again "
+        f"(the update stopped by its alarm {name}-invocation-5xx-errors)."
+    )
     assert failed.value.result["rollback"]["by"] == f"alarm {name}-invocation-5xx-errors"
     rolled_back = sagemaker.describe_endpoint(EndpointName=name)
     assert "rolled back" in rolled_back["FailureReason"] and "is in ALARM" in rolled_back["FailureReason"]
@@ -223,8 +272,10 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
 
     # A rollback retried after it took finds nothing to undo.
     assert rollback(local_config, wrong, check_interval=1) == {
-        "action": "none", "endpoint_name": name, "endpoint_config_name": good["endpoint_config_name"],
-    }  # fmt: skip
+        "action": "none",
+        "endpoint_name": name,
+        "endpoint_config_name": good["endpoint_config_name"],
+    }
 
     # A good update passes while it bakes, and becomes the champion once the bake is over.
     better = serve(local_config, name, uploaded, "good", previous=good["endpoint_config_name"], bake_seconds=4)
@@ -246,8 +297,13 @@ def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created
     # 20 requests are enough to judge the endpoint's 5XX rate here.
     judged = dataclasses.replace(CHECK["thresholds"], min_rate_requests=20)
     with pytest.raises(MonitoringCheckFailed) as failed:
-        check_endpoint(local_config, deployment, uploaded["test_data"], uploaded["test_accuracy"],
-                       **{**CHECK, "samples": 20, "thresholds": judged})  # fmt: skip
+        check_endpoint(
+            local_config,
+            deployment,
+            uploaded["test_data"],
+            uploaded["test_accuracy"],
+            **{**CHECK, "samples": 20, "thresholds": judged},
+        )
     message = str(failed.value)
     assert "live accuracy 0.0000 < 0.9000" in message
     assert "smoke error rate 1 > 0" in message
@@ -314,12 +370,24 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
 
     run = f"run-{uuid.uuid4().hex[:8]}"
     version = register(local_config, local_sagemaker, name, uploaded["shuffled"], accuracy, run_id=run)
-    best = {"training_job_name": f"{run}-hc10", "hidden_channels": 10, "model_data_url": uploaded["shuffled"],
-            "test_accuracy": accuracy}  # fmt: skip
-    choice = {"deploy": True, "model": {**best, "model_package_arn": version},
-              "previous_endpoint_config_name": first["endpoint_config_name"]}  # fmt: skip
-    teardown = {"choice": choice, "endpoint_name": name, "check_interval": 1, "settle_timeout": 120.0,
-                "version": version}  # fmt: skip
+    best = {
+        "training_job_name": f"{run}-hc10",
+        "hidden_channels": 10,
+        "model_data_url": uploaded["shuffled"],
+        "test_accuracy": accuracy,
+    }
+    choice = {
+        "deploy": True,
+        "model": {**best, "model_package_arn": version},
+        "previous_endpoint_config_name": first["endpoint_config_name"],
+    }
+    teardown = {
+        "choice": choice,
+        "endpoint_name": name,
+        "check_interval": 1,
+        "settle_timeout": 120.0,
+        "version": version,
+    }
     # Another run's teardown: nothing of it on the endpoint, nothing touched.
     assert undo_unchecked(local_config, None, None, **teardown, run_id="run-elsewhere") is None
 
@@ -327,9 +395,15 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     # as far as the run knows it returned nothing, as when its task is killed.
     def deploying() -> None:
         with pytest.raises(RolledBack):
-            deploy(best, previous_endpoint_config_name=first["endpoint_config_name"], endpoint_name=name, run_id=run,
-                   config=local_config, check_interval=1,
-                   traffic={"traffic_shift": "linear", "percent": 50, "wait_seconds": 600})  # fmt: skip
+            deploy(
+                best,
+                previous_endpoint_config_name=first["endpoint_config_name"],
+                endpoint_name=name,
+                run_id=run,
+                config=local_config,
+                check_interval=1,
+                traffic={"traffic_shift": "linear", "percent": 50, "wait_seconds": 600},
+            )
 
     deploying_thread = threading.Thread(target=deploying)
     deploying_thread.start()
@@ -341,9 +415,12 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     deploying_thread.join(timeout=60)
     assert not deploying_thread.is_alive()
     assert undone["passed"] is False and "the deploy task returned nothing" in undone["failures"][0]
-    assert undone["rollback"] == {"action": "restored", "endpoint_name": name,
-                                  "endpoint_config_name": first["endpoint_config_name"],
-                                  "by": f"alarm {name}-invocation-5xx-errors"}  # fmt: skip
+    assert undone["rollback"] == {
+        "action": "restored",
+        "endpoint_name": name,
+        "endpoint_config_name": first["endpoint_config_name"],
+        "by": f"alarm {name}-invocation-5xx-errors",
+    }
     described = sagemaker.describe_endpoint(EndpointName=name)
     assert (described["EndpointStatus"], described["EndpointConfigName"]) == (
         "InService",
@@ -354,8 +431,14 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     assert undo_unchecked(local_config, None, None, **teardown, run_id=run) is None  # undone once
 
     # The first run's endpoint, found the same way had its deploy returned nothing: created by it, so deleted.
-    found = unfinished_deployment(local_config, {**choice, "previous_endpoint_config_name": None}, name, first_run,
-                                  settle_timeout=60, check_interval=1)  # fmt: skip
+    found = unfinished_deployment(
+        local_config,
+        {**choice, "previous_endpoint_config_name": None},
+        name,
+        first_run,
+        settle_timeout=60,
+        check_interval=1,
+    )
     assert (found["endpoint_config_name"], found["created"]) == (first["endpoint_config_name"], True)
     # Its check never finished: undone from what its deploy returned.
     undone = undo_unchecked(local_config, first, None, check_interval=1)

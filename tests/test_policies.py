@@ -99,8 +99,9 @@ def runs(stack, small_mnist) -> dict[str, Run]:
         }
     )
     # Nobody answers its review in the UI: it waits the shortest approval_timeout (a minute), then leaves it pending.
-    outputs["manual"] = run({**QUICK, "approval": "manual", "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0,
-                             "approval_timeout": 1})  # fmt: skip
+    outputs["manual"] = run(
+        {**QUICK, "approval": "manual", "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "approval_timeout": 1}
+    )
     version = re.search(r"version (\d+) awaits a person's approval", outputs["manual"].output)
     outputs["approve"] = cli("approve", version.group(1) if version else "0", "--reason", "reviewed by the policy test")
     outputs["deploy_only"] = run({"deploy_only": True, "bake_seconds": 0})

@@ -126,7 +126,10 @@ def test_a_rerun_replaces_the_report_whole(sweep):
 
 def test_jobs_without_outputs_still_get_a_report(sweep):
     config, best, _ = sweep
-    gone = [{**trial, "model_data_url": trial["model_data_url"].replace("/output/", "/missing/")} for trial in best["trials"]]  # fmt: skip
+    gone = [
+        {**trial, "model_data_url": trial["model_data_url"].replace("/output/", "/missing/")}
+        for trial in best["trials"]
+    ]
     best = {**best, "model_data_url": gone[0]["model_data_url"], "training_job_name": gone[0]["training_job_name"]}
     where = build_report("manual__no-outputs", {**best, "trials": gone}, config=config)
     markdown = Path(where["markdown"]).read_text()
@@ -138,8 +141,7 @@ def test_jobs_without_outputs_still_get_a_report(sweep):
 def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
     _, best, validation = sweep
     failures = ["live accuracy 0.1000 < 0.9000", "CloudWatch 5XX rate 0.06 > 0.05 (12 of 200 invocations)"]
-    notes = ["CloudWatch Invocation4XXErrors 7: client errors (the load's own count among its "
-             "errors)"]  # fmt: skip
+    notes = ["CloudWatch Invocation4XXErrors 7: client errors (the load's own count among its errors)"]
     monitoring = {
         "endpoint_name": "mnist-classifier",
         "passed": False,
@@ -155,16 +157,30 @@ def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
         },
     }
     deployment = {"endpoint_name": "mnist-classifier", "endpoint_config_name": "cfg-new"}
-    model = {"model_package_arn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3",
-             "version": 3, "approval": "PendingManualApproval", "test_accuracy": best["test_accuracy"],
-             "training_job_name": best["training_job_name"], "run_id": RUN_ID}  # fmt: skip
+    model = {
+        "model_package_arn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3",
+        "version": 3,
+        "approval": "PendingManualApproval",
+        "test_accuracy": best["test_accuracy"],
+        "training_job_name": best["training_job_name"],
+        "run_id": RUN_ID,
+    }
     choice = {"deploy": True, "reason": "this run's model, version 3, which the gate let through", "model": model}
     context = {
-        "dag_id": "mnist_sweep", "run_id": RUN_ID, "best": best, "validation": validation,
-        "gate": None, "choice": choice, "deployment": deployment, "monitoring": monitoring, "data_docs_link": None,
+        "dag_id": "mnist_sweep",
+        "run_id": RUN_ID,
+        "best": best,
+        "validation": validation,
+        "gate": None,
+        "choice": choice,
+        "deployment": deployment,
+        "monitoring": monitoring,
+        "data_docs_link": None,
         "curves": False,
-        "best_metrics": None, "misclassified_shown": 0, "misclassified_total": 0,
-    }  # fmt: skip
+        "best_metrics": None,
+        "misclassified_shown": 0,
+        "misclassified_total": 0,
+    }
     markdown = render_markdown(context)
     assert "version 3 (" in markdown and "**failed its monitoring check** and was rolled back (restored)" in markdown
     assert "| model package | `arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3` |" in markdown

@@ -147,8 +147,10 @@ def test_header_bytes_are_bounded_as_they_arrive(endpoint, local_sagemaker_runti
     refused(raw, 431, "Request headers exceed 65536 bytes")
 
     raw = Raw(local_sagemaker_runtime)
-    raw.send(b"POST /endpoints/x/invocations HTTP/1.1\r\nHost: runtime\r\nTransfer-Encoding: chunked\r\n\r\n"
-             b"1\r\na\r\n0\r\nX-Endless: ")  # fmt: skip
+    raw.send(
+        b"POST /endpoints/x/invocations HTTP/1.1\r\nHost: runtime\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nX-Endless: "
+    )
     for _ in range(40):
         try:
             raw.send(b"a" * 100_000)
@@ -322,14 +324,21 @@ def test_async_inference_puts_each_outcome_where_it_said_and_tells_the_topic(
     s3.put_object(Bucket=BUCKET, Key="async/in/one.json", Body=body)
 
     from_s3 = client.invoke_endpoint_async(
-        EndpointName=name, InputLocation=f"s3://{BUCKET}/async/in/one.json", ContentType="application/json",
+        EndpointName=name,
+        InputLocation=f"s3://{BUCKET}/async/in/one.json",
+        ContentType="application/json",
         InferenceId="from-s3",
-    )  # fmt: skip
+    )
     assert from_s3["InferenceId"] == "from-s3"
     assert from_s3["OutputLocation"] == f"s3://{BUCKET}/async/out/from-s3.out"
     assert from_s3["FailureLocation"] == f"s3://{BUCKET}/async/failed/from-s3-error.out"
-    inline = client.invoke_endpoint_async(EndpointName=name, Body=body, ContentType="application/json",
-                                          S3OutputPathExtension="inline", Filename="answer.json")  # fmt: skip
+    inline = client.invoke_endpoint_async(
+        EndpointName=name,
+        Body=body,
+        ContentType="application/json",
+        S3OutputPathExtension="inline",
+        Filename="answer.json",
+    )
     assert inline["OutputLocation"] == f"s3://{BUCKET}/async/out/inline/answer.json"
     broken = client.invoke_endpoint_async(EndpointName=name, Body=b"{not json", ContentType="application/json")
 
@@ -351,8 +360,9 @@ def test_async_inference_puts_each_outcome_where_it_said_and_tells_the_topic(
     assert told[broken["InferenceId"]]["eventName"] == "InferenceResult"
 
     # What botocore would refuse before sending, sent anyway: the runtime refuses it too.
-    unchecked = boto3.client("sagemaker-runtime", endpoint_url=local_sagemaker_runtime,
-                             config=Config(parameter_validation=False))  # fmt: skip
+    unchecked = boto3.client(
+        "sagemaker-runtime", endpoint_url=local_sagemaker_runtime, config=Config(parameter_validation=False)
+    )
     for call, message in (
         (lambda: client.invoke_endpoint_async(EndpointName=endpoint, Body=body), "not an asynchronous inference"),
         (lambda: client.invoke_endpoint_async(EndpointName=name), "exactly one of Body and InputLocation"),

@@ -125,8 +125,11 @@ def _review(answer: str | None, comment: str, done: threading.Event) -> dict:
     url = f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(waiting.run_id, safe='')}/taskInstances/review/-1/hitlDetails"
     request = client.get(url)
     assert request.status_code == 200, request.text
-    seen = {"request": request.json(), "trigger_timeout": waiting.trigger_timeout,
-            "report": (run_directory(load_config(), waiting.run_id) / "report" / "report.md").read_text()}  # fmt: skip
+    seen = {
+        "request": request.json(),
+        "trigger_timeout": waiting.trigger_timeout,
+        "report": (run_directory(load_config(), waiting.run_id) / "report" / "report.md").read_text(),
+    }
     if answer is not None:
         answered = client.patch(url, json={"chosen_options": [answer], "params_input": {"comment": comment}})
         assert answered.status_code == 200, answered.text
@@ -158,8 +161,13 @@ def _fail_waiting_review() -> None:
     from sqlalchemy import update
 
     with create_session() as session:
-        session.execute(update(TaskInstance).where(TaskInstance.dag_id == DAG_ID, TaskInstance.task_id == "review",
-                                                   TaskInstance.state == "awaiting_input").values(state="failed"))  # fmt: skip
+        session.execute(
+            update(TaskInstance)
+            .where(
+                TaskInstance.dag_id == DAG_ID, TaskInstance.task_id == "review", TaskInstance.state == "awaiting_input"
+            )
+            .values(state="failed")
+        )
 
 
 def served_accuracy(url: str, deployment: dict, images, labels) -> float:
@@ -191,9 +199,13 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
     def observe(name: str, run) -> None:
         """What serves after run ``name``: its config, the champion, the accuracy of its answers on the test set."""
         serving = serving_config(local_sagemaker)
-        seen[name] = {"serving": serving, "champion": champion(load_config(), ENDPOINT),
-                      "accuracy": served_accuracy(local_sagemaker_runtime, {"endpoint_name": ENDPOINT},
-                                                  test["test_images"], test["test_labels"])}  # fmt: skip
+        seen[name] = {
+            "serving": serving,
+            "champion": champion(load_config(), ENDPOINT),
+            "accuracy": served_accuracy(
+                local_sagemaker_runtime, {"endpoint_name": ENDPOINT}, test["test_images"], test["test_labels"]
+            ),
+        }
         return run
 
     with pytest.MonkeyPatch.context() as patch:
@@ -209,8 +221,14 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
             # min_test_accuracy 0: the champion, not the floor, is what refuses the model.
             refused = observe("refused", run_sweep({**common, **BAD, "min_test_accuracy": 0.0}))
             # A long bake: the check runs inside it, and its failure stops the update there.
-            let_through = {**common, **BAD, "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0, "smoke_requests": 50,
-                           "bake_seconds": 600}  # fmt: skip
+            let_through = {
+                **common,
+                **BAD,
+                "min_test_accuracy": 0.0,
+                "accuracy_tolerance": 1.0,
+                "smoke_requests": 50,
+                "bake_seconds": 600,
+            }
             rolled_back = observe("rolled_back", run_sweep(let_through))
             # min_test_accuracy 0, tolerance 1: the gate lets it through, a person decides.
             manual = {**common, "approval": "manual", "min_test_accuracy": 0.0, "accuracy_tolerance": 1.0}
@@ -222,14 +240,26 @@ def local_runs(local_sagemaker, local_aws, small_mnist, airflow_db, tmp_path_fac
                     "approved", run_sweep({**manual, **GOOD, "hidden_channels": [16], "bake_seconds": 0})
                 )
             with reviewing(None) as reviews["timed_out"]:
-                timed_out = run_sweep({**manual, **GOOD, "hidden_channels": [16],
-                                       "approval_timeout": SHORTEST_APPROVAL_TIMEOUT})  # fmt: skip
+                timed_out = run_sweep(
+                    {**manual, **GOOD, "hidden_channels": [16], "approval_timeout": SHORTEST_APPROVAL_TIMEOUT}
+                )
             approved_outside = main(["approve", "5", "--endpoint", ENDPOINT, "--reason", "reviewed by the test"])
             deploy_only = run_sweep({**common, "deploy_only": True, "bake_seconds": 0})
-            yield {"config": load_config(), "deployed": deployed, "refused": refused, "rolled_back": rolled_back,
-                   "rejected": rejected, "approved": approved, "timed_out": timed_out, "reviews": reviews,
-                   "approved_outside": approved_outside, "deploy_only": deploy_only, "alerts": alerts,
-                   "approvals": approvals, "seen": seen}  # fmt: skip
+            yield {
+                "config": load_config(),
+                "deployed": deployed,
+                "refused": refused,
+                "rolled_back": rolled_back,
+                "rejected": rejected,
+                "approved": approved,
+                "timed_out": timed_out,
+                "reviews": reviews,
+                "approved_outside": approved_outside,
+                "deploy_only": deploy_only,
+                "alerts": alerts,
+                "approvals": approvals,
+                "seen": seen,
+            }
         finally:
             sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
             with contextlib.suppress(ClientError):
@@ -357,9 +387,12 @@ def test_a_bad_model_is_caught_rolled_back_and_fails_the_run_while_the_champion_
     assert check["passed"] is False
     assert re.match(r"live accuracy 0\.\d{4} < 0\.9000$", check["failures"][0]), check["failures"]
     # Stopped in its bake: its rollback alarm set to ALARM, the old fleet (kept meanwhile) took the traffic back.
-    assert check["rollback"] == {"action": "restored", "endpoint_name": ENDPOINT,
-                                 "endpoint_config_name": good["endpoint_config_name"],
-                                 "by": f"alarm {ENDPOINT}-invocation-5xx-errors"}  # fmt: skip
+    assert check["rollback"] == {
+        "action": "restored",
+        "endpoint_name": ENDPOINT,
+        "endpoint_config_name": good["endpoint_config_name"],
+        "by": f"alarm {ENDPOINT}-invocation-5xx-errors",
+    }
     report = report_text(run.run_id)
     assert "**failed its monitoring check** and was rolled back (restored)" in report
     assert f"- failed: {check['failures'][0]}" in report
@@ -395,9 +428,12 @@ def test_each_run_ends_with_a_note_that_says_how_it_went(local_runs):
         note(local_runs[name])
         for name in ("deployed", "refused", "rolled_back", "rejected", "approved", "timed_out", "deploy_only")
     )
-    assert re.match(r"Winner: hidden_channels 16 \(\S+-hc16-\w+\), test accuracy \d+\.\d\d%\. Deployed version 1 to "
-                    rf"{ENDPOINT} \(\S+\); it passed its monitoring check \(live accuracy \d+\.\d%, p99 \d+\.\d ms\) "
-                    r"and serves now\. Report: s3://\S+/report/report\.html \(on this machine: /\S+\)\.$", deployed), deployed  # fmt: skip
+    assert re.match(
+        r"Winner: hidden_channels 16 \(\S+-hc16-\w+\), test accuracy \d+\.\d\d%\. Deployed version 1 to "
+        rf"{ENDPOINT} \(\S+\); it passed its monitoring check \(live accuracy \d+\.\d%, p99 \d+\.\d ms\) "
+        r"and serves now\. Report: s3://\S+/report/report\.html \(on this machine: /\S+\)\.$",
+        deployed,
+    ), deployed
     assert "Refused by the gate: best test accuracy" in refused and "below the champion's" in refused, refused
     assert "Not deployed: this run registered no version" in refused, refused
     assert f"Not deployed: version 3 was rejected (Rejected by {REVIEWER} in the Airflow UI at " in rejected, rejected
@@ -413,8 +449,9 @@ def test_what_the_gate_lets_through_is_registered_and_the_check_approves_or_reje
     (it failed its check); run 2's, refused by the gate, never became a version; the manual runs' as their reviewer
     (or, for the last, `mnist-pipeline approve`) decided."""
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    versions = sagemaker.list_model_packages(ModelPackageGroupName=ENDPOINT, SortBy="CreationTime",
-                                             SortOrder="Ascending")["ModelPackageSummaryList"]  # fmt: skip
+    versions = sagemaker.list_model_packages(
+        ModelPackageGroupName=ENDPOINT, SortBy="CreationTime", SortOrder="Ascending"
+    )["ModelPackageSummaryList"]
     assert [v["ModelApprovalStatus"] for v in versions] == ["Approved", "Rejected", "Rejected", "Approved", "Approved"]
     [register] = xcoms(local_runs["deployed"].run_id, "register")
     [best] = xcoms(local_runs["deployed"].run_id, "select_best")
@@ -441,7 +478,7 @@ def _described(local_sagemaker: str, arn: str) -> dict:
 
 def _decided_in_the_ui(status: str, run_id: str, comment: str) -> str:
     """The ApprovalDescription a reviewer's answer leaves on the version, as a pattern."""
-    return rf"{status} by {REVIEWER} in the Airflow UI at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \({DAG_ID} run {re.escape(run_id)}\): {re.escape(comment)}"  # fmt: skip
+    return rf"{status} by {REVIEWER} in the Airflow UI at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \({DAG_ID} run {re.escape(run_id)}\): {re.escape(comment)}"
 
 
 def test_the_request_shows_the_reviewer_what_they_need_and_the_topic_hears_of_it(local_runs, local_aws):
@@ -455,14 +492,19 @@ def test_the_request_shows_the_reviewer_what_they_need_and_the_topic_hears_of_it
     [candidate] = xcoms(run.run_id, "select_best")
     [champion] = xcoms(first.run_id, "select_best")
     ours, theirs = candidate["test_accuracy"], champion["test_accuracy"]
-    assert request["subject"] == (f"Approve version 3 of {ENDPOINT}? Test accuracy {100 * ours:.2f}% (champion "
-                                  f"version 1: {100 * theirs:.2f}%)")  # fmt: skip
+    assert request["subject"] == (
+        f"Approve version 3 of {ENDPOINT}? Test accuracy {100 * ours:.2f}% (champion version 1: {100 * theirs:.2f}%)"
+    )
     assert request["options"] == ["Approve", "Reject"] and request["multiple"] is False and not request["defaults"]
     assert list(request["params"]) == ["comment"]  # the one form field: the reviewer's words
     body = request["body"]
-    assert f"| **all digits (test accuracy)** | {100 * ours:.2f}% | {100 * theirs:.2f}% | {100 * (ours - theirs):+.2f} |" in body  # fmt: skip
-    for digit, (mine, other) in enumerate(zip(candidate["per_class_accuracy"], champion["per_class_accuracy"],
-                                              strict=True)):  # fmt: skip
+    assert (
+        f"| **all digits (test accuracy)** | {100 * ours:.2f}% | {100 * theirs:.2f}% | {100 * (ours - theirs):+.2f} |"
+        in body
+    )
+    for digit, (mine, other) in enumerate(
+        zip(candidate["per_class_accuracy"], champion["per_class_accuracy"], strict=True)
+    ):
         assert f"| digit {digit} | {100 * mine:.2f}% | {100 * other:.2f}% | {100 * (mine - other):+.2f} |" in body
     assert f"- **Version ARN**: `{register}`" in body
     assert "`epochs=1`" in body and "`hidden_channels=2`" in body  # this run's hyperparameters
@@ -497,7 +539,11 @@ def test_a_person_rejects_a_version_in_the_ui_and_the_champion_keeps_serving(loc
     assert re.fullmatch(_decided_in_the_ui("Rejected", run.run_id, "Misreads sevens"), described["ApprovalDescription"])
     [review] = xcoms(run.run_id, "review")
     assert (review["answer"], review["by"], review["comment"], review["status"]) == (
-        "Reject", REVIEWER, "Misreads sevens", "Rejected")  # fmt: skip
+        "Reject",
+        REVIEWER,
+        "Misreads sevens",
+        "Rejected",
+    )
     [choice] = xcoms(run.run_id, "candidate")
     assert (
         choice["deploy"] is False and choice["reason"] == f"version 3 was rejected ({described['ApprovalDescription']})"
@@ -553,8 +599,10 @@ def test_no_answer_in_time_leaves_the_version_pending_then_approved_outside_a_de
     deadline = waited["trigger_timeout"] - datetime.datetime.fromisoformat(waited["request"]["created_at"])
     assert abs(deadline - datetime.timedelta(minutes=SHORTEST_APPROVAL_TIMEOUT)) < datetime.timedelta(seconds=10)
     [review] = xcoms(timed_out.run_id, "review")
-    why = ("No answer within 1 minute (approval_timeout): version 5 stays PendingManualApproval and is not deployed; "
-           "`mnist-pipeline approve 5` and a deploy-only run can serve it.")  # fmt: skip
+    why = (
+        "No answer within 1 minute (approval_timeout): version 5 stays PendingManualApproval and is not deployed; "
+        "`mnist-pipeline approve 5` and a deploy-only run can serve it."
+    )
     assert review["timed_out"] is True and review["summary"] == why
     [register] = xcoms(timed_out.run_id, "register")
     [choice] = xcoms(timed_out.run_id, "candidate")

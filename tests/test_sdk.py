@@ -134,8 +134,12 @@ def tuning_job(session):
     from sagemaker.core.resources import HyperParameterTuningJob
 
     put_script(session.client("s3"), BUCKET, "tuning/sourcedir.tar.gz", TUNED_SCRIPT)
-    static = {"epochs": 1, "optimizer": "adam", "sagemaker_program": "train.py",
-              "sagemaker_submit_directory": f"s3://{BUCKET}/tuning/sourcedir.tar.gz"}  # fmt: skip
+    static = {
+        "epochs": 1,
+        "optimizer": "adam",
+        "sagemaker_program": "train.py",
+        "sagemaker_submit_directory": f"s3://{BUCKET}/tuning/sourcedir.tar.gz",
+    }
     data = shapes.S3DataSource(s3_data_type="S3Prefix", s3_uri=f"s3://{BUCKET}/mnist/")
     return HyperParameterTuningJob.create(
         hyper_parameter_tuning_job_name="sdk-tuning",
@@ -191,8 +195,11 @@ def trained(session, trainer_role, tuning_job, tmp_path_factory):
         base_job_name="sdk-mnist",
         sagemaker_session=Session(boto_session=session, default_bucket=BUCKET),
     )
-    trainer.train(input_data_config=[InputData(channel_name="training", data_source=f"s3://{BUCKET}/mnist/")],
-                  wait=True, logs=False)  # fmt: skip
+    trainer.train(
+        input_data_config=[InputData(channel_name="training", data_source=f"s3://{BUCKET}/mnist/")],
+        wait=True,
+        logs=False,
+    )
     return trainer._latest_training_job  # as the SDK's own ModelTrainer example reads it
 
 
@@ -203,8 +210,11 @@ def test_model_trainer_trains_the_projects_script_with_source_code(session, trai
 
     # The role check, as on AWS: the shipped execution role lacks the ECR and VPC actions it simulates.
     with pytest.raises(RoleValidationError, match=r"Missing permissions: .*ecr:GetAuthorizationToken"):
-        ModelTrainer(training_image=IMAGE, role=EXECUTION_ROLE,
-                     sagemaker_session=Session(boto_session=session, default_bucket=BUCKET))  # fmt: skip
+        ModelTrainer(
+            training_image=IMAGE,
+            role=EXECUTION_ROLE,
+            sagemaker_session=Session(boto_session=session, default_bucket=BUCKET),
+        )
 
     assert trained.training_job_status == "Completed", trained.failure_reason
     # The SDK's own contract ran: its entry point and its driver and code channels.
@@ -238,10 +248,13 @@ def test_model_endpoint_config_and_endpoint_deploy_answer_and_are_deleted(sessio
     )
     config = EndpointConfig.create(
         endpoint_config_name="sdk-config",
-        production_variants=[ProductionVariant(variant_name="AllTraffic", model_name="sdk-model",
-                                               initial_instance_count=1, instance_type="ml.m5.large")],
+        production_variants=[
+            ProductionVariant(
+                variant_name="AllTraffic", model_name="sdk-model", initial_instance_count=1, instance_type="ml.m5.large"
+            )
+        ],
         session=session,
-    )  # fmt: skip
+    )
     endpoint = Endpoint.create(endpoint_name="sdk-endpoint", endpoint_config_name="sdk-config", session=session)
     try:
         endpoint.wait_for_status("InService", poll=1, timeout=180)
@@ -284,8 +297,9 @@ def test_model_package_get_all_reads_a_registry_group(session, trained):
         (1, "PendingManualApproval", f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model-package/sdk-registry/1"),
         (2, "Approved", f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:model-package/sdk-registry/2"),
     ]
-    approved = ModelPackage.get_all(model_package_group_name="sdk-registry", model_approval_status="Approved",
-                                    session=session)  # fmt: skip
+    approved = ModelPackage.get_all(
+        model_package_group_name="sdk-registry", model_approval_status="Approved", session=session
+    )
     assert [p.model_package_version for p in approved] == [2]
 
 

@@ -62,10 +62,17 @@ def log_model_files(local_aws: str, job: str, files: dict[str, bytes]) -> None:
     stream = f"{job}/algo-1-{int(time.time())}"
     logs.create_log_stream(logGroupName=TRAINING_LOG_GROUP, logStreamName=stream)
     digests = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
-    logs.put_log_events(logGroupName=TRAINING_LOG_GROUP, logStreamName=stream, logEvents=[
-        {"timestamp": int(time.time() * 1000), "message": "Test Epoch: 2, Test Accuracy: 97.00%"},
-        {"timestamp": int(time.time() * 1000), "message": f"2026-12-07 10:00:00 {MODEL_FILES_LINE}{json.dumps(digests)}"},
-    ])  # fmt: skip
+    logs.put_log_events(
+        logGroupName=TRAINING_LOG_GROUP,
+        logStreamName=stream,
+        logEvents=[
+            {"timestamp": int(time.time() * 1000), "message": "Test Epoch: 2, Test Accuracy: 97.00%"},
+            {
+                "timestamp": int(time.time() * 1000),
+                "message": f"2026-12-07 10:00:00 {MODEL_FILES_LINE}{json.dumps(digests)}",
+            },
+        ],
+    )
 
 
 def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
@@ -77,8 +84,10 @@ def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
     assert best_of(rows)["hidden_channels"] == 10
     rows[0]["test_accuracy"] = 0.9701
     assert best_of(rows)["hidden_channels"] == 32
-    unknown = [{"hidden_channels": 8, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/8"},
-               {"hidden_channels": 4, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/4"}]  # fmt: skip
+    unknown = [
+        {"hidden_channels": 8, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/8"},
+        {"hidden_channels": 4, "test_accuracy": 0.9, "parameters": None, "model_data_url": "s3://b/4"},
+    ]
     assert best_of(unknown)["hidden_channels"] == 4
     # A tuner's job it stopped early reports an objective but left no model: never the one served.
     stopped = {"hidden_channels": 64, "test_accuracy": 0.99, "parameters": None, "model_data_url": None}
@@ -106,8 +115,10 @@ def test_select_best_reads_each_jobs_output_from_s3(local_aws, tmp_path):
     put_output(s3, "selection", "b", {"test_accuracy": 0.97, "parameters": 900})
     s3.put_object(Bucket="selection", Key="jobs/b/output/model.tar.gz", Body=tarball(MODEL_FILES))
     log_model_files(local_aws, "b", MODEL_FILES)
-    trainings = [{"Training": description(name, hc, acc, "selection")} for name, hc, acc in
-                 (("b", 8, 97.0), ("a", 4, 95.0), ("c", 2, 97.0))]  # fmt: skip
+    trainings = [
+        {"Training": description(name, hc, acc, "selection")}
+        for name, hc, acc in (("b", 8, 97.0), ("a", 4, 95.0), ("c", 2, 97.0))
+    ]
     assert output_metrics(trainings[2]["Training"], config) is None  # c left no output.tar.gz
     best = select_best(trainings, config=config)
     # b and c tie at 97%: b's parameter count is known (900), c's is not.
@@ -136,8 +147,11 @@ def test_a_model_the_job_did_not_make_fails_selection_by_name(local_aws, tmp_pat
     with pytest.raises(SelectionError, match=r"training job planted: its log names no model files"):
         select_best(trainings, config=config)
     log_model_files(local_aws, "planted", MODEL_FILES)
-    with pytest.raises(SelectionError, match=rf"s3://{config.bucket}/{key} does not hold the files training job "
-                       r"planted made .*these differ: code/inference.py"):  # fmt: skip
+    with pytest.raises(
+        SelectionError,
+        match=rf"s3://{config.bucket}/{key} does not hold the files training job "
+        r"planted made .*these differ: code/inference.py",
+    ):
         select_best(trainings, config=config)
     s3.put_object(Bucket=config.bucket, Key=key, Body=tarball({**MODEL_FILES, "extra.py": b"x"}))
     with pytest.raises(SelectionError, match=r"these differ: extra\.py"):

@@ -42,8 +42,9 @@ ENDPOINT = "serve-test"
 def running_server(command: list[str], port: int, log_path: Path, env: dict | None = None):
     """Start a server process; yield (url, process) once /ping answers; stop it with SIGTERM."""
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/ping", timeout=180, process=process)
@@ -154,8 +155,9 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(server, test_set):
             assert reply.status_code == status, (content_type, body[:40], reply.text)
             assert reply.headers["content-type"] == "application/json"
             assert expected in reply.json()["error"], reply.json()
-        chunked = client.post("/invocations", content=iter([b"\0" * 1024 * 1024] * 7),
-                              headers={"Content-Type": "application/x-npy"})  # fmt: skip
+        chunked = client.post(
+            "/invocations", content=iter([b"\0" * 1024 * 1024] * 7), headers={"Content-Type": "application/x-npy"}
+        )
         assert chunked.status_code == 413  # no Content-Length to go by: counted while reading
         assert client.get("/invocations").status_code == 405
         assert client.post("/ping").status_code == 405
@@ -173,10 +175,14 @@ def metric_sums(
     totals = {}
     for name in names:
         points = cloudwatch.get_metric_statistics(
-            Namespace=namespace, MetricName=name, Dimensions=dimensions, StartTime=since,
-            EndTime=datetime.now(UTC) + timedelta(minutes=1), Period=60,
+            Namespace=namespace,
+            MetricName=name,
+            Dimensions=dimensions,
+            StartTime=since,
+            EndTime=datetime.now(UTC) + timedelta(minutes=1),
+            Period=60,
             Statistics=["Sum", "SampleCount", "Minimum", "Maximum"],
-        )["Datapoints"]  # fmt: skip
+        )["Datapoints"]
         totals[name] = {
             "Sum": sum(p["Sum"] for p in points),
             "SampleCount": sum(p["SampleCount"] for p in points),
@@ -242,8 +248,9 @@ def test_a_burst_is_published_at_once_and_what_is_left_at_sigterm(model_dir, loc
         return totals["Invocations"]["Sum"]
 
     port = free_port()
-    command = server_command(str(model_dir), port, endpoint_name="flush-test", workers=2, metrics_interval=30,
-                             variant_name="blue")  # fmt: skip
+    command = server_command(
+        str(model_dir), port, endpoint_name="flush-test", workers=2, metrics_interval=30, variant_name="blue"
+    )
     with running_server(command, port, tmp_path / "server.log", server_env(local_aws)) as (url, process):
         for _ in range(6):
             predictions_over_http(url, test_set[0][:1])
@@ -271,8 +278,9 @@ serve.add_arguments(argparse.ArgumentParser())
 imported = sorted({{name.split(".")[0] for name in sys.modules}} & {{"airflow", "tasks"}})
 assert not imported, imported
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=server_env(local_aws), capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=server_env(local_aws), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert (next(tmp_path.glob("model-*")) / "code" / "inference.py").is_file()
 
@@ -282,9 +290,20 @@ def test_a_dead_cloudwatch_neither_fails_nor_slows_requests(model_dir, test_set,
     black_hole = socket.create_server(("127.0.0.1", 0))
     env = server_env(f"http://127.0.0.1:{black_hole.getsockname()[1]}")
     port = free_port()
-    command = [str(Path(sys.executable).with_name("mnist-pipeline")), "serve", "--model-dir", str(model_dir),
-               "--endpoint-name", "dead-cloudwatch", "--workers", "1", "--metrics-interval", "0.2",
-               "--port", str(port)]  # fmt: skip
+    command = [
+        str(Path(sys.executable).with_name("mnist-pipeline")),
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--endpoint-name",
+        "dead-cloudwatch",
+        "--workers",
+        "1",
+        "--metrics-interval",
+        "0.2",
+        "--port",
+        str(port),
+    ]
     with black_hole, running_server(command, port, tmp_path / "server.log", env) as (url, _):
         started, publishing_since, slowest = time.monotonic(), None, 0.0
         # Requests while the publisher waits for an answer (5 s) from the CloudWatch that never gives one.
@@ -359,8 +378,18 @@ def test_a_model_that_cannot_load_stops_the_server_instead_of_restarting_it(mode
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
     (broken / "model.pth").write_bytes(b"not a state dict")
-    command = [sys.executable, "-m", "inference.serve", "--model-dir", str(broken), "--workers", "2", "--no-metrics",
-               "--port", str(free_port())]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "inference.serve",
+        "--model-dir",
+        str(broken),
+        "--workers",
+        "2",
+        "--no-metrics",
+        "--port",
+        str(free_port()),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "cannot load the model" in result.stderr and "model.pth: not a state_dict" in result.stderr, result.stderr
@@ -433,7 +462,10 @@ def test_the_server_refuses_an_unsafe_archive_and_exits(tmp_path):
     archive = evil_tarball(tmp_path / "model.tar.gz", tarfile.TarInfo("../escaped.txt"), b"pwned")
     result = subprocess.run(
         [sys.executable, "-m", "inference.serve", "--model-dir", str(archive), "--no-metrics"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "unsafe member" in result.stderr

@@ -132,15 +132,26 @@ def test_each_answered_invocation_is_one_record_in_sagemakers_format_and_key_lay
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["eventMetadata"]["inferenceTime"])
     assert first == {
         "captureData": {
-            "endpointInput": {"observedContentType": "application/json", "mode": "INPUT",
-                              "data": as_json.decode(), "encoding": "JSON"},
-            "endpointOutput": {"observedContentType": answers[0]["ContentType"], "mode": "OUTPUT",
-                               "data": outputs[0].decode(), "encoding": "JSON"},
+            "endpointInput": {
+                "observedContentType": "application/json",
+                "mode": "INPUT",
+                "data": as_json.decode(),
+                "encoding": "JSON",
+            },
+            "endpointOutput": {
+                "observedContentType": answers[0]["ContentType"],
+                "mode": "OUTPUT",
+                "data": outputs[0].decode(),
+                "encoding": "JSON",
+            },
         },
-        "eventMetadata": {"eventId": first["eventMetadata"]["eventId"], "inferenceId": "first-digit",
-                          "inferenceTime": first["eventMetadata"]["inferenceTime"]},
+        "eventMetadata": {
+            "eventId": first["eventMetadata"]["eventId"],
+            "inferenceId": "first-digit",
+            "inferenceTime": first["eventMetadata"]["inferenceTime"],
+        },
         "eventVersion": "0",
-    }  # fmt: skip
+    }
     npy = by_input["BASE64"]
     assert npy["captureData"]["endpointInput"]["observedContentType"] == "application/x-npy"
     assert base64.b64decode(npy["captureData"]["endpointInput"]["data"]) == as_npy.getvalue()
@@ -163,20 +174,34 @@ def test_describe_endpoint_shows_the_capture_of_the_config_it_serves(endpoint, l
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"InitialSamplingPercentage": 101}, "Value '101' at 'dataCaptureConfig.initialSamplingPercentage' failed to "
-         "satisfy constraint: Member must have value less than or equal to 100"),
-        ({"DestinationS3Uri": f"{BUCKET}/capture"}, f"Value '{BUCKET}/capture' at 'dataCaptureConfig.destinationS3Uri' "
-         "failed to satisfy constraint: Member must satisfy regular expression pattern"),
+        (
+            {"InitialSamplingPercentage": 101},
+            "Value '101' at 'dataCaptureConfig.initialSamplingPercentage' failed to "
+            "satisfy constraint: Member must have value less than or equal to 100",
+        ),
+        (
+            {"DestinationS3Uri": f"{BUCKET}/capture"},
+            f"Value '{BUCKET}/capture' at 'dataCaptureConfig.destinationS3Uri' "
+            "failed to satisfy constraint: Member must satisfy regular expression pattern",
+        ),
         ({"DestinationS3Uri": f"https://{BUCKET}/capture"}, "is not an S3 URI of the form s3://bucket/prefix"),
-        ({"CaptureOptions": [{"CaptureMode": "Both"}]}, "Value 'Both' at 'dataCaptureConfig.captureOptions.1.member."
-         "captureMode' failed to satisfy constraint: Member must satisfy enum value set: [Input, Output, "
-         "InputAndOutput]"),
-        ({"CaptureOptions": [{"CaptureMode": "InputAndOutput"}, {"CaptureMode": "Output"}]},
-         "capture the output more than once"),
-        ({"CaptureOptions": []}, "Value '[]' at 'dataCaptureConfig.captureOptions' failed to satisfy constraint: "
-         "Member must have length greater than or equal to 1"),
+        (
+            {"CaptureOptions": [{"CaptureMode": "Both"}]},
+            "Value 'Both' at 'dataCaptureConfig.captureOptions.1.member."
+            "captureMode' failed to satisfy constraint: Member must satisfy enum value set: [Input, Output, "
+            "InputAndOutput]",
+        ),
+        (
+            {"CaptureOptions": [{"CaptureMode": "InputAndOutput"}, {"CaptureMode": "Output"}]},
+            "capture the output more than once",
+        ),
+        (
+            {"CaptureOptions": []},
+            "Value '[]' at 'dataCaptureConfig.captureOptions' failed to satisfy constraint: "
+            "Member must have length greater than or equal to 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_data_capture_config_sagemaker_refuses_is_refused_and_nothing_is_made(
     endpoint, local_sagemaker, change, message
 ):
@@ -203,12 +228,16 @@ def test_a_role_that_may_not_write_loses_its_records_not_its_invocations(
     before = counts(local_sagemaker)
     deny = {
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
-            "Resource": f"arn:aws:s3:::{BUCKET}/capture/*",
-            "Condition": {"ArnEquals": {"aws:PrincipalArn": EXECUTION_ROLE}},
-        }],
-    }  # fmt: skip
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{BUCKET}/capture/*",
+                "Condition": {"ArnEquals": {"aws:PrincipalArn": EXECUTION_ROLE}},
+            }
+        ],
+    }
     s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(deny))
     try:
         for _ in range(5):
@@ -232,8 +261,12 @@ def config(**change) -> dict:
     return {**DATA_CAPTURE, **change}
 
 
-def invocation(body: bytes = b'{"instances": [1]}', content_type: str = "application/json",
-               answer: bytes = b'{"predictions": [2]}', answer_type: str = "application/json"):  # fmt: skip
+def invocation(
+    body: bytes = b'{"instances": [1]}',
+    content_type: str = "application/json",
+    answer: bytes = b'{"predictions": [2]}',
+    answer_type: str = "application/json",
+):
     """The runtime's request and the model server's reply, as DataCapture.record reads them."""
     request = types.SimpleNamespace(headers={"Content-Type": content_type}, fields={}, body=body)
     return request, types.SimpleNamespace(headers={"content-type": answer_type}, body=answer)
@@ -283,17 +316,26 @@ def test_each_invocation_is_captured_with_the_configs_sampling_percentage(percen
         assert written == 10 * percentage
     else:  # binomial(1000, 0.5): 500 ± 16; outside 400-600 once in more than a billion runs
         assert 400 <= written <= 600
-    assert done.counts() == ({} if percentage == 0 else {
-        ENDPOINT: {"Captured": written, "Written": written, "Objects": -(-written // capture.BATCH_RECORDS),
-                   "Dropped": {}},
-    })  # fmt: skip
+    assert done.counts() == (
+        {}
+        if percentage == 0
+        else {
+            ENDPOINT: {
+                "Captured": written,
+                "Written": written,
+                "Objects": -(-written // capture.BATCH_RECORDS),
+                "Dropped": {},
+            },
+        }
+    )
 
 
 def test_only_the_sides_the_capture_options_ask_for_are_written_each_in_its_encoding():
     writer = Writer()
     header = {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]}
-    only_input = capture.settings(config(CaptureOptions=[{"CaptureMode": "Input"}], CaptureContentTypeHeader=header),
-                                  EXECUTION_ROLE)  # fmt: skip
+    only_input = capture.settings(
+        config(CaptureOptions=[{"CaptureMode": "Input"}], CaptureContentTypeHeader=header), EXECUTION_ROLE
+    )
     only_output = capture.settings(config(CaptureOptions=[{"CaptureMode": "Output"}]), EXECUTION_ROLE)
     no_header = capture.settings({**config(), "CaptureContentTypeHeader": None}, EXECUTION_ROLE)
 
@@ -305,20 +347,51 @@ def test_only_the_sides_the_capture_options_ask_for_are_written_each_in_its_enco
 
     run_capture(writer, invoke)
     sides = sorted((record["captureData"] for record in writer.records()), key=json.dumps)
-    assert sides == sorted([
-        {"endpointInput": {"observedContentType": "text/csv; charset=utf-8", "mode": "INPUT", "data": "1,2\n",
-                           "encoding": "CSV"}},
-        # Not the text its content type says: kept whole, in base64.
-        {"endpointInput": {"observedContentType": "application/json", "mode": "INPUT", "data": "//4=",
-                           "encoding": "BASE64"}},
-        {"endpointOutput": {"observedContentType": "application/JSON", "mode": "OUTPUT",
-                            "data": '{"predictions": [2]}', "encoding": "JSON"}},
-        # No CaptureContentTypeHeader: SageMaker writes every body in base64.
-        {"endpointInput": {"observedContentType": "application/json", "mode": "INPUT",
-                           "data": base64.b64encode(b'{"instances": [1]}').decode(), "encoding": "BASE64"},
-         "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
-                            "data": base64.b64encode(b'{"predictions": [2]}').decode(), "encoding": "BASE64"}},
-    ], key=json.dumps)  # fmt: skip
+    assert sides == sorted(
+        [
+            {
+                "endpointInput": {
+                    "observedContentType": "text/csv; charset=utf-8",
+                    "mode": "INPUT",
+                    "data": "1,2\n",
+                    "encoding": "CSV",
+                }
+            },
+            # Not the text its content type says: kept whole, in base64.
+            {
+                "endpointInput": {
+                    "observedContentType": "application/json",
+                    "mode": "INPUT",
+                    "data": "//4=",
+                    "encoding": "BASE64",
+                }
+            },
+            {
+                "endpointOutput": {
+                    "observedContentType": "application/JSON",
+                    "mode": "OUTPUT",
+                    "data": '{"predictions": [2]}',
+                    "encoding": "JSON",
+                }
+            },
+            # No CaptureContentTypeHeader: SageMaker writes every body in base64.
+            {
+                "endpointInput": {
+                    "observedContentType": "application/json",
+                    "mode": "INPUT",
+                    "data": base64.b64encode(b'{"instances": [1]}').decode(),
+                    "encoding": "BASE64",
+                },
+                "endpointOutput": {
+                    "observedContentType": "application/json",
+                    "mode": "OUTPUT",
+                    "data": base64.b64encode(b'{"predictions": [2]}').decode(),
+                    "encoding": "BASE64",
+                },
+            },
+        ],
+        key=json.dumps,
+    )
 
 
 def test_records_of_two_hours_go_to_two_objects_named_by_their_first_records_time():
@@ -384,9 +457,14 @@ def test_a_route_carries_the_capture_of_its_config_and_none_without_one():
     server = {"url": "http://127.0.0.1:1", "variant": "AllTraffic", "weight": 1.0, "role": EXECUTION_ROLE}
     with_capture = Endpoints._targets({"config": "with", "servers": [server], "data_capture": DATA_CAPTURE})
     assert with_capture[0].capture == capture.Settings(
-        destination=DESTINATION, percentage=100, input=True, output=True,
-        json_types=frozenset({"application/json"}), csv_types=frozenset(), role=EXECUTION_ROLE,
-    )  # fmt: skip
+        destination=DESTINATION,
+        percentage=100,
+        input=True,
+        output=True,
+        json_types=frozenset({"application/json"}),
+        csv_types=frozenset(),
+        role=EXECUTION_ROLE,
+    )
     assert Endpoints._targets({"config": "without", "servers": [server], "data_capture": None})[0].capture is None
     assert capture.settings(config(EnableCapture=False), EXECUTION_ROLE) is None
     assert capture.summary(config(EnableCapture=False, KmsKeyId="alias/capture")) == {

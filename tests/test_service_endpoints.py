@@ -46,14 +46,21 @@ def sagemaker(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
     for kind in ("good", "shuffled", "raising", "broken", "planted"):
         key = f"planted/{good_sha256}/model.tar.gz" if kind == "planted" else f"{kind}/model.tar.gz"
         client.create_model(
-            ModelName=f"model-{kind}", ExecutionRoleArn=ROLE,
+            ModelName=f"model-{kind}",
+            ExecutionRoleArn=ROLE,
             PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{key}"},
-        )  # fmt: skip
+        )
         client.create_endpoint_config(
             EndpointConfigName=f"config-{kind}",
-            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": f"model-{kind}",
-                                 "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}],
-        )  # fmt: skip
+            ProductionVariants=[
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": f"model-{kind}",
+                    "InitialInstanceCount": 1,
+                    "InstanceType": "ml.m5.large",
+                }
+            ],
+        )
     return client
 
 
@@ -116,13 +123,15 @@ def server_pids(sagemaker_url: str, endpoint: str) -> set[int]:
     """The model servers of ``endpoint`` that the service at ``sagemaker_url`` started itself."""
     port = sagemaker_url.rsplit(":", 1)[1]
     service = next(
-        p for p in psutil.process_iter(["cmdline"])
+        p
+        for p in psutil.process_iter(["cmdline"])
         if "local_sagemaker" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or [])
-    )  # fmt: skip
+    )
     return {
-        child.pid for child in service.children()
+        child.pid
+        for child in service.children()
         if "inference.serve" in child.cmdline() and endpoint in child.cmdline()
-    }  # fmt: skip
+    }
 
 
 def test_create_serves_then_blue_green_under_load_loses_no_request(
@@ -190,19 +199,26 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
     serving = settled(sagemaker, "digits")["EndpointConfigName"]
     canary = {
         "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50},
-                                            "WaitIntervalInSeconds": 30},
-            "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 600,
+            "TrafficRoutingConfiguration": {
+                "Type": "CANARY",
+                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+                "WaitIntervalInSeconds": 30,
+            },
+            "TerminationWaitInSeconds": 0,
+            "MaximumExecutionTimeoutInSeconds": 600,
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-invocation-5xx-errors"}]},
-    }  # fmt: skip
+    }
     with Load(local_sagemaker_runtime, "digits", body) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-raising", DeploymentConfig=canary)
         described = settled(sagemaker, "digits")
     assert described["EndpointConfigName"] == serving
-    fired = re.search(r"Alarm digits-invocation-5xx-errors fired: 5XX error rate \(IF\(invocations >= 10, "
-                      r"FILL\(errors, 0\) / invocations, 0\); errors (\d+), invocations (\d+)\) 1 "
-                      r"GreaterThanThreshold 0\.05", described["FailureReason"])  # fmt: skip
+    fired = re.search(
+        r"Alarm digits-invocation-5xx-errors fired: 5XX error rate \(IF\(invocations >= 10, "
+        r"FILL\(errors, 0\) / invocations, 0\); errors (\d+), invocations (\d+)\) 1 "
+        r"GreaterThanThreshold 0\.05",
+        described["FailureReason"],
+    )
     assert fired and fired[1] == fired[2] and int(fired[2]) >= 10, described["FailureReason"]  # not under 10
     assert load.failures and all("ModelError" in failure for failure in load.failures)  # the canary's share only
     assert len(load.answers) > len(load.failures)
@@ -217,18 +233,27 @@ def test_a_linear_shift_whose_alarm_stays_quiet_completes(
 ):
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
     cloudwatch.put_metric_alarm(
-        AlarmName="digits-latency", Namespace="AWS/SageMaker", MetricName="ModelLatency", ExtendedStatistic="p99",
+        AlarmName="digits-latency",
+        Namespace="AWS/SageMaker",
+        MetricName="ModelLatency",
+        ExtendedStatistic="p99",
         Dimensions=[{"Name": "EndpointName", "Value": "digits"}, {"Name": "VariantName", "Value": "AllTraffic"}],
-        Period=60, EvaluationPeriods=1, Threshold=60_000_000, ComparisonOperator="GreaterThanThreshold",
-    )  # fmt: skip
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=60_000_000,
+        ComparisonOperator="GreaterThanThreshold",
+    )
     linear = {
         "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {"Type": "LINEAR", "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
-                                            "WaitIntervalInSeconds": 1},
+            "TrafficRoutingConfiguration": {
+                "Type": "LINEAR",
+                "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
+                "WaitIntervalInSeconds": 1,
+            },
             "TerminationWaitInSeconds": 1,
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-latency"}]},
-    }  # fmt: skip
+    }
     with Load(local_sagemaker_runtime, "digits", body, clients=2) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-good", DeploymentConfig=linear)
         described = settled(sagemaker, "digits")
@@ -294,37 +319,61 @@ def test_metric_math_is_parsed_strictly_and_evaluated_as_cloudwatch_would():
         return {**alarm, "Metrics": [*alarm["Metrics"][:2], *queries]}
 
     for queries, refusal in (
-        ([{"Id": "e1", "Expression": "STDDEV(errors)", "ReturnData": True}],
-         "expression e1 (STDDEV(errors)): function STDDEV is not evaluated"),
-        ([{"Id": "e1", "Expression": "errors / calls", "ReturnData": True}],
-         "expression e1 names calls, which no metric query of the alarm is"),
-        ([{"Id": "e1", "Expression": "e2", "ReturnData": True}, {"Id": "e2", "Expression": "e1 + 1", "ReturnData": False}],
-         "its expressions refer to each other in a cycle: e1 -> e2 -> e1"),
-        ([{"Id": "e1", "Expression": "errors", "ReturnData": True}, {"Id": "e2", "Expression": "errors"}],
-         "exactly one metric query must have ReturnData true, not 2"),
-        ([{"Id": "e1", "Expression": "errors", "ReturnData": True},
-          {"Id": "m3", "MetricStat": {**alarm["Metrics"][0]["MetricStat"], "Stat": "IQM"}, "ReturnData": False}],
-         "metric query m3: statistic 'IQM' is not evaluated"),
-    ):  # fmt: skip
+        (
+            [{"Id": "e1", "Expression": "STDDEV(errors)", "ReturnData": True}],
+            "expression e1 (STDDEV(errors)): function STDDEV is not evaluated",
+        ),
+        (
+            [{"Id": "e1", "Expression": "errors / calls", "ReturnData": True}],
+            "expression e1 names calls, which no metric query of the alarm is",
+        ),
+        (
+            [
+                {"Id": "e1", "Expression": "e2", "ReturnData": True},
+                {"Id": "e2", "Expression": "e1 + 1", "ReturnData": False},
+            ],
+            "its expressions refer to each other in a cycle: e1 -> e2 -> e1",
+        ),
+        (
+            [{"Id": "e1", "Expression": "errors", "ReturnData": True}, {"Id": "e2", "Expression": "errors"}],
+            "exactly one metric query must have ReturnData true, not 2",
+        ),
+        (
+            [
+                {"Id": "e1", "Expression": "errors", "ReturnData": True},
+                {"Id": "m3", "MetricStat": {**alarm["Metrics"][0]["MetricStat"], "Stat": "IQM"}, "ReturnData": False},
+            ],
+            "metric query m3: statistic 'IQM' is not evaluated",
+        ),
+    ):
         with pytest.raises(ValidationException, match=re.escape(refusal)):
             metric_math(with_queries(*queries))
 
 
 def test_an_alarm_the_service_cannot_evaluate_is_refused_when_the_update_is_asked(sagemaker, local_aws):
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
-    metric = {"Namespace": "AWS/SageMaker", "MetricName": "Invocations",
-              "Dimensions": [{"Name": "EndpointName", "Value": "digits"}]}  # fmt: skip
+    metric = {
+        "Namespace": "AWS/SageMaker",
+        "MetricName": "Invocations",
+        "Dimensions": [{"Name": "EndpointName", "Value": "digits"}],
+    }
     cloudwatch.put_metric_alarm(
-        AlarmName="digits-anomaly", EvaluationPeriods=1, Threshold=0, ComparisonOperator="GreaterThanThreshold",
-        Metrics=[{"Id": "m1", "MetricStat": {"Metric": metric, "Period": 60, "Stat": "Sum"}, "ReturnData": False},
-                 {"Id": "e1", "Expression": "ANOMALY_DETECTION_BAND(m1, 2)", "ReturnData": True}],
-    )  # fmt: skip
+        AlarmName="digits-anomaly",
+        EvaluationPeriods=1,
+        Threshold=0,
+        ComparisonOperator="GreaterThanThreshold",
+        Metrics=[
+            {"Id": "m1", "MetricStat": {"Metric": metric, "Period": 60, "Stat": "Sum"}, "ReturnData": False},
+            {"Id": "e1", "Expression": "ANOMALY_DETECTION_BAND(m1, 2)", "ReturnData": True},
+        ],
+    )
     serving = settled(sagemaker, "digits")["EndpointConfigName"]
     with pytest.raises(ClientError) as caught:
         sagemaker.update_endpoint(
-            EndpointName="digits", EndpointConfigName="config-shuffled",
+            EndpointName="digits",
+            EndpointConfigName="config-shuffled",
             DeploymentConfig={"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-anomaly"}]}},
-        )  # fmt: skip
+        )
     assert caught.value.response["Error"]["Code"] == "ValidationException"
     assert caught.value.response["Error"]["Message"] == (
         "Alarm digits-anomaly: expression e1 (ANOMALY_DETECTION_BAND(m1, 2)): function ANOMALY_DETECTION_BAND is not "
@@ -339,11 +388,17 @@ def test_errors_are_sagemakers(sagemaker, local_sagemaker, body, local_sagemaker
     for call, kwargs, message in (
         (sagemaker.describe_endpoint, {"EndpointName": "absent"}, 'Could not find endpoint "arn:aws:sagemaker:'),
         (sagemaker.describe_model, {"ModelName": "absent"}, 'Could not find model "arn:aws:sagemaker:'),
-        (sagemaker.create_endpoint, {"EndpointName": "digits", "EndpointConfigName": "config-good"},
-         "Cannot create already existing endpoint"),
-        (sagemaker.create_endpoint, {"EndpointName": "other", "EndpointConfigName": "absent"},
-         "Could not find endpoint configuration"),
-    ):  # fmt: skip
+        (
+            sagemaker.create_endpoint,
+            {"EndpointName": "digits", "EndpointConfigName": "config-good"},
+            "Cannot create already existing endpoint",
+        ),
+        (
+            sagemaker.create_endpoint,
+            {"EndpointName": "other", "EndpointConfigName": "absent"},
+            "Could not find endpoint configuration",
+        ),
+    ):
         with pytest.raises(ClientError) as caught:
             call(**kwargs)
         assert caught.value.response["Error"]["Code"] == "ValidationException"
@@ -375,16 +430,22 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
     from tests.conftest import KEYS
 
     def start():
-        return launch.start(tmp_path / "state", local_aws, credentials=KEYS.sagemaker.environment(), cpus=1,
-                            metrics_interval=1)  # fmt: skip
+        return launch.start(
+            tmp_path / "state", local_aws, credentials=KEYS.sagemaker.environment(), cpus=1, metrics_interval=1
+        )
 
     started = start()
     client = boto3.client("sagemaker", endpoint_url=started.url)
     try:
-        client.create_model(ModelName="kept", ExecutionRoleArn=ROLE, PrimaryContainer={
-            "Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"})  # fmt: skip
-        client.create_endpoint_config(EndpointConfigName="kept", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "kept", "InitialInstanceCount": 1}])  # fmt: skip
+        client.create_model(
+            ModelName="kept",
+            ExecutionRoleArn=ROLE,
+            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"},
+        )
+        client.create_endpoint_config(
+            EndpointConfigName="kept",
+            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "kept", "InitialInstanceCount": 1}],
+        )
         client.create_endpoint(EndpointName="kept", EndpointConfigName="kept")
         client.get_waiter("endpoint_in_service").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
         answer = probabilities(runtime(started.runtime_url), "kept", body)
@@ -420,8 +481,10 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
         lost_dir = fleets / "lost" / "lost-config" / "AllTraffic"
         shutil.copytree(next(fleets.glob("kept/models/*")), lost_dir)
         port = processes.free_port()
-        lost, _ = processes.spawn([sys.executable, "-m", "inference.serve", "--model-dir", str(lost_dir),
-                                   "--port", str(port)], env=processes.allowed_env())  # fmt: skip
+        lost, _ = processes.spawn(
+            [sys.executable, "-m", "inference.serve", "--model-dir", str(lost_dir), "--port", str(port)],
+            env=processes.allowed_env(),
+        )
         assert processes.wait_until(lambda: processes.healthy(f"http://127.0.0.1:{port}"), 60)
         started = start()
         assert server_pids(started.url, "kept") == set() and all(psutil.pid_exists(pid) for pid in servers)
@@ -517,18 +580,28 @@ def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker
     # Chunked past the limit: refused as soon as it passes it.
     chunk = b" " * (1024 * 1024)
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(7)) + b"0\r\n\r\n"
-    raw.send(b"POST /endpoints/digits/invocations HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\n"
-             b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    raw.send(
+        b"POST /endpoints/digits/invocations HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+    )
     assert raw.reply()[0] == 413
 
     for request, status, code, message in (
         (invocation("no_such!name", body), 400, "ValidationError", "failed to satisfy constraint"),
         (invocation("absent", body), 400, "ValidationError", "Endpoint absent of account"),
-        (raw_request("GET", "/endpoints/digits/invocations", {"Host": "runtime"}, b""), 404, "UnknownOperationException",
-         "POST /endpoints/{EndpointName}/invocations"),
-        (invocation("digits", body, {"X-Amzn-SageMaker-Target-Variant": "Absent"}), 400, "ValidationError",
-         "Variant Absent not found for endpoint digits"),
-    ):  # fmt: skip
+        (
+            raw_request("GET", "/endpoints/digits/invocations", {"Host": "runtime"}, b""),
+            404,
+            "UnknownOperationException",
+            "POST /endpoints/{EndpointName}/invocations",
+        ),
+        (
+            invocation("digits", body, {"X-Amzn-SageMaker-Target-Variant": "Absent"}),
+            400,
+            "ValidationError",
+            "Variant Absent not found for endpoint digits",
+        ),
+    ):
         raw.send(request)
         answered, headers, answer = raw.reply()
         assert (answered, headers["x-amzn-errortype"]) == (status, f"{code}:"), answer
@@ -545,8 +618,9 @@ def test_the_runtime_answers_any_http_client_and_refuses_what_is_wrong(sagemaker
     assert probabilities(runtime(local_sagemaker_runtime), "digits", body)  # and the runtime serves on
 
 
-def test_a_config_made_again_under_its_old_name_serves_its_new_model(sagemaker, local_sagemaker, local_aws, body,
-                                                                     local_sagemaker_runtime):  # fmt: skip
+def test_a_config_made_again_under_its_old_name_serves_its_new_model(
+    sagemaker, local_sagemaker, local_aws, body, local_sagemaker_runtime
+):
     """The model directory is named by its archive's SHA-256, not by the endpoint config: a config (and model)
     deleted and made again under the old name with another artifact serves that artifact, and the same artifact is
     unpacked once for the endpoint (the directory the previous fleet used is kept, the others go)."""
@@ -555,10 +629,15 @@ def test_a_config_made_again_under_its_old_name_serves_its_new_model(sagemaker, 
     client = runtime(local_sagemaker_runtime)
 
     def make(artifact: str) -> None:
-        sagemaker.create_model(ModelName="recycled", ExecutionRoleArn=ROLE, PrimaryContainer={
-            "Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{artifact}/model.tar.gz"})  # fmt: skip
-        sagemaker.create_endpoint_config(EndpointConfigName="recycled", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "recycled", "InitialInstanceCount": 1}])  # fmt: skip
+        sagemaker.create_model(
+            ModelName="recycled",
+            ExecutionRoleArn=ROLE,
+            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{artifact}/model.tar.gz"},
+        )
+        sagemaker.create_endpoint_config(
+            EndpointConfigName="recycled",
+            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "recycled", "InitialInstanceCount": 1}],
+        )
 
     make("good")
     sagemaker.create_endpoint(EndpointName="recycled", EndpointConfigName="recycled")
@@ -621,5 +700,8 @@ def test_a_model_directory_is_named_by_its_archives_bytes_and_unpacked_whole(loc
     shutil.copytree(first, endpoint / "another-config" / "AllTraffic")
     model_servers.prune(endpoint, [second, str(old_layout)])
     assert sorted(str(path.relative_to(endpoint)) for path in endpoint.rglob("*") if path.is_dir()) == [
-        "a-config", "a-config/AllTraffic", "models", f"models/{second.name}",
-    ]  # fmt: skip
+        "a-config",
+        "a-config/AllTraffic",
+        "models",
+        f"models/{second.name}",
+    ]

@@ -123,12 +123,33 @@ def test_create_training_job_request_from_boto3_parses_and_validates():
 @pytest.mark.parametrize(
     ("method", "params"),
     [
-        ("create_model", {"ModelName": "mnist", "ExecutionRoleArn": ROLE,
-                          "PrimaryContainer": {"Image": "img:1", "ModelDataUrl": "s3://b/model.tar.gz",
-                                               "Environment": {"SAGEMAKER_PROGRAM": "inference.py"}}}),
-        ("create_endpoint_config", {"EndpointConfigName": "mnist-cfg", "ProductionVariants": [
-            {"VariantName": "AllTraffic", "ModelName": "mnist", "InitialInstanceCount": 1,
-             "InstanceType": "ml.m5.large", "InitialVariantWeight": 1.0}]}),
+        (
+            "create_model",
+            {
+                "ModelName": "mnist",
+                "ExecutionRoleArn": ROLE,
+                "PrimaryContainer": {
+                    "Image": "img:1",
+                    "ModelDataUrl": "s3://b/model.tar.gz",
+                    "Environment": {"SAGEMAKER_PROGRAM": "inference.py"},
+                },
+            },
+        ),
+        (
+            "create_endpoint_config",
+            {
+                "EndpointConfigName": "mnist-cfg",
+                "ProductionVariants": [
+                    {
+                        "VariantName": "AllTraffic",
+                        "ModelName": "mnist",
+                        "InitialInstanceCount": 1,
+                        "InstanceType": "ml.m5.large",
+                        "InitialVariantWeight": 1.0,
+                    }
+                ],
+            },
+        ),
         ("create_endpoint", {"EndpointName": "mnist", "EndpointConfigName": "mnist-cfg", "Tags": []}),
         ("update_endpoint", {"EndpointName": "mnist", "EndpointConfigName": "mnist-cfg-2"}),
         ("describe_endpoint", {"EndpointName": "mnist"}),
@@ -136,7 +157,7 @@ def test_create_training_job_request_from_boto3_parses_and_validates():
         ("stop_training_job", {"TrainingJobName": "mnist-1"}),
         ("delete_endpoint", {"EndpointName": "mnist"}),
     ],
-)  # fmt: skip
+)
 def test_other_boto3_requests_pass_validation(method, params):
     server = FakeServer()
     getattr(make_client(server), method)(**params)
@@ -199,20 +220,40 @@ def _with(path: str, value) -> dict:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("TrainingJobName", "bad name!", "Value 'bad name!' at 'trainingJobName' failed to satisfy constraint: "
-         f"Member must satisfy regular expression pattern: {NAME_PATTERN}"),
+        (
+            "TrainingJobName",
+            "bad name!",
+            "Value 'bad name!' at 'trainingJobName' failed to satisfy constraint: "
+            f"Member must satisfy regular expression pattern: {NAME_PATTERN}",
+        ),
         # the model gives InstanceCount min 0 (it is 0 with InstanceGroups), so -1 is the first value out of range
-        ("ResourceConfig.InstanceCount", -1, "Value '-1' at 'resourceConfig.instanceCount' failed to satisfy "
-         "constraint: Member must have value greater than or equal to 0"),
-        ("StoppingCondition.MaxRuntimeInSeconds", 0, "Value '0' at 'stoppingCondition.maxRuntimeInSeconds' failed "
-         "to satisfy constraint: Member must have value greater than or equal to 1"),
-        ("AlgorithmSpecification.TrainingInputMode", "Nope", "Value 'Nope' at "
-         "'algorithmSpecification.trainingInputMode' failed to satisfy constraint: Member must satisfy enum value "
-         "set: [Pipe, File, FastFile]"),
-        ("OutputDataConfig.S3OutputPath", LONG_URI, f"Value '{LONG_URI}' at 'outputDataConfig.s3OutputPath' failed "
-         "to satisfy constraint: Member must have length less than or equal to 1024"),
+        (
+            "ResourceConfig.InstanceCount",
+            -1,
+            "Value '-1' at 'resourceConfig.instanceCount' failed to satisfy "
+            "constraint: Member must have value greater than or equal to 0",
+        ),
+        (
+            "StoppingCondition.MaxRuntimeInSeconds",
+            0,
+            "Value '0' at 'stoppingCondition.maxRuntimeInSeconds' failed "
+            "to satisfy constraint: Member must have value greater than or equal to 1",
+        ),
+        (
+            "AlgorithmSpecification.TrainingInputMode",
+            "Nope",
+            "Value 'Nope' at "
+            "'algorithmSpecification.trainingInputMode' failed to satisfy constraint: Member must satisfy enum value "
+            "set: [Pipe, File, FastFile]",
+        ),
+        (
+            "OutputDataConfig.S3OutputPath",
+            LONG_URI,
+            f"Value '{LONG_URI}' at 'outputDataConfig.s3OutputPath' failed "
+            "to satisfy constraint: Member must have length less than or equal to 1024",
+        ),
     ],
-)  # fmt: skip
+)
 def test_one_invalid_member_is_a_validation_exception_naming_it(unchecked, path, value, message):
     response = client_error(unchecked.create_training_job, **_with(path, value))
     assert response["Error"] == {"Code": "ValidationException", "Message": f"1 validation error detected: {message}"}
@@ -252,8 +293,18 @@ def test_json_nulls_are_absent_members():
         protocol.parse_request("SageMaker.DescribeTrainingJob", b'{"TrainingJobName": null}')
 
 
-@pytest.mark.parametrize("target", [None, "", "SageMaker", "SageMaker.", "SageMaker.NoSuchThing",
-                                    "sagemaker.ListEndpoints", "DynamoDB_20120810.ListTables"])  # fmt: skip
+@pytest.mark.parametrize(
+    "target",
+    [
+        None,
+        "",
+        "SageMaker",
+        "SageMaker.",
+        "SageMaker.NoSuchThing",
+        "sagemaker.ListEndpoints",
+        "DynamoDB_20120810.ListTables",
+    ],
+)
 def test_an_unknown_target_is_an_unknown_operation(target):
     with pytest.raises(protocol.UnknownOperationException) as caught:
         protocol.parse_request(target, b"{}")
@@ -286,11 +337,15 @@ def test_an_operation_the_service_does_not_implement_is_named():
     [
         ("training job", "Mnist-1", "Requested resource not found."),
         ("model", "Mnist", 'Could not find model "arn:aws:sagemaker:us-east-1:000000000000:model/mnist".'),
-        ("endpoint config", "Mnist-Cfg", 'Could not find endpoint configuration '
-         '"arn:aws:sagemaker:us-east-1:000000000000:endpoint-config/mnist-cfg".'),
+        (
+            "endpoint config",
+            "Mnist-Cfg",
+            "Could not find endpoint configuration "
+            '"arn:aws:sagemaker:us-east-1:000000000000:endpoint-config/mnist-cfg".',
+        ),
         ("endpoint", "Mnist", 'Could not find endpoint "arn:aws:sagemaker:us-east-1:000000000000:endpoint/mnist".'),
     ],
-)  # fmt: skip
+)
 def test_not_found_is_what_sagemaker_answers(kind, name, message):
     error = protocol.not_found(kind, name)
     assert (error.code, error.message, error.status) == ("ValidationException", message, 400)
@@ -359,11 +414,18 @@ def test_a_modelled_error_is_raised_as_the_clients_exception_class():
 
 
 def test_serialize_response_keeps_only_model_members_and_strict_names_the_stray_one():
-    answer = {"EndpointName": "mnist", "EndpointStatus": "InService", "Internal": {"pid": 1},
-              "ProductionVariants": [{"VariantName": "AllTraffic", "CurrentWeight": 1.0, "Process": 7}]}  # fmt: skip
+    answer = {
+        "EndpointName": "mnist",
+        "EndpointStatus": "InService",
+        "Internal": {"pid": 1},
+        "ProductionVariants": [{"VariantName": "AllTraffic", "CurrentWeight": 1.0, "Process": 7}],
+    }
     body = json.loads(protocol.serialize_response("DescribeEndpoint", answer))
-    assert body == {"EndpointName": "mnist", "EndpointStatus": "InService",
-                    "ProductionVariants": [{"VariantName": "AllTraffic", "CurrentWeight": 1.0}]}  # fmt: skip
+    assert body == {
+        "EndpointName": "mnist",
+        "EndpointStatus": "InService",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "CurrentWeight": 1.0}],
+    }
     with pytest.raises(ValueError, match=r"^Internal: not a member of DescribeEndpointOutput"):
         protocol.serialize_response("DescribeEndpoint", answer, strict=True)
     del answer["Internal"]
@@ -382,8 +444,13 @@ def test_serialize_response_writes_timestamps_as_epoch_seconds():
 
 
 def test_validate_response_catches_what_the_model_forbids():
-    valid = {"EndpointName": "mnist", "EndpointArn": protocol.arn("endpoint", "mnist"), "EndpointStatus": "InService",
-             "CreationTime": CREATED, "LastModifiedTime": CREATED}  # fmt: skip
+    valid = {
+        "EndpointName": "mnist",
+        "EndpointArn": protocol.arn("endpoint", "mnist"),
+        "EndpointStatus": "InService",
+        "CreationTime": CREATED,
+        "LastModifiedTime": CREATED,
+    }
     protocol.validate_response("DescribeEndpoint", valid)
     with pytest.raises(ValueError, match=r"Value null at 'endpointArn'"):
         protocol.validate_response("DescribeEndpoint", {**valid, "EndpointArn": None})

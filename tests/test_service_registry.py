@@ -48,21 +48,33 @@ def test_groups(sagemaker):
         sagemaker.create_model_package_group(ModelPackageGroupName=GROUP)
     with pytest.raises(ClientError, match="ModelPackageGroup absent does not exist"):
         sagemaker.describe_model_package_group(ModelPackageGroupName="absent")
-    names = [g["ModelPackageGroupName"] for g in sagemaker.list_model_package_groups(NameContains="registry-")[
-        "ModelPackageGroupSummaryList"]]  # fmt: skip
+    names = [
+        g["ModelPackageGroupName"]
+        for g in sagemaker.list_model_package_groups(NameContains="registry-")["ModelPackageGroupSummaryList"]
+    ]
     assert names == [GROUP]
 
 
 def test_versions_are_numbered_described_listed_and_approved(sagemaker):
     arns = []
     for version, status in ((1, "Approved"), (2, "Rejected"), (3, "PendingManualApproval")):
-        arns.append(sagemaker.create_model_package(
-            ModelPackageGroupName=GROUP, ModelPackageDescription=f"hidden_channels {version * 10}",
-            InferenceSpecification=inference(version), ModelApprovalStatus=status,
-            ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": "application/json",
-                                                          "S3Uri": f"s3://bucket/reports/v{version}.json"}}},
-            CustomerMetadataProperties={"test_accuracy": f"0.9{version}", "run_id": f"run-{version}"},
-        )["ModelPackageArn"])  # fmt: skip
+        arns.append(
+            sagemaker.create_model_package(
+                ModelPackageGroupName=GROUP,
+                ModelPackageDescription=f"hidden_channels {version * 10}",
+                InferenceSpecification=inference(version),
+                ModelApprovalStatus=status,
+                ModelMetrics={
+                    "ModelQuality": {
+                        "Statistics": {
+                            "ContentType": "application/json",
+                            "S3Uri": f"s3://bucket/reports/v{version}.json",
+                        }
+                    }
+                },
+                CustomerMetadataProperties={"test_accuracy": f"0.9{version}", "run_id": f"run-{version}"},
+            )["ModelPackageArn"]
+        )
     assert [arn.rsplit("/", 2)[1:] for arn in arns] == [[GROUP, "1"], [GROUP, "2"], [GROUP, "3"]]
 
     described = validated("DescribeModelPackage", sagemaker.describe_model_package(ModelPackageName=arns[2]))
@@ -76,11 +88,21 @@ def test_versions_are_numbered_described_listed_and_approved(sagemaker):
 
     listed = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, SortBy="CreationTime", SortOrder="Descending")
     assert [p["ModelPackageVersion"] for p in validated("ListModelPackages", listed)["ModelPackageSummaryList"]] == [
-        3, 2, 1]  # fmt: skip
+        3,
+        2,
+        1,
+    ]
     # A version's summary, as SageMaker's: named by its group and number, with no ModelPackageName.
     assert {key for p in listed["ModelPackageSummaryList"] for key in p} == {
-        "ModelPackageGroupName", "ModelPackageVersion", "ModelPackageArn", "ModelPackageDescription", "CreationTime",
-        "ModelPackageStatus", "ModelApprovalStatus", "ModelPackageRegistrationType"}  # fmt: skip
+        "ModelPackageGroupName",
+        "ModelPackageVersion",
+        "ModelPackageArn",
+        "ModelPackageDescription",
+        "CreationTime",
+        "ModelPackageStatus",
+        "ModelApprovalStatus",
+        "ModelPackageRegistrationType",
+    }
     # Without a group, SageMaker lists the unversioned packages unless asked for versions (this registry has none).
     assert sagemaker.list_model_packages()["ModelPackageSummaryList"] == []
     versions = sagemaker.list_model_packages(ModelPackageType="Versioned", NameContains=GROUP)
@@ -90,7 +112,10 @@ def test_versions_are_numbered_described_listed_and_approved(sagemaker):
     first = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, MaxResults=2)
     rest = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, MaxResults=2, NextToken=first["NextToken"])
     assert [p["ModelPackageVersion"] for p in first["ModelPackageSummaryList"] + rest["ModelPackageSummaryList"]] == [
-        1, 2, 3]  # fmt: skip
+        1,
+        2,
+        3,
+    ]
     assert "NextToken" not in rest
 
     # A person approves version 3 (as `mnist-pipeline approve` or the registry on AWS would).
@@ -104,8 +129,9 @@ def test_versions_are_numbered_described_listed_and_approved(sagemaker):
     updated = sagemaker.describe_model_package(ModelPackageName=arns[2])
     assert (updated["ModelApprovalStatus"], updated["ApprovalDescription"]) == ("Approved", "checked by hand")
     assert updated["CustomerMetadataProperties"] == {"test_accuracy": "0.93"} and updated["LastModifiedTime"] >= before
-    approved = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved",
-                                             SortBy="CreationTime", SortOrder="Descending")  # fmt: skip
+    approved = sagemaker.list_model_packages(
+        ModelPackageGroupName=GROUP, ModelApprovalStatus="Approved", SortBy="CreationTime", SortOrder="Descending"
+    )
     assert [p["ModelPackageVersion"] for p in approved["ModelPackageSummaryList"]] == [3, 1]
 
 
@@ -119,7 +145,10 @@ def test_the_sdk_lists_a_groups_versions(sagemaker, monkeypatch):
 
     versions = list(ModelPackage.get_all(model_package_group_name=GROUP, session=boto3.Session()))
     assert [(v.model_package_version, v.model_approval_status) for v in versions] == [
-        (1, "Approved"), (2, "Rejected"), (3, "Approved")]  # fmt: skip
+        (1, "Approved"),
+        (2, "Rejected"),
+        (3, "Approved"),
+    ]
     assert {v.model_package_name for v in versions} == {GROUP}, "DescribeModelPackage's: the group's name"
     assert versions[2].inference_specification.containers[0].model_data_url.endswith("v3/model.tar.gz")
 
@@ -135,8 +164,9 @@ def test_what_is_wrong_is_named(sagemaker):
     import boto3
     from botocore.config import Config
 
-    unchecked = boto3.client("sagemaker", endpoint_url=sagemaker.meta.endpoint_url,
-                             config=Config(parameter_validation=False))  # fmt: skip
+    unchecked = boto3.client(
+        "sagemaker", endpoint_url=sagemaker.meta.endpoint_url, config=Config(parameter_validation=False)
+    )
     with pytest.raises(ClientError) as caught:  # the service checks botocore's model: the status is an enum
         unchecked.update_model_package(ModelPackageArn=arn, ModelApprovalStatus="Maybe")
     assert caught.value.response["Error"]["Code"] == "ValidationException"
@@ -148,8 +178,11 @@ def test_what_is_wrong_is_named(sagemaker):
 def test_tags_are_added_listed_and_deleted_by_arn(sagemaker):
     """Tags on a group and on an endpoint config (the pipeline keeps a deployment's test accuracy there)."""
     group_arn = sagemaker.describe_model_package_group(ModelPackageGroupName=GROUP)["ModelPackageGroupArn"]
-    sagemaker.create_model(ModelName="tagged", ExecutionRoleArn=EXECUTION_ROLE,
-                           PrimaryContainer={"Image": "i", "ModelDataUrl": "s3://bucket/m/model.tar.gz"})  # fmt: skip
+    sagemaker.create_model(
+        ModelName="tagged",
+        ExecutionRoleArn=EXECUTION_ROLE,
+        PrimaryContainer={"Image": "i", "ModelDataUrl": "s3://bucket/m/model.tar.gz"},
+    )
     sagemaker.create_endpoint_config(
         EndpointConfigName="tagged",
         ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "tagged", "InitialInstanceCount": 1}],
@@ -159,10 +192,17 @@ def test_tags_are_added_listed_and_deleted_by_arn(sagemaker):
     assert validated("ListTags", sagemaker.list_tags(ResourceArn=config_arn))["Tags"] == [
         {"Key": "project", "Value": "mnist-pipeline"}
     ]
-    validated("AddTags", sagemaker.add_tags(ResourceArn=config_arn, Tags=[
-        {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"}, {"Key": "project", "Value": "changed"}]))  # fmt: skip
+    validated(
+        "AddTags",
+        sagemaker.add_tags(
+            ResourceArn=config_arn,
+            Tags=[{"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"}, {"Key": "project", "Value": "changed"}],
+        ),
+    )
     assert sagemaker.list_tags(ResourceArn=config_arn)["Tags"] == [
-        {"Key": "project", "Value": "changed"}, {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"}]  # fmt: skip
+        {"Key": "project", "Value": "changed"},
+        {"Key": "mnist-pipeline:test-accuracy", "Value": "0.9714"},
+    ]
     sagemaker.delete_tags(ResourceArn=config_arn, TagKeys=["project"])
     assert [t["Key"] for t in sagemaker.list_tags(ResourceArn=config_arn)["Tags"]] == ["mnist-pipeline:test-accuracy"]
     sagemaker.add_tags(ResourceArn=group_arn, Tags=[{"Key": "team", "Value": "ops"}])

@@ -107,13 +107,19 @@ def test_a_job_runs_as_sagemaker_runs_it(clients, tmp_path):
     described = wait(sagemaker, "svc-ok")
     assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
     assert [t["Status"] for t in described["SecondaryStatusTransitions"]] == [
-        "Starting", "Downloading", "Training", "Uploading", "Completed",
-    ]  # fmt: skip
+        "Starting",
+        "Downloading",
+        "Training",
+        "Uploading",
+        "Completed",
+    ]
     model_uri = f"s3://{BUCKET}/training-jobs/svc-ok/output/model.tar.gz"
     assert described["ModelArtifacts"] == {"S3ModelArtifacts": model_uri}
     assert {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]} == {
-        "train:loss": 0.3, "test:loss": 0.1, "test:accuracy": 97.14,
-    }  # fmt: skip
+        "train:loss": 0.3,
+        "test:loss": 0.1,
+        "test:accuracy": 97.14,
+    }
     assert described["HyperParameters"] == sent["HyperParameters"]
     assert described["TrainingTimeInSeconds"] >= 1 and described["BillableTimeInSeconds"] >= 1
 
@@ -148,8 +154,12 @@ def test_json_encoded_hyperparameters_are_decoded_as_the_training_toolkit_decode
     sent = request("svc-json")
     sent["HyperParameters"] = {
         **{key: json.dumps(value) for key, value in sent["HyperParameters"].items()},  # sagemaker_program too
-        "lr": "0.001", "layers": "[4, 8]", "options": '{"b": 2, "a": "x"}', "name": "not json", "x": "1",
-    }  # fmt: skip
+        "lr": "0.001",
+        "layers": "[4, 8]",
+        "options": '{"b": 2, "a": "x"}',
+        "name": "not json",
+        "x": "1",
+    }
     sagemaker.create_training_job(**sent)
     described = wait(sagemaker, "svc-json")
     assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
@@ -158,12 +168,33 @@ def test_json_encoded_hyperparameters_are_decoded_as_the_training_toolkit_decode
     with tarfile.open(fileobj=io.BytesIO(model)) as archive:
         seen = json.load(archive.extractfile("seen.json"))
     # The toolkit's arguments: sorted, a one-letter key as -x, a mapping as k=v pairs, the sagemaker_* ones left out.
-    assert seen["argv"] == ["--epochs", "2", "--layers", "[4, 8]", "--lr", "0.001", "--mode", "ok",
-                            "--name", "not json", "--options", "a=x,b=2", "-x", "1"]  # fmt: skip
+    assert seen["argv"] == [
+        "--epochs",
+        "2",
+        "--layers",
+        "[4, 8]",
+        "--lr",
+        "0.001",
+        "--mode",
+        "ok",
+        "--name",
+        "not json",
+        "--options",
+        "a=x,b=2",
+        "-x",
+        "1",
+    ]
     env = seen["env"]
     assert (env["SM_HP_MODE"], env["SM_HP_LAYERS"], env["SM_HP_OPTIONS"]) == ("ok", "[4,8]", '{"a":"x","b":2}')
-    assert json.loads(env["SM_HPS"]) == {"epochs": "2", "mode": "ok", "lr": 0.001, "layers": [4, 8],
-                                         "options": {"b": 2, "a": "x"}, "name": "not json", "x": 1}  # fmt: skip
+    assert json.loads(env["SM_HPS"]) == {
+        "epochs": "2",
+        "mode": "ok",
+        "lr": 0.001,
+        "layers": [4, 8],
+        "options": {"b": 2, "a": "x"},
+        "name": "not json",
+        "x": 1,
+    }
     assert not [key for key in env if key.startswith("SM_HP_SAGEMAKER")]
 
 
@@ -192,11 +223,17 @@ def test_a_containers_command_runs_on_each_host_with_its_own_opt_ml(clients):
     sagemaker, s3, _ = clients
     s3.put_object(Bucket=BUCKET, Key="container/code/run.py", Body=CONTAINER_SCRIPT.encode())
     sent = request("svc-container", instance_count=2)
-    sent["AlgorithmSpecification"] |= {"ContainerEntrypoint": ["/usr/local/bin/python3", "-u"],
-                                       "ContainerArguments": ["/opt/ml/input/data/code/run.py", "--out", "/opt/ml/model"]}  # fmt: skip
+    sent["AlgorithmSpecification"] |= {
+        "ContainerEntrypoint": ["/usr/local/bin/python3", "-u"],
+        "ContainerArguments": ["/opt/ml/input/data/code/run.py", "--out", "/opt/ml/model"],
+    }
     del sent["HyperParameters"]  # none at all, not even sagemaker_program: the command is the code
-    sent["InputDataConfig"].append({"ChannelName": "code", "DataSource": {"S3DataSource": {
-        "S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/container/code/"}}})  # fmt: skip
+    sent["InputDataConfig"].append(
+        {
+            "ChannelName": "code",
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/container/code/"}},
+        }
+    )
     sent["Environment"] = {"GREETING": "hello"}
     sagemaker.create_training_job(**sent)
     described = wait(sagemaker, "svc-container")
@@ -251,8 +288,13 @@ def test_the_sdks_command_runs_as_given_with_opt_ml_mapped(tmp_path):
     from local_sagemaker.container import command as container_command
     from local_sagemaker.container import map_files
 
-    sdk = {"ContainerEntrypoint": ["/bin/bash"], "ContainerArguments": [
-        "-c", "chmod +x /opt/ml/input/data/sm_drivers/sm_train.sh && /opt/ml/input/data/sm_drivers/sm_train.sh"]}  # fmt: skip
+    sdk = {
+        "ContainerEntrypoint": ["/bin/bash"],
+        "ContainerArguments": [
+            "-c",
+            "chmod +x /opt/ml/input/data/sm_drivers/sm_train.sh && /opt/ml/input/data/sm_drivers/sm_train.sh",
+        ],
+    }
     parsed = container_command(sdk)
     assert parsed.channels() == {"sm_drivers"}
     script = f"{tmp_path}/input/data/sm_drivers/sm_train.sh"
@@ -377,8 +419,9 @@ def test_a_job_of_more_instances_than_the_quota_is_refused_and_nothing_starts(cl
     """Each instance is a process here: a request for thousands would fork thousands."""
     from botocore.config import Config
 
-    sagemaker = boto3.client("sagemaker", endpoint_url=clients[0].meta.endpoint_url,
-                             config=Config(parameter_validation=False))  # as a raw HTTP request could send it  # fmt: skip
+    sagemaker = boto3.client(
+        "sagemaker", endpoint_url=clients[0].meta.endpoint_url, config=Config(parameter_validation=False)
+    )  # as a raw HTTP request could send it
     bad = request(f"instances-{count}")
     bad["ResourceConfig"]["InstanceCount"] = count
     with pytest.raises(ClientError) as caught:
@@ -411,8 +454,9 @@ def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnis
     assert "test:accuracy" in {m["MetricName"] for m in described["FinalMetricDataList"]}
     streams = logs.describe_log_streams(logGroupName="/aws/sagemaker/TrainingJobs", logStreamNamePrefix="svc-ddp/")
     assert sorted(s["logStreamName"].split("/")[1].rsplit("-", 1)[0] for s in streams["logStreams"]) == [
-        "algo-1", "algo-2",
-    ]  # fmt: skip
+        "algo-1",
+        "algo-2",
+    ]
     model = s3.get_object(Bucket=BUCKET, Key="training-jobs/svc-ddp/output/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(model)) as archive:
         assert {"model.pth", "model_config.json"} <= set(archive.getnames())
@@ -433,9 +477,14 @@ def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
     from airflow.providers.common.compat.sdk import TaskDeferred
 
     train = SageMakerTrainingOperator(
-        task_id="train", config=request("svc-deferred"), deferrable=True, check_interval=1, print_log=False,
-        aws_conn_id="aws_default", region_name="us-east-1",
-    )  # fmt: skip
+        task_id="train",
+        config=request("svc-deferred"),
+        deferrable=True,
+        check_interval=1,
+        print_log=False,
+        aws_conn_id="aws_default",
+        region_name="us-east-1",
+    )
     with pytest.raises(TaskDeferred) as deferred:
         train.execute({})
 
@@ -454,9 +503,13 @@ def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, ca
     from tasks.training_operator import TrainingOperator
 
     train = TrainingOperator(
-        task_id="train", config=request("svc-logged"), check_interval=1, print_log=True,
-        aws_conn_id="aws_default", region_name="us-east-1",
-    )  # fmt: skip
+        task_id="train",
+        config=request("svc-logged"),
+        check_interval=1,
+        print_log=True,
+        aws_conn_id="aws_default",
+        region_name="us-east-1",
+    )
     result = train.execute({})
     described = clients[0].describe_training_job(TrainingJobName="svc-logged")
     assert result["Training"]["TrainingJobStatus"] == "Completed"
@@ -472,9 +525,15 @@ def test_a_retry_waits_for_the_job_its_killed_try_left_running(clients):
 
     sagemaker = clients[0]
     sagemaker.create_training_job(**request("svc-adopted", mode="slow"))  # what the killed try started
-    train = TrainingOperator(task_id="train", config=request("svc-adopted", mode="slow"), check_interval=1,
-                             print_log=False, action_if_job_exists="timestamp", aws_conn_id="aws_default",
-                             region_name="us-east-1")  # fmt: skip
+    train = TrainingOperator(
+        task_id="train",
+        config=request("svc-adopted", mode="slow"),
+        check_interval=1,
+        print_log=False,
+        action_if_job_exists="timestamp",
+        aws_conn_id="aws_default",
+        region_name="us-east-1",
+    )
     result = train.execute({})
     assert result["Training"]["TrainingJobName"] == "svc-adopted"
     assert result["Training"]["TrainingJobStatus"] == "Completed"
@@ -489,8 +548,14 @@ def test_a_killed_training_task_stops_its_job(clients):
     from tasks.training_operator import TrainingOperator
 
     sagemaker = clients[0]
-    train = TrainingOperator(task_id="train", config=request("svc-killed", mode="hang"), check_interval=1,
-                             print_log=False, aws_conn_id="aws_default", region_name="us-east-1")  # fmt: skip
+    train = TrainingOperator(
+        task_id="train",
+        config=request("svc-killed", mode="hang"),
+        check_interval=1,
+        print_log=False,
+        aws_conn_id="aws_default",
+        region_name="us-east-1",
+    )
     outcome = []
 
     def run():
@@ -502,9 +567,11 @@ def test_a_killed_training_task_stops_its_job(clients):
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 60
-    while not [job for job in sagemaker.list_training_jobs(NameContains="svc-killed")["TrainingJobSummaries"]
-               if sagemaker.describe_training_job(TrainingJobName=job["TrainingJobName"])["SecondaryStatus"]
-               == "Training"]:  # fmt: skip
+    while not [
+        job
+        for job in sagemaker.list_training_jobs(NameContains="svc-killed")["TrainingJobSummaries"]
+        if sagemaker.describe_training_job(TrainingJobName=job["TrainingJobName"])["SecondaryStatus"] == "Training"
+    ]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     train.on_kill()
@@ -525,12 +592,15 @@ def test_code_and_data_run_only_as_their_checksums_say(clients):
     genuine = s3.get_object(Bucket=BUCKET, Key="code/sourcedir.tar.gz")["Body"].read()
     address = hashlib.sha256(genuine).hexdigest()
     s3.put_object(Bucket=BUCKET, Key=f"code/{address}/sourcedir.tar.gz", Body=genuine + b"planted")
-    sagemaker.create_training_job(**request("svc-planted-code",
-                                            sourcedir_uri=f"s3://{BUCKET}/code/{address}/sourcedir.tar.gz"))  # fmt: skip
+    sagemaker.create_training_job(
+        **request("svc-planted-code", sourcedir_uri=f"s3://{BUCKET}/code/{address}/sourcedir.tar.gz")
+    )
     failed = wait(sagemaker, "svc-planted-code")
     assert failed["TrainingJobStatus"] == "Failed"
-    assert f"sagemaker_submit_directory s3://{BUCKET}/code/{address}/sourcedir.tar.gz does not match the SHA-256" in (
-        failed["FailureReason"])  # fmt: skip
+    assert (
+        f"sagemaker_submit_directory s3://{BUCKET}/code/{address}/sourcedir.tar.gz does not match the SHA-256"
+        in (failed["FailureReason"])
+    )
 
     files = {"train-images-idx3-ubyte.gz": b"images", "t10k-labels-idx1-ubyte.gz": b"labels"}
     manifest = "".join(f"{hashlib.sha256(body).hexdigest()}  {name}\n" for name, body in files.items()).encode()

@@ -53,17 +53,34 @@ def picture(image: np.ndarray, kind: str) -> bytes:
     return buffer.getvalue()
 
 
-def job(name: str, content_type: str, source: str, *, data_type: str = "S3Prefix", split: str = "None",
-        assemble: str = "None", compression: str = "None", **extra) -> dict:  # fmt: skip
+def job(
+    name: str,
+    content_type: str,
+    source: str,
+    *,
+    data_type: str = "S3Prefix",
+    split: str = "None",
+    assemble: str = "None",
+    compression: str = "None",
+    **extra,
+) -> dict:
     return {
-        "TransformJobName": name, "ModelName": MODEL,
-        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": f"s3://{BUCKET}/{source}"}},
-                           "ContentType": content_type, "SplitType": split, "CompressionType": compression},
-        "TransformOutput": {"S3OutputPath": f"s3://{BUCKET}/out/{name}", "Accept": "application/json",
-                            "AssembleWith": assemble},
+        "TransformJobName": name,
+        "ModelName": MODEL,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": f"s3://{BUCKET}/{source}"}},
+            "ContentType": content_type,
+            "SplitType": split,
+            "CompressionType": compression,
+        },
+        "TransformOutput": {
+            "S3OutputPath": f"s3://{BUCKET}/out/{name}",
+            "Accept": "application/json",
+            "AssembleWith": assemble,
+        },
         "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1},
         **extra,
-    }  # fmt: skip
+    }
 
 
 def finished(sagemaker, name: str, timeout: float = 120) -> dict:
@@ -78,18 +95,23 @@ def servers_of(name: str) -> list[int]:
     """The model servers running for transform job ``name``."""
     mark = f"/transform-job-dirs/{name}/"
     return [
-        process.pid for process in psutil.process_iter(["cmdline"])
+        process.pid
+        for process in psutil.process_iter(["cmdline"])
         if "inference.serve" in (cmdline := process.info["cmdline"] or []) and any(mark in arg for arg in cmdline)
-    ]  # fmt: skip
+    ]
 
 
 def log_lines(logs, name: str) -> dict[str, list[str]]:
     streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{name}/")["logStreams"]
     return {
-        stream["logStreamName"]: [event["message"] for event in logs.get_log_events(
-            logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"], startFromHead=True)["events"]]
+        stream["logStreamName"]: [
+            event["message"]
+            for event in logs.get_log_events(
+                logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"], startFromHead=True
+            )["events"]
+        ]
         for stream in streams
-    }  # fmt: skip
+    }
 
 
 def documents(body: bytes) -> list[dict]:
@@ -128,9 +150,10 @@ def inputs(local_aws, local_sagemaker, model_tarball, test_set) -> dict[str, byt
     key = f"models/{hashlib.sha256(body).hexdigest()}/model.tar.gz"
     s3.put_object(Bucket=BUCKET, Key=key, Body=body)
     boto3.client("sagemaker", endpoint_url=local_sagemaker).create_model(
-        ModelName=MODEL, ExecutionRoleArn=ROLE,
+        ModelName=MODEL,
+        ExecutionRoleArn=ROLE,
         PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{key}"},
-    )  # fmt: skip
+    )
     objects = {
         "in/npy/a.npy": npy(images[:60]),
         "in/npy/nested/b.npy": npy(images[60:]),
@@ -149,8 +172,9 @@ def inputs(local_aws, local_sagemaker, model_tarball, test_set) -> dict[str, byt
         s3.put_object(Bucket=BUCKET, Key=key, Body=body)
     # SageMaker's manifests: one content type of the mixed prefix each (bad.png among the PNGs).
     for kind, suffixes in {"json": (".json",), "png": (".png",), "jpeg": (".jpg",)}.items():
-        listed = sorted(key.removeprefix("in/mixed/") for key in objects if key.startswith("in/mixed/")
-                        and key.endswith(suffixes))  # fmt: skip
+        listed = sorted(
+            key.removeprefix("in/mixed/") for key in objects if key.startswith("in/mixed/") and key.endswith(suffixes)
+        )
         manifest = [{"prefix": f"s3://{BUCKET}/in/mixed/"}, *listed]
         s3.put_object(Bucket=BUCKET, Key=f"manifests/{kind}.manifest", Body=json.dumps(manifest).encode())
     return objects
@@ -177,22 +201,52 @@ def outputs(s3, name: str) -> dict[str, bytes]:
 JOBS = {
     # Two instances (two servers of one worker each), one object each; the request's extras kept as sent.
     "tx-npy": job(
-        "tx-npy", "application/x-npy", "in/npy/", MaxConcurrentTransforms=2,
+        "tx-npy",
+        "application/x-npy",
+        "in/npy/",
+        MaxConcurrentTransforms=2,
         TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 2},
-        Environment={"TRANSFORM_TEST": "1"}, DataProcessing={"InputFilter": "$", "OutputFilter": "$", "JoinSource": "None"},
+        Environment={"TRANSFORM_TEST": "1"},
+        DataProcessing={"InputFilter": "$", "OutputFilter": "$", "JoinSource": "None"},
         Tags=[{"Key": "team", "Value": "digits"}],
-        TransformOutput={"S3OutputPath": f"s3://{BUCKET}/out/tx-npy/", "Accept": "application/json",
-                         "AssembleWith": "None", "KmsKeyId": "alias/transform-test"},
+        TransformOutput={
+            "S3OutputPath": f"s3://{BUCKET}/out/tx-npy/",
+            "Accept": "application/json",
+            "AssembleWith": "None",
+            "KmsKeyId": "alias/transform-test",
+        },
     ),
-    "tx-csv-single": job("tx-csv-single", "text/csv", "in/csv/", split="Line", assemble="Line",
-                         BatchStrategy="SingleRecord", MaxPayloadInMB=1, MaxConcurrentTransforms=4),
-    "tx-csv-multi": job("tx-csv-multi", "text/csv", "in/csv-multi/", split="Line", assemble="None",
-                        compression="Gzip", BatchStrategy="MultiRecord", MaxPayloadInMB=1),
+    "tx-csv-single": job(
+        "tx-csv-single",
+        "text/csv",
+        "in/csv/",
+        split="Line",
+        assemble="Line",
+        BatchStrategy="SingleRecord",
+        MaxPayloadInMB=1,
+        MaxConcurrentTransforms=4,
+    ),
+    "tx-csv-multi": job(
+        "tx-csv-multi",
+        "text/csv",
+        "in/csv-multi/",
+        split="Line",
+        assemble="None",
+        compression="Gzip",
+        BatchStrategy="MultiRecord",
+        MaxPayloadInMB=1,
+    ),
     "tx-json": job("tx-json", "application/json", "manifests/json.manifest", data_type="ManifestFile", assemble="Line"),
-    "tx-png": job("tx-png", "image/png", "manifests/png.manifest", data_type="ManifestFile", assemble="Line",
-                  MaxConcurrentTransforms=2),
+    "tx-png": job(
+        "tx-png",
+        "image/png",
+        "manifests/png.manifest",
+        data_type="ManifestFile",
+        assemble="Line",
+        MaxConcurrentTransforms=2,
+    ),
     "tx-jpeg": job("tx-jpeg", "image/jpeg", "manifests/jpeg.manifest", data_type="ManifestFile", assemble="Line"),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +280,12 @@ def test_npy_objects_on_two_instances(done, s3, inputs, handler, test_set, local
 
     logs = log_lines(boto3.client("logs", endpoint_url=local_aws), "tx-npy")
     assert len(logs) == 2 and all(re.fullmatch(r"tx-npy/i-[0-9a-f]{17}-\d+", stream) for stream in logs)
-    (figures,) = [json.loads(line.removeprefix("Figures: ")) for lines in logs.values() for line in lines
-                  if line.startswith("Figures: ")]  # fmt: skip
+    (figures,) = [
+        json.loads(line.removeprefix("Figures: "))
+        for lines in logs.values()
+        for line in lines
+        if line.startswith("Figures: ")
+    ]
     assert (figures["records"], figures["images"], figures["requests"], figures["failed_objects"]) == (2, 100, 2, 0)
     assert 0 < figures["transform_seconds"] < figures["end_to_end_seconds"]
 
@@ -241,8 +299,10 @@ def test_csv_single_records_one_answer_a_line_and_a_record_over_max_payload_fail
     described = done["tx-csv-single"]
     assert described["TransformJobStatus"] == "Failed"
     reason = described["FailureReason"]
-    assert reason.startswith(f"ClientError: 1 of 2 objects failed: s3://{BUCKET}/in/csv/long.csv line 2: "
-                             "a record of 1200001 bytes exceeds MaxPayloadInMB (1 MB)"), reason  # fmt: skip
+    assert reason.startswith(
+        f"ClientError: 1 of 2 objects failed: s3://{BUCKET}/in/csv/long.csv line 2: "
+        "a record of 1200001 bytes exceeds MaxPayloadInMB (1 MB)"
+    ), reason
     written = outputs(s3, "tx-csv-single")
     assert set(written) == {"digits.csv.out"}  # nothing of the failed object, not even its good line 1
     lines = written["digits.csv.out"].split(b"\n")
@@ -266,13 +326,18 @@ def test_gzipped_csv_multi_records_fill_max_payload(done, s3, inputs, handler):
     assert [label for answer in answers for label in labels(answer)] == expected(handler, body, "text/csv")
 
 
-@pytest.mark.parametrize(("name", "suffix", "content_type"), [("tx-json", ".json", "application/json"),
-                                                              ("tx-jpeg", ".jpg", "image/jpeg")])  # fmt: skip
-def test_manifest_of_one_content_type_from_a_mixed_prefix(done, s3, inputs, handler, test_set, name, suffix,
-                                                          content_type):  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "suffix", "content_type"), [("tx-json", ".json", "application/json"), ("tx-jpeg", ".jpg", "image/jpeg")]
+)
+def test_manifest_of_one_content_type_from_a_mixed_prefix(
+    done, s3, inputs, handler, test_set, name, suffix, content_type
+):
     assert done[name]["TransformJobStatus"] == "Completed"
-    sent = {key.removeprefix("in/mixed/"): body for key, body in inputs.items()
-            if key.startswith("in/mixed/") and key.endswith(suffix)}  # fmt: skip
+    sent = {
+        key.removeprefix("in/mixed/"): body
+        for key, body in inputs.items()
+        if key.startswith("in/mixed/") and key.endswith(suffix)
+    }
     written = outputs(s3, name)
     assert set(written) == {f"{key}.out" for key in sent}  # only what the manifest lists
     found = []
@@ -310,10 +375,13 @@ def test_list_transform_jobs_filters_sorts_and_pages(done, sagemaker):
     assert names(NameContains="TX-CSV", SortBy="Name", SortOrder="Ascending") == ["tx-csv-multi", "tx-csv-single"]
     failed = sagemaker.list_transform_jobs(NameContains="tx-", StatusEquals="Failed", SortBy="Name")
     assert [(s["TransformJobName"], s["FailureReason"][:11]) for s in failed["TransformJobSummaries"]] == [
-        ("tx-png", "ClientError"), ("tx-csv-single", "ClientError")]  # fmt: skip
+        ("tx-png", "ClientError"),
+        ("tx-csv-single", "ClientError"),
+    ]
     first = sagemaker.list_transform_jobs(NameContains="tx-", SortBy="Name", SortOrder="Ascending", MaxResults=4)
-    rest = sagemaker.list_transform_jobs(NameContains="tx-", SortBy="Name", SortOrder="Ascending", MaxResults=4,
-                                         NextToken=first["NextToken"])  # fmt: skip
+    rest = sagemaker.list_transform_jobs(
+        NameContains="tx-", SortBy="Name", SortOrder="Ascending", MaxResults=4, NextToken=first["NextToken"]
+    )
     paged = [s["TransformJobName"] for s in first["TransformJobSummaries"] + rest["TransformJobSummaries"]]
     assert paged == sorted(JOBS) and "NextToken" not in rest
     latest = max(described["CreationTime"] for described in done.values())
@@ -345,8 +413,7 @@ def test_requests_the_service_cannot_run_are_refused(sagemaker, inputs, done):
 def test_stop_transform_job_stops_promptly_and_writes_nothing(sagemaker, s3, inputs, local_aws, test_set):
     images, _ = test_set
     s3.put_object(Bucket=BUCKET, Key="in/slow/rows.csv", Body=csv(np.concatenate([images] * 40)))
-    sagemaker.create_transform_job(**job("tx-stop", "text/csv", "in/slow/", split="Line",
-                                         BatchStrategy="SingleRecord"))  # fmt: skip
+    sagemaker.create_transform_job(**job("tx-stop", "text/csv", "in/slow/", split="Line", BatchStrategy="SingleRecord"))
     logs = boto3.client("logs", endpoint_url=local_aws)
     deadline = time.monotonic() + 60
     # Once the log says the requests have begun (4,000 of them, one at a time: seconds of work).
@@ -392,11 +459,27 @@ def test_a_job_running_when_the_service_stopped_is_failed_at_restart(tmp_path):
     store = Store(tmp_path)
     server, record = processes.spawn([sys.executable, "-c", "import time; time.sleep(60)"], env=processes.allowed_env())
     for name, status in (("running", "InProgress"), ("stopping", "Stopping"), ("completed", "Completed")):
-        store.put(KIND, name, {"TransformJobName": name, "TransformJobStatus": status, "CreationTime": now(),
-                               "Local": {"servers": [record] if name == "running" else []}})  # fmt: skip
+        store.put(
+            KIND,
+            name,
+            {
+                "TransformJobName": name,
+                "TransformJobStatus": status,
+                "CreationTime": now(),
+                "Local": {"servers": [record] if name == "running" else []},
+            },
+        )
     roles = Roles("us-east-1", "000000000000")
-    TransformJobs(store, Models(store, "us-east-1", "000000000000", roles=roles), tmp_path, cpus=1, region="us-east-1",
-                  account="000000000000", roles=roles, service_url="http://127.0.0.1:9")  # fmt: skip
+    TransformJobs(
+        store,
+        Models(store, "us-east-1", "000000000000", roles=roles),
+        tmp_path,
+        cpus=1,
+        region="us-east-1",
+        account="000000000000",
+        roles=roles,
+        service_url="http://127.0.0.1:9",
+    )
     running, stopping, completed = (Store(tmp_path).get(KIND, name) for name in ("running", "stopping", "completed"))
     assert (running["TransformJobStatus"], running["FailureReason"]) == ("Failed", SERVICE_STOPPED)
     assert server.poll() is not None, "the server its record names outlived the restart"

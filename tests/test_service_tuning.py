@@ -68,8 +68,18 @@ SCRIPT = inspect.getsource(accuracy) + textwrap.dedent(
 )
 
 
-def request(name: str, strategy: str, ranges: dict, *, jobs: int | None = None, parallel: int = 2,
-            epochs: int = 2, pause: float = 0.1, encoded: bool = False, **config) -> dict:  # fmt: skip
+def request(
+    name: str,
+    strategy: str,
+    ranges: dict,
+    *,
+    jobs: int | None = None,
+    parallel: int = 2,
+    epochs: int = 2,
+    pause: float = 0.1,
+    encoded: bool = False,
+    **config,
+) -> dict:
     """A CreateHyperParameterTuningJob request for the stand-in; ``config``: more HyperParameterTuningJobConfig;
     ``encoded``: each static hyperparameter JSON-encoded (``"\\"train.py\\""``), as the SDK's framework estimators
     send them and the training toolkit decodes them."""
@@ -124,8 +134,11 @@ def random_draws(count: int) -> list[dict]:
     1 - x drawn on a log scale for the ReverseLogarithmic one, in the order the service asks (integer ranges, then
     continuous)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=SEED))
-    distributions = {"batch": IntDistribution(8, 256, log=True), "lr": FloatDistribution(0.0001, 0.1, log=True),
-                     "momentum": FloatDistribution(1 - 0.999, 1 - 0.5, log=True)}  # fmt: skip
+    distributions = {
+        "batch": IntDistribution(8, 256, log=True),
+        "lr": FloatDistribution(0.0001, 0.1, log=True),
+        "momentum": FloatDistribution(1 - 0.999, 1 - 0.5, log=True),
+    }
     draws = []
     for _ in range(count):
         params = study.ask(distributions).params
@@ -251,8 +264,11 @@ def objective(job: dict) -> float:
 
 def epochs_logged(logs, job_name: str) -> int:
     streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{job_name}/")["logStreams"]
-    events = [e for s in streams for e in logs.get_log_events(logGroupName=LOG_GROUP,
-                                                              logStreamName=s["logStreamName"])["events"]]  # fmt: skip
+    events = [
+        e
+        for s in streams
+        for e in logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=s["logStreamName"])["events"]
+    ]
     return sum("Test Accuracy:" in event["message"] for event in events)
 
 
@@ -265,8 +281,13 @@ def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, client
     sagemaker = tuned
     described = wait(sagemaker, "tune-grid")
     assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    assert described["TrainingJobStatusCounters"] == {"Completed": 6, "InProgress": 0, "RetryableError": 0,
-                                                      "NonRetryableError": 0, "Stopped": 0}  # fmt: skip
+    assert described["TrainingJobStatusCounters"] == {
+        "Completed": 6,
+        "InProgress": 0,
+        "RetryableError": 0,
+        "NonRetryableError": 0,
+        "Stopped": 0,
+    }
     assert described["ObjectiveStatusCounters"] == {"Succeeded": 6, "Pending": 0, "Failed": 0}
     assert described["HyperParameterTuningEndTime"] > described["CreationTime"]
     assert described["ConsumedResources"]["RuntimeInSeconds"] >= 1
@@ -276,8 +297,13 @@ def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, client
         (w, a) for w in ("8", "16", "32") for a in ("relu", "tanh")
     )
     assert [re.fullmatch(r"tune-grid-(\d{3})-[0-9a-f]{8}", j["TrainingJobName"])[1] for j in jobs] == [
-        "001", "002", "003", "004", "005", "006",
-    ]  # fmt: skip
+        "001",
+        "002",
+        "003",
+        "004",
+        "005",
+        "006",
+    ]
     assert peak_in_flight(jobs) == 2  # MaxParallelTrainingJobs, used and never exceeded
     for job in jobs:
         assert objective(job) == accuracy(job["TunedHyperParameters"], 2) and job["ObjectiveStatus"] == "Succeeded"
@@ -299,13 +325,16 @@ def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, client
     assert best["FinalHyperParameterTuningJobObjectiveMetric"] == {**OBJECTIVE, "Value": max(map(objective, jobs))}
 
     by_value = sagemaker.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
-        HyperParameterTuningJobName="tune-grid", SortBy="FinalObjectiveMetricValue", SortOrder="Descending",
+        HyperParameterTuningJobName="tune-grid",
+        SortBy="FinalObjectiveMetricValue",
+        SortOrder="Descending",
         PaginationConfig={"PageSize": 4},
-    )  # fmt: skip
+    )
     values = [objective(j) for answer in by_value for j in answer["TrainingJobSummaries"]]
     assert values == sorted(map(objective, jobs), reverse=True)
-    failed = sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-grid",
-                                                                         StatusEquals="Failed")  # fmt: skip
+    failed = sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName="tune-grid", StatusEquals="Failed"
+    )
     assert failed["TrainingJobSummaries"] == []
     listed = validated("ListHyperParameterTuningJobs", sagemaker.list_hyper_parameter_tuning_jobs(NameContains="grid"))
     [summary] = listed["HyperParameterTuningJobSummaries"]
@@ -388,8 +417,7 @@ def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
 def hyperband_stops(jobs: list[dict]) -> list[bool]:
     """Which of ``jobs`` (run one at a time, in this order) Optuna's HyperbandPruner stops before MaxResource, for
     the tuning job's study (its name places each job in a bracket) and the stand-in's accuracy at each epoch."""
-    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3,
-                                            reduction_factor=tuning.HYPERBAND_REDUCTION)  # fmt: skip
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=tuning.HYPERBAND_REDUCTION)
     study = optuna.create_study(study_name="tune-hyperband", direction="maximize", pruner=pruner)
     stops = []
     for job in jobs:
@@ -456,8 +484,10 @@ def test_jobs_that_do_not_improve_complete_the_tuning_job(tuned):
 def test_a_tuning_job_whose_jobs_all_fail_fails_naming_one(tuned):
     described = wait(tuned, "tune-crash")
     assert described["HyperParameterTuningJobStatus"] == "Failed"
-    assert re.match(r"No training job completed: tune-crash-00\d-[0-9a-f]{8} failed: AlgorithmError: exit code 3",
-                    described["FailureReason"]), described["FailureReason"]  # fmt: skip
+    assert re.match(
+        r"No training job completed: tune-crash-00\d-[0-9a-f]{8} failed: AlgorithmError: exit code 3",
+        described["FailureReason"],
+    ), described["FailureReason"]
     assert described["TrainingJobStatusCounters"]["NonRetryableError"] == 2
     assert described["ObjectiveStatusCounters"] == {"Succeeded": 0, "Pending": 0, "Failed": 2}
     assert "BestTrainingJob" not in described
@@ -467,9 +497,14 @@ def test_stop_stops_the_running_jobs_and_their_processes(tuned, clients):
     import psutil
 
     sagemaker, _ = clients
-    sent = request("tune-stop", "Random", {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0",
-                                                                       "MaxValue": "9"}]},
-                   jobs=6, epochs=100, pause=1)  # fmt: skip
+    sent = request(
+        "tune-stop",
+        "Random",
+        {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+        jobs=6,
+        epochs=100,
+        pause=1,
+    )
     sagemaker.create_hyper_parameter_tuning_job(**sent)
     deadline = time.monotonic() + 60
     while len(jobs := jobs_of(sagemaker, "tune-stop")) < 2 or any(
@@ -486,8 +521,12 @@ def test_stop_stops_the_running_jobs_and_their_processes(tuned, clients):
     jobs = jobs_of(sagemaker, "tune-stop")
     assert [job["TrainingJobStatus"] for job in jobs] == ["Stopped", "Stopped"]  # and no more started
     assert [job["ObjectiveStatus"] for job in jobs] == ["Failed", "Failed"]  # not evaluated: stopped by the user
-    left = [p for p in psutil.process_iter(["cwd"]) for j in jobs if f"/job-dirs/{j['TrainingJobName']}/" in
-            f"{p.info['cwd']}/"]  # fmt: skip
+    left = [
+        p
+        for p in psutil.process_iter(["cwd"])
+        for j in jobs
+        if f"/job-dirs/{j['TrainingJobName']}/" in f"{p.info['cwd']}/"
+    ]
     assert left == []
     with pytest.raises(ClientError, match="in status Stopped"):
         sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-stop")
@@ -496,31 +535,65 @@ def test_stop_stops_the_running_jobs_and_their_processes(tuned, clients):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda r: r["HyperParameterTuningJobConfig"]["ParameterRanges"].update(
-            ContinuousParameterRanges=[{"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1"}]),
-         "The Grid strategy searches categorical ranges only; lr is a numeric range"),
-        (lambda r: r["HyperParameterTuningJobConfig"].update(
-            HyperParameterTuningJobObjective={"Type": "Maximize", "MetricName": "validation:accuracy"}),
-         "The objective metric validation:accuracy is not one of the MetricDefinitions"),
-        (lambda r: r["HyperParameterTuningJobConfig"].update(Strategy="Random", ParameterRanges={
-            "ContinuousParameterRanges": [{"Name": "dropout", "MinValue": "0", "MaxValue": "0.5",
-                                           "ScalingType": "Logarithmic"}]}),
-         "ContinuousParameterRange dropout: Logarithmic scaling works only for ranges of values greater than 0"),
-        (lambda r: r["HyperParameterTuningJobConfig"].update(Strategy="Random"),
-         "ResourceLimits.MaxNumberOfTrainingJobs is required with the Random strategy"),
-        (lambda r: r["HyperParameterTuningJobConfig"].update(Strategy="Hyperband", TrainingJobEarlyStoppingType="Auto",
-                                                             ResourceLimits={"MaxNumberOfTrainingJobs": 4,
-                                                                             "MaxParallelTrainingJobs": 2}),
-         "TrainingJobEarlyStoppingType must be Off with the Hyperband strategy"),
-        (lambda r: r.update(WarmStartConfig={"ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": "x"}],
-                                             "WarmStartType": "TransferLearning"}),
-         "WarmStartConfig is not supported by this local SageMaker service"),
-        (lambda r: r["TrainingJobDefinition"]["StaticHyperParameters"].update(width="8"),
-         "width: a hyperparameter is either static or tuned, not both"),
+        (
+            lambda r: r["HyperParameterTuningJobConfig"]["ParameterRanges"].update(
+                ContinuousParameterRanges=[{"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1"}]
+            ),
+            "The Grid strategy searches categorical ranges only; lr is a numeric range",
+        ),
+        (
+            lambda r: r["HyperParameterTuningJobConfig"].update(
+                HyperParameterTuningJobObjective={"Type": "Maximize", "MetricName": "validation:accuracy"}
+            ),
+            "The objective metric validation:accuracy is not one of the MetricDefinitions",
+        ),
+        (
+            lambda r: r["HyperParameterTuningJobConfig"].update(
+                Strategy="Random",
+                ParameterRanges={
+                    "ContinuousParameterRanges": [
+                        {"Name": "dropout", "MinValue": "0", "MaxValue": "0.5", "ScalingType": "Logarithmic"}
+                    ]
+                },
+            ),
+            "ContinuousParameterRange dropout: Logarithmic scaling works only for ranges of values greater than 0",
+        ),
+        (
+            lambda r: r["HyperParameterTuningJobConfig"].update(Strategy="Random"),
+            "ResourceLimits.MaxNumberOfTrainingJobs is required with the Random strategy",
+        ),
+        (
+            lambda r: r["HyperParameterTuningJobConfig"].update(
+                Strategy="Hyperband",
+                TrainingJobEarlyStoppingType="Auto",
+                ResourceLimits={"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2},
+            ),
+            "TrainingJobEarlyStoppingType must be Off with the Hyperband strategy",
+        ),
+        (
+            lambda r: r.update(
+                WarmStartConfig={
+                    "ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": "x"}],
+                    "WarmStartType": "TransferLearning",
+                }
+            ),
+            "WarmStartConfig is not supported by this local SageMaker service",
+        ),
+        (
+            lambda r: r["TrainingJobDefinition"]["StaticHyperParameters"].update(width="8"),
+            "width: a hyperparameter is either static or tuned, not both",
+        ),
     ],
-    ids=["grid-continuous", "objective-not-defined", "log-over-zero", "random-unbounded", "hyperband-early-stopping",
-         "warm-start", "static-and-tuned"],
-)  # fmt: skip
+    ids=[
+        "grid-continuous",
+        "objective-not-defined",
+        "log-over-zero",
+        "random-unbounded",
+        "hyperband-early-stopping",
+        "warm-start",
+        "static-and-tuned",
+    ],
+)
 def test_requests_refused_with_what_is_wrong(clients, change, message):
     sagemaker, _ = clients
     sent = request("tune-refused", "Grid", categorical(width=["8", "16"]))
@@ -553,16 +626,27 @@ def test_a_tuning_job_running_when_the_service_stopped_fails_on_restart(tmp_path
     from local_sagemaker.training import TrainingJobs
 
     store = Store(tmp_path)
-    record = {**request("tune-restart", "Grid", categorical(width=["8", "16"])), "Tags": [],
-              "HyperParameterTuningJobArn": "arn:aws:sagemaker:us-east-1:000000000000:hyper-parameter-tuning-job/x",
-              "HyperParameterTuningJobStatus": "InProgress", "CreationTime": now(), "LastModifiedTime": now(),
-              "TuningJobCompletionDetails": {"NumberOfTrainingJobsObjectiveNotImproving": 0},
-              "Jobs": {"tune-restart-001-0a1b2c3d": {"TunedHyperParameters": {"width": "8"},
-                                                     "ObjectiveStatus": "Pending"}}}  # fmt: skip
+    record = {
+        **request("tune-restart", "Grid", categorical(width=["8", "16"])),
+        "Tags": [],
+        "HyperParameterTuningJobArn": "arn:aws:sagemaker:us-east-1:000000000000:hyper-parameter-tuning-job/x",
+        "HyperParameterTuningJobStatus": "InProgress",
+        "CreationTime": now(),
+        "LastModifiedTime": now(),
+        "TuningJobCompletionDetails": {"NumberOfTrainingJobsObjectiveNotImproving": 0},
+        "Jobs": {"tune-restart-001-0a1b2c3d": {"TunedHyperParameters": {"width": "8"}, "ObjectiveStatus": "Pending"}},
+    }
     store.put(tuning.KIND, "tune-restart", record)
     reopened = Store(tmp_path)  # as the service's next start reads it
-    training = TrainingJobs(reopened, tmp_path, 1, "us-east-1", "0" * 12, roles=Roles("us-east-1", "0" * 12),
-                            service_url="http://127.0.0.1:9")  # fmt: skip
+    training = TrainingJobs(
+        reopened,
+        tmp_path,
+        1,
+        "us-east-1",
+        "0" * 12,
+        roles=Roles("us-east-1", "0" * 12),
+        service_url="http://127.0.0.1:9",
+    )
     restarted = tuning.TuningJobs(reopened, training, "us-east-1", "0" * 12)
     described = validated("DescribeHyperParameterTuningJob", restarted.describe("tune-restart"))
     assert described["HyperParameterTuningJobStatus"] == "Failed"
@@ -577,11 +661,17 @@ def test_a_tuning_job_running_when_the_service_stopped_fails_on_restart(tmp_path
 
 def operator_request(name: str, **kwargs) -> dict:
     """``request`` with the training channel the provider's operator checks in S3 before it creates the job."""
-    sent = request(name, "Random", {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
-                   jobs=2, **kwargs)  # fmt: skip
+    sent = request(
+        name,
+        "Random",
+        {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+        jobs=2,
+        **kwargs,
+    )
     source = {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/code/", "S3DataDistributionType": "FullyReplicated"}
-    sent["TrainingJobDefinition"]["InputDataConfig"] = [{"ChannelName": "training", "DataSource": {
-        "S3DataSource": source}}]  # fmt: skip
+    sent["TrainingJobDefinition"]["InputDataConfig"] = [
+        {"ChannelName": "training", "DataSource": {"S3DataSource": source}}
+    ]
     return sent
 
 
@@ -599,8 +689,10 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
     sent = operator_request("op-follow")
     sagemaker.create_hyper_parameter_tuning_job(**sent)
     result = operator(operator_request("op-follow")).execute({})["Tuning"]
-    assert (result["HyperParameterTuningJobName"], result["HyperParameterTuningJobStatus"]) == ("op-follow",
-                                                                                              "Completed")  # fmt: skip
+    assert (result["HyperParameterTuningJobName"], result["HyperParameterTuningJobStatus"]) == (
+        "op-follow",
+        "Completed",
+    )
     assert len(jobs_of(sagemaker, "op-follow")) == 2
 
     # A retry after its predecessor's job was stopped (the task killed: its on_kill): tuned again, under a new name.
@@ -627,7 +719,7 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
     deadline = time.monotonic() + 60
     while not sagemaker.list_hyper_parameter_tuning_jobs(NameContains="op-interrupted")[
         "HyperParameterTuningJobSummaries"
-    ]:  # fmt: skip
+    ]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="op-interrupted")

@@ -43,9 +43,9 @@ def test_up_prints_the_ui_and_a_working_login(stack):
     assert refused.status_code == 401
     with stack.api() as api:
         health = api.get("/monitor/health").json()
-        assert {part: health[part]["status"] for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {
-            "metadatabase": "healthy", "scheduler": "healthy", "triggerer": "healthy", "dag_processor": "healthy"
-        }  # fmt: skip
+        assert {
+            part: health[part]["status"] for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        } == {"metadatabase": "healthy", "scheduler": "healthy", "triggerer": "healthy", "dag_processor": "healthy"}
         assert api.get("/dags/mnist_sweep").json()["is_paused"] is False
     # The connection that makes it local: SageMaker at the local SageMaker service, the rest at the local AWS.
     extra = json.loads(stack.state["connection"])["extra"]
@@ -63,8 +63,12 @@ def test_everything_listens_on_loopback_only(stack):
         for conn in process.net_connections(kind="inet")
         if conn.status == psutil.CONN_LISTEN
     ]
-    urls = {stack.url, stack.state["aws_endpoint"], stack.state["sagemaker_endpoint"],
-            stack.state["sagemaker_runtime_endpoint"]}  # fmt: skip
+    urls = {
+        stack.url,
+        stack.state["aws_endpoint"],
+        stack.state["sagemaker_endpoint"],
+        stack.state["sagemaker_runtime_endpoint"],
+    }
     assert {f"http://{addr.ip}:{addr.port}" for addr in listening} >= urls
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
@@ -128,8 +132,9 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
 
     # Settings that learn the small digits in two short epochs, so the gate and the monitoring check pass.
     conf = {"mnist_mirror": str(small_mnist), "epochs": 2, "optimizer": "adam", "lr": 0.005, "batch_size": 32}
-    result = stack.cli("run", "--conf", json.dumps(conf), "--param", "hidden_channels=[4]", "--param",
-                       "smoke_requests=50", timeout=480)  # fmt: skip
+    result = stack.cli(
+        "run", "--conf", json.dumps(conf), "--param", "hidden_channels=[4]", "--param", "smoke_requests=50", timeout=480
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for task in ("train[0]", "gate", "deploy", "monitor", "report"):
@@ -198,8 +203,9 @@ def test_a_failed_run_is_told_to_the_alert_topic(stack):
     result = stack.cli("run", "--param", "mnist_mirror=http://169.254.169.254/latest/", timeout=240)
     assert result.returncode == 1, result.stdout + result.stderr
     run_id = re.search(r"Triggered mnist_sweep run (\S+):", result.stdout).group(1)
-    [alert] = read_alerts(stack.state["aws_endpoint"], alerts, timeout=90, event="run_failed", run_id=run_id,
-                          key=stack.keys.admin)  # fmt: skip
+    [alert] = read_alerts(
+        stack.state["aws_endpoint"], alerts, timeout=90, event="run_failed", run_id=run_id, key=stack.keys.admin
+    )
     assert alert["Subject"] == "MNIST: mnist_sweep run failed"
     message = alert["Message"]
     assert f"mnist_sweep run {run_id} failed (last task: download)." in message, message
@@ -223,8 +229,9 @@ def test_the_new_champion_had_the_batch_dag_classify_the_waiting_digits(stack):
     with stack.api() as api:
         batch = wait_for_run(api, "mnist_batch_predict", run_type="asset_triggered", timeout=180)
         assert batch["state"] == "success", batch
-        summary = api.get(f"/dags/mnist_batch_predict/dagRuns/{batch['dag_run_id']}/taskInstances/summarize/xcomEntries/"
-                          "return_value").json()["value"]  # fmt: skip
+        summary = api.get(
+            f"/dags/mnist_batch_predict/dagRuns/{batch['dag_run_id']}/taskInstances/summarize/xcomEntries/return_value"
+        ).json()["value"]
     assert summary["images"] == 30 and summary["version"] == 1 and sum(summary["counts"].values()) == 30
 
 
@@ -277,8 +284,12 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
         sagemaker = stack.client("sagemaker")
         # The newest Approved version: the drift's retraining run may have made a second.
-        approved, *_ = sagemaker.list_model_packages(ModelPackageGroupName="mnist-classifier", ModelApprovalStatus="Approved",
-                                                     SortBy="CreationTime", SortOrder="Descending")["ModelPackageSummaryList"]  # fmt: skip
+        approved, *_ = sagemaker.list_model_packages(
+            ModelPackageGroupName="mnist-classifier",
+            ModelApprovalStatus="Approved",
+            SortBy="CreationTime",
+            SortOrder="Descending",
+        )["ModelPackageSummaryList"]
         version = sagemaker.describe_model_package(ModelPackageName=approved["ModelPackageArn"])
         config_name = sagemaker.describe_endpoint(EndpointName="mnist-classifier")["EndpointConfigName"]
         variant = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"][0]

@@ -84,8 +84,12 @@ def job_env(data: Path, job: Path, **extra: str) -> dict[str, str]:
 def run_train(data: Path, job: Path, *flags: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), *flags],
-        env=job_env(data, job, **env), cwd=job.parent, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        env=job_env(data, job, **env),
+        cwd=job.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def normalized(images: np.ndarray, normalization: dict) -> torch.Tensor:
@@ -107,10 +111,23 @@ def load_artifact_models(model_dir: Path):
 def test_no_flags_reproduce_the_seed(train_module):
     args = train_module.parse_args([])
     seed = {
-        "model": "seed_cnn", "epochs": 2, "hidden_channels": 10, "dropout": 0.2, "kernel_size": 5, "optimizer": "sgd",
-        "lr": 0.01, "momentum": 0.5, "batch_size": 64, "test_batch_size": 1000, "weight_decay": 0.0,
-        "lr_schedule": "none", "label_smoothing": 0.0, "augment": False, "backend": "gloo", "preset": "seed",
-    }  # fmt: skip
+        "model": "seed_cnn",
+        "epochs": 2,
+        "hidden_channels": 10,
+        "dropout": 0.2,
+        "kernel_size": 5,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "momentum": 0.5,
+        "batch_size": 64,
+        "test_batch_size": 1000,
+        "weight_decay": 0.0,
+        "lr_schedule": "none",
+        "label_smoothing": 0.0,
+        "augment": False,
+        "backend": "gloo",
+        "preset": "seed",
+    }
     assert {key: getattr(args, key) for key in seed} == seed
 
 
@@ -171,8 +188,10 @@ def test_paths_and_threads_from_the_sagemaker_environment(train_module, monkeypa
     monkeypatch.setenv("SM_NUM_CPUS", "3")
     args = train_module.parse_args([])
     assert (args.data_dir, args.model_dir, args.output_data_dir) == (
-        "/opt/ml/input/data/training", "/opt/ml/model", "/opt/ml/output/data",
-    )  # fmt: skip
+        "/opt/ml/input/data/training",
+        "/opt/ml/model",
+        "/opt/ml/output/data",
+    )
     assert args.num_threads == 3
     for name in ("SM_CHANNEL_TRAINING", "SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR", "SM_NUM_CPUS"):
         monkeypatch.delenv(name)
@@ -282,8 +301,11 @@ def test_the_log_names_each_file_of_the_model_by_its_sha256(finished_run):
     [line] = [line for line in finished_run["log"].splitlines() if MODEL_FILES_LINE in line]
     named = json.loads(line.split(MODEL_FILES_LINE, 1)[1])
     model_dir = finished_run["job"] / "model"
-    assert named == {path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-                     for path in model_dir.rglob("*") if path.is_file()}  # fmt: skip
+    assert named == {
+        path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in model_dir.rglob("*")
+        if path.is_file()
+    }
     assert set(named) == {"code/inference.py", "code/models.py", "model.pth", "model_config.json"}
 
 
@@ -300,8 +322,12 @@ def test_log_lines_parse_with_the_seed_metric_definitions(finished_run):
 def test_artifact_rebuilds_from_its_config_alone(finished_run):
     model_dir, data = finished_run["job"] / "model", finished_run["data"]
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == [
-        "code", "code/inference.py", "code/models.py", "model.pth", "model_config.json",
-    ]  # fmt: skip
+        "code",
+        "code/inference.py",
+        "code/models.py",
+        "model.pth",
+        "model_config.json",
+    ]
     assert (model_dir / "code" / "inference.py").read_bytes() == (ROOT / "inference" / "inference.py").read_bytes()
     assert (model_dir / "code" / "models.py").read_bytes() == (TRAINING / "models.py").read_bytes()
     config = json.loads((model_dir / "model_config.json").read_text())
@@ -333,8 +359,10 @@ def test_metrics_json(finished_run):
     (epoch,) = metrics["history"]
     assert epoch["epoch"] == 1
     assert (epoch["test_accuracy"], epoch["test_loss"], epoch["train_loss"]) == (
-        metrics["test_accuracy"], metrics["test_loss"], metrics["train_loss"],
-    )  # fmt: skip
+        metrics["test_accuracy"],
+        metrics["test_loss"],
+        metrics["train_loss"],
+    )
     assert 0 < epoch["seconds"] <= metrics["wall_seconds"]
     assert metrics["images_per_second"] > 0
 
@@ -411,8 +439,12 @@ dist.barrier()
 def test_a_loopback_rendezvous_listens_on_loopback_only(tmp_path, small_mnist):
     """The local service's multi-host jobs: neither the rendezvous nor gloo may be reachable from the network."""
     hosts = ["algo-1", "algo-2"]
-    shared = {"SM_HOSTS": json.dumps(hosts), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-              "SM_NETWORK_INTERFACE_NAME": "lo"}  # fmt: skip
+    shared = {
+        "SM_HOSTS": json.dumps(hosts),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "SM_NETWORK_INTERFACE_NAME": "lo",
+    }
     runs = [
         subprocess.Popen(
             [sys.executable, "-c", LISTENERS, str(TRAIN_SCRIPT.parent)],
@@ -458,8 +490,10 @@ def test_model_sizes():
     with pytest.raises(ValueError, match="unknown architecture 'lenet'"):
         build_model("lenet")
     assert model_kwargs("seed_cnn", {"hidden_channels": 4, "kernel_size": 3, "dropout": 0.1, "lr": 1}) == {
-        "hidden_channels": 4, "kernel_size": 3, "dropout": 0.1,
-    }  # fmt: skip
+        "hidden_channels": 4,
+        "kernel_size": 3,
+        "dropout": 0.1,
+    }
 
 
 def test_augmentation_moves_digits_but_keeps_the_background(small_mnist):
@@ -491,9 +525,16 @@ def test_training_loop_learns(small_mnist, one_thread, architecture):
     before = evaluate(network, test_images, test_labels, 1000).accuracy
     for epoch in range(1, 4):
         result = train_epoch(
-            network, optimizer, None, images, labels, epoch=epoch, shard=Shard(len(labels)), batch_size=32,
+            network,
+            optimizer,
+            None,
+            images,
+            labels,
+            epoch=epoch,
+            shard=Shard(len(labels)),
+            batch_size=32,
             augment=Augmentation() if architecture == "seed_cnn" else None,
-        )  # fmt: skip
+        )
     assert result.images == 600
     after = evaluate(network, test_images, test_labels, 1000)
     assert after.accuracy >= max(0.6, before + 0.3)
@@ -513,10 +554,15 @@ def test_shards_split_every_epoch_between_ranks():
 
 def test_trial_summary_and_table():
     metrics = {
-        "architecture": "seed_cnn", "hidden_channels": 5, "test_accuracy": 0.9714, "test_loss": 0.0951,
-        "train_loss": 0.31, "wall_seconds": 14.2, "parameters": 9240,
+        "architecture": "seed_cnn",
+        "hidden_channels": 5,
+        "test_accuracy": 0.9714,
+        "test_loss": 0.0951,
+        "train_loss": 0.31,
+        "wall_seconds": 14.2,
+        "parameters": 9240,
         "history": [{"test_accuracy": 0.9561}, {"test_accuracy": 0.9714}],
-    }  # fmt: skip
+    }
     row = summarize_trial(metrics, name="job-5")
     assert row["accuracy_min"] == 0.9561 and row["accuracy_max"] == 0.9714
     assert row["accuracy_avg"] == pytest.approx(0.96375)

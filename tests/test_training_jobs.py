@@ -146,8 +146,13 @@ def test_sweep_requests_carry_only_the_params_that_are_set(local_sagemaker, loca
     assert [r["HyperParameters"]["hidden_channels"] for r in requests] == ["2", "32"]
     hyperparameters = requests[0]["HyperParameters"]
     assert {key for key in hyperparameters if not key.startswith("sagemaker_")} == {
-        "hidden_channels", "preset", "epochs", "optimizer", "dropout", "kernel_size",
-    }  # fmt: skip
+        "hidden_channels",
+        "preset",
+        "epochs",
+        "optimizer",
+        "dropout",
+        "kernel_size",
+    }
     assert hyperparameters["sagemaker_submit_directory"] == upload_sourcedir(config)
     assert requests[0]["ExperimentConfig"] == requests[1]["ExperimentConfig"]
     assert requests[0]["ExperimentConfig"]["ExperimentName"] == "mnist-sweep"
@@ -205,14 +210,21 @@ def test_resources_outside_the_configuration_are_refused_naming_the_param(tmp_pa
     """One form submission cannot start instances the administrator did not allow, nor too many of them."""
     from tasks.training_jobs import RequestRefused
 
-    config = load_config(state_dir=str(tmp_path), allowed_instance_types="ml.m5.xlarge, ml.g5.xlarge",
-                         max_instances_per_run=8)  # fmt: skip
+    config = load_config(
+        state_dir=str(tmp_path), allowed_instance_types="ml.m5.xlarge, ml.g5.xlarge", max_instances_per_run=8
+    )
     for changes, message in (
-        ({"instance_type": "ml.p4d.24xlarge"}, "instance_type ml.p4d.24xlarge is not allowed here: one of ml.m5.xlarge, "
-                                               "ml.g5.xlarge (the allowed_instance_types setting)"),
-        ({"instance_count": 5}, "instance_count 5 x 2 hidden_channels values = 10 instances, over the 8 a run may "
-                                "start (the max_instances_per_run setting)"),
-    ):  # fmt: skip
+        (
+            {"instance_type": "ml.p4d.24xlarge"},
+            "instance_type ml.p4d.24xlarge is not allowed here: one of ml.m5.xlarge, "
+            "ml.g5.xlarge (the allowed_instance_types setting)",
+        ),
+        (
+            {"instance_count": 5},
+            "instance_count 5 x 2 hidden_channels values = 10 instances, over the 8 a run may "
+            "start (the max_instances_per_run setting)",
+        ),
+    ):
         with pytest.raises(RequestRefused, match=re.escape(message)):
             sweep_requests({**PARAMS, **changes}, config=config, dag_id="d", run_id=RUN_ID, dataset_uri="s3://b/d/")
 
@@ -266,11 +278,19 @@ if "--hang_first" in sys.argv and first:
 
 def retry_request(name: str, **hyperparameters) -> dict:
     built = build_training_job_request(
-        job_name=name, hyperparameters=hyperparameters, training_data_uri=f"s3://{RETRY_BUCKET}/data/",
-        sourcedir_uri=f"s3://{RETRY_BUCKET}/code/sourcedir.tar.gz", output_uri=f"s3://{RETRY_BUCKET}/jobs",
-        role_arn=load_config().role_arn, region="us-east-1", instance_type="ml.m5.large", instance_count=1,
-        experiment_name="e", trial_name="t", tags={},
-    )  # fmt: skip
+        job_name=name,
+        hyperparameters=hyperparameters,
+        training_data_uri=f"s3://{RETRY_BUCKET}/data/",
+        sourcedir_uri=f"s3://{RETRY_BUCKET}/code/sourcedir.tar.gz",
+        output_uri=f"s3://{RETRY_BUCKET}/jobs",
+        role_arn=load_config().role_arn,
+        region="us-east-1",
+        instance_type="ml.m5.large",
+        instance_count=1,
+        experiment_name="e",
+        trial_name="t",
+        tags={},
+    )
     built.pop("ExperimentConfig")  # no experiment here: this is about the job
     return built
 
@@ -295,13 +315,21 @@ def test_a_training_retry_waits_out_a_stopping_job_starts_another_and_then_follo
     sent = retry_request("retry-stopping", hang_first=1)
 
     def retry() -> dict:
-        return TrainingOperator(task_id="train", config=copy.deepcopy(sent), check_interval=1, print_log=False,
-                                action_if_job_exists="timestamp", aws_conn_id="aws_default",
-                                region_name="us-east-1").execute({})["Training"]  # fmt: skip
+        return TrainingOperator(
+            task_id="train",
+            config=copy.deepcopy(sent),
+            check_interval=1,
+            print_log=False,
+            action_if_job_exists="timestamp",
+            aws_conn_id="aws_default",
+            region_name="us-east-1",
+        ).execute({})["Training"]
 
     def named() -> list[str]:
-        return sorted(job["TrainingJobName"] for job in sagemaker.list_training_jobs(NameContains="retry-stopping")[
-            "TrainingJobSummaries"])  # fmt: skip
+        return sorted(
+            job["TrainingJobName"]
+            for job in sagemaker.list_training_jobs(NameContains="retry-stopping")["TrainingJobSummaries"]
+        )
 
     sagemaker.create_training_job(**sent)  # what the killed try started
     deadline = time.monotonic() + 60

@@ -11,11 +11,20 @@ import pytest
 from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
 
 TUNE = {
-    "search": "tune", "tune_strategy": "Random", "tune_max_jobs": 2, "tune_max_parallel": 2,
-    "hidden_channels": [4, 16], "tune_lr": [0.002, 0.01], "optimizer": "adam", "epochs": 2, "batch_size": 32,
+    "search": "tune",
+    "tune_strategy": "Random",
+    "tune_max_jobs": 2,
+    "tune_max_parallel": 2,
+    "hidden_channels": [4, 16],
+    "tune_lr": [0.002, 0.01],
+    "optimizer": "adam",
+    "epochs": 2,
+    "batch_size": 32,
     # The tuner's choice is registered, not deployed: this file is about the search (test_safe_deploy deploys).
-    "deploy": False, "min_test_accuracy": 0.0, "endpoint_name": "tuned-local",
-}  # fmt: skip
+    "deploy": False,
+    "min_test_accuracy": 0.0,
+    "endpoint_name": "tuned-local",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,9 @@ def test_a_tuning_run_searches_selects_and_registers_the_best_trial(tuned, local
     config = tuning["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Random" and config["TrainingJobEarlyStoppingType"] == "Auto"
     assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "test:accuracy"}
-    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [{"Name": "hidden_channels",
-                                                                         "Values": ["4", "16"]}]  # fmt: skip
+    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [
+        {"Name": "hidden_channels", "Values": ["4", "16"]}
+    ]
     [lr] = config["ParameterRanges"]["ContinuousParameterRanges"]
     assert (lr["Name"], lr["ScalingType"]) == ("lr", "Logarithmic")
     static = tuning["TrainingJobDefinition"]["StaticHyperParameters"]
@@ -99,8 +109,9 @@ def test_a_tune_retry_after_its_tuning_job_completed_passes_that_job_on(tuned, l
     name = tuning_job_name(tuned.run_id)
     result = TuningOperator(task_id="tune", config=request, aws_conn_id="aws_default", check_interval=1).execute({})
     assert (result["Tuning"]["HyperParameterTuningJobName"], result["Tuning"]["HyperParameterTuningJobStatus"]) == (
-        name, "Completed",
-    )  # fmt: skip
+        name,
+        "Completed",
+    )
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     stem = name[: TUNING.max_name - TIMESTAMP_DIGITS - 1]
     listed = sagemaker.list_hyper_parameter_tuning_jobs(NameContains=stem)["HyperParameterTuningJobSummaries"]
@@ -134,4 +145,4 @@ def test_a_tune_retry_follows_the_tuning_job_an_earlier_retry_started_under_its_
     assert sorted(job["HyperParameterTuningJobName"] for job in listed) == [first, renamed]
     assert sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=first)[
         "HyperParameterTuningJobStatus"
-    ] in ("Stopping", "Stopped")  # fmt: skip
+    ] in ("Stopping", "Stopped")

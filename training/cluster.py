@@ -82,8 +82,14 @@ def init_process_group(cluster: Cluster, local_rank: int, backend: str) -> None:
         torch.cuda.set_device(local_rank)
     if rank == 0 and _is_loopback(address):
         _listener = socket.create_server((address, port), backlog=max(128, cluster.world_size))
-    store = dist.TCPStore(address, port, cluster.world_size, is_master=rank == 0, timeout=TIMEOUT,
-                          master_listen_fd=_listener.fileno() if _listener else None)  # fmt: skip
+    store = dist.TCPStore(
+        address,
+        port,
+        cluster.world_size,
+        is_master=rank == 0,
+        timeout=TIMEOUT,
+        master_listen_fd=_listener.fileno() if _listener else None,
+    )
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=cluster.world_size, timeout=TIMEOUT)
 
 

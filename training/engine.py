@@ -97,8 +97,12 @@ def train_epoch(
             seen = min(step * batch_size, len(order)) * shard.world_size
             log.info(
                 "Train Epoch: %d [%d/%d (%.0f%%)], Train Loss: %.6f;",
-                epoch, seen, shard.size, 100 * step / len(batches), torch.stack(losses[-log_interval:]).mean().item(),
-            )  # fmt: skip
+                epoch,
+                seen,
+                shard.size,
+                100 * step / len(batches),
+                torch.stack(losses[-log_interval:]).mean().item(),
+            )
     return EpochResult(
         train_loss=torch.stack(losses).mean().item(),
         images=len(order) * shard.world_size,

@@ -125,16 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--seed", type=int, default=1)
     run = parser.add_argument_group("run")
     # A string default goes through `type` as well: a bad SM_NUM_CPUS is reported like a bad flag.
-    run.add_argument("--num_threads", type=_ranged(int, 1), default=env.get("SM_NUM_CPUS") or str(os.cpu_count() or 1),
-                     help="CPU threads for this job, all processes of the host together (default: $SM_NUM_CPUS)")  # fmt: skip
+    run.add_argument(
+        "--num_threads",
+        type=_ranged(int, 1),
+        default=env.get("SM_NUM_CPUS") or str(os.cpu_count() or 1),
+        help="CPU threads for this job, all processes of the host together (default: $SM_NUM_CPUS)",
+    )
     run.add_argument("--log_interval", type=_ranged(int, 1), default=100, help="batches between loss lines")
     run.add_argument("--data_dir", default=env.get("SM_CHANNEL_TRAINING", "data"), help="default: $SM_CHANNEL_TRAINING")
-    run.add_argument("--dataset_sha256", default=None, type=_sha256,
-                     help="the SHA-256 of the channel's SHA256SUMS: the dataset the job must train on (the pipeline "
-                     "names it; by hand, a SHA256SUMS that is there is checked anyway)")  # fmt: skip
+    run.add_argument(
+        "--dataset_sha256",
+        default=None,
+        type=_sha256,
+        help="the SHA-256 of the channel's SHA256SUMS: the dataset the job must train on (the pipeline "
+        "names it; by hand, a SHA256SUMS that is there is checked anyway)",
+    )
     run.add_argument("--model_dir", default=env.get("SM_MODEL_DIR", "artifacts/model"), help="default: $SM_MODEL_DIR")
-    run.add_argument("--output_data_dir", default=env.get("SM_OUTPUT_DATA_DIR", "artifacts/output"),
-                     help="default: $SM_OUTPUT_DATA_DIR")  # fmt: skip
+    run.add_argument(
+        "--output_data_dir",
+        default=env.get("SM_OUTPUT_DATA_DIR", "artifacts/output"),
+        help="default: $SM_OUTPUT_DATA_DIR",
+    )
     return parser
 
 
@@ -244,26 +255,45 @@ def train(
     parameters = models.count_parameters(network)
     log.info(
         "Training %s (%s parameters) on %s, %d thread(s), world size %d, %d training and %d test images; %s",
-        args.model, f"{parameters:,}", device, torch.get_num_threads(), world_size, len(train_labels),
-        len(test_labels), json.dumps(hyperparameters),
-    )  # fmt: skip
+        args.model,
+        f"{parameters:,}",
+        device,
+        torch.get_num_threads(),
+        world_size,
+        len(train_labels),
+        len(test_labels),
+        json.dumps(hyperparameters),
+    )
 
     history, trained_images, train_seconds = [], 0, 0.0
     for epoch in range(1, args.epochs + 1):
         epoch_started = time.perf_counter()
         result = train_epoch(
-            model, optimizer, scheduler, train_images, train_labels,
-            epoch=epoch, shard=shard, batch_size=args.batch_size, label_smoothing=args.label_smoothing,
-            augment=augment, memory_format=memory_format, log_interval=args.log_interval,
-        )  # fmt: skip
+            model,
+            optimizer,
+            scheduler,
+            train_images,
+            train_labels,
+            epoch=epoch,
+            shard=shard,
+            batch_size=args.batch_size,
+            label_smoothing=args.label_smoothing,
+            augment=augment,
+            memory_format=memory_format,
+            log_interval=args.log_interval,
+        )
         evaluation = evaluate(network, test_images, test_labels, args.test_batch_size, memory_format)
         trained_images += result.images
         train_seconds += result.seconds
         log.info(
             "Test Epoch: %d, Test Average loss: %.4f, Test Accuracy: %.2f%%; (%d/%d) in %.1f s",
-            epoch, evaluation.loss, 100 * evaluation.accuracy, round(evaluation.accuracy * len(test_labels)),
-            len(test_labels), time.perf_counter() - started,
-        )  # fmt: skip
+            epoch,
+            evaluation.loss,
+            100 * evaluation.accuracy,
+            round(evaluation.accuracy * len(test_labels)),
+            len(test_labels),
+            time.perf_counter() - started,
+        )
         history.append(
             {
                 "epoch": epoch,
@@ -357,8 +387,11 @@ def save_model(args, network: torch.nn.Module, kwargs: dict, hyperparameters: di
         _write_atomic(model_dir / "code" / name, lambda stream, source=source: stream.write(source.read_bytes()))
     # What this job made, in its own log (which only its role may write): selection publishes the model.tar.gz in
     # its output only if it holds these very files.
-    digests = {path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-               for path in sorted(model_dir.rglob("*")) if path.is_file()}  # fmt: skip
+    digests = {
+        path.relative_to(model_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(model_dir.rglob("*"))
+        if path.is_file()
+    }
     log.info("%s%s", MODEL_FILES_LINE, json.dumps(digests, sort_keys=True))
 
 

@@ -28,8 +28,10 @@ def summary(results: dict, state: str) -> str:
         return f"Run {state}: no model was selected (a task before the selection failed; see the failed task)."
     parts = []
     if best:
-        parts.append(f"Winner: hidden_channels {best['hidden_channels']} ({best['training_job_name']}), test accuracy "
-                     f"{100 * best['test_accuracy']:.2f}%.")  # fmt: skip
+        parts.append(
+            f"Winner: hidden_channels {best['hidden_channels']} ({best['training_job_name']}), test accuracy "
+            f"{100 * best['test_accuracy']:.2f}%."
+        )
         if gate and not gate.get("deploy"):
             parts.append(f"Refused by the gate: {gate.get('reason')}.")
     else:
@@ -44,13 +46,17 @@ def summary(results: dict, state: str) -> str:
             [f"live accuracy {100 * load['live_accuracy']:.1f}%"] * ("live_accuracy" in load)
             + [f"p99 {load['p99_ms']:.1f} ms"] * ("p99_ms" in load)
         )
-        parts.append(f"Deployed version {choice['model']['version']} to {deployment['endpoint_name']} "
-                     f"({deployment['endpoint_config_name']}); it passed its monitoring check "
-                     f"({figures or 'no figures'}) and serves now.")  # fmt: skip
+        parts.append(
+            f"Deployed version {choice['model']['version']} to {deployment['endpoint_name']} "
+            f"({deployment['endpoint_config_name']}); it passed its monitoring check "
+            f"({figures or 'no figures'}) and serves now."
+        )
     elif check:
         rollback = (check.get("rollback") or {}).get("action", "unknown")
-        parts.append(f"Deployed to {deployment['endpoint_name']}, then FAILED its monitoring check "
-                     f"({'; '.join(check.get('failures') or [])}); rollback: {rollback}.")  # fmt: skip
+        parts.append(
+            f"Deployed to {deployment['endpoint_name']}, then FAILED its monitoring check "
+            f"({'; '.join(check.get('failures') or [])}); rollback: {rollback}."
+        )
     else:
         parts.append(f"Deployed to {deployment['endpoint_name']}; its monitoring check did not finish.")
     if report:
@@ -65,8 +71,11 @@ def drift_summary(results: dict, state: str) -> str:
         return f"Drift check {state}: the capture was not read (see the failed task)."
     parts = [result["summary"]]
     if result["verdict"] == "drift":
-        parts.append("Asked for retraining (an mnist_drift asset event)." if alerted else
-                     "Told the topic; no retraining asked: one was asked within retrain_interval_hours.")  # fmt: skip
+        parts.append(
+            "Asked for retraining (an mnist_drift asset event)."
+            if alerted
+            else "Told the topic; no retraining asked: one was asked within retrain_interval_hours."
+        )
     parts.append(f"Report: {result['report']}.")
     return _bounded(" ".join(parts))
 
@@ -89,10 +98,13 @@ def _results(dag_run, session, tasks: tuple[str, ...] = TASKS) -> dict:
 
     rows = session.scalars(
         select(XComModel).where(
-            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id, XComModel.key == "return_value",
-            XComModel.task_id.in_(tasks), XComModel.map_index == -1,
+            XComModel.dag_id == dag_run.dag_id,
+            XComModel.run_id == dag_run.run_id,
+            XComModel.key == "return_value",
+            XComModel.task_id.in_(tasks),
+            XComModel.map_index == -1,
         )
-    )  # fmt: skip
+    )
     return {row.task_id: XComModel.deserialize_value(row) for row in rows}
 
 
