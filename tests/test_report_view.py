@@ -1,4 +1,4 @@
-"""The "Sweep report" view (ui/report_view.py), mounted from its plugin by Airflow's own code (the API server's
+"""The "Run report" view (ui/report_view.py), mounted from its plugin by Airflow's own code (the API server's
 init_plugins; the rest of the API, seconds to build, is left out), authenticated with Airflow's own tokens, reading
 runs from the metadata database and files from the run's directory and the local S3.
 
@@ -15,11 +15,12 @@ from urllib.parse import unquote
 import boto3
 import pytest
 
-from tasks.names import BATCH_DAG_ID, DAG_ID
+from tasks.names import BATCH_DAG_ID, DAG_ID, DRIFT_DAG_ID
 
 BUCKET = "report-view"
 SWEEP_RUN = "manual__report-view"
 BATCH_RUN = "asset_triggered__report-view"  # a run of the batch DAG only
+DRIFT_RUN = "scheduled__report-view"  # a run of the drift check
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -55,9 +56,10 @@ def view(local_aws, airflow_db, tmp_path_factory):
         s3.create_bucket(Bucket=BUCKET)
         now = datetime.datetime.now(datetime.UTC)
         with create_session() as session:
-            for dag_id, run_id in ((DAG_ID, SWEEP_RUN), (BATCH_DAG_ID, BATCH_RUN)):
-                session.add(DagRun(dag_id=dag_id, run_id=run_id, run_type=run_id.split("__")[0], run_after=now,
-                                   state="success"))  # fmt: skip
+            for dag_id, run_id in ((DAG_ID, SWEEP_RUN), (BATCH_DAG_ID, BATCH_RUN), (DRIFT_DAG_ID, DRIFT_RUN)):
+                session.add(
+                    DagRun(dag_id=dag_id, run_id=run_id, run_type=run_id.split("__")[0], run_after=now, state="success")
+                )
         report = run_directory(config, SWEEP_RUN) / "report"
         report.mkdir(parents=True)
         (report / "report.html").write_text("<h1>Sweep report</h1><img src='curves.png'>")
@@ -65,12 +67,24 @@ def view(local_aws, airflow_db, tmp_path_factory):
         (report / "planted.html").write_text("<h1>not the report's</h1>")
         (state / "secret.json").write_text("{}")
         (report / "summary.json").symlink_to(state / "secret.json")
+        from tasks import drift
+
+        checked = drift.run_directory(config, DRIFT_RUN) / "report"
+        checked.mkdir(parents=True)
+        (checked / "report.html").write_text("<h1>Drift check</h1><img src='atypical.png'>")
+        (checked / "atypical.png").write_bytes(PNG)
+        (checked / "curves.png").write_bytes(PNG)  # a sweep report's file: not one a drift check writes
         docs = run_directory(config, SWEEP_RUN) / "validation"
         (docs / "static").mkdir(parents=True)
         (docs / "index.html").write_text("<h1>Data Docs</h1>")
         (docs / "static" / "data_docs.css").write_text("h1 {}")
-        planted = {"evil.js": b"alert(1)", "evil.svg": b"<svg onload='alert(1)'/>", "evil.html": b"<script>1</script>",
-                   "report.html": b"<h1>planted</h1>", "evil": b"no suffix"}  # fmt: skip
+        planted = {
+            "evil.js": b"alert(1)",
+            "evil.svg": b"<svg onload='alert(1)'/>",
+            "evil.html": b"<script>1</script>",
+            "report.html": b"<h1>planted</h1>",
+            "evil": b"no suffix",
+        }
         for run_id in (SWEEP_RUN, BATCH_RUN):
             bucket, prefix = run_s3_uri(config, run_id).removeprefix("s3://").split("/", 1)
             for part, name in ((part, name) for part in ("report", "validation") for name in planted):
@@ -81,10 +95,13 @@ def view(local_aws, airflow_db, tmp_path_factory):
         client = TestClient(api)
         token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
         nobody = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))
-        yield {"client": client, "admin": {"Authorization": f"Bearer {token}"},
-               "nobody": {"Authorization": f"Bearer {nobody}"}}  # fmt: skip
+        yield {
+            "client": client,
+            "admin": {"Authorization": f"Bearer {token}"},
+            "nobody": {"Authorization": f"Bearer {nobody}"},
+        }
         with create_session() as session:
-            for run_id in (SWEEP_RUN, BATCH_RUN):
+            for run_id in (SWEEP_RUN, BATCH_RUN, DRIFT_RUN):
                 session.delete(session.scalars(select(DagRun).where(DagRun.run_id == run_id)).one())
 
 
@@ -180,7 +197,26 @@ def test_the_data_docs_are_served_as_the_types_the_report_writes_and_never_a_scr
 def test_paths_that_leave_the_run_are_refused(view, path):
     from urllib.parse import quote
 
-    answer = view["client"].get(f"/mnist-reports/{DAG_ID}/{quote(SWEEP_RUN, safe='')}/report/{path}",
-                                headers=view["admin"])  # fmt: skip
+    answer = view["client"].get(
+        f"/mnist-reports/{DAG_ID}/{quote(SWEEP_RUN, safe='')}/report/{path}", headers=view["admin"]
+    )
     assert answer.status_code == 404, (path, answer.text)
     assert answer.json()["detail"].startswith(("no such file in a run's report", f"run {SWEEP_RUN} has no report/"))
+
+
+def test_a_drift_checks_report_is_served_and_only_its_own_files(view):
+    from urllib.parse import quote
+
+    run = quote(DRIFT_RUN, safe="")
+    answer = get(view, f"{DRIFT_DAG_ID}/{run}/report/report.html")
+    assert answer.status_code == 200 and answer.text == "<h1>Drift check</h1><img src='atypical.png'>"
+    assert "sandbox" in answer.headers["content-security-policy"]
+    assert get(view, f"{DRIFT_DAG_ID}/{run}/report/atypical.png").content == PNG
+    refused = get(view, f"{DRIFT_DAG_ID}/{run}/report/curves.png")
+    assert refused.status_code == 404 and "a run's report is report.md, report.html" in refused.json()["detail"]
+    assert get(view, f"{DRIFT_DAG_ID}/{run}/validation/index.html").json()["detail"] == (
+        f"a run of {DRIFT_DAG_ID} stores report, not 'validation'"
+    )
+    # A report is found by run id: the sweep's run under the drift DAG's id is not one of its runs.
+    assert get(view, f"{DRIFT_DAG_ID}/{quote(SWEEP_RUN, safe='')}/report/report.html").status_code == 404
+    assert get(view, f"{DRIFT_DAG_ID}/{run}/report/report.html", "nobody").status_code == 403
