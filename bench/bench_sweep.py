@@ -1,10 +1,10 @@
 """The seed sweep end to end, as `make demo` runs it: the local stack, `mnist_sweep` triggered through the REST
 API, timed, written as JSON.
 
-Five training jobs (hidden_channels 2, 5, 10, 20, 32; the seed's settings, 2 epochs) on the official MNIST from a
-mirror directory, with everything else the DAG does: verify, validate, upload to the local S3, train on the local
-SageMaker service, select, gate, deploy, the monitoring check, report. The stack gets a fresh state directory and
-is stopped at the end.
+Five training jobs (seed_cnn at hidden_channels 2, 5, 10, 20, 32, with the seed preset's 2 epochs of SGD) on the
+official MNIST from a mirror directory, with everything else the DAG does: verify, validate, upload to the local
+S3, train on the local SageMaker service, select, gate, deploy, the monitoring check, report. The stack gets a
+fresh state directory and is stopped at the end.
 
     python bench/bench_sweep.py --mirror ../shared/mnist --out bench/results/sweep.json
 """

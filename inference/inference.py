@@ -36,7 +36,7 @@ import torch
 from models import build_model
 from PIL import Image, ImageOps
 
-try:  # orjson parses a pixel list several times faster; the SageMaker image may not have it
+try:  # orjson parses a pixel list several times faster than json does, but the SageMaker image may not have it.
     import orjson
 except ImportError:
     orjson = None
@@ -68,10 +68,12 @@ IMAGE_SHAPES = ((PIXELS,), (28, 28), (1, 28, 28))
 # A 6 MB PNG can decode to gigabytes. A picture is refused before it is decoded when it has more pixels than a
 # 12-megapixel phone photo, far above any digit's: decoding one then takes about 110 MB at most (RGBA, grey, float).
 MAX_IMAGE_PIXELS = 12_000_000
-# Batch sizes timed when the model loads, to find from which size on oneDNN is faster; beyond, it always is.
+# These batch sizes are timed when the model loads, to find the size from which oneDNN is faster; beyond the
+# largest, it always is.
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
-# Larger batches run in parts of this many images, whose activations stay in the CPU's caches (seed_cnn here,
-# one thread: 1,000 images at once 38-43 ms, in parts of 250-500 16-18 ms).
+# Larger batches run in parts of this many images, because a part's activations stay in the CPU's caches: on one
+# thread, seed_cnn computed 1,000 images over twice as fast in parts of 250-500 as in one piece.
+# bench/bench_endpoint.py times 1,000-image requests (bench/results/endpoint.json, `project.batch1000`).
 CPU_PART = 500
 # JSON bodies from this size on (3 images and more) are read by numpy rather than as Python objects, and from
 # the next on in one part per core.
@@ -79,9 +81,10 @@ NUMPY_JSON_BYTES = 8 * 1024
 PARALLEL_JSON_BYTES = 1024 * 1024
 # A picture whose darkest and lightest parts differ by less than this holds no digit.
 MIN_CONTRAST = 32
-# The model's Environment (CreateModel, or a transform job's) may set the arithmetic of large batches: bfloat16
-# runs bn_cnn about 1.5 times as fast on CPUs with AMX or AVX-512 BF16 (bench/results/transform_accurate.json; not
-# seed_cnn), its probabilities up to about a hundredth off float32's (a label in 10,000 test images may change).
+# The model's Environment (CreateModel, or a transform job's) may set the arithmetic of large batches. bfloat16
+# runs bn_cnn faster on CPUs with AMX or AVX-512 BF16 (bench/results/transform_accurate.json,
+# `ratio.transform_npy_bfloat16_vs_float32`), though not seed_cnn (the same key in bench/results/transform.json),
+# and its probabilities are up to about a hundredth off float32's (a label in 10,000 test images may change).
 PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
 PRECISIONS = ("float32", "bfloat16")
 # How far a bfloat16 variant's probabilities may be from the float32 model's on the load-time check.
@@ -128,12 +131,13 @@ class Predictor:
     """Runs a batch through the variant of the classifier that is fastest for its size.
 
     On the CPU, TorchScript saves the Python overhead of every layer, and two variants split the batch sizes:
-    oneDNN's kernels win on large batches but cost ~200 us of setup per call, more than a single image's whole
-    forward pass; small batches run a frozen trace with oneDNN off, its 2x2 max-pooling done as elementwise maxima
-    (torch's NCHW pooling kernel is slow). Where one overtakes the other depends on the network, so it is timed
-    when the model loads (here, in 50-200 ms: seed_cnn's small variant stays faster up to 16 images, bn_cnn's
-    large one is faster from 2-4 images on). In ``precision`` bfloat16 the large variant computes in bfloat16,
-    where the CPU has it."""
+    oneDNN's kernels win on large batches, but their setup on every call takes longer than a single image's whole
+    forward pass. Small batches therefore run a frozen trace with oneDNN off, which does its 2x2 max-pooling as
+    elementwise maxima because torch's NCHW pooling kernel is slow. Where one variant overtakes the other depends on
+    the network, so it is timed when the model loads, in a fraction of a second: on this machine seed_cnn's small
+    variant stayed faster at every calibration size, and bn_cnn's large one was faster from a few images on. The
+    log line "batches of N images or more computed in ..." reports each model's crossover. In ``precision``
+    bfloat16 the large variant computes in bfloat16, where the CPU has it."""
 
     def __init__(self, classifier: MnistClassifier, device: torch.device, precision: str = "float32"):
         self.classifier, self.device = classifier.eval(), device
@@ -262,7 +266,8 @@ def _is_plain_2x2_max_pool(node: torch.fx.Node, graph: torch.fx.GraphModule) -> 
 
 def _max_pool_2x2(maps: torch.Tensor) -> torch.Tensor:
     """max_pool2d(maps, 2) as two elementwise maxima of strided views: the same values, and on a few images
-    several times faster than torch's NCHW pooling kernel (measured here, 4 maps of 10x24x24: 31 us, not 134).
+    several times faster than torch's NCHW pooling kernel. It serves the small batches that single-image requests
+    make, whose rate bench/bench_endpoint.py measures (bench/results/endpoint.json, `project.c8`).
     Even places up to the last one but not it, against odd ones: an odd last row or column is left out, as
     max_pool2d does, with no arithmetic on sizes for the trace to record."""
     maps = torch.maximum(maps[..., 0:-1:2], maps[..., 1::2])
@@ -376,9 +381,10 @@ def _integer_pixels(body: bytes, parts: int | None = None) -> np.ndarray | None:
     array of integers 0-255 (what clients send); None for anything else (malformed, other keys, other numbers,
     ragged): the general parser then reads it, or says what is wrong with it.
 
-    Read by numpy, without a Python object per number, and from PARALLEL_JSON_BYTES on in one part per core
-    (numpy lets go of the GIL): 1,000 images of 28x28 in 13-15 ms on two cores, 20-24 ms on one, against ~50 ms
-    through orjson (measured here). The parts are split at commas between the instances.
+    numpy reads the body without a Python object per number, and from PARALLEL_JSON_BYTES on it reads one part per
+    core, because numpy lets go of the GIL. That reads 1,000 images of 28x28 over twice as fast as orjson does on
+    one core, and faster still on two; bench/bench_endpoint.py times whole 1,000-image requests
+    (bench/results/endpoint.json, `project.batch1000`). The parts are split at commas between the instances.
     """
     opening, closing = _INSTANCES_OPENING.match(body), body.rfind(b"]")
     if opening is None or closing < opening.end() or body[closing + 1 :].strip(_JSON_SPACE) != b"}":

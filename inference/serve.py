@@ -43,9 +43,10 @@ MAX_BODY_BYTES = 6 * 1024 * 1024
 SETTINGS_ENV = "MNIST_SERVE_SETTINGS"
 JSON = "application/json"
 RUNTIME_PATH = re.compile(r"/endpoints/([^/]+)/invocations")  # the sagemaker-runtime InvokeEndpoint API
-# Requests of up to this many images share forward passes; larger ones run alone, on every core from
-# ALL_CORES_BATCH images, split between threads (1,000 images here: 16-18 ms on one core; on two, 11-12 ms as
-# two halves in two threads of one torch thread each, where torch's own two threads took 25-38 ms).
+# Requests of up to this many images share forward passes; larger ones run alone. From ALL_CORES_BATCH images on,
+# a request is split between threads of one torch thread each, one per core: on two cores, two halves in two such
+# threads computed 1,000 images sooner than one thread did, while torch's own two threads were slower even than
+# one. bench/bench_endpoint.py times 1,000-image requests (bench/results/endpoint.json, `project.batch1000`).
 SHARED_BATCH_MAX = 16
 ALL_CORES_BATCH = 256
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start (the app failed to load)
@@ -99,8 +100,10 @@ class Endpoint:
     Requests of a few images that arrive together share one predict_fn call: a request's images wait for the
     current turn of the event loop to end, so all the requests read in that turn run as one batch, and an idle
     server answers at once (no timer, no added latency). Batches grow with the load, and a batch costs far less
-    per image (seed_cnn here: 80-120 us for 1 image, ~550 us for 16); at 64 connections the server answers
-    6,500-9,000 instead of ~2,700 requests/s.
+    per image: seed_cnn computes 16 images in a fraction of the time that 16 single images take. At 64
+    connections shared batches let the server answer two to three times as many requests a second as it did
+    without them. No result file holds that comparison; bench/bench_endpoint.py measures the rate at 64
+    connections (bench/results/endpoint.json, `project.c64`).
     """
 
     def __init__(self, model_dir: str, cpus: int = 1):
@@ -219,18 +222,21 @@ def create_app(settings: Settings):
     """The ASGI application of one server process (loads the model at once).
 
     A bare ASGI callable rather than a Starlette app: three fixed routes need no router, and Starlette's
-    request, response and middleware objects cost a seventh of each single-image request (measured here)."""
+    request, response and middleware objects cost a sizeable share of each single-image request, whose rate
+    bench/bench_endpoint.py measures (bench/results/endpoint.json, `project.c8`)."""
     import torch
 
     from inference.metrics import StatsSender
     from training.memory import keep_freed_memory
 
-    # One thread per process: on a machine shared with other work, a second OpenMP thread that gets preempted
-    # stalls every operator at its barrier (measured here: 117 instead of ~1,000 requests/s under load).
+    # Each process runs one torch thread. On a machine shared with other work, a second OpenMP thread that gets
+    # preempted stalls every operator at its barrier, which made the server about an order of magnitude slower
+    # under load.
     torch.set_num_threads(1)
     endpoint = Endpoint(settings.model_dir, cpus=len(os.sched_getaffinity(0)))
-    # Keep the model and the libraries out of every garbage collection: the many short-lived objects of a large
-    # request otherwise set off full collections that walk them all (1,000 images: 70 ms, at times 200).
+    # Keep the model and the libraries out of every garbage collection. Otherwise the many short-lived objects of a
+    # large request set off full collections that walk them all, which made 1,000-image requests markedly slower
+    # and their times erratic.
     gc.freeze()
     keep_freed_memory()
     metrics = StatsSender(settings.metrics_port, settings.metrics_interval)

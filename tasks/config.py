@@ -19,7 +19,7 @@ from data_checks import OFFICIAL_COUNTS
 
 VARIABLE_NAME = "mnist_pipeline"
 PUBLIC_MNIST_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # the seed's (and torchvision's)
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # The sweep write-ups and torchvision download from here.
     "https://storage.googleapis.com/cvdf-datasets/mnist/",  # CVDF's, TensorFlow's tutorials
     "http://yann.lecun.com/exdb/mnist/",  # the original, often refusing robots: last
 )

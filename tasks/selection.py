@@ -1,7 +1,7 @@
 """Model selection: the most accurate training job of a sweep, or of a tuning job.
 
-Each job's test accuracy is the last `test:accuracy` in its FinalMetricDataList (the seed's metric definition, in
-percent), as SageMaker reports it. The per-epoch history, parameter count and timings come from
+Each job's test accuracy is the last `test:accuracy` in its FinalMetricDataList (the metric the sweep write-up
+defined, in percent), as SageMaker reports it. The per-epoch history, parameter count and timings come from
 the `metrics.json` the training script leaves in the job's `output.tar.gz` (SageMaker uploads the output data
 dir there). The highest accuracy wins; a tie goes to the model with fewer parameters.
 Accuracies returned are fractions (0.9714), as in metrics.json.
@@ -198,7 +198,7 @@ def made_files(config: PipelineConfig, job_name: str) -> dict[str, str]:
 
 
 def log_report(best: Mapping) -> None:
-    """The trial table, as the seed's notebook showed it, and the verdict."""
+    """The trial table, as the sweep write-up's notebook showed it, and the verdict."""
     from tasks.trials import format_trial_table
 
     log.info("Sweep of %d training jobs:\n%s", len(best["trials"]), format_trial_table(best["trials"]))

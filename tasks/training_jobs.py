@@ -25,7 +25,8 @@ from tasks.hooks import sagemaker_hook
 
 log = logging.getLogger(__name__)
 
-# The seed's metric definitions (its training log format, unchanged); SageMaker keeps the last match of each.
+# These are the sweep write-up's metrics, matched in the log lines of its training script, which train.py prints
+# unchanged. SageMaker keeps the last match of each.
 METRIC_DEFINITIONS = (
     {"Name": "train:loss", "Regex": r"Train Loss: (.*?);"},
     {"Name": "test:loss", "Regex": r"Test Average loss: (.*?),"},
@@ -235,7 +236,8 @@ def sweep_requests(
 
 
 def ensure_experiment(config: PipelineConfig, experiment_name: str, trial_name: str) -> None:
-    """Create the experiment (the DAG) and the trial (the run) unless they exist: the seed's trial tracking."""
+    """Create the experiment (the DAG) and the trial (the run) unless they exist, to track the jobs as the sweep
+    write-up did with SageMaker Experiments."""
     from botocore.exceptions import ClientError
 
     client = sagemaker_hook(config).conn

@@ -14,9 +14,11 @@
 
 With ``print_log`` the provider's hook asks for the job's status at most every 30 s, whatever ``check_interval``
 says: a guard against DescribeTrainingJob throttling on AWS, where jobs take minutes and the interval is 30 s
-anyway. A job of seconds on the local SageMaker service would wait that out (five seed jobs: all done after 43 s,
-their tasks after 64 s). This hook honours ``check_interval`` for the status too, never more often than the
-provider would with the same interval; everything else is the provider's own code.
+anyway. A job of seconds on the local SageMaker service would wait that out: under the provider's hook, the five
+jobs of the seed preset's sweep (seed_cnn at hidden_channels 2, 5, 10, 20 and 32) had all finished while their
+tasks went on waiting for a good part of that half minute. bench/bench_sweep.py times the sweep's tasks
+(bench/results/sweep.json, `tasks`). This hook honours ``check_interval`` for the status too, never more often
+than the provider would with the same interval; everything else is the provider's own code.
 """
 
 from __future__ import annotations

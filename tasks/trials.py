@@ -1,4 +1,4 @@
-"""The trial table: one row per training job of a sweep, as the seed's SageMaker Experiments table showed it
+"""The trial table: one row per training job of a sweep, as the sweep write-ups' SageMaker Experiments table showed it
 (test accuracy min / max / avg / last over the epochs), from the job's metrics.json.
 
 Light on purpose (rich only, imported when a table is drawn): the DAG's selection task uses it to log the sweep.

@@ -179,7 +179,7 @@ TUNING_JOBS = {
         epochs=3,
         pause=0.4,
         StrategyConfig={"HyperbandStrategyConfig": {"MinResource": 1}},
-        RandomSeed=7,  # draws that give bracket 0 a job worse than an earlier one (Hyperband's random is the seed's)
+        RandomSeed=7,  # Hyperband's random draws follow RandomSeed; 7 gives bracket 0 a job worse than an earlier one.
         encoded=True,  # MaxResource is then the decoded '"3"', the code the decoded sourcedir's
     ),
     # MaxResource below the script's epochs: the job is stopped once it has had them.
@@ -406,8 +406,8 @@ def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
     described = wait(tuned, "tune-last-epoch")
     assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
     jobs = jobs_of(tuned, "tune-last-epoch")
-    # Some jobs fall behind the median of the ones completed before them (the order is the seed's: recomputed),
-    # at their first epoch, which is their last.
+    # Some jobs fall behind the median of the ones completed before them at their first epoch, which is their last.
+    # RandomSeed fixes the grid's order, so the values are recomputed from the jobs rather than listed here.
     values = [accuracy(job["TunedHyperParameters"], 1) for job in jobs]
     behind = [i >= tuning.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
     assert any(behind), values

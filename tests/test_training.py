@@ -34,13 +34,14 @@ from training.models import MODELS, build_model, count_parameters, model_kwargs
 
 TRAINING = ROOT / "training"
 TRAIN_SCRIPT = TRAINING / "train.py"
-# The seed's SageMaker metric_definitions, as the estimator passes them.
+# The sweep write-up's SageMaker metric_definitions, as tasks/training_jobs.py passes them.
 METRIC_REGEXES = {
     "train:loss": r"Train Loss: (.*?);",
     "test:loss": r"Test Average loss: (.*?),",
     "test:accuracy": r"Test Accuracy: (.*?)%;",
 }
-# Learns the synthetic digits in a few seconds (the seed's SGD needs more than the 10 steps of an epoch here).
+# Adam learns the synthetic digits in a few seconds, where the seed preset's SGD (lr 0.01, momentum 0.5) needs more
+# than the 10 steps of an epoch here.
 QUICK_LEARNER = ["--optimizer", "adam", "--lr", "0.01", "--batch_size", "32", "--epochs", "3"]
 SIBLINGS = ("train", "models", "augment", "cluster", "engine", "mnist_idx")
 
@@ -287,7 +288,7 @@ def test_the_script_trains_only_on_the_dataset_its_job_names(
 
 @pytest.fixture(scope="module", params=["seed", "accurate"])
 def finished_run(request, small_mnist, tmp_path_factory):
-    """One epoch of train.py on the synthetic digits: the seed's settings, and the accurate preset."""
+    """One epoch of train.py on the synthetic digits, with the seed preset and with the accurate preset."""
     job = tmp_path_factory.mktemp(f"run-{request.param}")
     result = run_train(small_mnist, job, "--preset", request.param, "--epochs", "1", "--log_interval", "2")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -573,7 +574,7 @@ def test_trial_summary_and_table():
     assert "90.00%" in lines["job-7"] and "-" in lines["job-7"]  # a row without metrics.json still shows
 
 
-# -- the seed's result on the real data --------------------------------------------------------------------------
+# -- the seed preset's result on the real data -------------------------------------------------------------------
 
 
 @pytest.mark.real_data

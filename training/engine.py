@@ -47,8 +47,8 @@ class Shard:
 
 
 def training_loss(log_probabilities: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """The seed's nll_loss; with label smoothing, cross_entropy (its own log_softmax leaves log-probabilities as
-    they are)."""
+    """nll_loss, which pytorch/examples' MNIST script (seed_cnn's origin) trains with; with label smoothing,
+    cross_entropy, whose own log_softmax leaves log-probabilities as they are."""
     if label_smoothing:
         return F.cross_entropy(log_probabilities, labels, label_smoothing=label_smoothing)
     return F.nll_loss(log_probabilities, labels)

@@ -11,9 +11,10 @@ import ctypes
 
 def keep_freed_memory() -> None:
     """Make glibc keep freed memory in the process. By default it hands every freed block over 128 KiB back to the
-    kernel, so each training step page-faults its activations in again: ~400 page faults a step for seed_cnn,
-    which then trains 1.2-1.3x slower (measured here); a server's 1,000-image requests alike. Elsewhere (not
-    glibc) there is nothing to do."""
+    kernel, so each training step page-faults its activations in again, hundreds of times a step for seed_cnn,
+    which then trains noticeably slower; a server's 1,000-image requests slow down alike. bench/bench_training.py
+    measures the training speed with this setting (bench/results/training.json, `seed_cnn.images_per_second`).
+    Elsewhere (not glibc) there is nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -37,9 +37,9 @@ class SeedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
-        x = torch.flatten(x, 1)  # the seed's view(-1, 320), for any kernel size and memory layout
+        x = torch.flatten(x, 1)  # This is the sweep write-up's view(-1, 320), for any kernel size and memory layout.
         x = F.relu(self.fc1(x))
-        x = F.dropout(x, training=self.training)  # p=0.5, as in the seed: `dropout` is the Dropout2d rate
+        x = F.dropout(x, training=self.training)  # p=0.5 as in the sweep write-up; `dropout` sets the Dropout2d rate.
         return F.log_softmax(self.fc2(x), dim=1)
 
 
@@ -79,7 +79,7 @@ class BNCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """The seed's fully connected network, 784-128-90-50-10 with ReLU."""
+    """The fully connected network of the MLP write-up (../shared/seeds/004_*), 784-128-90-50-10 with ReLU."""
 
     def __init__(self, dropout: float = 0.2):
         super().__init__()
