@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_checks.drift import PROBABILITY_SUM_TOLERANCE
 from tasks.config import PipelineConfig
 from tasks.deployment import CAPTURE_PREFIX
 from tasks.hooks import s3_hook
@@ -237,6 +238,14 @@ def _decode(line: bytes, handler, skipped: dict) -> tuple[np.ndarray, np.ndarray
         return None
     if answers.shape != (len(pixels), 10) or not np.isfinite(answers).all():
         _skip(skipped, "output does not match its input")
+        return None
+    # Only the model's answers are judged: a row that is no distribution over the ten digits is not one.
+    if (
+        (answers < 0).any()
+        or (answers > 1).any()
+        or (np.abs(answers.sum(axis=1) - 1) > PROBABILITY_SUM_TOLERANCE).any()
+    ):
+        _skip(skipped, "output not probabilities summing to 1")
         return None
     return pixels, answers, moment
 

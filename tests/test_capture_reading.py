@@ -131,17 +131,26 @@ def test_damaged_lines_are_counted_and_left_out_never_fatal(config, handler):
     wrong_input["captureData"]["endpointInput"]["data"] = '{"instances": [[1, 2, 3]]}'
     mismatched = record(image, 1)
     mismatched["captureData"]["endpointOutput"]["data"] = '{"predictions": []}'
+    not_probabilities = record(image, 1)
+    not_probabilities["captureData"]["endpointOutput"]["data"] = json.dumps(
+        {"predictions": [{"label": 1, "probabilities": [2.0] + [0.0] * 9}]}
+    )
     bad_base64 = record(image, 1, "npy")
     bad_base64["captureData"]["endpointInput"]["data"] = "%%%"
     put(
         config,
         "2026/12/07/10",
         "00-00-000-y",
-        [b"not json", {"captureData": {}}, wrong_input, mismatched, bad_base64, record(image, 7)],
+        [b"not json", {"captureData": {}}, wrong_input, mismatched, not_probabilities, bad_base64, record(image, 7)],
     )
     window, _ = read(config, handler)
     assert window.requests == 1 and window.probabilities.argmax(axis=1).tolist() == [7]
-    assert window.skipped == {"not a capture record": 2, "input not decodable": 2, "output does not match its input": 1}
+    assert window.skipped == {
+        "not a capture record": 2,
+        "input not decodable": 2,
+        "output does not match its input": 1,
+        "output not probabilities summing to 1": 1,
+    }
 
 
 def test_the_position_moves_only_from_where_its_check_read_it(config, handler):
