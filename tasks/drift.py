@@ -83,7 +83,7 @@ def check(config: PipelineConfig, endpoint: str, run_id: str, *, min_requests: i
     objects = capture.new_objects(config, endpoint, position)
     window = capture.read_window(config, objects, decoding_handler(), max_requests)
     model = _champion(config, endpoint)
-    judged = _judge(window, model, min_requests)
+    judged = _judge(window, model, min_requests, config)
     result = {
         "endpoint_name": endpoint,
         "verdict": judged["verdict"],
@@ -131,13 +131,17 @@ def _champion(config: PipelineConfig, endpoint: str) -> dict | None:
         return None
 
 
-def _judge(window, model: Mapping | None, min_requests: int) -> dict:
+def _judge(window, model: Mapping | None, min_requests: int, config: PipelineConfig) -> dict:
+    """The window held to the statistics of the data the models are trained on: the configuration's
+    mnist_reference (a dataset other than the official MNIST), else the official MNIST's."""
+    from data_checks.class_stats import load_reference
     from data_checks.drift import drift_report
 
     return drift_report(
         window.images,
         window.probabilities,
         test_confidence=(model or {}).get("test_confidence"),
+        reference=load_reference(config.mnist_reference) if config.mnist_reference else None,
         min_requests=min_requests,
     )
 

@@ -173,3 +173,28 @@ def test_a_damaged_position_is_an_error_naming_it(config):
     s3_hook(config).conn.put_object(Bucket=config.bucket, Key=key, Body=b"[1, 2]")
     with pytest.raises(ValueError, match=rf"s3://{config.bucket}/{key} is not a drift position"):
         capture.read_position(config, ENDPOINT)
+
+
+def test_a_check_holds_the_window_to_the_configured_reference(config, small_mnist, small_reference):
+    """The digits a model was trained on are no drift against their own reference (the configuration's
+    mnist_reference), and are against the official MNIST's, which they do not resemble."""
+    import dataclasses
+
+    from tasks.drift import check
+    from training.mnist_idx import load_mnist
+
+    data = load_mnist(small_mnist)
+    images, labels = data["train_images"], data["train_labels"]
+    put(
+        config,
+        "2026/12/07/10",
+        "00-00-000-r",
+        [record(image, int(label)) for image, label in zip(images, labels, strict=True)],
+    )
+    configured = dataclasses.replace(config, mnist_reference=str(small_reference))
+    result = check(configured, ENDPOINT, "manual__configured-reference", min_requests=500, max_requests=10_000)
+    assert result["verdict"] == "no drift" and result["requests"] == len(images), result
+    assert result["figures"]["mean_image_corr"] > 0.99 and result["figures"]["centre_shift"] < 0.05
+    capture.write_position(config, ENDPOINT, {"variants": {}}, capture.read_position(config, ENDPOINT)[1])
+    official = check(config, ENDPOINT, "manual__official-reference", min_requests=500, max_requests=10_000)
+    assert official["verdict"] == "drift" and official["requests"] == len(images), official
