@@ -76,6 +76,7 @@ bench: venv tools
 	$(BIN)/python bench/bench_transform.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/transform.json
 	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json
 	$(BIN)/python bench/bench_drift.py --out bench/results/drift.json
+	$(BIN)/python bench/bench_drift_check.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/drift_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts local_aws/iam_simulate/node_modules
