@@ -65,9 +65,10 @@ def decoding_handler():
     loaded as the inference container loads it: its ``input_fn`` decodes captured requests as the endpoint did."""
     from inference.artifact import add_code, load_handler
 
-    directory = Path(tempfile.mkdtemp(prefix="mnist-drift-handler-"))
-    add_code(directory)
-    return load_handler(directory)
+    # The files are needed only while they are imported: each check would otherwise leave a directory behind.
+    with tempfile.TemporaryDirectory(prefix="mnist-drift-handler-") as directory:
+        add_code(directory)
+        return load_handler(directory)
 
 
 def check(config: PipelineConfig, endpoint: str, run_id: str, *, min_requests: int, max_requests: int) -> dict:
