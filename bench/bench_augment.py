@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT / "training"))
 
 from augment import Augmentation  # noqa: E402
 
+# The fill is training's background: a black pixel, normalized as training/engine.py normalizes.
+from engine import BACKGROUND  # noqa: E402
+
 BATCH = 64
 SIDE = 28
-MEAN, STD = 0.1307, 0.3081  # training/engine.py's normalization, whose background the fill is
-BACKGROUND = (0.0 - MEAN) / STD
 
 
 def images_per_second(augment, batches: list[torch.Tensor], repeats: int) -> float:

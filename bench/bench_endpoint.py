@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code  # noqa: E402
+from local_aws import LOCAL_REGION  # noqa: E402
 from local_sagemaker.processes import free_port, wait_for_http  # noqa: E402
 
 TARGETS = {"c8_rps": 3500, "c8_p99_ms": 10.0, "batch1000_ms": 50.0}
@@ -73,6 +74,7 @@ def require_wrk() -> str:
 def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
     import torch
 
+    from training.engine import MEAN, STD
     from training.models import build_model
 
     kwargs = {"hidden_channels": hidden_channels, "kernel_size": 5, "dropout": 0.2}
@@ -80,7 +82,7 @@ def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
     config = {
         "architecture": "seed_cnn",
         "kwargs": kwargs,
-        "normalization": {"mean": 0.1307, "std": 0.3081},
+        "normalization": {"mean": MEAN, "std": STD},
         "input_shape": [1, 28, 28],
         "num_classes": 10,
     }
@@ -175,7 +177,7 @@ def signature(url: str, body_path: Path, key, directory: Path, name: str = "sign
     request = AWSRequest(
         "POST", url, data=body_path.read_bytes(), headers={"Content-Type": "application/json", "Host": netloc}
     )
-    SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "sagemaker", "us-east-1").add_auth(request)
+    SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "sagemaker", LOCAL_REGION).add_auth(request)
     path = directory / f"{name}.headers"
     path.write_text(
         "".join(
@@ -290,7 +292,7 @@ def main() -> None:
         keys = StackKeys.new()
         moto, moto_url = start_scratch_aws(scratch, keys, log_path=scratch / "local-aws.log")
         os.environ.update(
-            {**keys.admin.environment(), "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+            {**keys.admin.environment(), "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", LOCAL_REGION)}
         )
         # The server reaches the local CloudWatch as the SageMaker container reaches AWS: by its environment.
         env = {**os.environ, "AWS_ENDPOINT_URL": moto_url}

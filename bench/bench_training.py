@@ -57,6 +57,7 @@ def reference_loop(data_dir: Path, epochs: int, threads: int, seed: int = 1) -> 
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
+    from training.engine import MEAN, STD
     from training.mnist_idx import load_mnist
     from training.models import build_model
 
@@ -66,7 +67,7 @@ def reference_loop(data_dir: Path, epochs: int, threads: int, seed: int = 1) -> 
 
     def dataset(images, labels):
         pixels = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255
-        return TensorDataset((pixels - 0.1307) / 0.3081, torch.tensor(labels, dtype=torch.int64))
+        return TensorDataset((pixels - MEAN) / STD, torch.tensor(labels, dtype=torch.int64))
 
     train_loader = DataLoader(dataset(data["train_images"], data["train_labels"]), batch_size=64, shuffle=True)
     test_loader = DataLoader(dataset(data["test_images"], data["test_labels"]), batch_size=1000)

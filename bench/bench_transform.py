@@ -46,6 +46,7 @@ from bench_endpoint import untrained_artifact  # noqa: E402
 
 from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code, load_handler  # noqa: E402
+from local_aws import LOCAL_REGION  # noqa: E402
 from training.mnist_idx import load_mnist  # noqa: E402
 
 TARGET_IMAGES_PER_SECOND = 20_000
@@ -223,7 +224,7 @@ def main() -> None:
         handler = load_handler(model_dir)  # its names for the precision setting
         keys = StackKeys.new()
         moto, moto_url = start_scratch_aws(scratch, keys, log_path=scratch / "local-aws.log")
-        os.environ.update({**keys.admin.environment(), "AWS_DEFAULT_REGION": "us-east-1"})
+        os.environ.update({**keys.admin.environment(), "AWS_DEFAULT_REGION": LOCAL_REGION})
         load_before = os.getloadavg()
         try:
             s3 = boto3.client("s3", endpoint_url=moto_url)

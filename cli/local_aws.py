@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cli.iam import DEFAULT_PRINCIPAL_NAME, DEFAULT_TOPIC, Blanks, render
-from local_aws import LOCAL_ACCOUNT
+from local_aws import LOCAL_ACCOUNT, LOCAL_REGION
 from local_sagemaker import processes
 from local_sagemaker.processes import free_port
 
@@ -29,7 +29,7 @@ SAGEMAKER_SERVICE = "sagemaker.amazonaws.com"
 SAGEMAKER_SERVICE_ROLE = "AWSServiceRoleForLocalSageMaker"
 SAGEMAKER_SERVICE_POLICY = Path(__file__).resolve().parents[1] / "local_sagemaker" / "service-role-policy.json"
 ADMINISTRATOR_ACCESS = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-START_TIMEOUT = 600.0  # the replay of a large state comes first
+LOCAL_AWS_START_TIMEOUT = 600.0  # the replay of a large state comes first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,7 @@ def start_local_aws(
     *,
     host: str = "127.0.0.1",
     port: int | None = None,
-    region: str = "us-east-1",
+    region: str = LOCAL_REGION,
     log_path: Path | None = None,
     state_file: Path | None = None,
     decision_log: Path | None = None,
@@ -215,7 +215,7 @@ def start_local_aws(
     process, _ = processes.spawn(command, env=processes.allowed_env({"PYTHONUNBUFFERED": "1"}), log_path=log_path)
     endpoint_url = f"http://{host}:{port}"
     try:
-        processes.wait_for_http(f"{endpoint_url}/_local/health", timeout=START_TIMEOUT, process=process)
+        processes.wait_for_http(f"{endpoint_url}/_local/health", timeout=LOCAL_AWS_START_TIMEOUT, process=process)
     except BaseException:
         process.kill()
         raise
@@ -225,7 +225,7 @@ def start_local_aws(
 def connection_uri(
     endpoint_url: str,
     key: Key,
-    region: str = "us-east-1",
+    region: str = LOCAL_REGION,
     sagemaker_endpoint: str | None = None,
     runtime_endpoint: str | None = None,
 ) -> str:

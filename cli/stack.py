@@ -375,7 +375,7 @@ def start_local_aws(paths: StackPaths, config: PipelineConfig) -> tuple[dict, st
             log_path=paths.logs / "local-sagemaker.log",
         )
     except BaseException:
-        processes.stop([moto_record])
+        processes.stop([moto_record], grace=processes.SERVICE_STOP_GRACE_SECONDS)
         raise
     return moto_record, aws_endpoint, sagemaker, config.alert_topic_arn
 
@@ -468,7 +468,7 @@ def down(config: PipelineConfig | None = None) -> list[str]:
     stopped = airflow
     for name in BACKING_SERVICES:
         if name in records:
-            processes.stop([records[name]], grace=60)
+            processes.stop([records[name]], grace=processes.SERVICE_STOP_GRACE_SECONDS)
             stopped.append(name)
     # Model servers that a killed service left behind (a running one stops its own).
     if strays := launch.stop_strays(paths.sagemaker):

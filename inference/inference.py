@@ -89,6 +89,9 @@ PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
 PRECISIONS = ("float32", "bfloat16")
 # How far a bfloat16 variant's probabilities may be from the float32 model's on the load-time check.
 BFLOAT16_TOLERANCE = 0.03
+# The pixels' normalization when model_config.json names none: training's (training/engine.py's MEAN and STD,
+# which this file, shipped alone, cannot import; tests/test_inference.py holds the two together).
+DEFAULT_NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 
 
 class InvalidRequest(BaseInferenceToolkitError):
@@ -286,7 +289,7 @@ def model_fn(model_dir: str) -> Predictor:
     except Exception as exc:  # torch's message (chained below) opens with a note on its change of default
         raise ValueError(f"{weights}: not a state_dict of tensors that torch.load(weights_only=True) accepts") from exc
     network.load_state_dict(state)
-    normalization = config.get("normalization", {"mean": 0.1307, "std": 0.3081})
+    normalization = config.get("normalization", DEFAULT_NORMALIZATION)
     classifier = MnistClassifier(network, normalization["mean"], normalization["std"]).to(device)
     return Predictor(classifier, device, os.environ.get(PRECISION_VARIABLE, "float32"))
 

@@ -4,5 +4,8 @@ principal's policies and the resource's, evaluated by iam-simulate. Its own pack
 project, and the local SageMaker service asks it, as SageMaker would ask IAM, who signed a request and whether it
 is allowed."""
 
-# The account of every local principal and resource, here and in the local SageMaker service.
+# The account of every local principal and resource, here and in the local SageMaker service, and the region both
+# serve when none is named. tasks.config's defaults repeat them (the pipeline imports no part of the local stack):
+# tests/test_layers.py holds the copies together.
 LOCAL_ACCOUNT = "000000000000"
+LOCAL_REGION = "us-east-1"

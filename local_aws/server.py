@@ -24,12 +24,11 @@ from collections import defaultdict, deque
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from local_aws import LOCAL_ACCOUNT
+from local_aws import LOCAL_ACCOUNT, LOCAL_REGION
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5000
-DEFAULT_REGION = "us-east-1"
 
 
 def configure_moto(account: str) -> None:
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--principals", type=Path, required=True, help="the stack's principals (JSON, mode 0600)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
+    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", LOCAL_REGION))
     parser.add_argument("--state-file", type=Path, help="moto's recording, replayed at start (default: no state kept)")
     parser.add_argument("--decision-log", type=Path, help="every IAM decision, appended as JSON lines")
     parser.add_argument("--ready-file", type=Path, help="written once the state is back and requests are served")

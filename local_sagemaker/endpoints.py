@@ -32,7 +32,7 @@ from local_sagemaker import alarms, aws, capture, model_servers, processes
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
-from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.protocol import ValidationException, arn, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.runtime import Router, Target
 from local_sagemaker.store import Store, now
@@ -75,7 +75,7 @@ class Endpoints:
         self._stopping = threading.Event()
 
     def arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name.lower()}"
+        return arn("endpoint", name, region=self.region, account=self.account)
 
     def _background(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, name=f"endpoint-{target.__name__}", daemon=True)
@@ -270,7 +270,7 @@ class Endpoints:
                     )
                 )
         except BaseException as error:
-            self._stop(servers, grace=5)
+            self._stop(servers, grace=processes.IDLE_STOP_GRACE_SECONDS)
             if isinstance(error, LaunchFailed | KeyboardInterrupt | SystemExit):
                 raise
             raise LaunchFailed(f"{type(error).__name__}: {error}") from error
@@ -304,7 +304,7 @@ class Endpoints:
             return
         urls = {server["url"] for server in fleet["servers"]}
         processes.wait_until(lambda: self.router.idle(urls), DRAIN_TIMEOUT, interval=0.02)
-        self._stop(fleet["servers"], grace=10)
+        self._stop(fleet["servers"], grace=processes.MODEL_SERVER_STOP_GRACE_SECONDS)
 
     def _set_local(self, name: str, **local) -> None:
         with self.store.lock:
@@ -455,7 +455,7 @@ class Endpoints:
                     len(strays),
                     ", ".join(str(s["pid"]) for s in strays),
                 )
-                processes.stop(strays, grace=5)
+                processes.stop(strays, grace=processes.IDLE_STOP_GRACE_SECONDS)
         finally:
             self.ready.set()
 
@@ -463,7 +463,7 @@ class Endpoints:
         """Bring one endpoint back as its record says; returns the servers it now runs on."""
         name, local = record["EndpointName"], record["Local"]
         if local["pending"]:  # an update a stop interrupted: its fleet never took over
-            self._stop(local["pending"]["servers"], grace=5)
+            self._stop(local["pending"]["servers"], grace=processes.IDLE_STOP_GRACE_SECONDS)
             self._set_local(name, pending=None)
         status = record["EndpointStatus"]
         if status == "Deleting":
@@ -485,7 +485,7 @@ class Endpoints:
                     self.roles.adopt(server["credentials_token"], server["role"], self.arn(name))
                     servers.append(server)
                     continue
-                self._stop([server], grace=5)
+                self._stop([server], grace=processes.IDLE_STOP_GRACE_SECONDS)
                 variant = {
                     "VariantName": server["variant"],
                     "InitialVariantWeight": server["weight"],
@@ -503,7 +503,7 @@ class Endpoints:
                     )
                 )
         except LaunchFailed as failed:
-            self._stop(servers, grace=5)
+            self._stop(servers, grace=processes.IDLE_STOP_GRACE_SECONDS)
             self.store.update(
                 KIND,
                 name,
@@ -529,4 +529,4 @@ class Endpoints:
             thread.join(timeout=15)
         servers = processes.running_with("inference.serve", self.fleets_dir)  # recorded or not
         with contextlib.suppress(Exception):
-            processes.stop(servers, grace=10)
+            processes.stop(servers, grace=processes.MODEL_SERVER_STOP_GRACE_SECONDS)

@@ -9,7 +9,7 @@ be compared with ListTrialComponents / DescribeTrialComponent.
 from __future__ import annotations
 
 from local_sagemaker.listing import page
-from local_sagemaker.protocol import ResourceNotFound, ValidationException
+from local_sagemaker.protocol import ResourceNotFound, ValidationException, arn
 from local_sagemaker.store import Store, now
 
 EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
@@ -20,7 +20,7 @@ class Experiments:
         self.store, self.region, self.account = store, region, account
 
     def _arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+        return arn(kind, name, region=self.region, account=self.account)
 
     def _get(self, kind: str, name: str, what: str) -> dict:
         record = self.store.get(kind, name)

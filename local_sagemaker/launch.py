@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from local_aws import LOCAL_REGION
 from local_sagemaker import processes
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 120.0  # it answers /ping once the endpoints its records name serve again
+# The service answers /ping once the endpoints its records name serve again, their model servers started anew.
+SERVICE_START_TIMEOUT = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +46,13 @@ def start(
     aws_endpoint_url: str,
     *,
     credentials: dict[str, str],
-    region: str = "us-east-1",
+    region: str = LOCAL_REGION,
     port: int | None = None,
     runtime_port: int | None = None,
     cpus: int = 0,
     metrics_interval: float = 10.0,
     log_path: Path | None = None,
-    timeout: float = START_TIMEOUT,
+    timeout: float = SERVICE_START_TIMEOUT,
 ) -> Started:
     """Start the service; returns once it answers /ping with 200."""
     port = port or processes.free_port(HOST)
@@ -84,7 +86,7 @@ def start(
         if processes.healthy(url):
             return Started(record, url, f"http://{HOST}:{runtime_port}")
         if process.poll() is not None or time.monotonic() > deadline:
-            processes.stop([record], grace=5)
+            processes.stop([record], grace=processes.IDLE_STOP_GRACE_SECONDS)
             what = f"exited with {process.returncode}" if process.poll() is not None else "did not become ready"
             raise RuntimeError(f"the local SageMaker service {what}; its log ends:\n{processes.log_tail(log_path)}")
         time.sleep(0.1)
@@ -92,7 +94,7 @@ def start(
 
 def stop(record: dict) -> None:
     """Stop the service; it stops its jobs and model servers first (the records stay)."""
-    processes.stop([record], grace=60)
+    processes.stop([record], grace=processes.SERVICE_STOP_GRACE_SECONDS)
 
 
 def stop_strays(state_dir: Path) -> int:
@@ -108,5 +110,6 @@ def stop_strays(state_dir: Path) -> int:
         *processes.running_with("inference.serve", state_dir / "transform-job-dirs"),
         *running_hosts(state_dir / "job-dirs"),
     ]
-    processes.stop(strays, grace=10)
+    # Training hosts among them get their job's grace, the longer of the two.
+    processes.stop(strays, grace=processes.JOB_STOP_GRACE_SECONDS)
     return len(strays)

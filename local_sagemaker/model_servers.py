@@ -22,7 +22,8 @@ from local_sagemaker import aws, processes, store
 from local_sagemaker.archives import ArchiveError, unpack
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 120.0
+# A model server's own start (the service's start, launch.SERVICE_START_TIMEOUT, waits for the whole service).
+MODEL_SERVER_START_TIMEOUT = 120.0
 
 
 class LaunchFailed(Exception):
@@ -137,15 +138,15 @@ def start(
     env = processes.allowed_env({**environment, **aws_environment, "PYTHONUNBUFFERED": "1"})
     process, record = processes.spawn(command, env=env, log_path=log_path)
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + MODEL_SERVER_START_TIMEOUT
     while not processes.healthy(url):
         if process.poll() is not None or time.monotonic() > deadline or stopping.is_set():
             what = (
                 f"exited with status {process.returncode}"
                 if process.poll() is not None
-                else f"did not answer /ping within {START_TIMEOUT:.0f} s"
+                else f"did not answer /ping within {MODEL_SERVER_START_TIMEOUT:.0f} s"
             )
-            processes.stop([record], grace=5)
+            processes.stop([record], grace=processes.IDLE_STOP_GRACE_SECONDS)
             raise LaunchFailed(
                 f"The model server of variant {variant} {what}; its log ends:\n{processes.log_tail(log_path, 15)}"
             )

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from local_sagemaker import capture
 from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ValidationException, not_found
+from local_sagemaker.protocol import ValidationException, arn, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
 
@@ -26,7 +26,7 @@ class Models:
         self.packages = packages
 
     def _arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+        return arn(kind, name, region=self.region, account=self.account)
 
     # -- models ----------------------------------------------------------------------------------------------------
 
@@ -102,8 +102,8 @@ class Models:
             capture.check(request["DataCaptureConfig"])
         with self.store.lock:
             if self.store.get(CONFIGS, name) is not None:
-                arn = self._arn("endpoint-config", name)
-                raise ValidationException(f'Cannot create already existing endpoint configuration "{arn}".')
+                config_arn = self._arn("endpoint-config", name)
+                raise ValidationException(f'Cannot create already existing endpoint configuration "{config_arn}".')
             record = {**request, "EndpointConfigArn": self._arn("endpoint-config", name), "CreationTime": now()}
             self.store.put(CONFIGS, name, record)
         return {"EndpointConfigArn": record["EndpointConfigArn"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from local_aws.permissions import Requirement, resources_of
+from local_sagemaker.protocol import arn
 
 SERVICE_PRINCIPAL = "sagemaker.amazonaws.com"
 # The request member that names a new resource, for Create* operations that may tag it.
@@ -35,7 +36,7 @@ def requirements(operation: str, params: Mapping, *, region: str, account: str) 
     if operation == "CreateModelPackage" and "modelpackagegroupname" in flat:
         # A new version of a group: its ARN ends with a version number the registry has yet to give.
         group = str(flat["modelpackagegroupname"]).rsplit("/", 1)[-1].lower()
-        resources = [f"arn:aws:sagemaker:{region}:{account}:model-package/{group}/*"]
+        resources = [arn("model-package", f"{group}/*", region=region, account=account)]
     else:
         resources = resources_of(action, flat, region=region, account=account, lowercase=True)
     context = _context(operation, params, region, account)
@@ -96,5 +97,5 @@ def _context(operation: str, params: Mapping, region: str, account: str) -> dict
     if "ModelApprovalStatus" in params:
         context["sagemaker:ModelApprovalStatus"] = params["ModelApprovalStatus"]
     if operation == "CreateTransformJob" and params.get("ModelName"):
-        context["sagemaker:ModelArn"] = f"arn:aws:sagemaker:{region}:{account}:model/{params['ModelName'].lower()}"
+        context["sagemaker:ModelArn"] = arn("model", params["ModelName"], region=region, account=account)
     return context

@@ -21,8 +21,20 @@ from pathlib import Path
 
 import psutil
 
-# SIGTERM, then this long before SIGKILL: time for a server to drain and for Airflow to shut down cleanly.
-STOP_GRACE_SECONDS = 20.0
+# SIGTERM, then this long before SIGKILL: each kind of process gets what it needs to end cleanly, and stop()
+# returns as soon as everything has ended, so a grace costs time only when a process hangs.
+# Airflow's components (the default): time to drain and to shut down cleanly.
+AIRFLOW_STOP_GRACE_SECONDS = 20.0
+# The local AWS and the local SageMaker service: each stops its own children first (the IAM evaluator; the training
+# jobs and model servers, with their graces below).
+SERVICE_STOP_GRACE_SECONDS = 60.0
+# A training job's processes: time to save their state, as a job does on SageMaker's SIGTERM (SageMaker gives 120 s).
+JOB_STOP_GRACE_SECONDS = 10.0
+# A model server that may have served: time to finish the requests in flight and publish its last metrics.
+MODEL_SERVER_STOP_GRACE_SECONDS = 10.0
+# A process with nothing to finish: it never became ready, or no route leads to it any more and it publishes
+# nothing (a transform job's model servers, a fleet that never took over, strays of a killed service).
+IDLE_STOP_GRACE_SECONDS = 5.0
 # The environment every child may see from ours: what runs Python and its math libraries, never credentials,
 # Airflow's secrets or connections. Each caller adds what its child needs on top.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
@@ -144,7 +156,7 @@ def _orphans(record: Mapping) -> list[psutil.Process]:
     return found
 
 
-def stop(records: Iterable[Mapping], grace: float = STOP_GRACE_SECONDS) -> None:
+def stop(records: Iterable[Mapping], grace: float = AIRFLOW_STOP_GRACE_SECONDS) -> None:
     """SIGTERM each process's group and every descendant that left it; SIGKILL what is alive after ``grace``. A
     record whose process has died already still stops what outlived it in its group.
 

@@ -26,10 +26,9 @@ from botocore.model import OperationModel, ServiceModel, Shape
 from botocore.utils import parse_to_aware_datetime
 from botocore.validate import ParamValidator
 
-from local_aws import LOCAL_ACCOUNT
+from local_aws import LOCAL_ACCOUNT, LOCAL_REGION
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
-DEFAULT_REGION, DEFAULT_ACCOUNT = "us-east-1", LOCAL_ACCOUNT
 
 
 # -- errors ------------------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def _resource_type(kind: str) -> str:
     return _KINDS.get(kind.lower().replace("-", " ").replace("_", " "), kind)
 
 
-def arn(kind: str, name: str, *, region: str = DEFAULT_REGION, account: str = DEFAULT_ACCOUNT) -> str:
+def arn(kind: str, name: str, *, region: str = LOCAL_REGION, account: str = LOCAL_ACCOUNT) -> str:
     """The ARN SageMaker gives resource ``name`` of ``kind`` ("training job" or "training-job", "endpoint config"...)."""
     return f"arn:aws:sagemaker:{region}:{account}:{_resource_type(kind)}/{name.lower()}"
 
@@ -109,8 +108,8 @@ def not_found(
     name: str,
     resource_arn: str | None = None,
     *,
-    region: str = DEFAULT_REGION,
-    account: str = DEFAULT_ACCOUNT,
+    region: str = LOCAL_REGION,
+    account: str = LOCAL_ACCOUNT,
 ) -> SageMakerError:
     """The error SageMaker's Describe*/Delete* give for a missing resource (its ARN: ``resource_arn``, or made from
     ``region`` and ``account``), e.g. ``Could not find endpoint "arn:aws:sagemaker:us-east-1:000000000000:endpoint/x".``

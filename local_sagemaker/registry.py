@@ -13,7 +13,7 @@ import re
 import threading
 
 from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ValidationException
+from local_sagemaker.protocol import ValidationException, arn
 from local_sagemaker.store import Store, now
 
 GROUPS, PACKAGES = "model-package-groups", "model-packages"
@@ -52,7 +52,7 @@ class Registry:
         self._versions = threading.Lock()  # one version number per CreateModelPackage, in order
 
     def _arn(self, kind: str, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:{kind}/{name.lower()}"
+        return arn(kind, name, region=self.region, account=self.account)
 
     # -- groups ----------------------------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from local_aws import errors, sigv4
 from local_aws.permissions import Requirement
 from local_sagemaker import capture, eventstream
 from local_sagemaker.access import Access, AccessDenied, NotCached
+from local_sagemaker.protocol import arn
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ ACTIONS = {
 ROUTES = "POST /endpoints/{EndpointName}/invocations, /invocations-response-stream and /async-invocations"
 STREAM_ACCEPT = "X-Amzn-SageMaker-Accept"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
-ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # botocore's EndpointName pattern and length
+# SageMaker's EndpointName pattern, its length limit included (botocore's; tests/test_layers.py holds it there).
+ENDPOINT_NAME_PATTERN = r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"
+ENDPOINT_NAME = re.compile(ENDPOINT_NAME_PATTERN)
 SAMPLES_KEPT = 100_000  # per server: enough for any alarm period at local request rates
 
 _KEPT_REQUEST_HEADERS = {name.lower(): name for name in (*FORWARDED_REQUEST_HEADERS, TARGET_VARIANT, STREAM_ACCEPT)}
@@ -691,7 +694,7 @@ class Runtime:
                 "ValidationError",
                 f"1 validation error detected: Value '{name}' at "
                 "'endpointName' failed to satisfy constraint: Member must satisfy regular "
-                "expression pattern: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",
+                f"expression pattern: ^{ENDPOINT_NAME_PATTERN}",
             )
         if match.group(2) == ASYNC_OPERATION:
             if self.asynchronous is None:
@@ -766,7 +769,7 @@ class Runtime:
         needed = [
             Requirement(
                 ACTIONS[match.group(2)] if match else ACTIONS["invocations"],
-                f"arn:aws:sagemaker:{self.region}:{self.account}:endpoint/{name}",
+                arn("endpoint", name, region=self.region, account=self.account),
             )
         ]
         loop = asyncio.get_running_loop()

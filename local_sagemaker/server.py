@@ -30,7 +30,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from local_aws import errors, sigv4
+from local_aws import LOCAL_ACCOUNT, LOCAL_REGION, errors, sigv4
 from local_sagemaker import protocol
 from local_sagemaker.access import Access
 from local_sagemaker.async_inference import AsyncInvocations
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8090
 DEFAULT_RUNTIME_PORT = 8091
-DEFAULT_REGION = "us-east-1"
-ACCOUNT = protocol.DEFAULT_ACCOUNT  # the account id of every local ARN
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # far above any control-plane request; InvokeEndpoint checks its own 6 MB
 
 
@@ -68,7 +66,7 @@ class Service:
         service_url: str,
         cpus: int,
         metrics_interval: float,
-        region: str = DEFAULT_REGION,
+        region: str = LOCAL_REGION,
         workers: int | None = None,
     ):
         """``aws_endpoint_url``: the local AWS, whose IAM decides who may call; ``service_url``: this control plane's
@@ -76,23 +74,23 @@ class Service:
         self.store = Store(state_dir)
         self.region = region
         self.access = Access(aws_endpoint_url, region)
-        self.roles = Roles(region, ACCOUNT)
+        self.roles = Roles(region, LOCAL_ACCOUNT)
         self.router = Router()
-        self.registry = Registry(self.store, region, ACCOUNT)
-        self.models = Models(self.store, region, ACCOUNT, roles=self.roles, packages=self.registry.package)
-        self.experiments = Experiments(self.store, region, ACCOUNT)
+        self.registry = Registry(self.store, region, LOCAL_ACCOUNT)
+        self.models = Models(self.store, region, LOCAL_ACCOUNT, roles=self.roles, packages=self.registry.package)
+        self.experiments = Experiments(self.store, region, LOCAL_ACCOUNT)
         self.tags = Tags(self.store)
         self.training = TrainingJobs(
             self.store,
             state_dir,
             cpus,
             region,
-            ACCOUNT,
+            LOCAL_ACCOUNT,
             roles=self.roles,
             service_url=service_url,
             on_change=self.experiments.record_training_job,
         )
-        self.tuning = TuningJobs(self.store, self.training, region, ACCOUNT)
+        self.tuning = TuningJobs(self.store, self.training, region, LOCAL_ACCOUNT)
         self.endpoints = Endpoints(
             self.store,
             self.models,
@@ -101,7 +99,7 @@ class Service:
             workers=workers or cpus,
             metrics_interval=metrics_interval,
             region=region,
-            account=ACCOUNT,
+            account=LOCAL_ACCOUNT,
             roles=self.roles,
             service_url=service_url,
         )
@@ -111,7 +109,7 @@ class Service:
             state_dir,
             cpus=workers or cpus,
             region=region,
-            account=ACCOUNT,
+            account=LOCAL_ACCOUNT,
             roles=self.roles,
             service_url=service_url,
         )
@@ -166,7 +164,7 @@ class Service:
         """One control-plane request: who signed it, what it asks, whether IAM allows it; the answer's body."""
         principal = self.access.authenticate(request)
         operation, params = protocol.parse_request(request.headers.get("x-amz-target"), body, self.implemented)
-        self.access.authorize(principal, requirements(operation, params, region=self.region, account=ACCOUNT))
+        self.access.authorize(principal, requirements(operation, params, region=self.region, account=LOCAL_ACCOUNT))
         return protocol.serialize_response(operation, self.operations[operation](params))
 
     def start(self) -> None:
@@ -221,7 +219,7 @@ def create_app(service: Service, runtime_host: str, runtime_port: int) -> web.Ap
         return web.json_response(capture.counts())
 
     async def lifecycle(app: web.Application):
-        runtime = Runtime(service.router, ACCOUNT, service.access, service.region)
+        runtime = Runtime(service.router, LOCAL_ACCOUNT, service.access, service.region)
         runtime.asynchronous = AsyncInvocations(
             service.store,
             service.models,
@@ -260,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--metrics-interval", type=float, default=10.0, help="seconds between an endpoint server's CloudWatch puts"
     )
-    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION))
+    parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", LOCAL_REGION))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     aws_endpoint_url = os.environ.get("AWS_ENDPOINT_URL")

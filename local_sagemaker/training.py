@@ -33,7 +33,7 @@ from local_sagemaker import aws, container, processes
 from local_sagemaker.archives import ArchiveError, pack, unpack
 from local_sagemaker.container import decoded_value, host_environments, host_roots, user_args
 from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ResourceLimitExceeded, ValidationException, not_found
+from local_sagemaker.protocol import ResourceInUse, ResourceLimitExceeded, ValidationException, arn, not_found
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
 
@@ -46,7 +46,6 @@ LOG_TAIL_LINES = 40
 # waits this long in Starting, so that the sweep's jobs share the cores instead of the first taking them all.
 STARTING_SECONDS = 1.0
 LOG_FLUSH_SECONDS = 1.0
-STOP_GRACE_SECONDS = 10.0  # SIGTERM, then this long before SIGKILL (SageMaker gives 120 s)
 TERMINAL = ("Completed", "Failed", "Stopped")
 # Each instance of a job is a process of its own here: this service's quota of instances per training job, as an
 # AWS account has one per instance type (a tuning job's training jobs count one by one).
@@ -273,7 +272,7 @@ class TrainingJobs:
         self._recover()
 
     def arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:training-job/{name.lower()}"
+        return arn("training job", name, region=self.region, account=self.account)
 
     def _recover(self) -> None:
         """A job that was running when the service stopped cannot go on. A crash of the service does not end its
@@ -293,7 +292,7 @@ class TrainingJobs:
                 *(p for p in in_job_dirs if p["cwd"] == job_dir or p["cwd"].startswith(job_dir + os.sep)),
             ]
         survivors = {name: sorted({p["pid"] for p in records if processes.live(p)}) for name, records in found.items()}
-        processes.stop([p for records in found.values() for p in records], grace=STOP_GRACE_SECONDS)
+        processes.stop([p for records in found.values() for p in records], grace=processes.JOB_STOP_GRACE_SECONDS)
         for record in interrupted:
             name = record["TrainingJobName"]
             _drop_channels(self.jobs_dir / name)  # as a job that ends does
@@ -405,7 +404,7 @@ class TrainingJobs:
             running.stop.set()
         for running in list(self.running.values()):
             if running.thread:
-                running.thread.join(timeout=STOP_GRACE_SECONDS + 5)
+                running.thread.join(timeout=processes.JOB_STOP_GRACE_SECONDS + 5)
 
     # -- running a job ---------------------------------------------------------------------------------------------
 
@@ -690,7 +689,7 @@ class TrainingJobs:
                     break  # a failed host: its peers would wait for it forever
             own_codes = [p.poll() for p in running.processes]  # before anything was stopped
         finally:
-            processes.stop(running.records, grace=STOP_GRACE_SECONDS)
+            processes.stop(running.records, grace=processes.JOB_STOP_GRACE_SECONDS)
             for process in running.processes:
                 process.wait()
             deadline_drain = time.monotonic() + 5

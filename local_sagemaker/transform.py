@@ -43,7 +43,7 @@ from local_sagemaker import aws, model_servers, processes
 from local_sagemaker.listing import filtered, page
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
-from local_sagemaker.protocol import ResourceInUse, ValidationException
+from local_sagemaker.protocol import ResourceInUse, ValidationException, arn
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.runtime import Reply, Upstreams
 from local_sagemaker.store import Store, now
@@ -216,7 +216,7 @@ class TransformJobs:
         self._recover()
 
     def arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:transform-job/{name.lower()}"
+        return arn("transform-job", name, region=self.region, account=self.account)
 
     def _recover(self) -> None:
         """A job that was running when the service stopped cannot go on. A killed service leaves its model servers
@@ -228,7 +228,7 @@ class TransformJobs:
         strays = processes.running_with("inference.serve", self.jobs_dir)
         if alive := {server["pid"] for server in recorded + strays if processes.live(server)}:
             log.warning("Stopping %d model servers of transform jobs that no longer run", len(alive))
-        processes.stop(recorded + strays, grace=5)
+        processes.stop(recorded + strays, grace=processes.IDLE_STOP_GRACE_SECONDS)
         for record in records:
             name = record["TransformJobName"]
             if record["TransformJobStatus"] == "InProgress":
@@ -431,7 +431,7 @@ class TransformJobs:
             say(f"Failed: {reason}")
         finally:
             # Done only once nothing of it runs and its log is written: whoever waits for the status may rely on it.
-            processes.stop(running.servers, grace=5)
+            processes.stop(running.servers, grace=processes.IDLE_STOP_GRACE_SECONDS)
             for environment in running.environments:
                 self.roles.forget(environment)
             for instance in instances:  # the container's own log, as SageMaker shows it in the instance's stream

@@ -50,13 +50,13 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from local_sagemaker import processes
 from local_sagemaker.container import decoded_value
 from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException
+from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException, arn
 from local_sagemaker.store import Store, now
 from local_sagemaker.training import KIND as TRAINING_JOBS
 from local_sagemaker.training import (
-    STOP_GRACE_SECONDS,
     TERMINAL,
     TrainingJobs,
     check_code,
@@ -437,7 +437,7 @@ class TuningJobs:
         self._recover()
 
     def arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{self.region}:{self.account}:hyper-parameter-tuning-job/{name.lower()}"
+        return arn("hyper-parameter-tuning-job", name, region=self.region, account=self.account)
 
     def _recover(self) -> None:
         """A tuning job that was running when the service stopped cannot go on: its jobs went with the service."""
@@ -567,7 +567,7 @@ class TuningJobs:
             tuner.stop.set()
         for tuner in list(self.tuners.values()):
             if tuner.thread:
-                tuner.thread.join(timeout=STOP_GRACE_SECONDS + 10)
+                tuner.thread.join(timeout=processes.JOB_STOP_GRACE_SECONDS + 10)
 
     def _jobs(self, record: dict) -> list[tuple[dict, dict]]:
         """(HyperParameterTrainingJobSummary, the tuner's entry) of each job the tuning job started, oldest first."""

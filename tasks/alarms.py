@@ -6,7 +6,7 @@ passed monitoring check they stay, watching the endpoint.
 
 The errors alarm watches a rate, not a count: anyone can send a request that fails, so a few failed requests must
 not roll a good model back. It is metric math over the minute's Invocation5XXErrors and Invocations, and a minute
-with fewer than ``min_requests`` invocations counts as rate 0 (too few requests to tell a failing model from a few
+with fewer than ``min_rate_requests`` invocations counts as rate 0 (too few requests to tell a failing model from a few
 bad callers); a minute with none has no data, which is not breaching.
 """
 
@@ -27,23 +27,23 @@ def alarm_names(endpoint_name: str) -> list[str]:
     return [f"{endpoint_name}-invocation-5xx-errors", f"{endpoint_name}-model-latency-p99"]
 
 
-def error_rate_expression(min_requests: int) -> str:
+def error_rate_expression(min_rate_requests: int) -> str:
     """The metric math of the errors alarm, over its queries ``errors`` and ``invocations``: FILL, since a minute
-    may have invocations and no error datapoint; IF, so that a minute under ``min_requests`` decides nothing and a
+    may have invocations and no error datapoint; IF, so that a minute under ``min_rate_requests`` decides nothing and a
     rate never divides by zero."""
-    return f"IF(invocations >= {int(min_requests)}, FILL(errors, 0) / invocations, 0)"
+    return f"IF(invocations >= {int(min_rate_requests)}, FILL(errors, 0) / invocations, 0)"
 
 
 def alarm_requests(
     endpoint_name: str,
     *,
     max_5xx_rate: float,
-    min_requests: int,
-    max_p99_latency_ms: float,
+    min_rate_requests: int,
+    alarm_p99_model_latency_ms: float,
     alarm_actions: list[str] | None = None,
 ) -> dict[str, dict]:
     """The PutMetricAlarm requests of the endpoint's alarms, by alarm name (the thresholds are the monitoring
-    check's: tasks.monitoring.Thresholds)."""
+    check's, under their names and with their defaults there: tasks.monitoring.Thresholds)."""
     common = {
         "EvaluationPeriods": 1,
         "ComparisonOperator": "GreaterThanThreshold",
@@ -73,14 +73,14 @@ def alarm_requests(
                 query("invocations", "Invocations"),
                 {
                     "Id": "error_rate",
-                    "Expression": error_rate_expression(min_requests),
+                    "Expression": error_rate_expression(min_rate_requests),
                     "Label": "5XX error rate",
                     "ReturnData": True,
                 },
             ],
             "Threshold": float(max_5xx_rate),
             "AlarmDescription": f"Endpoint {endpoint_name}: more than {max_5xx_rate:.2%} of a minute's invocations "
-            f"answered 5XX, in a minute of at least {min_requests} invocations",
+            f"answered 5XX, in a minute of at least {min_rate_requests} invocations",
         },
         latency: {
             "AlarmName": latency,
@@ -90,8 +90,8 @@ def alarm_requests(
             "MetricName": "ModelLatency",
             "ExtendedStatistic": "p99",
             "Period": LATENCY_PERIOD_SECONDS,
-            "Threshold": max_p99_latency_ms * 1000,  # ModelLatency is in microseconds
-            "AlarmDescription": f"Endpoint {endpoint_name}: p99 model latency above {max_p99_latency_ms:g} ms",
+            "Threshold": alarm_p99_model_latency_ms * 1000,  # ModelLatency is in microseconds
+            "AlarmDescription": f"Endpoint {endpoint_name}: p99 model latency above {alarm_p99_model_latency_ms:g} ms",
         },
     }
 

@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from tasks.names import MAX_NAME_LENGTH
+
 # The provider's name for a job whose name is taken: the name, cut to fit, a dash and ten digits of epoch seconds.
-MAX_JOB_NAME, TIMESTAMP_DIGITS = 63, 10
+TIMESTAMP_DIGITS = 10
 # An earlier job in one of these is this try's: waited for (InProgress) or its result (Completed).
 FOLLOWED = ("InProgress", "Completed")
 
@@ -36,7 +38,7 @@ class JobKind:
     field: str  # "TrainingJob"
     list_method: str  # the boto3 client's paginated List operation
     describe_method: str  # the provider's SageMakerHook method that describes one job
-    max_name: int = MAX_JOB_NAME
+    max_name: int = MAX_NAME_LENGTH
 
     def name(self, job: Mapping) -> str:
         return job[f"{self.field}Name"]

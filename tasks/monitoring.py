@@ -103,13 +103,13 @@ class Thresholds:
         return cls(**{field.name: params[field.name] for field in dataclasses.fields(cls) if field.name in params})
 
 
+# The thresholds that the endpoint's alarms hold too, as the check names them (tasks.alarms.alarm_requests' keywords).
+ALARM_THRESHOLDS = ("max_5xx_rate", "min_rate_requests", "alarm_p99_model_latency_ms")
+
+
 def alarm_thresholds(thresholds: Thresholds) -> dict:
     """The endpoint's alarms' thresholds (``tasks.alarms.put_alarms``' keywords) from the check's."""
-    return {
-        "max_5xx_rate": thresholds.max_5xx_rate,
-        "min_requests": thresholds.min_rate_requests,
-        "max_p99_latency_ms": thresholds.alarm_p99_model_latency_ms,
-    }
+    return {name: getattr(thresholds, name) for name in ALARM_THRESHOLDS}
 
 
 # --- the smoke load -----------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instanc
 # handler (inference/inference.py, shipped alone in the artifact) reads the same name.
 PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
 PRECISIONS = ("float32", "bfloat16")
+# SageMaker's rule for job, model and endpoint names: `[a-zA-Z0-9](-*[a-zA-Z0-9])*`, at most this long (the local
+# SageMaker service's runtime keeps its own copy: tests/test_layers.py holds both to botocore's model).
+MAX_NAME_LENGTH = 63
 
 
 def endpoint_dimensions(endpoint_name: str) -> list[dict]:

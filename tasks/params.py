@@ -22,7 +22,7 @@ from tasks.deployment import (
 from tasks.drift import DEFAULT_MAX_REQUESTS, DEFAULT_MIN_REQUESTS, MAX_REQUESTS_BOUNDS, MIN_REQUESTS_BOUNDS
 from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 from tasks.monitoring import Thresholds
-from tasks.names import DEFAULT_ENDPOINT, PRECISIONS
+from tasks.names import DEFAULT_ENDPOINT, MAX_NAME_LENGTH, PRECISIONS
 from tasks.registry import APPROVAL_MODES
 from tasks.review import DEFAULT_TIMEOUT_MINUTES, MAX_TIMEOUT_MINUTES
 from tasks.tuning import STRATEGIES
@@ -42,7 +42,9 @@ TRAFFIC_BOUND = (
     f"Bounded so that the longest update, {100 // MIN_TRAFFIC_PERCENT} linear steps each held {MAX_TRAFFIC_WAIT_SECONDS}"
     f" s and a {MAX_BAKE_SECONDS} s bake, fits the deploy task's {DEPLOY_TIMEOUT_SECONDS // 3600} h timeout."
 )
-ENDPOINT_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}(?!\n)$"  # matched whole, a trailing newline too
+ENDPOINT_PATTERN = (
+    rf"^[a-zA-Z0-9](-*[a-zA-Z0-9]){{0,{MAX_NAME_LENGTH - 1}}}(?!\n)$"  # matched whole, a trailing newline too
+)
 INSTANCE_TYPE_PATTERN = (
     r"^ml\.[a-z0-9]+\.[a-z0-9]+(?!\n)$"  # (?!\n): Python's $ would also match before a final newline
 )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
+from tasks.names import MAX_NAME_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ FRAMEWORK_VERSION = "2.6"
 PY_VERSION = "py312"
 MAX_RUNTIME_SECONDS = 2 * 3600
 VOLUME_SIZE_GB = 10
-# SageMaker's rule for job, model, endpoint and experiment names (`[a-zA-Z0-9](-*[a-zA-Z0-9])*`, bounded length).
-MAX_NAME_LENGTH = 63
 # Sweep params that become hyperparameters when set; unset (None) leaves the preset's (or the script's) default.
 SWEEP_HYPERPARAMETERS = ("epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size")
 

@@ -22,7 +22,6 @@ import numpy as np
 from inference.artifact import add_code, load_handler
 from training.mnist_idx import load_mnist
 
-NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 LEARNING_RATE = 0.02
 
 
@@ -56,6 +55,8 @@ def train_artifact(
     import torch
     import torch.nn.functional as F
 
+    from training.engine import MEAN, STD
+
     add_code(model_dir)
     torch.manual_seed(seed)
     handler = load_handler(model_dir)  # the network comes from the artifact's own code/models.py
@@ -65,7 +66,7 @@ def train_artifact(
 
     def normalized(images):
         pixels = torch.from_numpy(images.astype("float32")).unsqueeze(1)
-        return (pixels / 255 - NORMALIZATION["mean"]) / NORMALIZATION["std"]
+        return (pixels / 255 - MEAN) / STD
 
     # The synthetic digits sit anywhere in the frame; MNIST's, like the pictures the handler converts, are
     # centred by mass. Train on both.
@@ -98,7 +99,7 @@ def train_artifact(
     config = {
         "architecture": "seed_cnn",
         "kwargs": kwargs,
-        "normalization": NORMALIZATION,
+        "normalization": {"mean": MEAN, "std": STD},
         "input_shape": [1, 28, 28],
         "num_classes": 10,
         "hyperparameters": {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "momentum": 0.9},

@@ -133,7 +133,7 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
         check_interval=1,
     )
     traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 3}
-    thresholds = {"max_5xx_rate": 0.05, "min_requests": 100, "max_p99_latency_ms": 5000}
+    thresholds = {"max_5xx_rate": 0.05, "min_rate_requests": 100, "alarm_p99_model_latency_ms": 5000}
     updated = deploy(
         _best(second, artifacts["shuffled"]),
         previous_endpoint_config_name=served["endpoint_config_name"],

@@ -139,7 +139,9 @@ def test_every_architecture_is_traced_and_agrees(handler, architecture, kwargs):
     torch.manual_seed(0)
     network = handler.build_model(architecture, **kwargs)
     network.train()(torch.rand(64, 1, 28, 28))  # BatchNorm statistics that are not the identity
-    predictor = handler.Predictor(handler.MnistClassifier(network.eval(), 0.1307, 0.3081), torch.device("cpu"))
+    predictor = handler.Predictor(
+        handler.MnistClassifier(network.eval(), **handler.DEFAULT_NORMALIZATION), torch.device("cpu")
+    )
     assert isinstance(predictor.small, torch.jit.ScriptModule) and isinstance(predictor.large, torch.jit.ScriptModule)
     pixels = torch.rand(16, 1, 28, 28) * 255
     with torch.inference_mode():
@@ -157,7 +159,9 @@ def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probab
         torch.manual_seed(0)
         network = handler.build_model("bn_cnn", hidden_channels=4)
         network.train()(torch.rand(64, 1, 28, 28))
-        exact = handler.Predictor(handler.MnistClassifier(network.eval(), 0.1307, 0.3081), torch.device("cpu"))
+        exact = handler.Predictor(
+            handler.MnistClassifier(network.eval(), **handler.DEFAULT_NORMALIZATION), torch.device("cpu")
+        )
         fast = handler.Predictor(exact.classifier, torch.device("cpu"), "bfloat16")
     else:  # the trained artifact, loaded as a model server does with the setting in its environment
         exact = handler.model_fn(str(model_dir))
@@ -200,6 +204,12 @@ def test_the_pipeline_names_the_precision_setting_as_the_handler_reads_it(handle
     from tasks import names
 
     assert (names.PRECISION_VARIABLE, names.PRECISIONS) == (handler.PRECISION_VARIABLE, handler.PRECISIONS)
+
+
+def test_the_handler_normalizes_by_default_as_training_does(handler):
+    from training.engine import MEAN, STD
+
+    assert handler.DEFAULT_NORMALIZATION == {"mean": MEAN, "std": STD}
 
 
 def drawn_digit(label: int, seed: int, size: tuple[int, int], mode: str) -> Image.Image:

@@ -19,3 +19,20 @@ def test_no_import_runs_the_wrong_way_and_no_cycle():
         [sys.executable, str(TOOL), "--rules", "import_rules.json"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.stdout.startswith("0 import problem(s)"), result.stdout
+
+
+def test_layers_that_ship_alone_keep_copies_of_a_constant_that_agree():
+    """The pipeline code imports no part of the local stack, so a few constants have a copy on each side: the local
+    stack's account and region are those of the pipeline's default role and region, and SageMaker's name limit is
+    botocore's in the pipeline's names and in the local runtime's endpoint name pattern."""
+    import botocore.session
+
+    from local_aws import LOCAL_ACCOUNT, LOCAL_REGION
+    from local_sagemaker.runtime import ENDPOINT_NAME_PATTERN
+    from tasks.config import PipelineConfig
+    from tasks.names import MAX_NAME_LENGTH
+
+    config = PipelineConfig()
+    assert (config.region, config.role_arn.split(":")[4]) == (LOCAL_REGION, LOCAL_ACCOUNT)
+    rule = botocore.session.get_session().get_service_model("sagemaker").shape_for("EndpointName").metadata
+    assert (rule["max"], rule["pattern"]) == (MAX_NAME_LENGTH, ENDPOINT_NAME_PATTERN)

@@ -318,8 +318,8 @@ def test_the_check_catches_a_failing_handler_and_deletes_the_endpoint_it_created
 def test_alarms_are_created_then_updated(local_config, local_aws):
     name = f"sm-{uuid.uuid4().hex[:8]}"
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
-    put_alarms(local_config, name, max_5xx_rate=0.05, min_requests=100, max_p99_latency_ms=100)
-    put_alarms(local_config, name, max_5xx_rate=0.2, min_requests=30, max_p99_latency_ms=40)
+    put_alarms(local_config, name, max_5xx_rate=0.05, min_rate_requests=100, alarm_p99_model_latency_ms=100)
+    put_alarms(local_config, name, max_5xx_rate=0.2, min_rate_requests=30, alarm_p99_model_latency_ms=40)
     alarms = {alarm["AlarmName"]: alarm for alarm in cloudwatch.describe_alarms(AlarmNamePrefix=name)["MetricAlarms"]}
     assert sorted(alarms) == [f"{name}-invocation-5xx-errors", f"{name}-model-latency-p99"]
     errors, latency = alarms[f"{name}-invocation-5xx-errors"], alarms[f"{name}-model-latency-p99"]

@@ -194,7 +194,7 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
     from tasks.alarms import alarm_requests
 
     cloudwatch = boto3.client("cloudwatch", endpoint_url=local_aws)
-    requests = alarm_requests("digits", max_5xx_rate=0.05, min_requests=10, max_p99_latency_ms=60_000)
+    requests = alarm_requests("digits", max_5xx_rate=0.05, min_rate_requests=10, alarm_p99_model_latency_ms=60_000)
     cloudwatch.put_metric_alarm(**requests["digits-invocation-5xx-errors"])
     serving = settled(sagemaker, "digits")["EndpointConfigName"]
     canary = {
@@ -278,7 +278,7 @@ def test_metric_math_is_parsed_strictly_and_evaluated_as_cloudwatch_would():
     from local_sagemaker.runtime import Sample
     from tasks.alarms import alarm_requests
 
-    alarm = alarm_requests("digits", max_5xx_rate=0.05, min_requests=20, max_p99_latency_ms=100)
+    alarm = alarm_requests("digits", max_5xx_rate=0.05, min_rate_requests=20, alarm_p99_model_latency_ms=100)
     alarm = alarm["digits-invocation-5xx-errors"]
     now = time.time()
 

@@ -28,7 +28,7 @@ from tasks.trials import format_trial_table, summarize_trial
 from tests.conftest import ROOT
 from training.augment import Augmentation, cutout
 from training.cluster import Cluster, ClusterError
-from training.engine import BACKGROUND, Shard, evaluate, to_tensors, train_epoch
+from training.engine import BACKGROUND, MEAN, STD, Shard, evaluate, to_tensors, train_epoch
 from training.mnist_idx import MNIST_FILES, load_mnist
 from training.models import MODELS, build_model, count_parameters, model_kwargs
 
@@ -332,7 +332,7 @@ def test_artifact_rebuilds_from_its_config_alone(finished_run):
     assert (model_dir / "code" / "inference.py").read_bytes() == (ROOT / "inference" / "inference.py").read_bytes()
     assert (model_dir / "code" / "models.py").read_bytes() == (TRAINING / "models.py").read_bytes()
     config = json.loads((model_dir / "model_config.json").read_text())
-    assert config["normalization"] == {"mean": 0.1307, "std": 0.3081}
+    assert config["normalization"] == {"mean": MEAN, "std": STD}
     assert (config["input_shape"], config["num_classes"]) == ([1, 28, 28], 10)
     assert config["test_accuracy"] == finished_run["metrics"]["test_accuracy"]
     network = load_artifact_models(model_dir).build_model(config["architecture"], **config["kwargs"])
