@@ -72,6 +72,7 @@ bench: venv tools
 	mkdir -p bench/results
 	$(BIN)/python bench/bench_training.py --out bench/results/training.json
 	$(BIN)/python bench/bench_validation.py --out bench/results/validation.json
+	$(BIN)/python bench/bench_parse.py --out bench/results/parse.json
 	$(BIN)/python bench/bench_endpoint.py --out bench/results/endpoint.json
 	$(BIN)/python bench/bench_transform.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/transform.json
 	$(BIN)/python bench/bench_sweep.py --mirror $${MNIST_MIRROR:-../shared/mnist} --out bench/results/sweep.json

@@ -18,15 +18,14 @@ import copy
 import datetime
 
 from airflow.sdk import dag, task
-from airflow.sdk.configuration import conf
 
 from tasks.assets import CHAMPION
-from tasks.batch import TransformOperator
 from tasks.dag_tasks import config_of, configuration
 from tasks.names import BATCH_DAG_ID
+from tasks.operators import TransformOperator
 from tasks.params import BATCH_PARAMS
+from tasks.policy import SAGEMAKER_CHECK_INTERVAL, TASK_TIMEOUT
 
-SAGEMAKER_CHECK_INTERVAL = conf.getint("mnist_pipeline", "sagemaker_check_interval", fallback=30)
 TRANSFORM_TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -35,12 +34,12 @@ def resolve_model(settings: dict, params: dict, triggering_asset_events) -> dict
     """The version to predict with, and its SageMaker model (made from the version unless it exists)."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.batch import VersionNotApproved, resolve_model
+    from tasks.batch import VersionNotApproved, model_to_predict_with
     from tasks.registry import VersionNotFound
 
     events = [event.extra for event in triggering_asset_events[CHAMPION]] if triggering_asset_events else []
     try:
-        return resolve_model(config_of(settings), params["endpoint_name"], params["model"], events)
+        return model_to_predict_with(config_of(settings), params["endpoint_name"], params["model"], events)
     except (VersionNotFound, VersionNotApproved, LookupError) as refused:  # asking again finds the same registry
         raise AirflowFailException(str(refused)) from refused
 
@@ -49,13 +48,13 @@ def resolve_model(settings: dict, params: dict, triggering_asset_events) -> dict
 def transform_requests(settings: dict, model: dict, params: dict, run_id: str, dag_run) -> list[dict]:
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from tasks.batch import NothingToPredict, default_input_uri, transform_requests
+    from tasks.batch import NothingToPredict, default_input_uri, transform_jobs
     from tasks.training_jobs import RequestRefused
 
     config = config_of(settings)
     input_uri = params["input_uri"] or default_input_uri(config)
     try:
-        return transform_requests(
+        return transform_jobs(
             config,
             input_uri,
             model,
@@ -75,10 +74,12 @@ def transform_requests(settings: dict, model: dict, params: dict, run_id: str, d
 
 @task
 def summarize(settings: dict, transformed, model: dict, params: dict, run_id: str) -> dict:
-    from tasks.batch import default_input_uri, summarize
+    from tasks.batch import default_input_uri, predictions_summary
 
     config = config_of(settings)
-    return summarize(config, list(transformed), model, params["input_uri"] or default_input_uri(config), run_id)
+    return predictions_summary(
+        config, list(transformed), model, params["input_uri"] or default_input_uri(config), run_id
+    )
 
 
 @dag(
@@ -92,7 +93,7 @@ def summarize(settings: dict, transformed, model: dict, params: dict, run_id: st
         "owner": "mlops",
         "retries": 2,
         "retry_delay": datetime.timedelta(seconds=30),
-        "execution_timeout": datetime.timedelta(minutes=30),
+        "execution_timeout": TASK_TIMEOUT,
     },
     dagrun_timeout=datetime.timedelta(hours=6),
     tags=["mnist", "sagemaker", "batch-transform"],

@@ -29,16 +29,10 @@ import datetime
 from airflow.sdk import chain, dag, task
 
 from tasks.assets import DRIFT
-from tasks.dag_tasks import config_of, configuration
+from tasks.dag_tasks import config_of, configuration, drift_schedule
 from tasks.names import DRIFT_DAG_ID
 from tasks.params import DRIFT_PARAMS
-
-
-def _schedule() -> str | None:
-    from tasks.config import load_config
-
-    schedule = load_config().drift_schedule.strip()
-    return None if schedule.lower() in ("", "none") else schedule
+from tasks.policy import TASK_TIMEOUT
 
 
 @task
@@ -85,7 +79,7 @@ def alert(settings: dict, result: dict, run_id: str, inlet_events, outlet_events
 @dag(
     dag_id=DRIFT_DAG_ID,
     doc_md=__doc__,
-    schedule=_schedule(),
+    schedule=drift_schedule(),
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
     catchup=False,
     max_active_runs=1,  # two checks of one endpoint must not read the same window
@@ -93,7 +87,7 @@ def alert(settings: dict, result: dict, run_id: str, inlet_events, outlet_events
         "owner": "mlops",
         "retries": 2,
         "retry_delay": datetime.timedelta(seconds=30),
-        "execution_timeout": datetime.timedelta(minutes=30),
+        "execution_timeout": TASK_TIMEOUT,
     },
     dagrun_timeout=datetime.timedelta(hours=2),
     tags=["mnist", "sagemaker", "monitoring", "drift"],

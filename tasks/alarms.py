@@ -43,7 +43,7 @@ def alarm_requests(
     alarm_actions: list[str] | None = None,
 ) -> dict[str, dict]:
     """The PutMetricAlarm requests of the endpoint's alarms, by alarm name (the thresholds are the monitoring
-    check's, under their names and with their defaults there: tasks.monitoring.Thresholds)."""
+    check's, under their names and with their defaults there: tasks.policy.Thresholds)."""
     common = {
         "EvaluationPeriods": 1,
         "ComparisonOperator": "GreaterThanThreshold",

@@ -6,7 +6,7 @@ A transform job takes one content type, so the files under the prefix are groupe
 jobs write `<file>.out` under one output prefix per run. CSV rows are one image each (SplitType Line, many rows per
 request); any other file is one request (an .npy or JSON file may hold many images).
 
-Imported by the DAG at parse time: light, the provider's operator aside.
+The jobs run under tasks.operators.TransformOperator.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import logging
 import posixpath
 from collections.abc import Iterable, Mapping
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTransformOperator
-
 from tasks.config import PipelineConfig
-from tasks.earlier_jobs import TRANSFORM, job_to_follow
-from tasks.hooks import s3_hook, sagemaker_hook, stop_when_killed
+from tasks.hooks import s3_hook, sagemaker_hook
 from tasks.names import PRECISION_VARIABLE
 from tasks.training_jobs import check_instance_type, sagemaker_name
 
@@ -36,56 +33,6 @@ KINDS = {
     "jpeg": ("image/jpeg", "None", "SingleRecord"),
 }
 EXTENSIONS = {".npy": "npy", ".csv": "csv", ".json": "json", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-TRANSFORM_INSTANCE_TYPE = "ml.m5.large"
-
-
-class TransformOperator(SageMakerTransformOperator):
-    """SageMakerTransformOperator made safe to kill and to retry:
-
-    - killed (marked failed, timed out, cleared), it stops its transform job, where the provider's leaves it running;
-    - a retry follows the transform job of its request an earlier try started (``tasks.earlier_jobs``, as training
-      and tuning do), under the request's name or the provider's timestamped variants of it
-      (``action_if_job_exists="timestamp"``): one InProgress is waited for and one that Completed is the result,
-      rather than a second job predicting the same files; one that is Stopping is waited out; only when they all
-      ended Failed or Stopped does the provider start another. A job of the same name that runs another model is
-      not this request's (e.g. after the champion changed);
-    - a job that ends Stopped fails the task (the provider's wait counts only Failed as failure).
-    """
-
-    def execute(self, context):
-        transform = self.config.get("Transform", self.config)
-        earlier = job_to_follow(
-            self, TRANSFORM, transform["TransformJobName"], lambda job: job["ModelName"] == transform["ModelName"]
-        )
-        if earlier is None:
-            return self._ended_well(super().execute(context))
-        name = transform["TransformJobName"] = earlier["TransformJobName"]  # what on_kill stops, if killed too
-        if earlier["TransformJobStatus"] == "InProgress":
-            self.hook.check_status(
-                name,
-                "TransformJobStatus",
-                self.hook.describe_transform_job,
-                self.check_interval,
-                self.max_ingestion_time,
-            )
-        return self._ended_well(self.serialize_result(name))
-
-    def execute_complete(self, context, event=None):
-        return self._ended_well(super().execute_complete(context, event))
-
-    @staticmethod
-    def _ended_well(result: dict) -> dict:
-        transform = result["Transform"]
-        if transform["TransformJobStatus"] != "Completed":
-            raise RuntimeError(
-                f"SageMaker transform job {transform['TransformJobName']} ended "
-                f"{transform['TransformJobStatus']}: {transform.get('FailureReason', '')}"
-            )
-        return result
-
-    def on_kill(self) -> None:
-        name = self.config.get("Transform", self.config).get("TransformJobName")
-        stop_when_killed(self, "transform job", name, lambda: self.hook.conn.stop_transform_job(TransformJobName=name))
 
 
 class VersionNotApproved(ValueError):
@@ -104,7 +51,7 @@ def output_uri(config: PipelineConfig, run_id: str) -> str:
     return f"{config.s3_root}/batch/{sagemaker_name(run_id, unique_by=run_id)}/"
 
 
-def resolve_model(
+def model_to_predict_with(
     config: PipelineConfig, endpoint_name: str, model: str | None, triggered_by: Iterable[Mapping]
 ) -> dict:
     """The registry version to predict with: ``model`` (a version number of the endpoint's group, or an ARN) when
@@ -170,7 +117,7 @@ def input_files(config: PipelineConfig, input_uri: str) -> tuple[dict[str, list[
     return dict(kinds), skipped
 
 
-def transform_requests(
+def transform_jobs(
     config: PipelineConfig,
     input_uri: str,
     model: Mapping,
@@ -245,7 +192,7 @@ def _labels(body: bytes, where: str) -> list[int]:
     return labels
 
 
-def summarize(
+def predictions_summary(
     config: PipelineConfig, transforms: Iterable[Mapping], model: Mapping, input_uri: str, run_id: str
 ) -> dict:
     """What the transform jobs predicted: images, the count of each predicted digit, seconds (first job's start to

@@ -6,7 +6,7 @@ entry point, `deploy`, which sends them through the provider's SageMakerHook to 
 retried or re-run deploy finds what its first try made instead of making it twice. Endpoint configs are never
 deleted: the monitoring check rolls back to the previous one.
 
-Imported by the DAG at parse time: sagemaker and the provider's hooks are imported inside the functions.
+How long each wait may last is the run's policy (tasks.policy); this module makes the requests and waits.
 """
 
 from __future__ import annotations
@@ -18,14 +18,22 @@ from collections.abc import Mapping
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
 from tasks.names import VARIANT_NAME
+from tasks.policy import (
+    ENDPOINT_INSTANCE_TYPE,
+    TRAFFIC_SHIFTS,
+    Thresholds,
+    update_seconds,
+    wait_timeout,
+)
+from tasks.policy import (
+    alarm_thresholds as default_alarm_thresholds,
+)
 from tasks.training_jobs import pytorch_image_uri, sagemaker_name
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_INSTANCE_TYPE = "ml.m5.large"
-# Data capture: the share of invocations whose input and output the endpoint keeps (the form's capture_percentage),
-# under <s3_root>/capture/<endpoint>/<variant>/yyyy/mm/dd/hh/, where the drift check (mnist_drift) reads them.
-DEFAULT_CAPTURE_PERCENT = 100
+# Data capture keeps what the endpoint receives and answers under <s3_root>/capture/<endpoint>/<variant>/yyyy/mm/dd/
+# hh/, where the drift check (mnist_drift) reads them.
 CAPTURE_PREFIX = "capture"
 # How capture writes each body: the JSON requests and answers as their text, the rest (.npy, images) in base64.
 CAPTURE_CONTENT_TYPES = {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]}
@@ -109,55 +117,8 @@ def sagemaker_deploy_requests(
     }
 
 
-TRAFFIC_SHIFTS = ("all_at_once", "canary", "linear")
 # The endpoint statuses of a change under way, which ends by itself.
 BUSY = ("Creating", "Updating", "RollingBack", "SystemUpdating")
-# How long a new fleet may take to come up, and the margin of each wait on the endpoint: SageMaker's smallest
-# MaximumExecutionTimeoutInSeconds, ample for one model.
-MAX_UPDATE_SECONDS = 600
-MAX_EXECUTION_SECONDS = 28_800  # the API's upper bound
-# The deploy task's execution_timeout (dags/mnist_sweep.py). The form bounds the traffic params (tasks.params) so
-# that the longest deploy they allow (deploy_seconds) fits in it: a timeout that ended the task mid-update would
-# leave the update running unwatched by the task (the run's teardown then undoes it: tasks.monitoring).
-DEPLOY_TIMEOUT_SECONDS = 3 * 3600
-# The form's bounds on the traffic params. A step of 10-50% of the fleet is what SageMaker allows a linear shift
-# (and a canary at most 50%): ten steps at most, each held at most MAX_TRAFFIC_WAIT_SECONDS.
-MIN_TRAFFIC_PERCENT, MAX_TRAFFIC_PERCENT = 10, 50
-MAX_TRAFFIC_WAIT_SECONDS = 600
-MAX_BAKE_SECONDS = 1800
-
-
-def traffic_of(params: Mapping) -> dict:
-    """``deployment_config``'s traffic arguments from a run's params (the form's traffic fields)."""
-    return {
-        "traffic_shift": params["traffic_shift"],
-        "percent": params["traffic_percent"],
-        "wait_seconds": params["traffic_wait_seconds"],
-        "bake_seconds": params["bake_seconds"],
-    }
-
-
-def traffic_steps(traffic_shift: str, percent: int) -> int:
-    """How many times the traffic moves: once all at once, twice for a canary, once per ``percent`` linearly."""
-    if traffic_shift not in TRAFFIC_SHIFTS:
-        raise ValueError(f"traffic_shift {traffic_shift!r} is not one of {', '.join(TRAFFIC_SHIFTS)}")
-    return {"all_at_once": 1, "canary": 2, "linear": -(-100 // max(percent, 1))}[traffic_shift]
-
-
-def update_seconds(
-    traffic_shift: str = "all_at_once", *, percent: int = 20, wait_seconds: int = 0, bake_seconds: int = 0
-) -> int:
-    """The longest a blue/green update with these settings may run: its new fleet launched, each step but the last
-    held ``wait_seconds``, the last one baked. It is the update's MaximumExecutionTimeoutInSeconds: SageMaker rolls
-    back an update still running then, so every wait on the update ends within it."""
-    waits = (traffic_steps(traffic_shift, percent) - 1) * wait_seconds
-    return min(MAX_EXECUTION_SECONDS, MAX_UPDATE_SECONDS + waits + bake_seconds)
-
-
-def deploy_seconds(params: Mapping) -> int:
-    """The longest the deploy task may run with a run's ``params``: an earlier update settling first, then this
-    run's update, waited for until it ends at the latest, with a poll's margin (``deploy``'s own waits)."""
-    return _deploy_timeout(None) + _deploy_timeout(deployment_config(**traffic_of(params)))
 
 
 def deployment_config(
@@ -209,7 +170,7 @@ def _exists(describe, name: str) -> bool:
     return True
 
 
-def deploy(
+def roll_out(
     best: Mapping,
     *,
     previous_endpoint_config_name: str | None,
@@ -260,9 +221,7 @@ def deploy(
         hook.create_endpoint(requests["endpoint"], wait_for_completion=False)
     elif serving != config_name:
         if alarm_thresholds is None:
-            from tasks import monitoring  # here: the check imports this module
-
-            alarm_thresholds = monitoring.alarm_thresholds(monitoring.Thresholds())
+            alarm_thresholds = default_alarm_thresholds(Thresholds())
         alarms = put_alarms(config, endpoint_name, **alarm_thresholds)
         update = deployment_config(**(traffic or {}), alarms=alarms)
         log.info("Updating endpoint %s from config %s to %s: %s", endpoint_name, serving, config_name, update)
@@ -335,9 +294,7 @@ def baking(described: Mapping, config_name: str) -> bool:
 
 
 def _deploy_timeout(update: Mapping | None) -> float:
-    if update is None:  # CreateEndpoint
-        return MAX_UPDATE_SECONDS * 3
-    return update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"] + MAX_UPDATE_SECONDS
+    return wait_timeout(update and update["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"])
 
 
 def poll_endpoint(hook, endpoint_name: str, done, timeout: float, delay: float) -> dict:

@@ -34,13 +34,6 @@ DRIFT_REPORT_FILES = {
     "summary": "summary.json",
     "atypical": "atypical.png",
 }
-# The form's bounds: how few requests a window needs to be judged, and how many one check reads at most. The
-# thresholds hold no clean window of 500 requests or more past them (data_checks.drift.MIN_REQUESTS, pinned to this
-# by tests/test_drift_stats.py; that module imports numpy, too heavy for the form, which the DAG reads as it parses).
-MIN_REQUESTS_BOUNDS = (500, 100_000)
-DEFAULT_MIN_REQUESTS = 500
-MAX_REQUESTS_BOUNDS = (100, 1_000_000)
-DEFAULT_MAX_REQUESTS = 200_000
 ATYPICAL_SHOWN = 16
 
 

@@ -10,13 +10,9 @@ from __future__ import annotations
 import logging
 
 from tasks.config import PipelineConfig
+from tasks.policy import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MIN_TEST_ACCURACY = 0.9
-# Retraining the same network moves test accuracy by a few tenths of a point by chance alone; refusing a model for
-# that would freeze the endpoint on one lucky model.
-DEFAULT_TOLERANCE = 0.005
 
 
 def decide(
@@ -41,7 +37,7 @@ def decide(
     )
 
 
-def gate(
+def judge(
     config: PipelineConfig,
     endpoint_name: str,
     best_accuracy: float,

@@ -44,6 +44,7 @@ from tasks.config import PipelineConfig
 from tasks.deployment import baking, updating_to, wait_settled
 from tasks.hooks import s3_hook, sagemaker_hook
 from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
+from tasks.policy import Thresholds, alarm_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -72,44 +73,6 @@ class MonitoringCheckFailed(AirflowFailException):
     def __init__(self, message: str, result: dict | None = None):
         super().__init__(message)
         self.result = result
-
-
-@dataclasses.dataclass(frozen=True)
-class Thresholds:
-    """What a deployment must meet; the DAG exposes each as a param. None leaves a figure reported but unchecked."""
-
-    min_live_accuracy: float = 0.9
-    # Live accuracy on held-out images may fall this far below the model's test accuracy, no further.
-    max_accuracy_drop: float = 0.05
-    # Failed smoke requests / sent. The load sends only valid requests: its own 4xx are errors too.
-    max_error_rate: float = 0.0
-    max_p99_latency_ms: float = 1000.0  # client side, round trip included
-    max_model_latency_ms: float = 200.0  # CloudWatch ModelLatency Average over the window
-    # The endpoint's 5XX rate (CloudWatch Invocation5XXErrors / Invocations: everyone's requests), judged only over
-    # at least min_rate_requests invocations; the errors alarm holds the same rate per minute. The load's own
-    # errors fail it at max_error_rate already: this catches failures the load did not meet, without letting a
-    # few bad requests from anyone veto a deployment.
-    max_5xx_rate: float = 0.05
-    min_rate_requests: int = 100
-    # Under a smoke load the CPU is busy by design, and SageMaker counts 100% per core: not checked by default.
-    max_cpu_utilization: float | None = None
-    max_memory_utilization: float | None = 90.0
-    # The alarm created on a pass: p99 ModelLatency over 5 minutes above this (CloudWatch evaluates percentiles).
-    alarm_p99_model_latency_ms: float = 250.0
-
-    @classmethod
-    def from_params(cls, params: dict) -> Thresholds:
-        """The thresholds among ``params`` (a DAG run's params, say); defaults for the rest."""
-        return cls(**{field.name: params[field.name] for field in dataclasses.fields(cls) if field.name in params})
-
-
-# The thresholds that the endpoint's alarms hold too, as the check names them (tasks.alarms.alarm_requests' keywords).
-ALARM_THRESHOLDS = ("max_5xx_rate", "min_rate_requests", "alarm_p99_model_latency_ms")
-
-
-def alarm_thresholds(thresholds: Thresholds) -> dict:
-    """The endpoint's alarms' thresholds (``tasks.alarms.put_alarms``' keywords) from the check's."""
-    return {name: getattr(thresholds, name) for name in ALARM_THRESHOLDS}
 
 
 # --- the smoke load -----------------------------------------------------------------------------------------------
@@ -570,7 +533,7 @@ def unfinished_deployment(
     }
 
 
-def undo_unchecked(
+def roll_back_unchecked(
     config: PipelineConfig,
     deployment: dict | None,
     monitoring: dict | None,

@@ -1,39 +1,40 @@
-"""The DAGs' trigger forms (the sweep's PARAMS, the batch predictions' BATCH_PARAMS, the drift check's DRIFT_PARAMS): every field typed, titled
-and bounded, in sections. Light: the DAGs import it at parse time (Airflow's Param, the configuration, and the
-defaults of the modules that own them)."""
+"""The DAGs' trigger forms (the sweep's PARAMS, the batch predictions' BATCH_PARAMS, the drift check's
+DRIFT_PARAMS): every field typed, titled and bounded, in sections. Light: the DAGs import it at parse time (Airflow's
+Param, and the defaults and bounds of tasks.policy)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from airflow.sdk import Param
-from airflow.sdk.configuration import conf
 
-from tasks.batch import TRANSFORM_INSTANCE_TYPE
-from tasks.deployment import (
+from tasks.names import DEFAULT_ENDPOINT, MAX_NAME_LENGTH, PRECISIONS
+from tasks.policy import (
+    APPROVAL_MODES,
+    DEFAULT_BAKE_SECONDS,
     DEFAULT_CAPTURE_PERCENT,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_MIN_TEST_ACCURACY,
+    DEFAULT_TIMEOUT_MINUTES,
+    DEFAULT_TOLERANCE,
     DEPLOY_TIMEOUT_SECONDS,
     MAX_BAKE_SECONDS,
+    MAX_REQUESTS_BOUNDS,
+    MAX_TIMEOUT_MINUTES,
     MAX_TRAFFIC_PERCENT,
     MAX_TRAFFIC_WAIT_SECONDS,
+    MIN_REQUESTS_BOUNDS,
     MIN_TRAFFIC_PERCENT,
+    STRATEGIES,
+    TRAFFIC_SHIFTS,
+    TRANSFORM_INSTANCE_TYPE,
+    Thresholds,
     deploy_seconds,
 )
-from tasks.drift import DEFAULT_MAX_REQUESTS, DEFAULT_MIN_REQUESTS, MAX_REQUESTS_BOUNDS, MIN_REQUESTS_BOUNDS
-from tasks.gate import DEFAULT_MIN_TEST_ACCURACY, DEFAULT_TOLERANCE
-from tasks.monitoring import Thresholds
-from tasks.names import DEFAULT_ENDPOINT, MAX_NAME_LENGTH, PRECISIONS
-from tasks.registry import APPROVAL_MODES
-from tasks.review import DEFAULT_TIMEOUT_MINUTES, MAX_TIMEOUT_MINUTES
-from tasks.tuning import STRATEGIES
 
 SECTION_SWEEP, SECTION_TUNING, SECTION_RESOURCES = "Sweep", "Tuning (search: tune)", "Resources (SageMaker)"
 SECTION_DATA, SECTION_GATE, SECTION_CHECK = "Data and deployment", "Gate and approval", "Monitoring check"
-# The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's
-# metrics take minutes to arrive; the local stack's take a second and it sets a shorter one).
-DEFAULT_BAKE_SECONDS = conf.getint("mnist_pipeline", "bake_seconds", fallback=600)
-if not 0 <= DEFAULT_BAKE_SECONDS <= MAX_BAKE_SECONDS:  # else every run would be refused for its default
-    raise ValueError(f"[mnist_pipeline] bake_seconds {DEFAULT_BAKE_SECONDS} is outside the form's 0-{MAX_BAKE_SECONDS}")
 
 
 # The bound the traffic fields keep, named in their descriptions: the longest update they allow (the most linear
@@ -220,7 +221,7 @@ PARAMS = {
     "traffic_shift": Param(
         "all_at_once",
         type="string",
-        enum=["all_at_once", "canary", "linear"],
+        enum=list(TRAFFIC_SHIFTS),
         title="Traffic shift",
         description="How an update moves traffic to the new model (blue/green): all at once, a canary share first, "
         "or in linear steps. The endpoint's alarms roll it back by themselves when one fires meanwhile.",
@@ -311,7 +312,7 @@ PARAMS = {
 }
 
 # The monitoring check: name → (type, title, description, minimum, maximum). Threshold names are the fields of
-# tasks.monitoring.Thresholds, whose defaults they take.
+# tasks.policy.Thresholds, whose defaults they take.
 CHECK_PARAMS = {
     "smoke_requests": ("integer", "Smoke requests", "Held-out test images sent, one request each.", 1, 10_000),
     "metrics_timeout": (

@@ -10,9 +10,8 @@ is approved to serve next.
   Approved outside the UI (``mnist-pipeline approve VERSION``, or the registry on AWS), the next run, or a
   deploy-only run, serves the latest Approved version newer than the champion (``approved_to_serve``).
 
-The version is created by the provider's SageMakerRegisterModelVersionOperator (the DAG's `register` task) from
-the request built here; everything else goes through the provider's SageMakerHook. The DAG imports this module at
-parse time: light, the provider's operator aside.
+The version is created by the provider's SageMakerRegisterModelVersionOperator (the DAG's `register` task,
+tasks.operators) from the request built here; everything else goes through the provider's SageMakerHook.
 """
 
 from __future__ import annotations
@@ -22,26 +21,18 @@ import logging
 import re
 from collections.abc import Mapping
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerRegisterModelVersionOperator
-
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
+from tasks.policy import APPROVAL_MODES, ENDPOINT_INSTANCE_TYPE
 
 log = logging.getLogger(__name__)
 
 APPROVED, PENDING, REJECTED = "Approved", "PendingManualApproval", "Rejected"
-APPROVAL_MODES = ("auto", "manual")  # the sweep's `approval` param
 # What the endpoint's handlers take (inference/inference.py) and answer.
 CONTENT_TYPES = ["application/json", "application/x-npy", "text/csv", "image/png", "image/jpeg"]
 RESPONSE_TYPES = ["application/json"]
 METADATA_VALUE_LIMIT = 256  # CustomerMetadataProperties' longest value
 VERSION_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[^:]+:\d{12}:model-package/[^/]+/\d+")
-
-
-class RegisterModelVersionOperator(SageMakerRegisterModelVersionOperator):
-    """The provider's operator, its CreateModelPackage extras (the version's metadata) rendered from XCom too."""
-
-    template_fields = (*SageMakerRegisterModelVersionOperator.template_fields, "extras")
 
 
 class VersionNotFound(LookupError):
@@ -54,7 +45,7 @@ def registration(best: Mapping, dataset_uri: str, run_id: str, config: PipelineC
 
     Its ModelMetrics point at the model's quality statistics (test accuracy, per digit too), written to S3 under
     their SHA-256 next to the model."""
-    from tasks.deployment import ENDPOINT_INSTANCE_TYPE, inference_container
+    from tasks.deployment import inference_container
     from tasks.s3 import put_content_addressed
 
     container = inference_container(best["model_data_url"], config)

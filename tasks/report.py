@@ -543,7 +543,7 @@ def build_report(
     """Write the run's report locally and to S3; return where: ``{"markdown", "html", "directory", "s3_uri",
     "html_s3_uri"}``.
 
-    ``best`` is the selection's answer (tasks.selection.select_best: the best job and ``trials``; None in a
+    ``best`` is the selection's answer (tasks.selection.most_accurate: the best job and ``trials``; None in a
     deploy-only run); ``validation`` the data check's summary; ``gate``, ``choice`` (what to deploy:
     tasks.registry.choose_model), ``deployment`` and ``monitoring`` what those steps returned, or None when they
     did not run; ``approval`` a person's review with approval manual (tasks.review.outcome: written while it waits,

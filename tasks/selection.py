@@ -122,7 +122,7 @@ def best_of(trials: Iterable[Mapping]) -> Mapping:
     )
 
 
-def select_best(trainings: Iterable[Mapping], *, config: PipelineConfig, tuning: Mapping | None = None) -> dict:
+def most_accurate(trainings: Iterable[Mapping], *, config: PipelineConfig, tuning: Mapping | None = None) -> dict:
     """Judge a sweep's training operators' results (``{"Training": DescribeTrainingJob}`` each), or the jobs of a
     tuning job (``tuning``: the tuning operator's ``{"Tuning": DescribeHyperParameterTuningJob}``); return the best.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
 from tasks.names import MAX_NAME_LENGTH
+from tasks.policy import MAX_RUNTIME_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ ENTRY_POINT = "train.py"
 # The newest PyTorch with both a training and an inference image in the SDK's registry: train and serve alike.
 FRAMEWORK_VERSION = "2.6"
 PY_VERSION = "py312"
-MAX_RUNTIME_SECONDS = 2 * 3600
 VOLUME_SIZE_GB = 10
 # Sweep params that become hyperparameters when set; unset (None) leaves the preset's (or the script's) default.
 SWEEP_HYPERPARAMETERS = ("epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size")

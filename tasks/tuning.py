@@ -3,9 +3,8 @@
 The tuner's training jobs are the sweep's, searched instead of listed: the TrainingJobDefinition is the request
 `tasks.training_jobs.build_training_job_request` builds for one sweep job, its hyperparameters made static and the
 ranges of the trigger form searched. The objective is the training log's `test:accuracy` (percent), maximized.
-The provider's SageMakerTuningOperator sends the request as is, to AWS or to the local SageMaker service.
-
-Imported by the DAG at parse time: light, the provider's operator aside.
+The provider's SageMakerTuningOperator (tasks.operators.TuningOperator) sends the request as is, to AWS or to the
+local SageMaker service.
 """
 
 from __future__ import annotations
@@ -14,11 +13,9 @@ import hashlib
 import logging
 from collections.abc import Mapping
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
-
 from tasks.config import PipelineConfig
-from tasks.earlier_jobs import TUNING, data_read, job_to_follow, timestamped
-from tasks.hooks import sagemaker_hook, stop_when_killed
+from tasks.earlier_jobs import TUNING
+from tasks.hooks import sagemaker_hook
 from tasks.training_jobs import (
     ACCURACY_METRIC,
     SWEEP_HYPERPARAMETERS,
@@ -31,7 +28,6 @@ from tasks.training_jobs import (
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("Bayesian", "Random", "Grid", "Hyperband")
 OBJECTIVE = {"Type": "Maximize", "MetricName": ACCURACY_METRIC}
 # What TrainingJobDefinition takes of a CreateTrainingJob request (the rest is the tuner's, or the job's own name).
 DEFINITION_KEYS = (
@@ -50,80 +46,6 @@ RANGES = {
     "tune_dropout": ("dropout", "Continuous", "Linear"),
     "tune_epochs": ("epochs", "Integer", "Linear"),
 }
-
-
-class TuningOperator(SageMakerTuningOperator):
-    """SageMakerTuningOperator made safe to kill and to retry:
-
-    - killed (marked failed, timed out), it stops its tuning job, where the provider's leaves it running;
-    - a retry follows the tuning job of its request an earlier try started (``tasks.earlier_jobs``, as training and
-      transform do), under the request's name or the name suffixed with the time that an earlier retry took: one
-      InProgress is followed to its end, one Completed is the result, one Stopping is waited out; only when each
-      ended Stopped or Failed is the search started again, under the name suffixed with the time (the provider's
-      operator would fail on the name taken). A tuning job of the same name whose training jobs run other code or
-      read other data is not this request's;
-    - a tuning job that ends Stopped fails the task (the provider's wait passes it on, its jobs half done).
-    """
-
-    def execute(self, context):
-        name = self.config["HyperParameterTuningJobName"]
-        earlier = job_to_follow(self, TUNING, name, self.same_request)
-        if earlier is None:
-            if self.name_taken(name):
-                self.config["HyperParameterTuningJobName"] = timestamped(name, TUNING)
-                self.log.info("Tuning as %s: %s is taken", self.config["HyperParameterTuningJobName"], name)
-            return self._ended_well(super().execute(context))
-        name = self.config["HyperParameterTuningJobName"] = earlier["HyperParameterTuningJobName"]  # for on_kill
-        if earlier["HyperParameterTuningJobStatus"] == "InProgress":
-            earlier = self.hook.check_status(
-                name,
-                "HyperParameterTuningJobStatus",
-                self.hook.describe_tuning_job,
-                self.check_interval,
-                self.max_ingestion_time,
-            )
-        return self._ended_well({"Tuning": serialize(earlier)})
-
-    def same_request(self, job: Mapping) -> bool:
-        """Whether ``job`` runs the training jobs of this task's request: the same static hyperparameters (the code's
-        content-addressed archive among them) on the same data. Its ranges come from the run's params, and so does its
-        name."""
-
-        def trains(request: Mapping) -> tuple:
-            definition = request["TrainingJobDefinition"]
-            return definition.get("StaticHyperParameters", {}), data_read(definition.get("InputDataConfig", []))
-
-        return trains(job) == trains(self.config)
-
-    def name_taken(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.hook.describe_tuning_job(name)
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ResourceNotFound":
-                return False
-            raise
-        return True
-
-    @staticmethod
-    def _ended_well(result: dict) -> dict:
-        tuning = result["Tuning"]
-        if tuning.get("HyperParameterTuningJobStatus") == "Stopped":
-            raise RuntimeError(
-                f"SageMaker tuning job {tuning['HyperParameterTuningJobName']} was stopped before it "
-                "ended: its trials are not a finished search"
-            )
-        return result
-
-    def on_kill(self) -> None:
-        name = self.config.get("HyperParameterTuningJobName")
-        stop_when_killed(
-            self,
-            "tuning job",
-            name,
-            lambda: self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
-        )
 
 
 def tuning_job_name(run_id: str) -> str:

@@ -181,7 +181,7 @@ def test_without_a_model_and_no_champion_the_run_fails_saying_so(batch):
 def test_an_instance_type_the_configuration_does_not_allow_fails_the_run_at_once(batch):
     """The batch DAG's instance_type is held to allowed_instance_types by the sweep's own check, before any request
     is made or anything written, and the task is not retried: the same params would be refused again."""
-    from tasks.batch import output_uri, transform_requests
+    from tasks.batch import output_uri, transform_jobs
     from tasks.training_jobs import RequestRefused
 
     run = batch["big_instance"]
@@ -192,7 +192,7 @@ def test_an_instance_type_the_configuration_does_not_allow_fails_the_run_at_once
     [model] = xcoms(batch["given"].run_id, "resolve_model")
     config = batch["config"]
     with pytest.raises(RequestRefused, match=rf"^instance_type {BIG_INSTANCE} is not allowed here: one of ml\.m5"):
-        transform_requests(
+        transform_jobs(
             config,
             f"s3://{config.bucket}/{batch['prefix']}/",
             model,
@@ -209,22 +209,23 @@ def test_an_instance_type_the_configuration_does_not_allow_fails_the_run_at_once
 def test_only_an_approved_version_predicts_however_it_is_named(batch):
     """A version Rejected (rolled back, say) or still PendingManualApproval is refused, asked for by number or by
     ARN, or named by a champion asset event; the error names the version and its status."""
-    from tasks.batch import VersionNotApproved, resolve_model
+    from tasks.batch import VersionNotApproved, model_to_predict_with
 
     config = batch["config"]
     for arn, status in ((batch["rejected"], "Rejected"), (batch["pending"], "PendingManualApproval")):
         number = arn.rsplit("/", 1)[1]
         for model, events in ((number, []), (arn, []), (None, [{"model_package_arn": arn}])):
             with pytest.raises(VersionNotApproved) as refused:
-                resolve_model(config, GROUP, model, events)
+                model_to_predict_with(config, GROUP, model, events)
             assert f"version {number} of {GROUP} ({arn})" in str(refused.value), refused.value
             assert f"is {status}: batch predictions use Approved versions only" in str(refused.value)
-    assert resolve_model(config, GROUP, "1", [])["model_package_arn"] == batch["version"]
+    assert model_to_predict_with(config, GROUP, "1", [])["model_package_arn"] == batch["version"]
 
 
 def transform_request(batch, label: str) -> dict:
     """The DAG's request for one PNG, under a run id of its own."""
-    from tasks.batch import TRANSFORM_INSTANCE_TYPE, transform_requests
+    from tasks.batch import transform_jobs
+    from tasks.policy import TRANSFORM_INSTANCE_TYPE
 
     config = batch["config"]
     prefix = f"{batch['prefix']}-retry"
@@ -232,7 +233,7 @@ def transform_request(batch, label: str) -> dict:
     s3.put_object(Bucket=config.bucket, Key=f"{prefix}/one.png", Body=batch["files"]["one.png"])
     [model] = xcoms(batch["given"].run_id, "resolve_model")
     input_uri = f"s3://{config.bucket}/{prefix}/"
-    [request] = transform_requests(
+    [request] = transform_jobs(
         config,
         input_uri,
         model,
@@ -248,7 +249,7 @@ def transform_operator(request: dict):
     """The DAG's transform task as a retry runs it (no XCom here: no task instance to push to)."""
     import copy
 
-    from tasks.batch import TransformOperator
+    from tasks.operators import TransformOperator
 
     return TransformOperator(
         task_id="transform",
@@ -297,7 +298,7 @@ def test_a_retry_starts_another_transform_job_only_after_a_stopped_one(batch, lo
     A job that ends Stopped fails the task, where the provider's wait would pass it on."""
     import re
 
-    from tasks.batch import TransformOperator
+    from tasks.operators import TransformOperator
 
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     request = transform_request(batch, "stopped")

@@ -110,32 +110,42 @@ def test_the_chain_gates_deploys_checks_and_reports_whatever_happened(dag):
     def upstream(task_id: str) -> set[str]:
         return dag.get_task(task_id).upstream_task_ids - {"configuration"}
 
-    # A deploy-only run goes straight to the choice of what to serve; the others train first.
-    assert dag.get_task("plan").downstream_task_ids == {"download", "candidate"}
-    # The search: a sweep's mapped jobs or one tuning job, whichever the form chose; the selection takes either.
-    assert upstream("choose_search") == {"upload"}
-    assert upstream("training_requests") == upstream("tuning_request") == {"choose_search", "upload"}
+    # No branch task: a deploy-only run skips the download, and with it everything up to the registry; the form's
+    # search picks the sweep's mapped jobs (none with tune) or the tuning job (skipped with sweep).
+    assert not [task.task_id for task in dag.tasks if task.task_type.endswith("BranchDecoratedOperator")]
+    assert upstream("download") == set()
+    assert upstream("validate") == upstream("upload") == {"download"}
+    assert upstream("training_requests") == {"upload"}
     assert upstream("train") == {"training_requests"}
-    assert upstream("tune") == {"tuning_request"}
+    assert upstream("tune") == {"upload"}
     assert upstream("select_best") == {"train", "tune"}
     assert dag.get_task("select_best").trigger_rule == "none_failed_min_one_success"
     assert upstream("gate") == {"select_best"}
-    assert upstream("choose_register") == {"gate"}
     # What the gate lets through is registered (a model package version); the registry says what to deploy.
-    assert upstream("registration") == {"choose_register", "select_best", "upload"}
-    assert upstream("register") == {"registration"}
-    # Approval manual: a person answers in the UI before anything is chosen; auto: the review is skipped.
-    assert upstream("choose_review") == {"register"}
-    assert upstream("review") == {"choose_review", "register", "select_best", "validate", "gate"}
-    assert upstream("candidate") == {"plan", "register", "review"}
-    assert dag.get_task("candidate").trigger_rule == "none_failed"  # after a refusal or a deploy-only plan too
+    assert upstream("register") == {"gate", "select_best", "upload"}
+    # Approval manual: a person answers in the UI before anything is chosen; auto: the review skips itself.
+    assert upstream("review") == {"register", "select_best", "validate", "gate"}
+    assert upstream("candidate") == {"register", "review"}
+    assert dag.get_task("candidate").trigger_rule == "none_failed"  # after a refusal or a deploy-only run too
     assert upstream("deploy") == {"candidate"}
     assert upstream("monitor") == {"deploy", "candidate"}
-    report = dag.get_task("report")
-    assert upstream("report") == {"validate", "select_best", "gate", "review", "candidate", "deploy", "monitor"}
-    # A teardown runs after its upstream whatever their state, and leaves the run's state to them: the monitoring
-    # check is what a run ends with.
-    assert report.is_teardown and not report.on_failure_fail_dagrun
+    # Whatever happened, a deployment left unchecked is undone, then the run is reported: two teardowns, which run
+    # after their upstream whatever their state and leave the run's state to them: the monitoring check is what a
+    # run ends with.
+    assert upstream("undo_unchecked") == {"candidate", "deploy", "monitor"}
+    assert upstream("report") == {
+        "validate",
+        "select_best",
+        "gate",
+        "review",
+        "candidate",
+        "deploy",
+        "monitor",
+        "undo_unchecked",
+    }
+    for task_id in ("undo_unchecked", "report"):
+        teardown = dag.get_task(task_id)
+        assert teardown.is_teardown and not teardown.on_failure_fail_dagrun, task_id
     assert [task.task_id for task in dag.tasks if not task.downstream_list] == ["report"]
     # The uploaded dataset and the champion are Assets: their lineage shows in the Assets view, and the champion
     # schedules the batch predictions.
@@ -149,8 +159,8 @@ def test_the_longest_update_the_form_allows_fits_the_deploy_task_s_timeout(dag):
     says so, and a form that did not would not load."""
     from airflow.sdk import Param
 
-    from tasks.deployment import DEPLOY_TIMEOUT_SECONDS, deploy_seconds, traffic_of, update_seconds
     from tasks.params import PARAMS, check_traffic_bounds, longest_deploy_seconds
+    from tasks.policy import DEPLOY_TIMEOUT_SECONDS, deploy_seconds, traffic_of, update_seconds
 
     timeout = dag.get_task("deploy").execution_timeout.total_seconds()
     assert timeout == DEPLOY_TIMEOUT_SECONDS == 3 * 3600
@@ -162,7 +172,7 @@ def test_the_longest_update_the_form_allows_fits_the_deploy_task_s_timeout(dag):
     for name in ("traffic_wait_seconds", "bake_seconds"):
         assert "fits the deploy task's 3 h timeout" in dag.params.get_param(name).description, name
     # The run's teardown, which undoes what a failed deploy left, may wait for the update to end.
-    assert dag.get_task("report").execution_timeout.total_seconds() >= update_seconds(**traffic_of(worst))
+    assert dag.get_task("undo_unchecked").execution_timeout.total_seconds() >= update_seconds(**traffic_of(worst))
 
     # Wider bounds would not fit, and the form would not load.
     check_traffic_bounds()
@@ -233,7 +243,7 @@ def test_schedule_comes_from_configuration(monkeypatch):
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('mnist_sweep', {str(DAG_FILE)!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(module._schedule())\n"
+        "print(module.sweep_schedule())\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip().splitlines()[-1] == "0 3 * * 1"

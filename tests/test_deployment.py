@@ -15,9 +15,9 @@ from botocore.validate import validate_parameters
 from tasks.config import load_config
 from tasks.deployment import (
     RolledBack,
-    deploy,
     deployment_config,
     endpoint_config_name,
+    roll_out,
     sagemaker_deploy_requests,
     wait_settled,
 )
@@ -77,7 +77,7 @@ def _best(run: str, model_data_url: str) -> dict:
 def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, local_sagemaker):
     endpoint, run = f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
     config = load_config()
-    deployed = deploy(
+    deployed = roll_out(
         _best(run, artifacts["good"]),
         previous_endpoint_config_name=None,
         endpoint_name=endpoint,
@@ -95,7 +95,7 @@ def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, loca
         "baking": False,
     }
     # A retry: SageMaker refuses to create a model or an endpoint config twice, and the deploy finds them.
-    again = deploy(
+    again = roll_out(
         _best(run, artifacts["good"]),
         previous_endpoint_config_name=None,
         endpoint_name=endpoint,
@@ -124,7 +124,7 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
         f"run-{uuid.uuid4().hex[:8]}",
     )
     config = load_config()
-    served = deploy(
+    served = roll_out(
         _best(first, artifacts["good"]),
         previous_endpoint_config_name=None,
         endpoint_name=endpoint,
@@ -134,7 +134,7 @@ def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
     )
     traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 3}
     thresholds = {"max_5xx_rate": 0.05, "min_rate_requests": 100, "alarm_p99_model_latency_ms": 5000}
-    updated = deploy(
+    updated = roll_out(
         _best(second, artifacts["shuffled"]),
         previous_endpoint_config_name=served["endpoint_config_name"],
         endpoint_name=endpoint,
@@ -196,7 +196,7 @@ def test_a_deploy_whose_update_cannot_come_up_fails_naming_why(artifacts, local_
         f"run-{uuid.uuid4().hex[:8]}",
     )
     config = load_config()
-    served = deploy(
+    served = roll_out(
         _best(first, artifacts["good"]),
         previous_endpoint_config_name=None,
         endpoint_name=endpoint,
@@ -205,7 +205,7 @@ def test_a_deploy_whose_update_cannot_come_up_fails_naming_why(artifacts, local_
         check_interval=1,
     )
     with pytest.raises(RolledBack, match=r"serves config .*, not .*: Failed to update endpoint"):
-        deploy(
+        roll_out(
             _best(second, "s3://deployment/broken/model.tar.gz"),
             previous_endpoint_config_name=served["endpoint_config_name"],
             endpoint_name=endpoint,

@@ -60,15 +60,17 @@ def test_invalid_params_are_refused_naming_the_param(dag, conf, param):
 
 
 def _schedules(cases: list[tuple]) -> list[str]:
-    """repr of each ``_schedule()`` of (dag_file, settings) in ``cases``, the file parsed under the configuration the
-    settings give (in one process: each parse costs Airflow's import once)."""
+    """repr of the schedule of each (dag_file, settings) in ``cases`` (its ``sweep_schedule()`` or
+    ``drift_schedule()``), the file parsed under the configuration the settings give (in one process: each parse
+    costs Airflow's import once)."""
     code = (
         "import importlib.util, json, os, sys\n"
         "for path, settings in json.loads(sys.argv[1]):\n"
         "    os.environ.update({f'MNIST_PIPELINE_{k.upper()}': v for k, v in settings.items()})\n"
         "    spec = importlib.util.spec_from_file_location('dag', path)\n"
         "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "    print('SCHEDULE', repr(module._schedule()))\n"
+        "    schedule = getattr(module, 'sweep_schedule', None) or module.drift_schedule\n"
+        "    print('SCHEDULE', repr(schedule()))\n"
         "    for k in settings: del os.environ[f'MNIST_PIPELINE_{k.upper()}']\n"
     )
     cases = json.dumps([(str(path), settings) for path, settings in cases])

@@ -248,8 +248,9 @@ def test_sample_grid_shows_the_chosen_inputs_scaled_up(digits, tmp_path):
 
 
 def test_the_forms_smallest_window_is_the_one_the_thresholds_were_set_for():
-    """The drift check's form (tasks.drift, light for the DAG's parse) and this module name the same smallest window."""
+    """The drift check's form (tasks.policy, light for the DAG's parse) and this module name the same smallest
+    window."""
     from data_checks import drift
-    from tasks import drift as check
+    from tasks import policy as check
 
     assert check.DEFAULT_MIN_REQUESTS == check.MIN_REQUESTS_BOUNDS[0] == drift.MIN_REQUESTS

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.config import load_config
 from tasks.deployment import serving_endpoint_config
-from tasks.gate import decide, gate
+from tasks.gate import decide, judge
 from tasks.registry import APPROVED, REJECTED, approved_to_serve, champion, choose_model, find_version, set_approval
 from tests.endpoint_helpers import model_artifacts, pack
 from tests.registry_helpers import register as register_version
@@ -53,7 +53,7 @@ def sagemaker_config(local_sagemaker, local_aws):
 @pytest.fixture(scope="module")
 def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
     """Makes an endpoint serve a real model; returns its endpoint config's name."""
-    from tasks.deployment import deploy
+    from tasks.deployment import roll_out
 
     built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
     s3 = boto3.client("s3", endpoint_url=local_aws)
@@ -69,7 +69,7 @@ def serve(local_sagemaker, local_aws, small_mnist, tmp_path_factory):
             "model_data_url": MODEL,
             "test_accuracy": 0.97,
         }
-        deployed = deploy(
+        deployed = roll_out(
             best,
             previous_endpoint_config_name=None,
             endpoint_name=name,
@@ -93,7 +93,7 @@ def register(sagemaker_config, local_sagemaker):
 def test_the_champion_is_the_latest_approved_version_the_endpoint_serves(sagemaker_config, serve, register):
     name = f"gate-{uuid.uuid4().hex[:8]}"
     # No endpoint yet: no champion, only the floor applies.
-    first = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
+    first = judge(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
     assert first["deploy"] is True and first["champion_accuracy"] is None
 
     config_name = serve(name)
@@ -106,11 +106,11 @@ def test_the_champion_is_the_latest_approved_version_the_endpoint_serves(sagemak
     assert found["model_package_arn"] == serving and found["test_accuracy"] == 0.97
     assert found["endpoint_config_name"] == config_name and found["version"] == 1
 
-    refused = gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
+    refused = judge(sagemaker_config, name, 0.96, min_test_accuracy=0.9, tolerance=0.005)
     assert refused["deploy"] is False
     assert "below the champion's 0.9700 minus tolerance 0.0050" in refused["reason"]
     assert refused["champion_accuracy"] == 0.97 and refused["champion_version"] == serving
-    passed = gate(sagemaker_config, name, 0.968, min_test_accuracy=0.9, tolerance=0.005)
+    passed = judge(sagemaker_config, name, 0.968, min_test_accuracy=0.9, tolerance=0.005)
     assert passed["deploy"] is True and passed["champion_model_data_url"] == MODEL
 
     # A newer Approved version that does not serve (a person approved it) is not the champion: it is what serves
@@ -122,7 +122,7 @@ def test_the_champion_is_the_latest_approved_version_the_endpoint_serves(sagemak
     set_approval(sagemaker_config, newer, APPROVED, "looked good")
     assert champion(sagemaker_config, name)["model_package_arn"] == serving
     assert approved_to_serve(sagemaker_config, name, found)["model_package_arn"] == newer
-    assert gate(sagemaker_config, name, 0.96, min_test_accuracy=0.9)["champion_accuracy"] == 0.97
+    assert judge(sagemaker_config, name, 0.96, min_test_accuracy=0.9)["champion_accuracy"] == 0.97
 
 
 def test_what_a_run_deploys_under_each_approval_mode(sagemaker_config, serve, register):
@@ -175,6 +175,6 @@ def test_gate_ignores_the_champion_of_a_deleted_endpoint(sagemaker_config, serve
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     sagemaker.delete_endpoint(EndpointName=name)
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
-    result = gate(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
+    result = judge(sagemaker_config, name, 0.95, min_test_accuracy=0.9, tolerance=0.005)
     assert result["deploy"] is True
     assert result["champion_accuracy"] is None

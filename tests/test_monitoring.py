@@ -19,21 +19,21 @@ from botocore.exceptions import ClientError
 
 from tasks.alarms import put_alarms
 from tasks.config import load_config
-from tasks.deployment import RolledBack, deploy
-from tasks.gate import gate
+from tasks.deployment import RolledBack, roll_out
+from tasks.gate import judge
 from tasks.monitoring import (
     MonitoringCheckFailed,
-    Thresholds,
     check_endpoint,
     evaluate,
     load_test_images,
+    roll_back_unchecked,
     rollback,
     runtime_client,
     smoke_load,
-    undo_unchecked,
     unfinished_deployment,
     unjudged,
 )
+from tasks.policy import Thresholds
 from tasks.registry import champion, describe
 from tests.endpoint_helpers import model_artifacts, pack
 from tests.registry_helpers import register
@@ -82,7 +82,7 @@ def serve(
         "model_data_url": uploaded[kind],
         "test_accuracy": uploaded["test_accuracy"],
     }
-    return deploy(
+    return roll_out(
         best,
         previous_endpoint_config_name=previous,
         endpoint_name=endpoint,
@@ -199,7 +199,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
     local_config, uploaded, local_aws, sagemaker, local_sagemaker
 ):
     name, accuracy = "mon", uploaded["test_accuracy"]
-    assert gate(local_config, name, accuracy)["deploy"] is True  # no endpoint, no champion yet
+    assert judge(local_config, name, accuracy)["deploy"] is True  # no endpoint, no champion yet
     versions = {
         kind: register(local_config, local_sagemaker, name, uploaded[kind], accuracy) for kind in ("good", "shuffled")
     }
@@ -236,7 +236,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
         assert {"Name": "EndpointName", "Value": name} in query["MetricStat"]["Metric"]["Dimensions"]
 
     # The gate now measures new models against this champion.
-    refused = gate(local_config, name, accuracy - 0.02, min_test_accuracy=0.5, tolerance=0.005)
+    refused = judge(local_config, name, accuracy - 0.02, min_test_accuracy=0.5, tolerance=0.005)
     assert refused["deploy"] is False and refused["champion_version"] == versions["good"]
 
     # An update checked while it bakes: the failed check stops it, and the old fleet, kept meanwhile, serves again.
@@ -365,7 +365,7 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     version is Rejected. What the run did not make is left alone."""
     name, accuracy, first_run = "mon-unchecked", uploaded["test_accuracy"], f"run-{uuid.uuid4().hex[:8]}"
     first = serve(local_config, name, uploaded, "good", run=first_run)  # created by its run, checked
-    assert undo_unchecked(local_config, first, {"passed": True}, check_interval=1) is None
+    assert roll_back_unchecked(local_config, first, {"passed": True}, check_interval=1) is None
     assert sagemaker.describe_endpoint(EndpointName=name)["EndpointStatus"] == "InService"
 
     run = f"run-{uuid.uuid4().hex[:8]}"
@@ -389,13 +389,13 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
         "version": version,
     }
     # Another run's teardown: nothing of it on the endpoint, nothing touched.
-    assert undo_unchecked(local_config, None, None, **teardown, run_id="run-elsewhere") is None
+    assert roll_back_unchecked(local_config, None, None, **teardown, run_id="run-elsewhere") is None
 
     # This run's deploy sends its UpdateEndpoint (linear steps held ten minutes each) and is still waiting on it:
     # as far as the run knows it returned nothing, as when its task is killed.
     def deploying() -> None:
         with pytest.raises(RolledBack):
-            deploy(
+            roll_out(
                 best,
                 previous_endpoint_config_name=first["endpoint_config_name"],
                 endpoint_name=name,
@@ -411,7 +411,7 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     while "PendingDeploymentSummary" not in sagemaker.describe_endpoint(EndpointName=name):
         assert time.monotonic() < deadline, "the update never showed its new fleet"
         time.sleep(0.2)
-    undone = undo_unchecked(local_config, None, None, **teardown, run_id=run)
+    undone = roll_back_unchecked(local_config, None, None, **teardown, run_id=run)
     deploying_thread.join(timeout=60)
     assert not deploying_thread.is_alive()
     assert undone["passed"] is False and "the deploy task returned nothing" in undone["failures"][0]
@@ -428,7 +428,7 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     )
     rejected = describe(local_config, version)
     assert rejected["ModelApprovalStatus"] == "Rejected" and "returned nothing" in rejected["ApprovalDescription"]
-    assert undo_unchecked(local_config, None, None, **teardown, run_id=run) is None  # undone once
+    assert roll_back_unchecked(local_config, None, None, **teardown, run_id=run) is None  # undone once
 
     # The first run's endpoint, found the same way had its deploy returned nothing: created by it, so deleted.
     found = unfinished_deployment(
@@ -441,11 +441,11 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
     )
     assert (found["endpoint_config_name"], found["created"]) == (first["endpoint_config_name"], True)
     # Its check never finished: undone from what its deploy returned.
-    undone = undo_unchecked(local_config, first, None, check_interval=1)
+    undone = roll_back_unchecked(local_config, first, None, check_interval=1)
     assert undone["passed"] is False and undone["rollback"]["action"] == "deleted"
     assert "never finished" in undone["failures"][0]
     sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 1})
-    assert undo_unchecked(local_config, None, None) is None  # nothing deployed, nothing to undo
+    assert roll_back_unchecked(local_config, None, None) is None  # nothing deployed, nothing to undo
 
 
 def test_the_check_reads_its_test_files_as_the_dataset_s_manifest_says(local_config, local_aws, small_mnist):

@@ -35,7 +35,7 @@ def trained(request: dict, config) -> dict:
 def sweep(local_sagemaker, local_aws, small_mnist, small_reference):
     from data_checks.mnist_suite import validate_mnist
     from tasks.mnist_data import upload_dataset
-    from tasks.selection import select_best
+    from tasks.selection import most_accurate
     from tasks.training_jobs import sweep_requests
 
     config = load_config()
@@ -44,7 +44,7 @@ def sweep(local_sagemaker, local_aws, small_mnist, small_reference):
     requests = sweep_requests(
         params, config=config, dag_id="mnist_sweep", run_id=RUN_ID, dataset_uri=upload_dataset(small_mnist, config)
     )
-    best = select_best([trained(request, config) for request in requests], config=config)
+    best = most_accurate([trained(request, config) for request in requests], config=config)
     validation_dir = Path(config.state_dir) / "runs" / run_name(RUN_ID) / "validation"
     validation = validate_mnist(small_mnist, validation_dir, (600, 100), small_reference)
     return config, best, validation
@@ -72,10 +72,10 @@ def best_job_metrics(config, best) -> dict:
 
 
 def test_report_of_a_real_sweep(sweep):
-    from tasks.gate import gate
+    from tasks.gate import judge
 
     config, best, validation = sweep
-    decision = gate(config, "report-test", best["test_accuracy"], min_test_accuracy=0.0)
+    decision = judge(config, "report-test", best["test_accuracy"], min_test_accuracy=0.0)
     where = build_report(RUN_ID, best, validation=validation, gate=decision, config=config)
 
     directory = Path(where["directory"])
@@ -112,10 +112,10 @@ def test_report_of_a_real_sweep(sweep):
 
 
 def test_a_rerun_replaces_the_report_whole(sweep):
-    from tasks.gate import gate
+    from tasks.gate import judge
 
     config, best, validation = sweep
-    refused = gate(config, "report-test", best["test_accuracy"], min_test_accuracy=1.0)
+    refused = judge(config, "report-test", best["test_accuracy"], min_test_accuracy=1.0)
     where = build_report(RUN_ID, best, validation=validation, gate=refused, config=config)
     markdown = Path(where["markdown"]).read_text()
     assert "the gate refused it (best test accuracy" in markdown and "not registered" in markdown

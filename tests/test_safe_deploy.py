@@ -278,9 +278,9 @@ def test_a_good_model_is_trained_selected_deployed_and_passes_the_check(
     # Each sweep member is named by its value in the UI (map_index_template), not by its map index.
     names = sorted(ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "train")
     assert names == ["hidden_channels=16", "hidden_channels=2"]
-    assert {task: found[task] for task in ("gate", "choose_register", "candidate", "deploy", "monitor", "report")} == {
-        task: ["success"] for task in ("gate", "choose_register", "candidate", "deploy", "monitor", "report")
-    }
+    ran = ("gate", "register", "candidate", "deploy", "monitor", "undo_unchecked", "report")
+    assert {task: found[task] for task in ran} == {task: ["success"] for task in ran}
+    assert found["review"] == ["skipped"]  # approval auto: the monitoring check decides
 
     # One model.tar.gz per job in S3; the selection picked the most accurate.
     s3 = boto3.client("s3", endpoint_url=local_aws)
@@ -353,6 +353,7 @@ def test_the_gate_refuses_a_model_worse_than_the_champion_and_the_run_succeeds(l
     found = states(run)
     assert str(run.state) == "success", found
     assert found["gate"] == ["success"] and found["report"] == ["success"]
+    assert found["register"] == found["review"] == ["skipped"]  # what the gate refused is not registered
     assert found["deploy"] == ["skipped"] and found["monitor"] == ["skipped"]
 
     [decision] = xcoms(run.run_id, "gate")
@@ -530,7 +531,7 @@ def test_a_person_rejects_a_version_in_the_ui_and_the_champion_keeps_serving(loc
     run, first = local_runs["rejected"], local_runs["deployed"]
     found = states(run)
     assert str(run.state) == "success", found
-    assert found["choose_review"] == ["success"] and found["review"] == ["success"]
+    assert found["review"] == ["success"]
     assert found["candidate"] == ["success"] and found["deploy"] == ["skipped"] and found["monitor"] == ["skipped"]
     [register] = xcoms(run.run_id, "register")
     described = _described(local_sagemaker, register)
@@ -617,7 +618,8 @@ def test_no_answer_in_time_leaves_the_version_pending_then_approved_outside_a_de
     assert local_runs["approved_outside"] == 0
     found = states(deploy_only)
     assert str(deploy_only.state) == "success", found
-    for task in ("download", "validate", "upload", "train", "tune", "select_best", "gate", "register", "review"):
+    trained = ("download", "validate", "upload", "training_requests", "train", "tune", "select_best", "gate")
+    for task in (*trained, "register", "review"):
         assert set(found[task]) == {"skipped"}, task
     assert {task: found[task] for task in ("candidate", "deploy", "monitor", "report")} == {
         task: ["success"] for task in ("candidate", "deploy", "monitor", "report")

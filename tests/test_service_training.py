@@ -499,8 +499,8 @@ def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
 
 def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, capfd):
     """print_log on: the job's own log lines reach the task's log, and the task sees the end of the job at the next
-    check_interval, not at the provider's fixed 30 s (tasks.training_operator)."""
-    from tasks.training_operator import TrainingOperator
+    check_interval, not at the provider's fixed 30 s (tasks.operators)."""
+    from tasks.operators import TrainingOperator
 
     train = TrainingOperator(
         task_id="train",
@@ -521,7 +521,7 @@ def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, ca
 
 def test_a_retry_waits_for_the_job_its_killed_try_left_running(clients):
     """A try SIGKILLed before its on_kill could run leaves its job InProgress: the retry waits for that job."""
-    from tasks.training_operator import TrainingOperator
+    from tasks.operators import TrainingOperator
 
     sagemaker = clients[0]
     sagemaker.create_training_job(**request("svc-adopted", mode="slow"))  # what the killed try started
@@ -545,7 +545,7 @@ def test_a_killed_training_task_stops_its_job(clients):
     """Airflow calls on_kill when it kills a task (marked failed, timed out): the job is stopped, not left running."""
     import threading
 
-    from tasks.training_operator import TrainingOperator
+    from tasks.operators import TrainingOperator
 
     sagemaker = clients[0]
     train = TrainingOperator(

@@ -433,7 +433,7 @@ def test_stop_transform_job_stops_promptly_and_writes_nothing(sagemaker, s3, inp
 
 def test_a_killed_transform_task_stops_its_job(sagemaker, s3, inputs, test_set):
     """Airflow calls on_kill when it kills a task (marked failed, timed out): the job is stopped, not left running."""
-    from tasks.batch import TransformOperator
+    from tasks.operators import TransformOperator
 
     s3.put_object(Bucket=BUCKET, Key="in/killed/rows.csv", Body=csv(np.concatenate([test_set[0]] * 40)))
     sent = job("tx-killed", "text/csv", "in/killed/", split="Line", BatchStrategy="SingleRecord")

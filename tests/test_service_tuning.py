@@ -678,7 +678,7 @@ def operator_request(name: str, **kwargs) -> dict:
 def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fails_when_stopped(tuned, clients):
     import threading
 
-    from tasks.tuning import TuningOperator
+    from tasks.operators import TuningOperator
 
     sagemaker, _ = clients
 

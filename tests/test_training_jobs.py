@@ -262,7 +262,7 @@ def test_a_planted_object_at_the_codes_address_is_refused_by_name_and_left_alone
     assert s3.get_object(Bucket=config.bucket, Key=key)["Body"].read() == b"someone else's code"
 
 
-# -- a retry of the sweep's train task follows its earlier try's job (tasks.training_operator, tasks.earlier_jobs) ---
+# -- a retry of the sweep's train task follows its earlier try's job (tasks.operators, tasks.earlier_jobs) ---
 
 RETRY_BUCKET = "training-retries"
 # A stand-in train.py: the first try's job (its name not yet suffixed with the time) hangs until stopped, and on
@@ -304,7 +304,7 @@ def test_a_training_retry_waits_out_a_stopping_job_starts_another_and_then_follo
     import copy
     import time
 
-    from tasks.training_operator import TrainingOperator
+    from tasks.operators import TrainingOperator
     from tests.job_helpers import put_script
 
     s3 = boto3.client("s3", endpoint_url=local_aws)

@@ -39,17 +39,18 @@ def test_a_tuning_run_searches_selects_and_registers_the_best_trial(tuned, local
 
     found = states(tuned)
     assert str(tuned.state) == "success", found
-    # The tuner ran instead of the sweep's mapped jobs; the selection, gate and registry followed it.
-    assert found["training_requests"] == found["train"] == ["skipped"]
-    for task in ("tuning_request", "tune", "select_best", "gate", "register", "candidate", "report"):
+    # The tuner ran instead of the sweep's mapped jobs (none requested); the selection, gate and registry followed.
+    assert (found["training_requests"], found["train"]) == (["success"], ["skipped"])
+    assert xcoms(tuned.run_id, "training_requests") == [[]]
+    for task in ("tune", "select_best", "gate", "register", "candidate", "report"):
         assert found[task] == ["success"], task
-    assert found["deploy"] == ["skipped"]
+    assert found["deploy"] == found["review"] == ["skipped"]
 
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     name = tuning_job_name(tuned.run_id)
     assert len(name) <= 32
-    [request] = xcoms(tuned.run_id, "tuning_request")
-    assert request["HyperParameterTuningJobName"] == name
+    [tune] = xcoms(tuned.run_id, "tune")
+    assert tune["Tuning"]["HyperParameterTuningJobName"] == name
     tuning = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
     assert tuning["HyperParameterTuningJobStatus"] == "Completed"
     config = tuning["HyperParameterTuningJobConfig"]
@@ -103,16 +104,19 @@ def test_a_tune_retry_after_its_tuning_job_completed_passes_that_job_on(tuned, l
     """The try failed after its tuning job completed (its worker lost): the retry's result is that job, as the
     DAG's request names it; no second search starts (tasks.earlier_jobs)."""
     from tasks.earlier_jobs import TIMESTAMP_DIGITS, TUNING
-    from tasks.tuning import TuningOperator, tuning_job_name
+    from tasks.operators import TuningOperator
+    from tasks.tuning import tuning_job_name
 
-    [request] = xcoms(tuned.run_id, "tuning_request")
     name = tuning_job_name(tuned.run_id)
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    sent = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    request = {key: sent[key] for key in ("HyperParameterTuningJobName", "HyperParameterTuningJobConfig")}
+    request["TrainingJobDefinition"] = sent["TrainingJobDefinition"]  # the request the DAG's tune task made
     result = TuningOperator(task_id="tune", config=request, aws_conn_id="aws_default", check_interval=1).execute({})
     assert (result["Tuning"]["HyperParameterTuningJobName"], result["Tuning"]["HyperParameterTuningJobStatus"]) == (
         name,
         "Completed",
     )
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     stem = name[: TUNING.max_name - TIMESTAMP_DIGITS - 1]
     listed = sagemaker.list_hyper_parameter_tuning_jobs(NameContains=stem)["HyperParameterTuningJobSummaries"]
     assert [job["HyperParameterTuningJobName"] for job in listed] == [name]
@@ -125,7 +129,7 @@ def test_a_tune_retry_follows_the_tuning_job_an_earlier_retry_started_under_its_
     was lost too: the next retry follows that one, rather than the first name's, which would search a third time.
     (The stand-in training script of test_service_tuning: seconds a job.)"""
     from tasks.earlier_jobs import TUNING, timestamped
-    from tasks.tuning import TuningOperator
+    from tasks.operators import TuningOperator
     from tests.job_helpers import put_script
     from tests.test_service_tuning import BUCKET, SCRIPT, operator_request
 
