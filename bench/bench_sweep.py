@@ -43,17 +43,20 @@ def main() -> None:
     from rich.console import Console
 
     from cli import stack
+    from cli.airflow_api import task_instances
+    from cli.runs import run_sweep
     from tasks.config import load_config
+    from tasks.names import DAG_ID
 
     config = load_config()
     console = Console(file=io.StringIO())  # the run's progress is not the benchmark's output
     try:
         stack.up(config, port=0)
         conf = {"hidden_channels": args.hidden_channels, "mnist_mirror": str(Path(args.mirror).resolve())}
-        outcome = stack.run_sweep(conf, console, config)
+        outcome = run_sweep(conf, console, config)
         state = stack.read_state(stack.stack_paths(config))
         api = stack.api_for(state, stack.stack_paths(config))
-        tis = api.get(f"/dags/{stack.DAG_ID}/dagRuns/{outcome['run_id']}/taskInstances", limit=1000)["task_instances"]
+        tis = task_instances(api, DAG_ID, outcome["run_id"])
     finally:
         stack.down(config)
     tasks = sorted(
