@@ -89,6 +89,10 @@ class SweepTable:
     def __init__(self, api: AirflowAPI, run_id: str, sagemaker=None):
         self.api, self.run_id, self.sagemaker = api, run_id, sagemaker
         self.rows: dict[int, tuple[str, ...]] = {}
+        # The rows read once both the job and its task had ended: the task's log was whole, nothing changes any more.
+        # A row read while the job had ended but its task still ran may lack the last epochs' lines, so it is read
+        # again.
+        self.final: set[int] = set()
 
     def _job_state(self, hidden_channels: str, fallback: str) -> tuple[str, str]:
         """(job name, job status) of the member's newest job (a retry's is suffixed), or the task's state."""
@@ -131,6 +135,7 @@ class SweepTable:
             )
 
     def update(self, tis: list[dict]) -> None:
+        from local_sagemaker.training import TERMINAL
         from tasks.training_jobs import METRIC_DEFINITIONS
 
         if any(
@@ -142,8 +147,7 @@ class SweepTable:
         for ti in tis:
             if ti["task_id"] not in TRAINING_TASKS or ti["map_index"] < 0:
                 continue
-            finished = self.rows.get(ti["map_index"])
-            if finished and finished[1] in ("Completed", "Failed", "Stopped") and ti["state"] in FINISHED:
+            if ti["map_index"] in self.final and ti["state"] in FINISHED:
                 continue  # nothing changes any more
             label = ti.get("rendered_map_index") or task_label(ti)
             hidden_channels = label.partition("=")[2]
@@ -157,6 +161,10 @@ class SweepTable:
             }
             last = epochs[max(epochs)] + "%" if epochs else ""
             self.rows[ti["map_index"]] = (label, status, str(max(epochs, default=0)), last, job)
+            if status in TERMINAL and ti["state"] in FINISHED:
+                self.final.add(ti["map_index"])
+            else:
+                self.final.discard(ti["map_index"])
 
     def __rich__(self):
         from rich.table import Table
@@ -169,7 +177,8 @@ class SweepTable:
 
 
 def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0, sagemaker=None) -> dict:
-    """Follow the sweep run to its end: a line per finished task, the sweep table live, a progress bar."""
+    """Follow the sweep run to its end: a line per finished task, the sweep table live, a progress bar. The last
+    frame shows the table as the run ended."""
     from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -201,14 +210,13 @@ def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0, sagemaker=N
                 bar, total=len(tis), completed=len(reported), description=", ".join(running_now) or run["state"]
             )
         progress.update(bar, visible=False)
-        return run
+    if not console.is_terminal:
+        console.line()  # rich ends its last frame with a line break on a terminal only, not in a file or a pipe
+    return run
 
 
-def print_sweep(console, best: dict) -> None:
-    """The trial table, as the selection task logged it, and the winner."""
-    from tasks.trials import format_trial_table
-
-    console.print(format_trial_table(best["trials"], title="Sweep"), markup=False, highlight=False)
+def print_best(console, best: dict) -> None:
+    """The winner, below the training jobs' table that `follow` left on screen (the only table of the jobs)."""
     console.print(
         f"Best: hidden_channels {best['hidden_channels']}, test accuracy {100 * best['test_accuracy']:.2f}% "
         f"({best['training_job_name']})"
@@ -254,7 +262,7 @@ def run_command(args) -> int:
         console.print(f"[red]error:[/] {error}")
         return 2
     if outcome["best"]:
-        print_sweep(console, outcome["best"])
+        print_best(console, outcome["best"])
     if choice := outcome["choice"]:
         console.print(
             f"Deployment: {'version ' + str(choice['model']['version']) + ', ' if choice['deploy'] else ''}"
