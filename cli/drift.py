@@ -3,9 +3,9 @@ found and where its report is."""
 
 from __future__ import annotations
 
-import time
-
-from cli.stack import StackError, _console, _quote, api_for, read_state, running, stack_paths
+from cli import StackError, new_console
+from cli.airflow_api import quote, run_path
+from cli.runs import polls, trigger
 from tasks.config import load_config
 from tasks.names import DRIFT_DAG_ID
 
@@ -16,24 +16,9 @@ TIMEOUT_SECONDS = 1800.0
 def run_check(conf: dict, console, timeout: float = TIMEOUT_SECONDS) -> dict:
     """Trigger mnist_drift with ``conf`` and wait for its end: ``{"run_id", "state", "result"}`` (``result``: the
     check's return value, None when it did not return)."""
-    paths = stack_paths()
-    state = read_state(paths)
-    if not state or not all(running(paths).values()):
-        raise StackError("the local stack is not running: start it with `mnist-pipeline up`")
-    api = api_for(state, paths)
-    run = api.request("POST", f"/dags/{DRIFT_DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
-    run_id = run["dag_run_id"]
-    path = f"/dags/{DRIFT_DAG_ID}/dagRuns/{_quote(run_id)}"
-    console.print(
-        f"Triggered {DRIFT_DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DRIFT_DAG_ID}/runs/"
-        f"{_quote(run_id)}"
-    )
-    deadline = time.monotonic() + timeout
-    while (run := api.get(path))["state"] not in ("success", "failed"):
-        if time.monotonic() > deadline:
-            raise StackError(f"{DRIFT_DAG_ID} run {run_id} is still {run['state']} after {timeout:.0f} s")
-        time.sleep(POLL_SECONDS)
-    answer = api.client.get(f"{path}/taskInstances/check_capture/xcomEntries/return_value")
+    api, state, run_id = trigger(DRIFT_DAG_ID, conf, console)
+    *_, run = polls(api, DRIFT_DAG_ID, run_id, POLL_SECONDS, timeout)
+    answer = api.client.get(f"{run_path(DRIFT_DAG_ID, run_id)}/taskInstances/check_capture/xcomEntries/return_value")
     result = answer.json()["value"] if answer.status_code == 200 else None
     return {"run_id": run_id, "state": run["state"], "result": result, "url": state["airflow_url"]}
 
@@ -42,7 +27,7 @@ def drift_command(args) -> int:
     from tasks.drift import DRIFT_REPORT_FILES, run_directory
     from tasks.report import REPORT_VIEW_PREFIX
 
-    console = _console()
+    console = new_console()
     conf = {"endpoint_name": args.endpoint}
     if args.min_requests is not None:
         conf["min_requests"] = args.min_requests
@@ -61,6 +46,6 @@ def drift_command(args) -> int:
     console.print(f"[{color}]{result['verdict']}[/]: {result['summary']}")
     html = DRIFT_REPORT_FILES["html"]
     local = run_directory(load_config(), outcome["run_id"]) / "report" / html
-    ui = f"{outcome['url']}{REPORT_VIEW_PREFIX}/{DRIFT_DAG_ID}/{_quote(outcome['run_id'])}/report/{html}"
+    ui = f"{outcome['url']}{REPORT_VIEW_PREFIX}/{DRIFT_DAG_ID}/{quote(outcome['run_id'])}/report/{html}"
     console.print(f"Report: {result['report']} (on this machine: {local}; in the UI: {ui})")
     return 0

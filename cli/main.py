@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(_command(commands, "serve", "inference.serve:serve_command", "serve a model the SageMaker way"))
 
-    _command(commands, "demo", "cli.stack:demo_command", "the README demo: up, the seed sweep, a prediction")
+    _command(commands, "demo", "cli.demo:demo_command", "the README demo: up, the seed sweep, a prediction")
 
     up = _command(
         commands,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="Airflow UI port (another free one when taken; 0: any)")
     _command(commands, "down", "cli.stack:down_command", "stop everything `up` started, and the local endpoints")
     _command(commands, "status", "cli.stack:status_command", "say what of the local stack is running")
-    run = _command(commands, "run", "cli.stack:run_command", "trigger the sweep on the local stack and follow it")
+    run = _command(commands, "run", "cli.runs:run_command", "trigger the sweep on the local stack and follow it")
     run.add_argument("--conf", default=None, help="params as a JSON object, e.g. '{\"hidden_channels\": [4, 8]}'")
     run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one param (JSON value)")
     drift = _command(
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drift.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     drift.add_argument("--min-requests", type=int, default=None, help="fewer since the last check: not judged")
-    predict = _command(commands, "predict", "cli.stack:predict_command", "ask the endpoint which digits images show")
+    predict = _command(commands, "predict", "cli.predict:predict_command", "ask the endpoint which digits images show")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG pictures of single digits")
     predict.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"endpoint name (default: {DEFAULT_ENDPOINT})")
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")

@@ -1,4 +1,4 @@
-"""The local stack: `mnist-pipeline up | down | status | run`.
+"""The local stack itself: `mnist-pipeline up | down | status`, and what the other commands read of it.
 
 `up` starts, on 127.0.0.1, the local AWS (moto server: S3, CloudWatch, CloudWatch Logs), the local SageMaker
 service (local_sagemaker: training jobs and endpoints, for real) and Airflow 3 as separate processes — API server
@@ -6,7 +6,7 @@ service (local_sagemaker: training jobs and endpoints, for real) and Airflow 3 a
 process group (`airflow standalone` would leave its children running on SIGTERM). Airflow runs on SQLite with its
 home, logs and login under the pipeline's state directory and the DAGs folder of this checkout. Its AWS connection
 (by environment) is what makes the run local: `sagemaker` and `sagemaker-runtime` go to the local SageMaker
-service, everything else to the local AWS. `run` triggers `mnist_sweep` through the REST API and follows it.
+service, everything else to the local AWS.
 
 Every call is signed and authorized as on AWS (local_aws): the connection carries the keys of the pipeline's own IAM
 user, whose policy is `iam/airflow-policy.json`; training jobs, model servers and transform jobs act as the
@@ -28,13 +28,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cli import StackError, new_console
+from cli.airflow_api import AirflowAPI
 from cli.iam import DEFAULT_TOPIC
 from local_sagemaker import launch, processes
 from tasks.config import PipelineConfig, load_config
@@ -59,10 +60,6 @@ AWS_CREDENTIAL_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
 )
 LOCAL_RETRY_DELAY_SECONDS = 5  # a local job a crash ended starts again at once: no instances to wait for
-
-
-class StackError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,38 +243,13 @@ def _spawn_airflow(name: str, env: dict, paths: StackPaths) -> dict:
     return record
 
 
-# --- the REST API ----------------------------------------------------------------------------------------------
-
-
-class AirflowAPI:
-    """A small client of Airflow's public REST API, authenticated with a JWT from the SimpleAuthManager."""
-
-    def __init__(self, url: str, password: str, username: str = USERNAME, log: Path | None = None):
-        import httpx
-
-        self.url = url
-        self.log = log  # the API server's: a 5xx names an error id to look up there
-        token = httpx.post(f"{url}/auth/token", json={"username": username, "password": password}, timeout=30)
-        if token.status_code >= 400:
-            raise StackError(f"Airflow at {url} refused the login of {username!r}: {token.text}")
-        self.client = httpx.Client(
-            base_url=f"{url}/api/v2", headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=30
-        )
-
-    def request(self, method: str, path: str, **kwargs) -> dict:
-        response = self.client.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            where = f"\n(the API server's log: {self.log})" if self.log and response.status_code >= 500 else ""
-            raise StackError(f"Airflow API {method} {path} answered {response.status_code}: {response.text}{where}")
-        return response.json() if response.content else {}
-
-    def get(self, path: str, **params) -> dict:
-        return self.request("GET", path, params=params)
+# --- the stack's Airflow, answering ------------------------------------------------------------------------------
 
 
 def api_for(state: dict, paths: StackPaths) -> AirflowAPI:
+    """A client of the running stack's Airflow API, logged in as the UI's user."""
     password = ui_password(paths)
-    return AirflowAPI(state["airflow_url"], password, log=paths.logs / "api-server.log")
+    return AirflowAPI(state["airflow_url"], USERNAME, password, log=paths.logs / "api-server.log")
 
 
 def _wait_healthy(state: dict, paths: StackPaths, timeout: float) -> None:
@@ -510,12 +482,6 @@ def _local_aws_client(service: str, endpoint_url: str, config: PipelineConfig, k
 # --- the command line ----------------------------------------------------------------------------------------------
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(soft_wrap=True)
-
-
 def start_and_tell(console, config: PipelineConfig, port: int = DEFAULT_PORT) -> dict:
     """`up`, telling the user where the UI is and how to log in."""
     with console.status("Starting the local AWS and Airflow (API server, scheduler, DAG processor, triggerer)…"):
@@ -529,7 +495,7 @@ def start_and_tell(console, config: PipelineConfig, port: int = DEFAULT_PORT) ->
 
 
 def up_command(args) -> int:
-    console = _console()
+    console = new_console()
     try:
         start_and_tell(console, load_config(), args.port)
     except StackError as error:
@@ -539,7 +505,7 @@ def up_command(args) -> int:
 
 
 def down_command(args) -> int:
-    console = _console()
+    console = new_console()
     with console.status("Stopping the local stack…"):
         stopped = down()
     console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
@@ -554,7 +520,7 @@ def status_command(args) -> int:
     config = load_config()
     paths = stack_paths(config)
     state = read_state(paths)
-    console = _console()
+    console = new_console()
     set_aside = set_aside_files(paths.state_dir)
     for path in set_aside:
         console.print(f"[red]Set aside, unreadable:[/] {path} (its service started without it; see its log)")
@@ -578,385 +544,3 @@ def status_command(args) -> int:
     console.print(table)
     console.print(f"Airflow UI: {state['airflow_url']}  login: {USERNAME} / (in {paths.passwords})  logs: {paths.logs}")
     return 0 if all(running(paths).values()) and not set_aside else 1
-
-
-# --- run: trigger the sweep and follow it ----------------------------------------------------------------------
-
-FINISHED = {"success", "failed", "skipped", "upstream_failed", "removed"}
-TRAINING_TASKS = ("train",)
-TUNING_TASK = "tune"
-EPOCH_LINE = re.compile(r"Test Epoch: (\d+),")  # training/train.py's line at the end of each epoch
-
-
-def run_conf(conf_json: str | None, params: list[str]) -> dict:
-    """The run's conf: ``--conf`` JSON, then each ``--param key=value`` (the value read as JSON when it is JSON)."""
-    conf = {}
-    if conf_json:
-        try:
-            conf = json.loads(conf_json)
-        except ValueError as error:
-            raise StackError(f"--conf is not valid JSON: {error}") from None
-        if not isinstance(conf, dict):
-            raise StackError(f"--conf must be a JSON object, not {type(conf).__name__}")
-    for item in params:
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise StackError(f"--param {item!r} is not key=value")
-        try:
-            conf[key] = json.loads(value)
-        except ValueError:
-            conf[key] = value
-    mirror = os.environ.get("MNIST_MIRROR")
-    if mirror and "mnist_mirror" not in conf:  # the Makefile's MNIST_MIRROR, made absolute for the workers
-        conf["mnist_mirror"] = str(Path(mirror).resolve()) if Path(mirror).is_dir() else mirror
-    return conf
-
-
-def _quote(segment: str) -> str:
-    from urllib.parse import quote
-
-    return quote(segment, safe="")
-
-
-def _run_path(run_id: str) -> str:
-    return f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}"
-
-
-def task_label(ti: dict) -> str:
-    return ti["task_id"] if ti["map_index"] < 0 else f"{ti['task_id']}[{ti['map_index']}]"
-
-
-def task_log(api: AirflowAPI, run_id: str, ti: dict) -> list[str]:
-    """The lines of a task instance's latest try (the API's structured log, one event per line)."""
-    path = f"{_run_path(run_id)}/taskInstances/{ti['task_id']}/logs/{max(ti['try_number'], 1)}"
-    response = api.client.get(path, params={"map_index": ti["map_index"]}, headers={"Accept": "application/json"})
-    if response.status_code >= 400:
-        return []
-    content = response.json().get("content") or []
-    return [entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content]
-
-
-def xcom(api: AirflowAPI, run_id: str, task_id: str, map_index: int = -1):
-    """A task's return value, or None when it has none (skipped, failed, or not run)."""
-    path = f"{_run_path(run_id)}/taskInstances/{task_id}/xcomEntries/return_value"
-    response = api.client.get(path, params={"map_index": map_index})
-    if response.status_code == 404:
-        return None
-    if response.status_code >= 400:
-        raise StackError(f"Airflow API GET {path} answered {response.status_code}: {response.text}")
-    value = response.json()["value"]
-    return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
-
-
-class SweepTable:
-    """The sweep as it goes: one row per training task (its hidden_channels value), with its job's state, the
-    epochs done and the last test accuracy from the job's own log lines in the task's log. In a tuning run, one row
-    per job the tuner started: its tuned values, its state and its objective as the tuner saw it."""
-
-    def __init__(self, api: AirflowAPI, run_id: str, sagemaker=None):
-        self.api, self.run_id, self.sagemaker = api, run_id, sagemaker
-        self.rows: dict[int, tuple[str, ...]] = {}
-
-    def _job_state(self, hidden_channels: str, fallback: str) -> tuple[str, str]:
-        """(job name, job status) of the member's newest job (a retry's is suffixed), or the task's state."""
-        from tasks.training_jobs import training_job_name
-
-        name = training_job_name(self.run_id, int(hidden_channels)) if hidden_channels.isdigit() else ""
-        if self.sagemaker is None or not name:
-            return name, fallback
-        try:
-            jobs = self.sagemaker.list_training_jobs(
-                NameContains=name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
-            )["TrainingJobSummaries"]
-        except Exception:  # the table is a view: an unreachable service shows the task's state instead
-            return name, fallback
-        return (jobs[0]["TrainingJobName"], jobs[0]["TrainingJobStatus"]) if jobs else (name, fallback)
-
-    def _tuner_rows(self) -> None:
-        from tasks.tuning import tuning_job_name
-
-        if self.sagemaker is None:
-            return
-        try:
-            jobs = self.sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
-                HyperParameterTuningJobName=tuning_job_name(self.run_id),
-                SortBy="CreationTime",
-                SortOrder="Ascending",
-                MaxResults=100,
-            )["TrainingJobSummaries"]
-        except Exception:  # not created yet, or the service is unreachable: the table is a view
-            return
-        for index, job in enumerate(jobs):
-            tuned = ", ".join(f"{key}={value}" for key, value in sorted(job.get("TunedHyperParameters", {}).items()))
-            objective = (job.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
-            self.rows[index] = (
-                tuned,
-                job["TrainingJobStatus"],
-                "-",
-                f"{objective:.2f}%" if objective else "",
-                job["TrainingJobName"],
-            )
-
-    def update(self, tis: list[dict]) -> None:
-        from tasks.training_jobs import METRIC_DEFINITIONS
-
-        if any(
-            ti["task_id"] == TUNING_TASK and ti["state"] not in (None, "skipped", "scheduled", "queued") for ti in tis
-        ):
-            self._tuner_rows()
-            return
-        accuracy = re.compile(next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == "test:accuracy"))
-        for ti in tis:
-            if ti["task_id"] not in TRAINING_TASKS or ti["map_index"] < 0:
-                continue
-            finished = self.rows.get(ti["map_index"])
-            if finished and finished[1] in ("Completed", "Failed", "Stopped") and ti["state"] in FINISHED:
-                continue  # nothing changes any more
-            label = ti.get("rendered_map_index") or task_label(ti)
-            hidden_channels = label.partition("=")[2]
-            job, status = self._job_state(hidden_channels, ti["state"] or "queued")
-            lines = task_log(self.api, self.run_id, ti) if ti["state"] in ("running", *FINISHED) else []
-            # Each epoch's line once (a log can repeat one), by its number: "Test Epoch: 2, ... Test Accuracy: 97.00%;"
-            epochs = {
-                int(epoch.group(1)): found.group(1)
-                for line in lines
-                if (epoch := EPOCH_LINE.search(line)) and (found := accuracy.search(line))
-            }
-            last = epochs[max(epochs)] + "%" if epochs else ""
-            self.rows[ti["map_index"]] = (label, status, str(max(epochs, default=0)), last, job)
-
-    def __rich__(self):
-        from rich.table import Table
-
-        table = Table("sweep member / tuned", "state", "epochs", "test accuracy", title="Training jobs")
-        table.add_column("training job", overflow="fold")  # whole: it is what SageMaker's console finds it by
-        for _, row in sorted(self.rows.items()):
-            table.add_row(*row)
-        return table
-
-
-def follow(api: AirflowAPI, run_id: str, console, poll: float = 2.0, sagemaker=None) -> dict:
-    """Follow the run to its end: a line per finished task, the sweep table live, a progress bar."""
-    from rich.console import Group
-    from rich.live import Live
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    reported: set[str] = set()
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    progress = Progress(*columns, console=console)
-    sweep = SweepTable(api, run_id, sagemaker)
-    bar = progress.add_task("queued", total=None)
-    with Live(Group(sweep, progress), console=console, refresh_per_second=4) as live:
-        while True:
-            run = api.get(_run_path(run_id))
-            tis = api.get(f"{_run_path(run_id)}/taskInstances", limit=1000)["task_instances"]
-            for ti in sorted(tis, key=lambda ti: ti["end_date"] or ""):
-                label = task_label(ti)
-                if ti["state"] in FINISHED and label not in reported:
-                    reported.add(label)
-                    mark = {"success": "[green]✓[/]", "skipped": "[dim]·[/]"}.get(ti["state"], "[red]✗[/]")
-                    duration = f" ({ti['duration']:.1f} s)" if ti.get("duration") else ""
-                    live.console.print(f"{mark} {label} {ti['state']}{duration}")
-            sweep.update(tis)
-            running = [task_label(ti) for ti in tis if ti["state"] == "running"]
-            progress.update(
-                bar, total=len(tis), completed=len(reported), description=", ".join(running) or run["state"]
-            )
-            if run["state"] in ("success", "failed"):
-                progress.update(bar, visible=False)
-                return run
-            time.sleep(poll)
-
-
-def print_sweep(console, best: dict) -> None:
-    """The trial table, as the selection task logged it, and the winner."""
-    from tasks.trials import format_trial_table
-
-    console.print(format_trial_table(best["trials"], title="Sweep"), markup=False, highlight=False)
-    console.print(
-        f"Best: hidden_channels {best['hidden_channels']}, test accuracy {100 * best['test_accuracy']:.2f}% "
-        f"({best['training_job_name']})"
-    )
-
-
-def _seconds_between(start: str | None, end: str | None) -> float | None:
-    import datetime
-
-    if not (start and end):
-        return None
-    return (datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)).total_seconds()
-
-
-def run_sweep(conf: dict, console, config: PipelineConfig | None = None) -> dict:
-    """Trigger mnist_sweep with ``conf``, follow it, and return its outcome: run id, state, seconds, best, deployment
-    and report (the last three None when the run did not get that far)."""
-    paths = stack_paths(config)
-    state = read_state(paths)
-    if not state or not all(running(paths).values()):
-        raise StackError("the local stack is not running: start it with `mnist-pipeline up`")
-    api = api_for(state, paths)
-    run = api.request("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
-    run_id = run["dag_run_id"]
-    console.print(
-        f"Triggered {DAG_ID} run [bold]{run_id}[/]: {state['airflow_url']}/dags/{DAG_ID}/runs/{_quote(run_id)}"
-    )
-    run = follow(api, run_id, console, sagemaker=local_client(state, "sagemaker", config or load_config()))
-    outcome = {
-        "run_id": run_id,
-        "state": run["state"],
-        "seconds": _seconds_between(run.get("start_date"), run.get("end_date")),
-        "best": xcom(api, run_id, "select_best"),
-        "choice": xcom(api, run_id, "candidate"),
-        "deployment": xcom(api, run_id, "deploy"),
-        "report": xcom(api, run_id, "report"),
-        "data_dir": xcom(api, run_id, "download"),
-    }
-    if run["state"] != "success":
-        tis = api.get(f"{_run_path(run_id)}/taskInstances", limit=1000)["task_instances"]
-        for ti in tis:
-            if ti["state"] == "failed":
-                tail = "\n".join(task_log(api, run_id, ti)[-20:])
-                console.print(f"[red]{task_label(ti)} failed[/]; its log ends:\n{tail}")
-    return outcome
-
-
-def run_command(args) -> int:
-    console = _console()
-    try:
-        outcome = run_sweep(run_conf(args.conf, args.param), console)
-    except StackError as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
-    if outcome["best"]:
-        print_sweep(console, outcome["best"])
-    if choice := outcome["choice"]:
-        console.print(
-            f"Deployment: {'version ' + str(choice['model']['version']) + ', ' if choice['deploy'] else ''}"
-            f"{choice['reason']}"
-        )
-    if isinstance(outcome["report"], dict) and outcome["report"].get("html"):
-        console.print(f"Report: {outcome['report']['html']}")
-    seconds = f" in {outcome['seconds']:.0f} s" if outcome["seconds"] is not None else ""
-    color = "green" if outcome["state"] == "success" else "red"
-    console.print(f"Run {outcome['run_id']} [{color}]{outcome['state']}[/]{seconds}")
-    return 0 if outcome["state"] == "success" else 1
-
-
-# --- demo: up, a sweep, a prediction ------------------------------------------------------------------------------
-
-
-def sample_digit(data_dir: str, directory: Path, index: int = 0) -> tuple[Path, int]:
-    """Write test image ``index`` of the MNIST files in ``data_dir`` as a PNG (white ink on black, as MNIST is);
-    return its path and true label."""
-    from PIL import Image
-
-    from training.mnist_idx import IMAGES_MAGIC, LABELS_MAGIC, MNIST_FILES, read_idx
-
-    image = read_idx(Path(data_dir) / MNIST_FILES["test_images"], IMAGES_MAGIC)[index]
-    label = int(read_idx(Path(data_dir) / MNIST_FILES["test_labels"], LABELS_MAGIC)[index])
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"test-digit-{index}-label-{label}.png"
-    Image.fromarray(image).save(path)
-    return path, label
-
-
-def serving_endpoint(name: str, config: PipelineConfig) -> dict | None:
-    """``{"name", "url"}`` of the local endpoint ``name`` when it is in service (whether this run deployed to it or
-    the gate kept the champion there), else None."""
-    from botocore.exceptions import ClientError
-
-    state = read_state(stack_paths(config))
-    try:
-        if (
-            local_client(state, "sagemaker", config).describe_endpoint(EndpointName=name)["EndpointStatus"]
-            != "InService"
-        ):
-            return None
-    except ClientError:
-        return None
-    return {"name": name, "url": f"{state['sagemaker_runtime_endpoint']}/endpoints/{name}/invocations"}
-
-
-def demo_summary(outcome: dict, config: PipelineConfig) -> dict:
-    """The demo's last line: the winner, the endpoint serving, how long the sweep took, where the report is."""
-    from tasks.names import DEFAULT_ENDPOINT
-
-    best, deployment, report = outcome["best"], outcome["deployment"], outcome["report"]
-    return {
-        "best": {"hidden_channels": best["hidden_channels"], "test_accuracy": best["test_accuracy"]},
-        "endpoint": serving_endpoint(deployment["endpoint_name"] if deployment else DEFAULT_ENDPOINT, config),
-        "sweep_seconds": outcome["seconds"],
-        "report": report.get("html") if isinstance(report, dict) else report,
-    }
-
-
-def demo_command(args) -> int:
-    """`make demo`: start the stack, run the seed sweep, ask the new endpoint about a test digit; leave it running."""
-    from tasks.predict import predict
-
-    console = _console()
-    config = load_config()
-    try:
-        state = start_and_tell(console, config)
-        outcome = run_sweep(run_conf(None, []), console, config)
-    except StackError as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
-    if outcome["state"] != "success":
-        console.print(
-            f"[red]The sweep {outcome['run_id']} {outcome['state']}[/]; the stack stays up: mnist-pipeline down"
-        )
-        return 1
-    print_sweep(console, outcome["best"])
-    summary = demo_summary(outcome, config)
-    if summary["endpoint"]:
-        use_stack_connection(config)
-        image, label = sample_digit(outcome["data_dir"], stack_paths(config).root / "demo")
-        with contextlib.redirect_stdout(sys.stderr):  # Airflow's hooks log to stdout, whose last line is the JSON
-            (result,) = predict([image], summary["endpoint"]["name"], config)
-        console.print(
-            f"Endpoint {summary['endpoint']['name']}: {image.name} (a {label}) → {result['digit']} "
-            f"with {100 * result['confidence']:.1f}% confidence. Try: mnist-pipeline predict {image}"
-        )
-        from tasks.deployment import capture_destination
-
-        console.print(
-            f"Its inputs and answers are captured in {capture_destination(config)}/{summary['endpoint']['name']}/: "
-            "check them for drift with `mnist-pipeline drift`"
-        )
-    console.print(f"The stack stays up for you to explore: {state['airflow_url']}  (stop it: make down)")
-    print(json.dumps(summary))
-    return 0
-
-
-def predict_command(args) -> int:
-    """`mnist-pipeline predict`: through the AWS connection, the running stack's when there is no other."""
-    from botocore.exceptions import BotoCoreError, ClientError
-    from rich.table import Table
-
-    from tasks.predict import PredictError, predict
-
-    console = _console()
-    config = load_config()
-    use_stack_connection(config)
-    try:
-        # Airflow's hooks log to stdout; stdout is the answer's (JSON with --json).
-        with contextlib.redirect_stdout(sys.stderr):
-            results = predict([Path(image) for image in args.images], args.endpoint, config)
-    except (PredictError, ClientError, BotoCoreError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 1
-    if args.json:
-        print(json.dumps(results))
-        return 0
-    table = Table("image", "digit", "confidence", title=f"endpoint {args.endpoint}")
-    for result in results:
-        table.add_row(result["image"], str(result["digit"]), f"{100 * result['confidence']:.1f}%")
-    console.print(table)
-    return 0
