@@ -2,7 +2,7 @@
 test starts.
 
 Artifacts have the layout training writes (the shared contract): model.pth, model_config.json, code/inference.py
-(the project's handler) and code/models.py (the project's networks). The network is trained for a few seconds
+(the project's handler) with the modules it imports beside it, and code/models.py (the project's networks). The network is trained for a few seconds
 on the small synthetic MNIST. Two broken variants stand for the deployments the monitoring check must catch:
 shuffled weights (answers, wrongly) and a handler that raises (every request a 5xx).
 """
