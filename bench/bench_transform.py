@@ -257,7 +257,7 @@ def main() -> None:
                 )
                 # Each layout several times, the median kept: one run's figure depends on what else the machine does.
                 # The two precisions take turns, so that a busy spell slows both.
-                npy_jobs = {precision: [] for precision in handler.PRECISIONS}
+                npy_jobs = {precision: [] for precision in handler.predictor.PRECISIONS}
                 for run in range(args.repeats):
                     for precision, jobs in npy_jobs.items():
                         jobs.append(
@@ -269,7 +269,7 @@ def main() -> None:
                                 "in/npy/",
                                 "application/x-npy",
                                 [f"part-{i:02d}.npy.out" for i in range(NPY_PARTS)],
-                                {handler.PRECISION_VARIABLE: precision},
+                                {handler.predictor.PRECISION_VARIABLE: precision},
                                 MaxConcurrentTransforms=4,
                             )
                         )

@@ -12,6 +12,9 @@ from pathlib import Path
 from types import ModuleType
 
 HANDLER = "inference.py"
+# The handler and the modules beside it that it imports, as they ship in code/ (with training's models.py).
+# training/train.py, which travels alone, names the same files.
+HANDLER_FILES = (HANDLER, "predictor.py", "decoding.py", "json_fast.py")
 HANDLER_FUNCTIONS = ("model_fn", "input_fn", "predict_fn", "output_fn")
 
 
@@ -24,7 +27,8 @@ def add_code(model_dir: str | Path) -> None:
     repository = Path(__file__).resolve().parents[1]
     code = Path(model_dir) / "code"
     code.mkdir(parents=True, exist_ok=True)
-    shutil.copy(repository / "inference" / HANDLER, code / HANDLER)
+    for name in HANDLER_FILES:
+        shutil.copy(repository / "inference" / name, code / name)
     shutil.copy(repository / "training" / "models.py", code / "models.py")
 
 
@@ -89,7 +93,7 @@ def load_handler(model_dir: str | Path) -> ModuleType:
     if not path.is_file():
         raise ArtifactError(f"{model_dir}: the artifact has no code/{HANDLER}")
     sys.path.insert(0, str(code_dir))
-    # A handler's siblings (models.py) must come from its own artifact, not from one imported before.
+    # A handler's siblings (predictor.py, models.py, ...) must come from its own artifact, not from one imported before.
     for sibling in code_dir.glob("*.py"):
         if sibling.name != HANDLER:
             sys.modules.pop(sibling.stem, None)

@@ -100,10 +100,8 @@ class Endpoint:
     Requests of a few images that arrive together share one predict_fn call: a request's images wait for the
     current turn of the event loop to end, so all the requests read in that turn run as one batch, and an idle
     server answers at once (no timer, no added latency). Batches grow with the load, and a batch costs far less
-    per image: seed_cnn computes 16 images in a fraction of the time that 16 single images take. At 64
-    connections shared batches let the server answer two to three times as many requests a second as it did
-    without them. No result file holds that comparison; bench/bench_endpoint.py measures the rate at 64
-    connections (bench/results/endpoint.json, `project.c64`).
+    per image than its images one by one; bench/bench_endpoint.py measures the rate at 64 connections
+    (bench/results/endpoint.json, `project.c64`).
     """
 
     def __init__(self, model_dir: str, cpus: int = 1):

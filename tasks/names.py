@@ -8,7 +8,8 @@ VARIANT_NAME = "AllTraffic"  # the variant name SageMaker gives a single-variant
 ENDPOINT_NAMESPACE = "AWS/SageMaker"  # the invocation metrics of endpoints
 INSTANCE_NAMESPACE = "/aws/sagemaker/Endpoints"  # CPU and memory of the instances behind an endpoint
 # The model server's setting (an environment variable of the container) for the arithmetic of large batches; the
-# handler (inference/inference.py, shipped alone in the artifact) reads the same name.
+# handler's predictor (inference/predictor.py) reads the same name. A copy, because that module imports torch;
+# tests/test_inference.py holds the two together.
 PRECISION_VARIABLE = "MNIST_INFERENCE_PRECISION"
 PRECISIONS = ("float32", "bfloat16")
 # SageMaker's rule for job, model and endpoint names: `[a-zA-Z0-9](-*[a-zA-Z0-9])*`, at most this long (the local

@@ -258,9 +258,11 @@ def ensure_experiment(config: PipelineConfig, experiment_name: str, trial_name: 
 
 
 def sourcedir_files() -> dict[str, Path]:
-    """Archive name → file: every file of training/ at the root, and the inference handler as inference.py."""
+    """Archive name → file: every file of training/ at the root, and beside them the inference handler with the
+    modules it imports (inference.py, predictor.py, ...), which train.py packs into the model's code/."""
     import inference
     import training
+    from inference.artifact import HANDLER_FILES
 
     root = Path(training.__file__).parent
     files = {
@@ -268,7 +270,7 @@ def sourcedir_files() -> dict[str, Path]:
         for path in sorted(root.rglob("*"))
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     }
-    files["inference.py"] = Path(inference.__file__).parent / "inference.py"
+    files.update({name: Path(inference.__file__).parent / name for name in HANDLER_FILES})
     return files
 
 

@@ -2,7 +2,7 @@
 test starts.
 
 Artifacts have the layout training writes (the shared contract): model.pth, model_config.json, code/inference.py
-(the project's handler) and code/models.py (the project's networks). The network is trained for a few seconds
+(the project's handler) with the modules it imports beside it, and code/models.py (the project's networks). The network is trained for a few seconds
 on the small synthetic MNIST. Two broken variants stand for the deployments the monitoring check must catch:
 shuffled weights (answers, wrongly) and a handler that raises (every request a 5xx).
 """
@@ -61,7 +61,7 @@ def train_artifact(
     torch.manual_seed(seed)
     handler = load_handler(model_dir)  # the network comes from the artifact's own code/models.py
     kwargs = {"hidden_channels": hidden_channels, "kernel_size": 5, "dropout": 0.2}  # every constructor argument
-    network = handler.build_model("seed_cnn", **kwargs)
+    network = handler.predictor.build_model("seed_cnn", **kwargs)
     data = load_mnist(data_dir)
 
     def normalized(images):
@@ -71,7 +71,7 @@ def train_artifact(
     # The synthetic digits sit anywhere in the frame; MNIST's, like the pictures the handler converts, are
     # centred by mass. Train on both.
     raw = data["train_images"][:limit]
-    centred = np.stack([handler.mnist_normalize(image.astype(np.float32)) for image in raw])
+    centred = np.stack([handler.decoding.mnist_normalize(image.astype(np.float32)) for image in raw])
     images = normalized(np.concatenate([raw, centred]))
     labels = torch.from_numpy(np.tile(data["train_labels"][:limit], 2).astype("int64"))
     # SGD with momentum by hand: torch.optim imports torch._dynamo, seconds of CPU for nothing here.

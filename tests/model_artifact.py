@@ -2,7 +2,7 @@
 
 seed_cnn from training/models.py, trained for a few seconds on the synthetic digits (see
 tests.endpoint_helpers.train_artifact), laid out as training lays out SM_MODEL_DIR: model.pth,
-model_config.json, code/inference.py and code/models.py. Built once per session.
+model_config.json, code/inference.py with the modules it imports, and code/models.py. Built once per session.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_each_kind_of_file_goes_through_its_own_transform_job_and_the_summary_co
     # The model servers computed in bfloat16 where this CPU does it natively (else float32, as they say).
     from inference.artifact import load_handler
 
-    bfloat16_native = load_handler(model_dir).bfloat16_native
+    bfloat16_native = load_handler(model_dir).predictor.bfloat16_native
     logs = boto3.client("logs", endpoint_url=local_aws)
     name = kinds["application/x-npy"]["TransformJobName"]
     [stream] = logs.describe_log_streams(logGroupName="/aws/sagemaker/TransformJobs", logStreamNamePrefix=f"{name}/")[

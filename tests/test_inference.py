@@ -1,4 +1,5 @@
-"""The SageMaker handlers (inference/inference.py), imported from a trained artifact's code/ as the container does."""
+"""The SageMaker handlers (inference/inference.py) and the modules beside them, imported from a trained artifact's
+code/ as the container does."""
 
 from __future__ import annotations
 
@@ -23,6 +24,24 @@ pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and te
 @pytest.fixture(scope="module")
 def handler(model_dir):
     return load_handler(model_dir)
+
+
+@pytest.fixture(scope="module")
+def predictor(handler):
+    """The artifact's own predictor module (the model wrapper), imported beside its handler."""
+    return handler.predictor
+
+
+@pytest.fixture(scope="module")
+def decoding(handler):
+    """The artifact's own request decoders, imported beside its handler."""
+    return handler.decoding
+
+
+@pytest.fixture(scope="module")
+def json_fast(handler):
+    """The artifact's own JSON fast path, imported beside its handler."""
+    return handler.json_fast
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +104,15 @@ def test_every_content_type_and_layout_gives_the_same_answer(handler, model, tes
     assert labels_of(single) == labels_of(expected)[:1]
 
 
-def test_traced_variants_agree_with_the_eager_model(handler, model, test_set):
+def test_traced_variants_agree_with_the_eager_model(predictor, model, test_set):
     import torch
 
     pixels = torch.from_numpy(test_set[0][:64].astype(np.float32)).unsqueeze(1)
-    pixels = pixels.repeat(handler.CPU_PART // 64 + 1, 1, 1, 1)  # more than one part
+    pixels = pixels.repeat(predictor.CPU_PART // 64 + 1, 1, 1, 1)  # more than one part
     with torch.inference_mode():
         expected = model.classifier(pixels)
         # Both sides of the size from which the large variant runs, measured when the model loaded.
-        assert 1 <= model.large_from <= handler.CALIBRATION_SIZES[-1] + 1
+        assert 1 <= model.large_from <= predictor.CALIBRATION_SIZES[-1] + 1
         for size in (1, model.large_from - 1, model.large_from, 64, len(pixels)):
             if size:
                 torch.testing.assert_close(model(pixels[:size]), expected[:size], atol=1e-5, rtol=1e-4)
@@ -101,7 +120,7 @@ def test_traced_variants_agree_with_the_eager_model(handler, model, test_set):
     assert isinstance(model.small, torch.jit.ScriptModule) and isinstance(model.large, torch.jit.ScriptModule)
 
 
-def test_pooling_is_rewritten_where_it_is_a_plain_2x2_max_pool(handler):
+def test_pooling_is_rewritten_where_it_is_a_plain_2x2_max_pool(predictor):
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -121,9 +140,9 @@ def test_pooling_is_rewritten_where_it_is_a_plain_2x2_max_pool(handler):
                 F.max_pool2d(x, 2, ceil_mode=True),
             ]
 
-    rewritten = handler._with_fast_pooling(Pools())
+    rewritten = predictor._with_fast_pooling(Pools())
     targets = [node.target for node in rewritten.graph.nodes if node.op in ("call_function", "call_module")]
-    assert targets[:3] == [handler._max_pool_2x2] * 3 and handler._max_pool_2x2 not in targets[3:]
+    assert targets[:3] == [predictor._max_pool_2x2] * 3 and predictor._max_pool_2x2 not in targets[3:]
     for size in (24, 7):  # an odd side: max_pool2d drops the last row and column
         maps = torch.randn(3, 4, size, size)
         for fast, expected in zip(rewritten(maps), Pools()(maps), strict=True):
@@ -133,41 +152,41 @@ def test_pooling_is_rewritten_where_it_is_a_plain_2x2_max_pool(handler):
 @pytest.mark.parametrize(
     ("architecture", "kwargs"), [("seed_cnn", {}), ("bn_cnn", {"hidden_channels": 4}), ("mlp", {})]
 )
-def test_every_architecture_is_traced_and_agrees(handler, architecture, kwargs):
+def test_every_architecture_is_traced_and_agrees(predictor, architecture, kwargs):
     import torch
 
     torch.manual_seed(0)
-    network = handler.build_model(architecture, **kwargs)
+    network = predictor.build_model(architecture, **kwargs)
     network.train()(torch.rand(64, 1, 28, 28))  # BatchNorm statistics that are not the identity
-    predictor = handler.Predictor(
-        handler.MnistClassifier(network.eval(), **handler.DEFAULT_NORMALIZATION), torch.device("cpu")
+    served = predictor.Predictor(
+        predictor.MnistClassifier(network.eval(), **predictor.DEFAULT_NORMALIZATION), torch.device("cpu")
     )
-    assert isinstance(predictor.small, torch.jit.ScriptModule) and isinstance(predictor.large, torch.jit.ScriptModule)
+    assert isinstance(served.small, torch.jit.ScriptModule) and isinstance(served.large, torch.jit.ScriptModule)
     pixels = torch.rand(16, 1, 28, 28) * 255
     with torch.inference_mode():
         for size in (1, 16):
-            torch.testing.assert_close(predictor(pixels[:size]), predictor.classifier(pixels[:size]))
+            torch.testing.assert_close(served(pixels[:size]), served.classifier(pixels[:size]))
 
 
 @pytest.mark.parametrize("architecture", ["seed_cnn", "bn_cnn"])
 def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probabilities(
-    handler, model_dir, test_set, monkeypatch, architecture
+    handler, predictor, model_dir, test_set, monkeypatch, architecture
 ):
     import torch
 
     if architecture == "bn_cnn":  # the accurate preset's network, its BatchNorm folded into the convolutions
         torch.manual_seed(0)
-        network = handler.build_model("bn_cnn", hidden_channels=4)
+        network = predictor.build_model("bn_cnn", hidden_channels=4)
         network.train()(torch.rand(64, 1, 28, 28))
-        exact = handler.Predictor(
-            handler.MnistClassifier(network.eval(), **handler.DEFAULT_NORMALIZATION), torch.device("cpu")
+        exact = predictor.Predictor(
+            predictor.MnistClassifier(network.eval(), **predictor.DEFAULT_NORMALIZATION), torch.device("cpu")
         )
-        fast = handler.Predictor(exact.classifier, torch.device("cpu"), "bfloat16")
+        fast = predictor.Predictor(exact.classifier, torch.device("cpu"), "bfloat16")
     else:  # the trained artifact, loaded as a model server does with the setting in its environment
         exact = handler.model_fn(str(model_dir))
-        monkeypatch.setenv(handler.PRECISION_VARIABLE, "bfloat16")
+        monkeypatch.setenv(predictor.PRECISION_VARIABLE, "bfloat16")
         fast = handler.model_fn(str(model_dir))
-    assert fast.precision == ("bfloat16" if handler.bfloat16_native() else "float32")
+    assert fast.precision == ("bfloat16" if predictor.bfloat16_native() else "float32")
     assert isinstance(fast.large, torch.jit.ScriptModule) and isinstance(fast.small, torch.jit.ScriptModule)
     pixels = torch.from_numpy(test_set[0].astype(np.float32)).unsqueeze(1)
     with torch.inference_mode():
@@ -175,41 +194,41 @@ def test_in_bfloat16_large_batches_give_the_float32_labels_and_nearly_its_probab
         # A single image runs the float32 small variant either way.
         torch.testing.assert_close(fast(pixels[:1]), expected[:1], atol=1e-5, rtol=1e-4)
     assert answered.dtype == torch.float32 and answered.shape == expected.shape
-    assert (answered - expected).abs().max() <= handler.BFLOAT16_TOLERANCE
+    assert (answered - expected).abs().max() <= predictor.BFLOAT16_TOLERANCE
     assert torch.equal(answered, expected) == (fast.precision == "float32"), "bfloat16 arithmetic where asked"
     margin = expected.topk(2).values.diff(dim=1).abs().squeeze(1)  # a label may flip only where two are close
     flipped = answered.argmax(1) != expected.argmax(1)
-    assert (margin[flipped] <= 2 * handler.BFLOAT16_TOLERANCE).all()
+    assert (margin[flipped] <= 2 * predictor.BFLOAT16_TOLERANCE).all()
     if architecture == "seed_cnn":
         assert flipped.sum() == 0, "the trained model's labels"
 
 
-def test_a_bfloat16_variant_off_the_float32_model_is_not_served(handler, model, monkeypatch):
+def test_a_bfloat16_variant_off_the_float32_model_is_not_served(predictor, model, monkeypatch):
     import torch
 
-    if not handler.bfloat16_native():
+    if not predictor.bfloat16_native():
         pytest.skip("this CPU computes no bfloat16: float32 is served anyway")
-    monkeypatch.setattr(handler, "BFLOAT16_TOLERANCE", 0.0)  # no bfloat16 answer is that close
-    predictor = handler.Predictor(model.classifier, torch.device("cpu"), "bfloat16")
-    assert predictor.precision == "float32" and predictor.large is model.classifier
+    monkeypatch.setattr(predictor, "BFLOAT16_TOLERANCE", 0.0)  # no bfloat16 answer is that close
+    served = predictor.Predictor(model.classifier, torch.device("cpu"), "bfloat16")
+    assert served.precision == "float32" and served.large is model.classifier
 
 
-def test_an_unknown_precision_is_refused_naming_the_setting(handler, model_dir, monkeypatch):
-    monkeypatch.setenv(handler.PRECISION_VARIABLE, "float16")
+def test_an_unknown_precision_is_refused_naming_the_setting(handler, predictor, model_dir, monkeypatch):
+    monkeypatch.setenv(predictor.PRECISION_VARIABLE, "float16")
     with pytest.raises(ValueError, match=r"MNIST_INFERENCE_PRECISION='float16': use one of float32, bfloat16"):
         handler.model_fn(str(model_dir))
 
 
-def test_the_pipeline_names_the_precision_setting_as_the_handler_reads_it(handler):
+def test_the_pipeline_names_the_precision_setting_as_the_handler_reads_it(predictor):
     from tasks import names
 
-    assert (names.PRECISION_VARIABLE, names.PRECISIONS) == (handler.PRECISION_VARIABLE, handler.PRECISIONS)
+    assert (names.PRECISION_VARIABLE, names.PRECISIONS) == (predictor.PRECISION_VARIABLE, predictor.PRECISIONS)
 
 
-def test_the_handler_normalizes_by_default_as_training_does(handler):
+def test_the_handler_normalizes_by_default_as_training_does(predictor):
     from training.engine import MEAN, STD
 
-    assert handler.DEFAULT_NORMALIZATION == {"mean": MEAN, "std": STD}
+    assert predictor.DEFAULT_NORMALIZATION == {"mean": MEAN, "std": STD}
 
 
 def drawn_digit(label: int, seed: int, size: tuple[int, int], mode: str) -> Image.Image:
@@ -243,10 +262,10 @@ def test_pictures_of_digits_are_converted_the_mnist_way_and_classified(handler, 
         assert prediction["label"] == label, f"{image_format} {mode} of a {label}"
 
 
-def test_mnist_normalize_crops_scales_and_centres_by_mass(handler):
+def test_mnist_normalize_crops_scales_and_centres_by_mass(decoding):
     grey = np.full((300, 500), 250.0, dtype=np.float32)
     grey[40:240, 350:400] = 10  # a dark bar, 200 x 50, far from the centre
-    pixels = handler.mnist_normalize(grey)
+    pixels = decoding.mnist_normalize(grey)
     assert pixels.shape == (28, 28) and pixels.dtype == np.float32
     assert pixels.min() == 0 and pixels.max() == pytest.approx(255)
     rows, cols = np.nonzero(pixels)
@@ -254,7 +273,7 @@ def test_mnist_normalize_crops_scales_and_centres_by_mass(handler):
     total = pixels.sum()
     centre = (pixels.sum(1) @ np.arange(28) / total + 0.5, pixels.sum(0) @ np.arange(28) / total + 0.5)
     assert centre == pytest.approx((14, 14), abs=0.5)
-    inverted = handler.mnist_normalize(255 - grey)  # light ink on dark: used as it is
+    inverted = decoding.mnist_normalize(255 - grey)  # light ink on dark: used as it is
     np.testing.assert_allclose(inverted, pixels, atol=1e-3)
 
 
@@ -268,10 +287,10 @@ class Trap:
         return (Path.touch, (self.marker,))
 
 
-def test_an_object_npy_is_refused_without_being_unpickled(handler, tmp_path):
+def test_an_object_npy_is_refused_without_being_unpickled(handler, decoding, tmp_path):
     marker = tmp_path / "unpickled"
     body = npy(np.array([Trap(marker)], dtype=object))  # np.load(..., allow_pickle=True) would create the marker
-    with pytest.raises(handler.InvalidRequest, match="allow_pickle") as error:
+    with pytest.raises(decoding.InvalidRequest, match="allow_pickle") as error:
         handler.input_fn(body, "application/x-npy")
     assert error.value.status_code == 400
     assert not marker.exists()
@@ -394,9 +413,9 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
-def test_bad_input_is_a_client_error_naming_the_problem(handler, case):
+def test_bad_input_is_a_client_error_naming_the_problem(handler, decoding, case):
     content_type, body, expected = BAD_REQUESTS[case]
-    with pytest.raises(handler.InvalidRequest) as error:
+    with pytest.raises(decoding.InvalidRequest) as error:
         handler.input_fn(body, content_type)
     assert expected in error.value.message
     assert error.value.status_code == (415 if case == "unsupported content type" else 400)
@@ -404,10 +423,10 @@ def test_bad_input_is_a_client_error_naming_the_problem(handler, case):
     assert error.value.phrase and str(error.value) == error.value.message
 
 
-def test_an_answer_in_another_format_than_json_is_refused(handler, model):
+def test_an_answer_in_another_format_than_json_is_refused(handler, decoding, model):
     prediction = handler.predict_fn(handler.input_fn(npy(np.zeros((1, 784), np.uint8)), "application/x-npy"), model)
     assert handler.output_fn(prediction, "*/*")[1] == "application/json"
-    with pytest.raises(handler.InvalidRequest) as error:
+    with pytest.raises(decoding.InvalidRequest) as error:
         handler.output_fn(prediction, "text/csv")
     assert error.value.status_code == 406
 
@@ -452,17 +471,17 @@ def _random_json_bodies(count: int, seed: int = 1):
 
 
 @pytest.mark.parametrize("parts", [1, 3])
-def test_the_fast_json_path_reads_exactly_what_json_reads_or_leaves_it_to_the_general_path(handler, parts):
+def test_the_fast_json_path_reads_exactly_what_json_reads_or_leaves_it_to_the_general_path(json_fast, parts):
     images = np.random.default_rng(0).integers(0, 256, (50, 28, 28))
     for instances in (images, images.reshape(50, 784), images[:, np.newaxis], images[:1]):
         for separators in ((", ", ": "), (",", ":")):
             body = json.dumps({"instances": instances.tolist()}, separators=separators).encode()
-            fast = handler._integer_pixels(body, parts)
+            fast = json_fast.integer_pixels(body, parts)
             assert fast is not None and fast.dtype == np.uint8 and fast.shape == instances.shape
             assert (fast == instances).all()
     taken = 0
     for body in _random_json_bodies(20_000):
-        fast = handler._integer_pixels(body, parts)  # split in up to 3 parts where the array has elements
+        fast = json_fast.integer_pixels(body, parts)  # split in up to 3 parts where the array has elements
         try:
             document = json.loads(body)
             values = np.array(document["instances"])
@@ -509,23 +528,23 @@ NEAR_MISSES = [
 
 
 @pytest.mark.parametrize("parts", [1, 3])
-def test_the_fast_json_path_leaves_near_misses_to_the_general_path(handler, parts):
-    assert handler._integer_pixels(b'{"instances": [[1, 7, 3]]}', parts).tolist() == [[1, 7, 3]]
+def test_the_fast_json_path_leaves_near_misses_to_the_general_path(json_fast, parts):
+    assert json_fast.integer_pixels(b'{"instances": [[1, 7, 3]]}', parts).tolist() == [[1, 7, 3]]
     for instances in NEAR_MISSES:
-        assert handler._integer_pixels(f'{{"instances": {instances}}}'.encode(), parts) is None, instances
+        assert json_fast.integer_pixels(f'{{"instances": {instances}}}'.encode(), parts) is None, instances
 
 
-def test_a_large_json_batch_is_read_in_parts_with_the_same_result(handler):
+def test_a_large_json_batch_is_read_in_parts_with_the_same_result(handler, decoding, json_fast):
     images = np.random.default_rng(0).integers(0, 256, (400, 28, 28))
     body = json.dumps({"instances": images.tolist()}).encode()
-    assert len(body) > handler.PARALLEL_JSON_BYTES
-    spans = handler._parts(body, body.index(b"[") + 1, body.rindex(b"]"), 4)
+    assert len(body) > json_fast.PARALLEL_JSON_BYTES
+    spans = json_fast._parts(body, body.index(b"[") + 1, body.rindex(b"]"), 4)
     assert len(spans) == 4 and all(body[end : end + 2] == b", " for _, end in spans[:-1])
-    np.testing.assert_array_equal(handler._integer_pixels(body), images)
+    np.testing.assert_array_equal(json_fast.integer_pixels(body), images)
     np.testing.assert_array_equal(handler.input_fn(body, "application/json").numpy()[:, 0], images)
     # One ragged image in the second half: no part reads it as an image, and the general path names the problem.
     rows = images.tolist()
     rows[300][5].append(7)
-    assert handler._integer_pixels(json.dumps({"instances": rows}).encode()) is None
-    with pytest.raises(handler.InvalidRequest, match="one shape"):
+    assert json_fast.integer_pixels(json.dumps({"instances": rows}).encode()) is None
+    with pytest.raises(decoding.InvalidRequest, match="one shape"):
         handler.input_fn(json.dumps({"instances": rows}), "application/json")

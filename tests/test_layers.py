@@ -36,3 +36,19 @@ def test_layers_that_ship_alone_keep_copies_of_a_constant_that_agree():
     assert (config.region, config.role_arn.split(":")[4]) == (LOCAL_REGION, LOCAL_ACCOUNT)
     rule = botocore.session.get_session().get_service_model("sagemaker").shape_for("EndpointName").metadata
     assert (rule["max"], rule["pattern"]) == (MAX_NAME_LENGTH, ENDPOINT_NAME_PATTERN)
+
+
+def test_training_ships_the_handler_files_that_the_artifact_helpers_ship():
+    """training/train.py travels alone in sourcedir.tar.gz, so it names the handler's files itself: the same as
+    inference/artifact.py, which the tests, the drift check and the sourcedir use."""
+    import ast
+
+    from inference.artifact import HANDLER_FILES
+
+    tree = ast.parse((ROOT / "training" / "train.py").read_text())
+    [value] = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets] == ["HANDLER_FILES"]
+    ]
+    assert ast.literal_eval(value) == HANDLER_FILES

@@ -307,7 +307,15 @@ def test_the_log_names_each_file_of_the_model_by_its_sha256(finished_run):
         for path in model_dir.rglob("*")
         if path.is_file()
     }
-    assert set(named) == {"code/inference.py", "code/models.py", "model.pth", "model_config.json"}
+    assert set(named) == {
+        "code/inference.py",
+        "code/predictor.py",
+        "code/decoding.py",
+        "code/json_fast.py",
+        "code/models.py",
+        "model.pth",
+        "model_config.json",
+    }
 
 
 def test_log_lines_parse_with_the_seed_metric_definitions(finished_run):
@@ -324,12 +332,16 @@ def test_artifact_rebuilds_from_its_config_alone(finished_run):
     model_dir, data = finished_run["job"] / "model", finished_run["data"]
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == [
         "code",
+        "code/decoding.py",
         "code/inference.py",
+        "code/json_fast.py",
         "code/models.py",
+        "code/predictor.py",
         "model.pth",
         "model_config.json",
     ]
-    assert (model_dir / "code" / "inference.py").read_bytes() == (ROOT / "inference" / "inference.py").read_bytes()
+    for name in ("inference.py", "predictor.py", "decoding.py", "json_fast.py"):
+        assert (model_dir / "code" / name).read_bytes() == (ROOT / "inference" / name).read_bytes(), name
     assert (model_dir / "code" / "models.py").read_bytes() == (TRAINING / "models.py").read_bytes()
     config = json.loads((model_dir / "model_config.json").read_text())
     assert config["normalization"] == {"mean": MEAN, "std": STD}

@@ -46,8 +46,11 @@ from torch.nn.parallel import DistributedDataParallel
 log = logging.getLogger("train")
 
 HERE = Path(__file__).resolve().parent
-# The handler sits next to this file in the job's source directory, in the repository under inference/.
-HANDLER_PLACES = (HERE / "inference.py", HERE.parent / "inference" / "inference.py")
+# The handler and the modules it imports, shipped together in the artifact's code/ (inference/artifact.py's
+# HANDLER_FILES, which this file, travelling alone, cannot import). They sit next to this file in the job's source
+# directory, in the repository under inference/.
+HANDLER_FILES = ("inference.py", "predictor.py", "decoding.py", "json_fast.py")
+HANDLER_PLACES = (HERE / HANDLER_FILES[0], HERE.parent / "inference" / HANDLER_FILES[0])
 
 # Each preset lists the values it gives the flags over the parser's defaults. The defaults are the seed preset's
 # settings (seed_cnn, hidden_channels 10, 2 epochs of SGD with lr 0.01 and momentum 0.5), so that preset is empty.
@@ -389,7 +392,9 @@ def save_model(args, network: torch.nn.Module, kwargs: dict, hyperparameters: di
         "test_accuracy": accuracy,
     }
     _write_json(model_dir / "model_config.json", config)
-    for source, name in ((find_handler(), "inference.py"), (HERE / "models.py", "models.py")):
+    handler = find_handler().parent
+    shipped = [(handler / name, name) for name in HANDLER_FILES] + [(HERE / "models.py", "models.py")]
+    for source, name in shipped:
         _write_atomic(model_dir / "code" / name, lambda stream, source=source: stream.write(source.read_bytes()))
     # What this job made, in its own log (which only its role may write): selection publishes the model.tar.gz in
     # its output only if it holds these very files.
