@@ -9,37 +9,10 @@ import sys
 from pathlib import Path
 
 from cli import StackError, new_console
+from cli.predict import CONNECTION_WRAPPER_LOGGER, without_info_from
 from cli.runs import print_best, run_conf, run_sweep
 from cli.stack import local_client, read_state, stack_paths, start_and_tell, use_stack_connection
 from tasks.config import PipelineConfig, load_config
-
-# The Amazon provider's connection wrapper tells at info level where it found the connection's keys, once for each
-# hook the prediction makes: between the demo's own lines that is noise, and its warnings still show.
-CONNECTION_WRAPPER_LOGGER = "airflow.providers.amazon.aws.utils.connection_wrapper"
-
-
-@contextlib.contextmanager
-def without_info_from(logger_name: str):
-    """While the block runs, this process's Airflow logging drops the debug and info events of ``logger_name`` and of
-    the loggers under it; every other logger, in this process and in the stack's, logs as before."""
-    # Importing Airflow configures its logging: done first, so that it cannot replace the filter afterwards.
-    import airflow  # noqa: F401
-    import structlog
-
-    processors = structlog.get_config()["processors"]
-
-    def drop(logger, method_name: str, event_dict):
-        # Airflow's structlog loggers write through a logger that carries their name.
-        name = getattr(logger, "name", None) or ""
-        if method_name in ("debug", "info") and (name == logger_name or name.startswith(f"{logger_name}.")):
-            raise structlog.DropEvent
-        return event_dict
-
-    structlog.configure(processors=[drop, *processors])
-    try:
-        yield
-    finally:
-        structlog.configure(processors=processors)
 
 
 def sample_digit(data_dir: str, directory: Path, index: int = 0) -> tuple[Path, int]:

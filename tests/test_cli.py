@@ -118,12 +118,13 @@ def test_a_job_still_running_when_its_task_ends_is_read_again():
     assert table.rows[0][:4] == ("hidden_channels=4", "Stopped", "1", "95.80%")
 
 
-def test_the_demo_silences_the_connection_wrappers_info_lines_and_only_while_it_predicts():
+def test_the_connection_wrappers_info_lines_are_silenced_only_while_a_command_predicts():
     """Each hook the demo's prediction makes has the Amazon provider's connection wrapper say at info level where it
-    found the keys: not on the demo's console while it predicts, and as before after that."""
+    found the keys: not on the console of `make demo` or `mnist-pipeline predict` while they predict, and as before
+    after that."""
     script = """
 import os
-from cli.demo import CONNECTION_WRAPPER_LOGGER, without_info_from
+from cli.predict import CONNECTION_WRAPPER_LOGGER, without_info_from
 from cli.local_aws import StackKeys, connection_uri
 from tasks.config import load_config
 from tasks.hooks import hook
