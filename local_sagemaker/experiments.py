@@ -8,11 +8,31 @@ be compared with ListTrialComponents / DescribeTrialComponent.
 
 from __future__ import annotations
 
-from local_sagemaker.listing import page
+from local_sagemaker.listing import Listing, cut
 from local_sagemaker.protocol import ResourceNotFound, ValidationException, arn
 from local_sagemaker.store import Store, now
 
 EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
+# What ListTrialComponents says of a component (its source as TrialComponentSource).
+COMPONENT_KEYS = (
+    "TrialComponentName",
+    "TrialComponentArn",
+    "DisplayName",
+    "Status",
+    "StartTime",
+    "EndTime",
+    "CreationTime",
+    "LastModifiedTime",
+)
+
+
+def _component_summary(record: dict) -> dict:
+    return cut(record, COMPONENT_KEYS) | {"TrialComponentSource": record["Source"]}
+
+
+COMPONENT_LISTING = Listing(
+    "TrialComponentSummaries", "TrialComponentName", summary=_component_summary, default_order="Descending"
+)
 
 
 class Experiments:
@@ -83,26 +103,7 @@ class Experiments:
             records = [r for r in records if trials & set(r["Trials"])]
         if source := params.get("SourceArn"):
             records = [r for r in records if r.get("Source", {}).get("SourceArn") == source]
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "TrialComponentName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = (
-            "TrialComponentName",
-            "TrialComponentArn",
-            "DisplayName",
-            "TrialComponentSource",
-            "Status",
-            "StartTime",
-            "EndTime",
-            "CreationTime",
-            "LastModifiedTime",
-        )
-        rows = [{k: r[k] for k in keys if k in r} | {"TrialComponentSource": r["Source"]} for r in summaries]
-        return {"TrialComponentSummaries": rows} | ({"NextToken": token} if token else {})
+        return COMPONENT_LISTING.answer(records, params)
 
     def record_training_job(self, job: dict) -> None:
         """Create or update the trial component of a training job that names a trial in its ExperimentConfig."""

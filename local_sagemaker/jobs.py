@@ -6,9 +6,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-# SageMaker's bound on a FailureReason: a longer one is cut there.
-MAX_FAILURE_REASON = 1024
-
 
 class JobStopped(Exception):
     """The job was stopped (StopTrainingJob, StopTransformJob, the service's own stop, or its time ran out):
@@ -21,11 +18,6 @@ class JobStopped(Exception):
 
 class JobFailed(Exception):
     """The job failed; the message is its FailureReason."""
-
-
-def failure_reason(text: str) -> str:
-    """``text`` as a FailureReason: within SageMaker's bound."""
-    return text[:MAX_FAILURE_REASON]
 
 
 def check_stop(stop: threading.Event) -> None:

@@ -7,12 +7,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from local_sagemaker import capture
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
 
 MODELS, CONFIGS = "models", "endpoint-configs"
+MODEL_LISTING = Listing(
+    "Models", "ModelName", keys=("ModelName", "ModelArn", "CreationTime"), default_order="Descending"
+)
+CONFIG_LISTING = Listing(
+    "EndpointConfigs",
+    "EndpointConfigName",
+    keys=("EndpointConfigName", "EndpointConfigArn", "CreationTime"),
+    default_order="Descending",
+)
 
 
 class Models:
@@ -77,16 +86,7 @@ class Models:
         return {}
 
     def list_models(self, params: dict) -> dict:
-        records = filtered(self.store.items(MODELS), params, "ModelName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = ("ModelName", "ModelArn", "CreationTime")
-        return {"Models": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
+        return MODEL_LISTING.answer(self.store.items(MODELS), params)
 
     # -- endpoint configs --------------------------------------------------------------------------------------------
 
@@ -125,14 +125,4 @@ class Models:
         return {}
 
     def list_endpoint_configs(self, params: dict) -> dict:
-        records = filtered(self.store.items(CONFIGS), params, "EndpointConfigName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "EndpointConfigName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = ("EndpointConfigName", "EndpointConfigArn", "CreationTime")
-        answer = {"EndpointConfigs": [{k: r[k] for k in keys} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return CONFIG_LISTING.answer(self.store.items(CONFIGS), params)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn
 from local_sagemaker.store import Store, now
 
@@ -43,6 +43,19 @@ SUMMARY_FIELDS = (
     "ModelPackageStatus",
     "ModelApprovalStatus",
     "ModelPackageRegistrationType",
+)
+PACKAGE_LISTING = Listing("ModelPackageSummaryList", "ModelPackageName", keys=SUMMARY_FIELDS)
+GROUP_LISTING = Listing(
+    "ModelPackageGroupSummaryList",
+    "ModelPackageGroupName",
+    keys=(
+        "ModelPackageGroupName",
+        "ModelPackageGroupArn",
+        "ModelPackageGroupDescription",
+        "CreationTime",
+        "ModelPackageGroupStatus",
+    ),
+    default_order="Descending",
 )
 
 
@@ -97,23 +110,7 @@ class Registry:
         return {}
 
     def list_groups(self, params: dict) -> dict:
-        records = filtered(self.store.items(GROUPS), params, "ModelPackageGroupName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelPackageGroupName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = (
-            "ModelPackageGroupName",
-            "ModelPackageGroupArn",
-            "ModelPackageGroupDescription",
-            "CreationTime",
-            "ModelPackageGroupStatus",
-        )
-        answer = {"ModelPackageGroupSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return GROUP_LISTING.answer(self.store.items(GROUPS), params)
 
     # -- versions --------------------------------------------------------------------------------------------------
 
@@ -197,15 +194,7 @@ class Registry:
         ModelPackageType, which is Unversioned unless given (this registry keeps versions only)."""
         group = params.get("ModelPackageGroupName")
         kind = params.get("ModelPackageType") or ("Versioned" if group else "Unversioned")
-        records = [] if kind == "Unversioned" else filtered(self._packages(group), params, "ModelPackageName")
+        records = [] if kind == "Unversioned" else self._packages(group)
         if status := params.get("ModelApprovalStatus"):
             records = [r for r in records if r["ModelApprovalStatus"] == status]
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Ascending",
-        )
-        answer = {"ModelPackageSummaryList": [{k: r[k] for k in SUMMARY_FIELDS if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return PACKAGE_LISTING.answer(records, params)

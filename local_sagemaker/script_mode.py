@@ -69,17 +69,21 @@ def unpack_code(s3, hyperparameters: Mapping[str, str], code_dir: Path) -> None:
     """The sourcedir, read from S3 and unpacked into ``code_dir`` (the host's /opt/ml/code); JobFailed if it cannot
     be read, is not a safe archive, or is not what the content address in its key says it is."""
     uri = decoded_value(hyperparameters[SUBMIT_DIRECTORY])
-    try:
-        bucket, key = aws.split_s3_uri(uri)
-        code = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as error:
-        raise JobFailed(f"ClientError: cannot read {SUBMIT_DIRECTORY} {uri}: {error}") from None
+    code = _read(s3, uri)
     try:
         if address := aws.content_address(uri):  # code is run only as the key that names it says
             aws.check_digest(code, address, f"{SUBMIT_DIRECTORY} {uri}")
         unpack(code, code_dir, uri)
     except (ArchiveError, ValueError) as error:
         raise JobFailed(f"ClientError: {error}: refused") from None
+
+
+def _read(s3, uri: str) -> bytes:
+    try:
+        bucket, key = aws.split_s3_uri(uri)
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as error:
+        raise JobFailed(f"ClientError: cannot read {SUBMIT_DIRECTORY} {uri}: {error}") from None
 
 
 def check_entry_point(code_dir: Path, entry_point: str) -> None:

@@ -34,9 +34,9 @@ from local_sagemaker.archives import pack
 from local_sagemaker.container import host_environments, host_roots
 from local_sagemaker.cores import Cores, check_instance_count
 from local_sagemaker.job_logs import LogStreams
-from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, failure_reason, stop_all
-from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, not_found
+from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, stop_all
+from local_sagemaker.listing import Listing
+from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason, not_found
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
 
@@ -49,6 +49,17 @@ LOG_TAIL_LINES = 40
 # waits this long in Starting, so that the sweep's jobs share the cores instead of the first taking them all.
 STARTING_SECONDS = 1.0
 TERMINAL = ("Completed", "Failed", "Stopped")
+# What ListTrainingJobs says of a job.
+SUMMARY_KEYS = (
+    "TrainingJobName",
+    "TrainingJobArn",
+    "CreationTime",
+    "TrainingEndTime",
+    "LastModifiedTime",
+    "TrainingJobStatus",
+    "SecondaryStatus",
+)
+LISTING = Listing("TrainingJobSummaries", "TrainingJobName", "TrainingJobStatus", SUMMARY_KEYS)
 # What DescribeTrainingJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TrainingJobName",
@@ -209,20 +220,7 @@ class TrainingJobs:
         return record
 
     def list(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "TrainingJobName", "TrainingJobStatus")
-        sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus"}
-        summaries, token = page(records, params, sort_by, default_sort="CreationTime")
-        keys = (
-            "TrainingJobName",
-            "TrainingJobArn",
-            "CreationTime",
-            "TrainingEndTime",
-            "LastModifiedTime",
-            "TrainingJobStatus",
-            "SecondaryStatus",
-        )
-        answer = {"TrainingJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return LISTING.answer(self.store.items(KIND), params)
 
     def stop(self, name: str) -> dict:
         record = self.describe(name)

@@ -41,11 +41,11 @@ from botocore.exceptions import ClientError
 
 from local_sagemaker import aws, model_servers, processes
 from local_sagemaker.job_logs import LogStreams
-from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, failure_reason, stop_all
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, stop_all
+from local_sagemaker.listing import Listing
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
-from local_sagemaker.protocol import ResourceInUse, ValidationException, arn
+from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.runtime import Reply, Upstreams
 from local_sagemaker.store import Store, now
@@ -65,6 +65,19 @@ S3_THREADS = 8  # the objects of a job move in parallel: S3 answers each request
 STOP_POLL_SECONDS = 0.05
 SETTLE_SECONDS = 30.0  # the most a started server's workers may take to finish loading the model
 SERVICE_STOPPED = "InternalServerError: the local SageMaker service stopped while the job ran"
+# What ListTransformJobs says of a job.
+SUMMARY_KEYS = (
+    "TransformJobName",
+    "TransformJobArn",
+    "CreationTime",
+    "TransformEndTime",
+    "LastModifiedTime",
+    "TransformJobStatus",
+    "FailureReason",
+)
+LISTING = Listing(
+    "TransformJobSummaries", "TransformJobName", "TransformJobStatus", SUMMARY_KEYS, default_order="Descending"
+)
 # What DescribeTransformJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TransformJobName",
@@ -309,20 +322,7 @@ class TransformJobs:
         return record
 
     def list(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "TransformJobName", "TransformJobStatus")
-        sort_by = {"Name": "TransformJobName", "CreationTime": "CreationTime", "Status": "TransformJobStatus"}
-        summaries, token = page(records, params, sort_by, default_sort="CreationTime", default_order="Descending")
-        keys = (
-            "TransformJobName",
-            "TransformJobArn",
-            "CreationTime",
-            "TransformEndTime",
-            "LastModifiedTime",
-            "TransformJobStatus",
-            "FailureReason",
-        )
-        answer = {"TransformJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return LISTING.answer(self.store.items(KIND), params)
 
     def stop(self, name: str) -> dict:
         with self.store.lock:

@@ -41,9 +41,9 @@ import optuna
 from optuna.trial import TrialState
 
 from local_sagemaker import processes
-from local_sagemaker.jobs import failure_reason, stop_all
-from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException, arn
+from local_sagemaker.jobs import stop_all
+from local_sagemaker.listing import Listing, cut
+from local_sagemaker.protocol import ResourceInUse, ResourceNotFound, ValidationException, arn, failure_reason
 from local_sagemaker.store import Store, now
 from local_sagemaker.training import KIND as TRAINING_JOBS
 from local_sagemaker.training import REQUEST_KEYS, TERMINAL, TrainingJobs
@@ -63,6 +63,30 @@ DEFINITION_KEYS = tuple(
     for key in REQUEST_KEYS
     if key
     not in ("TrainingJobName", "HyperParameters", "ExperimentConfig", "DebugHookConfig", "TensorBoardOutputConfig")
+)
+# What ListHyperParameterTuningJobs says of a tuning job, besides its counters, strategy and limits.
+SUMMARY_KEYS = (
+    "HyperParameterTuningJobName",
+    "HyperParameterTuningJobArn",
+    "HyperParameterTuningJobStatus",
+    "CreationTime",
+    "HyperParameterTuningEndTime",
+    "LastModifiedTime",
+)
+LISTING = Listing(
+    "HyperParameterTuningJobSummaries",
+    "HyperParameterTuningJobName",
+    "HyperParameterTuningJobStatus",
+    default_sort="Name",
+)
+# ListTrainingJobsForHyperParameterTuningJob: the summaries carry their objective as _objective, to sort by.
+JOB_LISTING = Listing(
+    "TrainingJobSummaries",
+    "TrainingJobName",
+    "TrainingJobStatus",
+    summary=lambda s: {k: v for k, v in s.items() if k != "_objective"},
+    sort_by={"FinalObjectiveMetricValue": "_objective"},
+    default_sort="Name",
 )
 # Record keys kept for the service's own use, never answered.
 INTERNAL = ("Tags", "Jobs")
@@ -205,59 +229,29 @@ class TuningJobs:
     def describe(self, name: str) -> dict:
         record = self._get(name)
         jobs = self._jobs(record)
-        answer = {key: value for key, value in record.items() if key not in INTERNAL} | _counters(jobs)
+        described = {key: value for key, value in record.items() if key not in INTERNAL} | _counters(jobs)
         if best := _best(record, jobs):
-            answer["BestTrainingJob"] = best
+            described["BestTrainingJob"] = best
         runtime = (record.get("HyperParameterTuningEndTime") or now()) - record["CreationTime"]
-        answer["ConsumedResources"] = {"RuntimeInSeconds": int(runtime.total_seconds())}
-        return answer
+        described["ConsumedResources"] = {"RuntimeInSeconds": int(runtime.total_seconds())}
+        return described
 
     def list(self, params: dict) -> dict:
-        records = filtered(
-            self.store.items(KIND), params, "HyperParameterTuningJobName", "HyperParameterTuningJobStatus"
-        )
-        sort_by = {
-            "Name": "HyperParameterTuningJobName",
-            "Status": "HyperParameterTuningJobStatus",
-            "CreationTime": "CreationTime",
-        }
-        shown, token = page(records, params, sort_by, default_sort="Name")
-        keys = (
-            "HyperParameterTuningJobName",
-            "HyperParameterTuningJobArn",
-            "HyperParameterTuningJobStatus",
-            "CreationTime",
-            "HyperParameterTuningEndTime",
-            "LastModifiedTime",
-        )
-        summaries = [
-            {key: r[key] for key in keys if key in r}
-            | _counters(self._jobs(r))
-            | {
-                "Strategy": r["HyperParameterTuningJobConfig"]["Strategy"],
-                "ResourceLimits": r["HyperParameterTuningJobConfig"]["ResourceLimits"],
-            }
-            for r in shown
-        ]
-        return {"HyperParameterTuningJobSummaries": summaries} | ({"NextToken": token} if token else {})
+        def summary(r: dict) -> dict:
+            config = r["HyperParameterTuningJobConfig"]
+            strategy = {"Strategy": config["Strategy"], "ResourceLimits": config["ResourceLimits"]}
+            return cut(r, SUMMARY_KEYS) | _counters(self._jobs(r)) | strategy
+
+        return dataclasses.replace(LISTING, summary=summary).answer(self.store.items(KIND), params)
 
     def list_training_jobs(self, params: dict) -> dict:
         """ListTrainingJobsForHyperParameterTuningJob: sorted by FinalObjectiveMetricValue, the jobs without one are
         left out, as SageMaker leaves them."""
         record = self._get(params["HyperParameterTuningJobName"])
         summaries = [{**summary, "_objective": entry.get("Objective")} for summary, entry in self._jobs(record)]
-        summaries = filtered(summaries, params, "TrainingJobName", "TrainingJobStatus")
         if params.get("SortBy") == "FinalObjectiveMetricValue":
             summaries = [s for s in summaries if s["_objective"] is not None]
-        sort_by = {
-            "Name": "TrainingJobName",
-            "CreationTime": "CreationTime",
-            "Status": "TrainingJobStatus",
-            "FinalObjectiveMetricValue": "_objective",
-        }
-        shown, token = page(summaries, params, sort_by, default_sort="Name")
-        answer = {"TrainingJobSummaries": [{k: v for k, v in s.items() if k != "_objective"} for s in shown]}
-        return answer | ({"NextToken": token} if token else {})
+        return JOB_LISTING.answer(summaries, params)
 
     def stop(self, name: str) -> dict:
         with self.store.lock:
