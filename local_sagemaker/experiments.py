@@ -48,46 +48,35 @@ class Experiments:
             raise ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
         return record
 
-    def create_experiment(self, request: dict) -> dict:
-        name = request["ExperimentName"]
+    def _create(self, kind: str, what: str, arn_type: str, name: str, request: dict) -> dict:
+        """``request`` recorded as a new ``what`` (Experiment, Trial) named ``name``; the answer names its ARN.
+        ValidationException if the name is taken."""
+        arn_key = f"{what}Arn"
         with self.store.lock:
-            if self.store.get(EXPERIMENTS, name):
-                raise ValidationException(f"Experiment {name} already exists.")
+            if self.store.get(kind, name):
+                raise ValidationException(f"{what} {name} already exists.")
             moment = now()
-            record = {
-                **request,
-                "ExperimentArn": self._arn("experiment", name),
-                "CreationTime": moment,
-                "LastModifiedTime": moment,
-            }
-            self.store.put(EXPERIMENTS, name, record)
-        return {"ExperimentArn": record["ExperimentArn"]}
+            record = {**request, arn_key: self._arn(arn_type, name), "CreationTime": moment, "LastModifiedTime": moment}
+            self.store.put(kind, name, record)
+        return {arn_key: record[arn_key]}
+
+    def _describe(self, kind: str, name: str, what: str) -> dict:
+        record = self._get(kind, name, what)
+        record.pop("Tags", None)  # ListTags answers them
+        return record
+
+    def create_experiment(self, request: dict) -> dict:
+        return self._create(EXPERIMENTS, "Experiment", "experiment", request["ExperimentName"], request)
 
     def describe_experiment(self, name: str) -> dict:
-        record = self._get(EXPERIMENTS, name, "Experiment")
-        record.pop("Tags", None)
-        return record
+        return self._describe(EXPERIMENTS, name, "Experiment")
 
     def create_trial(self, request: dict) -> dict:
-        name = request["TrialName"]
         self._get(EXPERIMENTS, request["ExperimentName"], "Experiment")
-        with self.store.lock:
-            if self.store.get(TRIALS, name):
-                raise ValidationException(f"Trial {name} already exists.")
-            moment = now()
-            record = {
-                **request,
-                "TrialArn": self._arn("experiment-trial", name),
-                "CreationTime": moment,
-                "LastModifiedTime": moment,
-            }
-            self.store.put(TRIALS, name, record)
-        return {"TrialArn": record["TrialArn"]}
+        return self._create(TRIALS, "Trial", "experiment-trial", request["TrialName"], request)
 
     def describe_trial(self, name: str) -> dict:
-        record = self._get(TRIALS, name, "Trial")
-        record.pop("Tags", None)
-        return record
+        return self._describe(TRIALS, name, "Trial")
 
     def describe_trial_component(self, name: str) -> dict:
         record = self._get(COMPONENTS, name, "Trial Component")

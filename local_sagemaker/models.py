@@ -13,6 +13,11 @@ from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
 
 MODELS, CONFIGS = "models", "endpoint-configs"
+# Each kind's noun in SageMaker's messages, its ARN's resource type, and its ARN's member.
+RESOURCES = {
+    MODELS: ("model", "model", "ModelArn"),
+    CONFIGS: ("endpoint configuration", "endpoint-config", "EndpointConfigArn"),
+}
 MODEL_LISTING = Listing(
     "Models", "ModelName", keys=("ModelName", "ModelArn", "CreationTime"), default_order="Descending"
 )
@@ -37,6 +42,36 @@ class Models:
     def _arn(self, kind: str, name: str) -> str:
         return arn(kind, name, region=self.region, account=self.account)
 
+    # -- either kind of record ---------------------------------------------------------------------------------------
+
+    def _put_new(self, kind: str, name: str, request: dict) -> dict:
+        """``request`` recorded under ``name`` with its ARN and CreationTime; the answer names the ARN. A name taken
+        already is a ValidationException, in SageMaker's words."""
+        noun, arn_type, arn_key = RESOURCES[kind]
+        resource_arn = self._arn(arn_type, name)
+        with self.store.lock:
+            if self.store.get(kind, name) is not None:
+                raise ValidationException(f'Cannot create already existing {noun} "{resource_arn}".')
+            self.store.put(kind, name, {**request, arn_key: resource_arn, "CreationTime": now()})
+        return {arn_key: resource_arn}
+
+    def _record(self, kind: str, name: str) -> dict:
+        record = self.store.get(kind, name)
+        if record is None:
+            noun, arn_type, _ = RESOURCES[kind]
+            raise not_found(noun, name, self._arn(arn_type, name))
+        return record
+
+    def _describe(self, kind: str, name: str) -> dict:
+        record = self._record(kind, name)
+        record.pop("Tags", None)  # ListTags answers them
+        return record
+
+    def _delete(self, kind: str, name: str) -> dict:
+        self._record(kind, name)
+        self.store.delete(kind, name)
+        return {}
+
     # -- models ----------------------------------------------------------------------------------------------------
 
     def create_model(self, request: dict) -> dict:
@@ -53,12 +88,7 @@ class Models:
         if not request.get("ExecutionRoleArn"):
             raise ValidationException(f"Model {name}: ExecutionRoleArn is required (its servers act as that role)")
         self.roles.check(request["ExecutionRoleArn"], self._arn("model", name))
-        with self.store.lock:
-            if self.store.get(MODELS, name) is not None:
-                raise ValidationException(f'Cannot create already existing model "{self._arn("model", name)}".')
-            record = {**request, "ModelArn": self._arn("model", name), "CreationTime": now()}
-            self.store.put(MODELS, name, record)
-        return {"ModelArn": record["ModelArn"]}
+        return self._put_new(MODELS, name, request)
 
     def _from_package(self, arn: str) -> dict:
         """What a container that names a model package version runs: the version's own container (its image,
@@ -70,20 +100,13 @@ class Models:
         return {key: inner[key] for key in ("Image", "ModelDataUrl", "Environment") if key in inner}
 
     def model(self, name: str) -> dict:
-        record = self.store.get(MODELS, name)
-        if record is None:
-            raise not_found("model", name, self._arn("model", name))
-        return record
+        return self._record(MODELS, name)
 
     def describe_model(self, name: str) -> dict:
-        record = self.model(name)
-        record.pop("Tags", None)
-        return record
+        return self._describe(MODELS, name)
 
     def delete_model(self, name: str) -> dict:
-        self.model(name)
-        self.store.delete(MODELS, name)
-        return {}
+        return self._delete(MODELS, name)
 
     def list_models(self, params: dict) -> dict:
         return MODEL_LISTING.answer(self.store.items(MODELS), params)
@@ -100,29 +123,16 @@ class Models:
             raise ValidationException(f"Endpoint config {name}: variant names must be unique, got {variants}")
         if request.get("DataCaptureConfig"):
             capture.check(request["DataCaptureConfig"])
-        with self.store.lock:
-            if self.store.get(CONFIGS, name) is not None:
-                config_arn = self._arn("endpoint-config", name)
-                raise ValidationException(f'Cannot create already existing endpoint configuration "{config_arn}".')
-            record = {**request, "EndpointConfigArn": self._arn("endpoint-config", name), "CreationTime": now()}
-            self.store.put(CONFIGS, name, record)
-        return {"EndpointConfigArn": record["EndpointConfigArn"]}
+        return self._put_new(CONFIGS, name, request)
 
     def endpoint_config(self, name: str) -> dict:
-        record = self.store.get(CONFIGS, name)
-        if record is None:
-            raise not_found("endpoint configuration", name, self._arn("endpoint-config", name))
-        return record
+        return self._record(CONFIGS, name)
 
     def describe_endpoint_config(self, name: str) -> dict:
-        record = self.endpoint_config(name)
-        record.pop("Tags", None)
-        return record
+        return self._describe(CONFIGS, name)
 
     def delete_endpoint_config(self, name: str) -> dict:
-        self.endpoint_config(name)
-        self.store.delete(CONFIGS, name)
-        return {}
+        return self._delete(CONFIGS, name)
 
     def list_endpoint_configs(self, params: dict) -> dict:
         return CONFIG_LISTING.answer(self.store.items(CONFIGS), params)

@@ -2,14 +2,14 @@
 StopTrainingJob.
 
 A job goes Starting (waiting for free cores, local_sagemaker.cores) → Downloading (``sagemaker_submit_directory``
-unpacked into the job's code directory, each S3 channel into ``input/data/<channel>``) → Training
-(``sagemaker_program`` with the SageMaker ``SM_*`` environment and the hyperparameters as ``--key value``, as
-local_sagemaker.script_mode runs it; or the job's own ContainerEntrypoint and ContainerArguments, as
-local_sagemaker.container runs them; one
-process per instance, each with its /opt/ml, loopback DDP when there are several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output
-data directory under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped
-(StopTrainingJob, or MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs (local_sagemaker.job_logs),
-group ``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``; FinalMetricDataList is the last match of each MetricDefinitions regex in the log.
+unpacked into the job's code directory, each S3 channel into ``input/data/<channel>``) → Training (script mode's
+entry point, as local_sagemaker.script_mode runs it, or the job's own ContainerEntrypoint and ContainerArguments, as
+local_sagemaker.container runs them; one process per instance, each with its /opt/ml, loopback DDP when there are
+several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output data directory
+under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped (StopTrainingJob, or
+MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs (local_sagemaker.job_logs), group
+``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``; FinalMetricDataList is the last match of each
+MetricDefinitions regex in the log.
 """
 
 from __future__ import annotations
