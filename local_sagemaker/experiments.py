@@ -11,6 +11,7 @@ from __future__ import annotations
 from local_sagemaker.listing import Listing, cut
 from local_sagemaker.protocol import ResourceNotFound, ValidationException, arn
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
 # What ListTrialComponents says of a component (its source as TrialComponentSource).
@@ -60,23 +61,18 @@ class Experiments:
             self.store.put(kind, name, record)
         return {arn_key: record[arn_key]}
 
-    def _describe(self, kind: str, name: str, what: str) -> dict:
-        record = self._get(kind, name, what)
-        record.pop("Tags", None)  # ListTags answers them
-        return record
-
     def create_experiment(self, request: dict) -> dict:
         return self._create(EXPERIMENTS, "Experiment", "experiment", request["ExperimentName"], request)
 
     def describe_experiment(self, name: str) -> dict:
-        return self._describe(EXPERIMENTS, name, "Experiment")
+        return untagged(self._get(EXPERIMENTS, name, "Experiment"))
 
     def create_trial(self, request: dict) -> dict:
         self._get(EXPERIMENTS, request["ExperimentName"], "Experiment")
         return self._create(TRIALS, "Trial", "experiment-trial", request["TrialName"], request)
 
     def describe_trial(self, name: str) -> dict:
-        return self._describe(TRIALS, name, "Trial")
+        return untagged(self._get(TRIALS, name, "Trial"))
 
     def describe_trial_component(self, name: str) -> dict:
         record = self._get(COMPONENTS, name, "Trial Component")

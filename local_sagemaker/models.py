@@ -11,6 +11,7 @@ from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 MODELS, CONFIGS = "models", "endpoint-configs"
 # Each kind's noun in SageMaker's messages, its ARN's resource type, and its ARN's member.
@@ -62,11 +63,6 @@ class Models:
             raise not_found(noun, name, self._arn(arn_type, name))
         return record
 
-    def _describe(self, kind: str, name: str) -> dict:
-        record = self._record(kind, name)
-        record.pop("Tags", None)  # ListTags answers them
-        return record
-
     def _delete(self, kind: str, name: str) -> dict:
         self._record(kind, name)
         self.store.delete(kind, name)
@@ -103,7 +99,7 @@ class Models:
         return self._record(MODELS, name)
 
     def describe_model(self, name: str) -> dict:
-        return self._describe(MODELS, name)
+        return untagged(self.model(name))
 
     def delete_model(self, name: str) -> dict:
         return self._delete(MODELS, name)
@@ -129,7 +125,7 @@ class Models:
         return self._record(CONFIGS, name)
 
     def describe_endpoint_config(self, name: str) -> dict:
-        return self._describe(CONFIGS, name)
+        return untagged(self.endpoint_config(name))
 
     def delete_endpoint_config(self, name: str) -> dict:
         return self._delete(CONFIGS, name)

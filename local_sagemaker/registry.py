@@ -15,6 +15,7 @@ import threading
 from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 GROUPS, PACKAGES = "model-package-groups", "model-packages"
 CREATED_BY = {"UserProfileName": "local", "DomainId": "local"}
@@ -95,9 +96,7 @@ class Registry:
         return record
 
     def describe_group(self, name: str) -> dict:
-        record = self.group(name)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.group(name))
 
     def delete_group(self, name: str) -> dict:
         """As on SageMaker, only an empty group goes (the provider's register operator deletes the group it just
@@ -170,9 +169,7 @@ class Registry:
         return record
 
     def describe_package(self, name_or_arn: str) -> dict:
-        record = self.package(name_or_arn)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.package(name_or_arn))
 
     def update_package(self, request: dict) -> dict:
         with self.store.lock:
