@@ -58,12 +58,8 @@ IMPROVEMENT = 0.01  # SageMaker's "1% or greater" for BestObjectiveNotImproving 
 CONVERGENCE_JOBS = 3
 # What a training job takes of TrainingJobDefinition: what a CreateTrainingJob request keeps, but for its name, its
 # hyperparameters (the static ones plus the tuned ones) and what a definition has no member for.
-DEFINITION_KEYS = tuple(
-    key
-    for key in REQUEST_KEYS
-    if key
-    not in ("TrainingJobName", "HyperParameters", "ExperimentConfig", "DebugHookConfig", "TensorBoardOutputConfig")
-)
+_NOT_DEFINED = ("TrainingJobName", "HyperParameters", "ExperimentConfig", "DebugHookConfig", "TensorBoardOutputConfig")
+DEFINITION_KEYS = tuple(key for key in REQUEST_KEYS if key not in _NOT_DEFINED)
 # What ListHyperParameterTuningJobs says of a tuning job, besides its counters, strategy and limits.
 SUMMARY_KEYS = (
     "HyperParameterTuningJobName",
