@@ -2,7 +2,7 @@
 toolkit reads them (each value JSON-decoded when it parses), each host's /opt/ml (the config files, the channels, the
 model and output directories) and SM_* environment, and the job's own command, AlgorithmSpecification's
 ContainerEntrypoint and ContainerArguments, run as the image runs it (script mode's entry point is
-local_sagemaker.training's).
+local_sagemaker.script_mode's).
 
 The SageMaker Python SDK's ModelTrainer sends ``["/bin/bash"]`` and ``["-c", "chmod +x
 /opt/ml/input/data/sm_drivers/sm_train.sh && /opt/ml/input/data/sm_drivers/sm_train.sh"]``, with its driver scripts

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from local_sagemaker import alarms, aws, capture, model_servers, processes
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.listing import Listing
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
-from local_sagemaker.protocol import ValidationException, arn, not_found
+from local_sagemaker.protocol import ValidationException, arn, failure_reason, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.runtime import Router, Target
 from local_sagemaker.store import Store, now
@@ -45,6 +45,13 @@ DRAIN_TIMEOUT = 65.0
 BAKE_POLL_SECONDS = 0.5
 DEFAULT_EXECUTION_TIMEOUT = 3600
 BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")
+LISTING = Listing(
+    "Endpoints",
+    "EndpointName",
+    "EndpointStatus",
+    ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus"),
+    default_order="Descending",
+)
 
 
 class Endpoints:
@@ -149,11 +156,7 @@ class Endpoints:
         }
 
     def list_endpoints(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "EndpointName", "EndpointStatus")
-        sort_by = {"Name": "EndpointName", "CreationTime": "CreationTime", "Status": "EndpointStatus"}
-        summaries, token = page(records, params, sort_by, default_sort="CreationTime", default_order="Descending")
-        keys = ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus")
-        return {"Endpoints": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
+        return LISTING.answer(self.store.items(KIND), params)
 
     def update_endpoint(self, request: dict) -> dict:
         name, config_name = request["EndpointName"], request["EndpointConfigName"]
@@ -306,6 +309,12 @@ class Endpoints:
         processes.wait_until(lambda: self.router.idle(urls), DRAIN_TIMEOUT, interval=0.02)
         self._stop(fleet["servers"], grace=processes.MODEL_SERVER_STOP_GRACE_SECONDS)
 
+    def _fail(self, name: str, status: str, reason: str) -> None:
+        """Endpoint ``name`` in ``status`` (Failed, or InService again when an update failed), saying why."""
+        self.store.update(
+            KIND, name, EndpointStatus=status, LastModifiedTime=now(), FailureReason=failure_reason(reason)
+        )
+
     def _set_local(self, name: str, **local) -> None:
         with self.store.lock:
             record = self.store.get(KIND, name)
@@ -318,9 +327,7 @@ class Endpoints:
         try:
             fleet = self._launch(name, config_name)
         except LaunchFailed as failed:
-            self.store.update(
-                KIND, name, EndpointStatus="Failed", FailureReason=str(failed)[:1024], LastModifiedTime=now()
-            )
+            self._fail(name, "Failed", str(failed))
             log.warning("Endpoint %s failed: %s", name, failed)
             return
         self._set_local(name, fleet=fleet)
@@ -334,9 +341,7 @@ class Endpoints:
             new = self._launch(name, config_name)
         except LaunchFailed as failed:
             reason = f"Failed to update endpoint {name} to config {config_name}: {failed}"
-            self.store.update(
-                KIND, name, EndpointStatus="InService", FailureReason=reason[:1024], LastModifiedTime=now()
-            )
+            self._fail(name, "InService", reason)
             log.warning("%s", reason)
             return
         self._set_local(name, pending=new)
@@ -366,13 +371,7 @@ class Endpoints:
         self.router.set(name, self._targets(old))
         self._retire(new)
         self._set_local(name, pending=None)
-        self.store.update(
-            KIND,
-            name,
-            EndpointStatus="InService",
-            LastModifiedTime=now(),
-            FailureReason=f"Update to endpoint config {config_name} rolled back: {reason}"[:1024],
-        )
+        self._fail(name, "InService", f"Update to endpoint config {config_name} rolled back: {reason}")
 
     def _shift(self, name: str, old: dict, new: dict, deployment: dict, watched: list[dict]) -> str | None:
         """Move traffic from ``old`` to ``new`` as the deployment config says; the reason to roll back, if any."""
@@ -504,13 +503,7 @@ class Endpoints:
                 )
         except LaunchFailed as failed:
             self._stop(servers, grace=processes.IDLE_STOP_GRACE_SECONDS)
-            self.store.update(
-                KIND,
-                name,
-                EndpointStatus="Failed",
-                LastModifiedTime=now(),
-                FailureReason=f"could not be brought back at the service's start: {failed}"[:1024],
-            )
+            self._fail(name, "Failed", f"could not be brought back at the service's start: {failed}")
             return []
         fleet = {**fleet, "servers": servers}
         self._set_local(name, fleet=fleet)

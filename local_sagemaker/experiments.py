@@ -8,11 +8,32 @@ be compared with ListTrialComponents / DescribeTrialComponent.
 
 from __future__ import annotations
 
-from local_sagemaker.listing import page
+from local_sagemaker.listing import Listing, cut
 from local_sagemaker.protocol import ResourceNotFound, ValidationException, arn
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
+# What ListTrialComponents says of a component (its source as TrialComponentSource).
+COMPONENT_KEYS = (
+    "TrialComponentName",
+    "TrialComponentArn",
+    "DisplayName",
+    "Status",
+    "StartTime",
+    "EndTime",
+    "CreationTime",
+    "LastModifiedTime",
+)
+
+
+def _component_summary(record: dict) -> dict:
+    return cut(record, COMPONENT_KEYS) | {"TrialComponentSource": record["Source"]}
+
+
+COMPONENT_LISTING = Listing(
+    "TrialComponentSummaries", "TrialComponentName", summary=_component_summary, default_order="Descending"
+)
 
 
 class Experiments:
@@ -28,46 +49,30 @@ class Experiments:
             raise ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
         return record
 
-    def create_experiment(self, request: dict) -> dict:
-        name = request["ExperimentName"]
+    def _create(self, kind: str, what: str, arn_type: str, name: str, request: dict) -> dict:
+        """``request`` recorded as a new ``what`` (Experiment, Trial) named ``name``; the answer names its ARN.
+        ValidationException if the name is taken."""
+        arn_key = f"{what}Arn"
         with self.store.lock:
-            if self.store.get(EXPERIMENTS, name):
-                raise ValidationException(f"Experiment {name} already exists.")
+            if self.store.get(kind, name):
+                raise ValidationException(f"{what} {name} already exists.")
             moment = now()
-            record = {
-                **request,
-                "ExperimentArn": self._arn("experiment", name),
-                "CreationTime": moment,
-                "LastModifiedTime": moment,
-            }
-            self.store.put(EXPERIMENTS, name, record)
-        return {"ExperimentArn": record["ExperimentArn"]}
+            record = {**request, arn_key: self._arn(arn_type, name), "CreationTime": moment, "LastModifiedTime": moment}
+            self.store.put(kind, name, record)
+        return {arn_key: record[arn_key]}
+
+    def create_experiment(self, request: dict) -> dict:
+        return self._create(EXPERIMENTS, "Experiment", "experiment", request["ExperimentName"], request)
 
     def describe_experiment(self, name: str) -> dict:
-        record = self._get(EXPERIMENTS, name, "Experiment")
-        record.pop("Tags", None)
-        return record
+        return untagged(self._get(EXPERIMENTS, name, "Experiment"))
 
     def create_trial(self, request: dict) -> dict:
-        name = request["TrialName"]
         self._get(EXPERIMENTS, request["ExperimentName"], "Experiment")
-        with self.store.lock:
-            if self.store.get(TRIALS, name):
-                raise ValidationException(f"Trial {name} already exists.")
-            moment = now()
-            record = {
-                **request,
-                "TrialArn": self._arn("experiment-trial", name),
-                "CreationTime": moment,
-                "LastModifiedTime": moment,
-            }
-            self.store.put(TRIALS, name, record)
-        return {"TrialArn": record["TrialArn"]}
+        return self._create(TRIALS, "Trial", "experiment-trial", request["TrialName"], request)
 
     def describe_trial(self, name: str) -> dict:
-        record = self._get(TRIALS, name, "Trial")
-        record.pop("Tags", None)
-        return record
+        return untagged(self._get(TRIALS, name, "Trial"))
 
     def describe_trial_component(self, name: str) -> dict:
         record = self._get(COMPONENTS, name, "Trial Component")
@@ -83,26 +88,7 @@ class Experiments:
             records = [r for r in records if trials & set(r["Trials"])]
         if source := params.get("SourceArn"):
             records = [r for r in records if r.get("Source", {}).get("SourceArn") == source]
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "TrialComponentName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = (
-            "TrialComponentName",
-            "TrialComponentArn",
-            "DisplayName",
-            "TrialComponentSource",
-            "Status",
-            "StartTime",
-            "EndTime",
-            "CreationTime",
-            "LastModifiedTime",
-        )
-        rows = [{k: r[k] for k in keys if k in r} | {"TrialComponentSource": r["Source"]} for r in summaries]
-        return {"TrialComponentSummaries": rows} | ({"NextToken": token} if token else {})
+        return COMPONENT_LISTING.answer(records, params)
 
     def record_training_job(self, job: dict) -> None:
         """Create or update the trial component of a training job that names a trial in its ExperimentConfig."""

@@ -1,9 +1,12 @@
-"""The List* calls' common part: sort, then one page at a time behind an opaque NextToken."""
+"""How the List* calls answer: the records their filters keep, sorted, one page at a time behind an opaque NextToken,
+each cut to its summary."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+from collections.abc import Callable, Mapping, Sequence
 
 from local_sagemaker.protocol import ValidationException
 
@@ -57,3 +60,36 @@ def page(
     size = params.get("MaxResults") or DEFAULT_MAX_RESULTS
     end = start + size
     return ordered[start:end], _token(end) if end < len(ordered) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """One List call: the ``member`` its answer's summaries go under; the record fields its NameContains and its
+    SortBy Name take (``name``), and its StatusEquals and SortBy Status, if it has them (``status``); what a summary
+    holds: those of ``keys`` the record has, or what ``summary`` makes of the record; its other sorts (``sort_by``:
+    SortBy → record field) and its defaults."""
+
+    member: str
+    name: str
+    status: str | None = None
+    keys: Sequence[str] = ()
+    summary: Callable[[dict], dict] | None = None
+    sort_by: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    default_sort: str = "CreationTime"
+    default_order: str = "Ascending"
+
+    def answer(self, records: list[dict], params: dict) -> dict:
+        """The answer to a List call over ``records``: those ``filtered`` keeps, one page of them as ``page`` sorts
+        them, each made a summary, with the NextToken when more follow."""
+        sorts = {"Name": self.name, "CreationTime": "CreationTime", **self.sort_by}
+        if self.status:
+            sorts["Status"] = self.status
+        kept = filtered(records, params, self.name, self.status)
+        shown, token = page(kept, params, sorts, self.default_sort, self.default_order)
+        rows = [self.summary(r) if self.summary else cut(r, self.keys) for r in shown]
+        return {self.member: rows} | ({"NextToken": token} if token else {})
+
+
+def cut(record: dict, keys: Sequence[str]) -> dict:
+    """The members of ``record`` a summary has, of ``keys``, in their order."""
+    return {key: record[key] for key in keys if key in record}

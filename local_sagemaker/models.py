@@ -7,12 +7,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from local_sagemaker import capture
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn, not_found
 from local_sagemaker.roles import Roles
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 MODELS, CONFIGS = "models", "endpoint-configs"
+# Each kind's noun in SageMaker's messages, its ARN's resource type, and its ARN's member.
+RESOURCES = {
+    MODELS: ("model", "model", "ModelArn"),
+    CONFIGS: ("endpoint configuration", "endpoint-config", "EndpointConfigArn"),
+}
+MODEL_LISTING = Listing(
+    "Models", "ModelName", keys=("ModelName", "ModelArn", "CreationTime"), default_order="Descending"
+)
+CONFIG_LISTING = Listing(
+    "EndpointConfigs",
+    "EndpointConfigName",
+    keys=("EndpointConfigName", "EndpointConfigArn", "CreationTime"),
+    default_order="Descending",
+)
 
 
 class Models:
@@ -27,6 +42,31 @@ class Models:
 
     def _arn(self, kind: str, name: str) -> str:
         return arn(kind, name, region=self.region, account=self.account)
+
+    # -- either kind of record ---------------------------------------------------------------------------------------
+
+    def _put_new(self, kind: str, name: str, request: dict) -> dict:
+        """``request`` recorded under ``name`` with its ARN and CreationTime; the answer names the ARN. A name taken
+        already is a ValidationException, in SageMaker's words."""
+        noun, arn_type, arn_key = RESOURCES[kind]
+        resource_arn = self._arn(arn_type, name)
+        with self.store.lock:
+            if self.store.get(kind, name) is not None:
+                raise ValidationException(f'Cannot create already existing {noun} "{resource_arn}".')
+            self.store.put(kind, name, {**request, arn_key: resource_arn, "CreationTime": now()})
+        return {arn_key: resource_arn}
+
+    def _record(self, kind: str, name: str) -> dict:
+        record = self.store.get(kind, name)
+        if record is None:
+            noun, arn_type, _ = RESOURCES[kind]
+            raise not_found(noun, name, self._arn(arn_type, name))
+        return record
+
+    def _delete(self, kind: str, name: str) -> dict:
+        self._record(kind, name)
+        self.store.delete(kind, name)
+        return {}
 
     # -- models ----------------------------------------------------------------------------------------------------
 
@@ -44,12 +84,7 @@ class Models:
         if not request.get("ExecutionRoleArn"):
             raise ValidationException(f"Model {name}: ExecutionRoleArn is required (its servers act as that role)")
         self.roles.check(request["ExecutionRoleArn"], self._arn("model", name))
-        with self.store.lock:
-            if self.store.get(MODELS, name) is not None:
-                raise ValidationException(f'Cannot create already existing model "{self._arn("model", name)}".')
-            record = {**request, "ModelArn": self._arn("model", name), "CreationTime": now()}
-            self.store.put(MODELS, name, record)
-        return {"ModelArn": record["ModelArn"]}
+        return self._put_new(MODELS, name, request)
 
     def _from_package(self, arn: str) -> dict:
         """What a container that names a model package version runs: the version's own container (its image,
@@ -61,32 +96,16 @@ class Models:
         return {key: inner[key] for key in ("Image", "ModelDataUrl", "Environment") if key in inner}
 
     def model(self, name: str) -> dict:
-        record = self.store.get(MODELS, name)
-        if record is None:
-            raise not_found("model", name, self._arn("model", name))
-        return record
+        return self._record(MODELS, name)
 
     def describe_model(self, name: str) -> dict:
-        record = self.model(name)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.model(name))
 
     def delete_model(self, name: str) -> dict:
-        self.model(name)
-        self.store.delete(MODELS, name)
-        return {}
+        return self._delete(MODELS, name)
 
     def list_models(self, params: dict) -> dict:
-        records = filtered(self.store.items(MODELS), params, "ModelName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = ("ModelName", "ModelArn", "CreationTime")
-        return {"Models": [{k: r[k] for k in keys} for r in summaries]} | ({"NextToken": token} if token else {})
+        return MODEL_LISTING.answer(self.store.items(MODELS), params)
 
     # -- endpoint configs --------------------------------------------------------------------------------------------
 
@@ -100,39 +119,16 @@ class Models:
             raise ValidationException(f"Endpoint config {name}: variant names must be unique, got {variants}")
         if request.get("DataCaptureConfig"):
             capture.check(request["DataCaptureConfig"])
-        with self.store.lock:
-            if self.store.get(CONFIGS, name) is not None:
-                config_arn = self._arn("endpoint-config", name)
-                raise ValidationException(f'Cannot create already existing endpoint configuration "{config_arn}".')
-            record = {**request, "EndpointConfigArn": self._arn("endpoint-config", name), "CreationTime": now()}
-            self.store.put(CONFIGS, name, record)
-        return {"EndpointConfigArn": record["EndpointConfigArn"]}
+        return self._put_new(CONFIGS, name, request)
 
     def endpoint_config(self, name: str) -> dict:
-        record = self.store.get(CONFIGS, name)
-        if record is None:
-            raise not_found("endpoint configuration", name, self._arn("endpoint-config", name))
-        return record
+        return self._record(CONFIGS, name)
 
     def describe_endpoint_config(self, name: str) -> dict:
-        record = self.endpoint_config(name)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.endpoint_config(name))
 
     def delete_endpoint_config(self, name: str) -> dict:
-        self.endpoint_config(name)
-        self.store.delete(CONFIGS, name)
-        return {}
+        return self._delete(CONFIGS, name)
 
     def list_endpoint_configs(self, params: dict) -> dict:
-        records = filtered(self.store.items(CONFIGS), params, "EndpointConfigName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "EndpointConfigName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = ("EndpointConfigName", "EndpointConfigArn", "CreationTime")
-        answer = {"EndpointConfigs": [{k: r[k] for k in keys} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return CONFIG_LISTING.answer(self.store.items(CONFIGS), params)

@@ -29,6 +29,8 @@ from botocore.validate import ParamValidator
 from local_aws import LOCAL_ACCOUNT, LOCAL_REGION
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
+# SageMaker's bound on a FailureReason: a longer one is cut there.
+MAX_FAILURE_REASON = 1024
 
 
 # -- errors ------------------------------------------------------------------------------------------------------
@@ -121,6 +123,11 @@ def not_found(
     return ValidationException(
         f'Could not find {noun} "{resource_arn or arn(kind, name, region=region, account=account)}".'
     )
+
+
+def failure_reason(text: str) -> str:
+    """``text`` as a FailureReason: within SageMaker's bound."""
+    return text[:MAX_FAILURE_REASON]
 
 
 def error_response(error: BaseException, request_id: str | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import threading
 
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.listing import Listing
 from local_sagemaker.protocol import ValidationException, arn
 from local_sagemaker.store import Store, now
+from local_sagemaker.tags import untagged
 
 GROUPS, PACKAGES = "model-package-groups", "model-packages"
 CREATED_BY = {"UserProfileName": "local", "DomainId": "local"}
@@ -43,6 +44,19 @@ SUMMARY_FIELDS = (
     "ModelPackageStatus",
     "ModelApprovalStatus",
     "ModelPackageRegistrationType",
+)
+PACKAGE_LISTING = Listing("ModelPackageSummaryList", "ModelPackageName", keys=SUMMARY_FIELDS)
+GROUP_LISTING = Listing(
+    "ModelPackageGroupSummaryList",
+    "ModelPackageGroupName",
+    keys=(
+        "ModelPackageGroupName",
+        "ModelPackageGroupArn",
+        "ModelPackageGroupDescription",
+        "CreationTime",
+        "ModelPackageGroupStatus",
+    ),
+    default_order="Descending",
 )
 
 
@@ -82,9 +96,7 @@ class Registry:
         return record
 
     def describe_group(self, name: str) -> dict:
-        record = self.group(name)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.group(name))
 
     def delete_group(self, name: str) -> dict:
         """As on SageMaker, only an empty group goes (the provider's register operator deletes the group it just
@@ -97,23 +109,7 @@ class Registry:
         return {}
 
     def list_groups(self, params: dict) -> dict:
-        records = filtered(self.store.items(GROUPS), params, "ModelPackageGroupName")
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelPackageGroupName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Descending",
-        )
-        keys = (
-            "ModelPackageGroupName",
-            "ModelPackageGroupArn",
-            "ModelPackageGroupDescription",
-            "CreationTime",
-            "ModelPackageGroupStatus",
-        )
-        answer = {"ModelPackageGroupSummaryList": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return GROUP_LISTING.answer(self.store.items(GROUPS), params)
 
     # -- versions --------------------------------------------------------------------------------------------------
 
@@ -173,9 +169,7 @@ class Registry:
         return record
 
     def describe_package(self, name_or_arn: str) -> dict:
-        record = self.package(name_or_arn)
-        record.pop("Tags", None)
-        return record
+        return untagged(self.package(name_or_arn))
 
     def update_package(self, request: dict) -> dict:
         with self.store.lock:
@@ -197,15 +191,7 @@ class Registry:
         ModelPackageType, which is Unversioned unless given (this registry keeps versions only)."""
         group = params.get("ModelPackageGroupName")
         kind = params.get("ModelPackageType") or ("Versioned" if group else "Unversioned")
-        records = [] if kind == "Unversioned" else filtered(self._packages(group), params, "ModelPackageName")
+        records = [] if kind == "Unversioned" else self._packages(group)
         if status := params.get("ModelApprovalStatus"):
             records = [r for r in records if r["ModelApprovalStatus"] == status]
-        summaries, token = page(
-            records,
-            params,
-            {"Name": "ModelPackageName", "CreationTime": "CreationTime"},
-            default_sort="CreationTime",
-            default_order="Ascending",
-        )
-        answer = {"ModelPackageSummaryList": [{k: r[k] for k in SUMMARY_FIELDS if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return PACKAGE_LISTING.answer(records, params)

@@ -28,6 +28,12 @@ ARN_FIELDS = {
 MAX_TAGS = 50
 
 
+def untagged(record: dict) -> dict:
+    """``record`` as Describe* answers it: without its tags, which ListTags answers."""
+    record.pop("Tags", None)
+    return record
+
+
 class Tags:
     def __init__(self, store: Store):
         self.store = store

@@ -1,15 +1,15 @@
 """Training jobs, run as SageMaker runs them: CreateTrainingJob, DescribeTrainingJob, ListTrainingJobs,
 StopTrainingJob.
 
-A job goes Starting (waiting for free cores) → Downloading (``sagemaker_submit_directory`` unpacked into the job's
-code directory, each S3 channel into ``input/data/<channel>``) → Training (``sagemaker_program`` with the
-SageMaker ``SM_*`` environment and the hyperparameters as ``--key value``, decoded as the training toolkit decodes
-them; or the job's own ContainerEntrypoint and ContainerArguments, as local_sagemaker.container runs them; one
-process per instance, each with its /opt/ml, loopback DDP when there are several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output
-data directory under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped
-(StopTrainingJob, or MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs, group
-``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``, as the Amazon provider's ``print_log`` reads
-it; FinalMetricDataList is the last match of each MetricDefinitions regex in the log.
+A job goes Starting (waiting for free cores, local_sagemaker.cores) → Downloading (``sagemaker_submit_directory``
+unpacked into the job's code directory, each S3 channel into ``input/data/<channel>``) → Training (script mode's
+entry point, as local_sagemaker.script_mode runs it, or the job's own ContainerEntrypoint and ContainerArguments, as
+local_sagemaker.container runs them; one process per instance, each with its /opt/ml, loopback DDP when there are
+several) → Uploading (``model.tar.gz`` of the model directory and ``output.tar.gz`` of the output data directory
+under ``<S3OutputPath>/<job>/output/``) → Completed; or Failed with a FailureReason, or Stopped (StopTrainingJob, or
+MaxRuntimeInSeconds). Each host's log goes to CloudWatch Logs (local_sagemaker.job_logs), group
+``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-<n>-<epoch>``; FinalMetricDataList is the last match of each
+MetricDefinitions regex in the log.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from local_sagemaker import aws, container, processes
-from local_sagemaker.archives import ArchiveError, pack, unpack
-from local_sagemaker.container import decoded_value, host_environments, host_roots, user_args
-from local_sagemaker.listing import filtered, page
-from local_sagemaker.protocol import ResourceInUse, ResourceLimitExceeded, ValidationException, arn, not_found
+from local_sagemaker import aws, container, processes, script_mode
+from local_sagemaker.archives import pack
+from local_sagemaker.container import host_environments, host_roots
+from local_sagemaker.cores import Cores, check_instance_count
+from local_sagemaker.job_logs import LogStreams
+from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, stop_all
+from local_sagemaker.listing import Listing
+from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason, not_found
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
 
@@ -45,11 +48,18 @@ LOG_TAIL_LINES = 40
 # Mapped Airflow tasks start their jobs within a second or so of each other: a job that finds the machine idle
 # waits this long in Starting, so that the sweep's jobs share the cores instead of the first taking them all.
 STARTING_SECONDS = 1.0
-LOG_FLUSH_SECONDS = 1.0
 TERMINAL = ("Completed", "Failed", "Stopped")
-# Each instance of a job is a process of its own here: this service's quota of instances per training job, as an
-# AWS account has one per instance type (a tuning job's training jobs count one by one).
-MAX_INSTANCES = 8
+# What ListTrainingJobs says of a job.
+SUMMARY_KEYS = (
+    "TrainingJobName",
+    "TrainingJobArn",
+    "CreationTime",
+    "TrainingEndTime",
+    "LastModifiedTime",
+    "TrainingJobStatus",
+    "SecondaryStatus",
+)
+LISTING = Listing("TrainingJobSummaries", "TrainingJobName", "TrainingJobStatus", SUMMARY_KEYS)
 # What DescribeTrainingJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TrainingJobName",
@@ -71,168 +81,6 @@ REQUEST_KEYS = (
     "TensorBoardOutputConfig",
     "RetryStrategy",
 )
-
-
-class JobStopped(Exception):
-    def __init__(self, secondary: str = "Stopped", reason: str | None = None):
-        super().__init__(reason or secondary)
-        self.secondary, self.reason = secondary, reason
-
-
-class JobFailed(Exception):
-    """The job failed; the message is its FailureReason."""
-
-
-class Cores:
-    """The machine's cores, handed to jobs first come, first served. A job joins the queue when it is created and
-    takes its share of what is free among the jobs queued with it (a burst of jobs created together gets one core
-    each, not all to the first), and at least one core per instance (capped at the machine)."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.free = total
-        self.waiting: list[str] = []
-        self.condition = threading.Condition()
-
-    def join(self, name: str) -> None:
-        with self.condition:
-            if name not in self.waiting:
-                self.waiting.append(name)
-
-    def leave(self, name: str) -> None:
-        with self.condition:
-            if name in self.waiting:
-                self.waiting.remove(name)
-                self.condition.notify_all()
-
-    def acquire(self, name: str, minimum: int, stopped: threading.Event) -> int:
-        minimum = min(max(1, minimum), self.total)
-        self.join(name)
-        with self.condition:
-            try:
-                while not (self.waiting[0] == name and self.free >= minimum):
-                    if stopped.is_set():
-                        raise JobStopped()
-                    self.condition.wait(0.2)
-                share = max(minimum, self.free // len(self.waiting))
-                self.free -= share
-                return share
-            finally:
-                self.waiting.remove(name)
-                self.condition.notify_all()
-
-    def release(self, count: int) -> None:
-        with self.condition:
-            self.free += count
-            self.condition.notify_all()
-
-
-def check_instance_count(resources: Mapping) -> None:
-    """ResourceLimitExceeded past this service's quota, in AWS's words; ValidationException below one instance."""
-    count = resources.get("InstanceCount")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValidationException(
-            f"1 validation error detected: Value {count!r} at 'resourceConfig.instanceCount' failed to satisfy "
-            "constraint: Member must have value greater than or equal to 1"
-        )
-    if count > MAX_INSTANCES:
-        raise ResourceLimitExceeded(
-            f"The account-level service limit '{resources.get('InstanceType', 'instance')} for training job usage' "
-            f"is {MAX_INSTANCES} Instances, with current utilization of 0 Instances and a request delta of {count} "
-            "Instances. Please use AWS Service Quotas to request an increase for this quota."
-        )
-
-
-def check_code(
-    specification: Mapping,
-    hyperparameters: Mapping[str, str],
-    *,
-    specification_name: str = "AlgorithmSpecification",
-    hyperparameters_name: str = "HyperParameters",
-) -> None:
-    """ValidationException unless the job names code this service runs: the container's own command
-    (local_sagemaker.container) or, without one, a script-mode job's sourcedir and entry point."""
-    if container.command(specification, specification_name) is None:
-        check_script_mode(hyperparameters, hyperparameters_name)
-
-
-def check_script_mode(hyperparameters: Mapping[str, str], what: str = "HyperParameters") -> None:
-    """ValidationException unless ``hyperparameters`` name a script-mode job's code, as the training toolkit reads
-    them (JSON-decoded): its sourcedir, and an entry point that is a file inside it."""
-    for key in ("sagemaker_program", "sagemaker_submit_directory"):
-        if key not in hyperparameters:
-            raise ValidationException(
-                f"{what} lack {key}: this local service runs the SageMaker framework containers' contract: script "
-                "mode (sagemaker_program and sagemaker_submit_directory), or the command in "
-                "AlgorithmSpecification.ContainerEntrypoint and ContainerArguments"
-            )
-    program = decoded_value(hyperparameters["sagemaker_program"])
-    path = PurePosixPath(program) if isinstance(program, str) else PurePosixPath()
-    if (
-        not path.parts
-        or path.is_absolute()
-        or ".." in path.parts
-        or program.startswith("-")
-        or any(character in program for character in "\\\0\n")
-    ):
-        raise ValidationException(
-            f"{what}: sagemaker_program {program!r} must name a file inside the job's code "
-            "(a relative path, without '..')"
-        )
-    if not isinstance(decoded_value(hyperparameters["sagemaker_submit_directory"]), str):
-        raise ValidationException(f"{what}: sagemaker_submit_directory must be an s3://bucket/key URI")
-
-
-class LogStreams:
-    """A job's log lines to CloudWatch Logs, one stream per host, in batches: a job's log never waits on Logs.
-    ``logs``: a CloudWatch Logs client of the job's role; ``group``: training jobs' by default (transform jobs log the
-    same way to theirs)."""
-
-    def __init__(self, job_name: str, hosts: list[str], logs, group: str = LOG_GROUP):
-        epoch = int(time.time())
-        self.logs = logs
-        self.group = group
-        self.streams = {host: f"{job_name}/{host}-{epoch}" for host in hosts}
-        self.pending: dict[str, list[dict]] = {host: [] for host in hosts}
-        self.last_flush = time.monotonic()
-        self.broken = False
-        self._create()
-
-    def _create(self) -> None:
-        try:
-            logs = self.logs
-            with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
-                logs.create_log_group(logGroupName=self.group)
-            for stream in self.streams.values():
-                with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
-                    logs.create_log_stream(logGroupName=self.group, logStreamName=stream)
-        except Exception as error:  # CloudWatch Logs down: the job runs on, with its log on disk
-            self._broke(error)
-
-    def _broke(self, error: Exception) -> None:
-        if not self.broken:
-            log.warning("CloudWatch Logs unreachable, job logs stay on disk only: %s", error)
-        self.broken = True
-
-    def add(self, host: str, line: str) -> None:
-        self.pending[host].append({"timestamp": int(time.time() * 1000), "message": line})
-
-    def flush(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self.last_flush < LOG_FLUSH_SECONDS:
-            return
-        self.last_flush = time.monotonic()
-        for host, events in self.pending.items():
-            if not events or self.broken:
-                events.clear()
-                continue
-            batch, self.pending[host] = events, []
-            try:
-                for start in range(0, len(batch), 5000):
-                    self.logs.put_log_events(
-                        logGroupName=self.group, logStreamName=self.streams[host], logEvents=batch[start : start + 5000]
-                    )
-            except Exception as error:
-                self._broke(error)
 
 
 @dataclasses.dataclass
@@ -323,7 +171,7 @@ class TrainingJobs:
         """CreateTrainingJob; a tuning job's jobs also name it (``tuning_job_arn``, DescribeTrainingJob's
         TuningJobArn) and have their metrics observed as they are logged (``on_metric``)."""
         name = request["TrainingJobName"]
-        check_code(request["AlgorithmSpecification"], request.get("HyperParameters", {}))
+        script_mode.check_code(request["AlgorithmSpecification"], request.get("HyperParameters", {}))
         check_instance_count(request["ResourceConfig"])
         self.roles.check(request["RoleArn"], self.arn(name))
         with self.store.lock:
@@ -372,20 +220,7 @@ class TrainingJobs:
         return record
 
     def list(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "TrainingJobName", "TrainingJobStatus")
-        sort_by = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus"}
-        summaries, token = page(records, params, sort_by, default_sort="CreationTime")
-        keys = (
-            "TrainingJobName",
-            "TrainingJobArn",
-            "CreationTime",
-            "TrainingEndTime",
-            "LastModifiedTime",
-            "TrainingJobStatus",
-            "SecondaryStatus",
-        )
-        answer = {"TrainingJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return LISTING.answer(self.store.items(KIND), params)
 
     def stop(self, name: str) -> dict:
         record = self.describe(name)
@@ -400,11 +235,7 @@ class TrainingJobs:
 
     def shutdown(self) -> None:
         """Stop every running job (the service is going away, and its jobs with it)."""
-        for running in list(self.running.values()):
-            running.stop.set()
-        for running in list(self.running.values()):
-            if running.thread:
-                running.thread.join(timeout=processes.JOB_STOP_GRACE_SECONDS + 5)
+        stop_all(self.running.values(), timeout=processes.JOB_STOP_GRACE_SECONDS + 5)
 
     # -- running a job ---------------------------------------------------------------------------------------------
 
@@ -435,7 +266,7 @@ class TrainingJobs:
             count = int(record["ResourceConfig"]["InstanceCount"])
             fields.update(TrainingTimeInSeconds=seconds, BillableTimeInSeconds=seconds * count)
         if reason:
-            fields["FailureReason"] = reason[:1024]
+            fields["FailureReason"] = failure_reason(reason)
         message = {"Completed": "Training job completed", "Failed": reason or "Training job failed"}
         self._transition(
             name,
@@ -458,6 +289,8 @@ class TrainingJobs:
             running.stop.wait(STARTING_SECONDS)
             count = int(record["ResourceConfig"]["InstanceCount"])
             cores = self.cores.acquire(name, count, running.stop)
+            if cores is None:
+                raise JobStopped()
             self._transition(name, "Downloading", "Downloading input data")
             try:
                 role = self.roles.session(record["RoleArn"], record["TrainingJobArn"])
@@ -466,18 +299,11 @@ class TrainingJobs:
             s3 = role.client("s3")
             command = container.command(record["AlgorithmSpecification"])
             if command is None:  # script mode: the toolkit unpacks the sourcedir into /opt/ml/code
-                uri = decoded_value(record["HyperParameters"]["sagemaker_submit_directory"])
-                try:
-                    code = self._get(s3, uri, "sagemaker_submit_directory")
-                    if address := aws.content_address(uri):  # code is run only as the key that names it says
-                        aws.check_digest(code, address, f"sagemaker_submit_directory {uri}")
-                    unpack(code, ml_dir / "code", uri)
-                except (ArchiveError, ValueError) as error:
-                    raise JobFailed(f"ClientError: {error}: refused") from None
+                script_mode.unpack_code(s3, record["HyperParameters"], ml_dir / "code")
             channels = [channel["ChannelName"] for channel in record.get("InputDataConfig", [])]
             for channel in record.get("InputDataConfig", []):
                 self._download_channel(s3, channel, ml_dir / "input" / "data" / channel["ChannelName"])
-            self._check_stop(running)
+            check_stop(running.stop)
             self._transition(
                 name, "Training", "Training image download completed. Training in progress.", TrainingStartTime=now()
             )
@@ -506,19 +332,6 @@ class TrainingJobs:
                 self.cores.release(cores)
             _drop_channels(ml_dir)
             self.running.pop(name, None)
-
-    @staticmethod
-    def _check_stop(running: _Running) -> None:
-        if running.stop.is_set():
-            raise JobStopped()
-
-    @staticmethod
-    def _get(s3, uri: str, what: str) -> bytes:
-        try:
-            bucket, key = aws.split_s3_uri(uri)
-            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as error:
-            raise JobFailed(f"ClientError: cannot read {what} {uri}: {error}") from None
 
     @staticmethod
     def _download_channel(s3, channel: Mapping, target: Path) -> Path:
@@ -601,7 +414,7 @@ class TrainingJobs:
         container.lay_out(record, roots, channels, command)
         definitions = record["AlgorithmSpecification"].get("MetricDefinitions", [])
         patterns = {definition["Name"]: re.compile(definition["Regex"]) for definition in definitions}
-        program = decoded_value(hyperparameters["sagemaker_program"]) if command is None else None
+        program = script_mode.program(hyperparameters) if command is None else None
         aws_environment = {
             **aws.endpoint_environment(),
             **self.roles.process_environment(role.role_arn, role.source_arn, self.service_url),
@@ -619,9 +432,9 @@ class TrainingJobs:
             environment=record.get("Environment"),
         )
         hosts = [env["SM_CURRENT_HOST"] for env in environments]
-        streams = LogStreams(name, hosts, role.client("logs"))
+        streams = LogStreams(name, hosts, role.client("logs"), LOG_GROUP)
         if command is None:
-            commands = [[sys.executable, program, *user_args(hyperparameters)]] * count
+            commands = [script_mode.argv(program, hyperparameters)] * count
             workdirs = [root / "code" for root in roots]
         else:
             commands = [command.argv_for(root) for root in roots]
@@ -652,12 +465,7 @@ class TrainingJobs:
         outcome: JobStopped | JobFailed | None = None
         try:
             if program is not None:
-                code = (ml_dir / "code").resolve()
-                entry_point = (code / program).resolve()
-                if not entry_point.is_relative_to(code) or not entry_point.is_file():
-                    raise JobFailed(
-                        f"ClientError: the entry point {program} is not a file in sagemaker_submit_directory"
-                    )
+                script_mode.check_entry_point(ml_dir / "code", program)
             for env, argv, workdir in zip(environments, commands, workdirs, strict=True):
                 process, started = processes.spawn(argv, env=env, cwd=workdir, stdout=-1)
                 running.processes.append(process)

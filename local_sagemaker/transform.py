@@ -40,14 +40,15 @@ import uvloop
 from botocore.exceptions import ClientError
 
 from local_sagemaker import aws, model_servers, processes
-from local_sagemaker.listing import filtered, page
+from local_sagemaker.job_logs import LogStreams
+from local_sagemaker.jobs import JobFailed, JobStopped, check_stop, stop_all
+from local_sagemaker.listing import Listing
 from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
-from local_sagemaker.protocol import ResourceInUse, ValidationException, arn
+from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.runtime import Reply, Upstreams
 from local_sagemaker.store import Store, now
-from local_sagemaker.training import LogStreams
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,19 @@ S3_THREADS = 8  # the objects of a job move in parallel: S3 answers each request
 STOP_POLL_SECONDS = 0.05
 SETTLE_SECONDS = 30.0  # the most a started server's workers may take to finish loading the model
 SERVICE_STOPPED = "InternalServerError: the local SageMaker service stopped while the job ran"
+# What ListTransformJobs says of a job.
+SUMMARY_KEYS = (
+    "TransformJobName",
+    "TransformJobArn",
+    "CreationTime",
+    "TransformEndTime",
+    "LastModifiedTime",
+    "TransformJobStatus",
+    "FailureReason",
+)
+LISTING = Listing(
+    "TransformJobSummaries", "TransformJobName", "TransformJobStatus", SUMMARY_KEYS, default_order="Descending"
+)
 # What DescribeTransformJob answers of the request as it was made.
 REQUEST_KEYS = (
     "TransformJobName",
@@ -79,14 +93,6 @@ REQUEST_KEYS = (
     "DataProcessing",
     "ExperimentConfig",
 )
-
-
-class JobFailed(Exception):
-    """The job failed; the message is its FailureReason."""
-
-
-class JobStopped(Exception):
-    """StopTransformJob, or the service's own stop."""
 
 
 class RecordTooLarge(ValueError):
@@ -316,20 +322,7 @@ class TransformJobs:
         return record
 
     def list(self, params: dict) -> dict:
-        records = filtered(self.store.items(KIND), params, "TransformJobName", "TransformJobStatus")
-        sort_by = {"Name": "TransformJobName", "CreationTime": "CreationTime", "Status": "TransformJobStatus"}
-        summaries, token = page(records, params, sort_by, default_sort="CreationTime", default_order="Descending")
-        keys = (
-            "TransformJobName",
-            "TransformJobArn",
-            "CreationTime",
-            "TransformEndTime",
-            "LastModifiedTime",
-            "TransformJobStatus",
-            "FailureReason",
-        )
-        answer = {"TransformJobSummaries": [{k: r[k] for k in keys if k in r} for r in summaries]}
-        return answer | ({"NextToken": token} if token else {})
+        return LISTING.answer(self.store.items(KIND), params)
 
     def stop(self, name: str) -> dict:
         with self.store.lock:
@@ -349,10 +342,7 @@ class TransformJobs:
         """Stop every running job (the service is going away, and its model servers with it)."""
         for running in list(self.running.values()):
             running.shutdown = True
-            running.stop.set()
-        for running in list(self.running.values()):
-            if running.thread:
-                running.thread.join(timeout=30)
+        stop_all(self.running.values(), timeout=30)
 
     # -- running a job ---------------------------------------------------------------------------------------------
 
@@ -362,7 +352,7 @@ class TransformJobs:
     def _finish(self, name: str, status: str, reason: str | None = None) -> None:
         fields = {"TransformJobStatus": status, "TransformEndTime": now()}
         if reason:
-            fields["FailureReason"] = reason[:1024]
+            fields["FailureReason"] = failure_reason(reason)
         self._set(name, **fields)
         log.info("Transform job %s: %s%s", name, status, f" ({reason})" if reason else "")
 
@@ -384,7 +374,7 @@ class TransformJobs:
             self.running.pop(name, None)
             return
         s3 = role.client("s3")
-        streams = LogStreams(name, instances, role.client("logs"), group=LOG_GROUP)
+        streams = LogStreams(name, instances, role.client("logs"), LOG_GROUP)
 
         def say(line: str, instance: str = instances[0]) -> None:
             streams.add(instance, line)
@@ -443,11 +433,6 @@ class TransformJobs:
             self.running.pop(name, None)
 
     @staticmethod
-    def _check_stop(running: _Running) -> None:
-        if running.stop.is_set():
-            raise JobStopped()
-
-    @staticmethod
     def _inputs(s3, record: dict) -> list[tuple[str, str, str]]:
         """(bucket, key, name) of each input object, ``name`` its key relative to the prefix."""
         source = record["TransformInput"]["DataSource"]["S3DataSource"]
@@ -479,7 +464,7 @@ class TransformJobs:
         directory.mkdir(parents=True, exist_ok=True)
 
         def fetch(index: int) -> _Object:
-            self._check_stop(running)
+            check_stop(running.stop)
             bucket, key, name = inputs[index]
             path = directory / str(index)  # by number: names under the prefix need no folders here
             try:
@@ -506,7 +491,7 @@ class TransformJobs:
             model_dir = model_servers.model_dir(work / "model", container["ModelDataUrl"], role.client("s3"))
         except LaunchFailed as error:
             raise JobFailed(f"ClientError: {error}") from None
-        self._check_stop(running)
+        check_stop(running.stop)
         environment = {**container.get("Environment", {}), **record.get("Environment", {})}
         workers = max(1, self.cpus // len(instances))
         aws_environment = {
@@ -540,7 +525,7 @@ class TransformJobs:
                 errors.append(error)
         # In the job's record: a service that crashes from here on stops them at its next start.
         self.store.update(KIND, name, Local={"servers": running.servers})
-        self._check_stop(running)
+        check_stop(running.stop)
         if errors:
             if isinstance(errors[0], LaunchFailed):
                 raise JobFailed(f"AlgorithmError: {errors[0]}")
@@ -587,7 +572,7 @@ class TransformJobs:
         separator = b"\n" if record["TransformOutput"].get("AssembleWith", "None") == "Line" else b""
 
         def put(obj: _Object) -> None:
-            self._check_stop(running)  # a stopped job writes no more output
+            check_stop(running.stop)  # a stopped job writes no more output
             replies = [obj.replies[index] for index in range(len(obj.replies))]
             body = b"".join(reply + separator for reply in replies)
             aws.put_verified(s3, *aws.split_s3_uri(f"{output}/{obj.name}.out"), body)
