@@ -16,14 +16,15 @@ from tasks.names import DAG_ID, DRIFT_DAG_ID
 
 log = logging.getLogger(__name__)
 
-TASKS = ("select_best", "gate", "candidate", "deploy", "monitor", "report")
+TASKS = ("select_best", "gate", "candidate", "deploy", "monitor", "undo_unchecked", "report")
 DRIFT_TASKS = ("check_capture", "alert")
 NOTE_LIMIT = 1000  # the note column's size
 
 
 def summary(results: dict, state: str) -> str:
     """The paragraph for a run that ended in ``state``, from its tasks' return values (absent: did not return)."""
-    best, gate, choice, deployment, check, report = (results.get(task) for task in TASKS)
+    best, gate, choice, deployment, check, undone, report = (results.get(task) for task in TASKS)
+    check = undone or check  # a deployment left unchecked, undone by the teardown as a failed check is
     if not best and not choice:
         return f"Run {state}: no model was selected (a task before the selection failed; see the failed task)."
     parts = []
