@@ -98,11 +98,16 @@ def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
         best_of([])
 
 
-def test_final_metric_is_percent_and_metrics_json_fills_in():
-    metrics = {"test_accuracy": 0.9, "parameters": 99, "history": [{"test_accuracy": 0.8}, {"test_accuracy": 0.9}]}
-    row = trial(description("j", 4, 97.14), metrics)
+METRICS = {"test_accuracy": 0.9, "parameters": 99, "history": [{"test_accuracy": 0.8}, {"test_accuracy": 0.9}]}
+
+
+def test_final_metric_is_percent():
+    row = trial(description("j", 4, 97.14), METRICS)
     assert (row["test_accuracy"], row["parameters"], row["accuracy_min"]) == (0.9714, 99, 0.8)
-    assert trial(description("j", 4, None), metrics)["test_accuracy"] == 0.9
+
+
+def test_metrics_json_fills_in():
+    assert trial(description("j", 4, None), METRICS)["test_accuracy"] == 0.9
     with pytest.raises(SelectionError, match=r"training job j reported no test:accuracy .* has train:loss\)"):
         trial(description("j", 4, None), None)
 
