@@ -84,7 +84,7 @@ def read_run(database: Path) -> dict:
 UPSTREAM = """
 import json
 from airflow.dag_processing.dagbag import DagBag
-dag = DagBag(dag_folder="dags/mnist_sweep.py", include_examples=False).get_dag("mnist_sweep")
+dag = DagBag("dags/mnist_sweep.py").dags["mnist_sweep"]
 print(json.dumps({task.task_id: sorted(task.upstream_task_ids) for task in dag.tasks}))
 """
 

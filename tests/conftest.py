@@ -45,7 +45,7 @@ def mnist_mirror_roots(tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from tests.local_stack import stop_shared
+    from tests.helpers.local_stack import stop_shared
 
     stop_shared()
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
@@ -145,7 +145,7 @@ def airflow_db():
 @pytest.fixture(scope="session")
 def small_mnist(tmp_path_factory) -> Path:
     """A directory with the four MNIST files: 600 training and 100 test images of learnable synthetic digits."""
-    from tests.synthetic_mnist import make_mnist
+    from tests.helpers.synthetic_mnist import make_mnist
 
     directory = tmp_path_factory.mktemp("small-mnist")
     make_mnist(directory)
@@ -169,7 +169,7 @@ def real_mnist() -> Path:
     return REAL_MNIST
 
 
-# The files that share one local stack (tests/local_stack.py): under xdist they run on one worker, one stack.
+# The files that share one local stack (tests/helpers/local_stack.py): under xdist they run on one worker, one stack.
 STACK_FILES = {"tests/test_stack.py", "tests/test_browser.py", "tests/test_faults.py"}
 # The long scopes start first, longest first (as measured by `pytest --junitxml` here, the real-data tests included),
 # so that the many short files fill the workers at the end rather than one long file running alone there.

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.dag_runs import configure, states, xcoms
-from tests.registry_helpers import register
+from tests.helpers.dag_runs import configure, states, xcoms
+from tests.helpers.registry import register
 
-pytest_plugins = ["tests.model_artifact"]  # the model_tarball and test_set fixtures
+pytest_plugins = ["tests.helpers.model_artifact"]  # the model_tarball and test_set fixtures
 
 GROUP = "batch-local"
 BIG_INSTANCE = "ml.p4d.24xlarge"  # a valid type, not one the configuration allows

@@ -13,13 +13,13 @@ import contextlib
 import json
 import re
 import shutil
-import time
 from urllib.parse import quote
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.local_stack import shared_stack
+from tests.helpers.local_stack import shared_stack
+from tests.helpers.polling import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,13 +58,13 @@ def page():
 
 
 def wait_for_run(api, run_id: str, timeout: float = 420) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json()
-        if run["state"] in ("success", "failed"):
-            return run
-        time.sleep(3)
-    raise AssertionError(f"run {run_id} did not finish within {timeout} s")
+    return wait_until(
+        lambda: api.get(f"/dags/mnist_sweep/dagRuns/{run_id}").json(),
+        lambda run: run["state"] in ("success", "failed"),
+        timeout=timeout,
+        interval=3,
+        failure=f"run {run_id} did not finish",
+    )
 
 
 def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
@@ -102,12 +102,14 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
     dialog.get_by_role("button", name="Trigger").click()
 
     with stack.api() as api:
-        deadline = time.monotonic() + 60
-        new = []
-        while not new and time.monotonic() < deadline:
-            runs = api.get("/dags/mnist_sweep/dagRuns").json()["dag_runs"]
-            new = [run for run in runs if run["dag_run_id"] not in known]
-            time.sleep(1)
+        new = wait_until(
+            lambda: [
+                run for run in api.get("/dags/mnist_sweep/dagRuns").json()["dag_runs"] if run["dag_run_id"] not in known
+            ],
+            timeout=60,
+            interval=1,
+            fail=False,
+        )
         assert len(new) == 1, "the trigger form started no run"
         run_id = new[0]["dag_run_id"]
         assert new[0]["conf"]["hidden_channels"] == HIDDEN_CHANNELS
@@ -144,10 +146,12 @@ def test_trigger_form_runs_the_sweep(stack, page, small_mnist):
     # Its figures load under the view's sandbox: the page keeps its origin, so the session cookie goes with them.
     figures = frame.locator("img")
     assert figures.count() >= 1
-    deadline = time.monotonic() + 30
-    while not all(figures.nth(i).evaluate("img => img.complete") for i in range(figures.count())):
-        assert time.monotonic() < deadline, "the report's figures did not load"
-        time.sleep(0.5)
+    wait_until(
+        lambda: all(figures.nth(i).evaluate("img => img.complete") for i in range(figures.count())),
+        timeout=30,
+        interval=0.5,
+        failure="the report's figures did not load",
+    )
     widths = [figures.nth(i).evaluate("img => img.naturalWidth") for i in range(figures.count())]
     assert 0 not in widths, f"a figure of the report was refused: {widths}"
     page.screenshot(path=SCREENSHOTS / "7-sweep-report-in-the-ui.png", full_page=True)
@@ -216,19 +220,20 @@ def _start_review(stack, small_mnist, conf: dict, timeout: float) -> tuple[str, 
         )
         assert created.status_code == 200, created.text
         run_id = created.json()["dag_run_id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def asked() -> bool:
             review = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/review").json()
             if review["state"] == "awaiting_input":
-                arn = api.get(
-                    f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/register/xcomEntries/"
-                    "return_value"
-                ).json()["value"]
-                return run_id, int(arn.rsplit("/", 1)[1])
+                return True
             run = api.get(f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}").json()
             assert run["state"] in ("queued", "running"), f"run {run_id} {run['state']} before its review asked"
-            time.sleep(3)
-    raise AssertionError(f"the review of run {run_id} did not wait for a person within {timeout} s")
+            return False
+
+        wait_until(asked, timeout=timeout, interval=3, failure=f"the review of run {run_id} did not wait for a person")
+        arn = api.get(
+            f"/dags/mnist_sweep/dagRuns/{quote(run_id, safe='')}/taskInstances/register/xcomEntries/return_value"
+        ).json()["value"]
+        return run_id, int(arn.rsplit("/", 1)[1])
 
 
 def answer_in_the_ui(page, stack, version: int, answer: str, comment: str, screenshot=None) -> str:

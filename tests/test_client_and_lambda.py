@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from mnist_client import Client, PredictionError, predict
-from tests.conftest import EXECUTION_ROLE
-from tests.endpoint_helpers import model_artifacts, pack
+from tests.helpers.endpoints import serve_trained_model
 from training.mnist_idx import load_mnist
 
 BUCKET = "client-and-lambda"
@@ -23,22 +22,9 @@ POLICY = "mnist_lambda/iam-policy.json"
 
 @pytest.fixture(scope="module")
 def endpoint(local_sagemaker, local_sagemaker_runtime, local_aws, small_mnist, tmp_path_factory) -> dict:
-    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
-    s3 = boto3.client("s3", endpoint_url=local_aws)
-    s3.create_bucket(Bucket=BUCKET)
-    archive = pack(built["good"], tmp_path_factory.mktemp("client-artifact") / "model.tar.gz")
-    s3.upload_file(str(archive), BUCKET, "good/model.tar.gz")
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    sagemaker.create_model(
-        ModelName=ENDPOINT,
-        ExecutionRoleArn=EXECUTION_ROLE,
-        PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"},
+    sagemaker, built = serve_trained_model(
+        local_sagemaker, local_aws, small_mnist, tmp_path_factory, BUCKET, "good/model.tar.gz", ENDPOINT
     )
-    sagemaker.create_endpoint_config(
-        EndpointConfigName=ENDPOINT,
-        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": ENDPOINT, "InitialInstanceCount": 1}],
-    )
-    sagemaker.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=ENDPOINT)
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=ENDPOINT, WaiterConfig={"Delay": 1})
     data = load_mnist(small_mnist)
     yield {

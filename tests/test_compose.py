@@ -154,6 +154,9 @@ def test_services_and_health_checks(services):
     assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     init = " ".join(services["airflow-init"]["command"])
     assert "airflow db migrate" in init and "python -m cli.local_aws setup --endpoint-url http://local-aws:5000" in init
+
+
+def test_each_service_has_its_own_key(services):
     # The local SageMaker service sees the local AWS and its own key, nothing of Airflow's; Airflow signs with the
     # pipeline's key; the administrator's reach only the local AWS and the one-shot init.
     sagemaker = services["local-sagemaker"]
@@ -175,6 +178,9 @@ def test_services_and_health_checks(services):
         .intersection({services["local-aws"]["environment"]["LOCAL_SAGEMAKER_AWS_SECRET_ACCESS_KEY"]})
         .pop()
     )
+
+
+def test_the_local_aws_keeps_its_state_in_a_volume(services):
     # The local AWS keeps its state in a volume of its own: moto's recording, replayed at start.
     local_aws = services["local-aws"]
     assert local_aws["entrypoint"] == ["python", "-m", "cli.local_aws"] and local_aws["command"][0] == "serve"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
+from tests.helpers.dag_runs import DAG_FILE, parse_dag, run_sweep, states, xcoms
 
 HEAVY = ("torch", "pandas", "great_expectations", "sagemaker", "numpy")
 PARAMS = (

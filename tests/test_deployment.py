@@ -21,7 +21,7 @@ from tasks.deployment import (
     sagemaker_deploy_requests,
     wait_settled,
 )
-from tests.endpoint_helpers import model_artifacts, pack
+from tests.helpers.endpoints import model_artifacts, pack
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
 BEST = {
@@ -74,17 +74,27 @@ def _best(run: str, model_data_url: str) -> dict:
     return {**BEST, "training_job_name": f"{run}-hc10-1a2b3c4d", "model_data_url": model_data_url}
 
 
-def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, local_sagemaker):
-    endpoint, run = f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
-    config = load_config()
-    deployed = roll_out(
-        _best(run, artifacts["good"]),
-        previous_endpoint_config_name=None,
+def _deploy(config, run: str, model_data_url: str, endpoint: str, previous: str | None = None, **options) -> dict:
+    """The deploy task on ``run``'s best model (at ``model_data_url``), checking the endpoint every second."""
+    return roll_out(
+        _best(run, model_data_url),
+        previous_endpoint_config_name=previous,
         endpoint_name=endpoint,
         run_id=run,
         config=config,
         check_interval=1,
+        **options,
     )
+
+
+def _endpoint_and_two_runs() -> tuple[str, str, str]:
+    return f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
+
+
+def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, local_sagemaker):
+    endpoint, run = f"dep-{uuid.uuid4().hex[:8]}", f"run-{uuid.uuid4().hex[:8]}"
+    config = load_config()
+    deployed = _deploy(config, run, artifacts["good"], endpoint)
     assert deployed == {
         "endpoint_name": endpoint,
         "endpoint_config_name": endpoint_config_name(endpoint, run),
@@ -95,14 +105,7 @@ def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, loca
         "baking": False,
     }
     # A retry: SageMaker refuses to create a model or an endpoint config twice, and the deploy finds them.
-    again = roll_out(
-        _best(run, artifacts["good"]),
-        previous_endpoint_config_name=None,
-        endpoint_name=endpoint,
-        run_id=run,
-        config=config,
-        check_interval=1,
-    )
+    again = _deploy(config, run, artifacts["good"], endpoint)
     assert again == deployed
 
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
@@ -118,29 +121,17 @@ def test_deploy_creates_once_per_run_and_a_retry_changes_nothing(artifacts, loca
 
 
 def test_deploy_of_a_later_run_updates_the_endpoint(artifacts, local_sagemaker):
-    endpoint, first, second = (
-        f"dep-{uuid.uuid4().hex[:8]}",
-        f"run-{uuid.uuid4().hex[:8]}",
-        f"run-{uuid.uuid4().hex[:8]}",
-    )
+    endpoint, first, second = _endpoint_and_two_runs()
     config = load_config()
-    served = roll_out(
-        _best(first, artifacts["good"]),
-        previous_endpoint_config_name=None,
-        endpoint_name=endpoint,
-        run_id=first,
-        config=config,
-        check_interval=1,
-    )
+    served = _deploy(config, first, artifacts["good"], endpoint)
     traffic = {"traffic_shift": "linear", "percent": 50, "wait_seconds": 1, "bake_seconds": 3}
     thresholds = {"max_5xx_rate": 0.05, "min_rate_requests": 100, "alarm_p99_model_latency_ms": 5000}
-    updated = roll_out(
-        _best(second, artifacts["shuffled"]),
-        previous_endpoint_config_name=served["endpoint_config_name"],
-        endpoint_name=endpoint,
-        run_id=second,
-        config=config,
-        check_interval=1,
+    updated = _deploy(
+        config,
+        second,
+        artifacts["shuffled"],
+        endpoint,
+        served["endpoint_config_name"],
         traffic=traffic,
         alarm_thresholds=thresholds,
     )
@@ -190,29 +181,11 @@ def test_deployment_configs_pass_the_api_model(shift):
 
 def test_a_deploy_whose_update_cannot_come_up_fails_naming_why(artifacts, local_sagemaker, local_aws):
     boto3.client("s3", endpoint_url=local_aws).put_object(Bucket="deployment", Key="broken/model.tar.gz", Body=b"x")
-    endpoint, first, second = (
-        f"dep-{uuid.uuid4().hex[:8]}",
-        f"run-{uuid.uuid4().hex[:8]}",
-        f"run-{uuid.uuid4().hex[:8]}",
-    )
+    endpoint, first, second = _endpoint_and_two_runs()
     config = load_config()
-    served = roll_out(
-        _best(first, artifacts["good"]),
-        previous_endpoint_config_name=None,
-        endpoint_name=endpoint,
-        run_id=first,
-        config=config,
-        check_interval=1,
-    )
+    served = _deploy(config, first, artifacts["good"], endpoint)
     with pytest.raises(RolledBack, match=r"serves config .*, not .*: Failed to update endpoint"):
-        roll_out(
-            _best(second, "s3://deployment/broken/model.tar.gz"),
-            previous_endpoint_config_name=served["endpoint_config_name"],
-            endpoint_name=endpoint,
-            run_id=second,
-            config=config,
-            check_interval=1,
-        )
+        _deploy(config, second, "s3://deployment/broken/model.tar.gz", endpoint, served["endpoint_config_name"])
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     assert sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"] == served["endpoint_config_name"]
     sagemaker.delete_endpoint(EndpointName=endpoint)

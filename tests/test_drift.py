@@ -11,16 +11,15 @@ retrain_interval_hours, only tell the topic. A window too small is not judged an
 from __future__ import annotations
 
 import datetime
-import json
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.alerts import read_alerts, subscribe_queue
-from tests.dag_runs import parse_dag, states, xcoms
-from tests.endpoint_helpers import pack, train_artifact
+from tests.helpers.alerts import read_alerts, subscribe_queue
+from tests.helpers.dag_runs import parse_dag, states, xcoms
+from tests.helpers.endpoints import pack, train_artifact
+from tests.helpers.traffic import invoke_all
 from training.mnist_idx import load_mnist
 
 pytestmark = [pytest.mark.long, pytest.mark.slow, pytest.mark.real_data]
@@ -129,32 +128,10 @@ def served(local_aws, local_sagemaker, airflow_db, real_mnist, tmp_path_factory)
 
 
 def send(config, images: np.ndarray) -> None:
-    """One request per digit, as JSON pixels (the endpoint's most common content type), then wait until the
-    capture holds them all (the runtime writes it in batches, off the request path)."""
-    from tasks.hooks import hook
+    """The digits through the endpoint, each a request, once its capture holds them all."""
+    from tasks.hooks import hook, s3_hook
 
-    runtime = hook(config, "sagemaker-runtime").conn
-    before = _captured(config)
-    for image in images:
-        body = json.dumps({"instances": [image.tolist()]})
-        runtime.invoke_endpoint(EndpointName=ENDPOINT, ContentType="application/json", Body=body)
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=60)
-    while _captured(config) < before + len(images):
-        assert datetime.datetime.now() < deadline, "the capture of the window never arrived in S3"
-        time.sleep(0.5)
-
-
-def _captured(config) -> int:
-    """Invocations captured so far (lines of every capture object of the endpoint)."""
-    from tasks import capture
-    from tasks.hooks import s3_hook
-
-    s3 = s3_hook(config).conn
-    listing = s3.list_objects_v2(Bucket=config.bucket, Prefix=capture.endpoint_prefix(config, ENDPOINT))
-    return sum(
-        s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
-        for item in listing.get("Contents", [])
-    )
+    invoke_all(hook(config, "sagemaker-runtime").conn, s3_hook(config).conn, config, ENDPOINT, images)
 
 
 def check(conf: dict | None = None):

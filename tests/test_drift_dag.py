@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import ROOT
-from tests.dag_runs import parse_dag
+from tests.helpers.dag_runs import parse_dag
 from tests.test_dag import HEAVY
 
 DRIFT_DAG_FILE = ROOT / "dags" / "mnist_drift.py"

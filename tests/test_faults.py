@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from tasks.training_jobs import training_job_name
-from tests.local_stack import shared_stack
+from tests.helpers.local_stack import shared_stack
+from tests.helpers.polling import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -28,16 +29,6 @@ RUN_TIMEOUT = 600
 @pytest.fixture
 def stack(request, small_mnist):
     return shared_stack(request, small_mnist)
-
-
-def wait_for(what: str, probe, timeout: float, interval: float = 0.2):
-    """``probe()``'s first truthy answer; fails naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if answer := probe():
-            return answer
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(interval)
 
 
 def trigger(stack, conf: dict, small_mnist) -> str:
@@ -55,11 +46,11 @@ def run_state(stack, run_id: str) -> str:
 
 
 def finished(stack, run_id: str, timeout: float = RUN_TIMEOUT) -> str:
-    return wait_for(
-        f"run {run_id} ends",
+    return wait_until(
         lambda: (s := run_state(stack, run_id)) in ("success", "failed") and s,
-        timeout,
+        timeout=timeout,
         interval=1,
+        failure=f"run {run_id} ends",
     )
 
 
@@ -82,7 +73,7 @@ def training_jobs(stack, job_name: str) -> list[dict]:
 def test_a_killed_training_process_is_retried_and_the_run_succeeds(stack, small_mnist):
     run_id = trigger(stack, QUICK, small_mnist)
     job = training_job_name(run_id, 4)
-    [victim] = wait_for("the training process starts", lambda: training_processes(job), 180)
+    [victim] = wait_until(lambda: training_processes(job), timeout=180, failure="the training process starts")
     victim.kill()
     assert finished(stack, run_id) == "success"
     jobs = training_jobs(stack, job)
@@ -95,7 +86,7 @@ def test_a_killed_training_process_is_retried_and_the_run_succeeds(stack, small_
 def test_a_training_task_marked_failed_stops_its_job_within_30_s(stack, small_mnist):
     run_id = trigger(stack, SLOW, small_mnist)
     job = training_job_name(run_id, 4)
-    running = wait_for("the training process starts", lambda: training_processes(job), 180)
+    running = wait_until(lambda: training_processes(job), timeout=180, failure="the training process starts")
     with stack.api() as api:  # what the UI's "mark as failed" sends
         marked = api.patch(f"/dags/mnist_sweep/dagRuns/{run_id}/taskInstances/train/0", json={"new_state": "failed"})
         assert marked.status_code == 200, marked.text
@@ -103,7 +94,9 @@ def test_a_training_task_marked_failed_stops_its_job_within_30_s(stack, small_mn
     _, alive = psutil.wait_procs(running, timeout=30)
     assert alive == [], f"still running after {time.monotonic() - started:.0f} s: {alive}"
     [stopped] = training_jobs(stack, job)
-    assert wait_for("the job is Stopped", lambda: training_jobs(stack, job)[0]["TrainingJobStatus"] == "Stopped", 30)
+    assert wait_until(
+        lambda: training_jobs(stack, job)[0]["TrainingJobStatus"] == "Stopped", timeout=30, failure="the job is Stopped"
+    )
     assert stopped["TrainingJobName"] == job
     assert finished(stack, run_id) == "failed"
     assert training_processes(job) == []
@@ -132,7 +125,7 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
 
     run_id = trigger(stack, {**QUICK, "epochs": 6, "batch_size": 8}, small_mnist)
     job = training_job_name(run_id, 4)
-    running = wait_for("the training process starts", lambda: training_processes(job), 180)
+    running = wait_until(lambda: training_processes(job), timeout=180, failure="the training process starts")
     assert stack.down().returncode == 0
     _, alive = psutil.wait_procs(running, timeout=30)
     assert alive == [], "down stops the jobs too"
@@ -159,7 +152,7 @@ def test_a_restart_of_the_whole_stack_mid_run_loses_nothing(stack, small_mnist):
 def test_a_scheduler_killed_mid_sweep_and_started_again_finishes_the_run_once(stack, small_mnist):
     run_id = trigger(stack, {**QUICK, "epochs": 8, "batch_size": 8}, small_mnist)
     job = training_job_name(run_id, 4)
-    wait_for("the training process starts", lambda: training_processes(job), 180)
+    wait_until(lambda: training_processes(job), timeout=180, failure="the training process starts")
     scheduler = psutil.Process(stack.state["processes"]["scheduler"]["pid"])
     workers = scheduler.children(recursive=True)  # its executor's: they outlive it
     scheduler.kill()

@@ -39,11 +39,14 @@ def test_malformed_idx_names_the_file(tmp_path, payload, message):
     assert str(path) in str(caught.value)
 
 
-def test_truncated_gzip_and_missing_file(tmp_path, small_mnist):
+def test_truncated_gzip(tmp_path, small_mnist):
     data = (small_mnist / MNIST_FILES["train_images"]).read_bytes()
     (tmp_path / MNIST_FILES["train_images"]).write_bytes(data[: len(data) // 2])
     with pytest.raises(IdxFormatError, match="not a complete gzip stream"):
         read_idx(tmp_path / MNIST_FILES["train_images"])
+
+
+def test_missing_file(tmp_path):
     with pytest.raises(IdxFormatError, match="file not found"):
         load_mnist(tmp_path / "empty")
 

@@ -12,8 +12,8 @@ from tasks.config import load_config
 from tasks.deployment import serving_endpoint_config
 from tasks.gate import decide, judge
 from tasks.registry import APPROVED, REJECTED, approved_to_serve, champion, choose_model, find_version, set_approval
-from tests.endpoint_helpers import model_artifacts, pack
-from tests.registry_helpers import register as register_version
+from tests.helpers.endpoints import model_artifacts, pack
+from tests.helpers.registry import register as register_version
 
 MODEL = "s3://gate-models/m.tar.gz"
 OTHER = "s3://gate-models/other.tar.gz"

@@ -103,32 +103,35 @@ def test_the_bucket_policy_only_denies_and_makes_the_content_addresses_write_onc
     )
 
 
-def test_render_prints_every_policy_and_refuses_what_it_cannot_fill():
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "iam",
-        "render",
-        "--account",
-        "123456789012",
-        "--region",
-        "eu-west-1",
-        "--bucket",
-        "b",
-        "--prefix",
-        "p",
-        "--role",
-        "r",
-    ]
-    printed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+RENDER = [
+    sys.executable,
+    "-m",
+    "cli.main",
+    "iam",
+    "render",
+    "--account",
+    "123456789012",
+    "--region",
+    "eu-west-1",
+    "--bucket",
+    "b",
+    "--prefix",
+    "p",
+    "--role",
+    "r",
+]
+
+
+def test_render_prints_every_policy():
+    printed = subprocess.run(RENDER, capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert [line.split(".json")[0] for line in printed.splitlines() if line.startswith("# ")] == [
         f"# {name}" for name in POLICIES
     ]
     assert "${" not in printed and "arn:aws:s3:::b/p/training-jobs/*" in printed
-    alone = subprocess.run(
-        [*command, "--policy", "bucket-policy"], capture_output=True, text=True, cwd=ROOT, check=True
-    )
+    alone = subprocess.run([*RENDER, "--policy", "bucket-policy"], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(alone.stdout)["Statement"][0]["Sid"] == "ContentAddressedObjectsAreWrittenOnce"
-    bad = subprocess.run([*command[:6], "12", *command[7:]], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_render_refuses_what_it_cannot_fill():
+    bad = subprocess.run([*RENDER[:6], "12", *RENDER[7:]], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--account must be a 12-digit AWS account id, not '12'" in bad.stderr

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from inference.artifact import load_handler
-from tests.endpoint_helpers import npy_claiming, npy_fields
+from tests.helpers.endpoints import npy_claiming, npy_fields
 
-pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
+pytest_plugins = ["tests.helpers.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_the_handler_normalizes_by_default_as_training_does(predictor):
 
 def drawn_digit(label: int, seed: int, size: tuple[int, int], mode: str) -> Image.Image:
     """A synthetic digit drawn with dark ink on light paper, much larger than 28x28, away from the centre."""
-    from tests.synthetic_mnist import render_digit
+    from tests.helpers.synthetic_mnist import render_digit
 
     glyph = Image.fromarray(render_digit(label, np.random.default_rng(seed)))
     bbox = glyph.getbbox()

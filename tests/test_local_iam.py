@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from cli.local_aws import Key, connection_uri, setup_bucket
 from tests.conftest import KEYS
-from tests.signing import raw_request, unsigned_control_plane_answer
+from tests.helpers.signing import raw_request, unsigned_control_plane_answer
 
 BUCKET, PREFIX = "mnist-pipeline", "mnist-sweep"
 ROLE = "arn:aws:iam::000000000000:role/mnist-pipeline-sagemaker"
@@ -135,7 +135,7 @@ def test_a_wrong_secret_is_refused_in_each_services_own_words(stack, service, ca
     assert "The request signature we calculated does not match the signature you provided" in error(caught)[1]
 
 
-def test_an_unknown_key_and_a_missing_signature_are_refused(stack):
+def test_an_unknown_key_is_refused(stack):
     stranger = Key("AKIAUNKNOWN000000000", "whatever")
     with pytest.raises(ClientError) as caught:
         client("s3", stack["aws"], stranger).list_buckets()
@@ -147,6 +147,8 @@ def test_an_unknown_key_and_a_missing_signature_are_refused(stack):
         client("sts", stack["aws"], stranger).get_caller_identity()
     assert error(caught)[0] == "InvalidClientTokenId"
 
+
+def test_a_missing_signature_is_refused(stack):
     # Unsigned: the control plane answers MissingAuthenticationToken; S3 takes it as anonymous, and the bucket's
     # policy allows an anonymous caller nothing.
     assert unsigned_control_plane_answer(stack["sagemaker"]) == (403, "MissingAuthenticationTokenException")
@@ -450,45 +452,43 @@ def test_the_policy_simulator_answers_with_the_policies_the_stack_enforces(stack
     )
 
 
-def test_the_policy_simulator_weighs_given_policies_resource_policies_and_boundaries(stack):
-    key = f"arn:aws:s3:::{BUCKET}/{PREFIX}/runs/report.md"
-    deny = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Deny", "Action": "s3:GetObject", "Resource": key, "Principal": {"AWS": PIPELINE}}],
-    }
+REPORT = f"arn:aws:s3:::{BUCKET}/{PREFIX}/runs/report.md"
+
+
+def deny_reading_the_report(**principal) -> str:
+    """A policy that denies getting REPORT (to ``principal``, where given: a resource policy names one)."""
+    statement = {"Effect": "Deny", "Action": "s3:GetObject", "Resource": REPORT, **principal}
+    return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+
+
+def pipeline_reading_the_report(stack, **policies) -> dict:
+    """The simulator's answer to whether the pipeline may get REPORT, weighing ``policies`` too."""
     [result] = simulate(
-        stack,
-        PolicySourceArn=PIPELINE,
-        ActionNames=["s3:GetObject"],
-        ResourceArns=[key],
-        ResourcePolicy=json.dumps(deny),
+        stack, PolicySourceArn=PIPELINE, ActionNames=["s3:GetObject"], ResourceArns=[REPORT], **policies
     )
+    return result
+
+
+def test_the_policy_simulator_weighs_a_resource_policy(stack):
+    result = pipeline_reading_the_report(stack, ResourcePolicy=deny_reading_the_report(Principal={"AWS": PIPELINE}))
     assert (result["EvalDecision"], result["MatchedStatements"]) == (
         "explicitDeny",
         [{"SourcePolicyId": "ResourcePolicy", "SourcePolicyType": "resource"}],
     )
-    del deny["Statement"][0]["Principal"]
-    [result] = simulate(
-        stack,
-        PolicySourceArn=PIPELINE,
-        ActionNames=["s3:GetObject"],
-        ResourceArns=[key],
-        PolicyInputList=[json.dumps(deny)],
-    )
+
+
+def test_the_policy_simulator_weighs_given_policies(stack):
+    result = pipeline_reading_the_report(stack, PolicyInputList=[deny_reading_the_report()])
     assert (result["EvalDecision"], result["MatchedStatements"]) == (
         "explicitDeny",
         [{"SourcePolicyId": "PolicyInputList.1", "SourcePolicyType": "none"}],
     )
 
+
+def test_the_policy_simulator_weighs_permissions_boundaries(stack):
     # A permissions boundary that does not allow the action caps what the identity's policies allow.
     listing = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]}
-    [result] = simulate(
-        stack,
-        PolicySourceArn=PIPELINE,
-        ActionNames=["s3:GetObject"],
-        ResourceArns=[key],
-        PermissionsBoundaryPolicyInputList=[json.dumps(listing)],
-    )
+    result = pipeline_reading_the_report(stack, PermissionsBoundaryPolicyInputList=[json.dumps(listing)])
     assert (result["EvalDecision"], result["PermissionsBoundaryDecisionDetail"]) == (
         "implicitDeny",
         {"AllowedByPermissionsBoundary": False},

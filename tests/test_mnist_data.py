@@ -173,11 +173,10 @@ def test_a_hanging_mirror_times_out_and_the_next_one_serves(mirror, hanging_mirr
     assert time.monotonic() - started < 10
 
 
-def test_directory_and_file_url_mirrors(small_mnist, tmp_path):
-    download_mnist(tmp_path / "from-dir", mirrors=str(small_mnist))
-    download_mnist(tmp_path / "from-url", mirrors=small_mnist.as_uri())
-    assert_verified_copy(tmp_path / "from-dir", small_mnist)
-    assert_verified_copy(tmp_path / "from-url", small_mnist)
+@pytest.mark.parametrize("mirror", [str, Path.as_uri], ids=["directory", "file-url"])
+def test_directory_and_file_url_mirrors(small_mnist, tmp_path, mirror):
+    download_mnist(tmp_path / "copy", mirrors=mirror(small_mnist))
+    assert_verified_copy(tmp_path / "copy", small_mnist)
 
 
 def test_leftovers_of_a_killed_download_are_removed(small_mnist, tmp_path):
@@ -188,12 +187,18 @@ def test_leftovers_of_a_killed_download_are_removed(small_mnist, tmp_path):
     assert_verified_copy(cache, small_mnist)
 
 
-def test_mirror_list_from_argument_environment_and_defaults(small_mnist, monkeypatch):
+def test_mirror_list_defaults():
     assert resolve_mirrors()[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+def test_mirror_list_from_the_environment(small_mnist, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", f"http://127.0.0.1:1/a, {small_mnist}")
     assert resolve_mirrors() == ["http://127.0.0.1:1/a/", small_mnist.as_uri() + "/"]
-    assert resolve_mirrors(["file:///x/", "http://h/y"]) == ["file:///x/", "http://h/y/"]
     assert resolve_mirrors("") == resolve_mirrors(None), "an empty DAG param means the configured mirrors"
+
+
+def test_mirror_list_from_the_argument():
+    assert resolve_mirrors(["file:///x/", "http://h/y"]) == ["file:///x/", "http://h/y/"]
     with pytest.raises(ValueError, match="'no/such/dir' is neither a URL nor an existing directory"):
         resolve_mirrors("no/such/dir")
     with pytest.raises(ValueError, match="only http"):

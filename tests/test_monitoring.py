@@ -35,8 +35,9 @@ from tasks.monitoring import (
 )
 from tasks.policy import Thresholds
 from tasks.registry import champion, describe
-from tests.endpoint_helpers import model_artifacts, pack
-from tests.registry_helpers import register
+from tests.helpers.endpoints import model_artifacts, pack
+from tests.helpers.polling import wait_until
+from tests.helpers.registry import register
 from training.mnist_idx import MNIST_FILES
 
 # Latency limits far above the defaults: a busy 2-core test machine must not fail a healthy model (the limits
@@ -118,17 +119,35 @@ def send_bad_requests(config, endpoint: str, count: int) -> None:
             client.invoke_endpoint(EndpointName=endpoint, Body=b"{not json", ContentType="application/json")
 
 
-def test_evaluate_names_each_failed_threshold_with_its_value():
-    load = {"requests": 50, "live_accuracy": 0.42, "error_rate": 0.1, "p99_ms": 1500.0}
-    metrics = {
-        "invocations": 40.0,
+def load_found(**changes) -> dict:
+    """What the check's own load found: a healthy model's answers to 200 requests, but for ``changes``."""
+    return {"requests": 200, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0, **changes}
+
+
+def endpoint_metrics(**changes) -> dict:
+    """The endpoint's CloudWatch figures over the check: 200 quiet invocations, but for ``changes``."""
+    return {
+        "invocations": 200.0,
         "invocation_4xx_errors": 0.0,
-        "invocation_5xx_errors": 5.0,
-        "waited_s": 30.0,
-        "model_latency_average_us": 250_000.0,
-        "cpu_utilization": 180.0,
-        "memory_utilization": 95.5,
+        "invocation_5xx_errors": 0.0,
+        "waited_s": 1.0,
+        "model_latency_average_us": 900.0,
+        "cpu_utilization": 50.0,
+        "memory_utilization": 3.0,
+        **changes,
     }
+
+
+def test_evaluate_names_each_failed_threshold_with_its_value():
+    load = load_found(requests=50, live_accuracy=0.42, error_rate=0.1, p99_ms=1500.0)
+    metrics = endpoint_metrics(
+        invocations=40.0,
+        invocation_5xx_errors=5.0,
+        waited_s=30.0,
+        model_latency_average_us=250_000.0,
+        cpu_utilization=180.0,
+        memory_utilization=95.5,
+    )
     failures = evaluate(load, metrics, Thresholds(max_cpu_utilization=150.0, min_rate_requests=40), test_accuracy=0.97)
     assert failures == [
         "live accuracy 0.4200 < 0.9000",
@@ -141,7 +160,7 @@ def test_evaluate_names_each_failed_threshold_with_its_value():
         "CloudWatch CPUUtilization 180 > 150",
         "CloudWatch MemoryUtilization 95.5 > 90",
     ]
-    healthy = {"requests": 50, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0}
+    healthy = load_found(requests=50)
     quiet = {
         **metrics,
         "invocations": 50.0,
@@ -158,16 +177,7 @@ def test_a_stranger_s_bad_requests_do_not_veto_a_deployment_but_a_real_failure_r
     """The verdict rests on what the check can attribute: its own load, and the endpoint's 5XX rate over enough
     invocations. Anyone can send requests that fail: 4XX are theirs, and a handful of 5XX among few invocations
     (or a few among many) cannot tell a failing model from a few bad callers."""
-    healthy = {"requests": 200, "live_accuracy": 0.97, "error_rate": 0.0, "p99_ms": 12.0}
-    quiet = {
-        "invocations": 200.0,
-        "invocation_4xx_errors": 0.0,
-        "invocation_5xx_errors": 0.0,
-        "waited_s": 1.0,
-        "model_latency_average_us": 900.0,
-        "cpu_utilization": 50.0,
-        "memory_utilization": 3.0,
-    }
+    healthy, quiet = load_found(), endpoint_metrics()
     thresholds = Thresholds()
     assert (thresholds.max_5xx_rate, thresholds.min_rate_requests) == (0.05, 100)
     assert evaluate(healthy, quiet, thresholds, test_accuracy=0.97) == [] and unjudged(quiet, thresholds) == []
@@ -407,10 +417,11 @@ def test_a_deployment_left_unchecked_is_undone_after_the_run(local_config, uploa
 
     deploying_thread = threading.Thread(target=deploying)
     deploying_thread.start()
-    deadline = time.monotonic() + 120
-    while "PendingDeploymentSummary" not in sagemaker.describe_endpoint(EndpointName=name):
-        assert time.monotonic() < deadline, "the update never showed its new fleet"
-        time.sleep(0.2)
+    wait_until(
+        lambda: "PendingDeploymentSummary" in sagemaker.describe_endpoint(EndpointName=name),
+        timeout=120,
+        failure="the update never showed its new fleet",
+    )
     undone = roll_back_unchecked(local_config, None, None, **teardown, run_id=run)
     deploying_thread.join(timeout=60)
     assert not deploying_thread.is_alive()

@@ -22,8 +22,9 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.local_stack import Stack, start_stack
-from tests.signing import unsigned_control_plane_answer
+from tests.helpers.dag_runs import SMALL_TUNE
+from tests.helpers.local_stack import Stack, start_stack
+from tests.helpers.signing import unsigned_control_plane_answer
 
 pytestmark = [pytest.mark.policies, pytest.mark.slow]
 
@@ -71,19 +72,7 @@ def runs(stack, small_mnist) -> dict[str, Run]:
         return cli("run", "--conf", json.dumps({**mirror, **conf}))
 
     outputs = {"sweep": run(QUICK)}
-    outputs["tune"] = run(
-        {
-            **QUICK,
-            "search": "tune",
-            "tune_strategy": "Random",
-            "tune_max_jobs": 2,
-            "tune_max_parallel": 2,
-            "hidden_channels": [4, 8],
-            "tune_lr": [0.002, 0.01],
-            "deploy": False,
-            "min_test_accuracy": 0.0,
-        }
-    )
+    outputs["tune"] = run({**QUICK, **SMALL_TUNE, "hidden_channels": [4, 8]})
     outputs["canary"] = run(
         {
             "epochs": 1,

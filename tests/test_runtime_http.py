@@ -20,9 +20,9 @@ import pytest
 from botocore.config import Config
 
 from local_sagemaker import runtime as runtime_module
-from tests.conftest import EXECUTION_ROLE
-from tests.endpoint_helpers import model_artifacts, pack
-from tests.signing import signed_headers
+from tests.helpers.endpoints import serve_trained_model
+from tests.helpers.polling import wait_until
+from tests.helpers.signing import signed_headers
 from tests.test_service_endpoints import Raw, invocation, settled
 from training.mnist_idx import load_mnist
 
@@ -33,20 +33,9 @@ ENDPOINT = "http-digits"
 @pytest.fixture(scope="module")
 def endpoint(local_sagemaker, local_aws, small_mnist, tmp_path_factory) -> str:
     """An endpoint serving a trained model; its name."""
-    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
-    s3 = boto3.client("s3", endpoint_url=local_aws)
-    s3.create_bucket(Bucket=BUCKET)
-    archive = pack(built["good"], tmp_path_factory.mktemp("runtime-http") / "model.tar.gz")
-    s3.upload_file(str(archive), BUCKET, "good/model.tar.gz")
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    sagemaker.create_model(
-        ModelName=ENDPOINT,
-        ExecutionRoleArn=EXECUTION_ROLE,
-        PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"},
+    sagemaker, _ = serve_trained_model(
+        local_sagemaker, local_aws, small_mnist, tmp_path_factory, BUCKET, "good/model.tar.gz", ENDPOINT
     )
-    variant = {"VariantName": "AllTraffic", "ModelName": ENDPOINT, "InitialInstanceCount": 1}
-    sagemaker.create_endpoint_config(EndpointConfigName=ENDPOINT, ProductionVariants=[variant])
-    sagemaker.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=ENDPOINT)
     assert settled(sagemaker, ENDPOINT)["EndpointStatus"] == "InService"
     yield ENDPOINT
     sagemaker.delete_endpoint(EndpointName=ENDPOINT)
@@ -303,13 +292,14 @@ def async_endpoint(endpoint, local_sagemaker, local_aws) -> dict:
 
 def stored(s3, uri: str, timeout: float = 60) -> bytes:
     bucket, key = uri.removeprefix("s3://").split("/", 1)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def body() -> bytes | None:
         try:
             return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except s3.exceptions.NoSuchKey:
-            assert time.monotonic() < deadline, f"nothing at {uri}"
-            time.sleep(0.2)
+            return None
+
+    return wait_until(body, lambda found: found is not None, timeout=timeout, failure=f"nothing at {uri}")
 
 
 def test_async_inference_puts_each_outcome_where_it_said_and_tells_the_topic(

@@ -34,8 +34,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tasks.names import DAG_ID
-from tests.alerts import read_alerts, subscribe_queue
-from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
+from tests.helpers.alerts import read_alerts, subscribe_queue
+from tests.helpers.dag_runs import configure, report_text, run_sweep, states, xcoms
 
 # Minutes of runs one after another: `make test-long`, run by .ci/run.
 pytestmark = [pytest.mark.long, pytest.mark.slow]

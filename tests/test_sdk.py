@@ -30,7 +30,7 @@ import boto3
 import pytest
 
 from tests.conftest import EXECUTION_ROLE
-from tests.job_helpers import put_script
+from tests.helpers.jobs import put_script
 
 BUCKET = "sdk-tests"
 ACCOUNT = EXECUTION_ROLE.split(":")[4]

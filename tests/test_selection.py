@@ -12,7 +12,7 @@ import pytest
 
 from tasks.archives import MAX_MEMBERS, ArchiveError, members
 from tasks.config import load_config
-from tasks.selection import TRAINING_LOG_GROUP, SelectionError, best_of, output_metrics, select_best, trial
+from tasks.selection import TRAINING_LOG_GROUP, SelectionError, best_of, most_accurate, output_metrics, trial
 from training.contract import MODEL_FILES_LINE
 
 MODEL_FILES = {
@@ -98,11 +98,16 @@ def test_highest_accuracy_wins_and_ties_go_to_fewer_parameters():
         best_of([])
 
 
-def test_final_metric_is_percent_and_metrics_json_fills_in():
-    metrics = {"test_accuracy": 0.9, "parameters": 99, "history": [{"test_accuracy": 0.8}, {"test_accuracy": 0.9}]}
-    row = trial(description("j", 4, 97.14), metrics)
+METRICS = {"test_accuracy": 0.9, "parameters": 99, "history": [{"test_accuracy": 0.8}, {"test_accuracy": 0.9}]}
+
+
+def test_final_metric_is_percent():
+    row = trial(description("j", 4, 97.14), METRICS)
     assert (row["test_accuracy"], row["parameters"], row["accuracy_min"]) == (0.9714, 99, 0.8)
-    assert trial(description("j", 4, None), metrics)["test_accuracy"] == 0.9
+
+
+def test_metrics_json_fills_in():
+    assert trial(description("j", 4, None), METRICS)["test_accuracy"] == 0.9
     with pytest.raises(SelectionError, match=r"training job j reported no test:accuracy .* has train:loss\)"):
         trial(description("j", 4, None), None)
 
@@ -120,7 +125,7 @@ def test_select_best_reads_each_jobs_output_from_s3(local_aws, tmp_path):
         for name, hc, acc in (("b", 8, 97.0), ("a", 4, 95.0), ("c", 2, 97.0))
     ]
     assert output_metrics(trainings[2]["Training"], config) is None  # c left no output.tar.gz
-    best = select_best(trainings, config=config)
+    best = most_accurate(trainings, config=config)
     # b and c tie at 97%: b's parameter count is known (900), c's is not.
     assert (best["training_job_name"], best["hidden_channels"], best["test_accuracy"]) == ("b", 8, 0.97)
     # Its model goes on under the address of its SHA-256, copied from where the job left it.
@@ -145,20 +150,20 @@ def test_a_model_the_job_did_not_make_fails_selection_by_name(local_aws, tmp_pat
     planted = {**MODEL_FILES, "code/inference.py": b"import os; os.system('curl evil')"}
     s3.put_object(Bucket=config.bucket, Key=key, Body=tarball(planted))
     with pytest.raises(SelectionError, match=r"training job planted: its log names no model files"):
-        select_best(trainings, config=config)
+        most_accurate(trainings, config=config)
     log_model_files(local_aws, "planted", MODEL_FILES)
     with pytest.raises(
         SelectionError,
         match=rf"s3://{config.bucket}/{key} does not hold the files training job "
         r"planted made .*these differ: code/inference.py",
     ):
-        select_best(trainings, config=config)
+        most_accurate(trainings, config=config)
     s3.put_object(Bucket=config.bucket, Key=key, Body=tarball({**MODEL_FILES, "extra.py": b"x"}))
     with pytest.raises(SelectionError, match=r"these differ: extra\.py"):
-        select_best(trainings, config=config)
+        most_accurate(trainings, config=config)
     assert "Contents" not in s3.list_objects_v2(Bucket=config.bucket, Prefix="mnist-sweep/models/")
     s3.put_object(Bucket=config.bucket, Key=key, Body=tarball(MODEL_FILES))
-    assert select_best(trainings, config=config)["model_data_url"].startswith(
+    assert most_accurate(trainings, config=config)["model_data_url"].startswith(
         f"s3://{config.bucket}/mnist-sweep/models/"
     )
 

@@ -31,9 +31,10 @@ from inference.artifact import ArtifactError, prepare_model_dir, safe_extract
 from inference.serve import Endpoint, server_command
 from local_sagemaker.processes import free_port, wait_for_http
 from tests.conftest import ROOT
-from tests.endpoint_helpers import npy_claiming, npy_fields, server_env
+from tests.helpers.endpoints import npy_claiming, npy_fields, server_env
+from tests.helpers.polling import wait_until
 
-pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
+pytest_plugins = ["tests.helpers.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 ENDPOINT = "serve-test"
 
@@ -85,9 +86,13 @@ def runtime_client(url: str):
     return boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1")
 
 
-def test_ping_and_invocations(server, test_set):
+def test_ping(server):
     url, _ = server
     assert httpx.get(f"{url}/ping").status_code == 200
+
+
+def test_invocations(server, test_set):
+    url, _ = server
     images, labels = test_set
     reply = httpx.post(f"{url}/invocations", content=json_body(images), headers={"Content-Type": "application/json"})
     assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
@@ -216,10 +221,13 @@ def test_metrics_reach_the_local_cloudwatch(server, local_aws, test_set):
         predictions_over_http(url, test_set[0][:1])
     for _ in range(3):
         httpx.post(f"{url}/invocations", content=b"[]", headers={"Content-Type": "application/json"})
-    deadline = time.monotonic() + 60
-    while (after := totals())["Invocations"]["Sum"] < before["Invocations"]["Sum"] + 10:
-        assert time.monotonic() < deadline, f"metrics did not arrive: {after}"
-        time.sleep(0.5)
+    after = wait_until(
+        totals,
+        lambda after: after["Invocations"]["Sum"] >= before["Invocations"]["Sum"] + 10,
+        timeout=60,
+        interval=0.5,
+        failure=lambda after: f"metrics did not arrive: {after}",
+    )
 
     def added(name, statistic="Sum"):
         return after[name][statistic] - before[name][statistic]

@@ -25,7 +25,8 @@ from botocore.config import Config
 from local_sagemaker import capture
 from local_sagemaker.endpoints import Endpoints
 from tests.conftest import EXECUTION_ROLE
-from tests.endpoint_helpers import model_artifacts, pack
+from tests.helpers.endpoints import serve_trained_model
+from tests.helpers.polling import wait_until
 from tests.test_service_endpoints import settled
 from training.mnist_idx import load_mnist
 
@@ -45,24 +46,16 @@ KEY = re.compile(rf"capture/{ENDPOINT}/AllTraffic/(\d{{4}})/(\d\d)/(\d\d)/(\d\d)
 @pytest.fixture(scope="module")
 def endpoint(local_sagemaker, local_aws, small_mnist, tmp_path_factory) -> str:
     """An endpoint serving a trained model whose config captures every invocation's input and output."""
-    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
-    s3 = boto3.client("s3", endpoint_url=local_aws)
-    s3.create_bucket(Bucket=BUCKET)
-    s3.upload_file(
-        str(pack(built["good"], tmp_path_factory.mktemp("capture") / "model.tar.gz")), BUCKET, "model.tar.gz"
-    )
-    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
-    sagemaker.create_model(
-        ModelName=ENDPOINT,
-        ExecutionRoleArn=EXECUTION_ROLE,
-        PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/model.tar.gz"},
-    )
-    sagemaker.create_endpoint_config(
-        EndpointConfigName=ENDPOINT,
-        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": ENDPOINT, "InitialInstanceCount": 1}],
+    sagemaker, _ = serve_trained_model(
+        local_sagemaker,
+        local_aws,
+        small_mnist,
+        tmp_path_factory,
+        BUCKET,
+        "model.tar.gz",
+        ENDPOINT,
         DataCaptureConfig=DATA_CAPTURE,
     )
-    sagemaker.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=ENDPOINT)
     assert settled(sagemaker, ENDPOINT)["EndpointStatus"] == "InService"
     yield ENDPOINT
     sagemaker.delete_endpoint(EndpointName=ENDPOINT)
@@ -80,19 +73,22 @@ def counts(local_sagemaker: str) -> dict:
 def captured_objects(s3, timeout: float = 15, at_least: int = 1) -> dict[str, list[dict]]:
     """The capture's objects under the endpoint's prefix, by key, each as its records, once there are
     ``at_least`` records."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def objects() -> dict[str, list[dict]]:
         listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"capture/{ENDPOINT}/").get("Contents", [])
-        objects = {
+        return {
             item["Key"]: [
                 json.loads(line) for line in s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].iter_lines()
             ]
             for item in listed
         }
-        if sum(map(len, objects.values())) >= at_least:
-            return objects
-        assert time.monotonic() < deadline, f"{sum(map(len, objects.values()))} records written, not {at_least}"
-        time.sleep(0.2)
+
+    return wait_until(
+        objects,
+        lambda found: sum(map(len, found.values())) >= at_least,
+        timeout=timeout,
+        failure=lambda found: f"{sum(map(len, found.values()))} records written, not {at_least}",
+    )
 
 
 def test_each_answered_invocation_is_one_record_in_sagemakers_format_and_key_layout(
@@ -243,10 +239,9 @@ def test_a_role_that_may_not_write_loses_its_records_not_its_invocations(
         for _ in range(5):
             answer = runtime.invoke_endpoint(EndpointName=endpoint, Body=body, ContentType="application/json")
             assert answer["ResponseMetadata"]["HTTPStatusCode"] == 200
-        deadline = time.monotonic() + 15
-        while (after := counts(local_sagemaker))["Dropped"].get("AccessDenied", 0) < 5:
-            assert time.monotonic() < deadline, after
-            time.sleep(0.2)
+        after = wait_until(
+            lambda: counts(local_sagemaker), lambda after: after["Dropped"].get("AccessDenied", 0) >= 5, timeout=15
+        )
     finally:
         s3.delete_bucket_policy(Bucket=BUCKET)
     assert after["Captured"] == before.get("Captured", 0) + 5

@@ -20,8 +20,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import EXECUTION_ROLE
-from tests.endpoint_helpers import model_artifacts, pack
-from tests.signing import raw_request
+from tests.helpers.endpoints import model_and_config, model_artifacts, pack
+from tests.helpers.polling import wait_until
+from tests.helpers.signing import raw_request
 from training.mnist_idx import load_mnist
 
 BUCKET = "service-endpoints"
@@ -80,14 +81,29 @@ def probabilities(client, name: str, body: bytes) -> list[float]:
     return json.loads(reply["Body"].read())["predictions"][0]["probabilities"]
 
 
+def half_at_a_time(routing: str, wait_seconds: int, alarm: str, **policy) -> dict:
+    """A blue/green DeploymentConfig that shifts half the capacity a step (CANARY: half, then the rest; LINEAR: steps
+    of half), ``wait_seconds`` apart, and rolls back when ``alarm`` fires (``policy``: more of its update policy)."""
+    step = "CanarySize" if routing == "CANARY" else "LinearStepSize"
+    return {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {
+                "Type": routing,
+                step: {"Type": "CAPACITY_PERCENT", "Value": 50},
+                "WaitIntervalInSeconds": wait_seconds,
+            },
+            **policy,
+        },
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": alarm}]},
+    }
+
+
 def settled(sagemaker, name: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        described = sagemaker.describe_endpoint(EndpointName=name)
-        if described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "Deleting"):
-            return described
-        assert time.monotonic() < deadline, described
-        time.sleep(0.2)
+    return wait_until(
+        lambda: sagemaker.describe_endpoint(EndpointName=name),
+        lambda described: described["EndpointStatus"] not in ("Creating", "Updating", "RollingBack", "Deleting"),
+        timeout=timeout,
+    )
 
 
 class Load:
@@ -197,18 +213,9 @@ def test_a_canary_whose_alarm_fires_rolls_back_by_itself(
     requests = alarm_requests("digits", max_5xx_rate=0.05, min_rate_requests=10, alarm_p99_model_latency_ms=60_000)
     cloudwatch.put_metric_alarm(**requests["digits-invocation-5xx-errors"])
     serving = settled(sagemaker, "digits")["EndpointConfigName"]
-    canary = {
-        "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {
-                "Type": "CANARY",
-                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50},
-                "WaitIntervalInSeconds": 30,
-            },
-            "TerminationWaitInSeconds": 0,
-            "MaximumExecutionTimeoutInSeconds": 600,
-        },
-        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-invocation-5xx-errors"}]},
-    }
+    canary = half_at_a_time(
+        "CANARY", 30, "digits-invocation-5xx-errors", TerminationWaitInSeconds=0, MaximumExecutionTimeoutInSeconds=600
+    )
     with Load(local_sagemaker_runtime, "digits", body) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-raising", DeploymentConfig=canary)
         described = settled(sagemaker, "digits")
@@ -243,17 +250,7 @@ def test_a_linear_shift_whose_alarm_stays_quiet_completes(
         Threshold=60_000_000,
         ComparisonOperator="GreaterThanThreshold",
     )
-    linear = {
-        "BlueGreenUpdatePolicy": {
-            "TrafficRoutingConfiguration": {
-                "Type": "LINEAR",
-                "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 50},
-                "WaitIntervalInSeconds": 1,
-            },
-            "TerminationWaitInSeconds": 1,
-        },
-        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "digits-latency"}]},
-    }
+    linear = half_at_a_time("LINEAR", 1, "digits-latency", TerminationWaitInSeconds=1)
     with Load(local_sagemaker_runtime, "digits", body, clients=2) as load:
         sagemaker.update_endpoint(EndpointName="digits", EndpointConfigName="config-good", DeploymentConfig=linear)
         described = settled(sagemaker, "digits")
@@ -437,15 +434,7 @@ def test_a_restarted_service_keeps_its_records_and_serves_again(local_aws, sagem
     started = start()
     client = boto3.client("sagemaker", endpoint_url=started.url)
     try:
-        client.create_model(
-            ModelName="kept",
-            ExecutionRoleArn=ROLE,
-            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/good/model.tar.gz"},
-        )
-        client.create_endpoint_config(
-            EndpointConfigName="kept",
-            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "kept", "InitialInstanceCount": 1}],
-        )
+        model_and_config(client, "kept", f"s3://{BUCKET}/good/model.tar.gz")
         client.create_endpoint(EndpointName="kept", EndpointConfigName="kept")
         client.get_waiter("endpoint_in_service").wait(EndpointName="kept", WaiterConfig={"Delay": 1})
         answer = probabilities(runtime(started.runtime_url), "kept", body)
@@ -629,15 +618,7 @@ def test_a_config_made_again_under_its_old_name_serves_its_new_model(
     client = runtime(local_sagemaker_runtime)
 
     def make(artifact: str) -> None:
-        sagemaker.create_model(
-            ModelName="recycled",
-            ExecutionRoleArn=ROLE,
-            PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": f"s3://{BUCKET}/{artifact}/model.tar.gz"},
-        )
-        sagemaker.create_endpoint_config(
-            EndpointConfigName="recycled",
-            ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "recycled", "InitialInstanceCount": 1}],
-        )
+        model_and_config(sagemaker, "recycled", f"s3://{BUCKET}/{artifact}/model.tar.gz")
 
     make("good")
     sagemaker.create_endpoint(EndpointName="recycled", EndpointConfigName="recycled")

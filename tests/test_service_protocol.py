@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 from botocore.parsers import create_parser
 
 from local_sagemaker import protocol
+from tests.helpers.jobs import s3_channel
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 NAME_PATTERN = "[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"
@@ -39,18 +40,7 @@ TRAINING_REQUEST = {
     "HyperParameters": {"epochs": "3", "sagemaker_program": "train.py", "sagemaker_submit_directory": "s3://b/src.tgz"},
     "RoleArn": ROLE,
     "InputDataConfig": [
-        {
-            "ChannelName": "train",
-            "DataSource": {
-                "S3DataSource": {
-                    "S3DataType": "S3Prefix",
-                    "S3Uri": "s3://mnist-bucket/data/train/",
-                    "S3DataDistributionType": "FullyReplicated",
-                }
-            },
-            "ContentType": "application/x-npy",
-            "CompressionType": "None",
-        }
+        s3_channel("train", "s3://mnist-bucket/data/train/", ContentType="application/x-npy", CompressionType="None")
     ],
     "OutputDataConfig": {"S3OutputPath": "s3://mnist-bucket/models/"},
     "ResourceConfig": {"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 10},

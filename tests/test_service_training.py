@@ -14,7 +14,6 @@ import shutil
 import sys
 import tarfile
 import textwrap
-import time
 from pathlib import Path
 
 import boto3
@@ -23,7 +22,8 @@ from botocore.exceptions import ClientError
 
 from tasks.training_jobs import build_sourcedir, build_training_job_request
 from tests.conftest import EXECUTION_ROLE
-from tests.job_helpers import put_script
+from tests.helpers.jobs import put_script, training, training_operator
+from tests.helpers.polling import wait_until
 
 BUCKET = "service-training"
 SCRIPT = textwrap.dedent(
@@ -92,12 +92,12 @@ def request(name: str, mode: str = "ok", **overrides) -> dict:
 
 
 def wait(sagemaker, name: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        described = sagemaker.describe_training_job(TrainingJobName=name)
-        if described["TrainingJobStatus"] not in ("InProgress", "Stopping") or time.monotonic() > deadline:
-            return described
-        time.sleep(0.2)
+    return wait_until(
+        lambda: sagemaker.describe_training_job(TrainingJobName=name),
+        lambda described: described["TrainingJobStatus"] not in ("InProgress", "Stopping"),
+        timeout=timeout,
+        fail=False,
+    )
 
 
 def test_a_job_runs_as_sagemaker_runs_it(clients, tmp_path):
@@ -316,16 +316,20 @@ def test_the_sdks_command_runs_as_given_with_opt_ml_mapped(tmp_path):
     assert copy.read_text().startswith('MODEL = "/opt/ml/model"')  # a hard-linked copy keeps its own
 
 
-def test_names_are_unique_and_missing_jobs_are_named(clients):
+def test_names_are_unique(clients):
     sagemaker, _, _ = clients
     sagemaker.create_training_job(**request("svc-twice"))
     with pytest.raises(ClientError) as caught:
         sagemaker.create_training_job(**request("svc-twice"))
     assert caught.value.response["Error"]["Code"] == "ResourceInUse"
+    wait(sagemaker, "svc-twice")
+
+
+def test_missing_jobs_are_named(clients):
+    sagemaker, _, _ = clients
     with pytest.raises(ClientError) as caught:
         sagemaker.describe_training_job(TrainingJobName="svc-never")
     assert caught.value.response["Error"] == {"Code": "ValidationException", "Message": "Requested resource not found."}
-    wait(sagemaker, "svc-twice")
 
 
 def test_a_failing_script_fails_the_job_with_its_log(clients):
@@ -339,22 +343,23 @@ def test_a_failing_script_fails_the_job_with_its_log(clients):
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix="training-jobs/svc-fail/").get("KeyCount") == 0
 
 
-def test_stop_and_max_runtime_end_the_processes(clients):
+def test_stop_ends_the_processes(clients):
     sagemaker, _, _ = clients
     sagemaker.create_training_job(**request("svc-stop", "hang"))
-    sagemaker.create_training_job(**request("svc-late", "hang", max_runtime_seconds=3))
-    deadline = time.monotonic() + 60
-    while sagemaker.describe_training_job(TrainingJobName="svc-stop")["SecondaryStatus"] != "Training":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: training(sagemaker, "svc-stop"), timeout=60)
     sagemaker.stop_training_job(TrainingJobName="svc-stop")
     stopped = wait(sagemaker, "svc-stop", timeout=30)
     assert (stopped["TrainingJobStatus"], stopped["SecondaryStatus"]) == ("Stopped", "Stopped")
+    with pytest.raises(ClientError, match="in status Stopped"):
+        sagemaker.stop_training_job(TrainingJobName="svc-stop")
+
+
+def test_max_runtime_ends_the_processes(clients):
+    sagemaker, _, _ = clients
+    sagemaker.create_training_job(**request("svc-late", "hang", max_runtime_seconds=3))
     late = wait(sagemaker, "svc-late", timeout=60)
     assert (late["TrainingJobStatus"], late["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
     assert "MaxRuntimeInSeconds=3" in late["FailureReason"]
-    with pytest.raises(ClientError, match="in status Stopped"):
-        sagemaker.stop_training_job(TrainingJobName="svc-stop")
 
 
 def test_list_filters_sorts_and_pages(clients):
@@ -500,16 +505,8 @@ def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
 def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, capfd):
     """print_log on: the job's own log lines reach the task's log, and the task sees the end of the job at the next
     check_interval, not at the provider's fixed 30 s (tasks.operators)."""
-    from tasks.operators import TrainingOperator
 
-    train = TrainingOperator(
-        task_id="train",
-        config=request("svc-logged"),
-        check_interval=1,
-        print_log=True,
-        aws_conn_id="aws_default",
-        region_name="us-east-1",
-    )
+    train = training_operator(request("svc-logged"), print_log=True)
     result = train.execute({})
     described = clients[0].describe_training_job(TrainingJobName="svc-logged")
     assert result["Training"]["TrainingJobStatus"] == "Completed"
@@ -521,19 +518,10 @@ def test_the_training_operator_streams_the_log_and_ends_with_the_job(clients, ca
 
 def test_a_retry_waits_for_the_job_its_killed_try_left_running(clients):
     """A try SIGKILLed before its on_kill could run leaves its job InProgress: the retry waits for that job."""
-    from tasks.operators import TrainingOperator
 
     sagemaker = clients[0]
     sagemaker.create_training_job(**request("svc-adopted", mode="slow"))  # what the killed try started
-    train = TrainingOperator(
-        task_id="train",
-        config=request("svc-adopted", mode="slow"),
-        check_interval=1,
-        print_log=False,
-        action_if_job_exists="timestamp",
-        aws_conn_id="aws_default",
-        region_name="us-east-1",
-    )
+    train = training_operator(request("svc-adopted", mode="slow"), action_if_job_exists="timestamp")
     result = train.execute({})
     assert result["Training"]["TrainingJobName"] == "svc-adopted"
     assert result["Training"]["TrainingJobStatus"] == "Completed"
@@ -545,17 +533,8 @@ def test_a_killed_training_task_stops_its_job(clients):
     """Airflow calls on_kill when it kills a task (marked failed, timed out): the job is stopped, not left running."""
     import threading
 
-    from tasks.operators import TrainingOperator
-
     sagemaker = clients[0]
-    train = TrainingOperator(
-        task_id="train",
-        config=request("svc-killed", mode="hang"),
-        check_interval=1,
-        print_log=False,
-        aws_conn_id="aws_default",
-        region_name="us-east-1",
-    )
+    train = training_operator(request("svc-killed", mode="hang"))
     outcome = []
 
     def run():
@@ -566,14 +545,14 @@ def test_a_killed_training_task_stops_its_job(clients):
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not [
-        job
-        for job in sagemaker.list_training_jobs(NameContains="svc-killed")["TrainingJobSummaries"]
-        if sagemaker.describe_training_job(TrainingJobName=job["TrainingJobName"])["SecondaryStatus"] == "Training"
-    ]:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(
+        lambda: [
+            job
+            for job in sagemaker.list_training_jobs(NameContains="svc-killed")["TrainingJobSummaries"]
+            if training(sagemaker, job["TrainingJobName"])
+        ],
+        timeout=60,
+    )
     train.on_kill()
     described = wait(sagemaker, "svc-killed", timeout=30)
     thread.join(timeout=30)

@@ -21,8 +21,9 @@ from PIL import Image
 from inference.artifact import load_handler
 from local_sagemaker import protocol
 from tests.conftest import EXECUTION_ROLE
+from tests.helpers.polling import wait_until
 
-pytest_plugins = ["tests.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
+pytest_plugins = ["tests.helpers.model_artifact"]  # the model_dir, model_tarball and test_set fixtures
 
 BUCKET = "service-transform"
 ROLE = EXECUTION_ROLE
@@ -84,10 +85,11 @@ def job(
 
 
 def finished(sagemaker, name: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (described := sagemaker.describe_transform_job(TransformJobName=name))["TransformJobStatus"] not in TERMINAL:
-        assert time.monotonic() < deadline, described
-        time.sleep(0.2)
+    described = wait_until(
+        lambda: sagemaker.describe_transform_job(TransformJobName=name),
+        lambda described: described["TransformJobStatus"] in TERMINAL,
+        timeout=timeout,
+    )
     return validated("DescribeTransformJob", described)
 
 
@@ -415,11 +417,12 @@ def test_stop_transform_job_stops_promptly_and_writes_nothing(sagemaker, s3, inp
     s3.put_object(Bucket=BUCKET, Key="in/slow/rows.csv", Body=csv(np.concatenate([images] * 40)))
     sagemaker.create_transform_job(**job("tx-stop", "text/csv", "in/slow/", split="Line", BatchStrategy="SingleRecord"))
     logs = boto3.client("logs", endpoint_url=local_aws)
-    deadline = time.monotonic() + 60
     # Once the log says the requests have begun (4,000 of them, one at a time: seconds of work).
-    while not any("Transforming" in line for lines in log_lines(logs, "tx-stop").values() for line in lines):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: any("Transforming" in line for lines in log_lines(logs, "tx-stop").values() for line in lines),
+        timeout=60,
+        interval=0.1,
+    )
     assert servers_of("tx-stop")
     stopped_at = time.monotonic()
     assert validated("StopTransformJob", sagemaker.stop_transform_job(TransformJobName="tx-stop")) is not None

@@ -14,7 +14,6 @@ import json
 import re
 import statistics
 import textwrap
-import time
 
 import boto3
 import optuna
@@ -22,10 +21,11 @@ import pytest
 from botocore.exceptions import ClientError
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from local_sagemaker import protocol, tuning, tuning_plan
+from local_sagemaker import protocol, tuning
 from tasks.training_jobs import METRIC_DEFINITIONS
 from tests.conftest import EXECUTION_ROLE
-from tests.job_helpers import put_script
+from tests.helpers.jobs import put_script, s3_channel, training
+from tests.helpers.polling import wait_until
 
 BUCKET = "service-tuning"
 SEED = 11
@@ -146,34 +146,36 @@ def random_draws(count: int) -> list[dict]:
     return draws
 
 
+# The stand-in's one searched hyperparameter, ``level``, as a range of reals from 0 to 10 or of integers from 0 to 9.
+CONTINUOUS_LEVEL = {"ContinuousParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "10"}]}
+INTEGER_LEVEL = {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]}
+
+
+def early_stopped(name: str, levels: list[str], epochs: int, pause: float) -> dict:
+    """A Grid search over ``levels`` under SageMaker's automatic early stopping, one job at a time: which jobs had
+    completed when another was judged is then the order they ran in."""
+    return request(
+        name,
+        "Grid",
+        categorical(level=levels),
+        parallel=1,
+        epochs=epochs,
+        pause=pause,
+        TrainingJobEarlyStoppingType="Auto",
+    )
+
+
 TUNING_JOBS = {
     "tune-grid": request("tune-grid", "Grid", categorical(width=["8", "16", "32"], act=["relu", "tanh"])),
     "tune-random": request("tune-random", "Random", SEARCHED, jobs=5),
     "tune-bayesian": request("tune-bayesian", "Bayesian", SEARCHED, jobs=5),
-    # One job at a time: which jobs had completed when another was judged is then the order they ran in.
-    "tune-median": request(
-        "tune-median",
-        "Grid",
-        categorical(level=["0", "2", "4", "6", "8"]),
-        parallel=1,
-        epochs=3,
-        pause=0.4,
-        TrainingJobEarlyStoppingType="Auto",
-    ),
+    "tune-median": early_stopped("tune-median", ["0", "2", "4", "6", "8"], epochs=3, pause=0.4),
     # Worse and worse, one epoch each: behind the median, yet never stopped at the last epoch (its work is done).
-    "tune-last-epoch": request(
-        "tune-last-epoch",
-        "Grid",
-        categorical(level=["8", "6", "4", "2", "0"]),
-        parallel=1,
-        epochs=1,
-        pause=0,
-        TrainingJobEarlyStoppingType="Auto",
-    ),
+    "tune-last-epoch": early_stopped("tune-last-epoch", ["8", "6", "4", "2", "0"], epochs=1, pause=0),
     "tune-hyperband": request(
         "tune-hyperband",
         "Hyperband",
-        {"ContinuousParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "10"}]},
+        CONTINUOUS_LEVEL,
         jobs=6,
         parallel=1,
         epochs=3,
@@ -186,7 +188,7 @@ TUNING_JOBS = {
     "tune-budget": request(
         "tune-budget",
         "Hyperband",
-        {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+        INTEGER_LEVEL,
         jobs=1,
         parallel=1,
         epochs=4,
@@ -196,7 +198,7 @@ TUNING_JOBS = {
     "tune-target": request(
         "tune-target",
         "Random",
-        {"ContinuousParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "10"}]},
+        CONTINUOUS_LEVEL,
         jobs=8,
         parallel=1,
         TuningJobCompletionCriteria={"TargetObjectiveMetricValue": 58.0},
@@ -238,13 +240,20 @@ def validated(operation: str, answer: dict) -> dict:
 
 
 def wait(sagemaker, name: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        described = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-        if described["HyperParameterTuningJobStatus"] in ("Completed", "Failed", "Stopped"):
-            return validated("DescribeHyperParameterTuningJob", described)
-        assert time.monotonic() < deadline, described
-        time.sleep(0.3)
+    described = wait_until(
+        lambda: sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
+        lambda described: described["HyperParameterTuningJobStatus"] in ("Completed", "Failed", "Stopped"),
+        timeout=timeout,
+        interval=0.3,
+    )
+    return validated("DescribeHyperParameterTuningJob", described)
+
+
+def completed_search(sagemaker, name: str) -> tuple[dict, list[dict]]:
+    """Tuning job ``name`` described once it has Completed (its FailureReason if it has not), and its training jobs."""
+    described = wait(sagemaker, name)
+    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
+    return described, jobs_of(sagemaker, name)
 
 
 def jobs_of(sagemaker, name: str) -> list[dict]:
@@ -279,8 +288,7 @@ def peak_in_flight(jobs: list[dict]) -> int:
 
 def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, clients):
     sagemaker = tuned
-    described = wait(sagemaker, "tune-grid")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
+    described, jobs = completed_search(sagemaker, "tune-grid")
     assert described["TrainingJobStatusCounters"] == {
         "Completed": 6,
         "InProgress": 0,
@@ -291,7 +299,6 @@ def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, client
     assert described["ObjectiveStatusCounters"] == {"Succeeded": 6, "Pending": 0, "Failed": 0}
     assert described["HyperParameterTuningEndTime"] > described["CreationTime"]
     assert described["ConsumedResources"]["RuntimeInSeconds"] >= 1
-    jobs = jobs_of(sagemaker, "tune-grid")
     # The grid, each combination once, with no MaxNumberOfTrainingJobs: as many jobs as combinations.
     assert sorted((j["TunedHyperParameters"]["width"], j["TunedHyperParameters"]["act"]) for j in jobs) == sorted(
         (w, a) for w in ("8", "16", "32") for a in ("relu", "tanh")
@@ -343,9 +350,7 @@ def test_grid_runs_each_combination_once_as_ordinary_training_jobs(tuned, client
 
 
 def test_random_draws_in_range_on_the_scales_asked(tuned):
-    described = wait(tuned, "tune-random")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-random")
+    _, jobs = completed_search(tuned, "tune-random")
     tuned_values = [job["TunedHyperParameters"] for job in jobs]
     for values in tuned_values:
         assert 8 <= int(values["batch"]) <= 256 and 0.0001 <= float(values["lr"]) <= 0.1
@@ -358,11 +363,9 @@ def test_random_draws_in_range_on_the_scales_asked(tuned):
 def test_bayesian_starts_as_random_then_models(tuned):
     """TPE's first jobs are its seeded random sampler's, the same draws as the Random strategy's with the same seed;
     so its best objective is at least the best of those jobs: a bound fixed by the seed alone."""
-    described = wait(tuned, "tune-bayesian")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-bayesian")
+    described, jobs = completed_search(tuned, "tune-bayesian")
     assert len(jobs) == 5
-    startup = tuning_plan.tpe_startup(5)
+    startup = tuning.tpe_startup(5)
     draws = random_draws(startup)
     assert [job["TunedHyperParameters"] for job in jobs[:startup]] == draws
     for job in jobs:
@@ -376,21 +379,19 @@ def test_bayesian_starts_as_random_then_models(tuned):
 
 def test_early_stopping_stops_the_jobs_behind_the_median_and_no_others(tuned, clients):
     _, logs = clients
-    described = wait(tuned, "tune-median")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-median")
+    described, jobs = completed_search(tuned, "tune-median")
     assert len(jobs) == 5
     # The rule, from the order the jobs ran in: once MEDIAN_STARTUP_JOBS have completed, a job whose accuracy is below
     # the median of the completed jobs' at the same epoch is stopped (all gain alike per epoch: epoch 1 decides).
     completed, expected = [], []
     for job in jobs:
         value = accuracy(job["TunedHyperParameters"], 1)
-        behind = len(completed) >= tuning_plan.MEDIAN_STARTUP_JOBS and value < statistics.median(completed)
+        behind = len(completed) >= tuning.MEDIAN_STARTUP_JOBS and value < statistics.median(completed)
         expected.append("Stopped" if behind else "Completed")
         if not behind:
             completed.append(value)
     assert [job["TrainingJobStatus"] for job in jobs] == expected
-    assert "Stopped" in expected and expected[tuning_plan.MEDIAN_STARTUP_JOBS :].count("Completed") >= 1, (
+    assert "Stopped" in expected and expected[tuning.MEDIAN_STARTUP_JOBS :].count("Completed") >= 1, (
         "the seed should give both outcomes among the judged jobs"
     )
     for job in jobs:
@@ -403,13 +404,11 @@ def test_early_stopping_stops_the_jobs_behind_the_median_and_no_others(tuned, cl
 
 
 def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
-    described = wait(tuned, "tune-last-epoch")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-last-epoch")
+    _, jobs = completed_search(tuned, "tune-last-epoch")
     # Some jobs fall behind the median of the ones completed before them at their first epoch, which is their last.
     # RandomSeed fixes the grid's order, so the values are recomputed from the jobs rather than listed here.
     values = [accuracy(job["TunedHyperParameters"], 1) for job in jobs]
-    behind = [i >= tuning_plan.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
+    behind = [i >= tuning.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
     assert any(behind), values
     assert [job["TrainingJobStatus"] for job in jobs] == ["Completed"] * 5
 
@@ -417,9 +416,7 @@ def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
 def hyperband_stops(jobs: list[dict]) -> list[bool]:
     """Which of ``jobs`` (run one at a time, in this order) Optuna's HyperbandPruner stops before MaxResource, for
     the tuning job's study (its name places each job in a bracket) and the stand-in's accuracy at each epoch."""
-    pruner = optuna.pruners.HyperbandPruner(
-        min_resource=1, max_resource=3, reduction_factor=tuning_plan.HYPERBAND_REDUCTION
-    )
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=tuning.HYPERBAND_REDUCTION)
     study = optuna.create_study(study_name="tune-hyperband", direction="maximize", pruner=pruner)
     stops = []
     for job in jobs:
@@ -439,9 +436,7 @@ def hyperband_stops(jobs: list[dict]) -> list[bool]:
 def test_hyperband_stops_some_jobs_before_max_resource(tuned, clients):
     """MaxResource is the static epochs (3); MinResource 1: the weaker jobs of bracket 0 are stopped at epoch 1."""
     _, logs = clients
-    described = wait(tuned, "tune-hyperband")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-hyperband")
+    described, jobs = completed_search(tuned, "tune-hyperband")
     assert len(jobs) == 6
     stopped = [job for job in jobs if job["TrainingJobStatus"] == "Stopped"]
     assert [job in stopped for job in jobs] == hyperband_stops(jobs)
@@ -457,9 +452,7 @@ def test_hyperband_stops_some_jobs_before_max_resource(tuned, clients):
 
 def test_hyperband_ends_a_job_at_max_resource_as_its_full_budget(tuned, clients):
     _, logs = clients
-    described = wait(tuned, "tune-budget")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    [job] = jobs_of(tuned, "tune-budget")
+    described, [job] = completed_search(tuned, "tune-budget")
     assert (job["TrainingJobStatus"], job["ObjectiveStatus"]) == ("Stopped", "Succeeded")
     assert epochs_logged(logs, job["TrainingJobName"]) < 4
     assert objective(job) == accuracy(job["TunedHyperParameters"], 2)  # its objective at MaxResource
@@ -467,9 +460,7 @@ def test_hyperband_ends_a_job_at_max_resource_as_its_full_budget(tuned, clients)
 
 
 def test_a_target_reached_completes_the_tuning_job_with_fewer_jobs(tuned):
-    described = wait(tuned, "tune-target")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    jobs = jobs_of(tuned, "tune-target")
+    described, jobs = completed_search(tuned, "tune-target")
     reached = [objective(job) >= 58.0 for job in jobs]
     assert reached[-1] and not any(reached[:-1])  # one job at a time: it ended with the first to reach the target
     assert len(jobs) < 8, "the seed should reach the target before the last job"
@@ -477,9 +468,8 @@ def test_a_target_reached_completes_the_tuning_job_with_fewer_jobs(tuned):
 
 
 def test_jobs_that_do_not_improve_complete_the_tuning_job(tuned):
-    described = wait(tuned, "tune-flat")
-    assert described["HyperParameterTuningJobStatus"] == "Completed", described.get("FailureReason")
-    assert len(jobs_of(tuned, "tune-flat")) == 4  # the first, then three that did not improve on it
+    described, jobs = completed_search(tuned, "tune-flat")
+    assert len(jobs) == 4  # the first, then three that did not improve on it
     assert described["TuningJobCompletionDetails"]["NumberOfTrainingJobsObjectiveNotImproving"] == 3
 
 
@@ -502,19 +492,17 @@ def test_stop_stops_the_running_jobs_and_their_processes(tuned, clients):
     sent = request(
         "tune-stop",
         "Random",
-        {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+        INTEGER_LEVEL,
         jobs=6,
         epochs=100,
         pause=1,
     )
     sagemaker.create_hyper_parameter_tuning_job(**sent)
-    deadline = time.monotonic() + 60
-    while len(jobs := jobs_of(sagemaker, "tune-stop")) < 2 or any(
-        sagemaker.describe_training_job(TrainingJobName=j["TrainingJobName"])["SecondaryStatus"] != "Training"
-        for j in jobs
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(
+        lambda: jobs_of(sagemaker, "tune-stop"),
+        lambda jobs: len(jobs) >= 2 and all(training(sagemaker, j["TrainingJobName"]) for j in jobs),
+        timeout=60,
+    )
     sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-stop")
     status = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="tune-stop")
     assert status["HyperParameterTuningJobStatus"] in ("Stopping", "Stopped")
@@ -666,27 +654,23 @@ def operator_request(name: str, **kwargs) -> dict:
     sent = request(
         name,
         "Random",
-        {"IntegerParameterRanges": [{"Name": "level", "MinValue": "0", "MaxValue": "9"}]},
+        INTEGER_LEVEL,
         jobs=2,
         **kwargs,
     )
-    source = {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/code/", "S3DataDistributionType": "FullyReplicated"}
-    sent["TrainingJobDefinition"]["InputDataConfig"] = [
-        {"ChannelName": "training", "DataSource": {"S3DataSource": source}}
-    ]
+    sent["TrainingJobDefinition"]["InputDataConfig"] = [s3_channel("training", f"s3://{BUCKET}/code/")]
     return sent
 
 
-def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fails_when_stopped(tuned, clients):
-    import threading
-
+def operator(sent: dict):
+    """The pipeline's TuningOperator for ``sent``, checking every second."""
     from tasks.operators import TuningOperator
 
+    return TuningOperator(task_id="tune", config=sent, aws_conn_id="aws_default", check_interval=1)
+
+
+def test_the_tuning_operator_follows_an_earlier_try(tuned, clients):
     sagemaker, _ = clients
-
-    def operator(sent: dict) -> TuningOperator:
-        return TuningOperator(task_id="tune", config=sent, aws_conn_id="aws_default", check_interval=1)
-
     # A retry while its predecessor's tuning job still runs: it follows that job, it starts no other.
     sent = operator_request("op-follow")
     sagemaker.create_hyper_parameter_tuning_job(**sent)
@@ -697,6 +681,9 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
     )
     assert len(jobs_of(sagemaker, "op-follow")) == 2
 
+
+def test_the_tuning_operator_retunes_a_stopped_one(tuned, clients):
+    sagemaker, _ = clients
     # A retry after its predecessor's job was stopped (the task killed: its on_kill): tuned again, under a new name.
     sagemaker.create_hyper_parameter_tuning_job(**operator_request("op-stopped", epochs=100, pause=1))
     operator(operator_request("op-stopped")).on_kill()
@@ -706,6 +693,11 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
     assert re.fullmatch(r"op-stopped-\d{10}", again["HyperParameterTuningJobName"])
     assert again["HyperParameterTuningJobStatus"] == "Completed"
 
+
+def test_the_tuning_operator_fails_when_stopped(tuned, clients):
+    import threading
+
+    sagemaker, _ = clients
     # Stopped by someone while the task waits: the task fails, its half search is not passed on.
     slow = operator(operator_request("op-interrupted", epochs=100, pause=1))
     failure = []
@@ -718,12 +710,12 @@ def test_the_tuning_operator_follows_an_earlier_try_retunes_a_stopped_one_and_fa
 
     waiting = threading.Thread(target=execute)
     waiting.start()
-    deadline = time.monotonic() + 60
-    while not sagemaker.list_hyper_parameter_tuning_jobs(NameContains="op-interrupted")[
-        "HyperParameterTuningJobSummaries"
-    ]:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(
+        lambda: sagemaker.list_hyper_parameter_tuning_jobs(NameContains="op-interrupted")[
+            "HyperParameterTuningJobSummaries"
+        ],
+        timeout=60,
+    )
     sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="op-interrupted")
     waiting.join(timeout=60)
     [raised] = failure

@@ -68,7 +68,7 @@ def refused(request: sigv4.Request, **options) -> AuthError:
     return caught.value
 
 
-def test_what_botocore_signs_is_verified_for_json_rest_and_s3_requests():
+def test_what_botocore_signs_is_verified_for_json_requests():
     json_call = signed(
         "POST",
         "http://127.0.0.1:8090/",
@@ -76,8 +76,14 @@ def test_what_botocore_signs_is_verified_for_json_rest_and_s3_requests():
         headers={"X-Amz-Target": "SageMaker.ListEndpoints", "Content-Type": "application/x-amz-json-1.1"},
     )
     assert verify(arrived(json_call)).principal == "someone"
+
+
+def test_what_botocore_signs_is_verified_for_rest_requests():
     invocation = signed("POST", "http://127.0.0.1:8091/endpoints/digits/invocations", b"[0]")
     assert verify(arrived(invocation)).signed_headers == ("host", "x-amz-date")
+
+
+def test_what_botocore_signs_is_verified_for_s3_requests():
     key = "http://127.0.0.1:5000/bucket/a%20b/c%2Bd%28e%29?tagging&x=1%2F2"
     s3 = signed("PUT", key, b"tags", service="s3", s3=True)
     assert verify(arrived(s3), service="s3", s3=True).access_key_id == KEY_ID

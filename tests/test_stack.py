@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.alerts import read_alerts, subscribe_queue
-from tests.local_stack import DEADLINE_SECONDS, shared_stack
+from tests.helpers.alerts import read_alerts, subscribe_queue
+from tests.helpers.local_stack import DEADLINE_SECONDS, shared_stack
+from tests.helpers.polling import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -185,16 +186,16 @@ def test_run_follows_a_sweep_and_its_endpoint_answers(stack, small_mnist, tmp_pa
 
 def wait_for_run(api, dag_id: str, run_type: str, timeout: float) -> dict:
     """The DAG's newest run of ``run_type`` once it has ended (or as it stands at the timeout)."""
-    import time
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def newest() -> dict | None:
         runs = api.get(f"/dags/{dag_id}/dagRuns", params={"run_type": run_type, "order_by": "-run_after"}).json()
-        found = runs["dag_runs"][0] if runs["dag_runs"] else None
-        if (found and found["state"] in ("success", "failed")) or time.monotonic() > deadline:
-            assert found, f"no {run_type} run of {dag_id} within {timeout} s"
-            return found
-        time.sleep(2)
+        return runs["dag_runs"][0] if runs["dag_runs"] else None
+
+    found = wait_until(
+        newest, lambda found: found and found["state"] in ("success", "failed"), timeout=timeout, interval=2, fail=False
+    )
+    assert found, f"no {run_type} run of {dag_id} within {timeout} s"
+    return found
 
 
 def test_a_failed_run_is_told_to_the_alert_topic(stack):

@@ -194,8 +194,11 @@ def test_paths_and_threads_from_the_sagemaker_environment(train_module, monkeypa
         "/opt/ml/output/data",
     )
     assert args.num_threads == 3
+
+
+def test_paths_and_threads_without_the_sagemaker_environment(train_module, monkeypatch):
     for name in ("SM_CHANNEL_TRAINING", "SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR", "SM_NUM_CPUS"):
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)
     args = train_module.parse_args([])
     assert (args.data_dir, args.model_dir, args.output_data_dir) == ("data", "artifacts/model", "artifacts/output")
     assert args.num_threads == os.cpu_count()
@@ -565,7 +568,8 @@ def test_shards_split_every_epoch_between_ranks():
 # -- trial table and the local sweep -----------------------------------------------------------------------------
 
 
-def test_trial_summary_and_table():
+def summarized_trial() -> dict:
+    """The summary of a two-epoch trial named job-5, from its metrics.json."""
     metrics = {
         "architecture": "seed_cnn",
         "hidden_channels": 5,
@@ -576,10 +580,18 @@ def test_trial_summary_and_table():
         "parameters": 9240,
         "history": [{"test_accuracy": 0.9561}, {"test_accuracy": 0.9714}],
     }
-    row = summarize_trial(metrics, name="job-5")
+    return summarize_trial(metrics, name="job-5")
+
+
+def test_trial_summary():
+    row = summarized_trial()
     assert row["accuracy_min"] == 0.9561 and row["accuracy_max"] == 0.9714
     assert row["accuracy_avg"] == pytest.approx(0.96375)
     assert (row["test_accuracy"], row["epochs"], row["parameters"]) == (0.9714, 2, 9240)
+
+
+def test_trial_table():
+    row = summarized_trial()
     table = format_trial_table([row, {"training_job_name": "job-7", "hidden_channels": 7, "test_accuracy": 0.9}])
     lines = {line.split("│")[1].strip(): line for line in table.splitlines() if line.count("│") > 2}
     assert "95.61%" in lines["job-5"] and "96.38%" in lines["job-5"] and "9,240" in lines["job-5"]

@@ -22,6 +22,8 @@ from tasks.training_jobs import (
     training_job_name,
     upload_sourcedir,
 )
+from tests.helpers.jobs import put_script, s3_channel, training, training_operator
+from tests.helpers.polling import wait_until
 
 SAGEMAKER = botocore.session.get_session().get_service_model("sagemaker")
 NAME_PATTERN = re.compile(SAGEMAKER.shape_for("TrainingJobName").metadata["pattern"])
@@ -80,18 +82,7 @@ def test_request_has_the_exact_shape():
             "sagemaker_submit_directory": "s3://bucket/mnist-sweep/code/def/sourcedir.tar.gz",
             "sagemaker_region": "eu-west-1",
         },
-        "InputDataConfig": [
-            {
-                "ChannelName": "training",
-                "DataSource": {
-                    "S3DataSource": {
-                        "S3DataType": "S3Prefix",
-                        "S3Uri": "s3://bucket/mnist-sweep/datasets/mnist/abc/",
-                        "S3DataDistributionType": "FullyReplicated",
-                    }
-                },
-            }
-        ],
+        "InputDataConfig": [s3_channel("training", "s3://bucket/mnist-sweep/datasets/mnist/abc/")],
         "OutputDataConfig": {"S3OutputPath": "s3://bucket/mnist-sweep/training-jobs"},
         "ResourceConfig": {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 10},
         "StoppingCondition": {"MaxRuntimeInSeconds": 7200},
@@ -305,7 +296,6 @@ def test_a_training_retry_waits_out_a_stopping_job_starts_another_and_then_follo
     import time
 
     from tasks.operators import TrainingOperator
-    from tests.job_helpers import put_script
 
     s3 = boto3.client("s3", endpoint_url=local_aws)
     s3.create_bucket(Bucket=RETRY_BUCKET)
@@ -315,15 +305,7 @@ def test_a_training_retry_waits_out_a_stopping_job_starts_another_and_then_follo
     sent = retry_request("retry-stopping", hang_first=1)
 
     def retry() -> dict:
-        return TrainingOperator(
-            task_id="train",
-            config=copy.deepcopy(sent),
-            check_interval=1,
-            print_log=False,
-            action_if_job_exists="timestamp",
-            aws_conn_id="aws_default",
-            region_name="us-east-1",
-        ).execute({})["Training"]
+        return training_operator(copy.deepcopy(sent), action_if_job_exists="timestamp").execute({})["Training"]
 
     def named() -> list[str]:
         return sorted(
@@ -332,10 +314,7 @@ def test_a_training_retry_waits_out_a_stopping_job_starts_another_and_then_follo
         )
 
     sagemaker.create_training_job(**sent)  # what the killed try started
-    deadline = time.monotonic() + 60
-    while sagemaker.describe_training_job(TrainingJobName="retry-stopping")["SecondaryStatus"] != "Training":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: training(sagemaker, "retry-stopping"), timeout=60)
     time.sleep(1)  # the script's SIGTERM handler is in place
     sagemaker.stop_training_job(TrainingJobName="retry-stopping")
     capfd.readouterr()

@@ -8,21 +8,15 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from tests.dag_runs import configure, report_text, run_sweep, states, xcoms
+from tests.helpers.dag_runs import SMALL_TUNE, configure, report_text, run_sweep, states, xcoms
 
+# The tuner's choice is registered, not deployed: this file is about the search (test_safe_deploy deploys).
 TUNE = {
-    "search": "tune",
-    "tune_strategy": "Random",
-    "tune_max_jobs": 2,
-    "tune_max_parallel": 2,
+    **SMALL_TUNE,
     "hidden_channels": [4, 16],
-    "tune_lr": [0.002, 0.01],
     "optimizer": "adam",
     "epochs": 2,
     "batch_size": 32,
-    # The tuner's choice is registered, not deployed: this file is about the search (test_safe_deploy deploys).
-    "deploy": False,
-    "min_test_accuracy": 0.0,
     "endpoint_name": "tuned-local",
 }
 
@@ -110,8 +104,9 @@ def test_a_tune_retry_after_its_tuning_job_completed_passes_that_job_on(tuned, l
     name = tuning_job_name(tuned.run_id)
     sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
     sent = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    # The request the DAG's tune task made, as SageMaker recorded it.
     request = {key: sent[key] for key in ("HyperParameterTuningJobName", "HyperParameterTuningJobConfig")}
-    request["TrainingJobDefinition"] = sent["TrainingJobDefinition"]  # the request the DAG's tune task made
+    request["TrainingJobDefinition"] = sent["TrainingJobDefinition"]
     result = TuningOperator(task_id="tune", config=request, aws_conn_id="aws_default", check_interval=1).execute({})
     assert (result["Tuning"]["HyperParameterTuningJobName"], result["Tuning"]["HyperParameterTuningJobStatus"]) == (
         name,
@@ -130,7 +125,7 @@ def test_a_tune_retry_follows_the_tuning_job_an_earlier_retry_started_under_its_
     (The stand-in training script of test_service_tuning: seconds a job.)"""
     from tasks.earlier_jobs import TUNING, timestamped
     from tasks.operators import TuningOperator
-    from tests.job_helpers import put_script
+    from tests.helpers.jobs import put_script
     from tests.test_service_tuning import BUCKET, SCRIPT, operator_request
 
     s3 = boto3.client("s3", endpoint_url=local_aws)

@@ -1,7 +1,7 @@
 """A trained model artifact and the test digits for the inference and serving tests (a pytest plugin).
 
 seed_cnn from training/models.py, trained for a few seconds on the synthetic digits (see
-tests.endpoint_helpers.train_artifact), laid out as training lays out SM_MODEL_DIR: model.pth,
+tests.helpers.endpoints.train_artifact), laid out as training lays out SM_MODEL_DIR: model.pth,
 model_config.json, code/inference.py with the modules it imports, and code/models.py. Built once per session.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.endpoint_helpers import pack, train_artifact
+from tests.helpers.endpoints import pack, train_artifact
 from training.mnist_idx import load_mnist
 
 

@@ -13,6 +13,17 @@ from tests.conftest import ROOT
 from training.mnist_idx import load_mnist
 
 DAG_FILE = ROOT / "dags" / "mnist_sweep.py"
+# A tuning search as small as a test wants: two Random trials at once over two learning rates, whose choice is
+# registered but not deployed (the tests that deploy say so), whatever its accuracy.
+SMALL_TUNE = {
+    "search": "tune",
+    "tune_strategy": "Random",
+    "tune_max_jobs": 2,
+    "tune_max_parallel": 2,
+    "tune_lr": [0.002, 0.01],
+    "deploy": False,
+    "min_test_accuracy": 0.0,
+}
 
 
 def parse_dag(dag_id: str = "mnist_sweep"):
@@ -38,7 +49,7 @@ def configure(patch: pytest.MonkeyPatch, directory: Path, small_mnist: Path, buc
     at those files."""
     import boto3
 
-    from tests.synthetic_mnist import make_mnist
+    from tests.helpers.synthetic_mnist import make_mnist
 
     sums = make_mnist(directory / "unused", seed=0)  # the same files as small_mnist: same seed, same sums
     md5sums = directory / "md5sums"

@@ -1,5 +1,5 @@
-"""What the endpoint tests deploy and serve: real model artifacts, and the environment of a model server that a
-test starts.
+"""What the endpoint tests deploy and serve: real model artifacts, an endpoint of the local SageMaker service
+serving one, and the environment of a model server that a test starts.
 
 Artifacts have the layout training writes (the shared contract): model.pth, model_config.json, code/inference.py
 (the project's handler) with the modules it imports beside it, and code/models.py (the project's networks). The network is trained for a few seconds
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.artifact import add_code, load_handler
+from tests.conftest import EXECUTION_ROLE
 from training.mnist_idx import load_mnist
 
 LEARNING_RATE = 0.02
@@ -154,3 +155,44 @@ def npy_claiming(fields: dict, data: bytes = b"", version: bytes = b"\x01\x00") 
 
 def npy_fields(descr: str | list = "<f8", shape: object = (1, 784), fortran_order: bool = False) -> dict:
     return {"descr": descr, "fortran_order": fortran_order, "shape": shape}
+
+
+def serve_trained_model(
+    local_sagemaker: str,
+    local_aws: str,
+    small_mnist: Path,
+    tmp_path_factory,
+    bucket: str,
+    key: str,
+    name: str,
+    **config,
+):
+    """The trained model of model_artifacts in a bucket of its own at ``s3://bucket/key``, and a model, an endpoint
+    config and an endpoint, each named ``name``, that serve it (``config``: more of the endpoint config's request,
+    such as its DataCaptureConfig). Returns the SageMaker client and the artifacts once the endpoint is created, not
+    yet in service."""
+    import boto3
+
+    built = model_artifacts(small_mnist, tmp_path_factory.getbasetemp() / "model-artifacts")
+    s3 = boto3.client("s3", endpoint_url=local_aws)
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(pack(built["good"], tmp_path_factory.mktemp(name) / "model.tar.gz")), bucket, key)
+    sagemaker = boto3.client("sagemaker", endpoint_url=local_sagemaker)
+    model_and_config(sagemaker, name, f"s3://{bucket}/{key}", **config)
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    return sagemaker, built
+
+
+def model_and_config(sagemaker, name: str, model_data_url: str, **endpoint_config) -> None:
+    """A model and an endpoint config, each named ``name``, that serve the artifact at ``model_data_url`` on one
+    instance of the variant AllTraffic (``endpoint_config``: more of the config's request)."""
+    sagemaker.create_model(
+        ModelName=name,
+        ExecutionRoleArn=EXECUTION_ROLE,
+        PrimaryContainer={"Image": "pytorch-inference", "ModelDataUrl": model_data_url},
+    )
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1}],
+        **endpoint_config,
+    )

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ import httpx
 from cli.stack import USERNAME, StackPaths
 from data_checks.class_stats import write_reference
 from tests.conftest import ROOT
+from tests.helpers import traffic
 from training.mnist_idx import load_mnist
 
 DEADLINE_SECONDS = 15
@@ -96,28 +96,12 @@ class Stack:
     def invoke_all(self, images, endpoint: str = "mnist-classifier") -> None:
         """Send ``images`` to ``endpoint``, one JSON request each, and wait until its data capture holds them all
         (the runtime writes it in batches, a second apart)."""
-        from tasks.capture import endpoint_prefix
         from tasks.config import load_config
 
-        runtime, s3 = self.client("sagemaker-runtime"), self.client("s3", self.keys.admin)
-        config = load_config()  # the stack's bucket and prefix: the defaults
-
-        def captured() -> int:
-            listing = s3.list_objects_v2(Bucket=config.bucket, Prefix=endpoint_prefix(config, endpoint))
-            return sum(
-                s3.get_object(Bucket=config.bucket, Key=item["Key"])["Body"].read().count(b"\n")
-                for item in listing.get("Contents", [])
-            )
-
-        before = captured()
-        for image in images:
-            runtime.invoke_endpoint(
-                EndpointName=endpoint, ContentType="application/json", Body=json.dumps({"instances": [image.tolist()]})
-            )
-        deadline = time.monotonic() + 60
-        while captured() < before + len(images):
-            assert time.monotonic() < deadline, f"the capture of {len(images)} invocations never reached S3"
-            time.sleep(0.5)
+        # The stack's bucket and prefix: the defaults.
+        traffic.invoke_all(
+            self.client("sagemaker-runtime"), self.client("s3", self.keys.admin), load_config(), endpoint, images
+        )
 
     def api(self) -> httpx.Client:
         # As patient as the client below: an API server just started again (`up` after `down`) answers slowly.

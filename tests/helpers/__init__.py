@@ -1,0 +1,1 @@
+"""What the tests share beyond pytest fixtures: builders, clients and pollers that several test files use."""
