@@ -34,7 +34,7 @@ from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ValidationException, arn, failure_reason, not_found
 from local_sagemaker.roles import Roles
-from local_sagemaker.runtime import Router, Target
+from local_sagemaker.routing import Router, Target
 from local_sagemaker.store import Store, now
 
 log = logging.getLogger(__name__)
