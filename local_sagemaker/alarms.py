@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from local_sagemaker import aws
 from local_sagemaker.protocol import ValidationException
-from local_sagemaker.runtime import Sample
+from local_sagemaker.routing import Sample
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,15 @@ from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ValidationException, arn, failure_reason, not_found
 from local_sagemaker.roles import Roles
-from local_sagemaker.runtime import Router, Target
+from local_sagemaker.routing import Router, Target
 from local_sagemaker.store import Store, now
+from local_sagemaker.upstreams import FORWARD_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 KIND = "endpoints"
 # Longer than the runtime's forwarding timeout: a request still in flight after this has failed already.
-DRAIN_TIMEOUT = 65.0
+DRAIN_TIMEOUT = FORWARD_TIMEOUT + 5.0
 BAKE_POLL_SECONDS = 0.5
 DEFAULT_EXECUTION_TIMEOUT = 3600
 BUSY = ("Creating", "Updating", "RollingBack", "Deleting", "SystemUpdating")

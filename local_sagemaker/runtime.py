@@ -1,14 +1,11 @@
-"""InvokeEndpoint: the runtime API in front of every endpoint's model servers, on a port of its own.
+"""InvokeEndpoint: the runtime API in front of every endpoint's model servers, on a port of its own; how a client's
+request is read, checked, forwarded and answered.
 
 As on AWS, where ``runtime.sagemaker`` and ``api.sagemaker`` are two hosts, the runtime listens apart from the
 control plane: boto3's ``sagemaker-runtime`` client sends ``POST /endpoints/{EndpointName}/invocations`` here (the
 AWS connection's ``service_config`` routes it), and the request goes on to one of the servers that serve the
-endpoint now, picked by weight (or by the ``X-Amzn-SageMaker-Target-Variant`` header), over kept-alive connections.
-
-The routes live in the service's process, so a blue/green switch is one assignment: no request can pick the old
-fleet after it, and the per-server count of requests in flight tells the switch when the old fleet has drained.
-Every answer is also a sample (status, model and overhead latency) for the alarms that guard a deployment
-(local_sagemaker.alarms).
+endpoint now, picked by weight (or by the ``X-Amzn-SageMaker-Target-Variant`` header; local_sagemaker.routing),
+over kept-alive connections (local_sagemaker.upstreams).
 
 Both sides speak HTTP/1.1 through httptools' parser on plain asyncio protocols: this path carries every
 invocation, and a general-purpose framework costs here as much CPU per request as the model server itself (see
@@ -30,7 +27,6 @@ import dataclasses
 import http
 import json
 import logging
-import random
 import re
 import resource
 import time
@@ -45,6 +41,8 @@ from local_aws.permissions import Requirement
 from local_sagemaker import capture, eventstream
 from local_sagemaker.access import Access, AccessDenied, NotCached
 from local_sagemaker.protocol import arn
+from local_sagemaker.routing import Router, Sample, Target
+from local_sagemaker.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +51,6 @@ MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 # What a refused body may still send before the connection is closed on it (its answer goes first).
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-FORWARD_TIMEOUT = 60.0  # SageMaker's own limit for a real-time invocation
-CONNECT_TIMEOUT = 5.0
 IDLE_CLIENT_TIMEOUT = 75.0  # a client connection with no request for this long is closed
 # A request must arrive whole this soon after its first byte: a client that stalls mid-request holds no connection.
 REQUEST_ARRIVAL_TIMEOUT = 60.0
@@ -84,7 +80,6 @@ EVENT_STREAM = "application/vnd.amazon.eventstream"
 # SageMaker's EndpointName pattern, its length limit included (botocore's; tests/test_layers.py holds it there).
 ENDPOINT_NAME_PATTERN = r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"
 ENDPOINT_NAME = re.compile(ENDPOINT_NAME_PATTERN)
-SAMPLES_KEPT = 100_000  # per server: enough for any alarm period at local request rates
 
 _KEPT_REQUEST_HEADERS = {name.lower(): name for name in (*FORWARDED_REQUEST_HEADERS, TARGET_VARIANT, STREAM_ACCEPT)}
 _KEPT_RESPONSE_HEADERS = {name.lower(): name for name in (*RETURNED_RESPONSE_HEADERS, "x-amzn-ErrorType")}
@@ -95,214 +90,12 @@ _STREAMED_RESPONSE_HEADERS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One model server and the share of its endpoint's traffic it takes."""
-
-    url: str
-    variant: str
-    config: str
-    weight: float
-    capture: capture.Settings | None = None  # the config's data capture for this variant (local_sagemaker.capture)
-
-
-@dataclasses.dataclass
-class Sample:
-    at: float  # time.time()
-    status: int
-    model_us: float | None
-    overhead_us: float
-
-
-class Router:
-    """Endpoint name → its targets; requests in flight and answers seen, per server."""
-
-    def __init__(self):
-        self.routes: dict[str, tuple[Target, ...]] = {}
-        self.in_flight: collections.Counter[str] = collections.Counter()
-        self.samples: dict[str, collections.deque[Sample]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=SAMPLES_KEPT)
-        )
-
-    def set(self, endpoint: str, targets: list[Target]) -> None:
-        self.routes[endpoint] = tuple(target for target in targets if target.weight > 0)
-
-    def remove(self, endpoint: str) -> None:
-        self.routes.pop(endpoint, None)
-
-    def idle(self, urls: set[str]) -> bool:
-        return not any(self.in_flight[url] for url in urls)
-
-    def pick(self, endpoint: str, variant: str | None) -> Target | None:
-        targets = self.routes.get(endpoint)
-        if not targets:
-            return None
-        if variant:
-            targets = tuple(target for target in targets if target.variant == variant)
-            if not targets:
-                return None
-        if len(targets) == 1:
-            return targets[0]
-        return random.choices(targets, weights=[target.weight for target in targets])[0]
-
-    def samples_since(self, urls: set[str], since: float) -> list[Sample]:
-        return [sample for url in urls for sample in list(self.samples.get(url, ())) if sample.at >= since]
-
-    def forget(self, urls: set[str]) -> None:
-        """Drop what was kept about servers that are stopped: their URLs are never routed to again."""
-        for url in urls:
-            self.samples.pop(url, None)
-            if not self.in_flight[url]:
-                del self.in_flight[url]
-
-
 class InvokeError(Exception):
     """An InvokeEndpoint error as the runtime answers it: status, error code (``x-amzn-ErrorType``), message."""
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-@dataclasses.dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-
-class _Upstream(asyncio.Protocol):
-    """One kept-alive connection to a model server, one request at a time."""
-
-    def __init__(self):
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.reply: asyncio.Future | None = None
-        self.answered = False  # whether any byte of an answer to the current request has arrived
-        self.closed = False
-        # Where a 2xx answer goes as it arrives, when the caller streams it: ("head", status, headers), then each
-        # piece of its body, then None; the reply resolves at the end, as ever.
-        self.stream: asyncio.Queue | None = None
-        self._streaming = False
-        self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.answered = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(ConnectionError(f"the model server's answer is not HTTP: {error}"))
-
-    def on_message_begin(self) -> None:
-        self._headers, self._body, self._streaming = {}, [], False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if self.stream is not None and 200 <= status < 300:
-            self._streaming = True
-            self.stream.put_nowait(("head", status, self._headers))
-
-    def on_body(self, body: bytes) -> None:
-        if self._streaming:
-            self.stream.put_nowait(body)
-        else:
-            self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._streaming:
-            self.stream.put_nowait(None)
-        reply, self.reply = self.reply, None
-        if not self.parser.should_keep_alive():
-            self.closed = True
-            self.transport.close()
-        if reply is not None and not reply.done():
-            reply.set_result(Reply(self.parser.get_status_code(), self._headers, b"".join(self._body)))
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self._fail(ConnectionResetError("the model server closed the connection"))
-
-    def _fail(self, error: Exception) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        reply, self.reply = self.reply, None
-        if reply is not None and not reply.done():
-            reply.set_exception(error)
-
-
-class Upstreams:
-    """Kept-alive connections to the model servers, by server URL; each carries one request at a time."""
-
-    def __init__(self):
-        self._idle: dict[str, list[_Upstream]] = collections.defaultdict(list)
-        self._addresses: dict[str, tuple[str, int, bytes]] = {}
-
-    async def send(
-        self, url: str, head: bytes, body: bytes, timeout: float = FORWARD_TIMEOUT, stream: asyncio.Queue | None = None
-    ) -> Reply:
-        """``head``: the request line and headers up to (not including) Host and Content-Length; ``timeout``: the
-        seconds an answer may take (InvokeEndpoint's limit unless the caller has its own, as transform jobs do);
-        ``stream``: where a 2xx answer goes as it arrives (_Upstream.stream), its reply's body then empty."""
-        host, port, host_header = self._address(url)
-        data = b"".join((head, host_header, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
-        for attempt in range(2):
-            upstream, reused = self._take(url), True
-            if upstream is None:
-                upstream, reused = await self._connect(host, port), False
-            loop = asyncio.get_running_loop()
-            upstream.reply, upstream.answered, upstream.stream = loop.create_future(), False, stream
-            upstream.transport.write(data)
-            timer = loop.call_later(timeout, upstream._fail, TimeoutError(f"no answer in {timeout:g} s"))
-            try:
-                reply = await upstream.reply
-            except ConnectionResetError:
-                # A kept-alive connection the server closed as this request went out (its idle timeout): the
-                # server never saw the request, so it goes once more, on a new connection.
-                if reused and attempt == 0 and not upstream.answered:
-                    continue
-                raise
-            finally:
-                timer.cancel()
-                upstream.stream = None
-            if not upstream.closed:
-                self._idle[url].append(upstream)
-            return reply
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        for connections in self._idle.values():
-            for upstream in connections:
-                upstream.transport.close()
-        self._idle.clear()
-
-    def _take(self, url: str) -> _Upstream | None:
-        connections = self._idle.get(url)
-        while connections:
-            upstream = connections.pop()
-            if not upstream.closed and not upstream.transport.is_closing():
-                return upstream
-        return None
-
-    async def _connect(self, host: str, port: int) -> _Upstream:
-        loop = asyncio.get_running_loop()
-        _, upstream = await asyncio.wait_for(loop.create_connection(_Upstream, host, port), timeout=CONNECT_TIMEOUT)
-        return upstream
-
-    def _address(self, url: str) -> tuple[str, int, bytes]:
-        address = self._addresses.get(url)
-        if address is None:
-            parts = urllib.parse.urlsplit(url)
-            address = (parts.hostname, parts.port or 80, f"Host: {parts.netloc}".encode())
-            self._addresses[url] = address
-        return address
 
 
 @dataclasses.dataclass

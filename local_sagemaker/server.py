@@ -41,7 +41,8 @@ from local_sagemaker.models import Models
 from local_sagemaker.permissions import requirements
 from local_sagemaker.registry import Registry
 from local_sagemaker.roles import CREDENTIALS_PATH, Roles
-from local_sagemaker.runtime import Router, Runtime
+from local_sagemaker.routing import Router
+from local_sagemaker.runtime import Runtime
 from local_sagemaker.store import Store
 from local_sagemaker.tags import Tags
 from local_sagemaker.training import TrainingJobs

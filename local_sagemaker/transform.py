@@ -47,8 +47,8 @@ from local_sagemaker.model_servers import LaunchFailed
 from local_sagemaker.models import Models
 from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason
 from local_sagemaker.roles import Roles, RoleSession
-from local_sagemaker.runtime import Reply, Upstreams
 from local_sagemaker.store import Store, now
+from local_sagemaker.upstreams import Reply, Upstreams
 
 log = logging.getLogger(__name__)
 

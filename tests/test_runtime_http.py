@@ -20,6 +20,7 @@ import pytest
 from botocore.config import Config
 
 from local_sagemaker import runtime as runtime_module
+from local_sagemaker.routing import Router
 from tests.helpers.endpoints import serve_trained_model
 from tests.helpers.polling import wait_until
 from tests.helpers.signing import signed_headers
@@ -176,7 +177,7 @@ def short_runtime(monkeypatch):
     monkeypatch.setattr(runtime_module, "IDLE_CLIENT_TIMEOUT", 1.0)
     monkeypatch.setattr(runtime_module, "LINGER_SECONDS", 0.2)
     loop = asyncio.new_event_loop()
-    server = runtime_module.Runtime(runtime_module.Router(), "000000000000", access=None, region="us-east-1")
+    server = runtime_module.Runtime(Router(), "000000000000", access=None, region="us-east-1")
     server.max_connections = 3
     listening = socket.create_server(("127.0.0.1", 0))
     port = listening.getsockname()[1]

@@ -272,7 +272,7 @@ def test_metric_math_is_parsed_strictly_and_evaluated_as_cloudwatch_would():
         parse_expression,
     )
     from local_sagemaker.protocol import ValidationException
-    from local_sagemaker.runtime import Sample
+    from local_sagemaker.routing import Sample
     from tasks.alarms import alarm_requests
 
     alarm = alarm_requests("digits", max_5xx_rate=0.05, min_rate_requests=20, alarm_p99_model_latency_ms=100)
