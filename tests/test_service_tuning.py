@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from local_sagemaker import protocol, tuning
+from local_sagemaker import protocol, tuning, tuning_plan
 from tasks.training_jobs import METRIC_DEFINITIONS
 from tests.conftest import EXECUTION_ROLE
 from tests.helpers.jobs import put_script, s3_channel, training
@@ -365,7 +365,7 @@ def test_bayesian_starts_as_random_then_models(tuned):
     so its best objective is at least the best of those jobs: a bound fixed by the seed alone."""
     described, jobs = completed_search(tuned, "tune-bayesian")
     assert len(jobs) == 5
-    startup = tuning.tpe_startup(5)
+    startup = tuning_plan.tpe_startup(5)
     draws = random_draws(startup)
     assert [job["TunedHyperParameters"] for job in jobs[:startup]] == draws
     for job in jobs:
@@ -386,12 +386,12 @@ def test_early_stopping_stops_the_jobs_behind_the_median_and_no_others(tuned, cl
     completed, expected = [], []
     for job in jobs:
         value = accuracy(job["TunedHyperParameters"], 1)
-        behind = len(completed) >= tuning.MEDIAN_STARTUP_JOBS and value < statistics.median(completed)
+        behind = len(completed) >= tuning_plan.MEDIAN_STARTUP_JOBS and value < statistics.median(completed)
         expected.append("Stopped" if behind else "Completed")
         if not behind:
             completed.append(value)
     assert [job["TrainingJobStatus"] for job in jobs] == expected
-    assert "Stopped" in expected and expected[tuning.MEDIAN_STARTUP_JOBS :].count("Completed") >= 1, (
+    assert "Stopped" in expected and expected[tuning_plan.MEDIAN_STARTUP_JOBS :].count("Completed") >= 1, (
         "the seed should give both outcomes among the judged jobs"
     )
     for job in jobs:
@@ -408,7 +408,7 @@ def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
     # Some jobs fall behind the median of the ones completed before them at their first epoch, which is their last.
     # RandomSeed fixes the grid's order, so the values are recomputed from the jobs rather than listed here.
     values = [accuracy(job["TunedHyperParameters"], 1) for job in jobs]
-    behind = [i >= tuning.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
+    behind = [i >= tuning_plan.MEDIAN_STARTUP_JOBS and v < statistics.median(values[:i]) for i, v in enumerate(values)]
     assert any(behind), values
     assert [job["TrainingJobStatus"] for job in jobs] == ["Completed"] * 5
 
@@ -416,7 +416,9 @@ def test_early_stopping_never_stops_a_job_at_its_last_epoch(tuned):
 def hyperband_stops(jobs: list[dict]) -> list[bool]:
     """Which of ``jobs`` (run one at a time, in this order) Optuna's HyperbandPruner stops before MaxResource, for
     the tuning job's study (its name places each job in a bracket) and the stand-in's accuracy at each epoch."""
-    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=tuning.HYPERBAND_REDUCTION)
+    pruner = optuna.pruners.HyperbandPruner(
+        min_resource=1, max_resource=3, reduction_factor=tuning_plan.HYPERBAND_REDUCTION
+    )
     study = optuna.create_study(study_name="tune-hyperband", direction="maximize", pruner=pruner)
     stops = []
     for job in jobs:
