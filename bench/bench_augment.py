@@ -19,7 +19,6 @@ Each way augments the same batches of 64 MNIST-sized images (the recipe's batch 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from augment import Augmentation  # noqa: E402
 
 # The fill is training's background: a black pixel, normalized as training/engine.py normalizes.
 from engine import BACKGROUND  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 BATCH = 64
 SIDE = 28
@@ -95,9 +95,7 @@ def main() -> None:
             "statistic": "median images/s over the repeats",
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_file import write_result  # noqa: E402
+
 from data_checks import drift  # noqa: E402
 from training.mnist_idx import load_mnist  # noqa: E402
 
@@ -304,9 +306,7 @@ def main() -> None:
         "damaged": damaged,
         "mean_image_alternatives": alternatives,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["timing"]))
+    write_result(args.out, result, result["timing"])
 
 
 if __name__ == "__main__":

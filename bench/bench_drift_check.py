@@ -31,6 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_file import write_result  # noqa: E402
+
 from bench.bench_drift import train_model  # noqa: E402
 from training.mnist_idx import load_mnist  # noqa: E402
 
@@ -129,9 +131,7 @@ def main() -> None:
         "model": model,
         "machine": {"cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["check"]))
+    write_result(args.out, report, report["check"])
 
 
 if __name__ == "__main__":

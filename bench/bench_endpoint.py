@@ -44,6 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_file import write_result  # noqa: E402
+
 from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code  # noqa: E402
 from local_aws import LOCAL_REGION  # noqa: E402
@@ -378,9 +380,7 @@ def main() -> None:
             "load_generator": "wrk -t1, bench/post.lua",
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

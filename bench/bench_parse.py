@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_file import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ("mnist_sweep", "mnist_batch_predict", "mnist_drift")
 TARGET_MS = 150
@@ -92,12 +94,10 @@ def main() -> None:
         "provider_modules": list(PROVIDER_MODULES),
         "dags": dags,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {name: dags[name]["beyond_sdk_and_providers_ms"] for name in DAGS} | {"providers": result["providers_ms"]}
-        )
+    write_result(
+        args.out,
+        result,
+        {name: dags[name]["beyond_sdk_and_providers_ms"] for name in DAGS} | {"providers": result["providers_ms"]},
     )
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_sampler import CpuSampler
+from results_file import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 60
@@ -186,9 +187,7 @@ def main() -> None:
         "median": median,
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"commit": result["commit"], **median, "states": [run["state"] for run in runs]}))
+    write_result(args.out, result, {"commit": result["commit"], **median, "states": [run["state"] for run in runs]})
 
 
 if __name__ == "__main__":

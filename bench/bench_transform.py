@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_endpoint import untrained_artifact  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 from cli.local_aws import StackKeys, start_scratch_aws  # noqa: E402
 from inference.artifact import add_code, load_handler  # noqa: E402
@@ -346,9 +347,7 @@ def main() -> None:
             "endpoint_batch_images": BATCH,
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Reference measured in the same run: decoding the four IDX files alone, the floor
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_file import write_result
 
 TARGET_S = 5.0
 
@@ -54,9 +55,7 @@ def main() -> None:
         "max_validate_with_report_s": round(max(with_report), 3),
         "meets_target": statistics.median(with_report) <= TARGET_S,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tasks.dag_tasks import config_of, configuration
 from tasks.names import BATCH_DAG_ID
 from tasks.operators import TransformOperator
 from tasks.params import BATCH_PARAMS
-from tasks.policy import SAGEMAKER_CHECK_INTERVAL, TASK_TIMEOUT
+from tasks.policy import SAGEMAKER_CHECK_INTERVAL, dag_defaults
 
 TRANSFORM_TIMEOUT = datetime.timedelta(hours=2)
 
@@ -86,15 +86,8 @@ def summarize(settings: dict, transformed, model: dict, params: dict, run_id: st
     dag_id=BATCH_DAG_ID,
     doc_md=__doc__,
     schedule=[CHAMPION],
-    start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
-    catchup=False,
+    **dag_defaults(),
     max_active_runs=1,
-    default_args={
-        "owner": "mlops",
-        "retries": 2,
-        "retry_delay": datetime.timedelta(seconds=30),
-        "execution_timeout": TASK_TIMEOUT,
-    },
     dagrun_timeout=datetime.timedelta(hours=6),
     tags=["mnist", "sagemaker", "batch-transform"],
     # Its own copy: a run's conf (dag.test) sets the values of the Param objects, which must not become the next

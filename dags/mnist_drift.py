@@ -32,7 +32,7 @@ from tasks.assets import DRIFT
 from tasks.dag_tasks import config_of, configuration, drift_schedule
 from tasks.names import DRIFT_DAG_ID
 from tasks.params import DRIFT_PARAMS
-from tasks.policy import TASK_TIMEOUT
+from tasks.policy import dag_defaults
 
 
 @task
@@ -80,15 +80,8 @@ def alert(settings: dict, result: dict, run_id: str, inlet_events, outlet_events
     dag_id=DRIFT_DAG_ID,
     doc_md=__doc__,
     schedule=drift_schedule(),
-    start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
-    catchup=False,
+    **dag_defaults(),
     max_active_runs=1,  # two checks of one endpoint must not read the same window
-    default_args={
-        "owner": "mlops",
-        "retries": 2,
-        "retry_delay": datetime.timedelta(seconds=30),
-        "execution_timeout": TASK_TIMEOUT,
-    },
     dagrun_timeout=datetime.timedelta(hours=2),
     tags=["mnist", "sagemaker", "monitoring", "drift"],
     # Its own copy: a run's conf (dag.test) sets the values of the Param objects, which must not become the next

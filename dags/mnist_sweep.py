@@ -24,7 +24,6 @@ AWS that `mnist-pipeline up` starts. Every field of the form has bounds; the REA
 from __future__ import annotations
 
 import copy
-import datetime
 
 from airflow.sdk import chain, dag, task
 from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
@@ -42,9 +41,9 @@ from tasks.policy import (
     PRINT_TRAINING_LOG,
     RETRY_DELAY,
     SAGEMAKER_CHECK_INTERVAL,
-    TASK_TIMEOUT,
     TRAIN_TIMEOUT,
     TUNE_TIMEOUT,
+    dag_defaults,
 )
 
 
@@ -227,12 +226,10 @@ def report(settings: dict, best, validation, decision, reviewed, choice, deploym
     dag_id=DAG_ID,
     doc_md=__doc__,
     schedule=sweep_schedule(),
-    start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
-    catchup=False,
     max_active_runs=1,  # two runs must not race on one endpoint
     # Every wait has a bound: each task its execution_timeout, the run its dagrun_timeout. A timed-out training or
     # tuning task stops its job (on_kill).
-    default_args={"owner": "mlops", "retries": 2, "retry_delay": RETRY_DELAY, "execution_timeout": TASK_TIMEOUT},
+    **dag_defaults(retry_delay=RETRY_DELAY),
     dagrun_timeout=DAGRUN_TIMEOUT,
     # Failures, failed checks, rollbacks and missed deadlines reach people through SNS (`alert_topic_arn`).
     on_failure_callback=PipelineNotifier("run_failed"),

@@ -61,37 +61,22 @@ def build_suite(expected_counts: tuple[int, int]):
         gxe.ExpectColumnValuesToNotBeNull(column="label", description="no null labels"),
         gxe.ExpectColumnValuesToNotBeNull(column="pixel_hash", description="no null pixel hashes"),
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(10)), description="labels are 0..9"),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="min", min_value=0, max_value=0, description="pixel range: every image has black (0) background"
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="max", min_value=MIN_PEAK, max_value=255, description=f"pixel range: ink reaches {MIN_PEAK}..255"
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="ink_pixels", min_value=MIN_INK_PIXELS, description=f"no blank images ({MIN_INK_PIXELS}+ ink pixels)"
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="mean", min_value=IMAGE_MEAN[0], max_value=IMAGE_MEAN[1], description="image mean intensity in band"
-        ),
+        _between("min", "pixel range: every image has black (0) background", min_value=0, max_value=0),
+        _between("max", f"pixel range: ink reaches {MIN_PEAK}..255", min_value=MIN_PEAK, max_value=255),
+        _between("ink_pixels", f"no blank images ({MIN_INK_PIXELS}+ ink pixels)", min_value=MIN_INK_PIXELS),
+        _between("mean", "image mean intensity in band", min_value=IMAGE_MEAN[0], max_value=IMAGE_MEAN[1]),
         gxe.ExpectColumnMeanToBeBetween(
             column="mean", min_value=DATASET_MEAN[0], max_value=DATASET_MEAN[1], description="dataset mean intensity"
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="frame_mean",
-            max_value=FRAME_MEAN_MAX,
-            description="white digits on black: the border is dark (inverted images fail)",
+        _between(
+            "frame_mean", "white digits on black: the border is dark (inverted images fail)", max_value=FRAME_MEAN_MAX
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="test_in_train",
             value_set=[False],
             description="no train/test leakage: no test image is identical to a training image",
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="class_share",
-            min_value=low,
-            max_value=high,
-            description=f"each class is {low:.0%}..{high:.0%} of its split",
-        ),
+        _between("class_share", f"each class is {low:.0%}..{high:.0%} of its split", min_value=low, max_value=high),
     ]
     for split, count in zip(SPLITS, expected_counts, strict=True):
         in_split = Column("split") == split
@@ -113,31 +98,31 @@ def build_class_suite():
 
     low, high = INTENSITY_RATIO
     expectations = [
-        gxe.ExpectColumnValuesToBeBetween(
-            column="mean_image_corr",
+        _between(
+            "mean_image_corr",
+            f"each class looks like its reference digit (mean images correlate {MEAN_IMAGE_CORR_MIN}+)",
             min_value=MEAN_IMAGE_CORR_MIN,
-            description=f"each class looks like its reference digit (mean images correlate {MEAN_IMAGE_CORR_MIN}+)",
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="intensity_ratio",
+        _between(
+            "intensity_ratio",
+            f"each class's mean intensity is {low}..{high} of the reference's",
             min_value=low,
             max_value=high,
-            description=f"each class's mean intensity is {low}..{high} of the reference's",
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="centre_shift",
+        _between(
+            "centre_shift",
+            f"each class's centre of mass is within {CENTRE_SHIFT_MAX} px of the reference's",
             max_value=CENTRE_SHIFT_MAX,
-            description=f"each class's centre of mass is within {CENTRE_SHIFT_MAX} px of the reference's",
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="slant_shift",
+        _between(
+            "slant_shift",
+            f"each class slants as the reference's (within {SLANT_SHIFT_MAX}; mirrored images fail)",
             max_value=SLANT_SHIFT_MAX,
-            description=f"each class slants as the reference's (within {SLANT_SHIFT_MAX}; mirrored images fail)",
         ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="repeat_share",
+        _between(
+            "repeat_share",
+            f"at most {REPEAT_SHARE_MAX:.0%} of each class's images repeat another of its split",
             max_value=REPEAT_SHARE_MAX,
-            description=f"at most {REPEAT_SHARE_MAX:.0%} of each class's images repeat another of its split",
         ),
         gxe.ExpectColumnPairValuesAToBeGreaterThanB(
             column_A="recall_allowed",
@@ -148,6 +133,14 @@ def build_class_suite():
         ),
     ]
     return _suite("mnist-classes", expectations)
+
+
+def _between(column: str, description: str, **bounds):
+    """ExpectColumnValuesToBeBetween on ``column``, held by ``bounds``: min_value, max_value or both (a bound left
+    out is no bound, not a bound of None)."""
+    import great_expectations.expectations as gxe
+
+    return gxe.ExpectColumnValuesToBeBetween(column=column, **bounds, description=description)
 
 
 def _suite(name: str, expectations: list):

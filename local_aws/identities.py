@@ -114,12 +114,10 @@ class Identities:
                 service.get("policies", {}),
                 path=SERVICE_ROLE_PATH.format(service=service["service"]),
             )
-            principal = Principal(
-                arn=record.arn,
-                kind="Service",
-                account=self.account,
-                principal_arn=record.arn,
-                user_id=f"{record.id}:{service['service']}",
+            principal = self._principal(
+                "Service",
+                record.arn,
+                f"{record.id}:{service['service']}",
                 role_name=record.name,
                 service=service["service"],
             )
@@ -139,6 +137,17 @@ class Identities:
             iam.put_role_policy(name, policy_name, json.dumps(document))
         return record
 
+    def _principal(self, kind: str, arn: str, user_id: str, principal_arn: str | None = None, **names) -> Principal:
+        """A principal of this account; its ``aws:PrincipalArn`` is ``arn`` itself but for a session (its role's)."""
+        return Principal(
+            arn=arn,
+            kind=kind,
+            account=self.account,
+            principal_arn=arn if principal_arn is None else principal_arn,
+            user_id=user_id,
+            **names,
+        )
+
     # -- lookups --------------------------------------------------------------------------------------------------
 
     def credential(self, access_key_id: str) -> Credential | None:
@@ -149,14 +158,7 @@ class Identities:
         for user in list(iam.users.values()):
             for key in user.access_keys:
                 if key.access_key_id == access_key_id and key.status == "Active":
-                    principal = Principal(
-                        arn=user.arn,
-                        kind="User",
-                        account=self.account,
-                        principal_arn=user.arn,
-                        user_id=user.id,
-                        name=user.name,
-                    )
+                    principal = self._principal("User", user.arn, user.id, name=user.name)
                     return Credential(key.secret_access_key, principal)
         for session in list(self.sts.assumed_roles):
             if session.access_key_id == access_key_id:
@@ -165,12 +167,11 @@ class Identities:
                     role_id = iam.get_role_by_arn(session.role_arn).id
                 except _not_found():  # the role is gone: its sessions sign nothing any more
                     return None
-                principal = Principal(
-                    arn=session.arn,
-                    kind="AssumedRole",
-                    account=self.account,
+                principal = self._principal(
+                    "AssumedRole",
+                    session.arn,
+                    f"{role_id}:{session.session_name}",
                     principal_arn=session.role_arn,
-                    user_id=f"{role_id}:{session.session_name}",
                     role_name=role_name,
                     session_policy=session.policy or None,
                 )

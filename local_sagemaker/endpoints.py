@@ -95,32 +95,27 @@ class Endpoints:
     def create_endpoint(self, request: dict) -> dict:
         name, config_name = request["EndpointName"], request["EndpointConfigName"]
         self.models.endpoint_config(config_name)
-        with self.store.lock:
-            if self.store.get(KIND, name) is not None:
-                raise ValidationException(f'Cannot create already existing endpoint "{self.arn(name)}".')
-            created = now()
-            self.store.put(
-                KIND,
-                name,
-                {
-                    "EndpointName": name,
-                    "EndpointArn": self.arn(name),
-                    "EndpointConfigName": config_name,
-                    "EndpointStatus": "Creating",
-                    "CreationTime": created,
-                    "LastModifiedTime": created,
-                    "Tags": request.get("Tags", []),
-                    "Local": {"fleet": None, "pending": None},
-                },
-            )
+        created = now()
+        self.store.put_new(
+            KIND,
+            name,
+            {
+                "EndpointName": name,
+                "EndpointArn": self.arn(name),
+                "EndpointConfigName": config_name,
+                "EndpointStatus": "Creating",
+                "CreationTime": created,
+                "LastModifiedTime": created,
+                "Tags": request.get("Tags", []),
+                "Local": {"fleet": None, "pending": None},
+            },
+            ValidationException(f'Cannot create already existing endpoint "{self.arn(name)}".'),
+        )
         self._background(self._create, name)
         return {"EndpointArn": self.arn(name)}
 
     def _record(self, name: str) -> dict:
-        record = self.store.get(KIND, name)
-        if record is None:
-            raise not_found("endpoint", name, self.arn(name))
-        return record
+        return self.store.require(KIND, name, not_found("endpoint", name, self.arn(name)))
 
     def describe_endpoint(self, name: str) -> dict:
         record = self._record(name)

@@ -44,10 +44,8 @@ class Experiments:
         return arn(kind, name, region=self.region, account=self.account)
 
     def _get(self, kind: str, name: str, what: str) -> dict:
-        record = self.store.get(kind, name)
-        if record is None:
-            raise ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
-        return record
+        missing = ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
+        return self.store.require(kind, name, missing)
 
     def _create(self, kind: str, what: str, arn_type: str, name: str, request: dict) -> dict:
         """``request`` recorded as a new ``what`` (Experiment, Trial) named ``name``; the answer names its ARN.

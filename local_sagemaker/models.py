@@ -50,18 +50,17 @@ class Models:
         already is a ValidationException, in SageMaker's words."""
         noun, arn_type, arn_key = RESOURCES[kind]
         resource_arn = self._arn(arn_type, name)
-        with self.store.lock:
-            if self.store.get(kind, name) is not None:
-                raise ValidationException(f'Cannot create already existing {noun} "{resource_arn}".')
-            self.store.put(kind, name, {**request, arn_key: resource_arn, "CreationTime": now()})
+        self.store.put_new(
+            kind,
+            name,
+            {**request, arn_key: resource_arn, "CreationTime": now()},
+            ValidationException(f'Cannot create already existing {noun} "{resource_arn}".'),
+        )
         return {arn_key: resource_arn}
 
     def _record(self, kind: str, name: str) -> dict:
-        record = self.store.get(kind, name)
-        if record is None:
-            noun, arn_type, _ = RESOURCES[kind]
-            raise not_found(noun, name, self._arn(arn_type, name))
-        return record
+        noun, arn_type, _ = RESOURCES[kind]
+        return self.store.require(kind, name, not_found(noun, name, self._arn(arn_type, name)))
 
     def _delete(self, kind: str, name: str) -> dict:
         self._record(kind, name)

@@ -72,28 +72,25 @@ class Registry:
 
     def create_group(self, request: dict) -> dict:
         name = request["ModelPackageGroupName"]
-        with self.store.lock:
-            if self.store.get(GROUPS, name) is not None:
-                raise ValidationException(
-                    f"Model Package Group already exists: {self._arn('model-package-group', name)}"
-                )
-            record = {
-                "ModelPackageGroupName": name,
-                "ModelPackageGroupArn": self._arn("model-package-group", name),
-                "ModelPackageGroupDescription": request.get("ModelPackageGroupDescription"),
-                "CreationTime": now(),
-                "CreatedBy": CREATED_BY,
-                "ModelPackageGroupStatus": "Completed",
-                "Tags": request.get("Tags", []),
-            }
-            self.store.put(GROUPS, name, {k: v for k, v in record.items() if v is not None})
+        record = {
+            "ModelPackageGroupName": name,
+            "ModelPackageGroupArn": self._arn("model-package-group", name),
+            "ModelPackageGroupDescription": request.get("ModelPackageGroupDescription"),
+            "CreationTime": now(),
+            "CreatedBy": CREATED_BY,
+            "ModelPackageGroupStatus": "Completed",
+            "Tags": request.get("Tags", []),
+        }
+        self.store.put_new(
+            GROUPS,
+            name,
+            {k: v for k, v in record.items() if v is not None},
+            ValidationException(f"Model Package Group already exists: {self._arn('model-package-group', name)}"),
+        )
         return {"ModelPackageGroupArn": record["ModelPackageGroupArn"]}
 
     def group(self, name: str) -> dict:
-        record = self.store.get(GROUPS, name)
-        if record is None:
-            raise ValidationException(f"ModelPackageGroup {name} does not exist.")
-        return record
+        return self.store.require(GROUPS, name, ValidationException(f"ModelPackageGroup {name} does not exist."))
 
     def describe_group(self, name: str) -> dict:
         return untagged(self.group(name))

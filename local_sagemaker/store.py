@@ -133,6 +133,20 @@ class Store:
             record = self._records[kind].get(name)
             return copy.deepcopy(record) if record is not None else None
 
+    def require(self, kind: str, name: str, missing: Exception) -> dict:
+        """The record, as ``get`` gives it; ``missing``, the API's own error for an unknown name, when there is none."""
+        if (record := self.get(kind, name)) is None:
+            raise missing
+        return record
+
+    def put_new(self, kind: str, name: str, record: dict, taken: Exception) -> dict:
+        """``put`` for a create: ``taken``, the API's own error for a name in use, when a record of ``kind`` has
+        ``name`` already. The check and the write hold ``lock`` together, so two creates of one name cannot both pass."""
+        with self.lock:
+            if self.get(kind, name) is not None:
+                raise taken
+            return self.put(kind, name, record)
+
     def put(self, kind: str, name: str, record: dict) -> dict:
         with self.lock:
             write_atomically(self._path(kind, name), json.dumps(record, default=_encode, indent=1).encode())

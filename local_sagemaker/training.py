@@ -43,6 +43,11 @@ from local_sagemaker.store import Store, now
 log = logging.getLogger(__name__)
 
 KIND = "training-jobs"
+# CreateTrainingJob's answer for a name in use, in SageMaker's words.
+NAME_TAKEN = (
+    "Training job names must be unique within an AWS account and region, and "
+    "a training job with this name already exists ({arn})"
+)
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 LOG_TAIL_LINES = 40
 # Mapped Airflow tasks start their jobs within a second or so of each other: a job that finds the machine idle
@@ -174,37 +179,31 @@ class TrainingJobs:
         script_mode.check_code(request["AlgorithmSpecification"], request.get("HyperParameters", {}))
         check_instance_count(request["ResourceConfig"])
         self.roles.check(request["RoleArn"], self.arn(name))
-        with self.store.lock:
-            if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(
-                    f"Training job names must be unique within an AWS account and region, and a "
-                    f"training job with this name already exists ({self.arn(name)})"
-                )
-            created = now()
-            record = {
-                **{key: request[key] for key in REQUEST_KEYS if key in request},
-                "TrainingJobArn": self.arn(name),
-                "TrainingJobStatus": "InProgress",
-                "SecondaryStatus": "Starting",
-                # Where the model will be: DescribeTrainingJob always answers it (the model requires the member).
-                "ModelArtifacts": {
-                    "S3ModelArtifacts": f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/"
-                    f"{name}/output/model.tar.gz"
-                },
-                "CreationTime": created,
-                "LastModifiedTime": created,
-                "SecondaryStatusTransitions": [
-                    {
-                        "Status": "Starting",
-                        "StartTime": created,
-                        "StatusMessage": "Preparing the instances for training",
-                    }
-                ],
-                "Tags": request.get("Tags", []),
-            }
-            if tuning_job_arn:
-                record["TuningJobArn"] = tuning_job_arn
-            self.store.put(KIND, name, record)
+        created = now()
+        record = {
+            **{key: request[key] for key in REQUEST_KEYS if key in request},
+            "TrainingJobArn": self.arn(name),
+            "TrainingJobStatus": "InProgress",
+            "SecondaryStatus": "Starting",
+            # Where the model will be: DescribeTrainingJob always answers it (the model requires the member).
+            "ModelArtifacts": {
+                "S3ModelArtifacts": f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/"
+                f"{name}/output/model.tar.gz"
+            },
+            "CreationTime": created,
+            "LastModifiedTime": created,
+            "SecondaryStatusTransitions": [
+                {
+                    "Status": "Starting",
+                    "StartTime": created,
+                    "StatusMessage": "Preparing the instances for training",
+                }
+            ],
+            "Tags": request.get("Tags", []),
+        }
+        if tuning_job_arn:
+            record["TuningJobArn"] = tuning_job_arn
+        self.store.put_new(KIND, name, record, ResourceInUse(NAME_TAKEN.format(arn=self.arn(name))))
         running = self.running[name] = _Running(on_metric=on_metric)
         running.thread = threading.Thread(target=self._run, args=(name,), name=f"training-job-{name}", daemon=True)
         running.thread.start()
@@ -212,9 +211,7 @@ class TrainingJobs:
         return {"TrainingJobArn": record["TrainingJobArn"]}
 
     def describe(self, name: str) -> dict:
-        record = self.store.get(KIND, name)
-        if record is None:
-            raise not_found("training job", name)
+        record = self.store.require(KIND, name, not_found("training job", name))
         record.pop("Tags", None)
         record.pop("Local", None)
         return record

@@ -53,6 +53,8 @@ from local_sagemaker.upstreams import Reply, Upstreams
 log = logging.getLogger(__name__)
 
 KIND = "transform-jobs"
+# CreateTransformJob's answer for a name in use, in SageMaker's words.
+NAME_TAKEN = "Job name must be unique within an AWS account and region, and a job with this name already exists ({arn})"
 LOG_GROUP = "/aws/sagemaker/TransformJobs"
 # SageMaker's defaults where neither the request nor the container's GET /execution-parameters sets them.
 DEFAULTS = {"MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6, "BatchStrategy": "MultiRecord"}
@@ -249,22 +251,16 @@ class TransformJobs:
         name = request["TransformJobName"]
         self.models.model(request["ModelName"])
         self._check(request)
-        with self.store.lock:
-            if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(
-                    f"Job name must be unique within an AWS account and region, and a job with "
-                    f"this name already exists ({self.arn(name)})"
-                )
-            created = now()
-            record = {
-                **{key: request[key] for key in REQUEST_KEYS if key in request},
-                "TransformJobArn": self.arn(name),
-                "TransformJobStatus": "InProgress",
-                "CreationTime": created,
-                "LastModifiedTime": created,
-                "Tags": request.get("Tags", []),
-            }
-            self.store.put(KIND, name, record)
+        created = now()
+        record = {
+            **{key: request[key] for key in REQUEST_KEYS if key in request},
+            "TransformJobArn": self.arn(name),
+            "TransformJobStatus": "InProgress",
+            "CreationTime": created,
+            "LastModifiedTime": created,
+            "Tags": request.get("Tags", []),
+        }
+        self.store.put_new(KIND, name, record, ResourceInUse(NAME_TAKEN.format(arn=self.arn(name))))
         running = self.running[name] = _Running()
         running.thread = threading.Thread(target=self._run, args=(name,), name=f"transform-job-{name}", daemon=True)
         running.thread.start()
@@ -310,10 +306,7 @@ class TransformJobs:
             raise ValidationException("DataCaptureConfig is not supported by this local service")
 
     def _record(self, name: str) -> dict:
-        record = self.store.get(KIND, name)
-        if record is None:
-            raise ValidationException(f"Could not find requested job with name {name}")
-        return record
+        return self.store.require(KIND, name, ValidationException(f"Could not find requested job with name {name}"))
 
     def describe(self, name: str) -> dict:
         record = self._record(name)

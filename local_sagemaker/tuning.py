@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna logs each trial at INFO; the tuner logs its own
 
 KIND = "hyper-parameter-tuning-jobs"
+# CreateHyperParameterTuningJob's answer for a name in use, in SageMaker's words.
+NAME_TAKEN = (
+    "Hyperparameter tuning job names must be unique within an AWS account and region, and "
+    "a tuning job with this name already exists ({arn})"
+)
 POLL_SECONDS = 0.2  # how soon the tuner notices a job that ended (observations wake it at once)
 IMPROVEMENT = 0.01  # SageMaker's "1% or greater" for BestObjectiveNotImproving and convergence
 CONVERGENCE_JOBS = 3
@@ -191,36 +196,29 @@ class TuningJobs:
         name = request["HyperParameterTuningJobName"]
         plan(request)  # refused here, before anything starts
         self.training.roles.check(request["TrainingJobDefinition"]["RoleArn"], self.arn(name))
-        with self.store.lock:
-            if self.store.get(KIND, name) is not None:
-                raise ResourceInUse(
-                    f"Hyperparameter tuning job names must be unique within an AWS account and "
-                    f"region, and a tuning job with this name already exists ({self.arn(name)})"
-                )
-            created = now()
-            record = {
-                "HyperParameterTuningJobName": name,
-                "HyperParameterTuningJobArn": self.arn(name),
-                "HyperParameterTuningJobConfig": request["HyperParameterTuningJobConfig"],
-                "TrainingJobDefinition": request["TrainingJobDefinition"],
-                "HyperParameterTuningJobStatus": "InProgress",
-                "CreationTime": created,
-                "LastModifiedTime": created,
-                "TuningJobCompletionDetails": {"NumberOfTrainingJobsObjectiveNotImproving": 0},
-                "Tags": request.get("Tags", []),
-                "Jobs": {},  # training job name → its tuned hyperparameters and objective
-            }
-            self.store.put(KIND, name, record)
+        created = now()
+        record = {
+            "HyperParameterTuningJobName": name,
+            "HyperParameterTuningJobArn": self.arn(name),
+            "HyperParameterTuningJobConfig": request["HyperParameterTuningJobConfig"],
+            "TrainingJobDefinition": request["TrainingJobDefinition"],
+            "HyperParameterTuningJobStatus": "InProgress",
+            "CreationTime": created,
+            "LastModifiedTime": created,
+            "TuningJobCompletionDetails": {"NumberOfTrainingJobsObjectiveNotImproving": 0},
+            "Tags": request.get("Tags", []),
+            "Jobs": {},  # training job name → its tuned hyperparameters and objective
+        }
+        self.store.put_new(KIND, name, record, ResourceInUse(NAME_TAKEN.format(arn=self.arn(name))))
         tuner = self.tuners[name] = _Tuner()
         tuner.thread = threading.Thread(target=self._run, args=(name,), name=f"tuning-job-{name}", daemon=True)
         tuner.thread.start()
         return {"HyperParameterTuningJobArn": record["HyperParameterTuningJobArn"]}
 
     def _get(self, name: str) -> dict:
-        record = self.store.get(KIND, name)
-        if record is None:
-            raise ResourceNotFound(f"Amazon SageMaker can't find a tuning job with name {name}")
-        return record
+        return self.store.require(
+            KIND, name, ResourceNotFound(f"Amazon SageMaker can't find a tuning job with name {name}")
+        )
 
     def describe(self, name: str) -> dict:
         record = self._get(name)

@@ -56,6 +56,18 @@ def _optional(kind: str, title: str, description: str, **schema) -> Param:
     return Param(None, type=["null", kind], title=title, description=description, section=SECTION_SWEEP, **schema)
 
 
+def _bounded(default, kind, bounds: tuple, title: str, description: str, section: str) -> Param:
+    """A field of ``kind`` held within ``bounds`` (minimum, maximum); its description names the bounds in its own
+    words, which the forms' readers and tests compare word for word."""
+    low, high = bounds
+    return Param(default, type=kind, minimum=low, maximum=high, title=title, description=description, section=section)
+
+
+def _string(default: str, title: str, description: str, section: str, **rule) -> Param:
+    """A string field held to one ``rule``: ``enum`` (the choices) or ``pattern`` (matched whole)."""
+    return Param(default, type="string", **rule, title=title, description=description, section=section)
+
+
 def _interval(kind: str, title: str, description: str, low: float, high: float) -> Param:
     """A tuning range [low, high], or empty: not tuned (the preset's value, or the field above, holds)."""
     return Param(
@@ -71,14 +83,13 @@ def _interval(kind: str, title: str, description: str, low: float, high: float) 
 
 
 PARAMS = {
-    "search": Param(
+    "search": _string(
         "sweep",
-        type="string",
-        enum=["sweep", "tune"],
-        title="Search",
-        description="sweep: one training job per hidden_channels value. tune: one SageMaker hyperparameter tuning "
+        "Search",
+        "sweep: one training job per hidden_channels value. tune: one SageMaker hyperparameter tuning "
         "job over the ranges in the Tuning section (objective: test accuracy, maximized).",
-        section=SECTION_SWEEP,
+        SECTION_SWEEP,
+        enum=["sweep", "tune"],
     ),
     "hidden_channels": Param(
         [2, 5, 10, 20, 32],
@@ -92,14 +103,13 @@ PARAMS = {
         "1-256), e.g. [2, 5, 10, 20, 32].",
         section=SECTION_SWEEP,
     ),
-    "preset": Param(
+    "preset": _string(
         "seed",
-        type="string",
-        enum=["seed", "accurate"],
-        title="Recipe",
-        description="seed: seed_cnn, 2 epochs of SGD (lr 0.01, momentum 0.5). accurate: BatchNorm CNN, augmentation, "
+        "Recipe",
+        "seed: seed_cnn, 2 epochs of SGD (lr 0.01, momentum 0.5). accurate: BatchNorm CNN, augmentation, "
         "OneCycle (99.5%+ in about 10 epochs).",
-        section=SECTION_SWEEP,
+        SECTION_SWEEP,
+        enum=["seed", "accurate"],
     ),
     "epochs": _optional("integer", "Epochs", "Passes over the training set (1-100).", minimum=1, maximum=100),
     "optimizer": _optional("string", "Optimizer", "sgd, adam or adamw.", enum=[None, "sgd", "adam", "adamw"]),
@@ -107,32 +117,19 @@ PARAMS = {
     "batch_size": _optional("integer", "Batch size", "Training batch size (1-4096).", minimum=1, maximum=4096),
     "dropout": _optional("number", "Dropout", "Dropout probability (0-0.9).", minimum=0, maximum=0.9),
     "kernel_size": _optional("integer", "Kernel size", "Convolution kernel size (odd, 3-7).", enum=[None, 3, 5, 7]),
-    "tune_strategy": Param(
+    "tune_strategy": _string(
         "Bayesian",
-        type="string",
-        enum=list(STRATEGIES),
-        title="Strategy",
-        description="Bayesian (TPE), Random, Grid (every combination of the listed values: hidden_channels and batch "
+        "Strategy",
+        "Bayesian (TPE), Random, Grid (every combination of the listed values: hidden_channels and batch "
         "sizes only) or Hyperband (epochs as the resource: weak jobs stop at early rungs).",
-        section=SECTION_TUNING,
+        SECTION_TUNING,
+        enum=list(STRATEGIES),
     ),
-    "tune_max_jobs": Param(
-        8,
-        type="integer",
-        minimum=1,
-        maximum=100,
-        title="Max training jobs",
-        description="Training jobs the tuner may start in all (1-100).",
-        section=SECTION_TUNING,
+    "tune_max_jobs": _bounded(
+        8, "integer", (1, 100), "Max training jobs", "Training jobs the tuner may start in all (1-100).", SECTION_TUNING
     ),
-    "tune_max_parallel": Param(
-        2,
-        type="integer",
-        minimum=1,
-        maximum=16,
-        title="Max parallel jobs",
-        description="Training jobs at once (1-16).",
-        section=SECTION_TUNING,
+    "tune_max_parallel": _bounded(
+        2, "integer", (1, 16), "Max parallel jobs", "Training jobs at once (1-16).", SECTION_TUNING
     ),
     "tune_lr": _interval("number", "Learning rate range", "Searched on a log scale:", 1e-5, 10),
     "tune_dropout": _interval("number", "Dropout range", "Searched on a linear scale:", 0, 0.9),
@@ -158,31 +155,28 @@ PARAMS = {
         "jobs at the same epoch (not with Hyperband, which stops jobs itself).",
         section=SECTION_TUNING,
     ),
-    "tune_target_accuracy": Param(
+    "tune_target_accuracy": _bounded(
         None,
-        type=["null", "number"],
-        minimum=0,
-        maximum=1,
-        title="Target accuracy",
-        description="Stop tuning once a job reaches this test accuracy (a fraction, 0-1); empty: run every job.",
-        section=SECTION_TUNING,
+        ["null", "number"],
+        (0, 1),
+        "Target accuracy",
+        "Stop tuning once a job reaches this test accuracy (a fraction, 0-1); empty: run every job.",
+        SECTION_TUNING,
     ),
-    "instance_type": Param(
+    "instance_type": _string(
         "ml.m5.xlarge",
-        type="string",
+        "Training instance type",
+        "SageMaker instance type per job, e.g. ml.m5.xlarge or ml.g5.xlarge (GPU). Locally: this machine.",
+        SECTION_RESOURCES,
         pattern=INSTANCE_TYPE_PATTERN,
-        title="Training instance type",
-        description="SageMaker instance type per job, e.g. ml.m5.xlarge or ml.g5.xlarge (GPU). Locally: this machine.",
-        section=SECTION_RESOURCES,
     ),
-    "instance_count": Param(
+    "instance_count": _bounded(
         1,
-        type="integer",
-        minimum=1,
-        maximum=8,
-        title="Instances per job",
-        description="More than one trains with distributed data parallel (locally: that many processes).",
-        section=SECTION_RESOURCES,
+        "integer",
+        (1, 8),
+        "Instances per job",
+        "More than one trains with distributed data parallel (locally: that many processes).",
+        SECTION_RESOURCES,
     ),
     "mnist_mirror": Param(
         None,
@@ -209,105 +203,95 @@ PARAMS = {
         "deployed (after `mnist-pipeline approve VERSION`), with the traffic shift and check below.",
         section=SECTION_DATA,
     ),
-    "endpoint_name": Param(
+    "endpoint_name": _string(
         DEFAULT_ENDPOINT,
-        type="string",
-        pattern=ENDPOINT_PATTERN,
-        title="Endpoint name",
-        description="SageMaker endpoint to create or update: letters, digits and hyphens, at most 63. Its models are "
+        "Endpoint name",
+        "SageMaker endpoint to create or update: letters, digits and hyphens, at most 63. Its models are "
         "the versions of the registry group of the same name.",
-        section=SECTION_DATA,
+        SECTION_DATA,
+        pattern=ENDPOINT_PATTERN,
     ),
-    "traffic_shift": Param(
+    "traffic_shift": _string(
         "all_at_once",
-        type="string",
-        enum=list(TRAFFIC_SHIFTS),
-        title="Traffic shift",
-        description="How an update moves traffic to the new model (blue/green): all at once, a canary share first, "
+        "Traffic shift",
+        "How an update moves traffic to the new model (blue/green): all at once, a canary share first, "
         "or in linear steps. The endpoint's alarms roll it back by themselves when one fires meanwhile.",
-        section=SECTION_DATA,
+        SECTION_DATA,
+        enum=list(TRAFFIC_SHIFTS),
     ),
-    "traffic_percent": Param(
+    "traffic_percent": _bounded(
         20,
-        type="integer",
-        minimum=MIN_TRAFFIC_PERCENT,
-        maximum=MAX_TRAFFIC_PERCENT,
-        title="Canary size / linear step (%)",
-        description=f"Share of capacity the canary takes first, or each linear step adds ({MIN_TRAFFIC_PERCENT}-"
+        "integer",
+        (MIN_TRAFFIC_PERCENT, MAX_TRAFFIC_PERCENT),
+        "Canary size / linear step (%)",
+        f"Share of capacity the canary takes first, or each linear step adds ({MIN_TRAFFIC_PERCENT}-"
         f"{MAX_TRAFFIC_PERCENT}, as SageMaker allows a linear step: at most {100 // MIN_TRAFFIC_PERCENT} steps).",
-        section=SECTION_DATA,
+        SECTION_DATA,
     ),
-    "traffic_wait_seconds": Param(
+    "traffic_wait_seconds": _bounded(
         10,
-        type="integer",
-        minimum=0,
-        maximum=MAX_TRAFFIC_WAIT_SECONDS,
-        title="Wait between shifts (s)",
-        description="How long the canary or each linear step takes traffic before the next (0-"
+        "integer",
+        (0, MAX_TRAFFIC_WAIT_SECONDS),
+        "Wait between shifts (s)",
+        "How long the canary or each linear step takes traffic before the next (0-"
         f"{MAX_TRAFFIC_WAIT_SECONDS}). {TRAFFIC_BOUND}",
-        section=SECTION_DATA,
+        SECTION_DATA,
     ),
-    "bake_seconds": Param(
+    "bake_seconds": _bounded(
         DEFAULT_BAKE_SECONDS,
-        type="integer",
-        minimum=0,
-        maximum=MAX_BAKE_SECONDS,
-        title="Bake time (s)",
-        description="How long the old model is kept, under the alarms, once all traffic has moved: the monitoring "
+        "integer",
+        (0, MAX_BAKE_SECONDS),
+        "Bake time (s)",
+        "How long the old model is kept, under the alarms, once all traffic has moved: the monitoring "
         f"check runs meanwhile, and a failed check switches back to it at once (0-{MAX_BAKE_SECONDS}). "
         f"{TRAFFIC_BOUND}",
-        section=SECTION_DATA,
+        SECTION_DATA,
     ),
-    "capture_percentage": Param(
+    "capture_percentage": _bounded(
         DEFAULT_CAPTURE_PERCENT,
-        type="integer",
-        minimum=0,
-        maximum=100,
-        title="Data capture (%)",
-        description="Share of the endpoint's invocations whose input and output it keeps in S3 (<s3_root>/capture/), "
+        "integer",
+        (0, 100),
+        "Data capture (%)",
+        "Share of the endpoint's invocations whose input and output it keeps in S3 (<s3_root>/capture/), "
         "where the drift check (mnist_drift) reads them (0-100; 0: none).",
-        section=SECTION_DATA,
+        SECTION_DATA,
     ),
-    "min_test_accuracy": Param(
+    "min_test_accuracy": _bounded(
         DEFAULT_MIN_TEST_ACCURACY,
-        type="number",
-        minimum=0,
-        maximum=1,
-        title="Minimum test accuracy",
-        description="Register (and deploy) only a model with at least this test accuracy (a fraction, 0-1; the seed "
+        "number",
+        (0, 1),
+        "Minimum test accuracy",
+        "Register (and deploy) only a model with at least this test accuracy (a fraction, 0-1; the seed "
         "reaches ~0.96).",
-        section=SECTION_GATE,
+        SECTION_GATE,
     ),
-    "accuracy_tolerance": Param(
+    "accuracy_tolerance": _bounded(
         DEFAULT_TOLERANCE,
-        type="number",
-        minimum=0,
-        maximum=1,
-        title="Tolerance against the champion",
-        description="Register only a model no worse than the champion's test accuracy minus this (0-1).",
-        section=SECTION_GATE,
+        "number",
+        (0, 1),
+        "Tolerance against the champion",
+        "Register only a model no worse than the champion's test accuracy minus this (0-1).",
+        SECTION_GATE,
     ),
-    "approval": Param(
+    "approval": _string(
         "auto",
-        type="string",
-        enum=list(APPROVAL_MODES),
-        title="Approval",
-        description="auto: the registered version is deployed, then Approved when its monitoring check passes "
+        "Approval",
+        "auto: the registered version is deployed, then Approved when its monitoring check passes "
         "(Rejected when it fails). manual: the run waits for a person in the Airflow UI (Browse → Required "
         "Actions): Approve deploys and checks it, Reject rejects it; approved outside the UI (mnist-pipeline "
         "approve VERSION), the next run or a deploy-only run serves it.",
-        section=SECTION_GATE,
+        SECTION_GATE,
+        enum=list(APPROVAL_MODES),
     ),
-    "approval_timeout": Param(
+    "approval_timeout": _bounded(
         DEFAULT_TIMEOUT_MINUTES,
-        type="integer",
-        minimum=1,
-        maximum=MAX_TIMEOUT_MINUTES,
-        title="Approval timeout (minutes)",
-        description=f"approval manual: how long the run waits for a person's answer (1-{MAX_TIMEOUT_MINUTES}, 7 "
+        "integer",
+        (1, MAX_TIMEOUT_MINUTES),
+        "Approval timeout (minutes)",
+        f"approval manual: how long the run waits for a person's answer (1-{MAX_TIMEOUT_MINUTES}, 7 "
         "days). No answer by then: the version stays PendingManualApproval, nothing is deployed, and the run ends "
         "(not failed), its review task skipped saying why.",
-        section=SECTION_GATE,
+        SECTION_GATE,
     ),
 }
 
@@ -386,15 +370,7 @@ CHECK_PARAMS = {
 CHECK_DEFAULTS = {"smoke_requests": 200, "metrics_timeout": 300, **dataclasses.asdict(Thresholds())}
 PARAMS.update(
     {
-        name: Param(
-            CHECK_DEFAULTS[name],
-            type=kind,
-            title=title,
-            description=f"{description} ({low}-{high})",
-            minimum=low,
-            maximum=high,
-            section=SECTION_CHECK,
-        )
+        name: _bounded(CHECK_DEFAULTS[name], kind, (low, high), title, f"{description} ({low}-{high})", SECTION_CHECK)
         for name, (kind, title, description, low, high) in CHECK_PARAMS.items()
     }
 )
@@ -458,83 +434,75 @@ BATCH_PARAMS = {
         "when it triggered the run).",
         section=SECTION_INPUT,
     ),
-    "endpoint_name": Param(
+    "endpoint_name": _string(
         DEFAULT_ENDPOINT,
-        type="string",
+        "Registry group (endpoint name)",
+        "Whose champion and versions: the registry group named after the endpoint.",
+        SECTION_INPUT,
         pattern=ENDPOINT_PATTERN,
-        title="Registry group (endpoint name)",
-        description="Whose champion and versions: the registry group named after the endpoint.",
-        section=SECTION_INPUT,
     ),
-    "instance_type": Param(
+    "instance_type": _string(
         TRANSFORM_INSTANCE_TYPE,
-        type="string",
-        pattern=INSTANCE_TYPE_PATTERN,
-        title="Transform instance type",
-        description="SageMaker instance type of each transform job, one the allowed_instance_types setting allows. "
+        "Transform instance type",
+        "SageMaker instance type of each transform job, one the allowed_instance_types setting allows. "
         "Locally: this machine.",
-        section=SECTION_JOB,
+        SECTION_JOB,
+        pattern=INSTANCE_TYPE_PATTERN,
     ),
-    "max_concurrent_transforms": Param(
+    "max_concurrent_transforms": _bounded(
         4,
-        type="integer",
-        minimum=1,
-        maximum=64,
-        title="Requests in flight",
-        description="MaxConcurrentTransforms: requests each job keeps in flight to its model (1-64).",
-        section=SECTION_JOB,
+        "integer",
+        (1, 64),
+        "Requests in flight",
+        "MaxConcurrentTransforms: requests each job keeps in flight to its model (1-64).",
+        SECTION_JOB,
     ),
-    "max_payload_mb": Param(
+    "max_payload_mb": _bounded(
         6,
-        type="integer",
-        minimum=1,
-        maximum=100,
-        title="Largest request (MB)",
-        description="MaxPayloadInMB: the largest request to the model; a bigger file fails its job, named (1-100).",
-        section=SECTION_JOB,
+        "integer",
+        (1, 100),
+        "Largest request (MB)",
+        "MaxPayloadInMB: the largest request to the model; a bigger file fails its job, named (1-100).",
+        SECTION_JOB,
     ),
-    "precision": Param(
+    "precision": _string(
         PRECISIONS[0],
-        type="string",
-        enum=list(PRECISIONS),
-        title="Arithmetic",
-        description="float32: the probabilities the model was evaluated with. bfloat16: up to twice the images "
+        "Arithmetic",
+        "float32: the probabilities the model was evaluated with. bfloat16: up to twice the images "
         "per second on CPUs with AMX or AVX-512 BF16 (others compute float32), probabilities within about a "
         "hundredth, a label in 10,000 may change.",
-        section=SECTION_JOB,
+        SECTION_JOB,
+        enum=list(PRECISIONS),
     ),
 }
 
 # The drift check's form (dags/mnist_drift.py).
 SECTION_DRIFT = "Drift check"
 DRIFT_PARAMS = {
-    "endpoint_name": Param(
+    "endpoint_name": _string(
         DEFAULT_ENDPOINT,
-        type="string",
-        pattern=ENDPOINT_PATTERN,
-        title="Endpoint name",
-        description="The endpoint whose data capture is checked (<s3_root>/capture/<endpoint>/): what its "
+        "Endpoint name",
+        "The endpoint whose data capture is checked (<s3_root>/capture/<endpoint>/): what its "
         "invocations sent since the last check.",
-        section=SECTION_DRIFT,
+        SECTION_DRIFT,
+        pattern=ENDPOINT_PATTERN,
     ),
-    "min_requests": Param(
+    "min_requests": _bounded(
         DEFAULT_MIN_REQUESTS,
-        type="integer",
-        minimum=MIN_REQUESTS_BOUNDS[0],
-        maximum=MIN_REQUESTS_BOUNDS[1],
-        title="Minimum requests",
-        description=f"Fewer captured requests than this since the last check: not enough data, nothing judged and "
+        "integer",
+        MIN_REQUESTS_BOUNDS,
+        "Minimum requests",
+        f"Fewer captured requests than this since the last check: not enough data, nothing judged and "
         f"nothing changed ({MIN_REQUESTS_BOUNDS[0]}-{MIN_REQUESTS_BOUNDS[1]}).",
-        section=SECTION_DRIFT,
+        SECTION_DRIFT,
     ),
-    "max_requests": Param(
+    "max_requests": _bounded(
         DEFAULT_MAX_REQUESTS,
-        type="integer",
-        minimum=MAX_REQUESTS_BOUNDS[0],
-        maximum=MAX_REQUESTS_BOUNDS[1],
-        title="Maximum requests",
-        description=f"At most this many captured requests are read by one check (whole capture files, oldest "
+        "integer",
+        MAX_REQUESTS_BOUNDS,
+        "Maximum requests",
+        f"At most this many captured requests are read by one check (whole capture files, oldest "
         f"first); the rest waits for the next ({MAX_REQUESTS_BOUNDS[0]}-{MAX_REQUESTS_BOUNDS[1]}).",
-        section=SECTION_DRIFT,
+        SECTION_DRIFT,
     ),
 }

@@ -165,6 +165,27 @@ PRINT_TRAINING_LOG = conf.getboolean("mnist_pipeline", "print_training_log", fal
 RETRY_DELAY = datetime.timedelta(seconds=conf.getint("mnist_pipeline", "retry_delay_seconds", fallback=60))
 # A task's bound unless it has its own below.
 TASK_TIMEOUT = datetime.timedelta(minutes=30)
+# The retry wait of the batch predictions' and the drift check's tasks, whose retries restart no training job.
+QUICK_RETRY_DELAY = datetime.timedelta(seconds=30)
+# The first date of every DAG's schedule; no run before the DAG is deployed is caught up.
+START_DATE = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+
+
+def dag_defaults(retry_delay: datetime.timedelta = QUICK_RETRY_DELAY) -> dict:
+    """The @dag keywords every DAG of the pipeline shares: its start date, no catch-up, and each task's owner, two
+    retries ``retry_delay`` apart and the TASK_TIMEOUT bound (a task with its own timeout sets it itself)."""
+    return {
+        "start_date": START_DATE,
+        "catchup": False,
+        "default_args": {
+            "owner": "mlops",
+            "retries": 2,
+            "retry_delay": retry_delay,
+            "execution_timeout": TASK_TIMEOUT,
+        },
+    }
+
+
 # A training job may run MaxRuntimeInSeconds after waiting for its instances; a tuning job runs its jobs a few at a
 # time; deploy and check wait out traffic shifts and the bake, whose fields the form bounds so that the longest
 # update fits the deploy's timeout (tasks.params checks it as the DAG parses).
