@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
+from tasks.images import pytorch_image_uri
 from tasks.names import VARIANT_NAME
 from tasks.policy import (
     ENDPOINT_INSTANCE_TYPE,
@@ -28,7 +29,7 @@ from tasks.policy import (
 from tasks.policy import (
     alarm_thresholds as default_alarm_thresholds,
 )
-from tasks.training_jobs import pytorch_image_uri, sagemaker_name
+from tasks.training_jobs import sagemaker_name
 
 log = logging.getLogger(__name__)
 

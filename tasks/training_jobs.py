@@ -5,8 +5,6 @@ sends it as is, to AWS or to the local SageMaker service, whichever the AWS conn
 code travels as SageMaker script mode expects it: a `sourcedir.tar.gz` (the files of training/ at its root, plus
 the inference handler) named by the `sagemaker_submit_directory` hyperparameter. The archive is byte-for-byte
 reproducible, so its S3 key is its SHA-256 and an unchanged tree is never uploaded twice.
-
-Imported by the DAG at parse time: sagemaker, boto3 and airflow hooks are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from tasks.config import PipelineConfig
 from tasks.hooks import sagemaker_hook
+from tasks.images import pytorch_image_uri
 from tasks.names import MAX_NAME_LENGTH
 from tasks.policy import MAX_RUNTIME_SECONDS
 
@@ -37,9 +36,6 @@ METRIC_DEFINITIONS = (
 ACCURACY_METRIC = "test:accuracy"  # the objective: what selection and tuning judge a job by (percent)
 TRAINING_CHANNEL = "training"
 ENTRY_POINT = "train.py"
-# The newest PyTorch with both a training and an inference image in the SDK's registry: train and serve alike.
-FRAMEWORK_VERSION = "2.6"
-PY_VERSION = "py312"
 VOLUME_SIZE_GB = 10
 # Sweep params that become hyperparameters when set; unset (None) leaves the preset's (or the script's) default.
 SWEEP_HYPERPARAMETERS = ("epochs", "preset", "optimizer", "lr", "batch_size", "dropout", "kernel_size")
@@ -65,20 +61,6 @@ def sagemaker_name(*parts: object, max_length: int = MAX_NAME_LENGTH, unique_by:
 def training_job_name(run_id: str, hidden_channels: int) -> str:
     """Deterministic per (run, hidden_channels): a retried task asks for the same name; the run id stays legible."""
     return sagemaker_name(run_id, f"hc{hidden_channels}", unique_by=run_id)
-
-
-def pytorch_image_uri(region: str, instance_type: str, scope: str = "training") -> str:
-    """A SageMaker PyTorch image (CPU or GPU by instance type; training or inference), from the SDK, offline."""
-    from sagemaker.core import image_uris
-
-    return image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=FRAMEWORK_VERSION,
-        py_version=PY_VERSION,
-        instance_type=instance_type,
-        image_scope=scope,
-    )
 
 
 def training_image_uri(region: str, instance_type: str) -> str:

@@ -60,6 +60,48 @@ def request(**overrides) -> dict:
     return build_training_job_request(**(arguments | overrides))
 
 
+def test_the_images_are_the_ones_the_sagemaker_sdk_names_in_every_region():
+    """tasks.images reads the SDK's own image table instead of importing the SDK: the same URI as the SDK's
+    image_uris.retrieve for both scopes, CPU and GPU instances, in every region the table holds, and the SDK's refusal
+    of a region it does not (checked in a child process, so that no other test imports the SDK by the way)."""
+    import json
+    import subprocess
+    import sys
+
+    from tasks.images import FRAMEWORK_VERSION, PY_VERSION, _table, pytorch_image_uri
+
+    cases = [
+        (region, instance_type, scope)
+        for scope in ("training", "inference")
+        for region in sorted(
+            _table()[scope]["versions"][_table()[scope]["version_aliases"][FRAMEWORK_VERSION]]["registries"]
+        )
+        for instance_type in ("ml.m5.large", "ml.c5.xlarge", "ml.g5.xlarge", "ml.p3.2xlarge")
+    ]
+    code = (
+        "import json, sys\n"
+        "from sagemaker.core import image_uris\n"
+        "cases = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([image_uris.retrieve(framework='pytorch', region=r, version=sys.argv[1], "
+        "py_version=sys.argv[2], instance_type=i, image_scope=s) for r, i, s in cases]))\n"
+    )
+    sdk = subprocess.run(
+        [sys.executable, "-c", code, FRAMEWORK_VERSION, PY_VERSION],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = json.loads(sdk.stdout.strip().splitlines()[-1])
+    assert len(cases) > 100
+    assert [pytorch_image_uri(*case) for case in cases] == expected
+    assert "sagemaker" not in sys.modules or "sagemaker.core.image_uris" not in sys.modules  # read, not imported
+    with pytest.raises(ValueError, match="Unsupported region: mars-west-1"):
+        pytorch_image_uri("mars-west-1", "ml.m5.large")
+    with pytest.raises(ValueError, match=r"Invalid SageMaker instance type: m5\.large"):
+        pytorch_image_uri("us-east-1", "m5.large")
+
+
 def test_request_has_the_exact_shape():
     built = request()
     assert built == {
