@@ -184,8 +184,8 @@ def monitor(settings: dict, deployment: dict, choice: dict, params: dict, ti, ou
 def undo_unchecked(settings: dict, choice, deployment, monitoring, params: dict, run_id: str) -> dict | None:
     """A model deployed and never checked (the check's task killed or crashed; or the deploy's, after its request)
     does not stay serving: rolled back, its version Rejected. None when there was nothing to undo."""
-    from tasks.monitoring import roll_back_unchecked
     from tasks.policy import settle_timeout
+    from tasks.unchecked import roll_back_unchecked
 
     return roll_back_unchecked(
         config_of(settings),

@@ -1,12 +1,7 @@
 """The monitoring check after a deployment: smoke load, CloudWatch metrics, then champion and alarms, or rollback.
 
-1. While the new model bakes (an update: all traffic on it, the old fleet kept under the endpoint's alarms), or
-   once a new endpoint is InService, send held-out MNIST test images through the real client (boto3
-   `sagemaker-runtime` `invoke_endpoint`, wherever the AWS connection points) and measure live accuracy, errors
-   and latency percentiles from the load itself.
-2. Read the endpoint's CloudWatch metrics over the load's window (`get_metric_data`), polling until the load's
-   invocations have arrived, since metrics land late. Percentile statistics are not asked of CloudWatch: the
-   local CloudWatch (moto) cannot answer them, and the load measured p50/p99 already.
+1. Send held-out MNIST test images through the endpoint and measure the load itself (tasks.smoke_load).
+2. Read the endpoint's CloudWatch metrics over the load's window (tasks.endpoint_metrics).
 3. Judge on what the check can attribute: its own load (its requests, its errors, 4xx included, its accuracy and
    latency), and the endpoint's 5XX rate, which decides only over a minimum of invocations. Anyone can send the
    endpoint a request that fails: a 4XX is the caller's error, and a few 5XX among few requests cannot tell a
@@ -21,47 +16,26 @@
    config, or DeleteEndpoint when this deployment created the endpoint.
 
 `deployment` is what the deploy step returns (tasks.deployment.deploy): endpoint_name, endpoint_config_name,
-model_data_url, previous_endpoint_config_name, created, deployment_config, baking. A deploy that returned nothing
-(it failed, or its timeout ended it, after its CreateEndpoint or UpdateEndpoint) is found from the endpoint's own
-state at the end of the run, and undone when what serves, or what the endpoint is updating to, is this run's.
+model_data_url, previous_endpoint_config_name, created, deployment_config, baking. A deployment the check never
+judged is undone at the end of the run (tasks.unchecked), through this module's ``undo``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import logging
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout
 
-from tasks.alarms import alarm_names, put_alarms
+from tasks.alarms import put_alarms
 from tasks.config import PipelineConfig
 from tasks.deployment import baking, updating_to, wait_settled
-from tasks.hooks import s3_hook, sagemaker_hook
-from tasks.names import ENDPOINT_NAMESPACE, INSTANCE_NAMESPACE, endpoint_dimensions
+from tasks.endpoint_metrics import METRICS_POLL_SECONDS, cloudwatch_client, error_rate, wait_for_metrics
+from tasks.hooks import sagemaker_hook
 from tasks.policy import Thresholds, alarm_thresholds
+from tasks.smoke_load import load_test_images, runtime_client, smoke_load
 
 log = logging.getLogger(__name__)
-
-# What the check reads from CloudWatch: result key -> (namespace, metric, statistic). Latencies are microseconds.
-CLOUDWATCH_METRICS = {
-    "invocations": (ENDPOINT_NAMESPACE, "Invocations", "Sum"),
-    "invocation_4xx_errors": (ENDPOINT_NAMESPACE, "Invocation4XXErrors", "Sum"),
-    "invocation_5xx_errors": (ENDPOINT_NAMESPACE, "Invocation5XXErrors", "Sum"),
-    "model_latency_average_us": (ENDPOINT_NAMESPACE, "ModelLatency", "Average"),
-    "model_latency_maximum_us": (ENDPOINT_NAMESPACE, "ModelLatency", "Maximum"),
-    "cpu_utilization": (INSTANCE_NAMESPACE, "CPUUtilization", "Maximum"),
-    "memory_utilization": (INSTANCE_NAMESPACE, "MemoryUtilization", "Maximum"),
-}
-
-
-# Between CloudWatch reads while the load's datapoints arrive: endpoint servers flush theirs once a burst ends.
-METRICS_POLL_SECONDS = 1.0
 
 
 class MonitoringCheckFailed(AirflowFailException):
@@ -73,182 +47,6 @@ class MonitoringCheckFailed(AirflowFailException):
     def __init__(self, message: str, result: dict | None = None):
         super().__init__(message)
         self.result = result
-
-
-# --- the smoke load -----------------------------------------------------------------------------------------------
-
-
-def load_test_images(config: PipelineConfig, source: str, count: int, seed: int = 0):
-    """``count`` random held-out test images and their labels, from a directory or an S3 prefix (the channel). From
-    S3 they are read as the training script reads its channel (training/channel.py): against the dataset's manifest,
-    the manifest against the SHA-256 its prefix names; and neither file may decompress beyond MNIST's sizes."""
-    import numpy as np
-
-    from training.channel import MANIFEST, verify
-    from training.mnist_idx import IMAGES_MAGIC, LABELS_MAGIC, MNIST_FILES, read_idx
-
-    names = [MNIST_FILES["test_images"], MNIST_FILES["test_labels"]]
-    with tempfile.TemporaryDirectory() as scratch:
-        directory = Path(source)
-        if source.startswith("s3://"):
-            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-            from tasks.training_jobs import dataset_digest
-
-            s3 = s3_hook(config)
-            bucket, prefix = S3Hook.parse_s3_url(source)
-            directory = Path(scratch)
-            for name in names:
-                s3.download_file(
-                    f"{prefix.rstrip('/')}/{name}",
-                    bucket,
-                    local_path=scratch,
-                    preserve_file_name=True,
-                    use_autogenerated_subdir=False,
-                )
-            # A dataset the pipeline uploaded has its manifest, named by its prefix; other test data may have one.
-            digest = dataset_digest(source).get("dataset_sha256")
-            manifest = f"{prefix.rstrip('/')}/{MANIFEST}"
-            if digest or s3.check_for_key(manifest, bucket):
-                s3.download_file(
-                    manifest, bucket, local_path=scratch, preserve_file_name=True, use_autogenerated_subdir=False
-                )
-            verify(directory, digest, names)
-        images = read_idx(directory / MNIST_FILES["test_images"], IMAGES_MAGIC)
-        labels = read_idx(directory / MNIST_FILES["test_labels"], LABELS_MAGIC)
-    pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
-    return images[pick], labels[pick]
-
-
-def runtime_client(config: PipelineConfig, max_connections: int = 10):
-    """boto3 `sagemaker-runtime` client of the AWS connection (its credentials, and its endpoint for the service).
-    No retries: the check must see every failure."""
-    from botocore.config import Config
-
-    from tasks.hooks import hook as provider_hook
-
-    hook = provider_hook(config, "sagemaker-runtime")
-    extra = Config(retries={"total_max_attempts": 1}, max_pool_connections=max_connections)
-    return hook.get_session(region_name=config.region).client(
-        "sagemaker-runtime",
-        endpoint_url=hook.conn_config.get_service_endpoint_url("sagemaker-runtime"),
-        config=hook.config.merge(extra),
-        verify=hook.verify,
-    )
-
-
-def smoke_load(client, endpoint_name: str, images, labels, concurrency: int = 4) -> dict:
-    """Send each image as one JSON request through ``client``; live accuracy, errors and latency of the load."""
-    import numpy as np
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    def invoke(index: int) -> tuple[float, int | None, str | None]:
-        body = json.dumps({"instances": [images[index].tolist()]})
-        started = time.perf_counter()
-        try:
-            reply = client.invoke_endpoint(
-                EndpointName=endpoint_name, Body=body, ContentType="application/json", Accept="application/json"
-            )
-            label = json.loads(reply["Body"].read())["predictions"][0]["label"]
-            return time.perf_counter() - started, label, None
-        except (ClientError, BotoCoreError, ValueError, KeyError, IndexError) as error:
-            return time.perf_counter() - started, None, f"{type(error).__name__}: {error}"
-
-    started_at = datetime.datetime.now(datetime.UTC)
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(invoke, range(len(images))))
-    finished_at = datetime.datetime.now(datetime.UTC)
-    latencies = [seconds * 1000 for seconds, _, error in results if error is None]
-    p50, p99 = np.percentile(latencies, [50, 99]).tolist() if latencies else (None, None)
-    errors = [error for _, _, error in results if error is not None]
-    correct = sum(label == int(truth) for (_, label, _), truth in zip(results, labels, strict=True))
-    return {
-        "requests": len(results),
-        "errors": len(errors),
-        "error_rate": len(errors) / len(results),
-        "error_samples": sorted(set(errors))[:3],
-        "live_accuracy": correct / len(results),
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "started_at": started_at.isoformat(),
-        "finished_at": finished_at.isoformat(),
-    }
-
-
-# --- CloudWatch ----------------------------------------------------------------------------------------------------
-
-
-def _cloudwatch(config: PipelineConfig):
-    from tasks.hooks import hook
-
-    return hook(config, "cloudwatch").conn
-
-
-def read_metrics(config: PipelineConfig, endpoint_name: str, start: datetime.datetime, end: datetime.datetime) -> dict:
-    """The endpoint's CloudWatch figures over [start, end], one number per metric (None when no data arrived)."""
-    # Whole minutes, one period over the window: each query answers a single value for the whole load.
-    start = start.replace(second=0, microsecond=0)
-    end = end.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-    period = int((end - start).total_seconds())
-    queries = [
-        {
-            "Id": key,
-            "MetricStat": {
-                "Metric": {
-                    "Namespace": namespace,
-                    "MetricName": metric,
-                    "Dimensions": endpoint_dimensions(endpoint_name),
-                },
-                "Period": period,
-                "Stat": stat,
-            },
-        }
-        for key, (namespace, metric, stat) in CLOUDWATCH_METRICS.items()
-    ]
-    paginator = _cloudwatch(config).get_paginator("get_metric_data")
-    values: dict[str, list[float]] = {key: [] for key in CLOUDWATCH_METRICS}
-    for page in paginator.paginate(MetricDataQueries=queries, StartTime=start, EndTime=end):
-        for result in page["MetricDataResults"]:
-            values[result["Id"]].extend(result["Values"])
-    figures = {}
-    for key, (_, _, stat) in CLOUDWATCH_METRICS.items():
-        series = values[key]
-        if not series:
-            figures[key] = None
-        elif stat == "Sum":
-            figures[key] = sum(series)
-        elif stat == "Maximum":
-            figures[key] = max(series)
-        else:
-            figures[key] = sum(series) / len(series)
-    figures["invocation_5xx_rate"] = error_rate(figures)
-    return figures
-
-
-def error_rate(figures: dict) -> float | None:
-    """The endpoint's 5XX rate among CloudWatch ``figures`` (None without invocations)."""
-    invocations = figures["invocations"] or 0
-    return (figures["invocation_5xx_errors"] or 0) / invocations if invocations else None
-
-
-def wait_for_metrics(
-    config: PipelineConfig,
-    endpoint_name: str,
-    load: dict,
-    timeout: float = 300.0,
-    poll_interval: float = METRICS_POLL_SECONDS,
-) -> dict:
-    """Poll CloudWatch until the load's invocations have all arrived there, or ``timeout`` passes."""
-    start = datetime.datetime.fromisoformat(load["started_at"])
-    deadline = time.monotonic() + timeout
-    while True:
-        # From the load's start up to now, not to the load's end: the local server stamps its datapoints when it
-        # publishes them, up to two publishing intervals after the requests they count (a minute boundary between).
-        figures = read_metrics(config, endpoint_name, start, datetime.datetime.now(datetime.UTC))
-        if (figures["invocations"] or 0) >= load["requests"] or time.monotonic() > deadline:
-            figures["waited_s"] = round(timeout - max(0.0, deadline - time.monotonic()), 1)
-            return figures
-        time.sleep(poll_interval)
 
 
 # --- the verdict ---------------------------------------------------------------------------------------------------
@@ -364,7 +162,9 @@ def stop_update(config: PipelineConfig, deployment: dict, reason: str, timeout: 
     alarms = ((deployment.get("deployment_config") or {}).get("AutoRollbackConfiguration") or {}).get("Alarms")
     if not alarms or not updating_to(sagemaker_hook(config).describe_endpoint(name), failed):
         return None
-    _cloudwatch(config).set_alarm_state(AlarmName=alarms[0]["AlarmName"], StateValue="ALARM", StateReason=reason[:1023])
+    cloudwatch_client(config).set_alarm_state(
+        AlarmName=alarms[0]["AlarmName"], StateValue="ALARM", StateReason=reason[:1023]
+    )
     log.info("Alarm %s set to ALARM: endpoint %s rolls back from %s", alarms[0]["AlarmName"], name, failed)
     described = wait_settled(config, name, timeout, delay)
     if described["EndpointConfigName"] == failed:  # the bake ended first: the update had completed
@@ -384,7 +184,7 @@ def undo(config: PipelineConfig, deployment: dict, reason: str, settle_timeout: 
     )
 
 
-def _rollback_outcome(undone: dict) -> str:
+def rollback_outcome(undone: dict) -> str:
     return {
         "restored": f"rolled back to endpoint config {undone['endpoint_config_name']}, which serves again"
         + (f" (the update stopped by its {undone['by']})" if undone.get("by") else ""),
@@ -458,7 +258,7 @@ def check_endpoint(
         finally:  # rolled back or not, the version must never be served again
             record_verdict(config, version, passed=False, reason=verdict)
         result["rollback"] = undone
-        raise MonitoringCheckFailed(f"{verdict}. {_rollback_outcome(undone).capitalize()}.", result)
+        raise MonitoringCheckFailed(f"{verdict}. {rollback_outcome(undone).capitalize()}.", result)
 
     record_verdict(
         config,
@@ -470,114 +270,3 @@ def check_endpoint(
     result["alarms"] = put_alarms(config, name, **alarm_thresholds(thresholds), alarm_actions=alarm_actions)
     log.info("Endpoint %s passed its monitoring check: %s", name, config_name)
     return result
-
-
-def unfinished_deployment(
-    config: PipelineConfig,
-    choice: dict | None,
-    endpoint_name: str,
-    run_id: str,
-    *,
-    settle_timeout: float,
-    check_interval: int,
-) -> dict | None:
-    """What a deploy that returned nothing (it failed, or its timeout ended it) left of this run on the endpoint, as
-    ``deploy`` would have described it; None when the endpoint serves, and is updating to, nothing of this run's.
-
-    This run's endpoint config is known by its name (the run's: tasks.deployment.endpoint_config_name). What was
-    there before is the candidate's ``previous_endpoint_config_name``, fixed before the run changed anything: the
-    rollback's target, or none, when this run created the endpoint. An update still launching its fleet does not
-    yet say which config it brings, so the endpoint is first polled until it settles or shows one."""
-    from botocore.exceptions import ClientError
-
-    from tasks.deployment import BUSY, endpoint_config_name, poll_endpoint
-
-    if not (choice or {}).get("deploy"):
-        return None
-    ours = endpoint_config_name(endpoint_name, run_id)
-    try:
-        described = poll_endpoint(
-            sagemaker_hook(config),
-            endpoint_name,
-            lambda d: d["EndpointStatus"] not in BUSY or updating_to(d, ours),
-            settle_timeout,
-            check_interval,
-        )
-    except ClientError as error:
-        if "Could not find endpoint" in str(error):
-            return None
-        raise
-    if described["EndpointStatus"] == "Deleting" or not (
-        updating_to(described, ours) or described["EndpointConfigName"] == ours
-    ):
-        log.info(
-            "Endpoint %s serves %s and is updating to nothing of this run's (%s): nothing to undo",
-            endpoint_name,
-            described["EndpointConfigName"],
-            ours,
-        )
-        return None
-    previous = choice.get("previous_endpoint_config_name")
-    return {
-        "endpoint_name": endpoint_name,
-        "endpoint_config_name": ours,
-        "model_data_url": (choice.get("model") or {}).get("model_data_url"),
-        "previous_endpoint_config_name": previous,
-        "created": previous is None,
-        # Every update this pipeline sends is guarded by the endpoint's alarms (tasks.deployment.deploy): setting
-        # one to ALARM stops it, and the fleet it replaces serves again.
-        "deployment_config": {
-            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": name} for name in alarm_names(endpoint_name)]}
-        },
-        "baking": baking(described, ours),
-    }
-
-
-def roll_back_unchecked(
-    config: PipelineConfig,
-    deployment: dict | None,
-    monitoring: dict | None,
-    *,
-    choice: dict | None = None,
-    endpoint_name: str | None = None,
-    run_id: str | None = None,
-    check_interval: int = 15,
-    settle_timeout: float = 3600.0,
-    version: str | None = None,
-) -> dict | None:
-    """After the run (its teardown): a deployment whose check never finished (its task killed or crashed, so that
-    its own rollback could not run) is undone as a failed check is, and its ``version`` rejected. So is what a
-    deploy that returned nothing (``deployment`` None: it failed, or its timeout ended it, after its request) left
-    serving or updating on ``endpoint_name`` under this run's config (``unfinished_deployment``, from the
-    candidate ``choice`` and the ``run_id``); nothing else on the endpoint is touched. Returns what the check would
-    have reported (``passed`` False, the failure, the rollback), or None when there was nothing to undo."""
-    if monitoring and (monitoring.get("passed") or monitoring.get("rollback")):
-        return None
-    if deployment is not None:
-        failure = "the monitoring check never finished (its task was killed, or crashed)"
-    elif endpoint_name and run_id:
-        deployment = unfinished_deployment(
-            config, choice, endpoint_name, run_id, settle_timeout=settle_timeout, check_interval=check_interval
-        )
-        failure = "the deploy task returned nothing (it failed, or its timeout ended it) after it changed the endpoint"
-    if deployment is None:
-        return None
-    name, config_name = deployment["endpoint_name"], deployment["endpoint_config_name"]
-    verdict = f"Deployment of endpoint {name} (config {config_name}) was not checked: {failure}"
-    log.warning("%s: undoing it", verdict)
-    from tasks.registry import record_verdict
-
-    try:
-        undone = undo(config, deployment, verdict, settle_timeout, check_interval)
-    finally:  # undone or not, the version must never be served again
-        record_verdict(config, version, passed=False, reason=verdict)
-    log.warning("Endpoint %s: %s", name, _rollback_outcome(undone))
-    return {
-        "endpoint_name": name,
-        "endpoint_config_name": config_name,
-        "passed": False,
-        "failures": [failure],
-        "load": None,
-        "cloudwatch": None,
-        "rollback": undone,
-    }

@@ -47,7 +47,7 @@ MAX_UPDATE_SECONDS = 600
 MAX_EXECUTION_SECONDS = 28_800  # the API's upper bound
 # The deploy task's execution_timeout. The form bounds the traffic params (tasks.params) so that the longest deploy
 # they allow (deploy_seconds) fits in it: a timeout that ended the task mid-update would leave the update running
-# unwatched by the task (the run's teardown then undoes it: tasks.monitoring.roll_back_unchecked).
+# unwatched by the task (the run's teardown then undoes it: tasks.unchecked.roll_back_unchecked).
 DEPLOY_TIMEOUT_SECONDS = 3 * 3600
 # The bake time's default: the monitoring check runs in it, so it outlasts the check (on AWS, CloudWatch's metrics
 # take minutes to arrive; the local stack's take a second and it sets a shorter one).

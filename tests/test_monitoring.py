@@ -21,20 +21,11 @@ from tasks.alarms import put_alarms
 from tasks.config import load_config
 from tasks.deployment import RolledBack, roll_out
 from tasks.gate import judge
-from tasks.monitoring import (
-    MonitoringCheckFailed,
-    check_endpoint,
-    evaluate,
-    load_test_images,
-    roll_back_unchecked,
-    rollback,
-    runtime_client,
-    smoke_load,
-    unfinished_deployment,
-    unjudged,
-)
+from tasks.monitoring import MonitoringCheckFailed, check_endpoint, evaluate, rollback, unjudged
 from tasks.policy import Thresholds
 from tasks.registry import champion, describe
+from tasks.smoke_load import load_test_images, runtime_client, smoke_load
+from tasks.unchecked import roll_back_unchecked, unfinished_deployment
 from tests.helpers.endpoints import model_artifacts, pack
 from tests.helpers.polling import wait_until
 from tests.helpers.registry import register
