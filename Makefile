@@ -52,8 +52,9 @@ test-browser: venv tools
 	$(BIN)/pytest -m browser -n 0
 
 # The proofs that take minutes, apart from `make test` to keep it under ten: the sweep's safety paths end to end
-# (tests/test_safe_deploy.py), the seed recipe on the official MNIST, and drift on real traffic (tests/test_drift.py,
-# whose figures it prints). CI runs them after `make test`.
+# (tests/test_safe_deploy.py), the seed recipe on the official MNIST, drift on real traffic (tests/test_drift.py,
+# whose figures it prints), and the images named as the SageMaker SDK names them (it imports the SDK). CI runs them
+# after `make test`.
 test-long: venv tools
 	$(BIN)/pytest -m long -n 0 -s
 

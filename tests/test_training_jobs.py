@@ -60,6 +60,7 @@ def request(**overrides) -> dict:
     return build_training_job_request(**(arguments | overrides))
 
 
+@pytest.mark.long  # importing the SDK alone takes half a minute here: make test-long
 def test_the_images_are_the_ones_the_sagemaker_sdk_names_in_every_region():
     """tasks.images reads the SDK's own image table instead of importing the SDK: the same URI as the SDK's
     image_uris.retrieve for both scopes, CPU and GPU instances, in every region the table holds, and the SDK's refusal
