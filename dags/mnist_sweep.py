@@ -93,9 +93,14 @@ def training_requests(settings: dict, dataset_uri: str, params: dict, dag_run) -
 
 @task(trigger_rule="none_failed_min_one_success")  # after the sweep's jobs or the tuner, whichever ran
 def select_best(settings: dict, trained, tuned) -> dict:
+    from airflow.sdk.exceptions import AirflowSkipException
+
     from tasks.selection import most_accurate
 
-    return most_accurate(list(trained), config=config_of(settings), tuning=tuned)
+    trained = list(trained)
+    if not trained and tuned is None:  # a deploy-only run: its trigger rule may not have skipped it already
+        raise AirflowSkipException("No training ran (a deploy-only run): nothing to select")
+    return most_accurate(trained, config=config_of(settings), tuning=tuned)
 
 
 @task
