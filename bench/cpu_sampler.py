@@ -3,7 +3,8 @@ user, every ``interval`` seconds in a thread.
 
 Each process is read each time (its user and system seconds), and counted at the last reading: a process that
 exits between two readings loses at most ``interval`` seconds of one core. Processes are told apart by their
-command line (Airflow names its task processes with setproctitle).
+command line. Airflow's task processes are forked from its components and keep their command line, so they are
+counted with them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import threading
 
 import psutil
 
-# The first match names the kind: a training job's script, Airflow's task processes, its components, the local
-# services, the endpoints' model servers.
+# The first match names the kind: a training job's script, Airflow (its components and the task processes they
+# fork), the local services, the endpoints' model servers.
 KINDS = (
     ("training jobs", ("train.py",)),
-    ("airflow task processes", ("task supervisor", "task runner", "airflow supervisor", "airflow task")),
     ("airflow components", ("airflow",)),
     ("local sagemaker", ("local_sagemaker",)),
     ("local aws", ("local_aws", "moto")),
@@ -57,7 +57,7 @@ class CpuSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             for pid, (kind, seconds) in self._read().items():
-                # A process keeps the kind it was first seen with (a fork renames itself after it starts).
+                # A process keeps the first kind it is known by (read just as it starts, it may show no command line).
                 first = self.latest.get(pid, (kind, 0.0))[0]
                 self.latest[pid] = (first if first != "other" else kind, seconds)
 
