@@ -12,8 +12,12 @@ Per run, read from Airflow's own database after the run:
 - the task instances that ran a process (success or failed) and those skipped;
 - the critical path: the chain of task instances, each the last to end among those its successor waited for, with
   how long each ran and how long the scheduler took to start it;
+- where the critical path's seconds go: the scheduler's waits, the training tasks, the other tasks, beside the least
+  the training could take on this machine (its CPU-seconds over the cores);
+- each training task's start and end, and its job's CPU-seconds;
 and, sampled from outside while it ran (bench/cpu_sampler.py), the CPU-seconds of each kind of process: the training
-jobs' scripts apart from everything else (Airflow's task processes and components, the local services).
+jobs' scripts apart from everything else (Airflow's task processes, their supervisors and each component, the local
+services).
 
 `--root` runs another checkout of the project (its own command line and DAG) with this bench, for a before and
 after measured alike: run them one after the other on an otherwise idle machine.
@@ -146,6 +150,7 @@ def one_run(root: Path, mirror: Path) -> dict:
     run, tis = found["run"], found["tis"]
     cpu_seconds = cpu.seconds()
     training = cpu_seconds.get("training jobs", 0.0)
+    path = critical_path(tis, upstream_of(root, env))
     return {
         "state": run["state"],
         "sweep_seconds": round((_time(run["end_date"]) - _time(run["start_date"])).total_seconds(), 1),
@@ -160,8 +165,48 @@ def one_run(root: Path, mirror: Path) -> dict:
         "cpu_seconds": cpu_seconds,
         "training_cpu_seconds": training,
         "cpu_seconds_outside_training": round(sum(cpu_seconds.values()) - training, 1),
-        "critical_path": critical_path(tis, upstream_of(root, env)),
+        "critical_path": path,
+        "where_the_seconds_go": accounting(path, training),
+        "training_jobs": training_jobs(tis, cpu.by_process("training jobs")),
     }
+
+
+def accounting(path: list[dict], training_cpu_seconds: float) -> dict:
+    """The critical path's seconds: the scheduler's waits, the training tasks' and the others'; and the least the
+    training could take here, its CPU-seconds spread evenly over every core (the jobs run on this machine's cores and
+    nothing else runs meanwhile)."""
+    train = [step for step in path if step["task_id"] == "train"]
+    return {
+        "scheduler_waits": round(sum(step["waited_seconds"] for step in path), 1),
+        "train": round(sum(step["ran_seconds"] for step in train), 1),
+        "other_tasks": round(sum(step["ran_seconds"] for step in path if step not in train), 1),
+        "train_floor": round(training_cpu_seconds / os.cpu_count(), 1),
+    }
+
+
+def training_jobs(tis: list[dict], processes: list[tuple[str, float]]) -> list[dict]:
+    """Each training task, from the first one's start: when it started and ended, and the CPU-seconds of its job's
+    script (told by the hidden_channels of its command line)."""
+    train = sorted((ti for ti in tis if ti["task_id"] == "train" and ti["start_date"]), key=lambda ti: ti["map_index"])
+    if not train:
+        return []
+    first = min(_time(ti["start_date"]) for ti in train)
+    cpu: dict[int, float] = {}
+    for command, seconds in processes:
+        words = command.split()
+        if "--hidden_channels" in words[:-1]:
+            channels = int(words[words.index("--hidden_channels") + 1])
+            cpu[channels] = round(cpu.get(channels, 0.0) + seconds, 1)
+    return [
+        {
+            "map_index": ti["map_index"],
+            "hidden_channels": HIDDEN_CHANNELS[ti["map_index"]],
+            "started": round((_time(ti["start_date"]) - first).total_seconds(), 1),
+            "ended": round((_time(ti["end_date"]) - first).total_seconds(), 1) if ti["end_date"] else None,
+            "job_cpu_seconds": cpu.get(HIDDEN_CHANNELS[ti["map_index"]]),
+        }
+        for ti in train
+    ]
 
 
 def main() -> None:
