@@ -203,7 +203,8 @@ def _metric_name(figure: str) -> str:
 
 def _write_report(config: PipelineConfig, run_id: str, result: Mapping, window, judged: Mapping) -> None:
     from data_checks.drift import sample_grid_png
-    from tasks.report import _replace_directory, render_html
+    from tasks.report import _replace_directory
+    from tasks.report_text import render_html
 
     run_dir = run_directory(config, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

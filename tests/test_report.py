@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tasks.config import load_config
-from tasks.report import build_report, render_markdown, run_name
+from tasks.report import REPORT_FILES, build_report, run_name
+from tasks.report_text import render_markdown
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +182,7 @@ def test_a_failed_monitoring_check_is_reported_with_its_rollback(sweep):
         "misclassified_shown": 0,
         "misclassified_total": 0,
     }
-    markdown = render_markdown(context)
+    markdown = render_markdown(context, REPORT_FILES)
     assert "version 3 (" in markdown and "**failed its monitoring check** and was rolled back (restored)" in markdown
     assert "| model package | `arn:aws:sagemaker:us-east-1:000000000000:model-package/mnist-classifier/3` |" in markdown
     for failure in failures:
