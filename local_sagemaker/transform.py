@@ -10,7 +10,8 @@ per instance. Each object whose records all succeeded gets ``<S3OutputPath>/<its
 answers in order, each followed by a newline (AssembleWith Line) or not (None). A record the model refuses, or one
 larger than MaxPayloadInMB, fails its object (no .out) and the job, with a FailureReason that names the object, the
 line and the model's message; the other objects still get theirs, as on SageMaker. A stopped job writes nothing
-more. The model servers are stopped whatever happens, before the job's status says it has ended.
+more. The model servers are stopped whatever happens, before the job's status says it has ended. How the records
+become requests and answers is local_sagemaker/transform_requests.py's part; this module runs the jobs.
 
 The job's log goes to CloudWatch Logs, group ``/aws/sagemaker/TransformJobs``, a stream per instance
 ``<job>/<instance id>-<epoch>`` (with the model server's own log at its end), and its first stream ends with the
@@ -21,10 +22,7 @@ server start, no S3 transfer) and the seconds end to end.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import gzip
 import json
 import logging
 import secrets
@@ -32,11 +30,9 @@ import shutil
 import threading
 import time
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import uvloop
 from botocore.exceptions import ClientError
 
 from local_sagemaker import aws, model_servers, processes
@@ -48,7 +44,7 @@ from local_sagemaker.models import Models
 from local_sagemaker.protocol import ResourceInUse, ValidationException, arn, failure_reason
 from local_sagemaker.roles import Roles, RoleSession
 from local_sagemaker.store import Store, now
-from local_sagemaker.upstreams import Reply, Upstreams
+from local_sagemaker.transform_requests import MB, InputObject, Plan, send_requests
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +55,10 @@ LOG_GROUP = "/aws/sagemaker/TransformJobs"
 # SageMaker's defaults where neither the request nor the container's GET /execution-parameters sets them.
 DEFAULTS = {"MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6, "BatchStrategy": "MultiRecord"}
 MAX_PAYLOAD_MB = 100  # SageMaker's bound on MaxPayloadInMB, and on it times MaxConcurrentTransforms
-MB = 1024 * 1024
 INVOCATION_TIMEOUT, INVOCATION_RETRIES = 600, 3  # ModelClientConfig's defaults
 # DataProcessing that leaves the records and answers as they are: the only kind run here.
 PASS_THROUGH = {"InputFilter": "$", "OutputFilter": "$", "JoinSource": "None"}
 S3_THREADS = 8  # the objects of a job move in parallel: S3 answers each request in milliseconds
-STOP_POLL_SECONDS = 0.05
 SETTLE_SECONDS = 30.0  # the most a started server's workers may take to finish loading the model
 SERVICE_STOPPED = "InternalServerError: the local SageMaker service stopped while the job ran"
 # What ListTransformJobs says of a job.
@@ -97,50 +91,6 @@ REQUEST_KEYS = (
 )
 
 
-class RecordTooLarge(ValueError):
-    """A record over MaxPayloadInMB: ``where`` it is (" line 3", or "" for a whole object) and how large."""
-
-    def __init__(self, where: str, message: str):
-        super().__init__(f"{where}: {message}")
-        self.where, self.message = where, message
-
-
-@dataclasses.dataclass
-class _Object:
-    """One input object and what became of it."""
-
-    uri: str
-    name: str  # its key under the prefix (or as the manifest lists it): its output is <S3OutputPath>/<name>.out
-    path: Path  # the downloaded copy
-    records: int = 0
-    requests: int | None = None  # how many requests its records make, once split
-    replies: dict[int, bytes] = dataclasses.field(default_factory=dict)
-    failure: str | None = None
-    client_error: bool = True  # whether the failure is the input's (ClientError) or the model's (AlgorithmError)
-
-    def fail(self, where: str, message: str, client_error: bool) -> None:
-        if self.failure is None:
-            self.failure, self.client_error = f"{self.uri}{where}: {message}", client_error
-
-    @property
-    def succeeded(self) -> bool:
-        return self.failure is None and self.requests is not None and len(self.replies) == self.requests
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """How the job's records are sent, with every default settled."""
-
-    head: bytes  # the request line and the Content-Type and Accept headers
-    split: bool
-    multi_record: bool
-    limit: int | None  # bytes per request; None: no limit (MaxPayloadInMB 0)
-    concurrency: int  # requests in flight per instance
-    gzip: bool
-    timeout: float
-    retries: int
-
-
 @dataclasses.dataclass
 class _Running:
     """What the service holds of a job while its thread runs it."""
@@ -150,54 +100,6 @@ class _Running:
     environments: list = dataclasses.field(default_factory=list)  # its servers' ways to their role's credentials
     shutdown: bool = False  # stopped by the service's own stop, not by StopTransformJob
     thread: threading.Thread | None = None
-
-
-def batches(body: bytes, *, split: bool, multi_record: bool, limit: int | None) -> list[tuple[str, bytes, int]]:
-    """The requests an object's records make: (where, payload, records), ``where`` naming the lines (" line 3",
-    " lines 3-40") for a Line split. RecordTooLarge for a record over ``limit`` bytes."""
-    if not split:
-        if limit is not None and len(body) > limit:
-            raise RecordTooLarge(
-                "", f"a record (the whole object) of {len(body)} bytes exceeds MaxPayloadInMB ({limit // MB} MB)"
-            )
-        return [("", body, 1)]
-    made: list[tuple[str, bytes, int]] = []
-    batch: list[bytes] = []  # the records of the request being filled: lines `first` to `last`, `size` bytes joined
-    first = last = size = 0
-    for number, line in enumerate(body.split(b"\n"), 1):
-        record = line.rstrip(b"\r")
-        if not record.strip():  # a blank line is no record
-            continue
-        if limit is not None and len(record) > limit:
-            raise RecordTooLarge(
-                f" line {number}", f"a record of {len(record)} bytes exceeds MaxPayloadInMB ({limit // MB} MB)"
-            )
-        if batch and (not multi_record or (limit is not None and size + 1 + len(record) > limit)):
-            made.append(_request(batch, first, last))
-            batch = []
-        if not batch:
-            first, size = number, -1  # no newline before the first record
-        batch.append(record)
-        size += 1 + len(record)
-        last = number
-    if batch:
-        made.append(_request(batch, first, last))
-    return made
-
-
-def _request(records: list[bytes], first: int, last: int) -> tuple[str, bytes, int]:
-    where = f" line {first}" if first == last else f" lines {first}-{last}"
-    return where, b"\n".join(records), len(records)
-
-
-def _model_message(reply: Reply) -> str:
-    """What the model said of a request it refused: its JSON ``error`` (or ``message``), else its body's start."""
-    with contextlib.suppress(ValueError, AttributeError):
-        document = json.loads(reply.body)
-        message = document.get("error") or document.get("message")
-        if isinstance(message, str):
-            return message
-    return reply.body[:300].decode("utf-8", "replace")
 
 
 class TransformJobs:
@@ -380,7 +282,7 @@ class TransformJobs:
             for index, instance in enumerate(instances):
                 say(f"Transforming {len(objects[index :: len(instances)])} objects", instance)
             streams.flush(force=True)  # the log shows the phase has begun
-            figures = self._transform(running, urls, objects, plan)
+            figures = send_requests(running.stop, urls, objects, plan)
             failed = [obj for obj in objects if not obj.succeeded]
             self._upload(s3, record, [obj for obj in objects if obj.succeeded], running, say)
             images = self._images([obj for obj in objects if obj.succeeded])
@@ -452,11 +354,11 @@ class TransformJobs:
             raise JobFailed(f"ClientError: no objects to transform under {uri}")
         return inputs
 
-    def _download(self, s3, record: dict, directory: Path, running: _Running, say) -> list[_Object]:
+    def _download(self, s3, record: dict, directory: Path, running: _Running, say) -> list[InputObject]:
         inputs = self._inputs(s3, record)
         directory.mkdir(parents=True, exist_ok=True)
 
-        def fetch(index: int) -> _Object:
+        def fetch(index: int) -> InputObject:
             check_stop(running.stop)
             bucket, key, name = inputs[index]
             path = directory / str(index)  # by number: names under the prefix need no folders here
@@ -464,7 +366,7 @@ class TransformJobs:
                 path.write_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
             except ClientError as error:
                 raise JobFailed(f"ClientError: cannot read the input s3://{bucket}/{key}: {error}") from None
-            return _Object(f"s3://{bucket}/{key}", name, path)
+            return InputObject(f"s3://{bucket}/{key}", name, path)
 
         began = time.monotonic()
         with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="transform-s3") as pool:
@@ -475,7 +377,7 @@ class TransformJobs:
 
     def _start_servers(
         self, name: str, record: dict, work: Path, instances: list[str], running: _Running, say, role: RoleSession
-    ) -> tuple[_Plan, list[str]]:
+    ) -> tuple[Plan, list[str]]:
         """One model server per instance, started together; the plan of the requests, with the defaults settled
         (and written into the record, as SageMaker shows what ran)."""
         model = self.models.model(record["ModelName"])
@@ -541,7 +443,7 @@ class TransformJobs:
         if accept := output.get("Accept"):
             headers.append(f"Accept: {accept}\r\n")
         client = record.get("ModelClientConfig", {})
-        plan = _Plan(
+        plan = Plan(
             head="".join(headers).encode("latin-1"),
             split=transform_input.get("SplitType", "None") == "Line",
             multi_record=settled["BatchStrategy"] == "MultiRecord",
@@ -554,17 +456,11 @@ class TransformJobs:
         say(f"Settings: {json.dumps(settled)}")
         return plan, urls
 
-    @staticmethod
-    def _transform(running: _Running, urls: list[str], objects: list[_Object], plan: _Plan) -> dict:
-        """Send every object's records; the figures of the transform phase. JobStopped if stopped."""
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_transform(running, urls, objects, plan))
-
-    def _upload(self, s3, record: dict, objects: list[_Object], running: _Running, say) -> None:
+    def _upload(self, s3, record: dict, objects: list[InputObject], running: _Running, say) -> None:
         output = record["TransformOutput"]["S3OutputPath"].rstrip("/")
         separator = b"\n" if record["TransformOutput"].get("AssembleWith", "None") == "Line" else b""
 
-        def put(obj: _Object) -> None:
+        def put(obj: InputObject) -> None:
             check_stop(running.stop)  # a stopped job writes no more output
             replies = [obj.replies[index] for index in range(len(obj.replies))]
             body = b"".join(reply + separator for reply in replies)
@@ -576,7 +472,7 @@ class TransformJobs:
         say(f"Uploaded {len(objects)} outputs to {output}/ in {time.monotonic() - began:.2f} s")
 
     @staticmethod
-    def _images(objects: list[_Object]) -> int | None:
+    def _images(objects: list[InputObject]) -> int | None:
         """How many predictions the model answered, where its answers say (SageMaker's JSON ``predictions``)."""
         total = 0
         for obj in objects:
@@ -617,83 +513,3 @@ def _execution_parameters(url: str) -> dict:
     except (OSError, ValueError):
         return {}
     return {key: document[key] for key in DEFAULTS if isinstance(document, dict) and document.get(key)}
-
-
-async def _transform(running: _Running, urls: list[str], objects: list[_Object], plan: _Plan) -> dict:
-    """Every object's requests, ``plan.concurrency`` in flight per model server, each object on one server; the
-    figures of the phase. An object whose record fails sends no more of its records; the others go on."""
-    upstreams = Upstreams()
-    first_sent = last_answered = None
-    requests = 0
-
-    def work(mine: list[_Object]):
-        """The requests of ``mine``, one object at a time (read and split when its turn comes)."""
-        for obj in mine:
-            try:
-                body = obj.path.read_bytes()
-                if plan.gzip:
-                    body = gzip.decompress(body)
-                made = batches(body, split=plan.split, multi_record=plan.multi_record, limit=plan.limit)
-            except RecordTooLarge as error:
-                obj.fail(error.where, error.message, client_error=True)
-                continue
-            except (OSError, EOFError, zlib.error) as error:
-                obj.fail("", f"not a readable gzip object: {error}", client_error=True)
-                continue
-            obj.requests, obj.records = len(made), sum(count for _, _, count in made)
-            for index, (where, payload, _) in enumerate(made):
-                yield obj, index, where, payload
-
-    async def slot(url: str, queue) -> None:
-        nonlocal first_sent, last_answered, requests
-        for obj, index, where, payload in queue:  # the queue is shared by the server's slots
-            if obj.failure:
-                continue
-            sent = time.perf_counter()
-            first_sent = sent if first_sent is None else min(first_sent, sent)
-            try:
-                reply = await _invoke(upstreams, url, plan, payload)
-            except (OSError, TimeoutError) as error:
-                obj.fail(where, f"the model server did not answer: {type(error).__name__}: {error}", False)
-                continue
-            finally:
-                last_answered = time.perf_counter()
-                requests += 1
-            if reply.status == 200:
-                obj.replies[index] = reply.body
-            else:
-                obj.fail(where, f"the model answered {reply.status}: {_model_message(reply)}", reply.status < 500)
-
-    slots = []
-    for index, url in enumerate(urls):
-        queue = work(objects[index :: len(urls)])
-        slots += [slot(url, queue) for _ in range(plan.concurrency)]
-    task = asyncio.gather(*slots)
-    try:
-        while not task.done():
-            if running.stop.is_set():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise JobStopped()
-            await asyncio.wait({task}, timeout=STOP_POLL_SECONDS)
-        task.result()
-    finally:
-        upstreams.close()
-    seconds = (last_answered - first_sent) if first_sent is not None else 0.0
-    return {"requests": requests, "transform_seconds": round(seconds, 4)}
-
-
-async def _invoke(upstreams: Upstreams, url: str, plan: _Plan, payload: bytes) -> Reply:
-    """POST /invocations, tried again (up to ModelClientConfig's InvocationsMaxRetries) when the server does not
-    answer or answers 5xx; a 4xx is the record's own fault and final."""
-    for attempt in range(plan.retries + 1):
-        try:
-            reply = await upstreams.send(url, plan.head, payload, timeout=plan.timeout)
-        except (OSError, TimeoutError):
-            if attempt == plan.retries:
-                raise
-            continue
-        if reply.status < 500 or attempt == plan.retries:
-            return reply
-    raise AssertionError("unreachable")
