@@ -26,7 +26,7 @@ from local_sagemaker import aws
 from local_sagemaker.protocol import SageMakerError
 from local_sagemaker.roles import Roles
 from local_sagemaker.routing import Router
-from local_sagemaker.runtime import InvokeError
+from local_sagemaker.runtime_http import InvokeError
 from local_sagemaker.store import Store
 from local_sagemaker.upstreams import Upstreams
 

@@ -19,8 +19,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from local_sagemaker import runtime as runtime_module
+from local_sagemaker import runtime_http
 from local_sagemaker.routing import Router
+from local_sagemaker.runtime import Runtime
 from tests.helpers.endpoints import serve_trained_model
 from tests.helpers.polling import wait_until
 from tests.helpers.signing import signed_headers
@@ -173,11 +174,11 @@ def test_expect_continue_is_answered_in_order(endpoint, body, local_sagemaker_ru
 def short_runtime(monkeypatch):
     """A runtime of the same code on a free port of this process, with a deadline of half a second for a request
     to arrive, one second of idleness, and at most three connections. Its URL."""
-    monkeypatch.setattr(runtime_module, "REQUEST_ARRIVAL_TIMEOUT", 0.5)
-    monkeypatch.setattr(runtime_module, "IDLE_CLIENT_TIMEOUT", 1.0)
-    monkeypatch.setattr(runtime_module, "LINGER_SECONDS", 0.2)
+    monkeypatch.setattr(runtime_http, "REQUEST_ARRIVAL_TIMEOUT", 0.5)
+    monkeypatch.setattr(runtime_http, "IDLE_CLIENT_TIMEOUT", 1.0)
+    monkeypatch.setattr(runtime_http, "LINGER_SECONDS", 0.2)
     loop = asyncio.new_event_loop()
-    server = runtime_module.Runtime(Router(), "000000000000", access=None, region="us-east-1")
+    server = Runtime(Router(), "000000000000", access=None, region="us-east-1")
     server.max_connections = 3
     listening = socket.create_server(("127.0.0.1", 0))
     port = listening.getsockname()[1]
