@@ -76,19 +76,12 @@ def require_wrk() -> str:
 def untrained_artifact(directory: Path, hidden_channels: int = 10) -> Path:
     import torch
 
-    from training.engine import MEAN, STD
-    from training.models import build_model
+    from training.engine import model_config
+    from training.models import NUM_CLASSES, build_model
 
     kwargs = {"hidden_channels": hidden_channels, "kernel_size": 5, "dropout": 0.2}
     torch.save(build_model("seed_cnn", **kwargs).state_dict(), directory / "model.pth")
-    config = {
-        "architecture": "seed_cnn",
-        "kwargs": kwargs,
-        "normalization": {"mean": MEAN, "std": STD},
-        "input_shape": [1, 28, 28],
-        "num_classes": 10,
-    }
-    (directory / "model_config.json").write_text(json.dumps(config))
+    (directory / "model_config.json").write_text(json.dumps(model_config("seed_cnn", kwargs, NUM_CLASSES)))
     add_code(directory)
     return directory
 

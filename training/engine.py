@@ -21,6 +21,21 @@ log = logging.getLogger("train")
 
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels, scaled to [0, 1]
 BACKGROUND = (0.0 - MEAN) / STD  # a black pixel, normalized
+INPUT_SHAPE = (1, 28, 28)  # one image as the networks take it: to_tensors' (N, 1, 28, 28) without N
+
+
+def model_config(architecture: str, kwargs: dict, num_classes: int, **described) -> dict:
+    """What an artifact's model_config.json says of its model: the network to rebuild (``build_model(architecture,
+    **kwargs)``), the normalization and input shape it was trained with, and anything ``described`` beside (the
+    training job's hyperparameters and test accuracy). The model server reads it (inference/predictor.py)."""
+    return {
+        "architecture": architecture,
+        "kwargs": kwargs,
+        "normalization": {"mean": MEAN, "std": STD},
+        "input_shape": list(INPUT_SHAPE),
+        "num_classes": num_classes,
+        **described,
+    }
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

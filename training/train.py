@@ -38,7 +38,7 @@ import torch.distributed as dist
 from augment import Augmentation
 from cluster import Cluster, ClusterError, init_process_group
 from contract import MODEL_FILES_LINE
-from engine import MEAN, STD, Shard, evaluate, to_tensors, train_epoch
+from engine import Shard, evaluate, model_config, to_tensors, train_epoch
 from memory import keep_freed_memory
 from mnist_idx import MNIST_FILES, IdxFormatError, load_mnist
 from torch.nn.parallel import DistributedDataParallel
@@ -382,15 +382,9 @@ def save_model(args, network: torch.nn.Module, kwargs: dict, hyperparameters: di
     # Plain contiguous CPU tensors: the artifact loads anywhere with weights_only=True.
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     _write_atomic(model_dir / "model.pth", lambda stream: torch.save(state, stream))
-    config = {
-        "architecture": args.model,
-        "kwargs": kwargs,
-        "normalization": {"mean": MEAN, "std": STD},
-        "input_shape": [1, 28, 28],
-        "num_classes": models.NUM_CLASSES,
-        "hyperparameters": hyperparameters,
-        "test_accuracy": accuracy,
-    }
+    config = model_config(
+        args.model, kwargs, models.NUM_CLASSES, hyperparameters=hyperparameters, test_accuracy=accuracy
+    )
     _write_json(model_dir / "model_config.json", config)
     handler = find_handler().parent
     shipped = [(handler / name, name) for name in HANDLER_FILES] + [(HERE / "models.py", "models.py")]

@@ -56,7 +56,8 @@ def train_artifact(
     import torch
     import torch.nn.functional as F
 
-    from training.engine import MEAN, STD
+    from training.engine import MEAN, STD, model_config
+    from training.models import NUM_CLASSES
 
     add_code(model_dir)
     torch.manual_seed(seed)
@@ -97,15 +98,8 @@ def train_artifact(
         predicted = network(normalized(data["test_images"])).argmax(1).numpy()
     torch.save(network.state_dict(), model_dir / "model.pth")
     accuracy = float((predicted == data["test_labels"]).mean())
-    config = {
-        "architecture": "seed_cnn",
-        "kwargs": kwargs,
-        "normalization": {"mean": MEAN, "std": STD},
-        "input_shape": [1, 28, 28],
-        "num_classes": 10,
-        "hyperparameters": {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "momentum": 0.9},
-        "test_accuracy": accuracy,
-    }
+    hyperparameters = {"epochs": epochs, "seed": seed, "lr": LEARNING_RATE, "momentum": 0.9}
+    config = model_config("seed_cnn", kwargs, NUM_CLASSES, hyperparameters=hyperparameters, test_accuracy=accuracy)
     (model_dir / "model_config.json").write_text(json.dumps(config))
     return accuracy
 
