@@ -33,7 +33,7 @@ from tasks.deployment import baking, updating_to, wait_settled
 from tasks.endpoint_metrics import METRICS_POLL_SECONDS, cloudwatch_client, error_rate, wait_for_metrics
 from tasks.hooks import sagemaker_hook
 from tasks.policy import Thresholds, alarm_thresholds
-from tasks.smoke_load import load_test_images, runtime_client, smoke_load
+from tasks.smoke_load import load_test_images, smoke_load, unretried_runtime_client
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def check_endpoint(
             failures = [not_ready]
         else:
             images, labels = load_test_images(config, test_data, samples)
-            client = runtime_client(config, max_connections=concurrency)
+            client = unretried_runtime_client(config, max_connections=concurrency)
             load = smoke_load(client, name, images, labels, concurrency)
             log.info("Smoke load of endpoint %s: %s", name, load)
             metrics = wait_for_metrics(config, name, load, metrics_timeout, poll_interval)

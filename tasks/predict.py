@@ -19,7 +19,7 @@ class PredictError(RuntimeError):
     pass
 
 
-def runtime_client(config: PipelineConfig, endpoint_name: str):
+def endpoint_runtime_client(config: PipelineConfig, endpoint_name: str):
     """The `sagemaker-runtime` client that reaches ``endpoint_name``; fails early, naming the endpoints there are."""
     from botocore.exceptions import ClientError
 
@@ -46,7 +46,7 @@ def predict(paths: list[Path], endpoint_name: str = DEFAULT_ENDPOINT, config: Pi
         pictures = [read_picture(path) for path in paths]  # every file read and checked before anything is sent
     except ValueError as error:
         raise PredictError(str(error)) from None
-    client = Client(endpoint_name, runtime_client(config, endpoint_name))
+    client = Client(endpoint_name, endpoint_runtime_client(config, endpoint_name))
     try:
         predictions = [prediction for body, kind in pictures for prediction in client.invoke(body, kind)]
     except PredictionError as error:

@@ -61,7 +61,7 @@ def load_test_images(config: PipelineConfig, source: str, count: int, seed: int 
     return images[pick], labels[pick]
 
 
-def runtime_client(config: PipelineConfig, max_connections: int = 10):
+def unretried_runtime_client(config: PipelineConfig, max_connections: int = 10):
     """boto3 `sagemaker-runtime` client of the AWS connection (its credentials, and its endpoint for the service).
     No retries: the check must see every failure."""
     from botocore.config import Config

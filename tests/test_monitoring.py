@@ -24,7 +24,7 @@ from tasks.gate import judge
 from tasks.monitoring import MonitoringCheckFailed, check_endpoint, evaluate, rollback, unjudged
 from tasks.policy import Thresholds
 from tasks.registry import champion, describe
-from tasks.smoke_load import load_test_images, runtime_client, smoke_load
+from tasks.smoke_load import load_test_images, smoke_load, unretried_runtime_client
 from tasks.unchecked import roll_back_unchecked, unfinished_deployment
 from tests.helpers.endpoints import model_artifacts, pack
 from tests.helpers.polling import wait_until
@@ -104,7 +104,7 @@ def uploaded(local_config, local_aws, small_mnist, tmp_path_factory) -> dict:
 
 def send_bad_requests(config, endpoint: str, count: int) -> None:
     """``count`` requests the model refuses (a body that is no JSON), as anyone may send them."""
-    client = runtime_client(config)
+    client = unretried_runtime_client(config)
     for _ in range(count):
         with pytest.raises(ClientError, match="ModelError"):
             client.invoke_endpoint(EndpointName=endpoint, Body=b"{not json", ContentType="application/json")
@@ -264,7 +264,7 @@ def test_the_check_passes_then_catches_a_wrong_model_and_rolls_back(
 
     # Nothing lost: the previous model answers as before, and it is still the champion.
     assert sagemaker.describe_endpoint(EndpointName=name)["EndpointConfigName"] == good["endpoint_config_name"]
-    client = runtime_client(local_config)
+    client = unretried_runtime_client(local_config)
     again = smoke_load(client, name, *load_test_images(local_config, uploaded["test_data"], 20))
     assert again["errors"] == 0 and again["live_accuracy"] >= 0.9
     assert champion(local_config, name)["endpoint_config_name"] == good["endpoint_config_name"]
