@@ -14,6 +14,10 @@ from local_sagemaker.store import Store, now
 from local_sagemaker.tags import untagged
 
 EXPERIMENTS, TRIALS, COMPONENTS = "experiments", "trials", "trial-components"
+# The resource type in the ARN of each (arn:aws:sagemaker:<region>:<account>:<type>/<name>).
+ARN_TYPES = {"Experiment": "experiment", "Trial": "experiment-trial", "Trial Component": "experiment-trial-component"}
+# ListTrialComponents names its creation time bounds apart from the other List calls.
+CREATED_BOUNDS = {"CreatedAfter": "CreationTimeAfter", "CreatedBefore": "CreationTimeBefore"}
 # What ListTrialComponents says of a component (its source as TrialComponentSource).
 COMPONENT_KEYS = (
     "TrialComponentName",
@@ -44,10 +48,12 @@ class Experiments:
         return arn(kind, name, region=self.region, account=self.account)
 
     def _get(self, kind: str, name: str, what: str) -> dict:
-        missing = ResourceNotFound(f"{what} '{self._arn(what.lower().replace(' ', '-'), name)}' does not exist.")
+        """The record of ``what`` (Experiment, Trial, Trial Component) ``name``; ResourceNotFound naming the ARN it
+        would have, as SageMaker names it."""
+        missing = ResourceNotFound(f"{what} '{self._arn(ARN_TYPES[what], name)}' does not exist.")
         return self.store.require(kind, name, missing)
 
-    def _create(self, kind: str, what: str, arn_type: str, name: str, request: dict) -> dict:
+    def _create(self, kind: str, what: str, name: str, request: dict) -> dict:
         """``request`` recorded as a new ``what`` (Experiment, Trial) named ``name``; the answer names its ARN.
         ValidationException if the name is taken."""
         arn_key = f"{what}Arn"
@@ -55,19 +61,24 @@ class Experiments:
             if self.store.get(kind, name):
                 raise ValidationException(f"{what} {name} already exists.")
             moment = now()
-            record = {**request, arn_key: self._arn(arn_type, name), "CreationTime": moment, "LastModifiedTime": moment}
+            record = {
+                **request,
+                arn_key: self._arn(ARN_TYPES[what], name),
+                "CreationTime": moment,
+                "LastModifiedTime": moment,
+            }
             self.store.put(kind, name, record)
         return {arn_key: record[arn_key]}
 
     def create_experiment(self, request: dict) -> dict:
-        return self._create(EXPERIMENTS, "Experiment", "experiment", request["ExperimentName"], request)
+        return self._create(EXPERIMENTS, "Experiment", request["ExperimentName"], request)
 
     def describe_experiment(self, name: str) -> dict:
         return untagged(self._get(EXPERIMENTS, name, "Experiment"))
 
     def create_trial(self, request: dict) -> dict:
         self._get(EXPERIMENTS, request["ExperimentName"], "Experiment")
-        return self._create(TRIALS, "Trial", "experiment-trial", request["TrialName"], request)
+        return self._create(TRIALS, "Trial", request["TrialName"], request)
 
     def describe_trial(self, name: str) -> dict:
         return untagged(self._get(TRIALS, name, "Trial"))
@@ -86,7 +97,7 @@ class Experiments:
             records = [r for r in records if trials & set(r["Trials"])]
         if source := params.get("SourceArn"):
             records = [r for r in records if r.get("Source", {}).get("SourceArn") == source]
-        return COMPONENT_LISTING.answer(records, params)
+        return COMPONENT_LISTING.answer(records, {CREATED_BOUNDS.get(key, key): value for key, value in params.items()})
 
     def record_training_job(self, job: dict) -> None:
         """Create or update the trial component of a training job that names a trial in its ExperimentConfig."""
@@ -110,7 +121,7 @@ class Experiments:
         with self.store.lock:
             record = self.store.get(COMPONENTS, name) or {
                 "TrialComponentName": name,
-                "TrialComponentArn": self._arn("experiment-trial-component", name),
+                "TrialComponentArn": self._arn(ARN_TYPES["Trial Component"], name),
                 "DisplayName": (job.get("ExperimentConfig") or {}).get("TrialComponentDisplayName") or name,
                 "Source": {"SourceArn": job["TrainingJobArn"], "SourceType": "SageMakerTrainingJob"},
                 "CreationTime": job["CreationTime"],

@@ -473,6 +473,50 @@ def test_the_real_entry_point_trains_on_two_hosts(clients, local_aws, small_mnis
     assert "test:accuracy" in {metric["MetricName"] for metric in recorded["Metrics"]}
 
 
+def test_trial_components_are_listed_within_their_creation_time_bounds(clients):
+    """ListTrialComponents' CreatedAfter and CreatedBefore (its names for the creation time bounds) keep only the
+    components created after, or before, the time they give."""
+    sagemaker, _, _ = clients
+    sagemaker.create_experiment(ExperimentName="svc-bounds")
+    sagemaker.create_trial(TrialName="svc-bounds-trial", ExperimentName="svc-bounds")
+    created = {}
+    for name in ("svc-bound-early", "svc-bound-late"):
+        sent = request(name) | {"ExperimentConfig": {"ExperimentName": "svc-bounds", "TrialName": "svc-bounds-trial"}}
+        sagemaker.create_training_job(**sent)
+        created[name] = wait(sagemaker, name)["CreationTime"]
+    between = created["svc-bound-early"] + (created["svc-bound-late"] - created["svc-bound-early"]) / 2
+
+    def listed(**bound) -> list[str]:
+        summaries = sagemaker.list_trial_components(TrialName="svc-bounds-trial", **bound)["TrialComponentSummaries"]
+        return [summary["TrialComponentName"] for summary in summaries]
+
+    assert sorted(listed()) == ["svc-bound-early-aws-training-job", "svc-bound-late-aws-training-job"]
+    assert listed(CreatedAfter=between) == ["svc-bound-late-aws-training-job"]
+    assert listed(CreatedBefore=between) == ["svc-bound-early-aws-training-job"]
+
+
+@pytest.mark.parametrize(
+    ("describe", "arn"),
+    [
+        ({"ExperimentName": "svc-nowhere"}, "experiment/svc-nowhere"),
+        ({"TrialName": "svc-nowhere"}, "experiment-trial/svc-nowhere"),
+        ({"TrialComponentName": "svc-nowhere"}, "experiment-trial-component/svc-nowhere"),
+    ],
+)
+def test_a_missing_experiment_trial_or_component_is_named_by_the_arn_it_would_have(clients, describe, arn):
+    """The ARN in the not-found message is of the type SageMaker gives the resource when it is created."""
+    sagemaker, _, _ = clients
+    call = {
+        "ExperimentName": sagemaker.describe_experiment,
+        "TrialName": sagemaker.describe_trial,
+        "TrialComponentName": sagemaker.describe_trial_component,
+    }[next(iter(describe))]
+    with pytest.raises(ClientError) as caught:
+        call(**describe)
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFound"
+    assert f":{arn}' does not exist." in caught.value.response["Error"]["Message"]
+
+
 def test_the_providers_deferred_operator_completes_through_its_trigger(clients):
     """Deferrable mode: the trigger's aiobotocore client keeps the connection's per-service endpoints, so it polls
     the local SageMaker service as the operator itself does."""
