@@ -272,16 +272,16 @@ def _wait_healthy(state: dict, paths: StackPaths, timeout: float) -> None:
     raise StackError(f"Airflow did not become healthy within {timeout:.0f} s: {health or 'no answer'}")
 
 
-def _wait_for_dag(api: AirflowAPI, timeout: float) -> None:
-    """Wait until the DAG processor has parsed mnist_sweep; fail with the import error when the file is broken."""
+def _wait_for_dag(api: AirflowAPI, timeout: float) -> dict:
+    """Wait until the DAG processor has parsed mnist_sweep, and answer what the API says of it; fail with the
+    import error when the file is broken."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         errors = [e for e in api.get("/importErrors")["import_errors"] if e["filename"].endswith(f"{DAG_ID}.py")]
         if errors:
             raise StackError(f"dags/{DAG_ID}.py does not import:\n{errors[0]['stack_trace']}")
         with contextlib.suppress(StackError):
-            api.get(f"/dags/{DAG_ID}")
-            return
+            return api.get(f"/dags/{DAG_ID}")
         time.sleep(1)
     raise StackError(f"the DAG {DAG_ID} did not appear within {timeout:.0f} s (is dags/{DAG_ID}.py there?)")
 
@@ -398,8 +398,9 @@ def up(config: PipelineConfig | None = None, port: int = DEFAULT_PORT, timeout: 
             write_state(paths, state)
         _wait_healthy(state, paths, timeout)
         api = api_for(state, paths)
-        if (ROOT / "dags" / f"{DAG_ID}.py").exists():
-            _wait_for_dag(api, timeout)
+        # Unpaused only if a person paused it in an earlier life of this state: a write that is not needed is not
+        # made, since the DAGs' first scheduled runs start meanwhile and SQLite takes one writer at a time.
+        if (ROOT / "dags" / f"{DAG_ID}.py").exists() and _wait_for_dag(api, timeout)["is_paused"]:
             api.request("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     except BaseException:
         down(config)
