@@ -62,7 +62,8 @@ class CpuSampler:
                 continue
             command = " ".join(info["cmdline"] or [])
             found[info["pid"]] = (kind_of(command), info["cpu_times"].user + info["cpu_times"].system)
-            commands[info["pid"]] = command
+            if command:  # a process that has exited and awaits its parent (a zombie) shows none
+                commands[info["pid"]] = command
         self.commands.update(commands)
         return found
 
