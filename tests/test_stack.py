@@ -268,7 +268,9 @@ def _drift_check(stack, images):
 
 
 def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
-
+    """Also, the sweep a person paused in the UI is unpaused by the next `up` (which writes to the DAG only then)."""
+    with stack.api() as api:
+        assert api.patch("/dags/mnist_sweep", json={"is_paused": True}).json()["is_paused"] is True
     processes = stack_processes(stack)
     assert len(processes) > 5  # the scheduler's executor workers and the model servers are among them
     result = stack.down()
@@ -285,6 +287,8 @@ def test_down_leaves_no_process_behind_and_up_brings_back_the_champion(stack):
     assert again.returncode == 0, again.stdout + again.stderr
     stack.stopped = False
     try:
+        with stack.api() as api:
+            assert api.get("/dags/mnist_sweep").json()["is_paused"] is False
         status = stack.cli("status")
         log = (stack.paths.logs / "local-sagemaker.log").read_text()[-4000:]
         assert re.search(r"endpoint mnist-classifier\s+│?\s*InService", status.stdout), status.stdout + log
