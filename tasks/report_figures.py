@@ -18,14 +18,6 @@ def _pyplot():
     return plt
 
 
-def trial_label(trial: Mapping) -> str:
-    """How the report and its curves name a trial: a sweep's by its hidden_channels, a tuner's by its number (the
-    NNN of SageMaker's `<tuning job>-NNN-xxxxxxxx`)."""
-    if "tuned" in trial:
-        return trial["training_job_name"].rsplit("-", 2)[-2]
-    return str(trial["hidden_channels"])
-
-
 def plot_curves(histories: Mapping[str, list[dict]], path: Path, title: str = "hidden_channels") -> bool:
     """Train and test loss, and test accuracy, per epoch for every trial (by its label, ``title`` in the legend);
     False when no trial has a history."""
