@@ -11,14 +11,16 @@ export MNIST_MIRROR
 
 # torch first, by pip, from the CPU build it finds on disk by exact version (uv does not look there): with it installed,
 # nothing resolves a CUDA build. Then uv installs the rest, keeping that torch (2.13.0+cpu meets the pin): a minute on a
-# fresh clone where pip took two and a half.
+# fresh clone where pip took two and a half. uv compiles the bytecode too, as pip does and uv does not by default:
+# where PYTHONDONTWRITEBYTECODE is set, every process would otherwise compile Airflow, moto and the providers from
+# source each time it imports them, twice the CPU of an import.
 # The local AWS evaluates IAM policies with @cloud-copilot/iam-simulate, a node program of its own (local_aws/evaluator.py
 # says why): npm installs it from its lock file.
 $(STAMP): pyproject.toml local_aws/iam_simulate/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0" "uv>=0.5"
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]"
 	npm ci --prefix local_aws/iam_simulate --no-audit --no-fund --loglevel=error
 	touch $@
 
