@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import datetime
 
-# The providers' modules that the pipeline's operators subclass (tasks/operators.py). The DAG processor imports the Airflow modules a DAG file names once, before it forks each
-# parse of the file ([dag_processor] parsing_pre_import_modules); named here, they are not imported again in every
-# parse. tests/test_dag.py holds this list to what the operators import.
+# The providers' modules that the pipeline's operators subclass (tasks/operators.py). The DAG processor imports the
+# Airflow modules a DAG file names once, before it forks each parse of the file ([dag_processor]
+# parsing_pre_import_modules): named here, they are not imported again in every parse. tests/test_dag_parse.py fails
+# if a parse imports any of them itself.
 import airflow.providers.amazon.aws.operators.sagemaker
 import airflow.providers.standard.operators.hitl  # noqa: F401
 from airflow.sdk import dag, task
