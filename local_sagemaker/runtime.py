@@ -158,7 +158,7 @@ class Runtime:
         if self.server is not None:
             await self.server.wait_closed()
 
-    async def invoke(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes | AsyncIterator[bytes]]:
+    async def invoke(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes | EventStream]:
         """The answer to ``request``: status, headers, and its body, or for a response stream the body's framed
         events as they come."""
         path, _, query = request.url.partition(b"?")
