@@ -55,7 +55,6 @@ class CpuSampler:
 
     def _read(self) -> dict[int, tuple[str, float]]:
         found = {}
-        commands = {}
         for process in psutil.process_iter(["pid", "username", "cmdline", "cpu_times"]):
             info = process.info
             if info["username"] != self.user or info["pid"] == os.getpid() or info["cpu_times"] is None:
@@ -63,8 +62,7 @@ class CpuSampler:
             command = " ".join(info["cmdline"] or [])
             found[info["pid"]] = (kind_of(command), info["cpu_times"].user + info["cpu_times"].system)
             if command:  # a process that has exited and awaits its parent (a zombie) shows none
-                commands[info["pid"]] = command
-        self.commands.update(commands)
+                self.commands[info["pid"]] = command
         return found
 
     def _run(self) -> None:
